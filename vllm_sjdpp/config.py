@@ -1,0 +1,114 @@
+"""SJD++ options, validated once so that every later stage can trust them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+REUSE_MODES = ("none", "coupled", "confidence")
+INIT_MODES = ("random", "left", "above")
+MAX_WINDOW = 64
+
+
+def _invalid(option: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"SJD++ option {option!r}: got {value!r}; allowed: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SJDPPConfig:
+    """Server-wide SJD++ options.
+
+    num_speculative_tokens: window length k, the number of draft tokens per forward pass.
+    reuse: what happens to an unaccepted old draft when the window is redrafted:
+        "none" (plain SJD: resample from the new p), "coupled" (SJD++: keep it with probability
+        min(1, p/q), else draw from the residual), "confidence" (keep it when p(d) >= threshold,
+        recording a one-hot proposal).
+    threshold: the confidence level for reuse="confidence", in (0, 1].
+    init: how fresh tokens at the end of the window are chosen: "random" over the fresh-token
+        vocabulary, "left" (repeat the previous token) or "above" (the token one image row up).
+    row_width: tokens per image row in the generated stream (end-of-row tokens included);
+        needed by init="above".
+    fresh_token_range: [lo, hi) token ids that fresh tokens are drawn from (image tokens).
+    fresh_token_ids: an explicit list instead of a range. Neither given: the whole vocabulary.
+    jacobi_start: generated tokens decoded one at a time before drafting starts.
+    """
+
+    num_speculative_tokens: int = 16
+    reuse: str = "coupled"
+    threshold: float = 0.5
+    init: str = "random"
+    row_width: int | None = None
+    fresh_token_range: tuple[int, int] | None = None
+    fresh_token_ids: tuple[int, ...] | None = None
+    jacobi_start: int = 0
+
+    def __post_init__(self) -> None:
+        k = self.num_speculative_tokens
+        if not _is_int(k) or not 1 <= k <= MAX_WINDOW:
+            raise _invalid("num_speculative_tokens", k, f"an integer from 1 to {MAX_WINDOW}")
+        if self.reuse not in REUSE_MODES:
+            raise _invalid("reuse", self.reuse, " | ".join(REUSE_MODES))
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
+            raise _invalid("threshold", t, "a number in (0, 1]")
+        if self.init not in INIT_MODES:
+            raise _invalid("init", self.init, " | ".join(INIT_MODES))
+        if self.row_width is not None and (not _is_int(self.row_width) or self.row_width < 1):
+            raise _invalid("row_width", self.row_width, "a positive integer")
+        if self.init == "above" and self.row_width is None:
+            raise _invalid("row_width", None, 'a positive integer (init="above" needs it)')
+        if self.fresh_token_range is not None:
+            r = self.fresh_token_range
+            if (
+                not isinstance(r, (tuple, list))
+                or len(r) != 2
+                or not all(_is_int(x) for x in r)
+                or not 0 <= r[0] < r[1]
+            ):
+                raise _invalid("fresh_token_range", r, "[lo, hi) with 0 <= lo < hi")
+            object.__setattr__(self, "fresh_token_range", (int(r[0]), int(r[1])))
+        if self.fresh_token_ids is not None:
+            ids = self.fresh_token_ids
+            if (
+                isinstance(ids, (str, bytes))
+                or not isinstance(ids, Sequence)
+                or len(ids) == 0
+                or not all(_is_int(x) and x >= 0 for x in ids)
+            ):
+                raise _invalid("fresh_token_ids", ids, "a non-empty list of token ids >= 0")
+            object.__setattr__(self, "fresh_token_ids", tuple(sorted(set(ids))))
+        if self.fresh_token_range is not None and self.fresh_token_ids is not None:
+            raise _invalid(
+                "fresh_token_ids", self.fresh_token_ids, "not together with fresh_token_range"
+            )
+        if not _is_int(self.jacobi_start) or self.jacobi_start < 0:
+            raise _invalid("jacobi_start", self.jacobi_start, "an integer >= 0")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> "SJDPPConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown SJD++ option(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        return cls(**options)
+
+    def fresh_vocab(self, vocab_size: int) -> list[int] | range:
+        """The token ids fresh tokens are drawn from, checked against the model's vocabulary."""
+        if self.fresh_token_ids is not None:
+            if self.fresh_token_ids[-1] >= vocab_size:
+                raise _invalid("fresh_token_ids", self.fresh_token_ids, f"ids < {vocab_size}")
+            return list(self.fresh_token_ids)
+        if self.fresh_token_range is not None:
+            lo, hi = self.fresh_token_range
+            if hi > vocab_size:
+                raise _invalid("fresh_token_range", self.fresh_token_range, f"hi <= {vocab_size}")
+            return range(lo, hi)
+        return range(vocab_size)
