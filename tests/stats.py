@@ -1,0 +1,51 @@
+"""Chi-square tests shared by the exactness tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import stats
+
+# Every exactness test passes when p > ALPHA and every deliberately broken variant must give
+# p < BROKEN_ALPHA: with fixed seeds both outcomes are reproducible, not flaky.
+ALPHA = 1e-3
+BROKEN_ALPHA = 1e-6
+
+
+def goodness_of_fit(samples: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """p-value of `samples` (token ids) against the exact distribution `probs`.
+
+    Categories with expected count below `min_expected` are pooled into one.
+    """
+    probs = probs.double().cpu().numpy()
+    probs = probs / probs.sum()
+    counts = np.bincount(samples.cpu().numpy(), minlength=probs.size).astype(float)
+    expected = probs * counts.sum()
+    big = expected >= min_expected
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] == 0:
+        if obs[-1] > 0:
+            return 0.0
+        obs, exp = obs[:-1], exp[:-1]
+    if obs.size < 2:
+        return 1.0
+    return float(stats.chisquare(obs, exp).pvalue)
+
+
+def same_distribution(a: torch.Tensor, b: torch.Tensor, min_expected: float = 5.0) -> float:
+    """p-value that two sets of sequences ([N, L] and [M, L]) come from one distribution.
+
+    A chi-square test of homogeneity over the distinct sequences; sequences with a pooled
+    expected count below `min_expected` in either sample share one cell.
+    """
+    keys, inverse = torch.unique(torch.cat([a, b]), dim=0, return_inverse=True)
+    counts = np.zeros((2, keys.shape[0]))
+    np.add.at(counts[0], inverse[: a.shape[0]].numpy(), 1)
+    np.add.at(counts[1], inverse[a.shape[0] :].numpy(), 1)
+    total = counts.sum(1, keepdims=True)
+    expected = counts.sum(0, keepdims=True) * total / total.sum()
+    big = expected.min(0) >= min_expected
+    table = np.concatenate([counts[:, big], counts[:, ~big].sum(1, keepdims=True)], 1)
+    table = table[:, table.sum(0) > 0]
+    return float(stats.chi2_contingency(table, correction=False).pvalue)
