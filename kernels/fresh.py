@@ -8,7 +8,8 @@ spatially, hence the priors besides uniform noise:
     above   the token one image row (row_width tokens) before the slot.
 A slot whose source is itself fresh follows the chain back to a known token, in closed form:
 with w = 1 (left) or row_width (above) and r redrafted slots, slot m copies slot
-m - c * w, c = (m - r) // w + 1, the first one before r.  No known source: random.
+m - c * w, c = (m - r) // w + 1, the first one before r.  No known source: random, drawn once
+per chain so that the copies still repeat it.
 """
 
 from __future__ import annotations
@@ -77,14 +78,17 @@ def fill_fresh_tokens(
     r = num_redrafted[req]
     is_fresh = slot >= r
 
-    lo = fresh.vocab_offsets[req]
-    size = fresh.vocab_offsets[req + 1] - lo
-    pick = (uniforms * size).long().clamp_max(size - 1)
-    random_token = fresh.vocab_ids[(lo + pick).clamp(0, max(fresh.vocab_ids.numel() - 1, 0))]
-
     init = fresh.init[req]
     w = torch.where(init == INIT_ABOVE, fresh.row_width[req], 1).clamp_min(1)
     src = slot - ((slot - r) // w + 1) * w  # < r; negative: before the window
+
+    # A chain with no known root draws once, at its first fresh slot, and the rest copy that.
+    draw_slot = torch.where((init == INIT_RANDOM) | ~is_fresh, slot, src + w)
+    lo = fresh.vocab_offsets[req]
+    size = fresh.vocab_offsets[req + 1] - lo
+    pick = (uniforms[start[req] + draw_slot] * size).long().clamp_max(size - 1)
+    random_token = fresh.vocab_ids[(lo + pick).clamp(0, max(fresh.vocab_ids.numel() - 1, 0))]
+
     c = num_committed[req]
     hist_len = fresh.history.shape[1]
     in_window = src >= 0

@@ -1,0 +1,49 @@
+import pytest
+
+from vllm_sjdpp import SJDPPConfig
+
+
+def test_defaults():
+    c = SJDPPConfig()
+    assert (c.num_speculative_tokens, c.reuse, c.init, c.jacobi_start) == (16, "coupled", "random", 0)
+    assert c.fresh_vocab(100) == range(100)
+
+
+@pytest.mark.parametrize(
+    "options, option",
+    [
+        ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+        ({"num_speculative_tokens": 65}, "num_speculative_tokens"),
+        ({"num_speculative_tokens": 4.0}, "num_speculative_tokens"),
+        ({"reuse": "always"}, "reuse"),
+        ({"reuse": "confidence", "threshold": 0.0}, "threshold"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"init": "below"}, "init"),
+        ({"init": "above"}, "row_width"),
+        ({"init": "above", "row_width": 0}, "row_width"),
+        ({"fresh_token_range": [5, 5]}, "fresh_token_range"),
+        ({"fresh_token_range": [1, 2, 3]}, "fresh_token_range"),
+        ({"fresh_token_ids": []}, "fresh_token_ids"),
+        ({"fresh_token_ids": [1, -2]}, "fresh_token_ids"),
+        ({"fresh_token_ids": [1], "fresh_token_range": [0, 4]}, "fresh_token_ids"),
+        ({"jacobi_start": -1}, "jacobi_start"),
+        ({"window": 4}, "window"),
+    ],
+)
+def test_bad_values_name_the_option(options, option):
+    with pytest.raises(ValueError, match=repr(option)):
+        SJDPPConfig.from_dict(options)
+
+
+def test_unknown_option_lists_known_ones():
+    with pytest.raises(ValueError, match="known: .*num_speculative_tokens"):
+        SJDPPConfig.from_dict({"num_speculative_token": 4})
+
+
+def test_fresh_vocabulary_forms():
+    assert SJDPPConfig(fresh_token_range=[10, 20]).fresh_vocab(100) == range(10, 20)
+    assert SJDPPConfig(fresh_token_ids=[7, 3, 3]).fresh_vocab(100) == [3, 7]
+    with pytest.raises(ValueError, match="fresh_token_range"):
+        SJDPPConfig(fresh_token_range=(10, 200)).fresh_vocab(100)
+    with pytest.raises(ValueError, match="fresh_token_ids"):
+        SJDPPConfig(fresh_token_ids=[100]).fresh_vocab(100)
