@@ -1,8 +1,11 @@
 """The row pass in PyTorch, vectorised over rows: what vLLM's CPU backend runs.
 
+Eager (`row_pass_torch`) or fused by TorchInductor (`row_pass_inductor`): the same functions,
+compiled on first use into one C++ loop each, which makes the pass memory-bound like a softmax.
+
 For each selected target row:
     w = max(0, p - s)      s = the draft's q row, one-hot(token), or 0
-    token = argmax_v [w_v > 0] * w_v / E_v, or the same race over p where w is all zero
+    token = argmax_v w_v / E_v, or the same race over p where w is all zero
     next_probs[q_dest] = p (when q_dest >= 0)
 The float operations are the ones `row_pass_triton` performs, element by element, so both
 return the same tokens for the same noise.
@@ -14,45 +17,79 @@ import torch
 
 
 def race(weights: torch.Tensor, exponentials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exponential race per row: (winning index, winning score); score 0 means an empty row."""
-    score = torch.where(weights > 0, weights / exponentials, 0.0)
-    winner = score.argmax(-1)
-    return winner, score.gather(-1, winner.unsqueeze(-1)).squeeze(-1)
+    """Exponential race per row: (winning score, winning index); score 0 means an empty row.
+
+    Exponentials are > 0 (`StepNoise` guarantees it), so weights of 0 score 0, never NaN.
+    """
+    return torch.max(weights / exponentials, dim=-1)
+
+
+def residual_race(target_probs, draft_probs, exponentials, rows, q_rows):
+    w = target_probs[rows].float() - draft_probs[q_rows].float()
+    return race(w.clamp_min(0.0), exponentials[rows])
+
+
+def masked_race(target_probs, exponentials, rows, masked_token):
+    """Race over p with one token per row (masked_token >= 0) taken out: p - one-hot(d)."""
+    score = target_probs[rows].float() / exponentials[rows]
+    at = torch.arange(rows.numel(), device=rows.device)
+    col = masked_token.clamp_min(0)
+    score[at, col] = torch.where(masked_token >= 0, 0.0, score[at, col])
+    return torch.max(score, dim=-1)
+
+
+def copy_rows(dest, dest_rows, src, src_rows):
+    dest[dest_rows] = src[src_rows].to(dest.dtype)
+
+
+_EAGER = (residual_race, masked_race, copy_rows)
+_compiled: tuple | None = None
+
+
+def _inductor_kernels() -> tuple:
+    """The same functions fused by TorchInductor into one C++ loop each (compiled on first use)."""
+    global _compiled
+    if _compiled is None:
+        _compiled = tuple(torch.compile(fn, dynamic=True) for fn in _EAGER)
+    return _compiled
 
 
 def row_pass_torch(
     target_probs: torch.Tensor,  # [R, V]
     draft_probs: torch.Tensor | None,  # [T, V]
-    exponentials: torch.Tensor,  # [R, V] float32
+    exponentials: torch.Tensor,  # [R, V] float32, > 0
     rows: torch.Tensor,  # [S] rows to visit
     subtract_draft_row: torch.Tensor,  # [S] draft row to subtract, -1 for none
     subtract_onehot: torch.Tensor,  # [S] token whose one-hot to subtract, -1 for none
     draw: torch.Tensor,  # [S] bool: race this row
     q_dest: torch.Tensor,  # [S] row of next_probs to receive p, -1 for none
     next_probs: torch.Tensor,  # [T', V] written in place
+    compiled: bool = False,
 ) -> torch.Tensor:
+    residual, masked, copy = _inductor_kernels() if compiled else _EAGER
     tokens = torch.zeros_like(rows)
-    writes = q_dest >= 0
-    if bool(writes.any()):
-        next_probs[q_dest[writes]] = target_probs[rows[writes]].to(next_probs.dtype)
-    if not bool(draw.any()):
-        return tokens
+    writes = (q_dest >= 0).nonzero().squeeze(1)
+    if writes.numel():
+        copy(next_probs, q_dest[writes], target_probs, rows[writes])
 
-    drawn = draw.nonzero().squeeze(1)
-    p = target_probs[rows[drawn]].float()
-    w = p.clone()
-    with_row = (subtract_draft_row[drawn] >= 0).nonzero().squeeze(1)
-    if with_row.numel():
-        q = draft_probs[subtract_draft_row[drawn][with_row]].float()
-        w[with_row] = p[with_row] - q
-    with_onehot = (subtract_onehot[drawn] >= 0).nonzero().squeeze(1)
-    if with_onehot.numel():
-        tok = subtract_onehot[drawn][with_onehot]
-        w[with_onehot, tok] = p[with_onehot, tok] - 1.0
-    w.clamp_min_(0.0)
+    score = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+    with_q = (draw & (subtract_draft_row >= 0)).nonzero().squeeze(1)
+    if with_q.numel():
+        score[with_q], tokens[with_q] = residual(
+            target_probs, draft_probs, exponentials, rows[with_q], subtract_draft_row[with_q]
+        )
+    without_q = (draw & (subtract_draft_row < 0)).nonzero().squeeze(1)
+    if without_q.numel():
+        score[without_q], tokens[without_q] = masked(
+            target_probs, exponentials, rows[without_q], subtract_onehot[without_q]
+        )
 
-    e = exponentials[rows[drawn]]
-    residual_winner, residual_score = race(w, e)
-    p_winner, _ = race(p, e)
-    tokens[drawn] = torch.where(residual_score > 0, residual_winner, p_winner)
+    empty = (draw & (score <= 0)).nonzero().squeeze(1)
+    if empty.numel():  # residual all zero (p = q up to rounding): race over p instead
+        no_mask = torch.full_like(empty, -1)
+        _, tokens[empty] = masked(target_probs, exponentials, rows[empty], no_mask)
     return tokens
+
+
+def row_pass_inductor(**kwargs) -> torch.Tensor:
+    return row_pass_torch(**kwargs, compiled=True)

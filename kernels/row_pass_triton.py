@@ -17,7 +17,7 @@ import triton.language as tl
 
 @triton.jit
 def _race_block(best_score, best_index, weights, exponentials, start):
-    score = tl.where(weights > 0, weights / exponentials, 0.0)
+    score = weights / exponentials
     block_best = tl.max(score, axis=0)
     block_index = start + tl.argmax(score, axis=0, tie_break_left=True)
     better = block_best > best_score

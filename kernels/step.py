@@ -31,12 +31,15 @@ race falls back to p.
 
 The per-row decisions above are scalar work on O(rows) elements and are computed here, once, in
 PyTorch; the heavy part, a pass over whole vocabulary rows (residual, race, q write), is the row
-pass with two implementations that must agree exactly: `row_pass_torch` (CPU, vectorised) and
-`row_pass_triton` (CUDA, fused, each probability row read once and each q row written once).
+pass with implementations that must agree exactly: `row_pass_torch` (CPU: eager PyTorch, or the
+same code fused by TorchInductor, the default) and `row_pass_triton` (CUDA: one fused kernel,
+each probability row read once and each q row written once).  `backend=` or the environment
+variable SJDPP_STEP_BACKEND picks one: torch | inductor | triton.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -69,7 +72,7 @@ class StepNoise:
     """The step's randomness, supplied by the caller so that backends and seeds are comparable."""
 
     uniforms: torch.Tensor  # [T + B] float32 in [0, 1): one per target row
-    exponentials: torch.Tensor  # [T + B, V] float32 Exp(1): one race per target row
+    exponentials: torch.Tensor  # [T + B, V] float32 Exp(1), > 0: one race per target row
     fresh_uniforms: torch.Tensor  # [T'] float32 in [0, 1): one per next-window slot
 
     @classmethod
@@ -82,9 +85,11 @@ class StepNoise:
         generator: torch.Generator | None = None,
     ) -> "StepNoise":
         f32 = dict(dtype=torch.float32, device=device)
+        exponentials = torch.empty(num_rows, vocab_size, **f32).exponential_(generator=generator)
         return cls(
             uniforms=torch.rand(num_rows, generator=generator, **f32),
-            exponentials=torch.empty(num_rows, vocab_size, **f32).exponential_(generator=generator),
+            # float32 exponential_ returns an exact 0 about once in 2^24 draws; 0 / 0 would be NaN.
+            exponentials=exponentials.clamp_min_(torch.finfo(torch.float32).tiny),
             fresh_uniforms=torch.rand(next_num_drafts, generator=generator, **f32),
         )
 
@@ -102,18 +107,27 @@ class StepOutput:
 RowPass = Callable[..., torch.Tensor]
 
 
+BACKENDS = ("torch", "inductor", "triton")
+
+
 def _row_pass(backend: str | None, device: torch.device) -> RowPass:
     if backend is None:
-        backend = "triton" if device.type == "cuda" else "torch"
+        backend = os.environ.get("SJDPP_STEP_BACKEND") or (
+            "triton" if device.type == "cuda" else "inductor"
+        )
     if backend == "torch":
         from .row_pass_torch import row_pass_torch
 
         return row_pass_torch
+    if backend == "inductor":
+        from .row_pass_torch import row_pass_inductor
+
+        return row_pass_inductor
     if backend == "triton":
         from .row_pass_triton import row_pass_triton
 
         return row_pass_triton
-    raise ValueError(f"unknown step backend {backend!r}; allowed: 'torch', 'triton'")
+    raise ValueError(f"unknown step backend {backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -125,9 +139,14 @@ def sjdpp_step(
     noise: StepNoise,
     fresh: FreshTokens,
     backend: str | None = None,
-    next_probs_dtype: torch.dtype | None = None,
+    next_probs_out: torch.Tensor | None = None,
 ) -> StepOutput:
-    """One SJD++ step over a batch (see the module docstring for the math)."""
+    """One SJD++ step over a batch (see the module docstring for the math).
+
+    `next_probs_out` ([>= T', V], any float dtype) receives the next proposals; a caller that
+    steps repeatedly should pass a buffer it keeps (not the one holding `draft_probs`): a fresh
+    [T', V] allocation costs more page faults on CPU than the whole row pass.
+    """
     p = batch.target_probs
     device = p.device
     num_rows, vocab = p.shape
@@ -195,7 +214,12 @@ def sjdpp_step(
     next_cu = torch.cumsum(next_len, 0)
     num_next = int(next_cu[-1]) if num_reqs else 0
     dest = _exclusive_cumsum(next_len)[req] + slot
-    next_probs = torch.empty(num_next, vocab, dtype=next_probs_dtype or p.dtype, device=device)
+    if next_probs_out is None:
+        next_probs = torch.empty(num_next, vocab, dtype=p.dtype, device=device)
+    elif next_probs_out.shape[0] < num_next or next_probs_out.shape[1] != vocab:
+        raise ValueError(f"next_probs_out {tuple(next_probs_out.shape)} is smaller than {(num_next, vocab)}")
+    else:
+        next_probs = next_probs_out[:num_next]
 
     rows = (draw | write_q).nonzero().squeeze(1)
     raced = _row_pass(backend, device)(

@@ -1,4 +1,4 @@
-"""The Triton row pass equals the PyTorch one on the same inputs and noise.
+"""Every row pass (eager PyTorch, Inductor-fused PyTorch, Triton) gives the same step.
 
 Without a GPU, conftest.py runs the kernel in Triton's interpreter on CPU tensors.
 """
@@ -69,10 +69,11 @@ def _case(num_drafts, vocab, pattern, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_triton_equals_torch(name, dtype, seed):
+@pytest.mark.parametrize("backend", ["inductor", "torch"])
+def test_backends_equal_triton(backend, name, dtype, seed):
     batch, noise, fresh = _case(*CASES[name], dtype, seed)
-    ref = sjdpp_step(batch, noise, fresh, backend="torch")
-    out = sjdpp_step(batch, noise, fresh, backend="triton")
+    ref = sjdpp_step(batch, noise, fresh, backend="triton")
+    out = sjdpp_step(batch, noise, fresh, backend=backend)
     assert torch.equal(out.num_accepted, ref.num_accepted)
     assert torch.equal(out.output_token_ids, ref.output_token_ids)
     assert torch.equal(out.next_cu_num_draft_tokens, ref.next_cu_num_draft_tokens)
