@@ -25,33 +25,50 @@ INIT_CODES = {"random": INIT_RANDOM, "left": INIT_LEFT, "above": INIT_ABOVE}
 
 @dataclass
 class FreshTokens:
-    """Per-request fresh-token settings and the recent history "above" and "left" copy from."""
+    """Per-request fresh-token settings and the recent history "above" and "left" copy from.
+
+    A request's fresh vocabulary is a range [start, start + size) of token ids, or, where
+    `vocab_is_list`, the ids vocab_ids[start : start + size].
+    """
 
     init: torch.Tensor  # [B] int64, INIT_* codes
     row_width: torch.Tensor  # [B] int64 (read for INIT_ABOVE)
     history: torch.Tensor  # [B, H] last committed tokens before this step, right-aligned, -1 pad
-    vocab_ids: torch.Tensor  # [N] int64: the requests' fresh vocabularies, concatenated
-    vocab_offsets: torch.Tensor  # [B + 1] int64: request i owns vocab_ids[off[i]:off[i + 1]]
+    vocab_start: torch.Tensor  # [B] int64
+    vocab_size: torch.Tensor  # [B] int64, >= 1
+    vocab_is_list: torch.Tensor  # [B] bool
+    vocab_ids: torch.Tensor  # [N] int64: the requests' explicit id lists, concatenated
 
     @classmethod
     def build(
         cls,
         init: Sequence[str],
-        vocabularies: Sequence[Sequence[int]],
+        vocabularies: Sequence[range | Sequence[int]],
         history: torch.Tensor,
         row_width: Sequence[int | None] | None = None,
     ) -> "FreshTokens":
         device = history.device
         long = dict(dtype=torch.long, device=device)
-        vocab = [torch.as_tensor(v, **long) for v in vocabularies]
-        sizes = torch.tensor([0] + [v.numel() for v in vocab], **long)
+        lists = [v for v in vocabularies if not isinstance(v, range)]
+        start, size, offset = [], [], 0
+        for v in vocabularies:
+            if isinstance(v, range):
+                if v.step != 1 or len(v) == 0:
+                    raise ValueError(f"fresh vocabulary {v} must be a non-empty range with step 1")
+                start.append(v.start)
+            else:
+                start.append(offset)
+                offset += len(v)
+            size.append(len(v))
         widths = [w or 1 for w in (row_width or [None] * len(init))]
         return cls(
             init=torch.tensor([INIT_CODES[m] for m in init], **long),
             row_width=torch.tensor(widths, **long),
             history=history.long(),
-            vocab_ids=torch.cat(vocab) if vocab else torch.zeros(0, **long),
-            vocab_offsets=torch.cumsum(sizes, 0),
+            vocab_start=torch.tensor(start, **long),
+            vocab_size=torch.tensor(size, **long),
+            vocab_is_list=torch.tensor([not isinstance(v, range) for v in vocabularies], device=device),
+            vocab_ids=torch.tensor([t for v in lists for t in v], **long),
         )
 
 
@@ -84,10 +101,13 @@ def fill_fresh_tokens(
 
     # A chain with no known root draws once, at its first fresh slot, and the rest copy that.
     draw_slot = torch.where((init == INIT_RANDOM) | ~is_fresh, slot, src + w)
-    lo = fresh.vocab_offsets[req]
-    size = fresh.vocab_offsets[req + 1] - lo
-    pick = (uniforms[start[req] + draw_slot] * size).long().clamp_max(size - 1)
-    random_token = fresh.vocab_ids[(lo + pick).clamp(0, max(fresh.vocab_ids.numel() - 1, 0))]
+    size = fresh.vocab_size[req]
+    pick = fresh.vocab_start[req] + (uniforms[start[req] + draw_slot] * size).long().clamp_max(size - 1)
+    if fresh.vocab_ids.numel():
+        listed = fresh.vocab_ids[pick.clamp_max(fresh.vocab_ids.numel() - 1)]
+        random_token = torch.where(fresh.vocab_is_list[req], listed, pick)
+    else:
+        random_token = pick
 
     c = num_committed[req]
     hist_len = fresh.history.shape[1]

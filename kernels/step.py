@@ -39,6 +39,7 @@ variable SJDPP_STEP_BACKEND picks one: torch | inductor | triton.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -65,6 +66,9 @@ class StepBatch:
     reuse: torch.Tensor  # [B] int64, REUSE_* codes
     threshold: torch.Tensor  # [B] float32, used by REUSE_CONFIDENCE
     next_window_len: torch.Tensor  # [B] int64, drafts wanted for the next pass (0 allowed)
+    # [T] int64: the row of draft_probs holding draft t's q (default: row t), so that proposals
+    # can stay in the buffer an earlier step wrote them to.
+    draft_prob_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -85,13 +89,40 @@ class StepNoise:
         generator: torch.Generator | None = None,
     ) -> "StepNoise":
         f32 = dict(dtype=torch.float32, device=device)
-        exponentials = torch.empty(num_rows, vocab_size, **f32).exponential_(generator=generator)
         return cls(
             uniforms=torch.rand(num_rows, generator=generator, **f32),
-            # float32 exponential_ returns an exact 0 about once in 2^24 draws; 0 / 0 would be NaN.
-            exponentials=exponentials.clamp_min_(torch.finfo(torch.float32).tiny),
+            exponentials=_exponentials(num_rows, vocab_size, generator, **f32),
             fresh_uniforms=torch.rand(next_num_drafts, generator=generator, **f32),
         )
+
+    @classmethod
+    def sample_per_request(
+        cls,
+        rows_per_request: list[int],
+        slots_per_request: list[int],
+        vocab_size: int,
+        generators: dict[int, torch.Generator],
+        device: torch.device | str = "cpu",
+    ) -> "StepNoise":
+        """Global randomness, except that request i draws its own rows with generators[i]:
+        a seeded request's tokens do not depend on the rest of the batch."""
+        noise = cls.sample(sum(rows_per_request), vocab_size, sum(slots_per_request), device)
+        row_end = list(itertools.accumulate(rows_per_request))
+        slot_end = list(itertools.accumulate(slots_per_request))
+        for i, g in generators.items():
+            rows = slice(row_end[i] - rows_per_request[i], row_end[i])
+            slots = slice(slot_end[i] - slots_per_request[i], slot_end[i])
+            own = cls.sample(rows_per_request[i], vocab_size, slots_per_request[i], device, g)
+            noise.uniforms[rows] = own.uniforms
+            noise.exponentials[rows] = own.exponentials
+            noise.fresh_uniforms[slots] = own.fresh_uniforms
+        return noise
+
+
+def _exponentials(rows: int, vocab: int, generator: torch.Generator | None, **f32) -> torch.Tensor:
+    e = torch.empty(rows, vocab, **f32).exponential_(generator=generator)
+    # float32 exponential_ returns an exact 0 about once in 2^24 draws; 0 / 0 would be NaN.
+    return e.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
 @dataclass
@@ -178,10 +209,11 @@ def sjdpp_step(
         onehot = torch.ones_like(has_draft)
     if batch.draft_probs is None:
         onehot = torch.ones_like(has_draft)
+    q_row = draft_of_row if batch.draft_prob_rows is None else batch.draft_prob_rows.long()[draft_of_row]
     p_d = p[arange_rows, d].float()
     q_d = torch.ones_like(p_d)
     if batch.draft_probs is not None and num_drafts_total:
-        q_d = torch.where(onehot, q_d, batch.draft_probs[draft_of_row, d].float())
+        q_d = torch.where(onehot, q_d, batch.draft_probs[torch.where(onehot, 0, q_row), d].float())
     ratio_pass = noise.uniforms * q_d < p_d
 
     greedy = batch.greedy[req]
@@ -227,7 +259,7 @@ def sjdpp_step(
         draft_probs=batch.draft_probs,
         exponentials=noise.exponentials,
         rows=rows,
-        subtract_draft_row=torch.where(subtract_q & ~onehot, draft_of_row, -1)[rows],
+        subtract_draft_row=torch.where(subtract_q & ~onehot, q_row, -1)[rows],
         subtract_onehot=torch.where(subtract_q & onehot, d, -1)[rows],
         draw=draw[rows],
         q_dest=torch.where(write_q, dest, -1)[rows],

@@ -5,6 +5,8 @@ Without a GPU, conftest.py runs the kernel in Triton's interpreter on CPU tensor
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -103,3 +105,21 @@ def test_cases_exercise_every_branch():
         seen_kept |= bool((redrafted & random & out.next_draft_is_onehot).any())
         seen_redrawn |= bool((redrafted & random & ~out.next_draft_is_onehot).any())
     assert seen_partial and seen_full and seen_kept and seen_redrawn
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_proposals_read_through_draft_prob_rows(backend):
+    """q rows kept at other rows of a larger buffer give the same step as a packed [T, V]."""
+    batch, noise, fresh = _case(*CASES["mixed"], torch.float32, 0)
+    t, vocab = batch.draft_probs.shape
+    where = torch.randperm(3 * t, generator=torch.Generator().manual_seed(0))[:t]
+    buffer = torch.rand(3 * t, vocab)
+    buffer[where] = batch.draft_probs
+    indirect = dataclasses.replace(batch, draft_probs=buffer, draft_prob_rows=where)
+    ref = sjdpp_step(batch, noise, fresh, backend=backend)
+    out = sjdpp_step(indirect, noise, fresh, backend=backend)
+    assert torch.equal(out.output_token_ids, ref.output_token_ids)
+    assert torch.equal(out.next_draft_token_ids, ref.next_draft_token_ids)
+    # and the buffer's garbage rows really are not the ones read:
+    scrambled = dataclasses.replace(indirect, draft_prob_rows=torch.roll(where, 1))
+    assert not torch.equal(sjdpp_step(scrambled, noise, fresh, backend=backend).next_draft_token_ids, ref.next_draft_token_ids)

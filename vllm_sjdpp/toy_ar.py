@@ -70,7 +70,7 @@ def sample_sjdpp(
     seq[:, :prompt_len] = torch.tensor(model.prompt)
     done = torch.zeros(n, dtype=torch.long)  # generated tokens
     steps = torch.zeros(n, dtype=torch.long)
-    fresh_vocab = list(config.fresh_vocab(vocab))
+    fresh_vocab = config.fresh_vocab(vocab)
     window_len = torch.zeros(n, dtype=torch.long)
     window = torch.zeros(0, dtype=torch.long)
     window_probs = torch.zeros(0, vocab)
