@@ -131,8 +131,9 @@ class StepOutput:
     num_accepted: torch.Tensor  # [B] accepted drafts; num_accepted + 1 tokens are committed
     next_cu_num_draft_tokens: torch.Tensor  # [B]
     next_draft_token_ids: torch.Tensor  # [T']
-    next_draft_probs: torch.Tensor  # [T', V]; rows where next_draft_is_onehot are unspecified
     next_draft_is_onehot: torch.Tensor  # [T'] bool
+    next_draft_probs: torch.Tensor  # [Q, V]: one row per slot that is not one-hot
+    next_draft_prob_rows: torch.Tensor  # [T'] row of next_draft_probs, -1 for one-hot slots
 
 
 RowPass = Callable[..., torch.Tensor]
@@ -174,7 +175,7 @@ def sjdpp_step(
 ) -> StepOutput:
     """One SJD++ step over a batch (see the module docstring for the math).
 
-    `next_probs_out` ([>= T', V], any float dtype) receives the next proposals; a caller that
+    `next_probs_out` ([>= Q, V], any float dtype) receives the next proposals; a caller that
     steps repeatedly should pass a buffer it keeps (not the one holding `draft_probs`): a fresh
     [T', V] allocation costs more page faults on CPU than the whole row pass.
     """
@@ -207,13 +208,17 @@ def sjdpp_step(
     else:
         d = torch.zeros_like(arange_rows)
         onehot = torch.ones_like(has_draft)
-    if batch.draft_probs is None:
+    has_q_rows = batch.draft_probs is not None and batch.draft_probs.shape[0] > 0
+    if not has_q_rows:
         onehot = torch.ones_like(has_draft)
-    q_row = draft_of_row if batch.draft_prob_rows is None else batch.draft_prob_rows.long()[draft_of_row]
+    q_row = draft_of_row
+    if batch.draft_prob_rows is not None and num_drafts_total:
+        q_row = batch.draft_prob_rows.long()[draft_of_row]
+    q_row = torch.where(onehot, 0, q_row)
     p_d = p[arange_rows, d].float()
     q_d = torch.ones_like(p_d)
-    if batch.draft_probs is not None and num_drafts_total:
-        q_d = torch.where(onehot, q_d, batch.draft_probs[torch.where(onehot, 0, q_row), d].float())
+    if has_q_rows:
+        q_d = torch.where(onehot, q_d, batch.draft_probs[q_row, d].float())
     ratio_pass = noise.uniforms * q_d < p_d
 
     greedy = batch.greedy[req]
@@ -246,12 +251,15 @@ def sjdpp_step(
     next_cu = torch.cumsum(next_len, 0)
     num_next = int(next_cu[-1]) if num_reqs else 0
     dest = _exclusive_cumsum(next_len)[req] + slot
+    # Only slots with a full q get a row, packed in slot order (rows are already in slot order).
+    q_dest = _exclusive_cumsum(write_q.long())
+    num_q = int(write_q.sum())
     if next_probs_out is None:
-        next_probs = torch.empty(num_next, vocab, dtype=p.dtype, device=device)
-    elif next_probs_out.shape[0] < num_next or next_probs_out.shape[1] != vocab:
-        raise ValueError(f"next_probs_out {tuple(next_probs_out.shape)} is smaller than {(num_next, vocab)}")
+        next_probs = torch.empty(num_q, vocab, dtype=p.dtype, device=device)
+    elif next_probs_out.shape[0] < num_q or next_probs_out.shape[1] != vocab:
+        raise ValueError(f"next_probs_out {tuple(next_probs_out.shape)} is smaller than {(num_q, vocab)}")
     else:
-        next_probs = next_probs_out[:num_next]
+        next_probs = next_probs_out[:num_q]
 
     rows = (draw | write_q).nonzero().squeeze(1)
     raced = _row_pass(backend, device)(
@@ -262,7 +270,7 @@ def sjdpp_step(
         subtract_draft_row=torch.where(subtract_q & ~onehot, q_row, -1)[rows],
         subtract_onehot=torch.where(subtract_q & onehot, d, -1)[rows],
         draw=draw[rows],
-        q_dest=torch.where(write_q, dest, -1)[rows],
+        q_dest=torch.where(write_q, q_dest, -1)[rows],
         next_probs=next_probs,
     )
     token = torch.where(greedy, argmax, torch.where(keep, d, 0))
@@ -279,9 +287,13 @@ def sjdpp_step(
     next_onehot = torch.ones(num_next, dtype=torch.bool, device=device)
     next_tokens[dest[in_window]] = token[in_window]
     next_onehot[dest[in_window]] = ~write_q[in_window]
+    next_prob_rows = torch.full((num_next,), -1, dtype=torch.long, device=device)
+    next_prob_rows[dest[write_q]] = q_dest[write_q]
     num_redrafted = torch.minimum(num_drafts - num_accepted, next_len)
     fill_fresh_tokens(
         next_tokens, next_onehot, next_len, num_redrafted, output, num_accepted + 1, fresh,
         noise.fresh_uniforms,
     )
-    return StepOutput(output, num_accepted, next_cu, next_tokens, next_probs, next_onehot)
+    return StepOutput(
+        output, num_accepted, next_cu, next_tokens, next_onehot, next_probs, next_prob_rows
+    )

@@ -47,3 +47,28 @@ def test_fresh_vocabulary_forms():
         SJDPPConfig(fresh_token_range=(10, 200)).fresh_vocab(100)
     with pytest.raises(ValueError, match="fresh_token_ids"):
         SJDPPConfig(fresh_token_ids=[100]).fresh_vocab(100)
+
+
+def test_request_overrides():
+    server = SJDPPConfig(num_speculative_tokens=8, fresh_token_ids=[1, 2])
+    c = server.for_request({"sjdpp_reuse": "none", "sjdpp_fresh_token_range": [4, 9], "other": 1})
+    assert (c.reuse, c.fresh_token_range, c.fresh_token_ids) == ("none", (4, 9), None)
+    assert server.for_request(None) == server
+    assert server.for_request({"sjdpp_disable": True}) is None
+    assert server.for_request({"sjdpp_num_speculative_tokens": 3}).num_speculative_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "extra, option",
+    [
+        ({"sjdpp_reuse": "often"}, "sjdpp_reuse"),
+        ({"sjdpp_num_speculative_tokens": 9}, "sjdpp_num_speculative_tokens"),
+        ({"sjdpp_row_width": -1}, "sjdpp_row_width"),
+        ({"sjdpp_init": "above"}, "sjdpp_row_width"),
+        ({"sjdpp_disable": "yes"}, "sjdpp_disable"),
+        ({"sjdpp_windw": 3}, "sjdpp_windw"),
+    ],
+)
+def test_bad_request_overrides_name_the_key(extra, option):
+    with pytest.raises(ValueError, match=option):
+        SJDPPConfig(num_speculative_tokens=8).for_request(extra)

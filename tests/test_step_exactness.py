@@ -58,8 +58,11 @@ def accepts_with_p(batch, noise, fresh, **kw):
     k = torch.diff(cu, prepend=cu.new_zeros(1))
     req = torch.repeat_interleave(torch.arange(cu.numel()), k)
     rows = torch.arange(batch.draft_token_ids.numel()) + req
-    q_d = batch.draft_probs.gather(1, batch.draft_token_ids[:, None]).squeeze(1)
-    q_d = torch.where(batch.draft_is_onehot, 1.0, q_d)
+    onehot = batch.draft_is_onehot
+    q_rows = torch.arange(onehot.numel()) if batch.draft_prob_rows is None else batch.draft_prob_rows
+    q_d = torch.ones(onehot.shape)
+    if batch.draft_probs.shape[0]:
+        q_d[~onehot] = batch.draft_probs[q_rows[~onehot], batch.draft_token_ids[~onehot]]
     uniforms = noise.uniforms.clone()
     uniforms[rows] /= q_d
     return sjdpp_step(batch, dataclasses.replace(noise, uniforms=uniforms), fresh, **kw)
@@ -122,7 +125,8 @@ def test_next_window_follows_recorded_q(reuse, step, broken):
     out = step(batch, noise, fresh)
     tokens = out.next_draft_token_ids.view(N, k)
     onehot = out.next_draft_is_onehot.view(N, k)
-    q_rows = out.next_draft_probs.view(N, k, VOCAB)
+    q_rows = out.next_draft_probs[out.next_draft_prob_rows.clamp_min(0)].view(N, k, VOCAB)
+    assert torch.equal(out.next_draft_prob_rows < 0, out.next_draft_is_onehot)
     pvalues = []
     for a in range(k):
         for m in range(k - a):  # slot m came from row a + 1 + m

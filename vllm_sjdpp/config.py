@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 REUSE_MODES = ("none", "coupled", "confidence")
+# Per-request options: SamplingParams.extra_args (OpenAI: vllm_xargs) keys, each "sjdpp_" + a
+# field name, plus sjdpp_disable (decode this request plainly).
+REQUEST_PREFIX = "sjdpp_"
+REQUEST_FIELDS = (
+    "num_speculative_tokens", "reuse", "threshold", "init", "row_width",
+    "fresh_token_range", "fresh_token_ids", "jacobi_start",
+)
 INIT_MODES = ("random", "left", "above")
 MAX_WINDOW = 64
 
@@ -99,6 +106,40 @@ class SJDPPConfig:
                 f"known: {', '.join(sorted(known))}"
             )
         return cls(**options)
+
+    def for_request(self, extra_args: dict[str, Any] | None) -> "SJDPPConfig | None":
+        """This server config with a request's overrides applied; None: decode it plainly.
+
+        The window may shrink per request but not grow past the server's k, which sized vLLM.
+        """
+        ours = {
+            key[len(REQUEST_PREFIX):]: value
+            for key, value in (extra_args or {}).items()
+            if key.startswith(REQUEST_PREFIX)
+        }
+        disable = ours.pop("disable", False)
+        if not isinstance(disable, (bool, int)) or isinstance(disable, float):
+            raise _invalid(REQUEST_PREFIX + "disable", disable, "true or false")
+        unknown = sorted(set(ours) - set(REQUEST_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"unknown per-request SJD++ option(s) {', '.join(REQUEST_PREFIX + u for u in unknown)}; "
+                f"known: {', '.join(REQUEST_PREFIX + f for f in REQUEST_FIELDS + ('disable',))}"
+            )
+        k = ours.get("num_speculative_tokens", self.num_speculative_tokens)
+        if _is_int(k) and k > self.num_speculative_tokens:
+            raise _invalid(
+                REQUEST_PREFIX + "num_speculative_tokens", k, f"1 to {self.num_speculative_tokens}"
+            )
+        if "fresh_token_range" in ours:
+            ours.setdefault("fresh_token_ids", None)
+        if "fresh_token_ids" in ours:
+            ours.setdefault("fresh_token_range", None)
+        try:
+            config = dataclasses.replace(self, **ours)
+        except ValueError as e:
+            raise ValueError(str(e).replace("SJD++ option '", f"SJD++ option '{REQUEST_PREFIX}", 1)) from None
+        return None if disable else config
 
     def fresh_vocab(self, vocab_size: int) -> list[int] | range:
         """The token ids fresh tokens are drawn from, checked against the model's vocabulary."""

@@ -74,6 +74,7 @@ def sample_sjdpp(
     window_len = torch.zeros(n, dtype=torch.long)
     window = torch.zeros(0, dtype=torch.long)
     window_probs = torch.zeros(0, vocab)
+    window_prob_rows = torch.zeros(0, dtype=torch.long)
     window_onehot = torch.zeros(0, dtype=torch.bool)
     active = torch.arange(n)
     history_len = config.row_width or 1
@@ -105,6 +106,7 @@ def sample_sjdpp(
                 reuse=torch.full((b,), REUSE_CODES[config.reuse]),
                 threshold=torch.full((b,), float(config.threshold)),
                 next_window_len=next_len,
+                draft_prob_rows=window_prob_rows,
             ),
             StepNoise.sample(probs.shape[0], vocab, b * k, generator=g),
             fresh,
@@ -124,7 +126,8 @@ def sample_sjdpp(
         still = done[active] < length
         window_len = window_len[still]
         window = out.next_draft_token_ids[kept]
-        window_probs = out.next_draft_probs[kept]
+        window_probs = out.next_draft_probs
+        window_prob_rows = out.next_draft_prob_rows[kept]
         window_onehot = out.next_draft_is_onehot[kept]
         active = active[still]
     return seq[:, prompt_len : prompt_len + length], steps
