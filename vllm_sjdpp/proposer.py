@@ -1,0 +1,57 @@
+"""The drafter vLLM calls each step (method "custom_class"): it hands back SJD++ windows.
+
+The windows are made by `SJDPPSampler` during verification, where the target distributions of
+every window position are at hand; proposing is only reading them out, trimmed to what the
+request may still generate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import SJDPPConfig
+from .jacobi_state import JacobiStates
+from .sampler import SJDPPSampler
+
+ADDITIONAL_CONFIG_KEY = "sjdpp"  # where the server's SJD++ options travel inside VllmConfig
+
+
+class SJDPPProposer:
+    def __init__(self, vllm_config: Any):
+        options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
+        self.config = SJDPPConfig.from_dict(options)
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.states = JacobiStates(self.config, vllm_config.model_config.get_vocab_size())
+        self.runner = None
+
+    def load_model(self, model: Any) -> None:
+        """Nothing to load: SJD++ drafts from the target model's own distributions."""
+
+    def attach(self, runner: Any) -> None:
+        self.runner = runner
+        runner.rejection_sampler = SJDPPSampler(runner, self.states)
+
+    def release(self, req_id: str) -> None:
+        self.states.release(req_id)
+
+    def propose(
+        self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_: Any
+    ) -> list[list[int]]:
+        runner = self.runner
+        self.states.retain(set(runner.requests))
+        drafts = []
+        for row, req_id in enumerate(runner.input_batch.req_ids):
+            state = self.states.requests.get(req_id)
+            window = state.window if state else None
+            start = int(num_tokens_no_spec[row])
+            if window is None or window.start != start:
+                drafts.append([])
+                continue
+            request = runner.requests[req_id]
+            left = self.max_model_len - start
+            max_tokens = request.sampling_params.max_tokens
+            if max_tokens is not None:
+                left = min(left, max_tokens - len(request.output_token_ids))
+            # A pass commits its accepted drafts plus one token: never draft past the end.
+            drafts.append(window.tokens[: max(0, left - 1)])
+        return drafts

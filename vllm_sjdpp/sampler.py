@@ -1,0 +1,187 @@
+"""SJD++ in the place of vLLM's rejection sampler.
+
+vLLM computes the logits of all k_i + 1 window positions of each request (rows after a rejection
+included) and hands them to `runner.rejection_sampler`.  This subclass runs vLLM's own logits
+processing (penalties, allowed tokens, bad words, min tokens, temperature, top-k, top-p) on every
+row, then the fused SJD++ step: it verifies the drafts, commits, and prepares each request's next
+window, which `SJDPPProposer.propose` hands back to vLLM a moment later.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.sample.rejection_sampler import RejectionSampler, apply_sampling_constraints
+
+from .jacobi_state import JacobiStates, Window
+from .kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, sjdpp_step
+
+logger = init_logger(__name__)
+
+GREEDY_EPS = 1e-5  # vLLM's sampler treats temperature below this as greedy
+LOG_INTERVAL_S = 10.0
+
+
+class StepStats:
+    """Committed tokens per request-step, logged periodically."""
+
+    def __init__(self) -> None:
+        self.request_steps = self.committed = self.drafts = 0
+        self._last_log = time.monotonic()
+
+    def add(self, request_steps: int, committed: int, drafts: int) -> None:
+        self.request_steps += request_steps
+        self.committed += committed
+        self.drafts += drafts
+        now = time.monotonic()
+        if now - self._last_log >= LOG_INTERVAL_S and self.request_steps:
+            logger.info(
+                "SJD++: %d request-steps, %.2f tokens committed per step (step compression "
+                "%.2fx), %.1f%% of %d drafts accepted",
+                self.request_steps,
+                self.committed / self.request_steps,
+                self.committed / self.request_steps,
+                100.0 * (self.committed - self.request_steps) / max(self.drafts, 1),
+                self.drafts,
+            )
+            self._last_log = now
+
+
+class SJDPPSampler(RejectionSampler):
+    def __init__(self, runner, states: JacobiStates):
+        super().__init__(runner.sampler, runner.speculative_config, runner.device)
+        self.runner = runner
+        self.states = states
+        self.max_model_len = runner.model_config.max_model_len
+        self.stats = StepStats()
+
+    def forward(self, metadata, draft_probs, logits, sampling_metadata) -> SamplerOutput:
+        input_batch = self.runner.input_batch
+        num_reqs = len(metadata.num_draft_tokens)
+        if num_reqs != input_batch.num_reqs:  # a warm-up call on a dummy batch
+            return super().forward(metadata, draft_probs, logits, sampling_metadata)
+
+        counts = list(metadata.num_draft_tokens)
+        drafts = metadata.draft_token_ids.tolist()
+        bounds = [sum(counts[:i]) for i in range(num_reqs + 1)]
+        per_request = [drafts[bounds[i] : bounds[i + 1]] for i in range(num_reqs)]
+        raw_logits = logits
+        if sampling_metadata.max_num_logprobs is not None and not self.is_processed_logprobs_mode:
+            raw_logits = logits.clone()  # processing below works in place
+        processed = self._process_all_rows(logits, metadata, sampling_metadata, per_request)
+        probs = processed.softmax(-1, dtype=torch.float32)
+
+        req_ids = input_batch.req_ids[:num_reqs]
+        start = [int(n) for n in input_batch.num_tokens_no_spec[:num_reqs]]
+        discard = self.runner.discard_request_mask.np[:num_reqs].tolist()
+        states = [
+            self.states.get(r, self.runner.requests[r].sampling_params.extra_args) for r in req_ids
+        ]
+        prob_rows: list[int] = []
+        next_len: list[int] = []
+        for i, (req_id, state) in enumerate(zip(req_ids, states)):
+            prob_rows += self.states.drafts_usable(state, start[i], per_request[i])
+            next_len.append(0 if discard[i] else self._next_window_len(req_id, state, start[i]))
+        configs = [s.config or self.states.config for s in states]
+
+        device = probs.device
+        long = dict(dtype=torch.long, device=device)
+        history_len = max(c.row_width or 1 for c in configs)
+        history = torch.full((num_reqs, history_len), -1, dtype=torch.long)
+        for i, n in enumerate(start):
+            tail = input_batch.token_ids_cpu[i, max(0, n - history_len) : n]
+            history[i, history_len - len(tail) :] = torch.from_numpy(tail.astype("int64"))
+        greedy = (
+            torch.ones(num_reqs, dtype=torch.bool, device=device)
+            if sampling_metadata.all_greedy
+            else sampling_metadata.temperature[:num_reqs] < GREEDY_EPS
+        )
+        rows = torch.tensor(prob_rows, **long)
+        step_batch = StepBatch(
+            cu_num_draft_tokens=metadata.cu_num_draft_tokens.long(),
+            target_probs=probs,
+            draft_token_ids=metadata.draft_token_ids.long(),
+            draft_probs=self.states.proposals,
+            draft_is_onehot=rows < 0,
+            greedy=greedy,
+            reuse=torch.tensor([REUSE_CODES[c.reuse] for c in configs], **long),
+            threshold=torch.tensor([float(c.threshold) for c in configs], device=device),
+            next_window_len=torch.tensor(next_len, **long),
+            draft_prob_rows=rows.clamp_min(0),
+        )
+        fresh = FreshTokens.build(
+            [c.init for c in configs],
+            [s.fresh_vocab or range(1) for s in states],
+            history.to(device),
+            [c.row_width for c in configs],
+        )
+        noise = StepNoise.sample_per_request(
+            [n + 1 for n in counts], next_len, probs.shape[1], sampling_metadata.generators, device
+        )
+        out_buffer = self.states.next_buffer(sum(next_len), probs.shape[1], probs.dtype, device)
+        out = sjdpp_step(step_batch, noise, fresh, next_probs_out=out_buffer)
+        self._record_windows(states, start, next_len, out)
+        self.stats.add(num_reqs, int(out.num_accepted.sum()) + num_reqs, len(drafts))
+
+        logprobs = None
+        if sampling_metadata.max_num_logprobs is not None:
+            source = processed if self.is_processed_logprobs_mode else raw_logits.float()
+            logprobs = self._get_logprobs_tensors(
+                sampling_metadata.max_num_logprobs,
+                metadata,
+                source,
+                source[metadata.target_logits_indices],
+                source[metadata.bonus_logits_indices],
+                out.output_token_ids,
+            )
+        return SamplerOutput(
+            sampled_token_ids=out.output_token_ids.to(torch.int32), logprobs_tensors=logprobs
+        )
+
+    def _process_all_rows(self, logits, metadata, sampling_metadata, per_request):
+        """vLLM's processing of draft rows, applied to the bonus rows as well.
+
+        Row j of a request sees the drafts before it; appending one dummy draft per request
+        makes vLLM's draft-row processing cover the k_i + 1 rows (the dummy is never read).
+        """
+        all_rows = replace(metadata, num_draft_tokens=[len(d) + 1 for d in per_request])
+        with_dummy = replace(sampling_metadata, spec_token_ids=[d + [0] for d in per_request])
+        x = logits.to(torch.float32)
+        x = self.apply_logits_processors(x, with_dummy, all_rows)
+        return apply_sampling_constraints(x, metadata.cu_num_sampled_tokens, sampling_metadata)
+
+    def _next_window_len(self, req_id: str, state, start: int) -> int:
+        """Drafts worth making for the next pass: none before jacobi_start or past the end."""
+        config = state.config
+        if config is None:
+            return 0
+        request = self.runner.requests[req_id]
+        generated = len(request.output_token_ids)
+        if generated + 1 < config.jacobi_start:
+            return 0
+        max_tokens = request.sampling_params.max_tokens
+        left = self.max_model_len - start
+        if max_tokens is not None:
+            left = min(left, max_tokens - generated)
+        # This pass commits at least one token, the next one its drafts plus one.
+        return max(0, min(config.num_speculative_tokens, left - 2))
+
+    def _record_windows(self, states, start, next_len, out) -> None:
+        committed = (out.num_accepted + 1).tolist()
+        tokens = out.next_draft_token_ids.tolist()
+        rows = out.next_draft_prob_rows.tolist()
+        generation = self.states.generation + 1
+        offset = 0
+        for state, n0, n, c in zip(states, start, next_len, committed):
+            state.window = (
+                Window(n0 + c, tokens[offset : offset + n], rows[offset : offset + n], generation)
+                if n
+                else None
+            )
+            offset += n
+        self.states.advance()
+

