@@ -1,0 +1,193 @@
+"""SJD++ inside a real vLLM engine (CPU), against the same engine without speculation.
+
+Two in-process engines share this module: `plain` (no speculative decoding, the independent
+reference) and `sjdpp` (`speculative_config="sjdpp"`); reuse modes are chosen per request.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from stats import ALPHA, BROKEN_ALPHA
+from tiny_llama import build_tiny_llama, set_engine_env
+
+set_engine_env()
+
+ENGINE = dict(
+    skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, dtype="float32", seed=0,
+    disable_log_stats=False,
+)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="module")
+def plain(model_path):
+    from vllm import LLM
+
+    return LLM(model_path, **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def sjdpp(model_path):
+    from vllm import LLM
+
+    return LLM(model_path, speculative_config={"method": "sjdpp", "num_speculative_tokens": 6}, **ENGINE)
+
+
+def params(**kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(ignore_eos=True, detokenize=False, **kw)
+
+
+def generate(llm, prompts, sampling):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def accepted_tokens(llm) -> int:
+    return next(m.value for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens")
+
+
+PROMPTS = [[2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14], [20]]
+
+
+@pytest.mark.parametrize("reuse", ["none", "coupled", "confidence"])
+def test_greedy_is_identical(plain, sjdpp, reuse):
+    before = accepted_tokens(sjdpp)
+    expected = generate(plain, PROMPTS, params(temperature=0, max_tokens=48))
+    got = generate(sjdpp, PROMPTS, params(temperature=0, max_tokens=48, extra_args={"sjdpp_reuse": reuse}))
+    assert got == expected
+    assert accepted_tokens(sjdpp) > before  # drafts were really verified and accepted
+
+
+LENGTH = 5
+SAMPLES = 3000
+
+
+def _frequency_pvalues(a: np.ndarray, b: np.ndarray, vocab: int) -> list[float]:
+    """Chi-square homogeneity of per-position and adjacent-pair token frequencies."""
+    pvalues = []
+    columns = [(a[:, i], b[:, i]) for i in range(a.shape[1])]
+    columns += [(a[:, i] * vocab + a[:, i + 1], b[:, i] * vocab + b[:, i + 1]) for i in range(a.shape[1] - 1)]
+    for x, y in columns:
+        keys, inverse = np.unique(np.concatenate([x, y]), return_inverse=True)
+        table = np.zeros((2, keys.size))
+        np.add.at(table[0], inverse[: x.size], 1)
+        np.add.at(table[1], inverse[x.size :], 1)
+        rare = table.sum(0) < 10  # pooled: expected counts >= 5 per sample in every cell
+        table = np.concatenate([table[:, ~rare], table[:, rare].sum(1, keepdims=True)], 1)
+        table = table[:, table.sum(0) > 0]
+        pvalues.append(float(stats.chi2_contingency(table, correction=False).pvalue))
+    return pvalues
+
+
+@pytest.fixture(scope="module")
+def plain_samples(plain):
+    return np.array(generate(plain, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
+
+
+@pytest.mark.parametrize("reuse", ["none", "coupled", "confidence"])
+def test_sampling_distribution_matches_plain(plain_samples, sjdpp, reuse):
+    before = accepted_tokens(sjdpp)
+    sampling = params(temperature=1.0, top_k=8, max_tokens=LENGTH, extra_args={"sjdpp_reuse": reuse})
+    got = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, sampling))
+    pvalues = _frequency_pvalues(plain_samples, got, 48)
+    assert min(pvalues) > ALPHA / len(pvalues), pvalues  # Bonferroni over the 9 comparisons
+    assert accepted_tokens(sjdpp) > before
+
+
+def test_distribution_test_catches_vllm_cpu_expand_bug(plain, sjdpp):
+    """The same comparison must fail with vLLM's own CPU expand kernel (vLLM issue 55005).
+
+    Temperature only: with top-k too, the garbage top-k crashes the engine instead.
+    """
+    import vllm.utils.cpu_triton_utils as cpu_triton_utils
+    from vllm.v1.sample import rejection_sampler
+
+    from vllm_sjdpp import vllm_patches
+
+    sampling = params(temperature=0.8, max_tokens=LENGTH)
+    expected = np.array(generate(plain, [[2, 3, 4]] * SAMPLES, sampling))
+    original = importlib.reload(cpu_triton_utils)._expand_kernel_impl
+    assert original is not vllm_patches.expand_kernel_impl
+    rejection_sampler.expand_kernel._impl = original
+    try:
+        got = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, sampling))
+    finally:
+        cpu_triton_utils._expand_kernel_impl = vllm_patches.expand_kernel_impl
+        rejection_sampler.expand_kernel._impl = vllm_patches.expand_kernel_impl
+    assert min(_frequency_pvalues(expected, got, 48)) < BROKEN_ALPHA
+    fixed = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, sampling))
+    assert min(_frequency_pvalues(expected, fixed, 48)) > ALPHA / 9
+
+
+def test_cpu_expand_kernel_is_fixed():
+    from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
+
+    cu = torch.tensor([2, 2, 5], dtype=torch.int32)
+    temperature = torch.tensor([0.5, 7.0, 1.25])
+    assert expand_batch_to_tokens(temperature, cu, 5).tolist() == [0.5, 0.5, 1.25, 1.25, 1.25]
+    top_k = torch.tensor([3, 9, 0], dtype=torch.int32)
+    assert expand_batch_to_tokens(top_k, cu, 5, replace_from=0, replace_to=48).tolist() == [3, 3, 48, 48, 48]
+
+
+def test_seeded_requests_repeat(sjdpp):
+    sampling = params(temperature=1.0, top_k=8, max_tokens=30, seed=1234)
+    first = generate(sjdpp, PROMPTS, sampling)
+    assert generate(sjdpp, PROMPTS, sampling) == first
+    assert generate(sjdpp, PROMPTS, params(temperature=1.0, top_k=8, max_tokens=30, seed=99)) != first
+
+
+def test_mixed_batch(plain, sjdpp):
+    """SJD++ requests beside plain, greedy, seeded and differently truncated ones, in one batch."""
+    requests = [
+        ([2, 3], params(temperature=0, max_tokens=33)),
+        ([4, 5], params(temperature=1.0, max_tokens=21)),
+        ([6], params(temperature=1.0, top_k=3, max_tokens=17, extra_args={"sjdpp_disable": True})),
+        ([7, 8, 9], params(temperature=0.7, top_k=5, max_tokens=40, seed=7)),
+        ([10], params(temperature=1.0, top_p=0.8, max_tokens=1)),
+        ([11, 12], params(temperature=1.0, max_tokens=26, extra_args={"sjdpp_reuse": "none", "sjdpp_num_speculative_tokens": 2})),
+        ([13], params(temperature=0, max_tokens=29, extra_args={"sjdpp_init": "above", "sjdpp_row_width": 5})),
+    ]
+    prompts = [{"prompt_token_ids": p} for p, _ in requests]
+    outs = sjdpp.generate(prompts, [s for _, s in requests], use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    assert [len(t) for t in tokens] == [s.max_tokens for _, s in requests]
+    for i in (0, 6):  # greedy requests equal plain greedy, whatever their neighbours
+        assert tokens[i] == generate(plain, [requests[i][0]], requests[i][1])[0]
+    # a seeded request repeats in the same batch
+    again = sjdpp.generate(prompts, [s for _, s in requests], use_tqdm=False)
+    assert list(again[3].outputs[0].token_ids) == tokens[3]
+
+
+def test_bad_request_option_is_rejected(sjdpp):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="sjdpp_reuse"):
+        generate(sjdpp, [[2, 3]], params(temperature=1.0, max_tokens=4, extra_args={"sjdpp_reuse": "sometimes"}))
+    # the engine is still serving
+    assert len(generate(sjdpp, [[2, 3]], params(temperature=1.0, max_tokens=4))[0]) == 4
+
+
+def test_state_is_released(sjdpp):
+    outs = sjdpp.generate([{"prompt_token_ids": p} for p in PROMPTS], params(temperature=1.0, max_tokens=20), use_tqdm=False)
+    states = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter.states
+
+    def held(outs):  # the engine's request ids extend the ones LLM returns
+        return {r for r in states.requests for o in outs if r.startswith(o.request_id + "-")}
+
+    assert held(outs), "the requests of the last step are dropped only at the next one"
+    # vLLM tells the runner about finished requests at its next step: run one more request.
+    last = sjdpp.generate([{"prompt_token_ids": [3]}], params(temperature=1.0, max_tokens=2), use_tqdm=False)
+    assert not held(outs)
+    assert set(states.requests) <= held(last)

@@ -1,0 +1,46 @@
+"""A tiny Llama built locally (no hub), with moderately peaked next-token distributions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# Engines in tests: in-process, small KV cache, nothing fetched.
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def set_engine_env() -> None:
+    for key, value in ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def build_tiny_llama(path: Path, vocab_size: int = 48, sharpness: float = 12.0, seed: int = 0) -> Path:
+    """`sharpness` scales the output head: larger is more peaked (and more predictable)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head_dim 32: the CPU attention backend rejects 16
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpness)
+    model.save_pretrained(path)
+    return path
