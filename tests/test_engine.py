@@ -37,7 +37,7 @@ def plain(model_path):
 
 
 @pytest.fixture(scope="module")
-def sjdpp(model_path):
+def sjdpp(model_path, plain):  # created after `plain`: metrics are read from the newest engine
     from vllm import LLM
 
     return LLM(model_path, speculative_config={"method": "sjdpp", "num_speculative_tokens": 6}, **ENGINE)
