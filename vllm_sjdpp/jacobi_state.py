@@ -79,10 +79,12 @@ class JacobiStates:
         """The buffer the coming step writes to (never the one it reads from)."""
         i = (self.generation + 1) % 2
         buf = self._buffers[i]
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != vocab or buf.dtype != dtype:
-            # Grow geometrically: batches vary from step to step.
-            size = max(rows, 2 * buf.shape[0] if buf is not None else rows, 1)
-            buf = self._buffers[i] = torch.empty(size, vocab, dtype=dtype, device=device)
+        fits = buf is not None and buf.shape[1] == vocab and buf.dtype == dtype
+        if not fits or not rows <= buf.shape[0] <= max(4 * rows, 64):
+            # Twice what is needed: batches vary from step to step, and a batch that shrank
+            # gives its memory back.
+            self._buffers[i] = None
+            buf = self._buffers[i] = torch.empty(max(2 * rows, 1), vocab, dtype=dtype, device=device)
         return buf
 
     def advance(self) -> None:

@@ -9,6 +9,7 @@ window, which `SJDPPProposer.propose` hands back to vLLM a moment later.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 
@@ -20,33 +21,37 @@ from vllm.v1.sample.rejection_sampler import RejectionSampler, apply_sampling_co
 from .jacobi_state import JacobiStates, Window
 from .kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, sjdpp_step
 
-logger = init_logger(__name__)
+# Under "vllm." so that vLLM's logging configuration (handlers, level) applies in every process.
+logger = init_logger("vllm.sjdpp")
 
 GREEDY_EPS = 1e-5  # vLLM's sampler treats temperature below this as greedy
-LOG_INTERVAL_S = 10.0
 
 
 class StepStats:
-    """Committed tokens per request-step, logged periodically."""
+    """Committed tokens per request-step and the Jacobi state held, logged periodically
+    (every SJDPP_LOG_INTERVAL_S seconds, default 10)."""
 
     def __init__(self) -> None:
         self.request_steps = self.committed = self.drafts = 0
+        self.interval = float(os.environ.get("SJDPP_LOG_INTERVAL_S", "10"))
         self._last_log = time.monotonic()
 
-    def add(self, request_steps: int, committed: int, drafts: int) -> None:
+    def add(self, request_steps: int, committed: int, drafts: int, states: JacobiStates) -> None:
         self.request_steps += request_steps
         self.committed += committed
         self.drafts += drafts
         now = time.monotonic()
-        if now - self._last_log >= LOG_INTERVAL_S and self.request_steps:
+        if now - self._last_log >= self.interval and self.request_steps:
             logger.info(
                 "SJD++: %d request-steps, %.2f tokens committed per step (step compression "
-                "%.2fx), %.1f%% of %d drafts accepted",
+                "%.2fx), %.1f%% of %d drafts accepted; state: %d requests, %.1f MiB of q rows",
                 self.request_steps,
                 self.committed / self.request_steps,
                 self.committed / self.request_steps,
                 100.0 * (self.committed - self.request_steps) / max(self.drafts, 1),
                 self.drafts,
+                len(states.requests),
+                states.state_bytes() / 2**20,
             )
             self._last_log = now
 
@@ -125,7 +130,7 @@ class SJDPPSampler(RejectionSampler):
         out_buffer = self.states.next_buffer(sum(next_len), probs.shape[1], probs.dtype, device)
         out = sjdpp_step(step_batch, noise, fresh, next_probs_out=out_buffer)
         self._record_windows(states, start, next_len, out)
-        self.stats.add(num_reqs, int(out.num_accepted.sum()) + num_reqs, len(drafts))
+        self.stats.add(num_reqs, int(out.num_accepted.sum()) + num_reqs, len(drafts), self.states)
 
         logprobs = None
         if sampling_metadata.max_num_logprobs is not None:
