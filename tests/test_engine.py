@@ -200,3 +200,11 @@ def test_windows_shrink_at_max_model_len(plain, sjdpp):
     greedy = params(temperature=0, max_tokens=56)  # 200 + 56 = max_model_len
     assert generate(sjdpp, [prompt], greedy) == generate(plain, [prompt], greedy)
     assert len(generate(sjdpp, [prompt], params(temperature=1.0, max_tokens=56))[0]) == 56
+
+
+def test_logprobs_of_committed_tokens(sjdpp):
+    out = sjdpp.generate([{"prompt_token_ids": [2, 3]}], params(temperature=1.0, max_tokens=12, logprobs=2), use_tqdm=False)
+    completion = out[0].outputs[0]
+    assert len(completion.logprobs) == 12
+    for token, logprobs in zip(completion.token_ids, completion.logprobs):
+        assert token in logprobs and logprobs[token].logprob <= 0.0

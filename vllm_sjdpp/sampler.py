@@ -9,6 +9,7 @@ window, which `SJDPPProposer.propose` hands back to vLLM a moment later.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import replace
@@ -72,8 +73,8 @@ class SJDPPSampler(RejectionSampler):
 
         counts = list(metadata.num_draft_tokens)
         drafts = metadata.draft_token_ids.tolist()
-        bounds = [sum(counts[:i]) for i in range(num_reqs + 1)]
-        per_request = [drafts[bounds[i] : bounds[i + 1]] for i in range(num_reqs)]
+        ends = list(itertools.accumulate(counts))
+        per_request = [drafts[end - n : end] for n, end in zip(counts, ends)]
         raw_logits = logits
         if sampling_metadata.max_num_logprobs is not None and not self.is_processed_logprobs_mode:
             raw_logits = logits.clone()  # processing below works in place
@@ -95,11 +96,6 @@ class SJDPPSampler(RejectionSampler):
 
         device = probs.device
         long = dict(dtype=torch.long, device=device)
-        history_len = max(c.row_width or 1 for c in configs)
-        history = torch.full((num_reqs, history_len), -1, dtype=torch.long)
-        for i, n in enumerate(start):
-            tail = input_batch.token_ids_cpu[i, max(0, n - history_len) : n]
-            history[i, history_len - len(tail) :] = torch.from_numpy(tail.astype("int64"))
         greedy = (
             torch.ones(num_reqs, dtype=torch.bool, device=device)
             if sampling_metadata.all_greedy
@@ -120,8 +116,8 @@ class SJDPPSampler(RejectionSampler):
         )
         fresh = FreshTokens.build(
             [c.init for c in configs],
-            [s.fresh_vocab or range(1) for s in states],
-            history.to(device),
+            [s.fresh_vocab or range(1) for s in states],  # plain requests draw no fresh tokens
+            self._history(start, max(c.row_width or 1 for c in configs)).to(device),
             [c.row_width for c in configs],
         )
         noise = StepNoise.sample_per_request(
@@ -146,6 +142,14 @@ class SJDPPSampler(RejectionSampler):
         return SamplerOutput(
             sampled_token_ids=out.output_token_ids.to(torch.int32), logprobs_tensors=logprobs
         )
+
+    def _history(self, start: list[int], length: int) -> torch.Tensor:
+        """The last `length` committed tokens of each request, right-aligned, -1 before the start."""
+        history = torch.full((len(start), length), -1, dtype=torch.long)
+        for i, n in enumerate(start):
+            tail = self.runner.input_batch.token_ids_cpu[i, max(0, n - length) : n]
+            history[i, length - len(tail) :] = torch.from_numpy(tail.astype("int64"))
+        return history
 
     def _process_all_rows(self, logits, metadata, sampling_metadata, per_request):
         """vLLM's processing of draft rows, applied to the bonus rows as well.
