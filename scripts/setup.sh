@@ -19,7 +19,7 @@ fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 echo "setting up .venv ($flavour build of vLLM; a few minutes on a fresh machine)"
-pip install -q -e ".[$flavour,test]" 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q -e ".[$flavour,test,digits]" 2>&1 | grep -v "^WARNING: Location" || true
 if [ "$flavour" = cpu ]; then
   # PyPI's builds of these are CUDA-linked and break `import vllm` on the CPU build of torch.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING" || true

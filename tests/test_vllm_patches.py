@@ -50,3 +50,13 @@ def test_sjdpp_becomes_vllm_custom_class():
         sjdpp_speculative_config({"method": "sjdpp", "reuze": "none"})
     with pytest.raises(ValueError, match="'init'"):
         sjdpp_speculative_config({"method": "sjdpp", "init": "diagonal"})
+
+
+def test_model_defaults_yield_to_server_options():
+    defaults = {"fresh_token_range": [0, 17], "row_width": 33}
+    _, options, config = sjdpp_speculative_config({"method": "sjdpp", "init": "above"}, defaults)
+    assert (config.fresh_token_range, config.row_width, config.init) == ((0, 17), 33, "above")
+    _, _, config = sjdpp_speculative_config({"method": "sjdpp", "fresh_token_ids": [3], "row_width": 5}, defaults)
+    assert (config.fresh_token_range, config.fresh_token_ids, config.row_width) == (None, (3,), 5)
+    with pytest.raises(ValueError, match="config.json"):
+        sjdpp_speculative_config({"method": "sjdpp"}, {"colour": 1})

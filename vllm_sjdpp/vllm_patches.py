@@ -81,13 +81,32 @@ def parse_speculative_config(value: str) -> dict[str, Any]:
     return parsed
 
 
-def sjdpp_speculative_config(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], SJDPPConfig]:
+def model_defaults(model_config: Any) -> dict[str, Any]:
+    """SJD++ defaults a model folder records in its config.json under "sjdpp" (for example its
+    image-token range and row width); options given to the server take precedence."""
+    hf_config = getattr(model_config, "hf_config", None)
+    defaults = getattr(hf_config, "sjdpp", None) or {}
+    if not isinstance(defaults, dict):
+        raise ValueError(f"the model's config.json has 'sjdpp' = {defaults!r}; expected an object")
+    return defaults
+
+
+def sjdpp_speculative_config(
+    spec: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any], SJDPPConfig]:
     """{"method": "sjdpp", ...} -> (vLLM's custom_class config, the SJD++ options, validated)."""
     from vllm.config import SpeculativeConfig
 
     ours = {f.name for f in dataclasses.fields(SJDPPConfig)}
     theirs = {f.name for f in dataclasses.fields(SpeculativeConfig)}
     options = {k: v for k, v in spec.items() if k in ours}
+    if defaults:
+        unknown = sorted(set(defaults) - ours)
+        if unknown:
+            raise ValueError(f"unknown SJD++ option(s) {unknown} in the model's config.json 'sjdpp'")
+        if "fresh_token_range" in options or "fresh_token_ids" in options:
+            defaults = {k: v for k, v in defaults.items() if not k.startswith("fresh_token_")}
+        options = {**defaults, **options}
     rest = {k: v for k, v in spec.items() if k not in ours and k != "method"}
     unknown = sorted(k for k in rest if k not in theirs)
     if unknown:
@@ -125,17 +144,17 @@ def _patch_engine_args() -> None:
 
     create_speculative_config = EngineArgs.create_speculative_config
 
-    def create_sjdpp_speculative_config(self, *args, **kwargs):
+    def create_sjdpp_speculative_config(self, target_model_config, target_parallel_config):
         global _server_config
         spec = self.speculative_config
         if isinstance(spec, str):
             spec = self.speculative_config = parse_speculative_config(spec)
         if isinstance(spec, dict) and spec.get("method") == METHOD:
-            vllm_spec, options, config = sjdpp_speculative_config(spec)
+            vllm_spec, options, config = sjdpp_speculative_config(spec, model_defaults(target_model_config))
             self.additional_config = {**(self.additional_config or {}), ADDITIONAL_CONFIG_KEY: options}
             self.speculative_config = vllm_spec
             _server_config = config
-        return create_speculative_config(self, *args, **kwargs)
+        return create_speculative_config(self, target_model_config, target_parallel_config)
 
     EngineArgs.create_speculative_config = create_sjdpp_speculative_config
 

@@ -1,0 +1,114 @@
+"""The digit model's token stream: class prompt, image rows with end-of-row tokens, image end.
+
+    <bos> a handwritten 7 <boi> | g.. g.. ... g.. <eol> (x 32 rows) <eoi>
+    ----------- prompt --------   ----------- generated: 32 x 33 + 1 tokens ----------
+
+Grey levels 0..16 (scikit-learn's digits have 17) are token ids 0..16, the image tokens; a row
+is IMAGE_SIZE pixels then <eol>, so the row width in the stream is IMAGE_SIZE + 1.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+GREY_LEVELS = 17
+IMAGE_SIZE = 32
+ROW_WIDTH = IMAGE_SIZE + 1
+SPECIAL = ["<eol>", "<boi>", "<eoi>", "<bos>", "<pad>", "<unk>"]
+WORDS = ["a", "handwritten"] + [str(d) for d in range(10)]
+VOCAB = [f"<g{i}>" for i in range(GREY_LEVELS)] + SPECIAL + WORDS
+TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
+EOL, BOI, EOI, BOS, PAD = (TOKEN_ID[t] for t in ("<eol>", "<boi>", "<eoi>", "<bos>", "<pad>"))
+IMAGE_TOKENS = (0, GREY_LEVELS)  # [lo, hi)
+GENERATED_LENGTH = IMAGE_SIZE * ROW_WIDTH + 1
+
+
+def prompt_ids(digit: int) -> list[int]:
+    """What the tokenizer makes of "a handwritten {digit}"."""
+    if not 0 <= digit <= 9:
+        raise ValueError(f"digit must be 0..9, got {digit!r}")
+    return [BOS, TOKEN_ID["a"], TOKEN_ID["handwritten"], TOKEN_ID[str(digit)], BOI]
+
+
+def image_to_ids(image: np.ndarray) -> list[int]:
+    """[IMAGE_SIZE, IMAGE_SIZE] grey levels -> the generated part of the stream."""
+    if image.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"image must be {IMAGE_SIZE}x{IMAGE_SIZE}, got {image.shape}")
+    rows = np.concatenate([image.astype(np.int64), np.full((IMAGE_SIZE, 1), EOL)], 1)
+    return rows.reshape(-1).tolist() + [EOI]
+
+
+def ids_to_image(ids: list[int], strict: bool = False) -> np.ndarray:
+    """The generated stream -> [IMAGE_SIZE, IMAGE_SIZE] grey levels.
+
+    A malformed stream (wrong length, non-image tokens, rows cut short or too long) raises
+    ValueError when `strict`, else gives a best-effort image (missing pixels black) and a warning.
+    """
+    problems = []
+    ids = list(ids)
+    if ids and ids[-1] == EOI:
+        ids = ids[:-1]
+    elif EOI in ids:
+        problems.append("tokens after <eoi>")
+        ids = ids[: ids.index(EOI)]
+    else:
+        problems.append("no <eoi>")
+    rows, row = [], []
+    for t in ids:
+        if t == EOL:
+            rows.append(row)
+            row = []
+        elif IMAGE_TOKENS[0] <= t < IMAGE_TOKENS[1]:
+            row.append(t)
+        else:
+            problems.append(f"non-image token {t}")
+    if row:
+        rows.append(row)
+        problems.append("last row without <eol>")
+    if len(rows) != IMAGE_SIZE or any(len(r) != IMAGE_SIZE for r in rows):
+        problems.append(f"{len(rows)} rows of lengths {sorted({len(r) for r in rows})}, not {IMAGE_SIZE}x{IMAGE_SIZE}")
+    image = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.int64)
+    for r, values in enumerate(rows[:IMAGE_SIZE]):
+        values = values[:IMAGE_SIZE]
+        image[r, : len(values)] = values
+    if problems:
+        message = "malformed image stream: " + "; ".join(dict.fromkeys(problems))
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=2)
+    return image
+
+
+def to_png(images: list[np.ndarray], path, columns: int = 10, scale: int = 3) -> None:
+    """Grey-level images (0..16, white on black as in the data) -> one PNG grid."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("no images to write")
+    rows = -(-len(images) // columns)
+    pad = 2
+    cell = IMAGE_SIZE + pad
+    grid = np.zeros((rows * cell + pad, min(columns, len(images)) * cell + pad), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[pad + r * cell : pad + r * cell + IMAGE_SIZE, pad + c * cell : pad + c * cell + IMAGE_SIZE] = (
+            np.clip(image, 0, GREY_LEVELS - 1) * 255 // (GREY_LEVELS - 1)
+        )
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def build_tokenizer():
+    """A word-level tokenizer: "a handwritten 7" -> prompt_ids(7); image tokens are <gN>, <eol>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab=dict(TOKEN_ID), unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <boi>", special_tokens=[("<bos>", BOS), ("<boi>", BOI)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eoi>", pad_token="<pad>", unk_token="<unk>"
+    )

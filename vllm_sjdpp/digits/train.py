@@ -1,0 +1,176 @@
+"""Train the class-conditional digit generator: a small Llama over 32x32 grey-level pixels.
+
+    python -m vllm_sjdpp.digits.train [--out DIR] [--minutes 18] [--seed 0]
+
+Seeded, within the time budget on 2 CPU cores, with a progress bar. Writes a Hugging Face model
+folder (safetensors, tokenizer, the SJD++ defaults in config.json), loss.png and metrics.json
+(held-out negative log-likelihood per generated token).  Trained for likelihood only: nothing
+sharpens the model or its sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data
+from .tokens import (
+    BOI, BOS, EOI, GENERATED_LENGTH, IMAGE_TOKENS, PAD, ROW_WIDTH, VOCAB, build_tokenizer,
+    image_to_ids, prompt_ids,
+)
+
+DEFAULT_OUT = Path(__file__).parent / "model"
+PROMPT_LEN = len(prompt_ids(0))
+
+
+def model_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4,  # head_dim 32 (vLLM's CPU attention needs >= 32)
+        max_position_embeddings=PROMPT_LEN + GENERATED_LENGTH + 64, bos_token_id=BOS, eos_token_id=EOI,
+        pad_token_id=PAD, tie_word_embeddings=True, torch_dtype="float32",
+        # Read by vllm-sjdpp for its defaults: fresh tokens are image tokens, rows are this wide.
+        sjdpp={"fresh_token_range": list(IMAGE_TOKENS), "row_width": ROW_WIDTH},
+    )
+
+
+def batch(images8, labels, idx, rng) -> torch.Tensor:
+    seqs = [prompt_ids(int(labels[i])) + image_to_ids(data.augment(images8[i], rng)) for i in idx]
+    return torch.tensor(seqs)
+
+
+@torch.no_grad()
+def held_out_nll(model, images8, labels, idx) -> float:
+    """Mean negative log-likelihood (nats) per generated token on un-augmented held-out images."""
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in np.array_split(idx, max(1, len(idx) // 8)):
+        seqs = torch.tensor([prompt_ids(int(labels[i])) + image_to_ids(data.quantise(data.upscale(images8[i]))) for i in chunk])
+        logits = model(seqs).logits[:, PROMPT_LEN - 1 : -1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, PROMPT_LEN:].reshape(-1), reduction="sum")
+        total += float(nll)
+        count += seqs[:, PROMPT_LEN:].numel()
+    model.train()
+    return total / count
+
+
+@torch.no_grad()
+def calibrate_top_k(model, images8, labels, idx, mass: float = 0.99) -> tuple[int, float]:
+    """The smallest top-k keeping at least `mass` of the probability on average over held-out
+    generated positions, and the mass it keeps: the sampling default (with temperature 1)."""
+    model.eval()
+    kept = torch.zeros(len(VOCAB))
+    count = 0
+    for chunk in np.array_split(idx, max(1, len(idx) // 8)):
+        seqs = torch.tensor([prompt_ids(int(labels[i])) + image_to_ids(data.quantise(data.upscale(images8[i]))) for i in chunk])
+        probs = model(seqs).logits[:, PROMPT_LEN - 1 : -1].softmax(-1)
+        kept += probs.sort(-1, descending=True).values.cumsum(-1).sum((0, 1))
+        count += probs.shape[0] * probs.shape[1]
+    model.train()
+    kept /= count
+    k = int((kept < mass).sum()) + 1
+    return k, float(kept[k - 1])
+
+
+def save_sampling_defaults(model, top_k: int) -> None:
+    """vLLM reads generation_config.json for requests that leave these unset."""
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = 1.0
+    model.generation_config.top_k = top_k
+    model.generation_config.top_p = 1.0
+
+
+def train(out: Path, minutes: float, seed: int, batch_size: int = 8, lr: float = 3e-3) -> dict:
+    from tqdm import tqdm
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images8, labels = data.load_digits_8x8()
+    train_idx, held_idx = data.split(len(labels))
+    model = LlamaForCausalLM(model_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    budget = minutes * 60
+    start = time.monotonic()
+    losses: list[tuple[int, float]] = []
+    step = 0
+    bar = tqdm(total=int(budget), unit="s", desc="training", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}")
+    while (elapsed := time.monotonic() - start) < budget:
+        frac = elapsed / budget
+        for group in opt.param_groups:  # warm-up, then cosine decay over the time budget
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        seqs = batch(images8, labels, rng.choice(train_idx, batch_size), rng)
+        targets = seqs.clone()
+        targets[:, :PROMPT_LEN] = -100
+        loss = model(seqs, labels=targets).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append((step, loss.item()))
+        bar.set_postfix_str(f"step {step} loss {np.mean([l for _, l in losses[-20:]]):.3f}")
+        bar.update(min(time.monotonic() - start, budget) - bar.n)
+    bar.close()
+    nll = held_out_nll(model, images8, labels, held_idx)
+    top_k, mass = calibrate_top_k(model, images8, labels, held_idx)
+    save_sampling_defaults(model, top_k)
+    metrics = {
+        "sampling_defaults": {"temperature": 1.0, "top_k": top_k, "mean_mass_kept": mass},
+        "steps": step, "batch_size": batch_size, "minutes": (time.monotonic() - start) / 60, "seed": seed,
+        "held_out_nll_nats_per_token": nll, "held_out_images": int(len(held_idx)),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    build_tokenizer().save_pretrained(out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot_losses(losses, nll, out / "loss.png")
+    return metrics
+
+
+def plot_losses(losses, held_out: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, values = zip(*losses)
+    window = max(1, min(25, len(values) // 4))
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, values, alpha=0.3, label="training loss (batch)")
+    ax.plot(steps[window - 1 :], smooth, label=f"training loss ({window}-step mean)")
+    ax.axhline(held_out, color="k", ls="--", label=f"held-out NLL {held_out:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per generated token")
+    ax.set_title("Digit generator training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--minutes", type=float, default=18.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=8)
+    args = ap.parse_args()
+    if args.minutes <= 0 or args.batch_size < 1:
+        ap.error("--minutes and --batch-size must be positive")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(json.dumps(train(args.out, args.minutes, args.seed, args.batch_size), indent=1))
+
+
+if __name__ == "__main__":
+    main()
