@@ -137,6 +137,22 @@ def train(out: Path, minutes: float, seed: int, batch_size: int = 8, lr: float =
     return metrics
 
 
+def calibrate_saved(out: Path) -> dict:
+    """Sampling defaults for an already trained model folder (what `train` does at its end)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(out)
+    images8, labels = data.load_digits_8x8()
+    _, held_idx = data.split(len(labels))
+    top_k, mass = calibrate_top_k(model, images8, labels, held_idx)
+    save_sampling_defaults(model, top_k)
+    model.generation_config.save_pretrained(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["sampling_defaults"] = {"temperature": 1.0, "top_k": top_k, "mean_mass_kept": mass}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
 def plot_losses(losses, held_out: float, path: Path) -> None:
     import matplotlib
 
@@ -165,7 +181,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=18.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--calibrate-only", action="store_true", help="only (re)write the sampling defaults of --out")
     args = ap.parse_args()
+    if args.calibrate_only:
+        print(json.dumps(calibrate_saved(args.out), indent=1))
+        return
     if args.minutes <= 0 or args.batch_size < 1:
         ap.error("--minutes and --batch-size must be positive")
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -1,0 +1,188 @@
+"""End to end in vLLM: plain decoding against SJD and SJD++ on the same prompts and seeds.
+
+    python benchmarks/bench_e2e.py [--quick] [--model DIR] [--out benchmarks/results/e2e]
+
+One in-process engine without speculation (the baseline) and one with `sjdpp`; the SJD++ modes
+(reuse, init, window k) are chosen per request, so every mode runs on the same engine, model and
+prompts. For each mode:
+- forward passes per image (each pass commits its accepted drafts plus one token, so
+  passes = tokens - accepted drafts, from vLLM's own spec-decode counters),
+- latency per image at batch 1,
+- throughput (images/s, tokens/s) with 1, 8, 32 and 64 concurrent requests,
+- acceptance by window position,
+- class accuracy and Frechet distance of the images (vllm_sjdpp.digits.quality).
+Writes <out>.json, plots <out>_*.png, and prints a table. --quick: fewer modes and sizes
+(about 5 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}.items():
+    os.environ.setdefault(key, value)
+
+from vllm_sjdpp.digits import quality  # noqa: E402
+from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, ids_to_image, prompt_ids  # noqa: E402
+from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
+
+MAX_WINDOW = 32
+
+
+def mode_name(mode: dict | None) -> str:
+    if mode is None:
+        return "plain"
+    label = "SJD" if mode["sjdpp_reuse"] == "none" else f"SJD++ {mode['sjdpp_reuse']}"
+    return f"{label} init={mode['sjdpp_init']} k={mode['sjdpp_num_speculative_tokens']}"
+
+
+def counters(llm) -> tuple[float, list[float]]:
+    accepted, per_pos = 0.0, []
+    for m in llm.get_metrics():
+        if m.name == "vllm:spec_decode_num_accepted_tokens":
+            accepted = m.value
+        elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            per_pos = list(m.values)
+    return accepted, per_pos
+
+
+def generate(llm, mode: dict | None, digits: list[int], seed: int):
+    """Returns (token lists, wall seconds, accepted drafts, accepted per position)."""
+    defaults = llm.get_default_sampling_params()
+    params = []
+    for i in range(len(digits)):
+        p = defaults.clone()
+        p.max_tokens, p.seed = GENERATED_LENGTH, seed + i
+        p.extra_args = dict(mode) if mode else None
+        params.append(p)
+    accepted, per_pos = counters(llm)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": prompt_ids(d)} for d in digits], params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    accepted_after, per_pos_after = counters(llm)
+    per_pos_delta = [a - b for a, b in zip(per_pos_after, per_pos + [0.0] * len(per_pos_after))]
+    return [list(o.outputs[0].token_ids) for o in outs], wall, accepted_after - accepted, per_pos_delta
+
+
+def measure(llm, mode, concurrencies, images_per_digit, judge, real, seed=0) -> dict:
+    from tqdm import tqdm
+
+    row: dict = {"mode": mode_name(mode), "options": mode}
+    # Quality and step compression on images_per_digit images of each digit, all at once.
+    digits = [d for d in range(10) for _ in range(images_per_digit)]
+    tokens, wall, accepted, per_pos = generate(llm, mode, digits, seed)
+    n_tokens = sum(len(t) for t in tokens)
+    row["tokens_per_image"] = n_tokens / len(tokens)
+    row["forward_passes_per_image"] = (n_tokens - accepted) / len(tokens)
+    row["tokens_per_pass"] = n_tokens / max(n_tokens - accepted, 1)
+    row["accepted_by_position"] = [a / len(tokens) for a in per_pos]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        images = [ids_to_image(t) for t in tokens]
+    row["class_accuracy"] = judge.accuracy(images, digits)
+    row["frechet_distance"] = judge.frechet_distance(images, real)
+    # Latency at batch 1, then throughput with C requests in flight.
+    latencies = [generate(llm, mode, [d], seed + 1000 + d)[1] for d in tqdm(range(3), desc="  batch 1", leave=False)]
+    row["latency_s"] = sorted(latencies)[1]
+    row["throughput"] = {}
+    for c in concurrencies:
+        toks, wall, _, _ = generate(llm, mode, [i % 10 for i in range(c)], seed + 2000)
+        row["throughput"][c] = {"images_per_s": c / wall, "tokens_per_s": sum(map(len, toks)) / wall}
+    return row
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["modes"]
+    names = [r["mode"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4 + 0.15 * len(rows)))
+    axes[0].barh(names, [r["forward_passes_per_image"] for r in rows])
+    axes[0].set_xlabel("forward passes per image (fewer is better)")
+    axes[1].barh(names, [r["latency_s"] for r in rows])
+    axes[1].set_xlabel("latency per image at batch 1, s")
+    for r in rows:
+        cs = sorted(r["throughput"], key=int)
+        axes[2].plot([int(c) for c in cs], [r["throughput"][c]["images_per_s"] for c in cs], marker="o", label=r["mode"])
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xlabel("concurrent requests")
+    axes[2].set_ylabel("images per second")
+    axes[2].legend(fontsize=7)
+    for ax in axes[:2]:
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out.parent / f"{out.name}_speed.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["accepted_by_position"]:
+            ax.plot(range(1, len(r["accepted_by_position"]) + 1), r["accepted_by_position"], label=r["mode"])
+    ax.set_xlabel("window position")
+    ax.set_ylabel("accepted drafts per image")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.parent / f"{out.name}_acceptance.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    from vllm import LLM
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e"))
+    args = ap.parse_args()
+
+    def sjd(reuse, init="above", k=16):
+        return {"sjdpp_reuse": reuse, "sjdpp_init": init, "sjdpp_num_speculative_tokens": k}
+
+    if args.quick:
+        modes = [None, sjd("none"), sjd("coupled")]
+        concurrencies, per_digit = [1, 8], 2
+    else:
+        modes = [None] + [sjd(r, i) for r in ("none", "coupled", "confidence") for i in ("random", "left", "above")]
+        modes += [sjd("coupled", "above", k) for k in (4, 8, 32)]
+        concurrencies, per_digit = [1, 8, 32, 64], 5
+    engine = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False, max_num_seqs=64)
+    plain = LLM(str(args.model), **engine)
+    # Created last: vLLM's metrics registry is per process and the newest engine's is read.
+    sjdpp = LLM(str(args.model), speculative_config={"method": "sjdpp", "num_speculative_tokens": MAX_WINDOW}, **engine)
+    judge = quality.judge()
+    real, _ = quality.real_images(held_out=True)
+    rows = []
+    for mode in modes:
+        print(f"measuring {mode_name(mode)}")
+        rows.append(measure(plain if mode is None else sjdpp, mode, concurrencies, per_digit, judge, real))
+    base = rows[0]
+    for r in rows:
+        r["pass_reduction_vs_plain"] = base["forward_passes_per_image"] / r["forward_passes_per_image"]
+        r["latency_speedup_vs_plain"] = base["latency_s"] / r["latency_s"]
+        r["throughput_ratio_vs_plain"] = {
+            c: r["throughput"][c]["images_per_s"] / base["throughput"][c]["images_per_s"] for c in r["throughput"]
+        }
+    results = {"model": str(args.model), "quick": args.quick, "modes": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out)
+    print(f"{'mode':<36} {'passes':>7} {'x fewer':>7} {'lat s':>6} {'x lat':>6} "
+          + " ".join(f"{'img/s@' + str(c):>9}" for c in concurrencies) + f" {'acc':>5} {'FD':>6}")
+    for r in rows:
+        print(f"{r['mode']:<36} {r['forward_passes_per_image']:>7.1f} {r['pass_reduction_vs_plain']:>7.2f} "
+              f"{r['latency_s']:>6.2f} {r['latency_speedup_vs_plain']:>6.2f} "
+              + " ".join(f"{r['throughput'][c]['images_per_s']:>9.2f}" for c in concurrencies)
+              + f" {r['class_accuracy']:>5.2f} {r['frechet_distance']:>6.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The digit model's token stream, images, data, quality metric and the bundled checkpoint."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from vllm_sjdpp.digits import data, quality
+from vllm_sjdpp.digits.tokens import (
+    EOI, EOL, GENERATED_LENGTH, IMAGE_SIZE, IMAGE_TOKENS, ROW_WIDTH, build_tokenizer, ids_to_image,
+    image_to_ids, prompt_ids, to_png,
+)
+from vllm_sjdpp.digits.train import DEFAULT_OUT
+
+RNG = np.random.default_rng(0)
+
+
+def _image():
+    return RNG.integers(0, 17, size=(IMAGE_SIZE, IMAGE_SIZE))
+
+
+def test_stream_round_trip():
+    image = _image()
+    ids = image_to_ids(image)
+    assert len(ids) == GENERATED_LENGTH and ids[-1] == EOI and ids[ROW_WIDTH - 1] == EOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(ids_to_image(ids), image)
+
+
+@pytest.mark.parametrize(
+    "mangle, problem",
+    [
+        (lambda ids: ids[:-1], "no <eoi>"),
+        (lambda ids: ids[:500] + [EOI], "rows"),
+        (lambda ids: ids[:10] + [30] + ids[10:], "non-image token 30"),
+        (lambda ids: [t for t in ids if t != EOL], "rows"),
+        (lambda ids: ids + [3, 4], "after <eoi>"),
+    ],
+)
+def test_malformed_streams_warn_or_raise(mangle, problem):
+    ids = mangle(image_to_ids(_image()))
+    with pytest.warns(UserWarning, match=problem):
+        image = ids_to_image(ids)
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE)
+    with pytest.raises(ValueError, match=problem):
+        ids_to_image(ids, strict=True)
+
+
+def test_text_prompt_maps_to_the_class_prompt():
+    tokenizer = build_tokenizer()
+    for d in range(10):
+        assert tokenizer(f"a handwritten {d}").input_ids == prompt_ids(d)
+    with pytest.raises(ValueError):
+        prompt_ids(10)
+
+
+def test_png_grid(tmp_path):
+    from PIL import Image
+
+    to_png([_image() for _ in range(12)], tmp_path / "g.png", columns=5, scale=2)
+    width, height = Image.open(tmp_path / "g.png").size
+    assert (width, height) == ((5 * (IMAGE_SIZE + 2) + 2) * 2, (3 * (IMAGE_SIZE + 2) + 2) * 2)
+    with pytest.raises(ValueError):
+        to_png([], tmp_path / "none.png")
+
+
+def test_augmentation_keeps_grey_levels_and_the_digit():
+    images8, labels = data.load_digits_8x8()
+    judge = quality.judge()
+    rng = np.random.default_rng(1)
+    augmented = [data.augment(images8[i], rng) for i in range(0, 1797, 3)]
+    assert all(a.shape == (IMAGE_SIZE, IMAGE_SIZE) and a.min() >= 0 and a.max() <= 16 for a in augmented)
+    # about 0.70 (shifts and rotations are not in the classifier's training data); chance is 0.1
+    assert judge.accuracy(augmented, labels[0:1797:3]) > 0.5
+
+
+def test_quality_metric_separates_real_from_noise():
+    judge = quality.judge()
+    assert judge.held_out_accuracy > 0.9
+    real, labels = quality.real_images(held_out=True)
+    train, _ = quality.real_images(held_out=False)
+    assert judge.accuracy(real, labels) > 0.9
+    noise = [RNG.integers(0, 17, size=(IMAGE_SIZE, IMAGE_SIZE)) for _ in range(len(real))]
+    real_vs_real = judge.frechet_distance(real, train[: len(real)])
+    real_vs_noise = judge.frechet_distance(real, noise)
+    assert real_vs_noise > 10 * real_vs_real
+
+
+def test_bundled_model_folder():
+    from transformers import AutoConfig, AutoTokenizer
+
+    files = {p.name: p.stat().st_size for p in DEFAULT_OUT.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "loss.png", "metrics.json"} <= set(files)
+    assert sum(files.values()) <= 20 * 2**20
+    config = AutoConfig.from_pretrained(DEFAULT_OUT)
+    assert config.sjdpp == {"fresh_token_range": list(IMAGE_TOKENS), "row_width": ROW_WIDTH}
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_OUT)
+    assert tokenizer("a handwritten 7").input_ids == prompt_ids(7)
+    metrics = json.loads((DEFAULT_OUT / "metrics.json").read_text())
+    assert metrics["held_out_nll_nats_per_token"] < 1.0 and metrics["minutes"] <= 20
