@@ -17,7 +17,8 @@ import triton.language as tl
 
 @triton.jit
 def _race_block(best_score, best_index, weights, exponentials, start):
-    score = weights / exponentials
+    # Correctly rounded, as PyTorch divides: the default fp32 division on GPUs is approximate.
+    score = tl.math.div_rn(weights, exponentials)
     block_best = tl.max(score, axis=0)
     block_index = start + tl.argmax(score, axis=0, tie_break_left=True)
     better = block_best > best_score

@@ -1,6 +1,7 @@
 """Every row pass (eager PyTorch, Inductor-fused PyTorch, Triton) gives the same step.
 
-Without a GPU, conftest.py runs the kernel in Triton's interpreter on CPU tensors.
+On a CUDA machine the cases run on the GPU; without one, conftest.py runs the kernel in
+Triton's interpreter on CPU tensors.
 """
 
 from __future__ import annotations
@@ -11,6 +12,19 @@ import pytest
 import torch
 
 from vllm_sjdpp.kernels import FreshTokens, StepBatch, StepNoise, sjdpp_step
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _to_device(obj):
+    """A step input dataclass with every tensor moved to DEVICE."""
+    moved = {
+        f.name: getattr(obj, f.name).to(DEVICE)
+        for f in dataclasses.fields(obj)
+        if isinstance(getattr(obj, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(obj, **moved)
+
 
 CASES = {
     # name: (drafts per request, vocabulary, greedy pattern)
@@ -65,7 +79,7 @@ def _case(num_drafts, vocab, pattern, dtype, seed):
         history,
         row_width=[5] * b,
     )
-    return batch, noise, fresh
+    return _to_device(batch), _to_device(noise), _to_device(fresh)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -93,12 +107,12 @@ def test_cases_exercise_every_branch():
     for name, (nd, vocab, pattern) in CASES.items():
         batch, noise, fresh = _case(nd, vocab, pattern, torch.float32, 0)
         out = sjdpp_step(batch, noise, fresh, backend="torch")
-        k = torch.tensor(nd)
+        k = torch.tensor(nd, device=DEVICE)
         seen_partial |= bool(((out.num_accepted > 0) & (out.num_accepted < k)).any())
         seen_full |= bool(((out.num_accepted == k) & (k > 0)).any())
         n = batch.next_window_len
-        req = torch.repeat_interleave(torch.arange(len(nd)), n)
-        slot = torch.arange(int(n.sum())) - (torch.cumsum(n, 0) - n)[req]
+        req = torch.repeat_interleave(torch.arange(len(nd), device=DEVICE), n)
+        slot = torch.arange(int(n.sum()), device=DEVICE) - (torch.cumsum(n, 0) - n)[req]
         redrafted = slot < torch.minimum(k - out.num_accepted, n)[req]
         random = ~batch.greedy[req]
         # A one-hot slot among the redrafted ones of a random request is a confidently kept draft.
@@ -112,8 +126,8 @@ def test_proposals_read_through_draft_prob_rows(backend):
     """q rows kept at other rows of a larger buffer give the same step as a packed [T, V]."""
     batch, noise, fresh = _case(*CASES["mixed"], torch.float32, 0)
     t, vocab = batch.draft_probs.shape
-    where = torch.randperm(3 * t, generator=torch.Generator().manual_seed(0))[:t]
-    buffer = torch.rand(3 * t, vocab)
+    where = torch.randperm(3 * t, generator=torch.Generator().manual_seed(0))[:t].to(DEVICE)
+    buffer = torch.rand(3 * t, vocab, device=DEVICE)
     buffer[where] = batch.draft_probs
     indirect = dataclasses.replace(batch, draft_probs=buffer, draft_prob_rows=where)
     ref = sjdpp_step(batch, noise, fresh, backend=backend)
