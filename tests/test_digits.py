@@ -10,8 +10,8 @@ import pytest
 
 from vllm_sjdpp.digits import data, quality
 from vllm_sjdpp.digits.tokens import (
-    EOI, EOL, GENERATED_LENGTH, IMAGE_SIZE, IMAGE_TOKENS, ROW_WIDTH, build_tokenizer, ids_to_image,
-    image_to_ids, prompt_ids, to_png,
+    EOI, EOL_IDS, GENERATED_LENGTH, IMAGE_SIZE, IMAGE_TOKENS, ROW_WIDTH, build_tokenizer, eol_id,
+    ids_to_image, image_to_ids, prompt_ids, to_png,
 )
 from vllm_sjdpp.digits.train import DEFAULT_OUT
 
@@ -24,8 +24,8 @@ def _image():
 
 def test_stream_round_trip():
     image = _image()
-    ids = image_to_ids(image)
-    assert len(ids) == GENERATED_LENGTH and ids[-1] == EOI and ids[ROW_WIDTH - 1] == EOL
+    ids = image_to_ids(image, 7)
+    assert len(ids) == GENERATED_LENGTH and ids[-1] == EOI and ids[ROW_WIDTH - 1] == eol_id(7)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.array_equal(ids_to_image(ids), image)
@@ -37,12 +37,12 @@ def test_stream_round_trip():
         (lambda ids: ids[:-1], "no <eoi>"),
         (lambda ids: ids[:500] + [EOI], "rows"),
         (lambda ids: ids[:10] + [30] + ids[10:], "non-image token 30"),
-        (lambda ids: [t for t in ids if t != EOL], "rows"),
+        (lambda ids: [t for t in ids if t not in EOL_IDS], "rows"),
         (lambda ids: ids + [3, 4], "after <eoi>"),
     ],
 )
 def test_malformed_streams_warn_or_raise(mangle, problem):
-    ids = mangle(image_to_ids(_image()))
+    ids = mangle(image_to_ids(_image(), 3))
     with pytest.warns(UserWarning, match=problem):
         image = ids_to_image(ids)
     assert image.shape == (IMAGE_SIZE, IMAGE_SIZE)

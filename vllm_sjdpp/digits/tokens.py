@@ -1,10 +1,12 @@
 """The digit model's token stream: class prompt, image rows with end-of-row tokens, image end.
 
-    <bos> a handwritten 7 <boi> | g.. g.. ... g.. <eol> (x 32 rows) <eoi>
+    <bos> a handwritten 7 <boi> | g.. g.. ... g.. <eol7> (x 32 rows) <eoi>
     ----------- prompt --------   ----------- generated: 32 x 33 + 1 tokens ----------
 
 Grey levels 0..16 (scikit-learn's digits have 17) are token ids 0..16, the image tokens; a row
-is IMAGE_SIZE pixels then <eol>, so the row width in the stream is IMAGE_SIZE + 1.
+is IMAGE_SIZE pixels then an end-of-row token, so the row width in the stream is IMAGE_SIZE + 1.
+The end-of-row token names the class: a small model then sees what it draws every row instead
+of only in a prompt a thousand tokens back.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import numpy as np
 GREY_LEVELS = 17
 IMAGE_SIZE = 32
 ROW_WIDTH = IMAGE_SIZE + 1
-SPECIAL = ["<eol>", "<boi>", "<eoi>", "<bos>", "<pad>", "<unk>"]
+EOLS = [f"<eol{d}>" for d in range(10)]
+SPECIAL = EOLS + ["<boi>", "<eoi>", "<bos>", "<pad>", "<unk>"]
 WORDS = ["a", "handwritten"] + [str(d) for d in range(10)]
 VOCAB = [f"<g{i}>" for i in range(GREY_LEVELS)] + SPECIAL + WORDS
 TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
-EOL, BOI, EOI, BOS, PAD = (TOKEN_ID[t] for t in ("<eol>", "<boi>", "<eoi>", "<bos>", "<pad>"))
+EOL_IDS = frozenset(TOKEN_ID[t] for t in EOLS)
+BOI, EOI, BOS, PAD = (TOKEN_ID[t] for t in ("<boi>", "<eoi>", "<bos>", "<pad>"))
 IMAGE_TOKENS = (0, GREY_LEVELS)  # [lo, hi)
 GENERATED_LENGTH = IMAGE_SIZE * ROW_WIDTH + 1
 
@@ -32,11 +36,15 @@ def prompt_ids(digit: int) -> list[int]:
     return [BOS, TOKEN_ID["a"], TOKEN_ID["handwritten"], TOKEN_ID[str(digit)], BOI]
 
 
-def image_to_ids(image: np.ndarray) -> list[int]:
-    """[IMAGE_SIZE, IMAGE_SIZE] grey levels -> the generated part of the stream."""
+def eol_id(digit: int) -> int:
+    return TOKEN_ID[f"<eol{digit}>"]
+
+
+def image_to_ids(image: np.ndarray, digit: int) -> list[int]:
+    """[IMAGE_SIZE, IMAGE_SIZE] grey levels of a `digit` -> the generated part of the stream."""
     if image.shape != (IMAGE_SIZE, IMAGE_SIZE):
         raise ValueError(f"image must be {IMAGE_SIZE}x{IMAGE_SIZE}, got {image.shape}")
-    rows = np.concatenate([image.astype(np.int64), np.full((IMAGE_SIZE, 1), EOL)], 1)
+    rows = np.concatenate([image.astype(np.int64), np.full((IMAGE_SIZE, 1), eol_id(digit))], 1)
     return rows.reshape(-1).tolist() + [EOI]
 
 
@@ -57,7 +65,7 @@ def ids_to_image(ids: list[int], strict: bool = False) -> np.ndarray:
         problems.append("no <eoi>")
     rows, row = [], []
     for t in ids:
-        if t == EOL:
+        if t in EOL_IDS:
             rows.append(row)
             row = []
         elif IMAGE_TOKENS[0] <= t < IMAGE_TOKENS[1]:
@@ -100,7 +108,7 @@ def to_png(images: list[np.ndarray], path, columns: int = 10, scale: int = 3) ->
 
 
 def build_tokenizer():
-    """A word-level tokenizer: "a handwritten 7" -> prompt_ids(7); image tokens are <gN>, <eol>."""
+    """A word-level tokenizer: "a handwritten 7" -> prompt_ids(7); image tokens are <gN>, <eolD>."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 

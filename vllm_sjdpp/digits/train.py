@@ -43,7 +43,7 @@ def model_config():
 
 
 def batch(images8, labels, idx, rng) -> torch.Tensor:
-    seqs = [prompt_ids(int(labels[i])) + image_to_ids(data.augment(images8[i], rng)) for i in idx]
+    seqs = [prompt_ids(int(labels[i])) + image_to_ids(data.augment(images8[i], rng), int(labels[i])) for i in idx]
     return torch.tensor(seqs)
 
 
@@ -53,7 +53,7 @@ def held_out_nll(model, images8, labels, idx) -> float:
     model.eval()
     total, count = 0.0, 0
     for chunk in np.array_split(idx, max(1, len(idx) // 8)):
-        seqs = torch.tensor([prompt_ids(int(labels[i])) + image_to_ids(data.quantise(data.upscale(images8[i]))) for i in chunk])
+        seqs = torch.tensor([prompt_ids(int(labels[i])) + image_to_ids(data.quantise(data.upscale(images8[i])), int(labels[i])) for i in chunk])
         logits = model(seqs).logits[:, PROMPT_LEN - 1 : -1]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, PROMPT_LEN:].reshape(-1), reduction="sum")
         total += float(nll)
@@ -70,7 +70,7 @@ def calibrate_top_k(model, images8, labels, idx, mass: float = 0.99) -> tuple[in
     kept = torch.zeros(len(VOCAB))
     count = 0
     for chunk in np.array_split(idx, max(1, len(idx) // 8)):
-        seqs = torch.tensor([prompt_ids(int(labels[i])) + image_to_ids(data.quantise(data.upscale(images8[i]))) for i in chunk])
+        seqs = torch.tensor([prompt_ids(int(labels[i])) + image_to_ids(data.quantise(data.upscale(images8[i])), int(labels[i])) for i in chunk])
         probs = model(seqs).logits[:, PROMPT_LEN - 1 : -1].softmax(-1)
         kept += probs.sort(-1, descending=True).values.cumsum(-1).sum((0, 1))
         count += probs.shape[0] * probs.shape[1]
