@@ -5,17 +5,14 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tiny_llama import ENGINE_ENV, build_tiny_llama
+from vllm_sjdpp.server import VLLM_CLI, free_port, vllm_server
 
-VLLM = str(Path(sys.executable).with_name("vllm"))
 SERVE_ARGS = ["--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "256", "--dtype", "float32"]
 
 
@@ -25,12 +22,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
@@ -38,38 +29,10 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    import httpx
-
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [VLLM, "serve", model_path, "--speculative-config", "sjdpp", "--host", "127.0.0.1",
-         "--port", str(port), "--max-num-seqs", "64", *SERVE_ARGS],
-        stdout=log, stderr=subprocess.STDOUT, env=_env(),
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not start: {log_path.read_text()[-3000:]}")
-            time.sleep(1)
+    args = ["--speculative-config", "sjdpp", "--max-num-seqs", "64", *SERVE_ARGS]
+    with vllm_server(model_path, args, log_path, env=_env(), timeout_s=240) as base:
         yield base, model_path, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +143,7 @@ def test_load_with_aborted_streams(client, server):
 )
 def test_invalid_config_stops_startup_with_a_clear_error(model_path, config, message):
     proc = subprocess.run(
-        [VLLM, "serve", model_path, "--speculative-config", config, "--port", str(_free_port()), *SERVE_ARGS],
+        [VLLM_CLI, "serve", model_path, "--speculative-config", config, "--port", str(free_port()), *SERVE_ARGS],
         capture_output=True, text=True, env=_env(), timeout=300,
     )
     assert proc.returncode != 0

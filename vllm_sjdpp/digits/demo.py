@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..server import vllm_server
 from .tokens import GENERATED_LENGTH, ids_to_image, to_png
 from .train import DEFAULT_OUT
 
@@ -46,43 +42,6 @@ def accepted_draft_tokens(base: str) -> float:
         if line.startswith("vllm:spec_decode_num_accepted_tokens_total{"):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-@contextlib.contextmanager
-def vllm_server(model: Path, spec_config: dict, log_path: Path, timeout_s: float = 300):
-    """`vllm serve` on a free loopback port; yields the base URL; always stops it."""
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **os.environ}
-    cmd = [
-        str(Path(sys.executable).with_name("vllm")), "serve", str(model),
-        "--speculative-config", json.dumps(spec_config), "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", str(GENERATED_LENGTH + 64), "--max-num-seqs", "32",
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"vllm serve exited ({proc.returncode}); its log: {log_path}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(base + "/health", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"vllm serve did not start in {timeout_s:.0f} s; its log: {log_path}")
-                time.sleep(1)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def generate_digits(base: str, model: str, plain: bool, seed: int, progress=None) -> list[Generation]:
@@ -126,7 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     log_path = Path(tempfile.mkdtemp(prefix="sjdpp-demo-")) / "vllm-serve.log"
     print(f"starting vllm serve {args.model.name} --speculative-config '{json.dumps(args.spec_config)}' (log: {log_path})")
     results = {}
-    with vllm_server(args.model, args.spec_config, log_path) as base:
+    serve_args = [
+        "--speculative-config", json.dumps(args.spec_config),
+        "--max-model-len", str(GENERATED_LENGTH + 64), "--max-num-seqs", "32",
+    ]
+    with vllm_server(args.model, serve_args, log_path) as base:
         for name, plain in (("plain", True), ("SJD++", False)):
             with tqdm(total=10 * GENERATED_LENGTH, unit="tok", desc=f"{name:>5} digits 0-9") as bar:
                 accepted = accepted_draft_tokens(base)

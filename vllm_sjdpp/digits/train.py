@@ -21,7 +21,7 @@ import torch
 
 from . import data
 from .tokens import (
-    BOI, BOS, EOI, GENERATED_LENGTH, IMAGE_TOKENS, PAD, ROW_WIDTH, VOCAB, build_tokenizer,
+    BOS, EOI, GENERATED_LENGTH, IMAGE_TOKENS, PAD, ROW_WIDTH, VOCAB, build_tokenizer,
     image_to_ids, prompt_ids,
 )
 
