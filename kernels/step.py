@@ -177,7 +177,7 @@ def sjdpp_step(
 
     `next_probs_out` ([>= Q, V], any float dtype) receives the next proposals; a caller that
     steps repeatedly should pass a buffer it keeps (not the one holding `draft_probs`): a fresh
-    [T', V] allocation costs more page faults on CPU than the whole row pass.
+    [Q, V] allocation costs more page faults on CPU than the whole row pass.
     """
     p = batch.target_probs
     device = p.device

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 REUSE_MODES = ("none", "coupled", "confidence")
+ADDITIONAL_CONFIG_KEY = "sjdpp"  # where the server's SJD++ options travel inside VllmConfig
 # Per-request options: SamplingParams.extra_args (OpenAI: vllm_xargs) keys, each "sjdpp_" + a
 # field name, plus sjdpp_disable (decode this request plainly).
 REQUEST_PREFIX = "sjdpp_"

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import SJDPPConfig
+from .config import ADDITIONAL_CONFIG_KEY, SJDPPConfig
 from .jacobi_state import JacobiStates
 from .sampler import SJDPPSampler
-
-ADDITIONAL_CONFIG_KEY = "sjdpp"  # where the server's SJD++ options travel inside VllmConfig
 
 
 class SJDPPProposer:

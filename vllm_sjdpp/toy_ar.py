@@ -120,10 +120,10 @@ def sample_sjdpp(
         steps[active] += 1
         # Near the end the window shrinks: a pass commits at most window + 1 tokens.
         window_len = torch.clamp(length - done[active] - 1, 0, k)
+        still = done[active] < length
         slot_req = torch.repeat_interleave(torch.arange(b), next_len)
         slot = torch.arange(b * k) - slot_req * k
-        kept = (slot < window_len[slot_req]) & (done[active] < length)[slot_req]
-        still = done[active] < length
+        kept = (slot < window_len[slot_req]) & still[slot_req]
         window_len = window_len[still]
         window = out.next_draft_token_ids[kept]
         window_probs = out.next_draft_probs

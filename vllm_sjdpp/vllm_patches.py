@@ -29,12 +29,11 @@ from typing import Any
 
 import torch
 
-from .config import SJDPPConfig
+from .config import ADDITIONAL_CONFIG_KEY, SJDPPConfig
 
 SUPPORTED_VERSIONS = ((0, 32), (0, 33))
 METHOD = "sjdpp"
 PROPOSER_PATH = "vllm_sjdpp.proposer.SJDPPProposer"
-ADDITIONAL_CONFIG_KEY = "sjdpp"
 
 _applied = False
 # The server's options, kept in the process that validates requests (the API server).
