@@ -11,8 +11,10 @@ prompts. For each mode:
 - throughput (images/s, tokens/s) with 1, 8, 32 and 64 concurrent requests,
 - acceptance by window position,
 - class accuracy and Frechet distance of the images (vllm_sjdpp.digits.quality).
-Writes <out>.json, plots <out>_*.png, and prints a table. --quick: fewer modes and sizes
-(about 5 minutes on 2 CPU cores).
+Then the draft-token budget sweep: throughput of the default SJD++ mode against plain decoding
+at 8, 32 and 64 concurrent requests for several server budgets (`draft_token_budget`), the data
+behind the default budget.  Writes <out>.json, plots <out>_*.png, and prints tables.
+--quick: fewer modes, sizes and budgets (about 5 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -96,6 +98,29 @@ def measure(llm, mode, concurrencies, images_per_digit, judge, real, seed=0) -> 
     return row
 
 
+def budget_sweep(plain, sjdpp, mode, budgets, concurrencies, seed=0) -> dict:
+    """images/s of `mode` under each server budget, and of plain decoding, same prompts and seeds."""
+    from tqdm import tqdm
+
+    drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+    default = drafter.config.draft_token_budget
+    sweep = {"default_budget": default, "plain": {}, "budgets": {}}
+    for c in concurrencies:
+        digits = [i % 10 for i in range(c)]
+        _, wall, _, _ = generate(plain, None, digits, seed + 3000)
+        sweep["plain"][c] = c / wall
+    try:
+        for b in tqdm(budgets, desc="budget sweep"):
+            drafter.set_draft_token_budget(b)
+            sweep["budgets"][str(b)] = {}
+            for c in concurrencies:
+                _, wall, _, _ = generate(sjdpp, mode, [i % 10 for i in range(c)], seed + 3000)
+                sweep["budgets"][str(b)][c] = {"images_per_s": c / wall, "ratio_vs_plain": c / wall / sweep["plain"][c]}
+    finally:
+        drafter.set_draft_token_budget(default)
+    return sweep
+
+
 def plot(results: dict, out: Path) -> None:
     import matplotlib
 
@@ -134,6 +159,20 @@ def plot(results: dict, out: Path) -> None:
     fig.savefig(out.parent / f"{out.name}_acceptance.png", dpi=110)
     plt.close(fig)
 
+    sweep = results["budget_sweep"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = list(sweep["budgets"])
+    for c in sweep["plain"]:
+        ax.plot(labels, [sweep["budgets"][b][c]["ratio_vs_plain"] for b in labels], marker="o", label=f"{c} requests")
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="plain decoding")
+    ax.set_xlabel("draft_token_budget (drafts per forward pass, all requests)")
+    ax.set_ylabel("images/s, SJD++ / plain")
+    ax.set_title(f"{sweep['mode']}; default budget {sweep['default_budget']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.parent / f"{out.name}_budget.png", dpi=110)
+    plt.close(fig)
+
 
 def main() -> None:
     from vllm import LLM
@@ -150,10 +189,12 @@ def main() -> None:
     if args.quick:
         modes = [None, sjd("none"), sjd("coupled")]
         concurrencies, per_digit = [1, 8], 2
+        budgets, budget_concurrencies = [None, 64], [32]
     else:
         modes = [None] + [sjd(r, i) for r in ("none", "coupled", "confidence") for i in ("random", "left", "above")]
         modes += [sjd("coupled", "above", k) for k in (4, 8, 32)]
-        concurrencies, per_digit = [1, 8, 32, 64], 5
+        concurrencies, per_digit = [1, 8, 32, 64], 10
+        budgets, budget_concurrencies = [None, 512, 256, 128, 64, 32, 16], [8, 32, 64]
     engine = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False, max_num_seqs=64)
     plain = LLM(str(args.model), **engine)
     # Created last: vLLM's metrics registry is per process and the newest engine's is read.
@@ -171,7 +212,9 @@ def main() -> None:
         r["throughput_ratio_vs_plain"] = {
             c: r["throughput"][c]["images_per_s"] / base["throughput"][c]["images_per_s"] for c in r["throughput"]
         }
-    results = {"model": str(args.model), "quick": args.quick, "modes": rows}
+    sweep = budget_sweep(plain, sjdpp, sjd("coupled"), budgets, budget_concurrencies)
+    sweep["mode"] = mode_name(sjd("coupled"))
+    results = {"model": str(args.model), "quick": args.quick, "modes": rows, "budget_sweep": sweep}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     plot(results, args.out)
@@ -182,6 +225,10 @@ def main() -> None:
               f"{r['latency_s']:>6.2f} {r['latency_speedup_vs_plain']:>6.2f} "
               + " ".join(f"{r['throughput'][c]['images_per_s']:>9.2f}" for c in concurrencies)
               + f" {r['class_accuracy']:>5.2f} {r['frechet_distance']:>6.1f}")
+    print(f"\nbudget sweep, {sweep['mode']}: images/s relative to plain (default budget {sweep['default_budget']})")
+    print(f"{'budget':>8} " + " ".join(f"{'@' + str(c):>7}" for c in budget_concurrencies))
+    for b, by_c in sweep["budgets"].items():
+        print(f"{b:>8} " + " ".join(f"{by_c[c]['ratio_vs_plain']:>7.2f}" for c in budget_concurrencies))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ def test_defaults():
         ({"fresh_token_ids": [1, -2]}, "fresh_token_ids"),
         ({"fresh_token_ids": [1], "fresh_token_range": [0, 4]}, "fresh_token_ids"),
         ({"jacobi_start": -1}, "jacobi_start"),
+        ({"draft_token_budget": -1}, "draft_token_budget"),
+        ({"draft_token_budget": 8.5}, "draft_token_budget"),
         ({"window": 4}, "window"),
     ],
 )
@@ -67,6 +69,7 @@ def test_request_overrides():
         ({"sjdpp_init": "above"}, "sjdpp_row_width"),
         ({"sjdpp_disable": "yes"}, "sjdpp_disable"),
         ({"sjdpp_windw": 3}, "sjdpp_windw"),
+        ({"sjdpp_draft_token_budget": 3}, "sjdpp_draft_token_budget"),  # server-wide only
     ],
 )
 def test_bad_request_overrides_name_the_key(extra, option):

@@ -1,4 +1,4 @@
-"""The digit model's token stream, images, data, quality metric and the bundled checkpoint."""
+"""The digit model's token stream, image codebook, data, quality metric and the bundled checkpoint."""
 
 from __future__ import annotations
 
@@ -10,39 +10,70 @@ import pytest
 
 from vllm_sjdpp.digits import data, quality
 from vllm_sjdpp.digits.tokens import (
-    EOI, EOL_IDS, GENERATED_LENGTH, IMAGE_SIZE, IMAGE_TOKENS, ROW_WIDTH, build_tokenizer, eol_id,
-    ids_to_image, image_to_ids, prompt_ids, to_png,
+    BOI, EOI, EOL_IDS, GENERATED_LENGTH, IMAGE_SIZE, IMAGE_TOKENS, ROW_WIDTH, build_tokenizer,
+    codes_to_ids, eol_id, ids_to_codes, ids_to_image, image_to_ids, prompt_ids, to_png,
 )
 from vllm_sjdpp.digits.train import DEFAULT_OUT
+from vllm_sjdpp.digits.vq import CODES, GRID, Codebook, bundled
 
 RNG = np.random.default_rng(0)
 
 
+def _codes():
+    return RNG.integers(0, CODES, size=(GRID, GRID))
+
+
 def _image():
-    return RNG.integers(0, 17, size=(IMAGE_SIZE, IMAGE_SIZE))
+    return RNG.uniform(0, 16, size=(IMAGE_SIZE, IMAGE_SIZE))
 
 
 def test_stream_round_trip():
-    image = _image()
-    ids = image_to_ids(image, 7)
+    codes = _codes()
+    ids = codes_to_ids(codes, 7)
     assert len(ids) == GENERATED_LENGTH and ids[-1] == EOI and ids[ROW_WIDTH - 1] == eol_id(7)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert np.array_equal(ids_to_image(ids), image)
+        assert np.array_equal(ids_to_codes(ids), codes)
+        assert np.array_equal(ids_to_image(ids), bundled().decode(codes))
+    assert image_to_ids(bundled().decode(codes), 7) == ids
+
+
+def test_codebook_round_trips_codes_and_real_digits():
+    codebook = bundled()
+    codes = _codes()
+    assert np.array_equal(codebook.encode(codebook.decode(codes)), codes)
+    images8, _ = data.load_digits_8x8()
+    real = [data.upscale(im) for im in images8[::10]]
+    # 2x2 patches of 17 grey levels in 256 codes: about 0.23 grey levels off per pixel.
+    error = np.mean([np.abs(codebook.decode(codebook.encode(im)) - im).mean() for im in real])
+    assert error < 0.4
+    # The image itself decides the codes: a shifted copy gets different ones.
+    assert not np.array_equal(codebook.encode(real[0]), codebook.encode(np.roll(real[0], 2, axis=1)))
+
+
+def test_codebook_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="codebook is"):
+        Codebook(np.zeros((CODES - 1, 4)))
+    with pytest.raises(ValueError, match="image must be"):
+        bundled().encode(np.zeros((IMAGE_SIZE, IMAGE_SIZE + 1)))
+    with pytest.raises(FileNotFoundError, match="no image codebook"):
+        Codebook.load(tmp_path)
+    bundled().save(tmp_path)
+    assert np.array_equal(Codebook.load(tmp_path).centroids, bundled().centroids)
 
 
 @pytest.mark.parametrize(
     "mangle, problem",
     [
         (lambda ids: ids[:-1], "no <eoi>"),
-        (lambda ids: ids[:500] + [EOI], "rows"),
-        (lambda ids: ids[:10] + [30] + ids[10:], "non-image token 30"),
+        (lambda ids: ids[:100] + [EOI], "rows"),
+        (lambda ids: ids[:10] + [BOI] + ids[10:], f"non-image token {BOI}"),
         (lambda ids: [t for t in ids if t not in EOL_IDS], "rows"),
         (lambda ids: ids + [3, 4], "after <eoi>"),
     ],
 )
 def test_malformed_streams_warn_or_raise(mangle, problem):
-    ids = mangle(image_to_ids(_image(), 3))
+    ids = mangle(codes_to_ids(_codes(), 3))
     with pytest.warns(UserWarning, match=problem):
         image = ids_to_image(ids)
     assert image.shape == (IMAGE_SIZE, IMAGE_SIZE)
@@ -84,7 +115,7 @@ def test_quality_metric_separates_real_from_noise():
     real, labels = quality.real_images(held_out=True)
     train, _ = quality.real_images(held_out=False)
     assert judge.accuracy(real, labels) > 0.9
-    noise = [RNG.integers(0, 17, size=(IMAGE_SIZE, IMAGE_SIZE)) for _ in range(len(real))]
+    noise = [_image() for _ in range(len(real))]
     real_vs_real = judge.frechet_distance(real, train[: len(real)])
     real_vs_noise = judge.frechet_distance(real, noise)
     assert real_vs_noise > 10 * real_vs_real
@@ -94,7 +125,7 @@ def test_bundled_model_folder():
     from transformers import AutoConfig, AutoTokenizer
 
     files = {p.name: p.stat().st_size for p in DEFAULT_OUT.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "loss.png", "metrics.json"} <= set(files)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "vq_codebook.json", "loss.png", "metrics.json"} <= set(files)
     assert sum(files.values()) <= 20 * 2**20
     config = AutoConfig.from_pretrained(DEFAULT_OUT)
     assert config.sjdpp == {"fresh_token_range": list(IMAGE_TOKENS), "row_width": ROW_WIDTH}

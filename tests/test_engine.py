@@ -106,6 +106,26 @@ def test_sampling_distribution_matches_plain(plain_samples, sjdpp, reuse):
     assert accepted_tokens(sjdpp) > before
 
 
+def accepted_per_position(llm) -> list[float]:
+    return list(next(m.values for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens_per_pos"))
+
+
+def test_draft_token_budget_shrinks_windows_and_stays_exact(plain, plain_samples, sjdpp):
+    drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+    drafter.set_draft_token_budget(4)  # k = 6: at most 4 drafts per pass over all requests
+    try:
+        expected = generate(plain, PROMPTS, params(temperature=0, max_tokens=48))
+        assert generate(sjdpp, PROMPTS, params(temperature=0, max_tokens=48)) == expected
+        before = accepted_per_position(sjdpp)
+        got = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
+        pvalues = _frequency_pvalues(plain_samples, got, 48)
+        assert min(pvalues) > ALPHA / len(pvalues), pvalues
+        accepted = [a - b for a, b in zip(accepted_per_position(sjdpp), before)]
+        assert accepted[0] > 0 and not any(accepted[4:]), accepted  # no window was longer than 4
+    finally:
+        drafter.set_draft_token_budget(None)
+
+
 def test_distribution_test_catches_vllm_cpu_expand_bug(plain, sjdpp):
     """The same comparison must fail with vLLM's own CPU expand kernel (vLLM issue 55005).
 

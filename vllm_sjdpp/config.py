@@ -44,6 +44,9 @@ class SJDPPConfig:
     fresh_token_range: [lo, hi) token ids that fresh tokens are drawn from (image tokens).
     fresh_token_ids: an explicit list instead of a range. Neither given: the whole vocabulary.
     jacobi_start: generated tokens decoded one at a time before drafting starts.
+    draft_token_budget: the most draft tokens in one forward pass over all requests; windows
+        shrink evenly as the batch grows (`window_budget`). None: every request drafts its k.
+        Server-wide only.
     """
 
     num_speculative_tokens: int = 16
@@ -54,6 +57,7 @@ class SJDPPConfig:
     fresh_token_range: tuple[int, int] | None = None
     fresh_token_ids: tuple[int, ...] | None = None
     jacobi_start: int = 0
+    draft_token_budget: int | None = None
 
     def __post_init__(self) -> None:
         k = self.num_speculative_tokens
@@ -96,6 +100,9 @@ class SJDPPConfig:
             )
         if not _is_int(self.jacobi_start) or self.jacobi_start < 0:
             raise _invalid("jacobi_start", self.jacobi_start, "an integer >= 0")
+        b = self.draft_token_budget
+        if b is not None and (not _is_int(b) or b < 0):
+            raise _invalid("draft_token_budget", b, "null or an integer >= 0")
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> "SJDPPConfig":

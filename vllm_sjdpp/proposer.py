@@ -7,6 +7,7 @@ request may still generate.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .config import ADDITIONAL_CONFIG_KEY, SJDPPConfig
@@ -28,6 +29,11 @@ class SJDPPProposer:
     def attach(self, runner: Any) -> None:
         self.runner = runner
         runner.rejection_sampler = SJDPPSampler(runner, self.states)
+
+    def set_draft_token_budget(self, budget: int | None) -> None:
+        """Change the server's draft-token budget while it runs (in-process benchmarks, tests)."""
+        self.config = dataclasses.replace(self.config, draft_token_budget=budget)
+        self.states.config = self.config
 
     def release(self, req_id: str) -> None:
         self.states.release(req_id)

@@ -21,6 +21,7 @@ from vllm.v1.sample.rejection_sampler import RejectionSampler, apply_sampling_co
 
 from .jacobi_state import JacobiStates, Window
 from .kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, sjdpp_step
+from .window_budget import share_draft_budget
 
 # Under "vllm." so that vLLM's logging configuration (handlers, level) applies in every process.
 logger = init_logger("vllm.sjdpp")
@@ -92,6 +93,7 @@ class SJDPPSampler(RejectionSampler):
         for i, (req_id, state) in enumerate(zip(req_ids, states)):
             prob_rows += self.states.drafts_usable(state, start[i], per_request[i])
             next_len.append(0 if discard[i] else self._next_window_len(req_id, state, start[i]))
+        next_len = share_draft_budget(next_len, self.states.config.draft_token_budget)
         configs = [s.config or self.states.config for s in states]
 
         device = probs.device

@@ -1,11 +1,11 @@
-"""scikit-learn's handwritten digits (shipped inside the wheel), as 32x32 grey-level images."""
+"""scikit-learn's handwritten digits (shipped inside the wheel), as 32x32 grey-level images (0..16, floats)."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
-from .tokens import GREY_LEVELS, IMAGE_SIZE
+from .vq import GREY_LEVELS, IMAGE_SIZE
 
 HELD_OUT_EVERY = 10  # every 10th image is held out
 
@@ -30,7 +30,7 @@ def upscale(image8: np.ndarray) -> np.ndarray:
 
 
 def augment(image8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A 32x32 variant: small rotation, shift and stroke thickness, quantised to grey levels."""
+    """A 32x32 variant: small rotation, shift and stroke thickness."""
     big = upscale(image8)
     big = ndimage.rotate(big, rng.uniform(-12, 12), reshape=False, order=1, mode="constant")
     big = ndimage.shift(big, rng.integers(-3, 4, size=2), order=0, mode="constant")
@@ -39,11 +39,7 @@ def augment(image8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         big = ndimage.grey_dilation(big, size=(2, 2))
     elif thickness < 0:
         big = ndimage.grey_erosion(big, size=(2, 2))
-    return quantise(big)
-
-
-def quantise(image: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(image), 0, GREY_LEVELS - 1).astype(np.int64)
+    return np.clip(big, 0, GREY_LEVELS - 1)
 
 
 def downscale(image32: np.ndarray) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 A small classifier (an MLP, trained here on the real digits' training split) judges generated
 images after they are brought back to 8x8; its hidden layer is the feature space of the Frechet
-distance (as FID uses an Inception layer).  Real images pass through the same 32x32 -> grey
-levels -> 8x8 round trip, so the distance measures the generator, not the pipeline.
+distance (as FID uses an Inception layer).  Real images pass through the same 32x32 -> VQ codes
+-> 32x32 -> 8x8 round trip, so the distance measures the generator, not the image tokenizer.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from scipy import linalg
 
 from . import data
+from .vq import bundled
 
 
 @dataclass
@@ -37,9 +38,11 @@ class DigitJudge:
         return frechet_distance(self.features(images_a), self.features(images_b))
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # Units that never fire make the covariances singular; a tiny ridge keeps sqrtm well posed.
+    ridge = eps * np.eye(a.shape[1])
+    cov_a, cov_b = np.cov(a, rowvar=False) + ridge, np.cov(b, rowvar=False) + ridge
     root = linalg.sqrtm(cov_a @ cov_b)
     if np.iscomplexobj(root):
         root = root.real
@@ -47,8 +50,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def round_trip(image8: np.ndarray) -> np.ndarray:
-    """A real 8x8 digit as the generator would draw it: 32x32 grey levels."""
-    return data.quantise(data.upscale(image8))
+    """A real 8x8 digit as the generator would draw it: 32x32 grey levels decoded from its codes."""
+    codebook = bundled()
+    return codebook.decode(codebook.encode(data.upscale(image8)))
 
 
 @lru_cache(maxsize=1)

@@ -1,12 +1,12 @@
-"""The digit model's token stream: class prompt, image rows with end-of-row tokens, image end.
+"""The digit model's token stream: class prompt, rows of image codes with end-of-row tokens, image end.
 
-    <bos> a handwritten 7 <boi> | g.. g.. ... g.. <eol7> (x 32 rows) <eoi>
-    ----------- prompt --------   ----------- generated: 32 x 33 + 1 tokens ----------
+    <bos> a handwritten 7 <boi> | c.. c.. ... c.. <eol7> (x 16 rows) <eoi>
+    ----------- prompt --------   ---------- generated: 16 x 17 + 1 tokens ---------
 
-Grey levels 0..16 (scikit-learn's digits have 17) are token ids 0..16, the image tokens; a row
-is IMAGE_SIZE pixels then an end-of-row token, so the row width in the stream is IMAGE_SIZE + 1.
-The end-of-row token names the class: a small model then sees what it draws every row instead
-of only in a prompt a thousand tokens back.
+Image tokens are the codes 0..255 of `vq` (one per 2x2 patch of a 32x32 image); a row is GRID
+codes then an end-of-row token, so the row width in the stream is GRID + 1.  The end-of-row
+token names the class: a small model then sees what it draws every row instead of only in a
+prompt far back.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import warnings
 
 import numpy as np
 
-GREY_LEVELS = 17
-IMAGE_SIZE = 32
-ROW_WIDTH = IMAGE_SIZE + 1
+from .vq import CODES, GREY_LEVELS, GRID, IMAGE_SIZE, Codebook, bundled
+
+ROW_WIDTH = GRID + 1
 EOLS = [f"<eol{d}>" for d in range(10)]
 SPECIAL = EOLS + ["<boi>", "<eoi>", "<bos>", "<pad>", "<unk>"]
 WORDS = ["a", "handwritten"] + [str(d) for d in range(10)]
-VOCAB = [f"<g{i}>" for i in range(GREY_LEVELS)] + SPECIAL + WORDS
+VOCAB = [f"<c{i}>" for i in range(CODES)] + SPECIAL + WORDS
 TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
 EOL_IDS = frozenset(TOKEN_ID[t] for t in EOLS)
 BOI, EOI, BOS, PAD = (TOKEN_ID[t] for t in ("<boi>", "<eoi>", "<bos>", "<pad>"))
-IMAGE_TOKENS = (0, GREY_LEVELS)  # [lo, hi)
-GENERATED_LENGTH = IMAGE_SIZE * ROW_WIDTH + 1
+IMAGE_TOKENS = (0, CODES)  # [lo, hi)
+GENERATED_LENGTH = GRID * ROW_WIDTH + 1
 
 
 def prompt_ids(digit: int) -> list[int]:
@@ -40,19 +40,19 @@ def eol_id(digit: int) -> int:
     return TOKEN_ID[f"<eol{digit}>"]
 
 
-def image_to_ids(image: np.ndarray, digit: int) -> list[int]:
-    """[IMAGE_SIZE, IMAGE_SIZE] grey levels of a `digit` -> the generated part of the stream."""
-    if image.shape != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"image must be {IMAGE_SIZE}x{IMAGE_SIZE}, got {image.shape}")
-    rows = np.concatenate([image.astype(np.int64), np.full((IMAGE_SIZE, 1), eol_id(digit))], 1)
+def codes_to_ids(codes: np.ndarray, digit: int) -> list[int]:
+    """[GRID, GRID] codes of a `digit` -> the generated part of the stream."""
+    if codes.shape != (GRID, GRID):
+        raise ValueError(f"codes must be {GRID}x{GRID}, got {codes.shape}")
+    rows = np.concatenate([codes.astype(np.int64), np.full((GRID, 1), eol_id(digit))], 1)
     return rows.reshape(-1).tolist() + [EOI]
 
 
-def ids_to_image(ids: list[int], strict: bool = False) -> np.ndarray:
-    """The generated stream -> [IMAGE_SIZE, IMAGE_SIZE] grey levels.
+def ids_to_codes(ids: list[int], strict: bool = False) -> np.ndarray:
+    """The generated stream -> [GRID, GRID] codes.
 
     A malformed stream (wrong length, non-image tokens, rows cut short or too long) raises
-    ValueError when `strict`, else gives a best-effort image (missing pixels black) and a warning.
+    ValueError when `strict`, else gives a best-effort grid (missing codes 0, the darkest) and a warning.
     """
     problems = []
     ids = list(ids)
@@ -75,18 +75,28 @@ def ids_to_image(ids: list[int], strict: bool = False) -> np.ndarray:
     if row:
         rows.append(row)
         problems.append("last row without <eol>")
-    if len(rows) != IMAGE_SIZE or any(len(r) != IMAGE_SIZE for r in rows):
-        problems.append(f"{len(rows)} rows of lengths {sorted({len(r) for r in rows})}, not {IMAGE_SIZE}x{IMAGE_SIZE}")
-    image = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.int64)
-    for r, values in enumerate(rows[:IMAGE_SIZE]):
-        values = values[:IMAGE_SIZE]
-        image[r, : len(values)] = values
+    if len(rows) != GRID or any(len(r) != GRID for r in rows):
+        problems.append(f"{len(rows)} rows of lengths {sorted({len(r) for r in rows})}, not {GRID}x{GRID}")
+    codes = np.zeros((GRID, GRID), dtype=np.int64)
+    for r, values in enumerate(rows[:GRID]):
+        values = values[:GRID]
+        codes[r, : len(values)] = values
     if problems:
         message = "malformed image stream: " + "; ".join(dict.fromkeys(problems))
         if strict:
             raise ValueError(message)
-        warnings.warn(message, stacklevel=2)
-    return image
+        warnings.warn(message, stacklevel=3)
+    return codes
+
+
+def image_to_ids(image: np.ndarray, digit: int, codebook: Codebook | None = None) -> list[int]:
+    """[IMAGE_SIZE, IMAGE_SIZE] grey levels of a `digit` -> the generated stream (bundled codebook by default)."""
+    return codes_to_ids((codebook or bundled()).encode(image), digit)
+
+
+def ids_to_image(ids: list[int], strict: bool = False, codebook: Codebook | None = None) -> np.ndarray:
+    """The generated stream -> [IMAGE_SIZE, IMAGE_SIZE] grey levels; malformed streams as `ids_to_codes`."""
+    return (codebook or bundled()).decode(ids_to_codes(ids, strict))
 
 
 def to_png(images: list[np.ndarray], path, columns: int = 10, scale: int = 3) -> None:
@@ -101,14 +111,14 @@ def to_png(images: list[np.ndarray], path, columns: int = 10, scale: int = 3) ->
     grid = np.zeros((rows * cell + pad, min(columns, len(images)) * cell + pad), dtype=np.uint8)
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
-        grid[pad + r * cell : pad + r * cell + IMAGE_SIZE, pad + c * cell : pad + c * cell + IMAGE_SIZE] = (
-            np.clip(image, 0, GREY_LEVELS - 1) * 255 // (GREY_LEVELS - 1)
+        grid[pad + r * cell : pad + r * cell + IMAGE_SIZE, pad + c * cell : pad + c * cell + IMAGE_SIZE] = np.rint(
+            np.clip(image, 0, GREY_LEVELS - 1) * 255 / (GREY_LEVELS - 1)
         )
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
 def build_tokenizer():
-    """A word-level tokenizer: "a handwritten 7" -> prompt_ids(7); image tokens are <gN>, <eolD>."""
+    """A word-level tokenizer: "a handwritten 7" -> prompt_ids(7); image tokens are <cN>, <eolD>."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 

@@ -1,10 +1,11 @@
-"""Train the class-conditional digit generator: a small Llama over 32x32 grey-level pixels.
+"""Train the class-conditional digit generator: a small Llama over VQ codes of 32x32 digits.
 
     python -m vllm_sjdpp.digits.train [--out DIR] [--minutes 18] [--seed 0]
 
 Seeded, within the time budget on 2 CPU cores, with a progress bar. Writes a Hugging Face model
-folder (safetensors, tokenizer, the SJD++ defaults in config.json), loss.png and metrics.json
-(held-out negative log-likelihood per generated token).  Trained for likelihood only: nothing
+folder (safetensors, tokenizer, the image codebook, the SJD++ defaults in config.json), loss.png
+and metrics.json (held-out negative log-likelihood per generated token).  The codebook is fitted
+first, on one augmented copy of each training digit.  Trained for likelihood only: nothing
 sharpens the model or its sampling.
 """
 
@@ -24,8 +25,9 @@ from .tokens import (
     BOS, EOI, GENERATED_LENGTH, IMAGE_TOKENS, PAD, ROW_WIDTH, VOCAB, build_tokenizer,
     image_to_ids, prompt_ids,
 )
+from .vq import MODEL_DIR, Codebook
 
-DEFAULT_OUT = Path(__file__).parent / "model"
+DEFAULT_OUT = MODEL_DIR
 PROMPT_LEN = len(prompt_ids(0))
 
 
@@ -42,18 +44,23 @@ def model_config():
     )
 
 
-def batch(images8, labels, idx, rng) -> torch.Tensor:
-    seqs = [prompt_ids(int(labels[i])) + image_to_ids(data.augment(images8[i], rng), int(labels[i])) for i in idx]
+def batch(images8, labels, idx, rng, codebook: Codebook) -> torch.Tensor:
+    seqs = [prompt_ids(int(labels[i])) + image_to_ids(data.augment(images8[i], rng), int(labels[i]), codebook) for i in idx]
     return torch.tensor(seqs)
 
 
+def held_out_batches(images8, labels, idx, codebook: Codebook):
+    """Un-augmented held-out images as token sequences, in batches of about 8."""
+    for chunk in np.array_split(idx, max(1, len(idx) // 8)):
+        yield torch.tensor([prompt_ids(int(labels[i])) + image_to_ids(data.upscale(images8[i]), int(labels[i]), codebook) for i in chunk])
+
+
 @torch.no_grad()
-def held_out_nll(model, images8, labels, idx) -> float:
+def held_out_nll(model, images8, labels, idx, codebook: Codebook) -> float:
     """Mean negative log-likelihood (nats) per generated token on un-augmented held-out images."""
     model.eval()
     total, count = 0.0, 0
-    for chunk in np.array_split(idx, max(1, len(idx) // 8)):
-        seqs = torch.tensor([prompt_ids(int(labels[i])) + image_to_ids(data.quantise(data.upscale(images8[i])), int(labels[i])) for i in chunk])
+    for seqs in held_out_batches(images8, labels, idx, codebook):
         logits = model(seqs).logits[:, PROMPT_LEN - 1 : -1]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, PROMPT_LEN:].reshape(-1), reduction="sum")
         total += float(nll)
@@ -63,14 +70,13 @@ def held_out_nll(model, images8, labels, idx) -> float:
 
 
 @torch.no_grad()
-def calibrate_top_k(model, images8, labels, idx, mass: float = 0.99) -> tuple[int, float]:
+def calibrate_top_k(model, images8, labels, idx, codebook: Codebook, mass: float = 0.99) -> tuple[int, float]:
     """The smallest top-k keeping at least `mass` of the probability on average over held-out
     generated positions, and the mass it keeps: the sampling default (with temperature 1)."""
     model.eval()
     kept = torch.zeros(len(VOCAB))
     count = 0
-    for chunk in np.array_split(idx, max(1, len(idx) // 8)):
-        seqs = torch.tensor([prompt_ids(int(labels[i])) + image_to_ids(data.quantise(data.upscale(images8[i])), int(labels[i])) for i in chunk])
+    for seqs in held_out_batches(images8, labels, idx, codebook):
         probs = model(seqs).logits[:, PROMPT_LEN - 1 : -1].softmax(-1)
         kept += probs.sort(-1, descending=True).values.cumsum(-1).sum((0, 1))
         count += probs.shape[0] * probs.shape[1]
@@ -88,18 +94,20 @@ def save_sampling_defaults(model, top_k: int) -> None:
     model.generation_config.top_p = 1.0
 
 
-def train(out: Path, minutes: float, seed: int, batch_size: int = 8, lr: float = 3e-3) -> dict:
+def train(out: Path, minutes: float, seed: int, batch_size: int = 16, lr: float = 3e-3) -> dict:
+    """Fits the codebook, then trains for `minutes` in all (codebook included)."""
     from tqdm import tqdm
     from transformers import LlamaForCausalLM
 
+    start = time.monotonic()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     images8, labels = data.load_digits_8x8()
     train_idx, held_idx = data.split(len(labels))
+    codebook = Codebook.fit([data.augment(images8[i], rng) for i in train_idx], seed)
     model = LlamaForCausalLM(model_config())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     budget = minutes * 60
-    start = time.monotonic()
     losses: list[tuple[int, float]] = []
     step = 0
     bar = tqdm(total=int(budget), unit="s", desc="training", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}")
@@ -107,10 +115,12 @@ def train(out: Path, minutes: float, seed: int, batch_size: int = 8, lr: float =
         frac = elapsed / budget
         for group in opt.param_groups:  # warm-up, then cosine decay over the time budget
             group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        seqs = batch(images8, labels, rng.choice(train_idx, batch_size), rng)
+        seqs = batch(images8, labels, rng.choice(train_idx, batch_size), rng, codebook)
         targets = seqs.clone()
         targets[:, :PROMPT_LEN] = -100
-        loss = model(seqs, labels=targets).loss
+        # bf16 matmuls (fp32 weights and optimiser): about 1.3x more steps in the budget on AVX-512 CPUs.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(seqs, labels=targets).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -120,8 +130,8 @@ def train(out: Path, minutes: float, seed: int, batch_size: int = 8, lr: float =
         bar.set_postfix_str(f"step {step} loss {np.mean([l for _, l in losses[-20:]]):.3f}")
         bar.update(min(time.monotonic() - start, budget) - bar.n)
     bar.close()
-    nll = held_out_nll(model, images8, labels, held_idx)
-    top_k, mass = calibrate_top_k(model, images8, labels, held_idx)
+    nll = held_out_nll(model, images8, labels, held_idx, codebook)
+    top_k, mass = calibrate_top_k(model, images8, labels, held_idx, codebook)
     save_sampling_defaults(model, top_k)
     metrics = {
         "sampling_defaults": {"temperature": 1.0, "top_k": top_k, "mean_mass_kept": mass},
@@ -132,6 +142,7 @@ def train(out: Path, minutes: float, seed: int, batch_size: int = 8, lr: float =
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     build_tokenizer().save_pretrained(out)
+    codebook.save(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_losses(losses, nll, out / "loss.png")
     return metrics
@@ -144,7 +155,7 @@ def calibrate_saved(out: Path) -> dict:
     model = LlamaForCausalLM.from_pretrained(out)
     images8, labels = data.load_digits_8x8()
     _, held_idx = data.split(len(labels))
-    top_k, mass = calibrate_top_k(model, images8, labels, held_idx)
+    top_k, mass = calibrate_top_k(model, images8, labels, held_idx, Codebook.load(out))
     save_sampling_defaults(model, top_k)
     model.generation_config.save_pretrained(out)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -180,7 +191,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--minutes", type=float, default=18.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--calibrate-only", action="store_true", help="only (re)write the sampling defaults of --out")
     args = ap.parse_args()
     if args.calibrate_only:
