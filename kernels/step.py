@@ -31,8 +31,8 @@ race falls back to p.
 
 The per-row decisions above are scalar work on O(rows) elements and are computed here, once, in
 PyTorch; the heavy part, a pass over whole vocabulary rows (residual, race, q write), is the row
-pass with implementations that must agree exactly: `row_pass_torch` (CPU: eager PyTorch, or the
-same code fused by TorchInductor, the default) and `row_pass_triton` (CUDA: one fused kernel,
+pass with implementations that must agree exactly: `row_pass_torch` (CPU: eager PyTorch for
+small steps, the same code fused by TorchInductor for large ones) and `row_pass_triton` (CUDA: one fused kernel,
 each probability row read once and each q row written once).  `backend=` or the environment
 variable SJDPP_STEP_BACKEND picks one: torch | inductor | triton.
 """
@@ -106,7 +106,12 @@ class StepNoise:
     ) -> "StepNoise":
         """Global randomness, except that request i draws its own rows with generators[i]:
         a seeded request's tokens do not depend on the rest of the batch."""
-        noise = cls.sample(sum(rows_per_request), vocab_size, sum(slots_per_request), device)
+        num_rows, num_slots = sum(rows_per_request), sum(slots_per_request)
+        if len(generators) == len(rows_per_request):  # every request brings its own generator
+            f32 = dict(dtype=torch.float32, device=device)
+            noise = cls(torch.empty(num_rows, **f32), torch.empty(num_rows, vocab_size, **f32), torch.empty(num_slots, **f32))
+        else:
+            noise = cls.sample(num_rows, vocab_size, num_slots, device)
         row_end = list(itertools.accumulate(rows_per_request))
         slot_end = list(itertools.accumulate(slots_per_request))
         for i, g in generators.items():
@@ -120,8 +125,10 @@ class StepNoise:
 
 
 def _exponentials(rows: int, vocab: int, generator: torch.Generator | None, **f32) -> torch.Tensor:
-    e = torch.empty(rows, vocab, **f32).exponential_(generator=generator)
-    # float32 exponential_ returns an exact 0 about once in 2^24 draws; 0 / 0 would be NaN.
+    """Exp(1) as -log(1 - U): the same law as `exponential_`, 4-6x faster on CPU (where the
+    race noise was the largest cost of a step at 32 requests)."""
+    e = torch.rand(rows, vocab, generator=generator, **f32).neg_().log1p_().neg_()
+    # U = 0 (once in 2^24 draws) gives an exact 0, and 0 / 0 would be NaN.
     return e.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
@@ -140,12 +147,17 @@ RowPass = Callable[..., torch.Tensor]
 
 
 BACKENDS = ("torch", "inductor", "triton")
+# Below this many target probabilities a compiled call costs more than fusion saves on CPU
+# (0.72 against 0.89 ms for 17 x 281, equal at 544 x 281; benchmarks/bench_step.py).
+INDUCTOR_MIN_ELEMENTS = 1 << 18
 
 
-def _row_pass(backend: str | None, device: torch.device) -> RowPass:
+def _row_pass(backend: str | None, device: torch.device, num_elements: int) -> RowPass:
     if backend is None:
         backend = os.environ.get("SJDPP_STEP_BACKEND") or (
-            "triton" if device.type == "cuda" else "inductor"
+            "triton" if device.type == "cuda"
+            else "inductor" if num_elements >= INDUCTOR_MIN_ELEMENTS
+            else "torch"
         )
     if backend == "torch":
         from .row_pass_torch import row_pass_torch
@@ -262,7 +274,7 @@ def sjdpp_step(
         next_probs = next_probs_out[:num_q]
 
     rows = (draw | write_q).nonzero().squeeze(1)
-    raced = _row_pass(backend, device)(
+    raced = _row_pass(backend, device, p.numel())(
         target_probs=p,
         draft_probs=batch.draft_probs,
         exponentials=noise.exponentials,

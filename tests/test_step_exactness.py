@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+from scipy import stats
 
 from stats import ALPHA, BROKEN_ALPHA, goodness_of_fit, same_distribution
 from vllm_sjdpp import SJDPPConfig
@@ -185,3 +186,14 @@ def test_greedy_equals_plain_greedy(reuse):
         model = dataclasses.replace(table, prompt=prompt)
         seqs, _ = sample_sjdpp(model, 4, 6, config, seed=7, greedy=True)
         assert torch.equal(seqs, sample_plain(model, 4, 6, greedy=True))
+
+
+def test_race_noise_is_exponential():
+    """The races are exact only with Exp(1) noise; -log(1 - U) must be that, and never 0."""
+    g = torch.Generator().manual_seed(3)
+    noise = StepNoise.sample(200, 1000, 4, generator=g)
+    e = noise.exponentials.flatten().double().numpy()
+    assert e.min() > 0
+    pvalue = stats.kstest(e, "expon").pvalue
+    assert pvalue > ALPHA, pvalue
+    assert stats.kstest(e * 1.05, "expon").pvalue < BROKEN_ALPHA  # a 5% scale error is caught
