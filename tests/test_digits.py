@@ -128,7 +128,7 @@ def test_bundled_model_folder():
     assert {"config.json", "model.safetensors", "tokenizer.json", "vq_codebook.json", "loss.png", "metrics.json"} <= set(files)
     assert sum(files.values()) <= 20 * 2**20
     config = AutoConfig.from_pretrained(DEFAULT_OUT)
-    assert config.sjdpp == {"fresh_token_range": list(IMAGE_TOKENS), "row_width": ROW_WIDTH}
+    assert config.sjdpp == {"fresh_token_range": list(IMAGE_TOKENS), "row_width": ROW_WIDTH, "init": "above"}
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_OUT)
     assert tokenizer("a handwritten 7").input_ids == prompt_ids(7)
     metrics = json.loads((DEFAULT_OUT / "metrics.json").read_text())

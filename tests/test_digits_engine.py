@@ -17,7 +17,7 @@ def engines():
     from vllm import LLM
 
     plain = LLM(str(DEFAULT_OUT), **ENGINE)
-    sjdpp = LLM(str(DEFAULT_OUT), speculative_config={"method": "sjdpp", "init": "above"}, **ENGINE)
+    sjdpp = LLM(str(DEFAULT_OUT), speculative_config="sjdpp", **ENGINE)
     return plain, sjdpp
 
 

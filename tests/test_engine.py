@@ -112,6 +112,7 @@ def accepted_per_position(llm) -> list[float]:
 
 def test_draft_token_budget_shrinks_windows_and_stays_exact(plain, plain_samples, sjdpp):
     drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+    default = drafter.config.draft_token_budget
     drafter.set_draft_token_budget(4)  # k = 6: at most 4 drafts per pass over all requests
     try:
         expected = generate(plain, PROMPTS, params(temperature=0, max_tokens=48))
@@ -123,7 +124,7 @@ def test_draft_token_budget_shrinks_windows_and_stays_exact(plain, plain_samples
         accepted = [a - b for a, b in zip(accepted_per_position(sjdpp), before)]
         assert accepted[0] > 0 and not any(accepted[4:]), accepted  # no window was longer than 4
     finally:
-        drafter.set_draft_token_budget(None)
+        drafter.set_draft_token_budget(default)
 
 
 def test_distribution_test_catches_vllm_cpu_expand_bug(plain, sjdpp):

@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
@@ -147,11 +148,9 @@ class SJDPPSampler(RejectionSampler):
 
     def _history(self, start: list[int], length: int) -> torch.Tensor:
         """The last `length` committed tokens of each request, right-aligned, -1 before the start."""
-        history = torch.full((len(start), length), -1, dtype=torch.long)
-        for i, n in enumerate(start):
-            tail = self.runner.input_batch.token_ids_cpu[i, max(0, n - length) : n]
-            history[i, length - len(tail) :] = torch.from_numpy(tail.astype("int64"))
-        return history
+        positions = np.asarray(start)[:, None] - length + np.arange(length)
+        tokens = self.runner.input_batch.token_ids_cpu[np.arange(len(start))[:, None], positions.clip(0)]
+        return torch.from_numpy(np.where(positions >= 0, tokens, -1).astype(np.int64))
 
     def _process_all_rows(self, logits, metadata, sampling_metadata, per_request):
         """vLLM's processing of draft rows, applied to the bonus rows as well.

@@ -17,6 +17,10 @@ What SJD++ needs from vLLM:
 4. The CPU build's replacement of the rejection sampler's expand kernel writes into a temporary
    int64 copy (vLLM issue 55005): the expanded temperature / top-k / top-p stay uninitialised,
    and sampling at temperature > 0 with any speculative method follows garbage.
+5. On CPU a seeded request whose prompt is prefilled in chunks crashes the engine: for the token
+   sampled and discarded after a partial prefill, `_bookkeeping_sync` rewinds the request's
+   generator with `set_offset`, which CPU generators do not have ("CPU Generator does not use
+   offset").  The plugin restores those generators' states around sampling instead.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def apply() -> None:
     _patch_model_runner()
     _patch_request_validation()
     _patch_cpu_expand()
+    _patch_cpu_seeded_chunked_prefill()
     _applied = True
 
 
@@ -252,3 +257,48 @@ def _patch_cpu_expand() -> None:
     override = getattr(rejection_sampler, "expand_kernel", None)
     if hasattr(override, "_impl"):
         override._impl = expand_kernel_impl
+
+
+# 5. Seeded requests in chunked prefill on CPU -------------------------------------------------
+
+
+def _discarded_cpu_generators(runner) -> dict[int, torch.Generator]:
+    """Generators of the requests whose sampled token this step throws away (partial prefill)."""
+    import numpy as np
+
+    generators = runner.input_batch.generators
+    rows = np.nonzero(runner.discard_request_mask.np[: runner.input_batch.num_reqs])[0]
+    return {
+        int(i): generators[int(i)]
+        for i in rows
+        if int(i) in generators and generators[int(i)].device.type == "cpu"
+    }
+
+
+def _patch_cpu_seeded_chunked_prefill() -> None:
+    # vllm/v1/worker/gpu_model_runner.py: _sample draws the discarded tokens with the requests'
+    # generators; _bookkeeping_sync then calls gen.set_offset(gen.get_offset() - 4) for them.
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    sample, bookkeeping = GPUModelRunner._sample, GPUModelRunner._bookkeeping_sync
+
+    def sample_keeping_discarded_generators(self, *args, **kwargs):
+        discarded = _discarded_cpu_generators(self)
+        states = {i: g.get_state() for i, g in discarded.items()}
+        try:
+            return sample(self, *args, **kwargs)
+        finally:
+            for i, state in states.items():
+                discarded[i].set_state(state)
+
+    def bookkeeping_without_rewind(self, *args, **kwargs):
+        # Already restored above: hide them from the offset rewind.
+        generators = self.input_batch.generators
+        hidden = {i: generators.pop(i) for i in _discarded_cpu_generators(self)}
+        try:
+            return bookkeeping(self, *args, **kwargs)
+        finally:
+            generators.update(hidden)
+
+    GPUModelRunner._sample = sample_keeping_discarded_generators
+    GPUModelRunner._bookkeeping_sync = bookkeeping_without_rewind
