@@ -13,13 +13,15 @@ prompts. For each mode:
 - class accuracy and Frechet distance of the images (vllm_sjdpp.digits.quality).
 Then the draft-token budget sweep: throughput of the default SJD++ mode against plain decoding
 at 8, 32 and 64 concurrent requests for several server budgets (`draft_token_budget`), the data
-behind the default budget.  Writes <out>.json, plots <out>_*.png, and prints tables.
+behind the default budget.  Writes <out>.json, <out>.md (the tables), plots <out>_*.png, and
+prints the tables.
 --quick: fewer modes, sizes and budgets (about 5 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -73,13 +75,30 @@ def generate(llm, mode: dict | None, digits: list[int], seed: int):
     return [list(o.outputs[0].token_ids) for o in outs], wall, accepted_after - accepted, per_pos_delta
 
 
+@contextlib.contextmanager
+def draft_token_budget(llm, budget: int | None):
+    """The server's draft-token budget set to `budget` for a while (no-op for a plain engine)."""
+    drafter = getattr(llm.llm_engine.model_executor.driver_worker.worker.model_runner, "drafter", None)
+    if drafter is None:
+        yield
+        return
+    default = drafter.config.draft_token_budget
+    drafter.set_draft_token_budget(budget)
+    try:
+        yield
+    finally:
+        drafter.set_draft_token_budget(default)
+
+
 def measure(llm, mode, concurrencies, images_per_digit, judge, real, latency_repeats, seed=0) -> dict:
     from tqdm import tqdm
 
     row: dict = {"mode": mode_name(mode), "options": mode}
-    # Quality and step compression on images_per_digit images of each digit, all at once.
+    # Quality and step compression on images_per_digit images of each digit, all at once, with
+    # full windows (no draft-token budget): passes measure the method, not the batch size.
     digits = [d for d in range(10) for _ in range(images_per_digit)]
-    tokens, wall, accepted, per_pos = generate(llm, mode, digits, seed)
+    with draft_token_budget(llm, None):
+        tokens, wall, accepted, per_pos = generate(llm, mode, digits, seed)
     n_tokens = sum(len(t) for t in tokens)
     row["tokens_per_image"] = n_tokens / len(tokens)
     row["forward_passes_per_image"] = (n_tokens - accepted) / len(tokens)
@@ -109,21 +128,17 @@ def budget_sweep(plain, sjdpp, mode, budgets, concurrencies, seed=0) -> dict:
     from tqdm import tqdm
 
     drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
-    default = drafter.config.draft_token_budget
-    sweep = {"default_budget": default, "budgets": {}}
-    try:
-        for b in tqdm(budgets, desc="budget sweep"):
-            drafter.set_draft_token_budget(b)
-            sweep["budgets"][str(b)] = {}
-            for c in concurrencies:
-                digits = [i % 10 for i in range(c)]
-                plain_wall = generate(plain, None, digits, seed + 3000)[1]
+    sweep = {"default_budget": drafter.config.draft_token_budget, "budgets": {}}
+    for b in tqdm(budgets, desc="budget sweep"):
+        sweep["budgets"][str(b)] = {}
+        for c in concurrencies:
+            digits = [i % 10 for i in range(c)]
+            plain_wall = generate(plain, None, digits, seed + 3000)[1]
+            with draft_token_budget(sjdpp, b):
                 wall = generate(sjdpp, mode, digits, seed + 3000)[1]
-                sweep["budgets"][str(b)][c] = {
-                    "images_per_s": c / wall, "plain_images_per_s": c / plain_wall, "ratio_vs_plain": plain_wall / wall,
-                }
-    finally:
-        drafter.set_draft_token_budget(default)
+            sweep["budgets"][str(b)][c] = {
+                "images_per_s": c / wall, "plain_images_per_s": c / plain_wall, "ratio_vs_plain": plain_wall / wall,
+            }
     return sweep
 
 
@@ -180,6 +195,42 @@ def plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def markdown(results: dict) -> str:
+    """The result tables as Markdown, for benchmarks/README.md."""
+    rows = results["modes"]
+    cs = sorted(rows[0]["throughput"], key=int)
+    lines = [
+        "| mode | passes/image | x fewer | tokens/pass | latency s (batch 1) | x lower | "
+        + " | ".join(f"images/s @{c} (x plain)" for c in cs) + " | class acc | FD |",
+        "|---|" + "---:|" * (5 + len(cs) + 2),
+    ]
+    for r in rows:
+        tp = " | ".join(
+            f"{r['throughput'][c]['images_per_s']:.2f} ({r['throughput_ratio_vs_plain'][c]:.2f})" for c in cs
+        )
+        lines.append(
+            f"| {r['mode']} | {r['forward_passes_per_image']:.1f} | {r['pass_reduction_vs_plain']:.2f} | "
+            f"{r['tokens_per_pass']:.2f} | {r['latency_s']:.3f} | {r['latency_speedup_vs_plain']:.2f} | {tp} | "
+            f"{r['class_accuracy']:.2f} | {r['frechet_distance']:.1f} |"
+        )
+    sweep = results["budget_sweep"]
+    budgets = list(sweep["budgets"])
+    sweep_cs = list(sweep["budgets"][budgets[0]])
+    lines += [
+        "",
+        f"Budget sweep, {sweep['mode']} (images/s, x plain measured just before):",
+        "",
+        "| draft_token_budget | " + " | ".join(f"@{c}" for c in sweep_cs) + " |",
+        "|---|" + "---:|" * len(sweep_cs),
+    ]
+    for b in budgets:
+        cells = " | ".join(
+            f"{sweep['budgets'][b][c]['images_per_s']:.2f} ({sweep['budgets'][b][c]['ratio_vs_plain']:.2f})" for c in sweep_cs
+        )
+        lines.append(f"| {'null' if b == 'None' else b} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     from vllm import LLM
 
@@ -189,7 +240,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e"))
     args = ap.parse_args()
 
-    def sjd(reuse, init="above", k=16):
+    def sjd(reuse, init="above", k=32):
         return {"sjdpp_reuse": reuse, "sjdpp_init": init, "sjdpp_num_speculative_tokens": k}
 
     if args.quick:
@@ -198,7 +249,7 @@ def main() -> None:
         budgets, budget_concurrencies, latency_repeats = [None, 512], [32], 3
     else:
         modes = [None] + [sjd(r, i) for r in ("none", "coupled", "confidence") for i in ("random", "left", "above")]
-        modes += [sjd("coupled", "above", k) for k in (4, 8, 32)]
+        modes += [sjd("coupled", "above", k) for k in (4, 8, 16)]
         concurrencies, per_digit = [1, 8, 32, 64], 10
         budgets, budget_concurrencies, latency_repeats = [None, 1024, 512, 256, 128, 64, 0], [8, 32, 64], 10
     engine = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False, max_num_seqs=64)
@@ -224,6 +275,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     plot(results, args.out)
+    args.out.with_suffix(".md").write_text(markdown(results))
     print(f"{'mode':<36} {'passes':>7} {'x fewer':>7} {'lat s':>6} {'x lat':>6} "
           + " ".join(f"{'img/s@' + str(c):>9}" for c in concurrencies) + f" {'acc':>5} {'FD':>6}")
     for r in rows:

@@ -5,7 +5,7 @@
 
 Same prompts for every run ("a handwritten 0..9", --per-digit each), one seed set per run.
 Plain decoding runs --plain-runs times with different seeds: their spread is the noise floor
-(draws of one distribution).  SJD++ (init="above", k = 16) runs --sjdpp-runs times with the
+(draws of one distribution).  SJD++ (the defaults: init="above" from the model folder, k = 32) runs --sjdpp-runs times with the
 first plain runs' seeds.  For each run: the class accuracy and the Frechet distance to the real
 held-out digits in the classifier's feature space (vllm_sjdpp.digits.quality).  SJD++ is exact,
 so its runs must sit within the plain runs' spread (reported as z = (SJD++ mean - plain mean) /
@@ -67,7 +67,7 @@ def main() -> None:
     judge = quality.judge()
     real, _ = quality.real_images(held_out=True)
     plain = LLM(str(args.model), **ENGINE)
-    sjdpp = LLM(str(args.model), speculative_config={"method": "sjdpp", "init": "above"}, **ENGINE)
+    sjdpp = LLM(str(args.model), speculative_config="sjdpp", **ENGINE)
     runs = {f"plain seed {s}": run(plain, args.per_digit, s) for s in range(1, args.plain_runs + 1)}
     runs |= {f"SJD++ seed {s}": run(sjdpp, args.per_digit, s) for s in range(1, args.sjdpp_runs + 1)}
     results = {"classifier_held_out_accuracy": judge.held_out_accuracy, "per_digit": args.per_digit, "runs": {}}

@@ -5,7 +5,7 @@ from vllm_sjdpp import SJDPPConfig
 
 def test_defaults():
     c = SJDPPConfig()
-    assert (c.num_speculative_tokens, c.reuse, c.init, c.jacobi_start) == (16, "coupled", "random", 0)
+    assert (c.num_speculative_tokens, c.reuse, c.init, c.jacobi_start) == (32, "coupled", "random", 0)
     assert c.draft_token_budget == 512
     assert c.fresh_vocab(100) == range(100)
 

@@ -45,12 +45,12 @@ class SJDPPConfig:
     fresh_token_ids: an explicit list instead of a range. Neither given: the whole vocabulary.
     jacobi_start: generated tokens decoded one at a time before drafting starts.
     draft_token_budget: the most draft tokens in one forward pass over all requests; windows
-        shrink evenly as the batch grows (`window_budget`): with k = 16, from 32 running
+        shrink evenly as the batch grows (`window_budget`): with k = 32, from 17 running
         requests on. None: every request drafts its k. Server-wide only. The default, 512, is
-        the best of the budgets measured at 32 and 64 requests (benchmarks/README.md).
+        from the budget sweep at 32 and 64 requests (benchmarks/README.md).
     """
 
-    num_speculative_tokens: int = 16
+    num_speculative_tokens: int = 32
     reuse: str = "coupled"
     threshold: float = 0.5
     init: str = "random"

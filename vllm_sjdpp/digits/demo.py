@@ -24,7 +24,7 @@ from ..server import vllm_server
 from .tokens import GENERATED_LENGTH, ids_to_image, to_png
 from .train import DEFAULT_OUT
 
-DEFAULT_SPEC = {"method": "sjdpp", "num_speculative_tokens": 16, "init": "above"}
+DEFAULT_SPEC = {"method": "sjdpp"}  # the defaults, with the model folder's (init="above")
 
 
 @dataclass
