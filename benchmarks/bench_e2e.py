@@ -158,7 +158,7 @@ def plot(results: dict, out: Path) -> None:
 
     rows = results["modes"]
     names = [r["mode"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4 + 0.15 * len(rows)))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4 + 0.15 * len(rows)))
     axes[0].barh(names, [r["forward_passes_per_image"] for r in rows])
     axes[0].set_xlabel("forward passes per image (fewer is better)")
     axes[1].barh(names, [r["latency_speedup_vs_plain"] for r in rows])
@@ -171,7 +171,7 @@ def plot(results: dict, out: Path) -> None:
     axes[2].set_xscale("log", base=2)
     axes[2].set_xlabel("concurrent requests")
     axes[2].set_ylabel("images/s, x plain (paired runs)")
-    axes[2].legend(fontsize=7)
+    axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     for ax in axes[:2]:
         ax.invert_yaxis()
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """Image quality of the bundled digit model: plain decoding against SJD++, with the noise floor.
 
-    python benchmarks/digits_quality.py [--per-digit 30] [--plain-runs 4] [--sjdpp-runs 2]
+    python benchmarks/digits_quality.py [--per-digit 30] [--plain-runs 6] [--sjdpp-runs 6]
                                         [--out benchmarks/results/digits_quality.json]
 
 Same prompts for every run ("a handwritten 0..9", --per-digit each), one seed set per run.
@@ -56,8 +56,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-digit", type=int, default=30)
-    ap.add_argument("--plain-runs", type=int, default=4)
-    ap.add_argument("--sjdpp-runs", type=int, default=2)
+    ap.add_argument("--plain-runs", type=int, default=6)
+    ap.add_argument("--sjdpp-runs", type=int, default=6)
     ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/digits_quality.json"))
     args = ap.parse_args()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from tiny_llama import set_engine_env
@@ -35,7 +37,9 @@ def test_text_prompt_greedy_image_is_identical(engines):
     expected = plain.generate(["a handwritten 3"], greedy, use_tqdm=False)[0].outputs[0].token_ids
     got = sjdpp.generate(["a handwritten 3"], greedy, use_tqdm=False)[0].outputs[0].token_ids
     assert list(got) == list(expected)
-    assert ids_to_image(got).shape == (32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # greedy decoding of this model need not end in <eoi>
+        assert ids_to_image(got).shape == (32, 32)
 
 
 def test_sampled_images_use_the_models_defaults_and_compress(engines):
