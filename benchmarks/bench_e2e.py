@@ -166,7 +166,9 @@ def plot(results: dict, out: Path) -> None:
     axes[1].set_xlabel("latency at batch 1, x lower than plain (paired runs)")
     for r in rows:
         cs = sorted(r["throughput"], key=int)
-        axes[2].plot([int(c) for c in cs], [r["throughput"][c]["ratio_vs_plain"] for c in cs], marker="o", label=r["mode"])
+        style = "--" if r["mode"].startswith("SJD ") else ":" if "confidence" in r["mode"] else "-"
+        axes[2].plot([int(c) for c in cs], [r["throughput"][c]["ratio_vs_plain"] for c in cs], style, marker="o",
+                     color="k" if r["options"] is None else None, label=r["mode"])
     axes[2].axhline(1.0, color="k", ls="--", lw=1)
     axes[2].set_xscale("log", base=2)
     axes[2].set_xlabel("concurrent requests")
