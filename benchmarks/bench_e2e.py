@@ -36,6 +36,7 @@ for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPAC
 from vllm_sjdpp.digits import quality  # noqa: E402
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, ids_to_image, prompt_ids  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
+from vllm_sjdpp.digits.vq import Codebook  # noqa: E402
 
 MAX_WINDOW = 32
 
@@ -90,7 +91,7 @@ def draft_token_budget(llm, budget: int | None):
         drafter.set_draft_token_budget(default)
 
 
-def measure(llm, plain, mode, concurrencies, images_per_digit, judge, real, latency_repeats, seed=0) -> dict:
+def measure(llm, plain, mode, concurrencies, images_per_digit, judge, real, latency_repeats, codebook, seed=0) -> dict:
     from tqdm import tqdm
 
     row: dict = {"mode": mode_name(mode), "options": mode}
@@ -106,7 +107,7 @@ def measure(llm, plain, mode, concurrencies, images_per_digit, judge, real, late
     row["accepted_by_position"] = [a / len(tokens) for a in per_pos]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        images = [ids_to_image(t) for t in tokens]
+        images = [ids_to_image(t, codebook=codebook) for t in tokens]
     row["class_accuracy"] = judge.accuracy(images, digits)
     row["frechet_distance"] = judge.frechet_distance(images, real)
     # Latency at batch 1, then throughput with C requests in flight; every timing right after a
@@ -166,6 +167,7 @@ def plot(results: dict, out: Path) -> None:
     axes[1].set_xlabel("latency at batch 1, x lower than plain (paired runs)")
     for r in rows:
         cs = sorted(r["throughput"], key=int)
+        # SJD dashed, SJD++ confidence dotted, SJD++ coupled and plain solid
         style = "--" if r["mode"].startswith("SJD ") else ":" if "confidence" in r["mode"] else "-"
         axes[2].plot([int(c) for c in cs], [r["throughput"][c]["ratio_vs_plain"] for c in cs], style, marker="o",
                      color="k" if r["options"] is None else None, label=r["mode"])
@@ -248,7 +250,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--model", type=Path, default=DEFAULT_OUT,
+                    help="a model folder in the digit model's format (e.g. one trained by vllm_sjdpp.digits.train)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e"))
     args = ap.parse_args()
 
@@ -269,12 +272,13 @@ def main() -> None:
     # Created last: vLLM's metrics registry is per process and the newest engine's is read.
     sjdpp = LLM(str(args.model), speculative_config={"method": "sjdpp", "num_speculative_tokens": MAX_WINDOW}, **engine)
     judge = quality.judge()
+    codebook = Codebook.load(args.model)  # the model's own image tokenizer
     real, _ = quality.real_images(held_out=True)
     rows = []
     for mode in modes:
         print(f"measuring {mode_name(mode)}")
         llm = plain if mode is None else sjdpp
-        rows.append(measure(llm, plain, mode, concurrencies, per_digit, judge, real, latency_repeats))
+        rows.append(measure(llm, plain, mode, concurrencies, per_digit, judge, real, latency_repeats, codebook))
     for r in rows:
         r["pass_reduction_vs_plain"] = rows[0]["forward_passes_per_image"] / r["forward_passes_per_image"]
     sweep = budget_sweep(plain, sjdpp, sjd("coupled"), budgets, budget_concurrencies)

@@ -28,11 +28,12 @@ for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPAC
 from vllm_sjdpp.digits import quality  # noqa: E402
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, ids_to_image, prompt_ids, to_png  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
+from vllm_sjdpp.digits.vq import Codebook  # noqa: E402
 
 ENGINE = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, max_num_seqs=128)
 
 
-def run(llm, per_digit: int, seed: int) -> tuple[list, list[int], float]:
+def run(llm, per_digit: int, seed: int, codebook: Codebook) -> tuple[list, list[int], float]:
     import warnings
 
     labels = [d for d in range(10) for _ in range(per_digit)]
@@ -47,7 +48,7 @@ def run(llm, per_digit: int, seed: int) -> tuple[list, list[int], float]:
     wall = time.perf_counter() - start
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # malformed streams are drawn best-effort and counted
-        images = [ids_to_image(o.outputs[0].token_ids) for o in outs]
+        images = [ids_to_image(o.outputs[0].token_ids, codebook=codebook) for o in outs]
     return images, labels, wall
 
 
@@ -66,10 +67,11 @@ def main() -> None:
 
     judge = quality.judge()
     real, _ = quality.real_images(held_out=True)
+    codebook = Codebook.load(args.model)  # the model's own image tokenizer
     plain = LLM(str(args.model), **ENGINE)
     sjdpp = LLM(str(args.model), speculative_config="sjdpp", **ENGINE)
-    runs = {f"plain seed {s}": run(plain, args.per_digit, s) for s in range(1, args.plain_runs + 1)}
-    runs |= {f"SJD++ seed {s}": run(sjdpp, args.per_digit, s) for s in range(1, args.sjdpp_runs + 1)}
+    runs = {f"plain seed {s}": run(plain, args.per_digit, s, codebook) for s in range(1, args.plain_runs + 1)}
+    runs |= {f"SJD++ seed {s}": run(sjdpp, args.per_digit, s, codebook) for s in range(1, args.sjdpp_runs + 1)}
     results = {"classifier_held_out_accuracy": judge.held_out_accuracy, "per_digit": args.per_digit, "runs": {}}
     print(f"classifier held-out accuracy on real digits: {judge.held_out_accuracy:.3f}")
     print(f"{'run':<14} {'class acc':>9} {'FD to real':>10} {'wall s':>7}")

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..server import vllm_server
 from .tokens import GENERATED_LENGTH, ids_to_image, to_png
 from .train import DEFAULT_OUT
+from .vq import Codebook
 
 DEFAULT_SPEC = {"method": "sjdpp"}  # the defaults, with the model folder's (init="above")
 
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with warnings.catch_warnings(record=True) as malformed:
         warnings.simplefilter("always")
-        images = {name: [ids_to_image(g.token_ids) for g in gens] for name, (gens, _, _) in results.items()}
+        codebook = Codebook.load(args.model)  # the model's own image tokenizer
+        images = {name: [ids_to_image(g.token_ids, codebook=codebook) for g in gens] for name, (gens, _, _) in results.items()}
     for w in malformed:
         print(f"warning: {w.message} (drawn best-effort)")
     to_png(images["SJD++"] + images["plain"], args.out, columns=10)
