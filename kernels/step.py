@@ -88,7 +88,8 @@ class StepNoise:
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
     ) -> "StepNoise":
-        return cls.sample_per_request([num_rows], [next_num_drafts], vocab_size, {0: generator} if generator else {}, device)
+        generators = {} if generator is None else {0: generator}
+        return cls.sample_per_request([num_rows], [next_num_drafts], vocab_size, generators, device)
 
     @classmethod
     def sample_per_request(

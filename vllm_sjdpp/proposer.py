@@ -18,9 +18,8 @@ from .sampler import SJDPPSampler
 class SJDPPProposer:
     def __init__(self, vllm_config: Any):
         options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
-        self.config = SJDPPConfig.from_dict(options)
         self.max_model_len = vllm_config.model_config.max_model_len
-        self.states = JacobiStates(self.config, vllm_config.model_config.get_vocab_size())
+        self.states = JacobiStates(SJDPPConfig.from_dict(options), vllm_config.model_config.get_vocab_size())
         self.runner = None
 
     def load_model(self, model: Any) -> None:
@@ -30,10 +29,14 @@ class SJDPPProposer:
         self.runner = runner
         runner.rejection_sampler = SJDPPSampler(runner, self.states)
 
+    @property
+    def config(self) -> SJDPPConfig:
+        """The server's SJD++ options (the Jacobi states hold the one copy)."""
+        return self.states.config
+
     def set_draft_token_budget(self, budget: int | None) -> None:
         """Change the server's draft-token budget while it runs (in-process benchmarks, tests)."""
-        self.config = dataclasses.replace(self.config, draft_token_budget=budget)
-        self.states.config = self.config
+        self.states.config = dataclasses.replace(self.states.config, draft_token_budget=budget)
 
     def release(self, req_id: str) -> None:
         self.states.release(req_id)
