@@ -76,10 +76,15 @@ def generate(llm, mode: dict | None, digits: list[int], seed: int):
     return [list(o.outputs[0].token_ids) for o in outs], wall, accepted_after - accepted, per_pos_delta
 
 
+def drafter_of(llm):
+    """The in-process engine's SJD++ drafter, None for a plain engine."""
+    return getattr(llm.llm_engine.model_executor.driver_worker.worker.model_runner, "drafter", None)
+
+
 @contextlib.contextmanager
 def draft_token_budget(llm, budget: int | None):
     """The server's draft-token budget set to `budget` for a while (no-op for a plain engine)."""
-    drafter = getattr(llm.llm_engine.model_executor.driver_worker.worker.model_runner, "drafter", None)
+    drafter = drafter_of(llm)
     if drafter is None:
         yield
         return
@@ -89,6 +94,18 @@ def draft_token_budget(llm, budget: int | None):
         yield
     finally:
         drafter.set_draft_token_budget(default)
+
+
+def paired_throughput(plain, llm, mode, concurrency: int, seed: int) -> dict:
+    """`concurrency` images of `mode` in flight, timed right after plain decoding of the same
+    prompts and seeds: the ratio is paired (this machine drifts by tens of percent)."""
+    digits = [i % 10 for i in range(concurrency)]
+    plain_wall = generate(plain, None, digits, seed)[1]
+    tokens, wall, _, _ = generate(llm, mode, digits, seed)
+    return {
+        "images_per_s": concurrency / wall, "tokens_per_s": sum(map(len, tokens)) / wall,
+        "plain_images_per_s": concurrency / plain_wall, "ratio_vs_plain": plain_wall / wall,
+    }
 
 
 def measure(llm, plain, mode, concurrencies, images_per_digit, judge, real, latency_repeats, codebook, seed=0) -> dict:
@@ -119,15 +136,7 @@ def measure(llm, plain, mode, concurrencies, images_per_digit, judge, real, late
     row["latency_s"] = float(np.median(latencies))
     row["plain_latency_s"] = float(np.median(plain_latencies))
     row["latency_speedup_vs_plain"] = row["plain_latency_s"] / row["latency_s"]
-    row["throughput"] = {}
-    for c in concurrencies:
-        digits = [i % 10 for i in range(c)]
-        plain_wall = generate(plain, None, digits, seed + 2000)[1]
-        toks, wall, _, _ = generate(llm, mode, digits, seed + 2000)
-        row["throughput"][c] = {
-            "images_per_s": c / wall, "tokens_per_s": sum(map(len, toks)) / wall,
-            "plain_images_per_s": c / plain_wall, "ratio_vs_plain": plain_wall / wall,
-        }
+    row["throughput"] = {c: paired_throughput(plain, llm, mode, c, seed + 2000) for c in concurrencies}
     return row
 
 
@@ -136,18 +145,10 @@ def budget_sweep(plain, sjdpp, mode, budgets, concurrencies, seed=0) -> dict:
     and seeds just before it (the ratio is what is compared: this machine drifts)."""
     from tqdm import tqdm
 
-    drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
-    sweep = {"default_budget": drafter.config.draft_token_budget, "budgets": {}}
+    sweep = {"default_budget": drafter_of(sjdpp).config.draft_token_budget, "budgets": {}}
     for b in tqdm(budgets, desc="budget sweep"):
-        sweep["budgets"][str(b)] = {}
-        for c in concurrencies:
-            digits = [i % 10 for i in range(c)]
-            plain_wall = generate(plain, None, digits, seed + 3000)[1]
-            with draft_token_budget(sjdpp, b):
-                wall = generate(sjdpp, mode, digits, seed + 3000)[1]
-            sweep["budgets"][str(b)][c] = {
-                "images_per_s": c / wall, "plain_images_per_s": c / plain_wall, "ratio_vs_plain": plain_wall / wall,
-            }
+        with draft_token_budget(sjdpp, b):  # the plain engine has no drafter: unaffected
+            sweep["budgets"][str(b)] = {c: paired_throughput(plain, sjdpp, mode, c, seed + 3000) for c in concurrencies}
     return sweep
 
 
