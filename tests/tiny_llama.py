@@ -21,8 +21,21 @@ def set_engine_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def build_tiny_llama(path: Path, vocab_size: int = 48, sharpness: float = 12.0, seed: int = 0) -> Path:
-    """`sharpness` scales the output head: larger is more peaked (and more predictable)."""
+# The tiny guided Llama's unconditional rule: every prompt token but BOS (0) becomes PAD (47).
+GUIDED_PAD, GUIDED_KEEP = 47, (0,)
+
+
+def build_tiny_llama(
+    path: Path, vocab_size: int = 48, sharpness: float = 12.0, seed: int = 0, guided: bool = False,
+    num_key_value_heads: int = 2,
+) -> Path:
+    """`sharpness` scales the output head: larger is more peaked (and more predictable).
+
+    guided: the folder is served as vllm-sjdpp's GuidedLlamaForCausalLM (classifier-free
+    guidance) with the unconditional rule above; transformers still loads it as a Llama.
+    """
+    import json
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -32,7 +45,7 @@ def build_tiny_llama(path: Path, vocab_size: int = 48, sharpness: float = 12.0, 
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=2,  # head_dim 32: the CPU attention backend rejects 16
-        num_key_value_heads=2,
+        num_key_value_heads=num_key_value_heads,
         max_position_embeddings=512,
         bos_token_id=0,
         eos_token_id=1,
@@ -43,4 +56,10 @@ def build_tiny_llama(path: Path, vocab_size: int = 48, sharpness: float = 12.0, 
     with torch.no_grad():
         model.lm_head.weight.mul_(sharpness)
     model.save_pretrained(path)
+    if guided:
+        config_path = Path(path) / "config.json"
+        config = json.loads(config_path.read_text())
+        config["architectures"] = ["GuidedLlamaForCausalLM"]
+        config["sjdpp_guidance"] = {"keep_token_ids": list(GUIDED_KEEP), "pad_token_id": GUIDED_PAD}
+        config_path.write_text(json.dumps(config))
     return path

@@ -21,6 +21,11 @@ What SJD++ needs from vLLM:
    sampled and discarded after a partial prefill, `_bookkeeping_sync` rewinds the request's
    generator with `set_offset`, which CPU generators do not have ("CPU Generator does not use
    offset").  The plugin restores those generators' states around sampling instead.
+6. Classifier-free guidance (`guidance`, `guided_llama`): the guided Llama is registered with
+   vLLM's ModelRegistry, its config hook (MODELS_CONFIG_MAP, run when vLLM builds a
+   ModelConfig) doubles the heads the engine sees, the model runner fills the model's
+   per-token guidance inputs before each forward (`_preprocess`), and the API server checks
+   the guidance options of each request against its prompt (`InputProcessor.process_inputs`).
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ def apply() -> None:
     _patch_request_validation()
     _patch_cpu_expand()
     _patch_cpu_seeded_chunked_prefill()
+    _register_guided_models()
+    _patch_guidance_inputs()
+    _patch_guidance_validation()
     _applied = True
 
 
@@ -302,3 +310,81 @@ def _patch_cpu_seeded_chunked_prefill() -> None:
 
     GPUModelRunner._sample = sample_keeping_discarded_generators
     GPUModelRunner._bookkeeping_sync = bookkeeping_without_rewind
+
+
+# 6. Classifier-free guidance ------------------------------------------------------------------
+
+
+def _register_guided_models() -> None:
+    # vllm/model_executor/models/config.py: MODELS_CONFIG_MAP, architecture -> a class whose
+    # verify_and_update_model_config(model_config) ModelConfig.__post_init__ calls.
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    from .guided_llama import ARCHITECTURE, double_heads
+
+    ModelRegistry.register_model(ARCHITECTURE, f"vllm_sjdpp.guided_llama:{ARCHITECTURE}")
+
+    class GuidedConfig(VerifyAndUpdateConfig):
+        verify_and_update_model_config = staticmethod(double_heads)
+
+    MODELS_CONFIG_MAP[ARCHITECTURE] = GuidedConfig
+
+
+def _patch_guidance_inputs() -> None:
+    # vllm/v1/worker/gpu_model_runner.py: _preprocess runs after _prepare_inputs (batch order,
+    # query_start_loc, num_computed_tokens_cpu are this step's) and right before the forward.
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    preprocess = GPUModelRunner._preprocess
+
+    def preprocess_with_guidance(self, scheduler_output, num_input_tokens, *args, **kwargs):
+        out = preprocess(self, scheduler_output, num_input_tokens, *args, **kwargs)
+        guidance = getattr(self.get_model(), "guidance", None)
+        if guidance is not None:
+            guidance.prepare(self, num_input_tokens)
+        return out
+
+    GPUModelRunner._preprocess = preprocess_with_guidance
+
+
+def _patch_guidance_validation() -> None:
+    # vllm/v1/engine/input_processor.py: process_inputs turns a prompt and its SamplingParams
+    # into the EngineCoreRequest (prompt ids final, cache_salt settable) in the API server; a
+    # VLLMValidationError there is answered with HTTP 400.
+    import hashlib
+
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from .guidance import NEGATIVE_PROMPT_KEY, default_scale, model_rule, request_guidance
+
+    process_inputs = InputProcessor.process_inputs
+
+    def process_inputs_checking_guidance(self, *args, **kwargs):
+        request = process_inputs(self, *args, **kwargs)
+        params = request.sampling_params
+        if not isinstance(params, SamplingParams) or request.prompt_token_ids is None:
+            return request
+        model_config = self.model_config
+        if not hasattr(self, "_sjdpp_guidance"):  # the model's rule and default, read once
+            rule = model_rule(model_config.hf_config)
+            self._sjdpp_guidance = (rule, default_scale(model_config) if rule else 1.0)
+        rule, scale_default = self._sjdpp_guidance
+        try:
+            request_guidance(
+                params.extra_args, request.prompt_token_ids, rule, scale_default,
+                model_config.get_vocab_size(),
+            )
+        except ValueError as e:
+            raise VLLMValidationError(str(e), parameter="vllm_xargs", value=params.extra_args) from None
+        negative = (params.extra_args or {}).get(NEGATIVE_PROMPT_KEY)
+        if negative is not None:
+            # The uncond branch's KV depends on it: blocks must not be shared with other
+            # negative prompts (vLLM hashes the salt into the first block).
+            salt = hashlib.sha256(repr((request.cache_salt, list(negative))).encode()).hexdigest()
+            request.cache_salt = salt
+        return request
+
+    InputProcessor.process_inputs = process_inputs_checking_guidance

@@ -1,12 +1,13 @@
 """The digit model's token stream: class prompt, rows of image codes with end-of-row tokens, image end.
 
-    <bos> a handwritten 7 <boi> | c.. c.. ... c.. <eol7> (x 16 rows) <eoi>
-    ----------- prompt --------   ---------- generated: 16 x 17 + 1 tokens ---------
+    <bos> a handwritten 7 <boi> | c.. c.. ... c.. <eol> (x 16 rows) <eoi>
+    ----------- prompt --------   --------- generated: 16 x 17 + 1 tokens ---------
 
 Image tokens are the codes 0..255 of `vq` (one per 2x2 patch of a 32x32 image); a row is GRID
-codes then an end-of-row token, so the row width in the stream is GRID + 1.  The end-of-row
-token names the class: a small model then sees what it draws every row instead of only in a
-prompt far back.
+codes then an end-of-row token, so the row width in the stream is GRID + 1.  Only the prompt
+names the class, so that the unconditional prompt (`unconditional_prompt_ids`: every prompt
+token but <bos> and <boi> becomes <pad>, Janus's rule, at the same length) conditions on
+nothing; classifier-free guidance then strengthens the class.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import numpy as np
 from .vq import CODES, GREY_LEVELS, GRID, IMAGE_SIZE, Codebook, bundled
 
 ROW_WIDTH = GRID + 1
-EOLS = [f"<eol{d}>" for d in range(10)]
-SPECIAL = EOLS + ["<boi>", "<eoi>", "<bos>", "<pad>", "<unk>"]
+SPECIAL = ["<eol>", "<boi>", "<eoi>", "<bos>", "<pad>", "<unk>"]
 WORDS = ["a", "handwritten"] + [str(d) for d in range(10)]
 VOCAB = [f"<c{i}>" for i in range(CODES)] + SPECIAL + WORDS
 TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
-EOL_IDS = frozenset(TOKEN_ID[t] for t in EOLS)
-BOI, EOI, BOS, PAD = (TOKEN_ID[t] for t in ("<boi>", "<eoi>", "<bos>", "<pad>"))
+EOL, BOI, EOI, BOS, PAD = (TOKEN_ID[t] for t in ("<eol>", "<boi>", "<eoi>", "<bos>", "<pad>"))
+# The unconditional prompt: every prompt token but these becomes <pad> (config.json "sjdpp").
+UNCONDITIONAL_KEEP = (BOS, BOI)
 IMAGE_TOKENS = (0, CODES)  # [lo, hi)
 GENERATED_LENGTH = GRID * ROW_WIDTH + 1
 
@@ -36,15 +37,16 @@ def prompt_ids(digit: int) -> list[int]:
     return [BOS, TOKEN_ID["a"], TOKEN_ID["handwritten"], TOKEN_ID[str(digit)], BOI]
 
 
-def eol_id(digit: int) -> int:
-    return TOKEN_ID[f"<eol{digit}>"]
+def unconditional_prompt_ids(prompt: list[int]) -> list[int]:
+    """The prompt with its class removed: what class dropout trains and guidance runs."""
+    return [t if t in UNCONDITIONAL_KEEP else PAD for t in prompt]
 
 
-def codes_to_ids(codes: np.ndarray, digit: int) -> list[int]:
-    """[GRID, GRID] codes of a `digit` -> the generated part of the stream."""
+def codes_to_ids(codes: np.ndarray) -> list[int]:
+    """[GRID, GRID] codes -> the generated part of the stream."""
     if codes.shape != (GRID, GRID):
         raise ValueError(f"codes must be {GRID}x{GRID}, got {codes.shape}")
-    rows = np.concatenate([codes.astype(np.int64), np.full((GRID, 1), eol_id(digit))], 1)
+    rows = np.concatenate([codes.astype(np.int64), np.full((GRID, 1), EOL)], 1)
     return rows.reshape(-1).tolist() + [EOI]
 
 
@@ -65,7 +67,7 @@ def ids_to_codes(ids: list[int], strict: bool = False) -> np.ndarray:
         problems.append("no <eoi>")
     rows, row = [], []
     for t in ids:
-        if t in EOL_IDS:
+        if t == EOL:
             rows.append(row)
             row = []
         elif IMAGE_TOKENS[0] <= t < IMAGE_TOKENS[1]:
@@ -89,9 +91,9 @@ def ids_to_codes(ids: list[int], strict: bool = False) -> np.ndarray:
     return codes
 
 
-def image_to_ids(image: np.ndarray, digit: int, codebook: Codebook | None = None) -> list[int]:
-    """[IMAGE_SIZE, IMAGE_SIZE] grey levels of a `digit` -> the generated stream (bundled codebook by default)."""
-    return codes_to_ids((codebook or bundled()).encode(image), digit)
+def image_to_ids(image: np.ndarray, codebook: Codebook | None = None) -> list[int]:
+    """[IMAGE_SIZE, IMAGE_SIZE] grey levels -> the generated stream (bundled codebook by default)."""
+    return codes_to_ids((codebook or bundled()).encode(image))
 
 
 def ids_to_image(ids: list[int], strict: bool = False, codebook: Codebook | None = None) -> np.ndarray:
@@ -118,7 +120,7 @@ def to_png(images: list[np.ndarray], path, columns: int = 10, scale: int = 3) ->
 
 
 def build_tokenizer():
-    """A word-level tokenizer: "a handwritten 7" -> prompt_ids(7); image tokens are <cN>, <eolD>."""
+    """A word-level tokenizer: "a handwritten 7" -> prompt_ids(7); image tokens are <cN>, <eol>."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 

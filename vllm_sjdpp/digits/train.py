@@ -3,10 +3,12 @@
     python -m vllm_sjdpp.digits.train [--out DIR] [--minutes 18] [--seed 0]
 
 Seeded, within the time budget on 2 CPU cores, with a progress bar. Writes a Hugging Face model
-folder (safetensors, tokenizer, the image codebook, the SJD++ defaults in config.json), loss.png
-and metrics.json (held-out negative log-likelihood per generated token).  The codebook is fitted
-first, on one augmented copy of each training digit.  Trained for likelihood only: nothing
-sharpens the model or its sampling.
+folder (safetensors, tokenizer, the image codebook, the SJD++ and guidance defaults in
+config.json), loss.png and metrics.json (held-out negative log-likelihood per generated token).
+The codebook is fitted first, on one augmented copy of each training digit.  Trained for
+likelihood only, with class dropout: one prompt in CLASS_DROPOUT loses its class (the
+unconditional prompt), so that the same weights give the unconditional branch of
+classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import torch
 
 from . import data
 from .tokens import (
-    BOS, EOI, GENERATED_LENGTH, IMAGE_TOKENS, PAD, ROW_WIDTH, VOCAB, build_tokenizer,
-    image_to_ids, prompt_ids,
+    BOS, EOI, GENERATED_LENGTH, IMAGE_TOKENS, PAD, ROW_WIDTH, UNCONDITIONAL_KEEP, VOCAB,
+    build_tokenizer, image_to_ids, prompt_ids, unconditional_prompt_ids,
 )
 from .vq import MODEL_DIR, Codebook
 
 DEFAULT_OUT = MODEL_DIR
 PROMPT_LEN = len(prompt_ids(0))
+CLASS_DROPOUT = 0.1
+ARCHITECTURE = "GuidedLlamaForCausalLM"  # vllm-sjdpp's Llama with classifier-free guidance
 
 
 def model_config():
@@ -42,18 +46,25 @@ def model_config():
         # Read by vllm-sjdpp for its defaults: fresh tokens are image tokens, rows are this wide,
         # and fresh tokens copy the row above (the fewest passes in benchmarks/bench_e2e.py).
         sjdpp={"fresh_token_range": list(IMAGE_TOKENS), "row_width": ROW_WIDTH, "init": "above"},
+        # The unconditional prompt of guidance: the rule class dropout trained.
+        sjdpp_guidance={"keep_token_ids": list(UNCONDITIONAL_KEEP), "pad_token_id": PAD},
     )
 
 
 def batch(images8, labels, idx, rng, codebook: Codebook) -> torch.Tensor:
-    seqs = [prompt_ids(int(labels[i])) + image_to_ids(data.augment(images8[i], rng), int(labels[i]), codebook) for i in idx]
+    seqs = []
+    for i in idx:
+        prompt = prompt_ids(int(labels[i]))
+        if rng.random() < CLASS_DROPOUT:
+            prompt = unconditional_prompt_ids(prompt)
+        seqs.append(prompt + image_to_ids(data.augment(images8[i], rng), codebook))
     return torch.tensor(seqs)
 
 
 def held_out_batches(images8, labels, idx, codebook: Codebook):
     """Un-augmented held-out images as token sequences, in batches of about 8."""
     for chunk in np.array_split(idx, max(1, len(idx) // 8)):
-        yield torch.tensor([prompt_ids(int(labels[i])) + image_to_ids(data.upscale(images8[i]), int(labels[i]), codebook) for i in chunk])
+        yield torch.tensor([prompt_ids(int(labels[i])) + image_to_ids(data.upscale(images8[i]), codebook) for i in chunk])
 
 
 @torch.no_grad()
@@ -141,12 +152,22 @@ def train(out: Path, minutes: float, seed: int, batch_size: int = 16, lr: float 
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    save_model(model, out)
     build_tokenizer().save_pretrained(out)
     codebook.save(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_losses(losses, nll, out / "loss.png")
     return metrics
+
+
+def save_model(model, out: Path) -> None:
+    """save_pretrained names transformers' class in config.json; vLLM must build the guided one
+    (transformers' Auto classes go by model_type and still load it)."""
+    model.save_pretrained(out, safe_serialization=True)
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = [ARCHITECTURE]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def calibrate_saved(out: Path) -> dict:

@@ -1,0 +1,196 @@
+"""Classifier-free guidance inside vLLM: one sequence, two branches, one pass.
+
+A guided model runs each sequence as two branches: the conditional one on the sequence's own
+tokens, the unconditional one on the same tokens with the prompt replaced by the unconditional
+prompt (the same length and positions; generated tokens and SJD++ drafts are shared).  Both
+branches keep their keys and values in the sequence's own paged blocks as twice the KV heads
+(cond heads, then uncond heads), so vLLM's scheduler, block tables, chunked prefill, preemption
+and prefix caching see one ordinary sequence.  The logits are combined before any sampler sees
+them, as transformers' `generate` does before temperature, top-k and top-p:
+
+    l = l_u + s * (l_c - l_u)
+
+Per request (`SamplingParams.extra_args`, OpenAI `vllm_xargs`): `guidance_scale` s >= 0 (1: the
+conditional model alone, 0: the unconditional one; default from generation_config.json) and
+`negative_prompt_token_ids` (default: the model's unconditional rule applied to the prompt).
+The unconditional prompt must have the prompt's length: a shorter one (Emu3, Lumina-mGPT) would
+need its missing keys masked, which paged attention over shared blocks cannot do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+SCALE_KEY = "guidance_scale"
+NEGATIVE_PROMPT_KEY = "negative_prompt_token_ids"
+REQUEST_KEYS = (SCALE_KEY, NEGATIVE_PROMPT_KEY)
+# config.json: {"sjdpp_guidance": {"keep_token_ids": [...], "pad_token_id": N}}
+CONFIG_KEY = "sjdpp_guidance"
+# Rows handed to compute_logits carry their token's index in the batch as two base-256 digits:
+# exact in bf16 and fp16, whatever rows vLLM gathers (sampling, prompt logprobs, warm-up).
+INDEX_BASE = 256
+MAX_BATCH_TOKENS = INDEX_BASE**2
+
+
+@dataclass(frozen=True)
+class UnconditionalRule:
+    """Janus's rule (LlamaGen's null class is the case keep = {}): every prompt token that is
+    not kept becomes the pad token, so the unconditional prompt has the prompt's length and is a
+    per-token function of it (prefix caching stays correct)."""
+
+    keep_token_ids: frozenset[int]
+    pad_token_id: int
+
+    @classmethod
+    def from_config(cls, options: Any) -> "UnconditionalRule":
+        if not isinstance(options, dict) or set(options) != {"keep_token_ids", "pad_token_id"}:
+            raise ValueError(
+                f"config.json {CONFIG_KEY!r} must be {{'keep_token_ids': [ids], 'pad_token_id': id}}, "
+                f"got {options!r}"
+            )
+        return cls(frozenset(int(t) for t in options["keep_token_ids"]), int(options["pad_token_id"]))
+
+    def apply(self, prompt: list[int]) -> list[int]:
+        return [t if t in self.keep_token_ids else self.pad_token_id for t in prompt]
+
+
+def model_rule(hf_config: Any) -> UnconditionalRule | None:
+    """The folder's unconditional rule; None for a model without guidance."""
+    options = getattr(hf_config, CONFIG_KEY, None)
+    return None if options is None else UnconditionalRule.from_config(options)
+
+
+def default_scale(model_config: Any) -> float:
+    """generation_config.json's `guidance_scale` (transformers' name), else 1 (no guidance)."""
+    value = model_config.try_get_generation_config().get(SCALE_KEY)
+    return 1.0 if value is None else float(value)
+
+
+def _invalid(key: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"guidance option {key!r}: got {value!r}; allowed: {allowed}")
+
+
+def request_guidance(
+    extra_args: dict | None,
+    prompt: list[int],
+    rule: UnconditionalRule | None,
+    scale_default: float,
+    vocab_size: int,
+) -> tuple[float, list[int]] | None:
+    """(scale, unconditional prompt) of a request, validated; None for an unguided model.
+
+    Raises ValueError naming the option, which vLLM answers with HTTP 400.
+    """
+    args = extra_args or {}
+    given = [k for k in REQUEST_KEYS if k in args]
+    if rule is None:
+        if given:
+            raise _invalid(given[0], args[given[0]], f"nothing: this model has no {CONFIG_KEY!r} in config.json")
+        return None
+    scale = args.get(SCALE_KEY, scale_default)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise _invalid(SCALE_KEY, scale, "a finite number >= 0 (1: no guidance)")
+    negative = args.get(NEGATIVE_PROMPT_KEY)
+    if negative is None:
+        return float(scale), rule.apply(prompt)
+    if (
+        not isinstance(negative, (list, tuple))
+        or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in negative)
+    ):
+        raise _invalid(NEGATIVE_PROMPT_KEY, negative, f"a list of token ids in [0, {vocab_size})")
+    if len(negative) != len(prompt):
+        raise _invalid(
+            NEGATIVE_PROMPT_KEY,
+            f"{len(negative)} tokens",
+            f"exactly the prompt's length, {len(prompt)} (a different length needs key masking, "
+            "which guidance in shared paged blocks cannot do)",
+        )
+    return float(scale), list(negative)
+
+
+class GuidanceBatch:
+    """Per-token guidance inputs of the batch the model runs next, filled by the model runner
+    before each forward (`prepare`) and read by the guided model's forward and compute_logits.
+
+    uncond_override[t]: the unconditional branch's token at t, or -1 for the cond token (drafts
+    and generated tokens are shared; on the async path vLLM fills those on the device).
+    token_scale[t]: the guidance scale of t's request.
+    """
+
+    def __init__(self, rule: UnconditionalRule, scale_default: float, vocab_size: int, size: int, device):
+        self.rule = rule
+        self.scale_default = scale_default
+        self.vocab_size = vocab_size
+        self.requests: dict[str, tuple[float, np.ndarray]] = {}
+        self.uncond_override = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.token_scale = torch.full((size,), scale_default, dtype=torch.float32, device=device)
+
+    def request(self, req_id: str, prompt: list[int], extra_args: dict | None) -> tuple[float, np.ndarray]:
+        state = self.requests.get(req_id)
+        if state is None:
+            # Checked when the request arrived (vllm_patches); a failure here is a bug.
+            scale, negative = request_guidance(extra_args, prompt, self.rule, self.scale_default, self.vocab_size)
+            state = self.requests[req_id] = (scale, np.asarray(negative, dtype=np.int64))
+        return state
+
+    def prepare(self, runner, num_tokens_padded: int) -> None:
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        live = batch.req_ids[:num_reqs]
+        for req_id in [r for r in self.requests if r not in runner.requests]:
+            del self.requests[req_id]
+        states = [
+            self.request(r, runner.requests[r].prompt_token_ids, runner.requests[r].sampling_params.extra_args)
+            for r in live
+        ]
+        starts = runner.query_start_loc.np[: num_reqs + 1]
+        counts = np.diff(starts)
+        total = int(starts[-1])
+        scale = np.full(num_tokens_padded, self.scale_default, dtype=np.float32)
+        scale[:total] = np.repeat(np.array([s for s, _ in states], dtype=np.float32), counts)
+        override = np.full(num_tokens_padded, -1, dtype=np.int64)
+        computed = batch.num_computed_tokens_cpu[:num_reqs]
+        for i, (_, negative) in enumerate(states):
+            first = int(computed[i])
+            n = min(int(counts[i]), len(negative) - first)  # prompt positions in this chunk
+            if n > 0:
+                override[starts[i] : starts[i] + n] = negative[first : first + n]
+        self._ensure(num_tokens_padded)
+        self.uncond_override[:num_tokens_padded].copy_(torch.from_numpy(override), non_blocking=True)
+        self.token_scale[:num_tokens_padded].copy_(torch.from_numpy(scale), non_blocking=True)
+
+    def _ensure(self, size: int) -> None:
+        if size > MAX_BATCH_TOKENS:
+            raise ValueError(f"guided models take at most {MAX_BATCH_TOKENS} tokens per batch, got {size}")
+        if size > self.uncond_override.numel():
+            device = self.uncond_override.device
+            self.uncond_override = torch.full((size,), -1, dtype=torch.long, device=device)
+            self.token_scale = torch.full((size,), self.scale_default, dtype=torch.float32, device=device)
+
+    def unconditional_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._ensure(input_ids.shape[0])
+        override = self.uncond_override[: input_ids.shape[0]]
+        return torch.where(override >= 0, override.to(input_ids.dtype), input_ids)
+
+    @staticmethod
+    def index_columns(num_tokens: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """[num_tokens, 2]: each token's index as (high, low) base-256 digits."""
+        t = torch.arange(num_tokens, device=device)
+        return torch.stack([t // INDEX_BASE, t % INDEX_BASE], dim=-1).to(dtype)
+
+    def row_scales(self, index_columns: torch.Tensor) -> torch.Tensor:
+        """The guidance scale of each row, from the index columns that rode along with it."""
+        digits = index_columns.float().round().long()
+        t = (digits[:, 0] * INDEX_BASE + digits[:, 1]).clamp(0, self.token_scale.numel() - 1)
+        return self.token_scale[t]
+
+
+def combine(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """l_u + s (l_c - l_u), per row, in float32 (as transformers' processors work)."""
+    lu = uncond_logits.float()
+    return lu + scale[:, None] * (cond_logits.float() - lu)

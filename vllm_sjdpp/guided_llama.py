@@ -1,0 +1,111 @@
+"""`GuidedLlamaForCausalLM`: vLLM's Llama with classifier-free guidance (see `guidance`).
+
+config.json names this architecture and holds the unconditional rule under "sjdpp_guidance";
+the weights are an ordinary Llama's (transformers loads the folder as `LlamaForCausalLM`).
+
+The engine sees a model with twice the attention and KV heads (`double_heads`, run when vLLM
+builds the model config), so the KV cache pages, the attention backends and their metadata all
+size themselves for both branches.  Inside, the dense layers run the two branches as one stack
+of 2T rows (cond rows, then uncond rows); attention regroups them into T rows of 2H heads,
+[cond heads | uncond heads], so that with grouped queries every query head still reads its own
+branch's KV heads (interleaving them would not).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+
+from .guidance import MAX_BATCH_TOKENS, GuidanceBatch, combine, default_scale, model_rule
+
+ARCHITECTURE = "GuidedLlamaForCausalLM"
+
+
+def double_heads(model_config) -> None:
+    """vLLM's per-architecture config hook: the engine's view of the model has 2H heads.
+
+    Idempotent (the config travels to worker processes already doubled).
+    """
+    text = model_config.hf_text_config
+    if getattr(text, "guidance_branch_heads", None) is not None:
+        return
+    if model_rule(model_config.hf_config) is None:
+        raise ValueError(f"{ARCHITECTURE} needs 'sjdpp_guidance' in config.json (the unconditional rule)")
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    text.head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    text.guidance_branch_heads = (heads, kv_heads)
+    text.num_attention_heads, text.num_key_value_heads = 2 * heads, 2 * kv_heads
+    model_config.model_arch_config = model_config.get_model_arch_config()
+
+
+class GuidedLlamaAttention(LlamaAttention):
+    """Built with the doubled head counts (so its `attn` has 2H query and 2H_kv KV heads), then
+    given projections of one branch's size, the checkpoint's."""
+
+    def __init__(self, config, hidden_size: int, num_heads: int, num_kv_heads: int, **kwargs):
+        super().__init__(config, hidden_size, num_heads, num_kv_heads, **kwargs)
+        heads, kv_heads = config.guidance_branch_heads
+        prefix, quant_config = kwargs.get("prefix", ""), kwargs.get("quant_config")
+        self.qkv_proj = QKVParallelLinear(
+            hidden_size, self.head_dim, heads, kv_heads, bias=kwargs.get("bias", False),
+            quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            heads * self.head_dim, hidden_size, bias=kwargs.get("bias_o_proj", False),
+            quant_config=quant_config, prefix=f"{prefix}.o_proj",
+        )
+        # Per tensor-parallel rank, one branch.
+        self.q_size //= 2
+        self.kv_size //= 2
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        # hidden_states: [2T, D], cond rows then uncond rows; positions: [2T].
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        # [2T, n] -> [T, 2n]: each token's cond heads, then its uncond heads.
+        q, k, v = (torch.cat(x.chunk(2), dim=-1) for x in (q, k, v))
+        out = self.attn(q, k, v)
+        output, _ = self.o_proj(torch.cat(out.chunk(2, dim=-1)))
+        return output
+
+
+class GuidedLlamaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, vllm_config, prefix: str = "", config=None):
+        super().__init__(vllm_config, prefix, config, attn_layer_type=GuidedLlamaAttention)
+
+
+class GuidedLlamaForCausalLM(LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        model_config = vllm_config.model_config
+        if vllm_config.scheduler_config.max_num_batched_tokens > MAX_BATCH_TOKENS:
+            raise ValueError(f"{ARCHITECTURE}: --max-num-batched-tokens must be at most {MAX_BATCH_TOKENS}")
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=GuidedLlamaDecoderLayer)
+        self.guidance = GuidanceBatch(
+            model_rule(model_config.hf_config),
+            default_scale(model_config),
+            model_config.get_vocab_size(),
+            vllm_config.scheduler_config.max_num_batched_tokens,
+            self.lm_head.weight.device,
+        )
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        if input_ids is None:
+            raise NotImplementedError(f"{ARCHITECTURE} takes token ids, not prompt embeddings")
+        num_tokens = input_ids.shape[0]
+        both = torch.cat([input_ids, self.guidance.unconditional_ids(input_ids)])
+        hidden = self.model(both, torch.cat([positions, positions]), intermediate_tensors, None)
+        cond, uncond = hidden.chunk(2)
+        index = GuidanceBatch.index_columns(num_tokens, hidden.dtype, hidden.device)
+        return torch.cat([cond, uncond, index], dim=-1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        size = self.config.hidden_size
+        cond, uncond, index = hidden_states.split([size, size, 2], dim=-1)
+        logits = super().compute_logits(torch.cat([cond, uncond]))
+        if logits is None:  # a tensor-parallel rank that does not gather
+            return None
+        cond_logits, uncond_logits = logits.chunk(2)
+        return combine(cond_logits, uncond_logits, self.guidance.row_scales(index))
