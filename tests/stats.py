@@ -49,3 +49,21 @@ def same_distribution(a: torch.Tensor, b: torch.Tensor, min_expected: float = 5.
     table = np.concatenate([counts[:, big], counts[:, ~big].sum(1, keepdims=True)], 1)
     table = table[:, table.sum(0) > 0]
     return float(stats.chi2_contingency(table, correction=False).pvalue)
+
+
+def position_pair_pvalues(a: np.ndarray, b: np.ndarray, vocab: int) -> list[float]:
+    """Chi-square homogeneity of per-position and adjacent-pair token frequencies of two sets of
+    sequences ([N, L] and [M, L]); compare the smallest with ALPHA / len (Bonferroni)."""
+    pvalues = []
+    columns = [(a[:, i], b[:, i]) for i in range(a.shape[1])]
+    columns += [(a[:, i] * vocab + a[:, i + 1], b[:, i] * vocab + b[:, i + 1]) for i in range(a.shape[1] - 1)]
+    for x, y in columns:
+        keys, inverse = np.unique(np.concatenate([x, y]), return_inverse=True)
+        table = np.zeros((2, keys.size))
+        np.add.at(table[0], inverse[: x.size], 1)
+        np.add.at(table[1], inverse[x.size :], 1)
+        rare = table.sum(0) < 10  # pooled: expected counts >= 5 per sample in every cell
+        table = np.concatenate([table[:, ~rare], table[:, rare].sum(1, keepdims=True)], 1)
+        table = table[:, table.sum(0) > 0]
+        pvalues.append(float(stats.chi2_contingency(table, correction=False).pvalue))
+    return pvalues

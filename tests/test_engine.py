@@ -11,9 +11,8 @@ import importlib
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
-from stats import ALPHA, BROKEN_ALPHA
+from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
 from tiny_llama import build_tiny_llama, set_engine_env
 
 set_engine_env()
@@ -74,23 +73,6 @@ LENGTH = 5
 SAMPLES = 3000
 
 
-def _frequency_pvalues(a: np.ndarray, b: np.ndarray, vocab: int) -> list[float]:
-    """Chi-square homogeneity of per-position and adjacent-pair token frequencies."""
-    pvalues = []
-    columns = [(a[:, i], b[:, i]) for i in range(a.shape[1])]
-    columns += [(a[:, i] * vocab + a[:, i + 1], b[:, i] * vocab + b[:, i + 1]) for i in range(a.shape[1] - 1)]
-    for x, y in columns:
-        keys, inverse = np.unique(np.concatenate([x, y]), return_inverse=True)
-        table = np.zeros((2, keys.size))
-        np.add.at(table[0], inverse[: x.size], 1)
-        np.add.at(table[1], inverse[x.size :], 1)
-        rare = table.sum(0) < 10  # pooled: expected counts >= 5 per sample in every cell
-        table = np.concatenate([table[:, ~rare], table[:, rare].sum(1, keepdims=True)], 1)
-        table = table[:, table.sum(0) > 0]
-        pvalues.append(float(stats.chi2_contingency(table, correction=False).pvalue))
-    return pvalues
-
-
 @pytest.fixture(scope="module")
 def plain_samples(plain):
     return np.array(generate(plain, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
@@ -101,7 +83,7 @@ def test_sampling_distribution_matches_plain(plain_samples, sjdpp, reuse):
     before = accepted_tokens(sjdpp)
     sampling = params(temperature=1.0, top_k=8, max_tokens=LENGTH, extra_args={"sjdpp_reuse": reuse})
     got = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, sampling))
-    pvalues = _frequency_pvalues(plain_samples, got, 48)
+    pvalues = position_pair_pvalues(plain_samples, got, 48)
     assert min(pvalues) > ALPHA / len(pvalues), pvalues  # Bonferroni over the 9 comparisons
     assert accepted_tokens(sjdpp) > before
 
@@ -119,7 +101,7 @@ def test_draft_token_budget_shrinks_windows_and_stays_exact(plain, plain_samples
         assert generate(sjdpp, PROMPTS, params(temperature=0, max_tokens=48)) == expected
         before = accepted_per_position(sjdpp)
         got = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
-        pvalues = _frequency_pvalues(plain_samples, got, 48)
+        pvalues = position_pair_pvalues(plain_samples, got, 48)
         assert min(pvalues) > ALPHA / len(pvalues), pvalues
         accepted = [a - b for a, b in zip(accepted_per_position(sjdpp), before)]
         assert accepted[0] > 0 and not any(accepted[4:]), accepted  # no window was longer than 4
@@ -147,9 +129,9 @@ def test_distribution_test_catches_vllm_cpu_expand_bug(plain, sjdpp):
     finally:
         cpu_triton_utils._expand_kernel_impl = vllm_patches.expand_kernel_impl
         rejection_sampler.expand_kernel._impl = vllm_patches.expand_kernel_impl
-    assert min(_frequency_pvalues(expected, got, 48)) < BROKEN_ALPHA
+    assert min(position_pair_pvalues(expected, got, 48)) < BROKEN_ALPHA
     fixed = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, sampling))
-    assert min(_frequency_pvalues(expected, fixed, 48)) > ALPHA / 9
+    assert min(position_pair_pvalues(expected, fixed, 48)) > ALPHA / 9
 
 
 def test_cpu_expand_kernel_is_fixed():

@@ -59,10 +59,17 @@ class UnconditionalRule:
         return [t if t in self.keep_token_ids else self.pad_token_id for t in prompt]
 
 
-def model_rule(hf_config: Any) -> UnconditionalRule | None:
-    """The folder's unconditional rule; None for a model without guidance."""
-    options = getattr(hf_config, CONFIG_KEY, None)
-    return None if options is None else UnconditionalRule.from_config(options)
+# Set on the text config by a guided architecture's config hook (the branches' own head counts):
+# what marks a model that vLLM runs with guidance, whatever its config.json holds besides.
+BRANCH_HEADS_ATTR = "guidance_branch_heads"
+
+
+def served_rule(model_config: Any) -> UnconditionalRule | None:
+    """The unconditional rule of a model vLLM serves with guidance; None for any other model
+    (for instance a guided folder served as a plain Llama with hf_overrides)."""
+    if getattr(model_config.hf_text_config, BRANCH_HEADS_ATTR, None) is None:
+        return None
+    return UnconditionalRule.from_config(getattr(model_config.hf_config, CONFIG_KEY, None))
 
 
 def default_scale(model_config: Any) -> float:
@@ -90,7 +97,7 @@ def request_guidance(
     given = [k for k in REQUEST_KEYS if k in args]
     if rule is None:
         if given:
-            raise _invalid(given[0], args[given[0]], f"nothing: this model has no {CONFIG_KEY!r} in config.json")
+            raise _invalid(given[0], args[given[0]], "nothing: this model is not served with guidance")
         return None
     scale = args.get(SCALE_KEY, scale_default)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:

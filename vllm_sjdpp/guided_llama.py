@@ -17,7 +17,10 @@ import torch
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
-from .guidance import MAX_BATCH_TOKENS, GuidanceBatch, combine, default_scale, model_rule
+from .guidance import (
+    BRANCH_HEADS_ATTR, CONFIG_KEY, MAX_BATCH_TOKENS, GuidanceBatch, UnconditionalRule, combine, default_scale,
+    served_rule,
+)
 
 ARCHITECTURE = "GuidedLlamaForCausalLM"
 
@@ -28,14 +31,13 @@ def double_heads(model_config) -> None:
     Idempotent (the config travels to worker processes already doubled).
     """
     text = model_config.hf_text_config
-    if getattr(text, "guidance_branch_heads", None) is not None:
+    if getattr(text, BRANCH_HEADS_ATTR, None) is not None:
         return
-    if model_rule(model_config.hf_config) is None:
-        raise ValueError(f"{ARCHITECTURE} needs 'sjdpp_guidance' in config.json (the unconditional rule)")
+    UnconditionalRule.from_config(getattr(model_config.hf_config, CONFIG_KEY, None))  # present and well formed
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     text.head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    text.guidance_branch_heads = (heads, kv_heads)
+    setattr(text, BRANCH_HEADS_ATTR, (heads, kv_heads))
     text.num_attention_heads, text.num_key_value_heads = 2 * heads, 2 * kv_heads
     model_config.model_arch_config = model_config.get_model_arch_config()
 
@@ -46,7 +48,7 @@ class GuidedLlamaAttention(LlamaAttention):
 
     def __init__(self, config, hidden_size: int, num_heads: int, num_kv_heads: int, **kwargs):
         super().__init__(config, hidden_size, num_heads, num_kv_heads, **kwargs)
-        heads, kv_heads = config.guidance_branch_heads
+        heads, kv_heads = getattr(config, BRANCH_HEADS_ATTR)
         prefix, quant_config = kwargs.get("prefix", ""), kwargs.get("quant_config")
         self.qkv_proj = QKVParallelLinear(
             hidden_size, self.head_dim, heads, kv_heads, bias=kwargs.get("bias", False),
@@ -84,7 +86,7 @@ class GuidedLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError(f"{ARCHITECTURE}: --max-num-batched-tokens must be at most {MAX_BATCH_TOKENS}")
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=GuidedLlamaDecoderLayer)
         self.guidance = GuidanceBatch(
-            model_rule(model_config.hf_config),
+            served_rule(model_config),
             default_scale(model_config),
             model_config.get_vocab_size(),
             vllm_config.scheduler_config.max_num_batched_tokens,

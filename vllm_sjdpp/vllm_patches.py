@@ -358,7 +358,7 @@ def _patch_guidance_validation() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from .guidance import NEGATIVE_PROMPT_KEY, default_scale, model_rule, request_guidance
+    from .guidance import NEGATIVE_PROMPT_KEY, default_scale, request_guidance, served_rule
 
     process_inputs = InputProcessor.process_inputs
 
@@ -369,7 +369,7 @@ def _patch_guidance_validation() -> None:
             return request
         model_config = self.model_config
         if not hasattr(self, "_sjdpp_guidance"):  # the model's rule and default, read once
-            rule = model_rule(model_config.hf_config)
+            rule = served_rule(model_config)
             self._sjdpp_guidance = (rule, default_scale(model_config) if rule else 1.0)
         rule, scale_default = self._sjdpp_guidance
         try:

@@ -1,0 +1,73 @@
+"""Guidance options, the unconditional rule and the row index that rides with hidden states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_sjdpp.guidance import (
+    MAX_BATCH_TOKENS, GuidanceBatch, UnconditionalRule, combine, request_guidance,
+)
+
+RULE = UnconditionalRule(frozenset({0, 9}), pad_token_id=7)
+PROMPT = [0, 3, 4, 9]
+
+
+def test_rule_keeps_length_and_kept_tokens():
+    assert RULE.apply(PROMPT) == [0, 7, 7, 9]
+    assert UnconditionalRule.from_config({"keep_token_ids": [0, 9], "pad_token_id": 7}) == RULE
+    with pytest.raises(ValueError, match="sjdpp_guidance"):
+        UnconditionalRule.from_config({"pad_token_id": 7})
+
+
+def test_request_defaults_and_overrides():
+    assert request_guidance(None, PROMPT, RULE, 2.5, 10) == (2.5, [0, 7, 7, 9])
+    assert request_guidance({"guidance_scale": 0}, PROMPT, RULE, 2.5, 10) == (0.0, [0, 7, 7, 9])
+    negative = [0, 1, 1, 9]
+    assert request_guidance({"negative_prompt_token_ids": negative}, PROMPT, RULE, 1.0, 10) == (1.0, negative)
+    assert request_guidance({}, PROMPT, None, 1.0, 10) is None  # an unguided model
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"guidance_scale": "3"}, "guidance_scale"),
+        ({"guidance_scale": True}, "guidance_scale"),
+        ({"negative_prompt_token_ids": [0, 1, 9]}, "key masking"),  # shorter: needs masking
+        ({"negative_prompt_token_ids": [0, 1, 1, 10]}, r"\[0, 10\)"),  # past the vocabulary
+        ({"negative_prompt_token_ids": [0, 1, -1, 9]}, "negative_prompt_token_ids"),
+        ({"negative_prompt_token_ids": "0 1 1 9"}, "negative_prompt_token_ids"),
+    ],
+)
+def test_bad_options_name_themselves(args, match):
+    with pytest.raises(ValueError, match=match):
+        request_guidance(args, PROMPT, RULE, 1.0, 10)
+
+
+def test_guidance_on_unguided_model_is_refused():
+    with pytest.raises(ValueError, match="not served with guidance"):
+        request_guidance({"guidance_scale": 3.0}, PROMPT, None, 1.0, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_row_index_survives_the_model_dtype(dtype):
+    batch = GuidanceBatch(RULE, 1.0, 10, MAX_BATCH_TOKENS, "cpu")
+    batch.token_scale.copy_(torch.arange(MAX_BATCH_TOKENS, dtype=torch.float32))
+    index = GuidanceBatch.index_columns(MAX_BATCH_TOKENS, dtype, "cpu")
+    rows = torch.randperm(MAX_BATCH_TOKENS)[:5000]
+    assert torch.equal(batch.row_scales(index[rows]), rows.float())
+    # Broken variant: one column in bf16 loses tokens past 256.
+    if dtype == torch.bfloat16:
+        one_column = torch.arange(MAX_BATCH_TOKENS).to(dtype).float()
+        assert not torch.equal(one_column, torch.arange(MAX_BATCH_TOKENS).float())
+
+
+def test_combine_is_the_guidance_formula():
+    cond, uncond = torch.randn(3, 11), torch.randn(3, 11)
+    scale = torch.tensor([0.0, 1.0, 3.0])
+    out = combine(cond, uncond, scale)
+    torch.testing.assert_close(out[0], uncond[0])
+    torch.testing.assert_close(out[1], cond[1])
+    torch.testing.assert_close(out[2], uncond[2] + 3 * (cond[2] - uncond[2]))
