@@ -1,15 +1,19 @@
-"""Image quality of the bundled digit model: plain decoding against SJD++, with the noise floor.
+"""Image quality of the bundled digit model against the guidance scale: plain decoding against
+SJD++, with the noise floor, and forward passes per image.
 
-    python benchmarks/digits_quality.py [--per-digit 30] [--plain-runs 6] [--sjdpp-runs 6]
-                                        [--out benchmarks/results/digits_quality.json]
+    python benchmarks/digits_quality.py [--scales 1,1.5,2,3,5] [--per-digit 30] [--plain-runs 6]
+                                        [--sjdpp-runs 3] [--out benchmarks/results/digits_quality.json]
 
-Same prompts for every run ("a handwritten 0..9", --per-digit each), one seed set per run.
-Plain decoding runs --plain-runs times with different seeds: their spread is the noise floor
-(draws of one distribution).  SJD++ (the defaults: init="above" from the model folder, k = 32) runs --sjdpp-runs times with the
-first plain runs' seeds.  For each run: the class accuracy and the Frechet distance to the real
-held-out digits in the classifier's feature space (vllm_sjdpp.digits.quality).  SJD++ is exact,
-so its runs must sit within the plain runs' spread (reported as z = (SJD++ mean - plain mean) /
-plain standard deviation); they are not expected to equal any one plain run.
+Same prompts for every run ("a handwritten 0..9", --per-digit each), one seed set per run, the
+model's sampling defaults (T = 1, its top-k) and classifier-free guidance at each scale.  Plain
+decoding (guided, no speculation) runs --plain-runs times with different seeds: their spread is
+the noise floor (draws of one distribution).  SJD++ (the defaults: init="above" from the model
+folder, k = 32) runs --sjdpp-runs times with the first plain runs' seeds.  For each run: the
+class accuracy and the Frechet distance to the real held-out digits in the classifier's feature
+space (vllm_sjdpp.digits.quality).  SJD++ is exact, so its runs must sit within the plain runs'
+spread (z = (SJD++ mean - plain mean) / plain standard deviation); they are not expected to equal
+any one plain run.  Passes per image: plain decoding makes one per token; SJD++ makes tokens minus
+accepted drafts (vLLM's spec-decode counter).
 """
 
 from __future__ import annotations
@@ -33,7 +37,15 @@ from vllm_sjdpp.digits.vq import Codebook  # noqa: E402
 ENGINE = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, max_num_seqs=128)
 
 
-def run(llm, per_digit: int, seed: int, codebook: Codebook) -> tuple[list, list[int], float]:
+def accepted_drafts(llm) -> float:
+    """vLLM's counter of accepted drafts (0 for an engine without speculation)."""
+    if llm.llm_engine.vllm_config.speculative_config is None:
+        return 0.0
+    return next(m.value for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens")
+
+
+def run(llm, per_digit: int, seed: int, scale: float, codebook: Codebook) -> dict:
+    """Images, labels, wall time and forward passes per image of one run."""
     import warnings
 
     labels = [d for d in range(10) for _ in range(per_digit)]
@@ -42,62 +54,109 @@ def run(llm, per_digit: int, seed: int, codebook: Codebook) -> tuple[list, list[
     for i in range(len(labels)):
         p = defaults.clone()
         p.max_tokens, p.seed = GENERATED_LENGTH, seed * 100_000 + i
+        p.extra_args = {"guidance_scale": scale}
         params.append(p)
+    accepted = accepted_drafts(llm)
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": prompt_ids(d)} for d in labels], params, use_tqdm=True)
     wall = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # malformed streams are drawn best-effort and counted
         images = [ids_to_image(o.outputs[0].token_ids, codebook=codebook) for o in outs]
-    return images, labels, wall
+    passes = (tokens - (accepted_drafts(llm) - accepted)) / len(outs)
+    return {"images": images, "labels": labels, "wall_s": wall, "passes_per_image": passes}
+
+
+def summarise(runs: dict) -> dict:
+    """Per metric: the plain runs' mean and spread, the SJD++ runs' mean, z."""
+    summary = {}
+    for metric in ("class_accuracy", "frechet_distance", "passes_per_image"):
+        by_mode = {
+            mode: np.array([r[metric] for name, r in runs.items() if name.startswith(mode)])
+            for mode in ("plain", "SJD++")
+        }
+        plain_std = float(by_mode["plain"].std(ddof=1))
+        summary[metric] = {
+            "plain_mean": float(by_mode["plain"].mean()), "plain_std": plain_std,
+            "sjdpp_mean": float(by_mode["SJD++"].mean()),
+            "z": float((by_mode["SJD++"].mean() - by_mode["plain"].mean()) / plain_std) if plain_std else None,
+        }
+    return summary
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = sorted(results["scales"], key=float)
+    x = [float(s) for s in scales]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, metric, label in zip(
+        axes, ("class_accuracy", "frechet_distance", "passes_per_image"),
+        ("class accuracy", "Frechet distance to real digits", "forward passes per image"),
+    ):
+        summary = [results["scales"][s]["summary"][metric] for s in scales]
+        mean = np.array([m["plain_mean"] for m in summary])
+        std = np.array([m["plain_std"] for m in summary])
+        ax.fill_between(x, mean - 2 * std, mean + 2 * std, alpha=0.2, label="plain: ±2 std over seeds")
+        ax.plot(x, mean, "o-", label="plain, mean")
+        ax.plot(x, [m["sjdpp_mean"] for m in summary], "s--", label="SJD++, mean")
+        ax.set_xlabel("guidance scale")
+        ax.set_title(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Digit model with classifier-free guidance ({results['per_digit'] * 10} images per run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     from vllm import LLM
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 1.5, 2.0, 3.0, 5.0])
     ap.add_argument("--per-digit", type=int, default=30)
     ap.add_argument("--plain-runs", type=int, default=6)
-    ap.add_argument("--sjdpp-runs", type=int, default=6)
+    ap.add_argument("--sjdpp-runs", type=int, default=3)
     ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/digits_quality.json"))
     args = ap.parse_args()
-    if args.plain_runs < 2 or args.sjdpp_runs < 1 or args.per_digit < 1:
-        ap.error("need --plain-runs >= 2 (their spread is the noise floor), --sjdpp-runs >= 1, --per-digit >= 1")
+    if args.plain_runs < 2 or args.sjdpp_runs < 1 or args.per_digit < 1 or min(args.scales) < 0:
+        ap.error("need --plain-runs >= 2 (their spread is the noise floor), --sjdpp-runs >= 1, --per-digit >= 1, scales >= 0")
 
     judge = quality.judge()
     real, _ = quality.real_images(held_out=True)
     codebook = Codebook.load(args.model)  # the model's own image tokenizer
     plain = LLM(str(args.model), **ENGINE)
-    sjdpp = LLM(str(args.model), speculative_config="sjdpp", **ENGINE)
-    runs = {f"plain seed {s}": run(plain, args.per_digit, s, codebook) for s in range(1, args.plain_runs + 1)}
-    runs |= {f"SJD++ seed {s}": run(sjdpp, args.per_digit, s, codebook) for s in range(1, args.sjdpp_runs + 1)}
-    results = {"classifier_held_out_accuracy": judge.held_out_accuracy, "per_digit": args.per_digit, "runs": {}}
+    sjdpp = LLM(str(args.model), speculative_config="sjdpp", disable_log_stats=False, **ENGINE)
+    results = {"classifier_held_out_accuracy": judge.held_out_accuracy, "per_digit": args.per_digit, "scales": {}}
     print(f"classifier held-out accuracy on real digits: {judge.held_out_accuracy:.3f}")
-    print(f"{'run':<14} {'class acc':>9} {'FD to real':>10} {'wall s':>7}")
-    for name, (images, labels, wall) in runs.items():
-        acc, fd = judge.accuracy(images, labels), judge.frechet_distance(images, real)
-        results["runs"][name] = {"class_accuracy": acc, "frechet_distance": fd, "wall_s": wall}
-        print(f"{name:<14} {acc:>9.3f} {fd:>10.2f} {wall:>7.1f}")
-    results["summary"] = {}
-    for metric in ("class_accuracy", "frechet_distance"):
-        by_mode = {
-            mode: np.array([r[metric] for name, r in results["runs"].items() if name.startswith(mode)])
-            for mode in ("plain", "SJD++")
-        }
-        plain_std = float(by_mode["plain"].std(ddof=1))
-        z = float((by_mode["SJD++"].mean() - by_mode["plain"].mean()) / plain_std)
-        results["summary"][metric] = {
-            "plain_mean": float(by_mode["plain"].mean()), "plain_std": plain_std,
-            "sjdpp_mean": float(by_mode["SJD++"].mean()), "z": z,
-        }
-        print(f"{metric}: plain {by_mode['plain'].mean():.3f} +- {plain_std:.3f} (std over {len(by_mode['plain'])} runs), "
-              f"SJD++ {by_mode['SJD++'].mean():.3f} (z = {z:+.2f})")
+    first_images = {}
+    for scale in args.scales:
+        runs = {f"plain seed {s}": run(plain, args.per_digit, s, scale, codebook) for s in range(1, args.plain_runs + 1)}
+        runs |= {f"SJD++ seed {s}": run(sjdpp, args.per_digit, s, scale, codebook) for s in range(1, args.sjdpp_runs + 1)}
+        first_images[scale] = [im for name in ("SJD++ seed 1", "plain seed 1") for im in runs[name]["images"][:: args.per_digit]]
+        print(f"guidance scale {scale}:")
+        print(f"  {'run':<14} {'class acc':>9} {'FD to real':>10} {'passes':>7} {'wall s':>7}")
+        table = {}
+        for name, r in runs.items():
+            acc, fd = judge.accuracy(r["images"], r["labels"]), judge.frechet_distance(r["images"], real)
+            table[name] = {"class_accuracy": acc, "frechet_distance": fd, "passes_per_image": r["passes_per_image"], "wall_s": r["wall_s"]}
+            print(f"  {name:<14} {acc:>9.3f} {fd:>10.2f} {r['passes_per_image']:>7.1f} {r['wall_s']:>7.1f}")
+        summary = summarise(table)
+        for metric, m in summary.items():
+            z = "n/a" if m["z"] is None else f"{m['z']:+.2f}"
+            print(f"  {metric}: plain {m['plain_mean']:.3f} +- {m['plain_std']:.3f}, SJD++ {m['sjdpp_mean']:.3f} (z = {z})")
+        results["scales"][str(scale)] = {"runs": table, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
-    grid = [im for name in ("SJD++ seed 1", "plain seed 1") for im in runs[name][0][:: args.per_digit]]
-    to_png(grid, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')} (one image per digit: SJD++ row, plain row)")
+    plot(results, args.out.with_name(args.out.stem + "_scales.png"))
+    # One image per digit and scale: an SJD++ row and a plain row per scale.
+    to_png([im for scale in args.scales for im in first_images[scale]], args.out.with_suffix(".png"))
+    print(f"wrote {args.out}, {args.out.with_suffix('.png')} (per scale: an SJD++ row, a plain row) and the scale plot")
 
 
 if __name__ == "__main__":

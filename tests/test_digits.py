@@ -10,8 +10,8 @@ import pytest
 
 from vllm_sjdpp.digits import data, quality
 from vllm_sjdpp.digits.tokens import (
-    BOI, EOI, EOL_IDS, GENERATED_LENGTH, IMAGE_SIZE, IMAGE_TOKENS, ROW_WIDTH, build_tokenizer,
-    codes_to_ids, eol_id, ids_to_codes, ids_to_image, image_to_ids, prompt_ids, to_png,
+    BOI, BOS, EOI, EOL, GENERATED_LENGTH, IMAGE_SIZE, IMAGE_TOKENS, PAD, ROW_WIDTH, build_tokenizer,
+    codes_to_ids, ids_to_codes, ids_to_image, image_to_ids, prompt_ids, to_png, unconditional_prompt_ids,
 )
 from vllm_sjdpp.digits.train import DEFAULT_OUT
 from vllm_sjdpp.digits.vq import CODES, GRID, Codebook, bundled
@@ -29,13 +29,20 @@ def _image():
 
 def test_stream_round_trip():
     codes = _codes()
-    ids = codes_to_ids(codes, 7)
-    assert len(ids) == GENERATED_LENGTH and ids[-1] == EOI and ids[ROW_WIDTH - 1] == eol_id(7)
+    ids = codes_to_ids(codes)
+    assert len(ids) == GENERATED_LENGTH and ids[-1] == EOI and ids[ROW_WIDTH - 1] == EOL
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.array_equal(ids_to_codes(ids), codes)
         assert np.array_equal(ids_to_image(ids), bundled().decode(codes))
-    assert image_to_ids(bundled().decode(codes), 7) == ids
+    assert image_to_ids(bundled().decode(codes)) == ids
+
+
+def test_unconditional_prompt_drops_the_class_only():
+    prompts = [prompt_ids(d) for d in range(10)]
+    uncond = [unconditional_prompt_ids(p) for p in prompts]
+    assert all(u == uncond[0] for u in uncond)  # one prompt for every class
+    assert uncond[0] == [BOS, PAD, PAD, PAD, BOI] and len(uncond[0]) == len(prompts[0])
 
 
 def test_codebook_round_trips_codes_and_real_digits():
@@ -68,12 +75,12 @@ def test_codebook_rejects_bad_input(tmp_path):
         (lambda ids: ids[:-1], "no <eoi>"),
         (lambda ids: ids[:100] + [EOI], "rows"),
         (lambda ids: ids[:10] + [BOI] + ids[10:], f"non-image token {BOI}"),
-        (lambda ids: [t for t in ids if t not in EOL_IDS], "rows"),
+        (lambda ids: [t for t in ids if t != EOL], "rows"),
         (lambda ids: ids + [3, 4], "after <eoi>"),
     ],
 )
 def test_malformed_streams_warn_or_raise(mangle, problem):
-    ids = mangle(codes_to_ids(_codes(), 3))
+    ids = mangle(codes_to_ids(_codes()))
     with pytest.warns(UserWarning, match=problem):
         image = ids_to_image(ids)
     assert image.shape == (IMAGE_SIZE, IMAGE_SIZE)

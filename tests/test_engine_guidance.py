@@ -14,22 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from guided_engine import ENGINE, VOCAB, assert_branch, branch_logprobs, hf_greedy, params, run, tokens, uncond
 from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
-from tiny_llama import GUIDED_KEEP, GUIDED_PAD, build_tiny_llama, set_engine_env
+from tiny_llama import build_tiny_llama, set_engine_env
 
 set_engine_env()
 
-VOCAB = 48
-ENGINE = dict(
-    skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, dtype="float32", seed=0,
-    disable_log_stats=False, max_logprobs=VOCAB,
-)
 SJDPP = {"method": "sjdpp", "num_speculative_tokens": 6}
 PROMPTS = [[0, 5, 6, 7, 8], [0, 9, 10], [0, 20, 21, 22, 23, 24, 25], [0, 30]]
-
-
-def uncond(prompt: list[int]) -> list[int]:
-    return [t if t in GUIDED_KEEP else GUIDED_PAD for t in prompt]
 
 
 @pytest.fixture(scope="module")
@@ -67,43 +59,15 @@ def hf_model(model_path):
     return model
 
 
-def params(**kw):
-    from vllm import SamplingParams
-
-    return SamplingParams(ignore_eos=True, detokenize=False, **kw)
-
-
-def run(llm, prompts, sampling):
-    return llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
-
-
-def tokens(outs) -> list[list[int]]:
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
-def dense(logprob_dicts) -> np.ndarray:
-    """vLLM's per-position {token: Logprob} (all VOCAB of them) -> [positions, VOCAB]."""
-    out = np.full((len(logprob_dicts), VOCAB), np.nan)
-    for i, d in enumerate(logprob_dicts):
-        for t, lp in d.items():
-            out[i, t] = lp.logprob
-    return out
-
-
-def branch_logprobs(llm, prompts, **extra) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
-    """Greedy tokens, prompt logprobs and sampled-token logprobs (all VOCAB) per prompt."""
-    sampling = params(temperature=0, max_tokens=12, logprobs=VOCAB, prompt_logprobs=VOCAB, extra_args=extra or None)
-    return [
-        (list(o.outputs[0].token_ids), dense(o.prompt_logprobs[1:]), dense(o.outputs[0].logprobs))
-        for o in run(llm, prompts, sampling)
-    ]
-
-
-def assert_branch(got, expected) -> None:
-    for (t, p, g), (t_ref, p_ref, g_ref) in zip(got, expected):
-        assert t == t_ref
-        np.testing.assert_allclose(p, p_ref, atol=2e-4)
-        np.testing.assert_allclose(g, g_ref, atol=2e-4)
+def test_engine_sees_twice_the_heads_and_half_the_kv_tokens(guided, plain_llama):
+    """What attention backends and the KV cache read from the model config: both branches' heads.
+    The same KV memory then holds half the tokens (vLLM's "KV cache size" log line)."""
+    config, reference = guided.llm_engine.vllm_config, plain_llama.llm_engine.vllm_config
+    parallel = config.parallel_config
+    assert config.model_config.get_num_kv_heads(parallel) == 2 * reference.model_config.get_num_kv_heads(parallel)
+    assert config.model_config.get_num_attention_heads(parallel) == 4
+    assert config.model_config.get_head_size() == reference.model_config.get_head_size()
+    assert 2 * config.cache_config.num_gpu_blocks == reference.cache_config.num_gpu_blocks
 
 
 @pytest.mark.parametrize("engine", ["guided", "guided_sjdpp"])
@@ -111,10 +75,9 @@ def test_branches_equal_two_plain_engines(request, plain_llama, engine):
     """Scale 1 is the cond branch alone, scale 0 the uncond branch alone: each must equal an
     ordinary engine run on the cond prompt or on the uncond prompt, logits included."""
     llm = request.getfixturevalue(engine)
-    assert_branch(branch_logprobs(llm, PROMPTS, guidance_scale=1.0), branch_logprobs(plain_llama, PROMPTS))
+    assert_branch(branch_logprobs(llm, PROMPTS, [1.0] * 4), branch_logprobs(plain_llama, PROMPTS))
     assert_branch(
-        branch_logprobs(llm, PROMPTS, guidance_scale=0.0),
-        branch_logprobs(plain_llama, [uncond(p) for p in PROMPTS]),
+        branch_logprobs(llm, PROMPTS, [0.0] * 4), branch_logprobs(plain_llama, [uncond(p) for p in PROMPTS])
     )
 
 
@@ -140,18 +103,8 @@ def test_interleaved_heads_break_grouped_queries(guided, plain_llama, monkeypatc
     monkeypatch.setattr(GuidedLlamaAttention, "forward", forward)
     with pytest.raises(AssertionError):
         assert_branch(
-            branch_logprobs(guided, PROMPTS, guidance_scale=0.0),
-            branch_logprobs(plain_llama, [uncond(p) for p in PROMPTS]),
+            branch_logprobs(guided, PROMPTS, [0.0] * 4), branch_logprobs(plain_llama, [uncond(p) for p in PROMPTS])
         )
-
-
-def hf_greedy(hf_model, prompt, scale, negative=None, n=12) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = hf_model.generate(
-        ids, max_new_tokens=n, do_sample=False, guidance_scale=scale,
-        negative_prompt_ids=torch.tensor([negative or uncond(prompt)]),
-    )
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("scale", [1.5, 3.0])

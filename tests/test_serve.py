@@ -87,7 +87,8 @@ def test_concurrent_requests(client, server):
 @pytest.mark.parametrize(
     "xargs, option",
     [({"sjdpp_reuse": "sometimes"}, "sjdpp_reuse"), ({"sjdpp_row_width": 0}, "sjdpp_row_width"),
-     ({"sjdpp_windw": 4}, "sjdpp_windw"), ({"sjdpp_num_speculative_tokens": 99}, "sjdpp_num_speculative_tokens")],
+     ({"sjdpp_windw": 4}, "sjdpp_windw"), ({"sjdpp_num_speculative_tokens": 99}, "sjdpp_num_speculative_tokens"),
+     ({"guidance_scale": 3.0}, "guidance_scale")],  # this model is not served with guidance
 )
 def test_bad_request_options_are_400(client, server, xargs, option):
     from openai import BadRequestError

@@ -1,12 +1,15 @@
 """Digits 0 to 9 from the bundled model through `vllm serve --speculative-config sjdpp`.
 
     python -m vllm_sjdpp.digits.demo [--out digits.png] [--model DIR] [--spec-config JSON]
+                                     [--guidance-scale S]
 
 Starts a vLLM server on loopback with SJD++, asks the OpenAI-compatible completions endpoint
 for "a handwritten 0" ... "a handwritten 9" twice in the same run, decoded plainly (per-request
-`sjdpp_disable`) and with SJD++, writes both rows to one PNG, prints forward passes, wall time
-and the speed-up, and stops the server.  Same seeds for both: sampling stays exact, so the rows
-are different draws from the same distribution, not the same images.
+`sjdpp_disable`) and with SJD++, both with classifier-free guidance (the model's default scale
+from its generation_config.json unless --guidance-scale is given), writes both rows to one PNG,
+prints forward passes, wall time and the speed-up, and stops the server.  Same seeds for both:
+sampling stays exact, so the rows are different draws from the same distribution, not the same
+images.
 """
 
 from __future__ import annotations
@@ -45,17 +48,22 @@ def accepted_draft_tokens(base: str) -> float:
     return 0.0
 
 
-def generate_digits(base: str, model: str, plain: bool, seed: int, progress=None) -> list[Generation]:
+def generate_digits(
+    base: str, model: str, plain: bool, seed: int, guidance_scale: float | None = None, progress=None
+) -> list[Generation]:
     """One streamed request per digit, all ten at once."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
 
+    xargs = {"sjdpp_disable": plain}
+    if guidance_scale is not None:
+        xargs["guidance_scale"] = guidance_scale
+
     def one(digit: int) -> Generation:
         stream = client.completions.create(
             model=model, prompt=f"a handwritten {digit}", max_tokens=GENERATED_LENGTH, stream=True,
-            seed=seed + digit,
-            extra_body={"return_token_ids": True, "vllm_xargs": {"sjdpp_disable": plain}},
+            seed=seed + digit, extra_body={"return_token_ids": True, "vllm_xargs": xargs},
         )
         tokens = []
         for chunk in stream:
@@ -79,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("digits.png"))
     ap.add_argument("--spec-config", type=json.loads, default=DEFAULT_SPEC)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guidance-scale", type=float, default=None,
+                    help="classifier-free guidance scale (default: the model's generation_config.json)")
     args = ap.parse_args(argv)
     if not (args.model / "config.json").exists():
         ap.error(f"no model at {args.model}")
@@ -95,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             with tqdm(total=10 * GENERATED_LENGTH, unit="tok", desc=f"{name:>5} digits 0-9") as bar:
                 accepted = accepted_draft_tokens(base)
                 start = time.perf_counter()
-                gens = generate_digits(base, str(args.model), plain, args.seed, bar)
+                gens = generate_digits(base, str(args.model), plain, args.seed, args.guidance_scale, bar)
                 wall = time.perf_counter() - start
                 passes = sum(len(g.token_ids) for g in gens) - (accepted_draft_tokens(base) - accepted)
                 results[name] = (gens, wall, passes / len(gens))
@@ -108,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     for w in malformed:
         print(f"warning: {w.message} (drawn best-effort)")
     to_png(images["SJD++"] + images["plain"], args.out, columns=10)
-    print(f"wrote {args.out} (top row: SJD++, bottom row: plain decoding)")
+    scale = args.guidance_scale
+    if scale is None:
+        scale = json.loads((args.model / "generation_config.json").read_text()).get("guidance_scale", 1.0)
+    print(f"wrote {args.out} (top row: SJD++, bottom row: plain decoding; guidance scale {scale})")
     j = judge()
     print(f"{'mode':<6} {'tokens/image':>12} {'passes/image':>12} {'wall s':>7} {'class acc':>9}")
     for name, (gens, wall, passes) in results.items():
