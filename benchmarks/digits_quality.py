@@ -8,7 +8,8 @@ Same prompts for every run ("a handwritten 0..9", --per-digit each), one seed se
 model's sampling defaults (T = 1, its top-k) and classifier-free guidance at each scale.  Plain
 decoding (guided, no speculation) runs --plain-runs times with different seeds: their spread is
 the noise floor (draws of one distribution).  SJD++ (the defaults: init="above" from the model
-folder, k = 32) runs --sjdpp-runs times with the first plain runs' seeds.  For each run: the
+folder, k = 32, full windows: no draft-token budget) runs --sjdpp-runs times with the first
+plain runs' seeds.  For each run: the
 class accuracy and the Frechet distance to the real held-out digits in the classifier's feature
 space (vllm_sjdpp.digits.quality).  SJD++ is exact, so its runs must sit within the plain runs'
 spread (z = (SJD++ mean - plain mean) / plain standard deviation); they are not expected to equal
@@ -131,7 +132,10 @@ def main() -> None:
     real, _ = quality.real_images(held_out=True)
     codebook = Codebook.load(args.model)  # the model's own image tokenizer
     plain = LLM(str(args.model), **ENGINE)
-    sjdpp = LLM(str(args.model), speculative_config="sjdpp", disable_log_stats=False, **ENGINE)
+    # Full windows (no draft-token budget): passes per image as the method gives them, not as a
+    # budget shared by 100 requests in flight cuts them (the output is exact either way).
+    sjdpp = LLM(str(args.model), speculative_config={"method": "sjdpp", "draft_token_budget": None},
+                disable_log_stats=False, **ENGINE)
     results = {"classifier_held_out_accuracy": judge.held_out_accuracy, "per_digit": args.per_digit, "scales": {}}
     print(f"classifier held-out accuracy on real digits: {judge.held_out_accuracy:.3f}")
     first_images = {}

@@ -14,6 +14,7 @@ from vllm_sjdpp.digits.tokens import (
     codes_to_ids, ids_to_codes, ids_to_image, image_to_ids, prompt_ids, to_png, unconditional_prompt_ids,
 )
 from vllm_sjdpp.digits.train import DEFAULT_OUT
+from vllm_sjdpp.guidance import UnconditionalRule
 from vllm_sjdpp.digits.vq import CODES, GRID, Codebook, bundled
 
 RNG = np.random.default_rng(0)
@@ -42,7 +43,7 @@ def test_unconditional_prompt_drops_the_class_only():
     prompts = [prompt_ids(d) for d in range(10)]
     uncond = [unconditional_prompt_ids(p) for p in prompts]
     assert all(u == uncond[0] for u in uncond)  # one prompt for every class
-    assert uncond[0] == [BOS, PAD, PAD, PAD, BOI] and len(uncond[0]) == len(prompts[0])
+    assert uncond[0] == [BOS] + [PAD] * (len(prompts[0]) - 2) + [BOI]
 
 
 def test_codebook_round_trips_codes_and_real_digits():
@@ -136,6 +137,13 @@ def test_bundled_model_folder():
     assert sum(files.values()) <= 20 * 2**20
     config = AutoConfig.from_pretrained(DEFAULT_OUT)
     assert config.sjdpp == {"fresh_token_range": list(IMAGE_TOKENS), "row_width": ROW_WIDTH, "init": "above"}
+    # Served with classifier-free guidance: the guided architecture, the rule class dropout
+    # trained, a default scale from the sweep.
+    assert config.architectures == ["GuidedLlamaForCausalLM"]
+    rule = UnconditionalRule.from_config(config.sjdpp_guidance)
+    assert rule.apply(prompt_ids(4)) == unconditional_prompt_ids(prompt_ids(4))
+    generation = json.loads((DEFAULT_OUT / "generation_config.json").read_text())
+    assert generation["guidance_scale"] > 1
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_OUT)
     assert tokenizer("a handwritten 7").input_ids == prompt_ids(7)
     metrics = json.loads((DEFAULT_OUT / "metrics.json").read_text())

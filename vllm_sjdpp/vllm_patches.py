@@ -365,18 +365,18 @@ def _patch_guidance_validation() -> None:
     def process_inputs_checking_guidance(self, *args, **kwargs):
         request = process_inputs(self, *args, **kwargs)
         params = request.sampling_params
-        if not isinstance(params, SamplingParams) or request.prompt_token_ids is None:
+        if not isinstance(params, SamplingParams):
             return request
         model_config = self.model_config
         if not hasattr(self, "_sjdpp_guidance"):  # the model's rule and default, read once
             rule = served_rule(model_config)
             self._sjdpp_guidance = (rule, default_scale(model_config) if rule else 1.0)
         rule, scale_default = self._sjdpp_guidance
+        prompt = request.prompt_token_ids
+        if prompt is None and rule is not None:
+            raise VLLMValidationError("a model served with guidance takes token-id or text prompts, not embeddings")
         try:
-            request_guidance(
-                params.extra_args, request.prompt_token_ids, rule, scale_default,
-                model_config.get_vocab_size(),
-            )
+            request_guidance(params.extra_args, prompt or [], rule, scale_default, model_config.get_vocab_size())
         except ValueError as e:
             raise VLLMValidationError(str(e), parameter="vllm_xargs", value=params.extra_args) from None
         negative = (params.extra_args or {}).get(NEGATIVE_PROMPT_KEY)

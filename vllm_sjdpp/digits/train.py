@@ -186,6 +186,16 @@ def calibrate_saved(out: Path) -> dict:
     return metrics
 
 
+def save_guidance_scale(out: Path, scale: float) -> None:
+    """The default classifier-free guidance scale (generation_config.json, transformers' name):
+    chosen by the sweep of benchmarks/digits_quality.py after training."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig.from_pretrained(out)
+    config.guidance_scale = scale
+    config.save_pretrained(out)
+
+
 def plot_losses(losses, held_out: float, path: Path) -> None:
     import matplotlib
 
@@ -215,7 +225,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--calibrate-only", action="store_true", help="only (re)write the sampling defaults of --out")
+    ap.add_argument("--guidance-scale", type=float, help="only write this default guidance scale into --out")
     args = ap.parse_args()
+    if args.guidance_scale is not None:
+        if args.guidance_scale < 0:
+            ap.error("--guidance-scale must be >= 0")
+        save_guidance_scale(args.out, args.guidance_scale)
+        return
     if args.calibrate_only:
         print(json.dumps(calibrate_saved(args.out), indent=1))
         return
