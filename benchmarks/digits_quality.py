@@ -70,19 +70,20 @@ def run(llm, per_digit: int, seed: int, scale: float, codebook: Codebook) -> dic
 
 
 def summarise(runs: dict) -> dict:
-    """Per metric: the plain runs' mean and spread, the SJD++ runs' mean, z."""
+    """Per metric: the plain runs' mean and spread, the SJD++ runs' mean; z for the quality
+    metrics, and for passes how many times fewer SJD++ needs."""
     summary = {}
     for metric in ("class_accuracy", "frechet_distance", "passes_per_image"):
         by_mode = {
             mode: np.array([r[metric] for name, r in runs.items() if name.startswith(mode)])
             for mode in ("plain", "SJD++")
         }
-        plain_std = float(by_mode["plain"].std(ddof=1))
-        summary[metric] = {
-            "plain_mean": float(by_mode["plain"].mean()), "plain_std": plain_std,
-            "sjdpp_mean": float(by_mode["SJD++"].mean()),
-            "z": float((by_mode["SJD++"].mean() - by_mode["plain"].mean()) / plain_std) if plain_std else None,
-        }
+        plain_mean, plain_std, sjdpp_mean = by_mode["plain"].mean(), by_mode["plain"].std(ddof=1), by_mode["SJD++"].mean()
+        summary[metric] = {"plain_mean": float(plain_mean), "plain_std": float(plain_std), "sjdpp_mean": float(sjdpp_mean)}
+        if metric == "passes_per_image":
+            summary[metric]["fewer_than_plain"] = float(plain_mean / sjdpp_mean)
+        else:
+            summary[metric]["z"] = float((sjdpp_mean - plain_mean) / plain_std)
     return summary
 
 
@@ -114,6 +115,40 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(results: dict) -> str:
+    """The per-scale summary as a Markdown table (results/digits_quality.md)."""
+    runs = {
+        scale: " + ".join(str(sum(n.startswith(mode) for n in r["runs"])) for mode in ("plain", "SJD++"))
+        for scale, r in results["scales"].items()
+    }
+    lines = [
+        f"{results['per_digit'] * 10} images per run; plain: mean ± std over its seeds; z = (SJD++ mean − plain mean) / plain std.",
+        "",
+        "| scale | runs (plain + SJD++) | class acc, plain | class acc, SJD++ (z) | FD, plain | FD, SJD++ (z) | passes/image plain | passes/image SJD++ (x fewer) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for scale in sorted(results["scales"], key=float):
+        m = results["scales"][scale]["summary"]
+        acc, fd, passes = m["class_accuracy"], m["frechet_distance"], m["passes_per_image"]
+        lines.append(
+            f"| {float(scale):g} | {runs[scale]} | {acc['plain_mean']:.3f} ± {acc['plain_std']:.3f} | "
+            f"{acc['sjdpp_mean']:.3f} ({acc['z']:+.2f}) | {fd['plain_mean']:.2f} ± {fd['plain_std']:.2f} | "
+            f"{fd['sjdpp_mean']:.2f} ({fd['z']:+.2f}) | {passes['plain_mean']:.1f} | "
+            f"{passes['sjdpp_mean']:.1f} ({passes['fewer_than_plain']:.2f}x) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(results: dict, out: Path) -> None:
+    """The JSON, the Markdown table and the plot beside it."""
+    for scale in results["scales"].values():
+        scale["summary"] = summarise(scale["runs"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(markdown(results))
+    plot(results, out.with_name(out.stem + "_scales.png"))
+
+
 def main() -> None:
     from vllm import LLM
 
@@ -123,19 +158,25 @@ def main() -> None:
     ap.add_argument("--plain-runs", type=int, default=6)
     ap.add_argument("--sjdpp-runs", type=int, default=3)
     ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--dtype", default="auto", help="vLLM's --dtype (auto: bfloat16 on this CPU)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/digits_quality.json"))
+    ap.add_argument("--report-only", action="store_true", help="rewrite the table and plot from --out's JSON")
     args = ap.parse_args()
+    if args.report_only:
+        write_reports(json.loads(args.out.read_text()), args.out)
+        return
     if args.plain_runs < 2 or args.sjdpp_runs < 1 or args.per_digit < 1 or min(args.scales) < 0:
         ap.error("need --plain-runs >= 2 (their spread is the noise floor), --sjdpp-runs >= 1, --per-digit >= 1, scales >= 0")
 
     judge = quality.judge()
     real, _ = quality.real_images(held_out=True)
     codebook = Codebook.load(args.model)  # the model's own image tokenizer
-    plain = LLM(str(args.model), **ENGINE)
+    engine = {**ENGINE, "dtype": args.dtype}
+    plain = LLM(str(args.model), **engine)
     # Full windows (no draft-token budget): passes per image as the method gives them, not as a
     # budget shared by 100 requests in flight cuts them (the output is exact either way).
     sjdpp = LLM(str(args.model), speculative_config={"method": "sjdpp", "draft_token_budget": None},
-                disable_log_stats=False, **ENGINE)
+                disable_log_stats=False, **engine)
     results = {"classifier_held_out_accuracy": judge.held_out_accuracy, "per_digit": args.per_digit, "scales": {}}
     print(f"classifier held-out accuracy on real digits: {judge.held_out_accuracy:.3f}")
     first_images = {}
@@ -152,15 +193,13 @@ def main() -> None:
             print(f"  {name:<14} {acc:>9.3f} {fd:>10.2f} {r['passes_per_image']:>7.1f} {r['wall_s']:>7.1f}")
         summary = summarise(table)
         for metric, m in summary.items():
-            z = "n/a" if m["z"] is None else f"{m['z']:+.2f}"
-            print(f"  {metric}: plain {m['plain_mean']:.3f} +- {m['plain_std']:.3f}, SJD++ {m['sjdpp_mean']:.3f} (z = {z})")
+            versus = f"{m['fewer_than_plain']:.2f}x fewer" if "fewer_than_plain" in m else f"z = {m['z']:+.2f}"
+            print(f"  {metric}: plain {m['plain_mean']:.3f} +- {m['plain_std']:.3f}, SJD++ {m['sjdpp_mean']:.3f} ({versus})")
         results["scales"][str(scale)] = {"runs": table, "summary": summary}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    plot(results, args.out.with_name(args.out.stem + "_scales.png"))
+    write_reports(results, args.out)
     # One image per digit and scale: an SJD++ row and a plain row per scale.
     to_png([im for scale in args.scales for im in first_images[scale]], args.out.with_suffix(".png"))
-    print(f"wrote {args.out}, {args.out.with_suffix('.png')} (per scale: an SJD++ row, a plain row) and the scale plot")
+    print(f"wrote {args.out}, its .md table, {args.out.with_suffix('.png')} (per scale: an SJD++ row, a plain row) and the scale plot")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_sjdpp.guidance import (
-    MAX_BATCH_TOKENS, GuidanceBatch, UnconditionalRule, combine, request_guidance,
+    MAX_BATCH_TOKENS, GuidanceBatch, UnconditionalRule, combine, request_guidance, served_rule,
 )
 
 RULE = UnconditionalRule(frozenset({0, 9}), pad_token_id=7)
@@ -71,3 +71,26 @@ def test_combine_is_the_guidance_formula():
     torch.testing.assert_close(out[0], uncond[0])
     torch.testing.assert_close(out[1], cond[1])
     torch.testing.assert_close(out[2], uncond[2] + 3 * (cond[2] - uncond[2]))
+
+
+def _model_config(guidance):
+    from types import SimpleNamespace
+
+    text = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, hidden_size=128)
+    hf = SimpleNamespace(sjdpp_guidance=guidance) if guidance is not None else SimpleNamespace()
+    config = SimpleNamespace(hf_text_config=text, hf_config=hf, model_arch_config=None)
+    config.get_model_arch_config = lambda: (text.num_attention_heads, text.num_key_value_heads, text.head_dim)
+    return config
+
+
+def test_config_hook_doubles_heads_once():
+    from vllm_sjdpp.guided_llama import double_heads
+
+    config = _model_config({"keep_token_ids": [0], "pad_token_id": 7})
+    double_heads(config)
+    double_heads(config)  # the worker's copy arrives doubled already
+    assert config.model_arch_config == (8, 4, 32)  # head_dim kept from before the doubling
+    assert served_rule(config) == UnconditionalRule(frozenset({0}), 7)
+    with pytest.raises(ValueError, match="sjdpp_guidance"):
+        double_heads(_model_config(None))  # a guided architecture without its rule
+    assert served_rule(_model_config({"keep_token_ids": [0], "pad_token_id": 7})) is None  # not doubled: unguided
