@@ -36,6 +36,8 @@ def build_tiny_llama(
     """
     import json
 
+    from vllm_sjdpp.guidance import CONFIG_KEY, GUIDED_LLAMA, UnconditionalRule
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -59,7 +61,7 @@ def build_tiny_llama(
     if guided:
         config_path = Path(path) / "config.json"
         config = json.loads(config_path.read_text())
-        config["architectures"] = ["GuidedLlamaForCausalLM"]
-        config["sjdpp_guidance"] = {"keep_token_ids": list(GUIDED_KEEP), "pad_token_id": GUIDED_PAD}
+        config["architectures"] = [GUIDED_LLAMA]
+        config[CONFIG_KEY] = UnconditionalRule(frozenset(GUIDED_KEEP), GUIDED_PAD).to_config()
         config_path.write_text(json.dumps(config))
     return path

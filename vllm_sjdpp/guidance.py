@@ -29,7 +29,8 @@ import torch
 SCALE_KEY = "guidance_scale"
 NEGATIVE_PROMPT_KEY = "negative_prompt_token_ids"
 REQUEST_KEYS = (SCALE_KEY, NEGATIVE_PROMPT_KEY)
-# config.json: {"sjdpp_guidance": {"keep_token_ids": [...], "pad_token_id": N}}
+# config.json: {"architectures": [GUIDED_LLAMA], "sjdpp_guidance": {"keep_token_ids": [...], "pad_token_id": N}}
+GUIDED_LLAMA = "GuidedLlamaForCausalLM"
 CONFIG_KEY = "sjdpp_guidance"
 # Rows handed to compute_logits carry their token's index in the batch as two base-256 digits:
 # exact in bf16 and fp16, whatever rows vLLM gathers (sampling, prompt logprobs, warm-up).
@@ -54,6 +55,9 @@ class UnconditionalRule:
                 f"got {options!r}"
             )
         return cls(frozenset(int(t) for t in options["keep_token_ids"]), int(options["pad_token_id"]))
+
+    def to_config(self) -> dict:
+        return {"keep_token_ids": sorted(self.keep_token_ids), "pad_token_id": self.pad_token_id}
 
     def apply(self, prompt: list[int]) -> list[int]:
         return [t if t in self.keep_token_ids else self.pad_token_id for t in prompt]
@@ -162,11 +166,11 @@ class GuidanceBatch:
         scale[:total] = np.repeat(np.array([s for s, _ in states], dtype=np.float32), counts)
         override = np.full(num_tokens_padded, -1, dtype=np.int64)
         computed = batch.num_computed_tokens_cpu[:num_reqs]
-        for i, (_, negative) in enumerate(states):
-            first = int(computed[i])
-            n = min(int(counts[i]), len(negative) - first)  # prompt positions in this chunk
-            if n > 0:
-                override[starts[i] : starts[i] + n] = negative[first : first + n]
+        prompt_lens = np.array([len(negative) for _, negative in states])
+        for i in np.nonzero(computed < prompt_lens)[0]:  # requests with prompt tokens in this step
+            first, negative = int(computed[i]), states[i][1]
+            n = min(int(counts[i]), len(negative) - first)
+            override[starts[i] : starts[i] + n] = negative[first : first + n]
         self._ensure(num_tokens_padded)
         self.uncond_override[:num_tokens_padded].copy_(torch.from_numpy(override), non_blocking=True)
         self.token_scale[:num_tokens_padded].copy_(torch.from_numpy(scale), non_blocking=True)

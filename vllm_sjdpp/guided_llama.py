@@ -18,11 +18,9 @@ from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLine
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 from .guidance import (
-    BRANCH_HEADS_ATTR, CONFIG_KEY, MAX_BATCH_TOKENS, GuidanceBatch, UnconditionalRule, combine, default_scale,
-    served_rule,
+    BRANCH_HEADS_ATTR, CONFIG_KEY, GUIDED_LLAMA, MAX_BATCH_TOKENS, GuidanceBatch, UnconditionalRule, combine,
+    default_scale, served_rule,
 )
-
-ARCHITECTURE = "GuidedLlamaForCausalLM"
 
 
 def double_heads(model_config) -> None:
@@ -83,7 +81,7 @@ class GuidedLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         model_config = vllm_config.model_config
         if vllm_config.scheduler_config.max_num_batched_tokens > MAX_BATCH_TOKENS:
-            raise ValueError(f"{ARCHITECTURE}: --max-num-batched-tokens must be at most {MAX_BATCH_TOKENS}")
+            raise ValueError(f"{GUIDED_LLAMA}: --max-num-batched-tokens must be at most {MAX_BATCH_TOKENS}")
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=GuidedLlamaDecoderLayer)
         self.guidance = GuidanceBatch(
             served_rule(model_config),
@@ -95,7 +93,7 @@ class GuidedLlamaForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         if input_ids is None:
-            raise NotImplementedError(f"{ARCHITECTURE} takes token ids, not prompt embeddings")
+            raise NotImplementedError(f"{GUIDED_LLAMA} takes token ids, not prompt embeddings")
         num_tokens = input_ids.shape[0]
         both = torch.cat([input_ids, self.guidance.unconditional_ids(input_ids)])
         hidden = self.model(both, torch.cat([positions, positions]), intermediate_tensors, None)

@@ -321,14 +321,15 @@ def _register_guided_models() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
-    from .guided_llama import ARCHITECTURE, double_heads
+    from .guidance import GUIDED_LLAMA
+    from .guided_llama import double_heads
 
-    ModelRegistry.register_model(ARCHITECTURE, f"vllm_sjdpp.guided_llama:{ARCHITECTURE}")
+    ModelRegistry.register_model(GUIDED_LLAMA, f"vllm_sjdpp.guided_llama:{GUIDED_LLAMA}")
 
     class GuidedConfig(VerifyAndUpdateConfig):
         verify_and_update_model_config = staticmethod(double_heads)
 
-    MODELS_CONFIG_MAP[ARCHITECTURE] = GuidedConfig
+    MODELS_CONFIG_MAP[GUIDED_LLAMA] = GuidedConfig
 
 
 def _patch_guidance_inputs() -> None:

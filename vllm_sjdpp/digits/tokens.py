@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from ..guidance import UnconditionalRule
 from .vq import CODES, GREY_LEVELS, GRID, IMAGE_SIZE, Codebook, bundled
 
 ROW_WIDTH = GRID + 1
@@ -24,8 +25,9 @@ WORDS = ["a", "handwritten"] + [str(d) for d in range(10)]
 VOCAB = [f"<c{i}>" for i in range(CODES)] + SPECIAL + WORDS
 TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
 EOL, BOI, EOI, BOS, PAD = (TOKEN_ID[t] for t in ("<eol>", "<boi>", "<eoi>", "<bos>", "<pad>"))
-# The unconditional prompt: every prompt token but these becomes <pad> (config.json "sjdpp").
-UNCONDITIONAL_KEEP = (BOS, BOI)
+# The unconditional prompt: every prompt token but <bos> and <boi> becomes <pad> (config.json
+# "sjdpp_guidance").
+UNCONDITIONAL = UnconditionalRule(frozenset({BOS, BOI}), PAD)
 IMAGE_TOKENS = (0, CODES)  # [lo, hi)
 GENERATED_LENGTH = GRID * ROW_WIDTH + 1
 
@@ -39,7 +41,7 @@ def prompt_ids(digit: int) -> list[int]:
 
 def unconditional_prompt_ids(prompt: list[int]) -> list[int]:
     """The prompt with its class removed: what class dropout trains and guidance runs."""
-    return [t if t in UNCONDITIONAL_KEEP else PAD for t in prompt]
+    return UNCONDITIONAL.apply(prompt)
 
 
 def codes_to_ids(codes: np.ndarray) -> list[int]:

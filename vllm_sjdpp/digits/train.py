@@ -24,15 +24,15 @@ import torch
 
 from . import data
 from .tokens import (
-    BOS, EOI, GENERATED_LENGTH, IMAGE_TOKENS, PAD, ROW_WIDTH, UNCONDITIONAL_KEEP, VOCAB,
+    BOS, EOI, GENERATED_LENGTH, IMAGE_TOKENS, PAD, ROW_WIDTH, UNCONDITIONAL, VOCAB,
     build_tokenizer, image_to_ids, prompt_ids, unconditional_prompt_ids,
 )
+from ..guidance import CONFIG_KEY, GUIDED_LLAMA
 from .vq import MODEL_DIR, Codebook
 
 DEFAULT_OUT = MODEL_DIR
 PROMPT_LEN = len(prompt_ids(0))
 CLASS_DROPOUT = 0.1
-ARCHITECTURE = "GuidedLlamaForCausalLM"  # vllm-sjdpp's Llama with classifier-free guidance
 
 
 def model_config():
@@ -47,7 +47,7 @@ def model_config():
         # and fresh tokens copy the row above (the fewest passes in benchmarks/bench_e2e.py).
         sjdpp={"fresh_token_range": list(IMAGE_TOKENS), "row_width": ROW_WIDTH, "init": "above"},
         # The unconditional prompt of guidance: the rule class dropout trained.
-        sjdpp_guidance={"keep_token_ids": list(UNCONDITIONAL_KEEP), "pad_token_id": PAD},
+        **{CONFIG_KEY: UNCONDITIONAL.to_config()},
     )
 
 
@@ -166,7 +166,7 @@ def save_model(model, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     path = out / "config.json"
     config = json.loads(path.read_text())
-    config["architectures"] = [ARCHITECTURE]
+    config["architectures"] = [GUIDED_LLAMA]
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
