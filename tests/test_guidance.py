@@ -79,6 +79,7 @@ def _model_config(guidance):
     text = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, hidden_size=128)
     hf = SimpleNamespace(sjdpp_guidance=guidance) if guidance is not None else SimpleNamespace()
     config = SimpleNamespace(hf_text_config=text, hf_config=hf, model_arch_config=None)
+    config.try_get_generation_config = dict
     config.get_model_arch_config = lambda: (text.num_attention_heads, text.num_key_value_heads, text.head_dim)
     return config
 

@@ -68,12 +68,20 @@ class UnconditionalRule:
 BRANCH_HEADS_ATTR = "guidance_branch_heads"
 
 
+def unconditional_rule(model_config: Any) -> UnconditionalRule:
+    """The model family's rule, from the folder's configs (ValueError naming what is missing)."""
+    from .families import family_of
+
+    hf_config = model_config.hf_config
+    return family_of(hf_config).unconditional_rule(hf_config, model_config.try_get_generation_config())
+
+
 def served_rule(model_config: Any) -> UnconditionalRule | None:
     """The unconditional rule of a model vLLM serves with guidance; None for any other model
     (for instance a guided folder served as a plain Llama with hf_overrides)."""
     if getattr(model_config.hf_text_config, BRANCH_HEADS_ATTR, None) is None:
         return None
-    return UnconditionalRule.from_config(getattr(model_config.hf_config, CONFIG_KEY, None))
+    return unconditional_rule(model_config)
 
 
 def default_scale(model_config: Any) -> float:
@@ -193,6 +201,12 @@ class GuidanceBatch:
         """[num_tokens, 2]: each token's index as (high, low) base-256 digits."""
         t = torch.arange(num_tokens, device=device)
         return torch.stack([t // INDEX_BASE, t % INDEX_BASE], dim=-1).to(dtype)
+
+    def prompt_mask(self, num_tokens: int) -> torch.Tensor:
+        """Which of the batch's tokens are prompt tokens (the others are generated tokens and
+        drafts): exactly those the unconditional branch may override."""
+        self._ensure(num_tokens)
+        return self.uncond_override[:num_tokens] >= 0
 
     def row_scales(self, index_columns: torch.Tensor) -> torch.Tensor:
         """The guidance scale of each row, from the index columns that rode along with it."""

@@ -18,8 +18,8 @@ from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLine
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 from .guidance import (
-    BRANCH_HEADS_ATTR, CONFIG_KEY, GUIDED_LLAMA, MAX_BATCH_TOKENS, GuidanceBatch, UnconditionalRule, combine,
-    default_scale, served_rule,
+    BRANCH_HEADS_ATTR, GUIDED_LLAMA, MAX_BATCH_TOKENS, GuidanceBatch, combine, default_scale, served_rule,
+    unconditional_rule,
 )
 
 
@@ -31,7 +31,7 @@ def double_heads(model_config) -> None:
     text = model_config.hf_text_config
     if getattr(text, BRANCH_HEADS_ATTR, None) is not None:
         return
-    UnconditionalRule.from_config(getattr(model_config.hf_config, CONFIG_KEY, None))  # present and well formed
+    unconditional_rule(model_config)  # present and well formed
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     text.head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -94,18 +94,35 @@ class GuidedLlamaForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         if input_ids is None:
             raise NotImplementedError(f"{GUIDED_LLAMA} takes token ids, not prompt embeddings")
-        num_tokens = input_ids.shape[0]
-        both = torch.cat([input_ids, self.guidance.unconditional_ids(input_ids)])
-        hidden = self.model(both, torch.cat([positions, positions]), intermediate_tensors, None)
-        cond, uncond = hidden.chunk(2)
-        index = GuidanceBatch.index_columns(num_tokens, hidden.dtype, hidden.device)
-        return torch.cat([cond, uncond, index], dim=-1)
+        return run_branches(self.model, self.guidance, input_ids, positions, intermediate_tensors)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        size = self.config.hidden_size
-        cond, uncond, index = hidden_states.split([size, size, 2], dim=-1)
-        logits = super().compute_logits(torch.cat([cond, uncond]))
-        if logits is None:  # a tensor-parallel rank that does not gather
-            return None
-        cond_logits, uncond_logits = logits.chunk(2)
-        return combine(cond_logits, uncond_logits, self.guidance.row_scales(index))
+        return guided_logits(hidden_states, self.config.hidden_size, super().compute_logits, self.guidance)
+
+
+def run_branches(language_model, guidance: GuidanceBatch, input_ids, positions, intermediate_tensors, embed=None):
+    """Both branches of T tokens through a Llama stack built of `GuidedLlamaDecoderLayer`s:
+    [T, 2D + 2] = cond hidden states | uncond hidden states | each row's index in the batch.
+
+    embed: token ids [2T] (cond, then uncond) -> input embeddings; None: the stack's own."""
+    num_tokens = input_ids.shape[0]
+    both = torch.cat([input_ids, guidance.unconditional_ids(input_ids)])
+    both_positions = torch.cat([positions, positions])
+    if embed is None:
+        hidden = language_model(both, both_positions, intermediate_tensors, None)
+    else:
+        hidden = language_model(None, both_positions, intermediate_tensors, embed(both))
+    cond, uncond = hidden.chunk(2)
+    index = GuidanceBatch.index_columns(num_tokens, hidden.dtype, hidden.device)
+    return torch.cat([cond, uncond, index], dim=-1)
+
+
+def guided_logits(hidden_states: torch.Tensor, hidden_size: int, head, guidance: GuidanceBatch) -> torch.Tensor | None:
+    """`run_branches`' rows -> guided logits, each row at its request's scale; `head` maps
+    hidden states to logits (None on a tensor-parallel rank that does not gather)."""
+    cond, uncond, index = hidden_states.split([hidden_size, hidden_size, 2], dim=-1)
+    logits = head(torch.cat([cond, uncond]))
+    if logits is None:
+        return None
+    cond_logits, uncond_logits = logits.chunk(2)
+    return combine(cond_logits, uncond_logits, guidance.row_scales(index))

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from .config import ADDITIONAL_CONFIG_KEY, SJDPPConfig
+from .families import logits_size
 from .jacobi_state import JacobiStates
 from .sampler import SJDPPSampler
 
@@ -19,7 +20,7 @@ class SJDPPProposer:
     def __init__(self, vllm_config: Any):
         options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
         self.max_model_len = vllm_config.model_config.max_model_len
-        self.states = JacobiStates(SJDPPConfig.from_dict(options), vllm_config.model_config.get_vocab_size())
+        self.states = JacobiStates(SJDPPConfig.from_dict(options), logits_size(vllm_config.model_config))
         self.runner = None
 
     def load_model(self, model: Any) -> None:

@@ -94,13 +94,13 @@ def parse_speculative_config(value: str) -> dict[str, Any]:
 
 
 def model_defaults(model_config: Any) -> dict[str, Any]:
-    """SJD++ defaults a model folder records in its config.json under "sjdpp" (for example its
-    image-token range and row width); options given to the server take precedence."""
+    """SJD++ defaults of a model folder: what its family implies (a Janus folder's image-code
+    range and grid) and what its config.json records under "sjdpp"; options given to the server
+    take precedence."""
+    from .families import family_of
+
     hf_config = getattr(model_config, "hf_config", None)
-    defaults = getattr(hf_config, "sjdpp", None) or {}
-    if not isinstance(defaults, dict):
-        raise ValueError(f"the model's config.json has 'sjdpp' = {defaults!r}; expected an object")
-    return defaults
+    return family_of(hf_config).sjdpp_defaults(hf_config)
 
 
 def sjdpp_speculative_config(
@@ -321,15 +321,25 @@ def _register_guided_models() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
+    from .families.janus import ARCHITECTURE as JANUS
     from .guidance import GUIDED_LLAMA
-    from .guided_llama import double_heads
 
+    # The models (and the hooks beside them) are imported only when a folder needs them: every
+    # vLLM process loads this plugin.
     ModelRegistry.register_model(GUIDED_LLAMA, f"vllm_sjdpp.guided_llama:{GUIDED_LLAMA}")
+    ModelRegistry.register_model(JANUS, "vllm_sjdpp.guided_janus:GuidedJanusForImageGeneration")
 
-    class GuidedConfig(VerifyAndUpdateConfig):
-        verify_and_update_model_config = staticmethod(double_heads)
+    def config_hook(function: str):
+        def hook(model_config):
+            import importlib
 
-    MODELS_CONFIG_MAP[GUIDED_LLAMA] = GuidedConfig
+            module, name = function.split(":")
+            getattr(importlib.import_module(module), name)(model_config)
+
+        return type("GuidedConfig", (VerifyAndUpdateConfig,), {"verify_and_update_model_config": staticmethod(hook)})
+
+    MODELS_CONFIG_MAP[GUIDED_LLAMA] = config_hook("vllm_sjdpp.guided_llama:double_heads")
+    MODELS_CONFIG_MAP[JANUS] = config_hook("vllm_sjdpp.guided_janus:janus_config_hook")
 
 
 def _patch_guidance_inputs() -> None:
@@ -359,6 +369,8 @@ def _patch_guidance_validation() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
+    from .families import family_of
+    from .families.base import check_sampling_for_image_codes
     from .guidance import NEGATIVE_PROMPT_KEY, default_scale, request_guidance, served_rule
 
     process_inputs = InputProcessor.process_inputs
@@ -369,17 +381,29 @@ def _patch_guidance_validation() -> None:
         if not isinstance(params, SamplingParams):
             return request
         model_config = self.model_config
-        if not hasattr(self, "_sjdpp_guidance"):  # the model's rule and default, read once
+        if not hasattr(self, "_sjdpp_guidance"):  # the model's facts, read once
             rule = served_rule(model_config)
-            self._sjdpp_guidance = (rule, default_scale(model_config) if rule else 1.0)
-        rule, scale_default = self._sjdpp_guidance
+            hf_config = model_config.hf_config
+            self._sjdpp_guidance = (
+                rule, default_scale(model_config) if rule else 1.0, family_of(hf_config).image_vocab_size(hf_config),
+            )
+        rule, scale_default, image_codes = self._sjdpp_guidance
         prompt = request.prompt_token_ids
+        vocab_size = model_config.get_vocab_size()
         if prompt is None and rule is not None:
             raise VLLMValidationError("a model served with guidance takes token-id or text prompts, not embeddings")
+        if prompt is not None and rule is not None and any(not 0 <= t < vocab_size for t in prompt):
+            # Without a tokenizer vLLM 0.32 does not check, and the embedding lookup kills the engine.
+            raise VLLMValidationError(f"prompt token ids must be in [0, {vocab_size})", parameter="prompt")
         try:
-            request_guidance(params.extra_args, prompt or [], rule, scale_default, model_config.get_vocab_size())
+            request_guidance(params.extra_args, prompt or [], rule, scale_default, vocab_size)
         except ValueError as e:
             raise VLLMValidationError(str(e), parameter="vllm_xargs", value=params.extra_args) from None
+        if image_codes is not None:
+            try:
+                check_sampling_for_image_codes(params, image_codes)
+            except ValueError as e:
+                raise VLLMValidationError(str(e)) from None
         negative = (params.extra_args or {}).get(NEGATIVE_PROMPT_KEY)
         if negative is not None:
             # The uncond branch's KV depends on it: blocks must not be shared with other

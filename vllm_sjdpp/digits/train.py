@@ -27,6 +27,8 @@ from .tokens import (
     BOS, EOI, GENERATED_LENGTH, IMAGE_TOKENS, PAD, ROW_WIDTH, UNCONDITIONAL, VOCAB,
     build_tokenizer, image_to_ids, prompt_ids, unconditional_prompt_ids,
 )
+from ..families.base import FAMILY_KEY
+from ..families.digits import DigitsFamily
 from ..guidance import CONFIG_KEY, GUIDED_LLAMA
 from .vq import MODEL_DIR, Codebook
 
@@ -48,6 +50,8 @@ def model_config():
         sjdpp={"fresh_token_range": list(IMAGE_TOKENS), "row_width": ROW_WIDTH, "init": "above"},
         # The unconditional prompt of guidance: the rule class dropout trained.
         **{CONFIG_KEY: UNCONDITIONAL.to_config()},
+        # The image family that makes prompts and images of this folder (vllm_sjdpp.families).
+        **{FAMILY_KEY: DigitsFamily.name},
     )
 
 

@@ -1,0 +1,39 @@
+"""Families of image AR models (one small interface each, `base.ImageFamily`) and how a folder
+finds its own.  Importing this package imports neither vLLM nor a family's heavy libraries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .base import ImageFamily
+from .digits import DigitsFamily
+from .janus import JanusFamily
+
+FAMILIES: tuple[type[ImageFamily], ...] = (JanusFamily, DigitsFamily)
+
+
+def family_of(hf_config: Any) -> type[ImageFamily]:
+    """The family a config belongs to; the base class for a folder that names none."""
+    return next((f for f in FAMILIES if f.matches(hf_config)), ImageFamily)
+
+
+def load(folder: str | Path) -> ImageFamily:
+    """The family of a model folder, ready to make prompts and images."""
+    from transformers import AutoConfig
+
+    path = Path(folder)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json (not a model folder)")
+    family = family_of(AutoConfig.from_pretrained(path))
+    if family is ImageFamily:
+        names = ", ".join(f.name for f in FAMILIES)
+        architectures = json.loads((path / "config.json").read_text()).get("architectures")
+        raise ValueError(f"{path}: architectures {architectures} belong to no image family ({names})")
+    return family(path)
+
+
+def logits_size(model_config: Any) -> int:
+    """Logits per position of a model vLLM serves (what samplers and drafts range over)."""
+    return family_of(model_config.hf_config).image_vocab_size(model_config.hf_config) or model_config.get_vocab_size()

@@ -1,0 +1,103 @@
+"""The interface every family of image AR models implements (`ImageFamily`).
+
+A family answers two kinds of questions:
+- the engine's, from the folder's config.json and generation_config.json only (no weights, no
+  tokenizer): its unconditional rule, its SJD++ defaults, how many logits a position has;
+- a client's (or the images endpoint's), from the whole folder: a text prompt as token ids, the
+  tokens per image, and tokens to an image through the family's own image decoder.
+The sampler never asks a family anything: a new family (LlamaGen, Emu3) is a new subclass here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..guidance import CONFIG_KEY, UnconditionalRule
+
+# config.json of a folder served with SJD++ defaults of its own: {"sjdpp": {option: value}}.
+SJDPP_DEFAULTS_KEY = "sjdpp"
+# config.json of a folder whose architecture alone does not say its family: {"sjdpp_family": name}.
+FAMILY_KEY = "sjdpp_family"
+
+
+class ImageFamily:
+    """The base class is also the engine's view of a folder that names no family (a guided Llama
+    with its rule under config.json "sjdpp_guidance"); it cannot make images."""
+
+    name: ClassVar[str] = "guided-llama"
+
+    # Engine side ---------------------------------------------------------------------------
+
+    @classmethod
+    def matches(cls, hf_config: Any) -> bool:
+        return False
+
+    @classmethod
+    def check(cls, hf_config: Any, generation_config: dict) -> None:
+        """Raise ValueError naming what a folder of this family lacks (vLLM start-up)."""
+        cls.unconditional_rule(hf_config, generation_config)
+
+    @classmethod
+    def unconditional_rule(cls, hf_config: Any, generation_config: dict) -> UnconditionalRule:
+        return UnconditionalRule.from_config(getattr(hf_config, CONFIG_KEY, None))
+
+    @classmethod
+    def sjdpp_defaults(cls, hf_config: Any) -> dict[str, Any]:
+        """SJD++ options the folder implies; config.json "sjdpp" overrides them, and the
+        server's --speculative-config overrides both."""
+        defaults = getattr(hf_config, SJDPP_DEFAULTS_KEY, None) or {}
+        if not isinstance(defaults, dict):
+            raise ValueError(f"the model's config.json has {SJDPP_DEFAULTS_KEY!r} = {defaults!r}; expected an object")
+        return dict(defaults)
+
+    @classmethod
+    def image_vocab_size(cls, hf_config: Any) -> int | None:
+        """The number of logits per position when the model samples from a vocabulary of its own
+        (image codes 0..n-1) narrower than its input vocabulary; None: the input vocabulary."""
+        return None
+
+    # Client side ---------------------------------------------------------------------------
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Generated tokens per image: a request's max_tokens (with ignore_eos)."""
+        raise NotImplementedError(f"{self.name} folders cannot make images")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        raise NotImplementedError(f"{self.name} folders cannot make images")
+
+    def prompt_ids(self, text: str) -> list[int]:
+        raise NotImplementedError(f"{self.name} folders cannot make images")
+
+    def to_image(self, tokens: list[int]):
+        """Generated tokens -> a PIL image."""
+        raise NotImplementedError(f"{self.name} folders cannot make images")
+
+
+def check_sampling_for_image_codes(params: Any, codes: int) -> None:
+    """Refuse sampling options that address logits by text token id, for a model whose logits
+    are n image codes (`ImageFamily.image_vocab_size`): vLLM would index outside them.  Raises
+    ValueError naming the option."""
+
+    def refuse(option: str, why: str) -> None:
+        raise ValueError(f"sampling option {option!r} is not supported by this image model: {why}")
+
+    if params.prompt_logprobs is not None:
+        refuse("prompt_logprobs", "the prompt is text, the logits cover image codes only")
+    for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+        if getattr(params, name) != neutral:
+            refuse(name, "penalties count the text prompt's ids as image codes")
+    if params.min_tokens:
+        refuse("min_tokens", "an image has a fixed number of tokens: set max_tokens and ignore_eos")
+    if params.bad_words:
+        refuse("bad_words", "words are text, the logits cover image codes only")
+    if params.allowed_token_ids is not None:
+        refuse("allowed_token_ids", f"use the SJD++ option fresh_token_range to restrict drafts; logits are codes 0..{codes - 1}")
+    if params.logit_bias and any(not 0 <= int(t) < codes for t in params.logit_bias):
+        refuse("logit_bias", f"token ids must be image codes in [0, {codes})")

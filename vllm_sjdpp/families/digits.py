@@ -1,0 +1,55 @@
+"""The bundled digit model (`vllm_sjdpp.digits`) as a family: a guided Llama whose config.json
+names the family, with its own word-level tokenizer and k-means VQ codebook in the folder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..guidance import GUIDED_LLAMA
+from .base import FAMILY_KEY, ImageFamily
+
+
+class DigitsFamily(ImageFamily):
+    name = "digits"
+
+    @classmethod
+    def matches(cls, hf_config: Any) -> bool:
+        return GUIDED_LLAMA in (getattr(hf_config, "architectures", None) or []) and getattr(
+            hf_config, FAMILY_KEY, None
+        ) == cls.name
+
+    @property
+    def tokens_per_image(self) -> int:
+        from ..digits.tokens import GENERATED_LENGTH
+
+        return GENERATED_LENGTH
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        from ..digits.vq import IMAGE_SIZE
+
+        return IMAGE_SIZE, IMAGE_SIZE
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The folder's tokenizer: "a handwritten 7" -> <bos> a handwritten 7 <boi>."""
+        from transformers import AutoTokenizer
+
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        ids = self._tokenizer(text)["input_ids"]
+        if self._tokenizer.unk_token_id in ids:
+            raise ValueError(f"the digit model knows only 'a handwritten 0' ... 'a handwritten 9', got {text!r}")
+        return ids
+
+    def to_image(self, tokens: list[int]):
+        """Best effort for a malformed stream (a warning); white digits on black, 32x32 grey."""
+        import numpy as np
+        from PIL import Image
+
+        from ..digits.tokens import ids_to_image
+        from ..digits.vq import GREY_LEVELS, Codebook
+
+        if not hasattr(self, "_codebook"):
+            self._codebook = Codebook.load(self.folder)
+        grey = ids_to_image(tokens, codebook=self._codebook)
+        return Image.fromarray(np.rint(np.clip(grey, 0, GREY_LEVELS - 1) * 255 / (GREY_LEVELS - 1)).astype(np.uint8))

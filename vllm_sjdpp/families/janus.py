@@ -1,0 +1,155 @@
+"""Janus and Janus-Pro (DeepSeek) in the Hugging Face format, `JanusForConditionalGeneration`
+(deepseek-community/Janus-Pro-1B, -7B), generating images.
+
+How text ids and image codes share one id space: positionally.  A request's prompt is text
+(token ids of the Llama's vocabulary, made by the folder's chat template and processor), and
+every token after the prompt is an image code 0..n-1 of the VQ codebook (n = 16384), the
+generation head's output.  So the id 5 means the text token 5 inside the prompt and the image
+code 5 after it: the model embeds prompt positions with the text embeddings and later positions
+with the generation embeddings and aligner.  Samplers and SJD++ see only the n codes (the logits
+have n columns, not the text vocabulary's 102400), and n <= the text vocabulary keeps every code
+a valid id for vLLM.  The engine-side facts below come from config.json and
+generation_config.json alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..guidance import UnconditionalRule
+from .base import ImageFamily
+
+ARCHITECTURE = "JanusForConditionalGeneration"
+
+
+def _require(value: Any, where: str) -> Any:
+    if value is None:
+        raise ValueError(f"not a Janus image-generation folder: {where} is missing")
+    return value
+
+
+class JanusFamily(ImageFamily):
+    name = "janus"
+
+    @classmethod
+    def matches(cls, hf_config: Any) -> bool:
+        return ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
+
+    @classmethod
+    def check(cls, hf_config: Any, generation_config: dict) -> None:
+        text = _require(getattr(hf_config, "text_config", None), "config.json 'text_config'")
+        if getattr(text, "model_type", None) != "llama":
+            raise ValueError(f"Janus: the language model must be a Llama, got text_config.model_type={text.model_type!r}")
+        codes = cls.image_vocab_size(hf_config)
+        if codes > text.vocab_size:
+            raise ValueError(
+                f"Janus: {codes} image codes exceed the text vocabulary ({text.vocab_size}); the codes share its ids"
+            )
+        grid = cls.grid(hf_config)
+        tokens = _require(getattr(hf_config.vision_config, "num_image_tokens", None), "vision_config.num_image_tokens")
+        if grid * grid != tokens:
+            raise ValueError(f"Janus: vision_config.num_image_tokens={tokens} is not a {grid}x{grid} grid (vq_config.num_patches)")
+        cls.unconditional_rule(hf_config, generation_config)
+
+    @classmethod
+    def unconditional_rule(cls, hf_config: Any, generation_config: dict) -> UnconditionalRule:
+        """transformers' `generate(generation_mode="image")`: every prompt token but BOS and the
+        image-start token becomes the pad token."""
+        where = "generation_config.json"
+        bos = _require(generation_config.get("bos_token_id"), f"{where} 'bos_token_id'")
+        pad = _require(generation_config.get("pad_token_id"), f"{where} 'pad_token_id'")
+        boi = _require((generation_config.get("generation_kwargs") or {}).get("boi_token_id"),
+                       f"{where} 'generation_kwargs': {{'boi_token_id': ...}}")
+        return UnconditionalRule(frozenset({int(bos), int(boi)}), int(pad))
+
+    @classmethod
+    def image_vocab_size(cls, hf_config: Any) -> int:
+        vq = _require(getattr(hf_config, "vq_config", None), "config.json 'vq_config'")
+        return int(_require(getattr(vq, "num_embeddings", None), "vq_config.num_embeddings"))
+
+    @classmethod
+    def grid(cls, hf_config: Any) -> int:
+        """Image tokens per row (and rows): 24 for 384 px images of 16 px patches."""
+        return int(_require(getattr(hf_config.vq_config, "num_patches", None), "vq_config.num_patches"))
+
+    @classmethod
+    def sjdpp_defaults(cls, hf_config: Any) -> dict[str, Any]:
+        """Fresh tokens are image codes copied from the row above, rows are grid codes wide (no
+        end-of-row tokens); config.json "sjdpp" overrides."""
+        implied = {
+            "fresh_token_range": [0, cls.image_vocab_size(hf_config)],
+            "row_width": cls.grid(hf_config),
+            "init": "above",
+        }
+        return {**implied, **super().sjdpp_defaults(hf_config)}
+
+    # Client side: the folder's processor, chat template and VQ decoder (transformers') ----------
+
+    @property
+    def config(self):
+        if not hasattr(self, "_config"):
+            from transformers import AutoConfig
+
+            self._config = AutoConfig.from_pretrained(self.folder)
+        return self._config
+
+    @property
+    def processor(self):
+        if not hasattr(self, "_processor"):
+            from transformers import JanusProcessor
+
+            self._processor = JanusProcessor.from_pretrained(self.folder)
+        return self._processor
+
+    @property
+    def tokens_per_image(self) -> int:
+        return int(self.config.vision_config.num_image_tokens)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.config.vision_config.image_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """As `JanusProcessor` prepares image generation: the chat template with a generation
+        prompt, then the image-start token."""
+        if not text or not text.strip():
+            raise ValueError("the prompt is empty")
+        messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+        chat = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self.processor(text=[chat], generation_mode="image", return_tensors="pt")["input_ids"][0].tolist()
+
+    @property
+    def decoder(self):
+        """The folder's own VQ model (transformers' `JanusVQVAE`), loaded alone from the
+        checkpoint (sharded or not) under its key prefix."""
+        if not hasattr(self, "_decoder"):
+            import torch
+            from transformers import JanusVQVAE
+            from transformers.utils import logging as hf_logging
+
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # every other weight of the folder is "unexpected"
+            try:
+                decoder, info = JanusVQVAE.from_pretrained(
+                    self.folder, config=self.config.vq_config, key_mapping={r"^model\.vqmodel\.": ""},
+                    dtype=torch.float32, output_loading_info=True,
+                )
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            if info["missing_keys"]:
+                raise ValueError(f"{self.folder}: the VQ decoder's weights are missing: {sorted(info['missing_keys'])[:5]}")
+            self._decoder = decoder.eval()
+        return self._decoder
+
+    def to_image(self, tokens: list[int]):
+        import torch
+
+        if len(tokens) != self.tokens_per_image:
+            raise ValueError(f"a Janus image is {self.tokens_per_image} tokens, got {len(tokens)}")
+        codes = self.image_vocab_size(self.config)
+        if not all(0 <= t < codes for t in tokens):
+            raise ValueError(f"image tokens must be codes in [0, {codes})")
+        with torch.no_grad():
+            pixels = self.decoder.decode(torch.tensor([tokens]))  # [1, 3, H, W], normalised
+        return self.processor.postprocess(list(pixels.float()), return_tensors="PIL.Image.Image")["pixel_values"][0]
