@@ -1,8 +1,17 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The variable is
 # read when a kernel is defined, so it must be set before any kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_janus_path(tmp_path_factory):
+    """A tiny random Janus folder (tests/tiny_janus.py), built once per session."""
+    from tiny_janus import build_tiny_janus
+
+    return str(build_tiny_janus(tmp_path_factory.mktemp("tiny-janus")))

@@ -384,10 +384,12 @@ def _patch_guidance_validation() -> None:
         if not hasattr(self, "_sjdpp_guidance"):  # the model's facts, read once
             rule = served_rule(model_config)
             hf_config = model_config.hf_config
+            family = family_of(hf_config)
             self._sjdpp_guidance = (
-                rule, default_scale(model_config) if rule else 1.0, family_of(hf_config).image_vocab_size(hf_config),
+                rule, default_scale(model_config) if rule else 1.0, family.image_vocab_size(hf_config),
+                family.image_tokens(hf_config),
             )
-        rule, scale_default, image_codes = self._sjdpp_guidance
+        rule, scale_default, image_codes, image_tokens = self._sjdpp_guidance
         prompt = request.prompt_token_ids
         vocab_size = model_config.get_vocab_size()
         if prompt is None and rule is not None:
@@ -395,6 +397,12 @@ def _patch_guidance_validation() -> None:
         if prompt is not None and rule is not None and any(not 0 <= t < vocab_size for t in prompt):
             # Without a tokenizer vLLM 0.32 does not check, and the embedding lookup kills the engine.
             raise VLLMValidationError(f"prompt token ids must be in [0, {vocab_size})", parameter="prompt")
+        if prompt is not None and image_tokens is not None and len(prompt) + image_tokens > model_config.max_model_len:
+            # vLLM would cut max_tokens to what fits: a partial image.
+            raise VLLMValidationError(
+                f"this model's maximum context length is {model_config.max_model_len} tokens: the prompt "
+                f"({len(prompt)} tokens) and one image ({image_tokens} tokens) do not fit", parameter="prompt",
+            )
         try:
             request_guidance(params.extra_args, prompt or [], rule, scale_default, vocab_size)
         except ValueError as e:

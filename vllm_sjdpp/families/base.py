@@ -57,15 +57,30 @@ class ImageFamily:
         (image codes 0..n-1) narrower than its input vocabulary; None: the input vocabulary."""
         return None
 
+    @classmethod
+    def image_tokens(cls, hf_config: Any) -> int | None:
+        """Generated tokens per image (a request's max_tokens, with ignore_eos); None: no images."""
+        return None
+
     # Client side ---------------------------------------------------------------------------
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
 
     @property
+    def config(self):
+        if not hasattr(self, "_config"):
+            from transformers import AutoConfig
+
+            self._config = AutoConfig.from_pretrained(self.folder)
+        return self._config
+
+    @property
     def tokens_per_image(self) -> int:
-        """Generated tokens per image: a request's max_tokens (with ignore_eos)."""
-        raise NotImplementedError(f"{self.name} folders cannot make images")
+        tokens = self.image_tokens(self.config)
+        if tokens is None:
+            raise NotImplementedError(f"{self.name} folders cannot make images")
+        return tokens
 
     @property
     def image_size(self) -> tuple[int, int]:

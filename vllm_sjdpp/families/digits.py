@@ -18,8 +18,8 @@ class DigitsFamily(ImageFamily):
             hf_config, FAMILY_KEY, None
         ) == cls.name
 
-    @property
-    def tokens_per_image(self) -> int:
+    @classmethod
+    def image_tokens(cls, hf_config: Any) -> int:
         from ..digits.tokens import GENERATED_LENGTH
 
         return GENERATED_LENGTH

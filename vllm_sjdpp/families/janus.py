@@ -46,7 +46,8 @@ class JanusFamily(ImageFamily):
                 f"Janus: {codes} image codes exceed the text vocabulary ({text.vocab_size}); the codes share its ids"
             )
         grid = cls.grid(hf_config)
-        tokens = _require(getattr(hf_config.vision_config, "num_image_tokens", None), "vision_config.num_image_tokens")
+        vision = _require(getattr(hf_config, "vision_config", None), "config.json 'vision_config'")
+        tokens = _require(getattr(vision, "num_image_tokens", None), "vision_config.num_image_tokens")
         if grid * grid != tokens:
             raise ValueError(f"Janus: vision_config.num_image_tokens={tokens} is not a {grid}x{grid} grid (vq_config.num_patches)")
         cls.unconditional_rule(hf_config, generation_config)
@@ -73,6 +74,10 @@ class JanusFamily(ImageFamily):
         return int(_require(getattr(hf_config.vq_config, "num_patches", None), "vq_config.num_patches"))
 
     @classmethod
+    def image_tokens(cls, hf_config: Any) -> int:
+        return int(hf_config.vision_config.num_image_tokens)
+
+    @classmethod
     def sjdpp_defaults(cls, hf_config: Any) -> dict[str, Any]:
         """Fresh tokens are image codes copied from the row above, rows are grid codes wide (no
         end-of-row tokens); config.json "sjdpp" overrides."""
@@ -86,14 +91,6 @@ class JanusFamily(ImageFamily):
     # Client side: the folder's processor, chat template and VQ decoder (transformers') ----------
 
     @property
-    def config(self):
-        if not hasattr(self, "_config"):
-            from transformers import AutoConfig
-
-            self._config = AutoConfig.from_pretrained(self.folder)
-        return self._config
-
-    @property
     def processor(self):
         if not hasattr(self, "_processor"):
             from transformers import JanusProcessor
@@ -101,9 +98,6 @@ class JanusFamily(ImageFamily):
             self._processor = JanusProcessor.from_pretrained(self.folder)
         return self._processor
 
-    @property
-    def tokens_per_image(self) -> int:
-        return int(self.config.vision_config.num_image_tokens)
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -1,0 +1,76 @@
+"""`vllm serve <Janus folder> --speculative-config sjdpp` as users run it: a text prompt becomes a
+PNG through the client helper (`vllm_sjdpp.client`), on the tiny random Janus folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiny_janus import GRID, IMAGE_SIZE
+from tiny_llama import ENGINE_ENV
+from vllm_sjdpp.server import vllm_server
+
+SERVE_ARGS = [
+    "--speculative-config", "sjdpp", "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "64",
+    "--dtype", "float32",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_janus_path, tmp_path_factory):
+    env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server runs as users run it
+    log_path = tmp_path_factory.mktemp("serve-janus") / "server.log"
+    with vllm_server(tiny_janus_path, SERVE_ARGS, log_path, env=env, timeout_s=240) as base:
+        yield base
+
+
+def test_text_prompt_to_png(server, tiny_janus_path, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "images.png"
+    cmd = [sys.executable, "-m", "vllm_sjdpp.client", "--url", server, "--model", tiny_janus_path,
+           "--n", "3", "--seed", "1", "--out", str(out), "a red dog under the sun"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(out) as png:
+        assert png.format == "PNG" and png.size == (3 * IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_client_helper_images_tokens_and_seeds(server, tiny_janus_path):
+    """Images are the tokens decoded; a seed repeats them; greedy at the folder's default guidance
+    scale (generation_config.json) equals transformers' Janus."""
+    from transformers import JanusForConditionalGeneration
+
+    from vllm_sjdpp import families
+    from vllm_sjdpp.client import generate_images
+
+    family = families.load(tiny_janus_path)
+    text = "the big green tree"
+    first = generate_images(server, tiny_janus_path, tiny_janus_path, [text], n=2, seed=7)
+    again = generate_images(server, tiny_janus_path, tiny_janus_path, [text], n=2, seed=7)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    assert first[0].token_ids != first[1].token_ids
+    for g in first:
+        assert len(g.token_ids) == GRID * GRID and g.image.size == (IMAGE_SIZE, IMAGE_SIZE)
+        assert g.image.tobytes() == family.to_image(g.token_ids).tobytes()
+
+    hf = JanusForConditionalGeneration.from_pretrained(tiny_janus_path).eval()
+    prompt = torch.tensor([family.prompt_ids(text)])
+    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image", do_sample=False)
+    greedy = generate_images(server, tiny_janus_path, tiny_janus_path, [text], temperature=0)
+    assert greedy[0].token_ids == expected[0].tolist()
+
+
+def test_prompt_too_long_for_the_context_is_refused(server, tiny_janus_path):
+    import openai
+
+    from vllm_sjdpp.client import generate_images
+
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        generate_images(server, tiny_janus_path, tiny_janus_path, ["a big red dog under the sun " * 8])
+    assert len(generate_images(server, tiny_janus_path, tiny_janus_path, ["a cat"])) == 1  # still serving
