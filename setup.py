@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Speculative Jacobi Decoding++ for discrete autoregressive text-to-image models in vLLM",
     python_requires=">=3.10",
-    packages=["vllm_sjdpp", "vllm_sjdpp.kernels", "vllm_sjdpp.digits"],
+    packages=["vllm_sjdpp", "vllm_sjdpp.kernels", "vllm_sjdpp.digits", "vllm_sjdpp.families"],
     # The trained digit model ships inside the package (a few MB).
     package_data={"vllm_sjdpp.digits": ["model/*.json", "model/*.safetensors", "model/*.png"]},
     package_dir={"vllm_sjdpp": "vllm_sjdpp", "vllm_sjdpp.kernels": "kernels"},
@@ -24,5 +24,7 @@ setup(
         "test": ["pytest", "scipy", "triton", "openai"],
         # the digit model: data (scikit-learn ships the digits), images, plots
         "digits": ["scikit-learn", "scipy", "matplotlib", "pillow", "tqdm", "openai"],
+        # image families' prompts and images on the client (transformers comes with vLLM)
+        "images": ["pillow", "openai"],
     },
 )

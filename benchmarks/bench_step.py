@@ -6,6 +6,11 @@ CUDA (when present): the fused Triton kernel, with the bytes it must move and th
 reaches against the device's peak (goal: at least 60%), beside the PyTorch path on the same GPU.
 
     python benchmarks/bench_step.py [--quick] [--out benchmarks/results/step_<device>.json]
+    python benchmarks/bench_step.py --janus [--out benchmarks/results/step_janus_<device>.json]
+
+--janus: Janus-Pro's sizes, the 16384-code logits the plugin samples from against the 118784
+columns (102400 text ids + the codes) a model whose logits covered the whole id space would
+need; batches of 1, 16 and 32 images, k = 16.
 
 Inputs are a realistic mid-decode batch: every request has k drafts, half of them fresh
 (one-hot q) and half redrafted (a full q row), drawn from q, with reuse="coupled".
@@ -23,6 +28,8 @@ import torch
 
 from vllm_sjdpp.kernels import FreshTokens, StepBatch, StepNoise, sjdpp_step
 
+# Janus-Pro (1B and 7B): VQ codebook and text vocabulary.
+JANUS_CODES, JANUS_TEXT_VOCAB = 16384, 102400
 # Peak DRAM bandwidth from the vendors' data sheets, GB/s.
 PEAK_BANDWIDTH_GBS = {"H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350, "H200": 4800, "A100": 2039}
 
@@ -79,12 +86,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--janus", action="store_true", help="Janus-Pro's codebook against codes + text vocabulary")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = args.device
     k = 16
-    vocabs = [1024, 16384] if args.quick else [1024, 16384, 65536]
-    batches = [1, 16] if args.quick else [1, 16, 64]
+    if args.janus:
+        vocabs, batches = [JANUS_CODES, JANUS_CODES + JANUS_TEXT_VOCAB], [1, 16, 32]
+    else:
+        vocabs = [1024, 16384] if args.quick else [1024, 16384, 65536]
+        batches = [1, 16] if args.quick else [1, 16, 64]
     repeats = 3 if args.quick else 7
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     peak = next((v for key, v in PEAK_BANDWIDTH_GBS.items() if key in name), None)
@@ -114,6 +125,11 @@ def main() -> None:
                     row["triton_fraction_of_peak"] = row["triton_gbs"] / peak
             results.append(row)
             print("  ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}" for key, val in row.items()))
+    if args.janus:
+        for batch in batches:
+            codes, full = (next(r for r in results if r["vocab"] == v and r["batch"] == batch) for v in vocabs)
+            print(f"batch {batch}: codes only vs codes + text: step {full['inductor_step_ms'] / codes['inductor_step_ms']:.2f}x "
+                  f"less time, softmax {full['softmax_ms'] / codes['softmax_ms']:.2f}x")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"device": name, "results": results}, indent=1))

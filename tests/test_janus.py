@@ -72,8 +72,6 @@ def run(llm, prompts, sampling) -> list[list[int]]:
 
 
 def uncond(family, prompt):
-    from vllm_sjdpp.guidance import unconditional_rule
-
     return family_rule(family).apply(prompt)
 
 

@@ -5,7 +5,6 @@ a 2-layer Llama with grouped queries, a 4x4 grid of image tokens over a 64-code 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
