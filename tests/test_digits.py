@@ -148,3 +148,22 @@ def test_bundled_model_folder():
     assert tokenizer("a handwritten 7").input_ids == prompt_ids(7)
     metrics = json.loads((DEFAULT_OUT / "metrics.json").read_text())
     assert metrics["held_out_nll_nats_per_token"] < 1.0 and metrics["minutes"] <= 20
+
+
+def test_bundled_model_is_the_digits_family():
+    """The family interface on the bundled folder: found from config.json, text to the class
+    prompt, tokens to the image `ids_to_image` makes (white on black, 0..255)."""
+    from vllm_sjdpp import families
+
+    family = families.load(DEFAULT_OUT)
+    assert isinstance(family, families.DigitsFamily)
+    assert family.tokens_per_image == GENERATED_LENGTH and family.image_size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert family.prompt_ids("a handwritten 7") == prompt_ids(7)
+    with pytest.raises(ValueError, match="handwritten"):
+        family.prompt_ids("a red fox")
+    stream = image_to_ids(_image())
+    image = family.to_image(stream)
+    assert image.mode == "L" and image.size == (IMAGE_SIZE, IMAGE_SIZE)
+    np.testing.assert_allclose(np.asarray(image) / 255 * 16, np.clip(ids_to_image(stream), 0, 16), atol=0.04)
+    rule = families.family_of(family.config).unconditional_rule(family.config, {})
+    assert rule.apply(prompt_ids(3)) == unconditional_prompt_ids(prompt_ids(3))

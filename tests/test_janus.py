@@ -250,6 +250,28 @@ def test_options_that_index_text_ids_are_refused(janus, janus_sjdpp, prompts):
     assert len(run(janus_sjdpp, prompts[:1], params(temperature=1.0))[0]) == TOKENS
 
 
+@pytest.mark.parametrize("break_it, message", [
+    (lambda c, g: delattr(c, "vq_config"), "vq_config"),
+    (lambda c, g: setattr(c.text_config, "model_type", "qwen2"), "must be a Llama"),
+    (lambda c, g: setattr(c.vq_config, "num_embeddings", 10**6), "exceed the text vocabulary"),
+    (lambda c, g: setattr(c.vision_config, "num_image_tokens", 17), "not a 4x4 grid"),
+    (lambda c, g: g.pop("pad_token_id"), "pad_token_id"),
+    (lambda c, g: g.pop("bos_token_id"), "bos_token_id"),
+])
+def test_janus_check_names_what_a_folder_lacks(tiny_janus_path, family, break_it, message):
+    import copy
+    import json
+
+    from vllm_sjdpp.families.janus import JanusFamily
+
+    config = copy.deepcopy(family.config)
+    generation = json.loads((family.folder / "generation_config.json").read_text())
+    JanusFamily.check(config, generation)  # the tiny folder itself passes
+    break_it(config, generation)
+    with pytest.raises(ValueError, match=message):
+        JanusFamily.check(config, generation)
+
+
 def test_a_folder_that_is_not_janus_is_refused_naming_what_is_missing(tiny_janus_path, tmp_path):
     import json
     import shutil
