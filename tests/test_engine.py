@@ -88,6 +88,61 @@ def test_sampling_distribution_matches_plain(plain_samples, sjdpp, reuse):
     assert accepted_tokens(sjdpp) > before
 
 
+def test_a_failing_step_falls_back_to_exact_plain_sampling(plain, plain_samples, sjdpp, monkeypatch, caplog):
+    """Defence in depth: every third SJD++ step raises; the engine logs it with the request ids,
+    samples those steps plainly and keeps serving, and the outputs keep their distribution."""
+    import logging
+
+    import vllm_sjdpp.sampler as sampler_module
+
+    real, calls = sampler_module.sjdpp_step, []
+
+    def flaky_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) % 3 == 0:
+            raise RuntimeError("injected fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampler_module, "sjdpp_step", flaky_step)
+    with caplog.at_level(logging.ERROR, logger="vllm.sjdpp"):
+        assert generate(sjdpp, PROMPTS, params(temperature=0, max_tokens=48)) == generate(
+            plain, PROMPTS, params(temperature=0, max_tokens=48)
+        )
+        got = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
+    assert len(calls) >= 6
+    failures = [r for r in caplog.records if "SJD++ step failed for requests" in r.getMessage()]
+    assert len(failures) == len(calls) // 3 and "injected fault" in caplog.text
+    pvalues = position_pair_pvalues(plain_samples, got, 48)
+    assert min(pvalues) > ALPHA / len(pvalues), pvalues
+
+    # Broken variant the same comparison must reject: a fallback that takes the most likely token.
+    from vllm_sjdpp.sampler import SJDPPSampler
+
+    def greedy_fallback(self, metadata, first_rows, sampling_metadata):
+        out = torch.full((first_rows.shape[0], max(metadata.num_draft_tokens, default=0) + 1), -1, dtype=torch.long)
+        out[:, 0] = first_rows.argmax(-1)
+        for req_id in self.runner.input_batch.req_ids[: first_rows.shape[0]]:
+            self.states.requests[req_id].window = None
+        return out
+
+    monkeypatch.setattr(SJDPPSampler, "_plain_step", greedy_fallback)
+    broken = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
+    assert min(position_pair_pvalues(plain_samples, broken, 48)) < BROKEN_ALPHA
+
+
+def test_kv_cache_leaves_room_for_the_step(plain, sjdpp):
+    """The step's worst-case buffers come out of the KV cache (1 GiB here): the SJD++ engine
+    reports fewer blocks than the plain one, by the reserve."""
+    from vllm_sjdpp.vllm_patches import step_reserve_bytes
+
+    config = sjdpp.llm_engine.vllm_config
+    reserve = step_reserve_bytes(config)
+    assert reserve > 0 and step_reserve_bytes(plain.llm_engine.vllm_config) == 0
+    plain_blocks, sjdpp_blocks = plain.llm_engine.vllm_config.cache_config.num_gpu_blocks, config.cache_config.num_gpu_blocks
+    block_bytes = 2**30 / plain_blocks  # VLLM_CPU_KVCACHE_SPACE=1 (GiB)
+    assert plain_blocks - sjdpp_blocks == pytest.approx(reserve / block_bytes, abs=1)
+
+
 def accepted_per_position(llm) -> list[float]:
     return list(next(m.values for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens_per_pos"))
 

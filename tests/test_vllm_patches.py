@@ -60,3 +60,60 @@ def test_model_defaults_yield_to_server_options():
     assert (config.fresh_token_range, config.fresh_token_ids, config.row_width) == (None, (3,), 5)
     with pytest.raises(ValueError, match="config.json"):
         sjdpp_speculative_config({"method": "sjdpp"}, {"colour": 1})
+
+
+PLUGIN_PROBE = """
+import sys, vllm
+vllm.__version__ = sys.argv[2]  # what the plugin sees; the CPU build is what runs
+import vllm.platforms
+if sys.argv[3] == "gpu":
+    type(vllm.platforms.current_platform).is_cpu = lambda self: False
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+import vllm.utils.cpu_triton_utils as cpu_utils
+from vllm.engine.arg_utils import EngineArgs
+print("expand patched:", cpu_utils._expand_kernel_impl.__module__ == "vllm_sjdpp.vllm_patches")
+args = dict(model=sys.argv[1], skip_tokenizer_init=True, max_model_len=64)
+EngineArgs(**args).create_engine_config()
+print("plain config: ok")
+try:
+    EngineArgs(speculative_config={"method": "sjdpp"}, **args).create_engine_config()
+    print("sjdpp config: ok")
+except RuntimeError as e:
+    print("sjdpp config:", e)
+"""
+
+
+def _probe(model_path, version, platform="cpu"):
+    import subprocess
+    import sys
+
+    from tiny_llama import ENGINE_ENV
+
+    result = subprocess.run(
+        [sys.executable, "-c", PLUGIN_PROBE, model_path, version, platform], capture_output=True, text=True,
+        timeout=300, env={**__import__("os").environ, **ENGINE_ENV},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_path(tmp_path_factory):
+    from tiny_llama import build_tiny_llama
+
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def test_unsupported_vllm_leaves_plain_vllm_working_and_refuses_sjdpp(tiny_llama_path):
+    out, err = _probe(tiny_llama_path, "0.40.0")
+    assert "expand patched: False" in out  # nothing patched
+    assert "plain config: ok" in out
+    assert "sjdpp config: vllm-sjdpp supports vLLM 0.32 and 0.33; the installed vLLM is 0.40.0" in out
+    assert "the plugin stays inactive" in err
+
+
+def test_cpu_patches_apply_only_on_the_cpu_platform(tiny_llama_path):
+    assert "expand patched: True" in _probe(tiny_llama_path, "0.32.0")[0]
+    out, _ = _probe(tiny_llama_path, "0.32.0", platform="gpu")
+    assert "expand patched: False" in out and "sjdpp config: ok" in out

@@ -150,6 +150,16 @@ class SJDPPConfig:
             raise ValueError(str(e).replace("SJD++ option '", f"SJD++ option '{REQUEST_PREFIX}", 1)) from None
         return None if disable else config
 
+    def check_model(self, vocab_size: int, max_model_len: int, option_prefix: str = "") -> None:
+        """Options that need the model to be checked: fresh tokens inside the vocabulary the model
+        samples from, rows no wider than its context.  Raises ValueError naming the option."""
+        try:
+            self.fresh_vocab(vocab_size)
+        except ValueError as e:
+            raise ValueError(str(e).replace("SJD++ option '", f"SJD++ option '{option_prefix}", 1)) from None
+        if self.row_width is not None and self.row_width > max_model_len:
+            raise _invalid(option_prefix + "row_width", self.row_width, f"a positive integer <= {max_model_len} (max_model_len)")
+
     def fresh_vocab(self, vocab_size: int) -> list[int] | range:
         """The token ids fresh tokens are drawn from, checked against the model's vocabulary."""
         if self.fresh_token_ids is not None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
-from vllm.v1.sample.rejection_sampler import RejectionSampler, apply_sampling_constraints
+from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler, apply_sampling_constraints
 
 from .jacobi_state import JacobiStates, Window
 from .kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, sjdpp_step
@@ -59,6 +59,20 @@ class StepStats:
             self._last_log = now
 
 
+def step_memory_bytes(max_num_seqs: int, max_num_batched_tokens: int, k: int, budget: int | None, vocab: int) -> int:
+    """The most memory one SJD++ step holds beyond vLLM's own sampling, for vLLM's KV sizing.
+
+    Rows: every window position of every running request, at most max_num_batched_tokens.  Per
+    row, float32 over the vocabulary: the processed logits, the probabilities, the race noise,
+    a copy of the raw logits (when logprobs are asked for) and one temporary of the row pass.
+    Plus the two q-row buffers (drafts with a full proposal, at most the draft-token budget) and
+    each request's first row, kept for the fallback.
+    """
+    rows = min(max_num_seqs * (k + 1), max_num_batched_tokens)
+    drafts = min(max_num_seqs * k, max_num_batched_tokens, budget if budget is not None else max_num_seqs * k)
+    return 4 * vocab * (5 * rows + 2 * drafts + max_num_seqs)
+
+
 class SJDPPSampler(RejectionSampler):
     def __init__(self, runner, states: JacobiStates):
         super().__init__(runner.sampler, runner.speculative_config, runner.device)
@@ -73,13 +87,44 @@ class SJDPPSampler(RejectionSampler):
         if num_reqs != input_batch.num_reqs:  # a warm-up call on a dummy batch
             return super().forward(metadata, draft_probs, logits, sampling_metadata)
 
+        raw_logits = logits
+        if sampling_metadata.max_num_logprobs is not None and not self.is_processed_logprobs_mode:
+            raw_logits = logits.clone()  # processing below works in place
+        # Each request's first row, unprocessed: what a failed step falls back to.
+        cu = metadata.cu_num_sampled_tokens.long()
+        first_rows = logits[torch.cat([cu.new_zeros(1), cu[:-1]])]  # a gather: a copy
+        try:
+            output_token_ids, processed = self._sjdpp_step(metadata, logits, sampling_metadata)
+        except Exception:
+            req_ids = input_batch.req_ids[:num_reqs]
+            logger.exception(
+                "SJD++ step failed for requests %s: this step samples each request's next token "
+                "plainly and drops their windows", req_ids,
+            )
+            output_token_ids, processed = self._plain_step(metadata, first_rows, sampling_metadata), None
+
+        logprobs = None
+        if sampling_metadata.max_num_logprobs is not None:
+            source = processed if self.is_processed_logprobs_mode and processed is not None else raw_logits.float()
+            logprobs = self._get_logprobs_tensors(
+                sampling_metadata.max_num_logprobs,
+                metadata,
+                source,
+                source[metadata.target_logits_indices],
+                source[metadata.bonus_logits_indices],
+                output_token_ids,
+            )
+        return SamplerOutput(sampled_token_ids=output_token_ids.to(torch.int32), logprobs_tensors=logprobs)
+
+    def _sjdpp_step(self, metadata, logits, sampling_metadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Verify, commit and build the next windows: ([requests, max drafts + 1] committed
+        tokens, PLACEHOLDER after each request's last), and the processed logits."""
+        input_batch = self.runner.input_batch
+        num_reqs = len(metadata.num_draft_tokens)
         counts = list(metadata.num_draft_tokens)
         drafts = metadata.draft_token_ids.tolist()
         ends = list(itertools.accumulate(counts))
         per_request = [drafts[end - n : end] for n, end in zip(counts, ends)]
-        raw_logits = logits
-        if sampling_metadata.max_num_logprobs is not None and not self.is_processed_logprobs_mode:
-            raw_logits = logits.clone()  # processing below works in place
         processed = self._process_all_rows(logits, metadata, sampling_metadata, per_request)
         probs = processed.softmax(-1, dtype=torch.float32)
 
@@ -130,21 +175,23 @@ class SJDPPSampler(RejectionSampler):
         out = sjdpp_step(step_batch, noise, fresh, next_probs_out=out_buffer)
         self._record_windows(states, start, next_len, out)
         self.stats.add(num_reqs, int(out.num_accepted.sum()) + num_reqs, len(drafts), self.states)
+        return out.output_token_ids, processed
 
-        logprobs = None
-        if sampling_metadata.max_num_logprobs is not None:
-            source = processed if self.is_processed_logprobs_mode else raw_logits.float()
-            logprobs = self._get_logprobs_tensors(
-                sampling_metadata.max_num_logprobs,
-                metadata,
-                source,
-                source[metadata.target_logits_indices],
-                source[metadata.bonus_logits_indices],
-                out.output_token_ids,
-            )
-        return SamplerOutput(
-            sampled_token_ids=out.output_token_ids.to(torch.int32), logprobs_tensors=logprobs
+    def _plain_step(self, metadata, first_rows, sampling_metadata) -> torch.Tensor:
+        """Plain sampling of each request's first row (its next token after what it committed,
+        as exact as decoding without drafts), with vLLM's sampler; the windows are dropped, so
+        the next pass has no drafts and the step after it drafts afresh."""
+        for req_id in self.runner.input_batch.req_ids[: first_rows.shape[0]]:
+            state = self.states.requests.get(req_id)
+            if state is not None:
+                state.window = None
+        sampled = self.sampler(first_rows, replace(sampling_metadata, max_num_logprobs=None)).sampled_token_ids
+        out = torch.full(
+            (first_rows.shape[0], max(metadata.num_draft_tokens, default=0) + 1), PLACEHOLDER_TOKEN_ID,
+            dtype=torch.long, device=first_rows.device,
         )
+        out[:, 0] = sampled.view(-1).long()
+        return out
 
     def _history(self, start: list[int], length: int) -> torch.Tensor:
         """The last `length` committed tokens of each request, right-aligned, -1 before the start."""

@@ -33,47 +33,77 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import re
 from typing import Any
 
 import torch
 
-from .config import ADDITIONAL_CONFIG_KEY, SJDPPConfig
+from .config import ADDITIONAL_CONFIG_KEY, REQUEST_PREFIX, SJDPPConfig
+
+# Under "vllm." so that vLLM's logging configuration applies.
+logger = logging.getLogger("vllm.sjdpp")
 
 SUPPORTED_VERSIONS = ((0, 32), (0, 33))
 METHOD = "sjdpp"
 PROPOSER_PATH = "vllm_sjdpp.proposer.SJDPPProposer"
 
 _applied = False
-# The server's options, kept in the process that validates requests (the API server).
+# The server's options and the model's limits on them (logits per position, max_model_len),
+# kept in the process that validates requests (the API server).
 _server_config: SJDPPConfig | None = None
+_model_limits: tuple[int, int] | None = None
+
+
+def is_supported(version: str) -> bool:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return bool(match) and (int(match[1]), int(match[2])) in SUPPORTED_VERSIONS
 
 
 def check_version(version: str) -> None:
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if not match or (int(match[1]), int(match[2])) not in SUPPORTED_VERSIONS:
+    if not is_supported(version):
         supported = " and ".join(f"{a}.{b}" for a, b in SUPPORTED_VERSIONS)
         raise RuntimeError(
             f"vllm-sjdpp supports vLLM {supported}; the installed vLLM is {version}"
         )
 
 
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def apply() -> None:
+    """Patch vLLM, in every vLLM process (general plugins load everywhere).  On an unsupported
+    vLLM nothing is patched but the refusal of --speculative-config sjdpp: installing the plugin
+    must never break plain vLLM."""
     global _applied
     if _applied:
         return
     import vllm
 
-    check_version(vllm.__version__)
+    _applied = True
+    if not is_supported(vllm.__version__):
+        try:
+            check_version(vllm.__version__)
+        except RuntimeError as e:
+            logger.warning("%s: the plugin stays inactive (plain vLLM is unaffected; sjdpp is refused).", e)
+        try:
+            _patch_engine_args(refuse=True)
+        except Exception:  # another vLLM's internals: then sjdpp fails in vLLM's own parsing
+            logger.warning("vllm-sjdpp: could not add the refusal of sjdpp to this vLLM", exc_info=True)
+        return
     _patch_engine_args()
     _patch_model_runner()
     _patch_request_validation()
-    _patch_cpu_expand()
-    _patch_cpu_seeded_chunked_prefill()
+    if on_cpu():
+        _patch_cpu_expand()
+        _patch_cpu_seeded_chunked_prefill()
+    _patch_kv_memory()
     _register_guided_models()
     _patch_guidance_inputs()
     _patch_guidance_validation()
-    _applied = True
 
 
 # 1. Configuration ---------------------------------------------------------------------------
@@ -138,7 +168,7 @@ def sjdpp_speculative_config(
     return vllm_spec, options, config
 
 
-def _patch_engine_args() -> None:
+def _patch_engine_args(refuse: bool = False) -> None:
     # vllm/engine/arg_utils.py: EngineArgs.add_cli_args (staticmethod, looked up by attribute
     # from AsyncEngineArgs.add_cli_args after plugins load) and create_speculative_config.
     from vllm.engine.arg_utils import EngineArgs
@@ -157,12 +187,20 @@ def _patch_engine_args() -> None:
     create_speculative_config = EngineArgs.create_speculative_config
 
     def create_sjdpp_speculative_config(self, target_model_config, target_parallel_config):
-        global _server_config
+        global _server_config, _model_limits
+        from .families import logits_size
+
         spec = self.speculative_config
         if isinstance(spec, str):
             spec = self.speculative_config = parse_speculative_config(spec)
         if isinstance(spec, dict) and spec.get("method") == METHOD:
+            if refuse:
+                import vllm
+
+                check_version(vllm.__version__)
             vllm_spec, options, config = sjdpp_speculative_config(spec, model_defaults(target_model_config))
+            _model_limits = (logits_size(target_model_config), target_model_config.max_model_len)
+            config.check_model(*_model_limits)
             self.additional_config = {**(self.additional_config or {}), ADDITIONAL_CONFIG_KEY: options}
             self.speculative_config = vllm_spec
             _server_config = config
@@ -229,11 +267,69 @@ def _patch_request_validation() -> None:
             num_speculative_tokens=speculative_config.num_speculative_tokens
         )
         try:
-            server.for_request(self.extra_args)
+            config = server.for_request(self.extra_args)
+            if config is not None and _model_limits is not None:
+                config.check_model(*_model_limits, option_prefix=REQUEST_PREFIX)
         except ValueError as e:
             raise VLLMValidationError(str(e), parameter="vllm_xargs", value=self.extra_args) from None
 
     SamplingParams._validate_spec_decode = validate_sjdpp_options
+
+
+# 3b. Memory for the step ---------------------------------------------------------------------
+
+
+def step_reserve_bytes(vllm_config: Any) -> int:
+    """What an SJD++ engine keeps out of the KV cache for its step (0 for any other engine)."""
+    from .families import logits_size
+    from .sampler import step_memory_bytes
+
+    if not is_sjdpp(vllm_config.speculative_config):
+        return 0
+    config = SJDPPConfig.from_dict((vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {}))
+    scheduler = vllm_config.scheduler_config
+    return step_memory_bytes(
+        scheduler.max_num_seqs, scheduler.max_num_batched_tokens, config.num_speculative_tokens,
+        config.draft_token_budget, logits_size(vllm_config.model_config),
+    )
+
+
+def _patch_kv_memory() -> None:
+    # vllm/v1/worker/gpu_worker.py and cpu_worker.py: determine_available_memory returns the
+    # bytes the KV cache may take (after the profiling run on GPUs, VLLM_CPU_KVCACHE_SPACE on
+    # CPU).  vLLM's profiling samples its dummy batch with vLLM's rejection sampler, so the
+    # step's own buffers are reserved here explicitly.
+    from vllm.v1.worker.gpu_worker import Worker
+
+    classes = [Worker]
+    try:
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        classes.append(CPUWorker)
+    except ImportError:
+        pass
+    for cls in classes:
+        if "determine_available_memory" not in vars(cls):
+            continue
+        original = vars(cls)["determine_available_memory"]
+
+        def determine_available_memory(self, _original=original):
+            available = _original(self)
+            reserve = step_reserve_bytes(self.vllm_config)
+            if reserve:
+                logger.info(
+                    "SJD++ keeps %.1f MiB out of the KV cache for its step (of %.1f MiB available)",
+                    reserve / 2**20, available / 2**20,
+                )
+                if reserve >= available:
+                    raise ValueError(
+                        f"SJD++ needs {reserve / 2**20:.0f} MiB for its step, more than the "
+                        f"{available / 2**20:.0f} MiB left for the KV cache: lower --max-num-seqs, "
+                        "--max-num-batched-tokens or draft_token_budget, or give the KV cache more memory"
+                    )
+            return available - reserve
+
+        cls.determine_available_memory = determine_available_memory
 
 
 # 4. The CPU build's expand kernel -----------------------------------------------------------
@@ -394,7 +490,7 @@ def _patch_guidance_validation() -> None:
         vocab_size = model_config.get_vocab_size()
         if prompt is None and rule is not None:
             raise VLLMValidationError("a model served with guidance takes token-id or text prompts, not embeddings")
-        if prompt is not None and rule is not None and any(not 0 <= t < vocab_size for t in prompt):
+        if prompt is not None and any(not 0 <= t < vocab_size for t in prompt):
             # Without a tokenizer vLLM 0.32 does not check, and the embedding lookup kills the engine.
             raise VLLMValidationError(f"prompt token ids must be in [0, {vocab_size})", parameter="prompt")
         if prompt is not None and image_tokens is not None and len(prompt) + image_tokens > model_config.max_model_len:
