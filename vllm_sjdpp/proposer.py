@@ -13,7 +13,7 @@ from typing import Any
 from .config import ADDITIONAL_CONFIG_KEY, SJDPPConfig
 from .families import logits_size
 from .jacobi_state import JacobiStates
-from .sampler import SJDPPSampler
+from .sampler import SJDPPSampler, logger
 
 
 class SJDPPProposer:
@@ -45,6 +45,18 @@ class SJDPPProposer:
     def propose(
         self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_: Any
     ) -> list[list[int]]:
+        try:
+            return self._windows(num_tokens_no_spec)
+        except Exception:  # never take the engine down: a step without drafts is exact
+            req_ids = self.runner.input_batch.req_ids
+            logger.exception("SJD++ proposer failed for requests %s: no drafts this step", req_ids)
+            for req_id in req_ids:
+                state = self.states.requests.get(req_id)
+                if state is not None:
+                    state.window = None
+            return [[] for _ in req_ids]
+
+    def _windows(self, num_tokens_no_spec) -> list[list[int]]:
         runner = self.runner
         self.states.retain(set(runner.requests))
         drafts = []

@@ -1,0 +1,34 @@
+"""A short soak (benchmarks/soak.py): 40 s of 16 clients, 20% hanging up mid-stream, on a tiny
+Llama with SJD++; the server's memory and the Jacobi state stay bounded, and it keeps serving."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from tiny_llama import ENGINE_ENV, build_tiny_llama
+from vllm_sjdpp.server import vllm_server
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import soak  # noqa: E402
+
+
+def test_short_soak(tmp_path):
+    path = str(build_tiny_llama(tmp_path / "tiny-llama"))
+    env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    args = ["--speculative-config", "sjdpp", "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "256",
+            "--dtype", "float32", "--max-num-seqs", "16"]
+    log_path = tmp_path / "server.log"
+    with vllm_server(path, args, log_path, env=env, timeout_s=240) as base:
+        result = soak.soak(base, path, log_path, minutes=40 / 60, concurrency=16, abort_fraction=0.2,
+                           prompt=[2, 3, 4], max_tokens=120, sample_every_s=2)
+        import httpx
+
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+    counts, verdict = result["counts"], soak.verdict(result)
+    print(counts, verdict)
+    assert counts["errors"] == 0 and counts["completed"] > 16 and counts["aborted"] > 0, counts
+    assert verdict["state_bounded"] and verdict["max_jacobi_requests"] > 0, verdict
+    assert verdict["rss_bounded"], verdict
