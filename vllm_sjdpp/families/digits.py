@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..guidance import GUIDED_LLAMA
-from .base import FAMILY_KEY, ImageFamily
+from .base import FAMILY_KEY, ImageFamily, blank_below
 
 
 class DigitsFamily(ImageFamily):
@@ -40,6 +40,18 @@ class DigitsFamily(ImageFamily):
         if self._tokenizer.unk_token_id in ids:
             raise ValueError(f"the digit model knows only 'a handwritten 0' ... 'a handwritten 9', got {text!r}")
         return ids
+
+    def to_partial_image(self, tokens: list[int]):
+        import warnings
+
+        from ..digits.tokens import EOL
+        from ..digits.vq import GRID, IMAGE_SIZE
+
+        rows = min(list(tokens).count(EOL), GRID)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unfinished stream is malformed by design
+            image = self.to_image(tokens)
+        return blank_below(image, rows * IMAGE_SIZE // GRID)
 
     def to_image(self, tokens: list[int]):
         """Best effort for a malformed stream (a warning); white digits on black, 32x32 grey."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..guidance import UnconditionalRule
-from .base import ImageFamily
+from .base import ImageFamily, blank_below
 
 ARCHITECTURE = "JanusForConditionalGeneration"
 
@@ -135,6 +135,13 @@ class JanusFamily(ImageFamily):
                 raise ValueError(f"{self.folder}: the VQ decoder's weights are missing: {sorted(info['missing_keys'])[:5]}")
             self._decoder = decoder.eval()
         return self._decoder
+
+    def to_partial_image(self, tokens: list[int]):
+        grid = self.grid(self.config)
+        rows = min(len(tokens) // grid, grid)
+        done = list(tokens[: rows * grid])
+        image = self.to_image(done + [0] * (self.tokens_per_image - len(done)))
+        return blank_below(image, rows * self.image_size[1] // grid)
 
     def to_image(self, tokens: list[int]):
         import torch

@@ -1,0 +1,124 @@
+"""The images endpoint (`POST /v1/images/generations`, vllm_sjdpp.images_api) against `vllm
+serve` of the bundled digit model with SJD++ and `VLLM_PLUGINS=sjdpp,sjdpp_images`, through the
+real openai client."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import os
+
+import httpx
+import numpy as np
+import pytest
+
+from tiny_llama import ENGINE_ENV
+from vllm_sjdpp.digits.tokens import GENERATED_LENGTH
+from vllm_sjdpp.digits.train import DEFAULT_OUT
+from vllm_sjdpp.server import vllm_server
+
+MODEL = str(DEFAULT_OUT)
+SIZE = "32x32"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0", "VLLM_PLUGINS": "sjdpp,sjdpp_images"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    args = ["--speculative-config", "sjdpp", "--max-model-len", str(GENERATED_LENGTH + 64), "--max-num-seqs", "32"]
+    log_path = tmp_path_factory.mktemp("serve-images") / "server.log"
+    with vllm_server(MODEL, args, log_path, env=env, timeout_s=240) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def png(b64: str):
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG"
+    return image
+
+
+def test_n_images_of_the_stated_size(client):
+    out = client.images.generate(model=MODEL, prompt="a handwritten 3", n=4, size=SIZE, response_format="b64_json",
+                                 extra_body={"seed": 1})
+    images = [png(d.b64_json) for d in out.data]
+    assert len(images) == 4 and all(i.size == (32, 32) for i in images)
+    assert len({i.tobytes() for i in images}) == 4  # four different images
+    for d in out.data:
+        info = d.model_extra["sjdpp"]
+        assert info["tokens"] == GENERATED_LENGTH and info["forward_passes"] < GENERATED_LENGTH  # SJD++ at work
+        assert info["tokens_per_pass"] == pytest.approx(GENERATED_LENGTH / info["forward_passes"], abs=1e-3)
+    assert out.usage.output_tokens == 4 * GENERATED_LENGTH and out.usage.input_tokens == 4 * 5
+    plain = client.images.generate(model=MODEL, prompt="a handwritten 3", extra_body={"seed": 1, "sjdpp_disable": True})
+    assert plain.data[0].model_extra["sjdpp"]["forward_passes"] == GENERATED_LENGTH
+
+
+def test_a_seed_reproduces_its_images(client):
+    kw = dict(model=MODEL, prompt="a handwritten 8", n=2, extra_body={"seed": 42, "temperature": 1.0})
+    first, again = client.images.generate(**kw), client.images.generate(**kw)
+    assert [d.b64_json for d in first.data] == [d.b64_json for d in again.data]
+    assert [d.model_extra["sjdpp"]["seed"] for d in first.data] == [42, 43]
+
+
+def test_streaming_partial_images_then_the_final_one(client):
+    stream = client.images.generate(model=MODEL, prompt="a handwritten 5", stream=True, partial_images=2,
+                                    extra_body={"seed": 9})
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    partial, final = [np.asarray(png(e.b64_json)) for e in events[:2]], png(events[-1].b64_json)
+    assert (partial[0] == 128).mean() > (partial[1] == 128).mean() > (np.asarray(final) == 128).mean()  # rows fill in
+    same = client.images.generate(model=MODEL, prompt="a handwritten 5", extra_body={"seed": 9})
+    assert events[-1].b64_json == same.data[0].b64_json
+
+
+@pytest.mark.parametrize("kw, param", [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="a handwritten 1", n=0), "n"),
+    (dict(prompt="a handwritten 1", n=11), "n"),
+    (dict(prompt="a handwritten 1", size="64x64"), "size"),
+    (dict(prompt="a handwritten 1", response_format="url"), "response_format"),
+    (dict(prompt="a handwritten 1", extra_body={"sjdpp_reuse": "sometimes"}), "sjdpp_reuse"),
+    (dict(prompt="a handwritten 1", extra_body={"guidance_scale": -1}), "guidance_scale"),
+    (dict(prompt="a handwritten 1", extra_body={"top_k": -7}), "top_k"),
+    (dict(prompt="a handwritten 1", extra_body={"colour": "red"}), "colour"),
+    (dict(prompt="a red fox"), "handwritten"),
+])
+def test_bad_input_is_a_400_in_openai_shape(client, kw, param):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model=MODEL, **kw)
+    assert e.value.status_code == 400 and param in str(e.value.body)
+    assert e.value.body["type"] == "invalid_request_error"
+
+
+def test_32_concurrent_requests_with_disconnecting_clients(server, client):
+    """One in ten clients hangs up early; the others complete, the server stays healthy and no
+    request is left in the engine."""
+
+    def one(i: int):
+        if i % 10 == 0:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(server + "/v1/images/generations", json={"prompt": "a handwritten 0", "seed": i}, timeout=0.5)
+            return None
+        return client.images.generate(model=MODEL, prompt=f"a handwritten {i % 10}", extra_body={"seed": i})
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    done = [r for r in results if r is not None]
+    assert len(done) == 28 and all(png(r.data[0].b64_json).size == (32, 32) for r in done)
+    assert httpx.get(server + "/health", timeout=10).status_code == 200
+    metrics = httpx.get(server + "/metrics", timeout=10).text
+    left = [line for line in metrics.splitlines()
+            if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{"))]
+    assert left and all(float(line.rsplit(" ", 1)[1]) == 0 for line in left), left

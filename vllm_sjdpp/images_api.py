@@ -1,0 +1,280 @@
+"""`POST /v1/images/generations` (the OpenAI Images API) as a vLLM endpoint plugin.
+
+Entry point `vllm.endpoint_plugins`: `sjdpp_images`.  vLLM loads endpoint plugins only when
+`VLLM_PLUGINS` names them, and that variable then filters the general plugins too:
+
+    VLLM_PLUGINS=sjdpp,sjdpp_images vllm serve MODEL --speculative-config sjdpp --skip-tokenizer-init
+
+The served folder's image family (`vllm_sjdpp.families`) turns the prompt into token ids and the
+generated tokens into PNGs, here in the API server; the engine samples the tokens, one request
+per image (image i of a request with `seed` s uses seed s + i, so a seed reproduces every image).
+
+Beyond OpenAI's parameters, the body (`extra_body` in the openai client) takes `guidance_scale`,
+`seed`, `temperature`, `top_k`, `top_p`, any `sjdpp_*` per-request option and `sjdpp_disable`.
+Each image in the response carries `sjdpp`: its seed, tokens, forward passes and tokens per pass.
+With `stream: true` and `partial_images: N` the answer is server-sent events as OpenAI sends them:
+N `image_generation.partial_image` events, each a PNG of the rows committed so far (rows not
+generated yet are grey; SJD++ drafts are not shown: vLLM's output path carries committed tokens
+only), then `image_generation.completed`.  A client that disconnects aborts its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import secrets
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from vllm.exceptions import VLLMClientError
+
+NAME = "sjdpp_images"
+ROUTE = "/v1/images/generations"
+MAX_IMAGES = 10  # OpenAI's limit on n
+MAX_PARTIAL_IMAGES = 3  # and on partial_images
+SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+# OpenAI parameters accepted and not used (the output is always a PNG of the family's size).
+IGNORED_KEYS = ("quality", "style", "background", "moderation", "user", "output_compression")
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def error_response(message: str, param: str | None = None, status: int = 400) -> JSONResponse:
+    """OpenAI's error JSON."""
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+def png_b64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class ImageRequest:
+    """The request body, checked: everything the engine does not check itself."""
+
+    def __init__(self, body: Any, family, served_names: list[str]):
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        self.prompt = body.get("prompt")
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise BadRequest("'prompt' must be a non-empty string", "prompt")
+        model = body.get("model")
+        if model is not None and model not in served_names:
+            raise BadRequest(f"model {model!r} is not served here; served: {served_names}", "model")
+        self.n = self._int(body, "n", 1, 1, MAX_IMAGES)
+        width, height = family.image_size
+        size = body.get("size") or "auto"
+        if size not in ("auto", f"{width}x{height}"):
+            raise BadRequest(f"size {size!r}: this model makes {width}x{height} images ('auto' or '{width}x{height}')", "size")
+        self.size = f"{width}x{height}"
+        if body.get("response_format", "b64_json") not in (None, "b64_json"):
+            raise BadRequest("response_format: only 'b64_json' (images are not stored for URLs)", "response_format")
+        if body.get("output_format", "png") not in (None, "png"):
+            raise BadRequest("output_format: only 'png'", "output_format")
+        self.stream = body.get("stream", False)
+        if not isinstance(self.stream, bool):
+            raise BadRequest("'stream' must be true or false", "stream")
+        self.partial_images = self._int(body, "partial_images", 0, 0, MAX_PARTIAL_IMAGES)
+        if self.stream and self.n != 1:
+            raise BadRequest("streaming makes one image: n must be 1 with stream", "n")
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63 - MAX_IMAGES):
+            raise BadRequest("'seed' must be a non-negative integer", "seed")
+        self.seed = seed
+        self.sampling = {k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None}
+        self.extra_args = {k: v for k, v in body.items() if k.startswith("sjdpp_") or k == "guidance_scale"}
+        known = {"prompt", "model", "n", "size", "response_format", "output_format", "stream", "partial_images",
+                 "seed", *SAMPLING_KEYS, *IGNORED_KEYS, *self.extra_args}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise BadRequest(f"unknown parameter(s) {unknown}", unknown[0])
+
+    @staticmethod
+    def _int(body: dict, key: str, default: int, lo: int, hi: int) -> int:
+        value = body.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise BadRequest(f"'{key}' must be an integer from {lo} to {hi}, got {value!r}", key)
+        return value
+
+
+class ImageService:
+    """What the route does, given the engine and the served folder's family."""
+
+    def __init__(self, engine_client, family, served_names: list[str], default_sampling: dict):
+        self.engine = engine_client
+        self.family = family
+        self.served_names = served_names
+        self.default_sampling = default_sampling
+
+    def sampling_params(self, request: ImageRequest, seed: int):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        return SamplingParams(
+            **{**self.default_sampling, **request.sampling},
+            n=1, seed=seed, max_tokens=self.family.tokens_per_image, ignore_eos=True, detokenize=False,
+            extra_args=request.extra_args or None,
+            output_kind=RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def generate(self, request: ImageRequest, prompt_ids: list[int], seed: int, request_id: str):
+        """The engine's outputs for one image (cumulative when streaming)."""
+        async for output in self.engine.generate(
+            {"prompt_token_ids": prompt_ids}, self.sampling_params(request, seed), request_id
+        ):
+            yield output
+
+    def image_entry(self, output, seed: int) -> tuple[dict, int]:
+        """One image of the response, and its tokens."""
+        completion = output.outputs[0]
+        tokens = list(completion.token_ids)
+        metrics = completion.spec_decode_metrics
+        accepted = sum(j * count for j, count in enumerate(metrics.histogram)) if metrics is not None else 0
+        passes = len(tokens) - accepted  # each pass commits its accepted drafts and one token
+        image = self.family.to_image(tokens)
+        entry = {
+            "b64_json": png_b64(image), "revised_prompt": None,
+            "sjdpp": {"seed": seed, "tokens": len(tokens), "forward_passes": passes,
+                      "tokens_per_pass": round(len(tokens) / max(passes, 1), 3)},
+        }
+        return entry, len(tokens)
+
+    @staticmethod
+    def usage(prompt_tokens: int, n: int, output_tokens: int) -> dict:
+        return {
+            "input_tokens": prompt_tokens * n, "output_tokens": output_tokens,
+            "total_tokens": prompt_tokens * n + output_tokens,
+            "input_tokens_details": {"text_tokens": prompt_tokens * n, "image_tokens": 0},
+        }
+
+    async def respond(self, body: Any, raw_request: Request):
+        try:
+            request = ImageRequest(body, self.family, self.served_names)
+            prompt_ids = await asyncio.to_thread(self.family.prompt_ids, request.prompt)
+        except BadRequest as e:
+            return error_response(str(e), e.param)
+        except ValueError as e:
+            return error_response(str(e), "prompt")
+        base_seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        seeds = [base_seed + i for i in range(request.n)]
+        request_id = f"img-{uuid.uuid4().hex}"
+        if request.stream:
+            return await self.stream(request, prompt_ids, seeds[0], request_id)
+        return await self.complete(request, prompt_ids, seeds, request_id, raw_request)
+
+    async def complete(self, request, prompt_ids, seeds, request_id, raw_request) -> JSONResponse:
+        async def one(i: int):
+            final = None
+            async for output in self.generate(request, prompt_ids, seeds[i], f"{request_id}-{i}"):
+                final = output
+            return await asyncio.to_thread(self.image_entry, final, seeds[i])
+
+        work = asyncio.ensure_future(asyncio.gather(*(one(i) for i in range(request.n))))
+        disconnect = asyncio.ensure_future(wait_for_disconnect(raw_request))
+        try:
+            await asyncio.wait({work, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+        if not work.done():  # the client left: cancelling the generators aborts the requests
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            return error_response("client disconnected", status=499)
+        try:
+            results = work.result()
+        except (ValueError, VLLMClientError) as e:  # the engine's checks of the options
+            return error_response(str(e), getattr(e, "parameter", None))
+        return JSONResponse({
+            "created": int(time.time()), "data": [entry for entry, _ in results],
+            "size": request.size, "output_format": "png",
+            "usage": self.usage(len(prompt_ids), request.n, sum(tokens for _, tokens in results)),
+        })
+
+    async def stream(self, request, prompt_ids, seed, request_id):
+        total = self.family.tokens_per_image
+        # Partial image k is sent once k/(N+1) of the tokens are committed.
+        marks = [total * (k + 1) // (request.partial_images + 1) for k in range(request.partial_images)]
+        outputs = self.generate(request, prompt_ids, seed, request_id)
+        try:  # the first output: a bad option is still a plain 400, not an event
+            first = await outputs.__anext__()
+        except (ValueError, VLLMClientError) as e:
+            await outputs.aclose()
+            return error_response(str(e), getattr(e, "parameter", None))
+        except StopAsyncIteration:
+            first = None
+
+        def event(kind: str, payload: dict) -> str:
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, 'created_at': int(time.time()), **payload})}\n\n"
+
+        async def events():
+            try:
+                sent, output = 0, first
+                while output is not None:
+                    tokens = list(output.outputs[0].token_ids)
+                    while sent < len(marks) and len(tokens) >= marks[sent]:
+                        image = await asyncio.to_thread(self.family.to_partial_image, tokens)
+                        yield event("image_generation.partial_image", {
+                            "b64_json": png_b64(image), "partial_image_index": sent, "size": request.size,
+                            "output_format": "png", "sjdpp": {"tokens": len(tokens)},
+                        })
+                        sent += 1
+                    if output.finished:
+                        entry, count = await asyncio.to_thread(self.image_entry, output, seed)
+                        yield event("image_generation.completed", {
+                            "b64_json": entry["b64_json"], "size": request.size, "output_format": "png",
+                            "sjdpp": entry["sjdpp"], "usage": self.usage(len(prompt_ids), 1, count),
+                        })
+                        return
+                    output = await outputs.__anext__()
+            finally:
+                await outputs.aclose()  # a disconnected client: aborts the request
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def wait_for_disconnect(raw_request: Request) -> None:
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ImagesEndpoint:
+    """The `vllm.endpoint_plugins` entry point (a zero-argument factory)."""
+
+    name = NAME
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        @app.post(ROUTE)
+        async def create_image(raw_request: Request):
+            service: ImageService | None = getattr(raw_request.app.state, "sjdpp_images", None)
+            if service is None:
+                return error_response("this server has no engine to make images", status=503)
+            try:
+                body = await raw_request.json()
+            except ValueError:
+                return error_response("the body is not JSON")
+            return await service.respond(body, raw_request)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        from . import families
+
+        if engine_client is None:
+            return
+        model_config = engine_client.model_config
+        names = list(args.served_model_name or []) or [args.model]
+        family = families.load(model_config.model)
+        defaults = {k: v for k, v in model_config.get_diff_sampling_param().items() if k in SAMPLING_KEYS}
+        state.sjdpp_images = ImageService(engine_client, family, names, defaults)
