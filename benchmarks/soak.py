@@ -36,16 +36,18 @@ def server_processes(port: int):
     raise RuntimeError(f"no vllm serve process on port {port}")
 
 
-def rss_mib(processes) -> float:
+def rss_mib(processes) -> dict[str, float]:
+    """Resident MiB per process (by name, e.g. the API server and VLLM::EngineCore)."""
     import psutil
 
-    total = 0
+    out: dict[str, float] = {}
     for proc in processes:
         try:
-            total += proc.memory_info().rss
+            name = f"{proc.name()}[{proc.pid}]"
+            out[name] = round(proc.memory_info().rss / 2**20, 1)
         except psutil.NoSuchProcess:
             pass
-    return total / 2**20
+    return out
 
 
 def client_loop(base: str, model: str, prompt, max_tokens: int, abort_fraction: float, stop: threading.Event,
@@ -84,13 +86,15 @@ def soak(base: str, model: str, log_path: Path, minutes: float, concurrency: int
     ]
     for t in threads:
         t.start()
-    samples, start = [], time.monotonic()
+    samples, per_process, start = [], [], time.monotonic()
     try:
-        while (elapsed := time.monotonic() - start) < minutes * 60:
+        while time.monotonic() - start < minutes * 60:
             time.sleep(sample_every_s)
             states = STATE_LINE.findall(Path(log_path).read_text(errors="replace"))
             requests, q_mib = (int(states[-1][0]), float(states[-1][1])) if states else (0, 0.0)
-            samples.append([round(elapsed, 1), round(rss_mib(processes), 1), requests, q_mib])
+            rss = rss_mib(processes)
+            per_process.append(rss)
+            samples.append([round(time.monotonic() - start, 1), round(sum(rss.values()), 1), requests, q_mib])
             if progress is not None:
                 progress.update(sample_every_s)
                 progress.set_postfix(rss=f"{samples[-1][1]:.0f}MiB", state=requests, **counts)
@@ -98,19 +102,24 @@ def soak(base: str, model: str, log_path: Path, minutes: float, concurrency: int
         stop.set()
         for t in threads:
             t.join(timeout=120)
-    return {"samples": samples, "counts": counts, "concurrency": concurrency, "abort_fraction": abort_fraction,
-            "minutes": minutes}
+    return {"samples": samples, "rss_per_process_mib": per_process, "counts": counts, "concurrency": concurrency,
+            "abort_fraction": abort_fraction, "minutes": minutes}
 
 
 def verdict(result: dict) -> dict:
     """Bounded: the second half's peak RSS within 5% (or 64 MiB) of the first half's, and the
     Jacobi state never more requests than the clients."""
+    import numpy as np
+
     samples = result["samples"]
     half = len(samples) // 2
     first, second = max(s[1] for s in samples[: max(half, 1)]), max(s[1] for s in samples[half:])
+    late = np.array(samples[half:], dtype=float)
+    slope = float(np.polyfit(late[:, 0] / 60, late[:, 1], 1)[0]) if len(late) > 1 else 0.0
     return {
         "rss_first_half_peak_mib": first,
         "rss_second_half_peak_mib": second,
+        "rss_second_half_slope_mib_per_min": round(slope, 2),
         "rss_bounded": second <= max(first * 1.05, first + 64),
         "max_jacobi_requests": max(s[2] for s in samples),
         "state_bounded": max(s[2] for s in samples) <= result["concurrency"],
@@ -132,13 +141,15 @@ def plot(result: dict, path: Path) -> None:
     a.set_ylim(0, max(rss) * 1.15)
     a.set_title(f"soak: {result['concurrency']} clients, {result['abort_fraction']:.0%} aborting; "
                 f"{result['counts']['completed']} completed, {result['counts']['aborted']} aborted")
-    b.plot(minutes, req, label="Jacobi states (requests)")
+    lines = b.plot(minutes, req, label="Jacobi states (requests)")
     b.set_ylabel("requests")
+    b.set_ylim(0, result["concurrency"] * 1.3)
     b2 = b.twinx()
-    b2.plot(minutes, q, color="tab:orange", label="q rows (MiB)")
+    lines += b2.plot(minutes, q, color="tab:orange", label="q rows (MiB)")
     b2.set_ylabel("q rows (MiB)")
+    b2.set_ylim(0, max(max(q) * 1.3, 1))
     b.set_xlabel("minutes")
-    fig.legend(loc="lower right")
+    b.legend(lines, [line.get_label() for line in lines], loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

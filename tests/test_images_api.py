@@ -90,6 +90,7 @@ def test_streaming_partial_images_then_the_final_one(client):
     (dict(prompt="a handwritten 1", extra_body={"sjdpp_reuse": "sometimes"}), "sjdpp_reuse"),
     (dict(prompt="a handwritten 1", extra_body={"guidance_scale": -1}), "guidance_scale"),
     (dict(prompt="a handwritten 1", extra_body={"top_k": -7}), "top_k"),
+    (dict(prompt="a handwritten 1", extra_body={"temperature": "hot"}), "temperature"),
     (dict(prompt="a handwritten 1", extra_body={"colour": "red"}), "colour"),
     (dict(prompt="a red fox"), "handwritten"),
 ])

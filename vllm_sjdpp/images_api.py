@@ -93,6 +93,9 @@ class ImageRequest:
             raise BadRequest("'seed' must be a non-negative integer", "seed")
         self.seed = seed
         self.sampling = {k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None}
+        for key, value in self.sampling.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BadRequest(f"'{key}' must be a number, got {value!r}", key)
         self.extra_args = {k: v for k, v in body.items() if k.startswith("sjdpp_") or k == "guidance_scale"}
         known = {"prompt", "model", "n", "size", "response_format", "output_format", "stream", "partial_images",
                  "seed", *SAMPLING_KEYS, *IGNORED_KEYS, *self.extra_args}
