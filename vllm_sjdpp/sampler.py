@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -73,6 +73,23 @@ def step_memory_bytes(max_num_seqs: int, max_num_batched_tokens: int, k: int, bu
     return 4 * vocab * (5 * rows + 2 * drafts + max_num_seqs)
 
 
+@dataclass
+class StepPlan:
+    """Per request: its drafts this pass, where its committed tokens end, its Jacobi state, the
+    proposal row of each draft (-1: one-hot) and the length of its next window."""
+
+    counts: list[int]
+    per_request: list[list[int]]
+    start: list[int]
+    states: list
+    prob_rows: list[int]
+    next_len: list[int]
+
+    @property
+    def windowless(self) -> bool:
+        return not any(self.counts) and not any(self.next_len)
+
+
 class SJDPPSampler(RejectionSampler):
     def __init__(self, runner, states: JacobiStates):
         super().__init__(runner.sampler, runner.speculative_config, runner.device)
@@ -90,18 +107,26 @@ class SJDPPSampler(RejectionSampler):
         raw_logits = logits
         if sampling_metadata.max_num_logprobs is not None and not self.is_processed_logprobs_mode:
             raw_logits = logits.clone()  # processing below works in place
-        # Each request's first row, unprocessed: what a failed step falls back to.
         cu = metadata.cu_num_sampled_tokens.long()
-        first_rows = logits[torch.cat([cu.new_zeros(1), cu[:-1]])]  # a gather: a copy
+        first = torch.cat([cu.new_zeros(1), cu[:-1]])  # each request's first row
+        first_rows = None
         try:
-            output_token_ids, processed = self._sjdpp_step(metadata, logits, sampling_metadata)
+            plan = self._plan(metadata)
+            if plan.windowless and sampling_metadata.max_num_logprobs is None:
+                # Nothing to verify, nothing to draft: vLLM's own sampler, as plain decoding.
+                output_token_ids, processed = self._plain_step(metadata, logits, sampling_metadata), None
+                self.stats.add(num_reqs, num_reqs, 0, self.states)
+            else:
+                first_rows = logits[first]  # a gather (a copy): unprocessed, for the fallback
+                output_token_ids, processed = self._sjdpp_step(plan, metadata, logits, sampling_metadata)
         except Exception:
             req_ids = input_batch.req_ids[:num_reqs]
             logger.exception(
                 "SJD++ step failed for requests %s: this step samples each request's next token "
                 "plainly and drops their windows", req_ids,
             )
-            output_token_ids, processed = self._plain_step(metadata, first_rows, sampling_metadata), None
+            rows = first_rows if first_rows is not None else logits[first]
+            output_token_ids, processed = self._plain_step(metadata, rows, sampling_metadata), None
 
         logprobs = None
         if sampling_metadata.max_num_logprobs is not None:
@@ -116,18 +141,14 @@ class SJDPPSampler(RejectionSampler):
             )
         return SamplerOutput(sampled_token_ids=output_token_ids.to(torch.int32), logprobs_tensors=logprobs)
 
-    def _sjdpp_step(self, metadata, logits, sampling_metadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Verify, commit and build the next windows: ([requests, max drafts + 1] committed
-        tokens, PLACEHOLDER after each request's last), and the processed logits."""
+    def _plan(self, metadata) -> StepPlan:
+        """The step's bookkeeping, before any work over the vocabulary."""
         input_batch = self.runner.input_batch
         num_reqs = len(metadata.num_draft_tokens)
         counts = list(metadata.num_draft_tokens)
         drafts = metadata.draft_token_ids.tolist()
         ends = list(itertools.accumulate(counts))
         per_request = [drafts[end - n : end] for n, end in zip(counts, ends)]
-        processed = self._process_all_rows(logits, metadata, sampling_metadata, per_request)
-        probs = processed.softmax(-1, dtype=torch.float32)
-
         req_ids = input_batch.req_ids[:num_reqs]
         start = [int(n) for n in input_batch.num_tokens_no_spec[:num_reqs]]
         discard = self.runner.discard_request_mask.np[:num_reqs].tolist()
@@ -140,6 +161,15 @@ class SJDPPSampler(RejectionSampler):
             prob_rows += self.states.drafts_usable(state, start[i], per_request[i])
             next_len.append(0 if discard[i] else self._next_window_len(req_id, state, start[i]))
         next_len = share_draft_budget(next_len, self.states.config.draft_token_budget)
+        return StepPlan(counts, per_request, start, states, prob_rows, next_len)
+
+    def _sjdpp_step(self, plan: StepPlan, metadata, logits, sampling_metadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Verify, commit and build the next windows: ([requests, max drafts + 1] committed
+        tokens, PLACEHOLDER after each request's last), and the processed logits."""
+        num_reqs = len(plan.counts)
+        counts, start, states, next_len = plan.counts, plan.start, plan.states, plan.next_len
+        processed = self._process_all_rows(logits, metadata, sampling_metadata, plan.per_request)
+        probs = processed.softmax(-1, dtype=torch.float32)
         configs = [s.config or self.states.config for s in states]
 
         device = probs.device
@@ -149,7 +179,7 @@ class SJDPPSampler(RejectionSampler):
             if sampling_metadata.all_greedy
             else sampling_metadata.temperature[:num_reqs] < GREEDY_EPS
         )
-        rows = torch.tensor(prob_rows, **long)
+        rows = torch.tensor(plan.prob_rows, **long)
         step_batch = StepBatch(
             cu_num_draft_tokens=metadata.cu_num_draft_tokens.long(),
             target_probs=probs,
@@ -174,7 +204,7 @@ class SJDPPSampler(RejectionSampler):
         out_buffer = self.states.next_buffer(sum(next_len), probs.shape[1], probs.dtype, device)
         out = sjdpp_step(step_batch, noise, fresh, next_probs_out=out_buffer)
         self._record_windows(states, start, next_len, out)
-        self.stats.add(num_reqs, int(out.num_accepted.sum()) + num_reqs, len(drafts), self.states)
+        self.stats.add(num_reqs, int(out.num_accepted.sum()) + num_reqs, sum(counts), self.states)
         return out.output_token_ids, processed
 
     def _plain_step(self, metadata, first_rows, sampling_metadata) -> torch.Tensor:
