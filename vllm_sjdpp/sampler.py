@@ -22,6 +22,7 @@ from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSamp
 
 from .jacobi_state import JacobiStates, Window
 from .kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, sjdpp_step
+from .kernels.row_pass_torch import race
 from .window_budget import share_draft_budget
 
 # Under "vllm." so that vLLM's logging configuration (handlers, level) applies in every process.
@@ -112,10 +113,8 @@ class SJDPPSampler(RejectionSampler):
         first_rows = None
         try:
             plan = self._plan(metadata)
-            if plan.windowless and sampling_metadata.max_num_logprobs is None:
-                # Nothing to verify, nothing to draft: vLLM's own sampler, as plain decoding.
-                output_token_ids, processed = self._plain_step(metadata, logits, sampling_metadata), None
-                self.stats.add(num_reqs, num_reqs, 0, self.states)
+            if plan.windowless:
+                output_token_ids, processed = self._windowless_step(plan, metadata, logits, sampling_metadata)
             else:
                 first_rows = logits[first]  # a gather (a copy): unprocessed, for the fallback
                 output_token_ids, processed = self._sjdpp_step(plan, metadata, logits, sampling_metadata)
@@ -206,6 +205,28 @@ class SJDPPSampler(RejectionSampler):
         self._record_windows(states, start, next_len, out)
         self.stats.add(num_reqs, int(out.num_accepted.sum()) + num_reqs, sum(counts), self.states)
         return out.output_token_ids, processed
+
+    def _windowless_step(self, plan: StepPlan, metadata, logits, sampling_metadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step when no request has drafts to verify or will draft next: each request's one
+        row is raced exactly as `sjdpp_step` races a bonus row, from the same noise drawn in the
+        same order, without the rest of the step.  So a seeded request's token does not depend on
+        whether the others in its batch draft."""
+        processed = self._process_all_rows(logits, metadata, sampling_metadata, plan.per_request)
+        probs = processed.softmax(-1, dtype=torch.float32)
+        num_reqs = len(plan.counts)
+        noise = StepNoise.sample_per_request(
+            [1] * num_reqs, [0] * num_reqs, probs.shape[1], sampling_metadata.generators, probs.device
+        )
+        greedy = (
+            torch.ones(num_reqs, dtype=torch.bool, device=probs.device)
+            if sampling_metadata.all_greedy
+            else sampling_metadata.temperature[:num_reqs] < GREEDY_EPS
+        )
+        token = torch.where(greedy, probs.argmax(-1), race(probs, noise.exponentials)[1])
+        for state in plan.states:
+            state.window = None
+        self.stats.add(num_reqs, num_reqs, 0, self.states)
+        return token.view(-1, 1), processed
 
     def _plain_step(self, metadata, first_rows, sampling_metadata) -> torch.Tensor:
         """Plain sampling of each request's first row (its next token after what it committed,
