@@ -74,6 +74,13 @@ def step_memory_bytes(max_num_seqs: int, max_num_batched_tokens: int, k: int, bu
     return 4 * vocab * (5 * rows + 2 * drafts + max_num_seqs)
 
 
+def greedy_requests(sampling_metadata, num_reqs: int, device) -> torch.Tensor:
+    """Which requests sample greedily (vLLM's rule: temperature below GREEDY_EPS)."""
+    if sampling_metadata.all_greedy:
+        return torch.ones(num_reqs, dtype=torch.bool, device=device)
+    return sampling_metadata.temperature[:num_reqs] < GREEDY_EPS
+
+
 @dataclass
 class StepPlan:
     """Per request: its drafts this pass, where its committed tokens end, its Jacobi state, the
@@ -173,11 +180,7 @@ class SJDPPSampler(RejectionSampler):
 
         device = probs.device
         long = dict(dtype=torch.long, device=device)
-        greedy = (
-            torch.ones(num_reqs, dtype=torch.bool, device=device)
-            if sampling_metadata.all_greedy
-            else sampling_metadata.temperature[:num_reqs] < GREEDY_EPS
-        )
+        greedy = greedy_requests(sampling_metadata, num_reqs, device)
         rows = torch.tensor(plan.prob_rows, **long)
         step_batch = StepBatch(
             cu_num_draft_tokens=metadata.cu_num_draft_tokens.long(),
@@ -217,11 +220,7 @@ class SJDPPSampler(RejectionSampler):
         noise = StepNoise.sample_per_request(
             [1] * num_reqs, [0] * num_reqs, probs.shape[1], sampling_metadata.generators, probs.device
         )
-        greedy = (
-            torch.ones(num_reqs, dtype=torch.bool, device=probs.device)
-            if sampling_metadata.all_greedy
-            else sampling_metadata.temperature[:num_reqs] < GREEDY_EPS
-        )
+        greedy = greedy_requests(sampling_metadata, num_reqs, probs.device)
         token = torch.where(greedy, probs.argmax(-1), race(probs, noise.exponentials)[1])
         for state in plan.states:
             state.window = None
