@@ -23,6 +23,11 @@ def _invalid(option: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"SJD++ option {option!r}: got {value!r}; allowed: {allowed}")
 
 
+def _prefixed(error: ValueError, prefix: str) -> ValueError:
+    """`error` naming its option as a request names it (e.g. sjdpp_row_width)."""
+    return ValueError(str(error).replace("SJD++ option '", f"SJD++ option '{prefix}", 1))
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -147,7 +152,7 @@ class SJDPPConfig:
         try:
             config = dataclasses.replace(self, **ours)
         except ValueError as e:
-            raise ValueError(str(e).replace("SJD++ option '", f"SJD++ option '{REQUEST_PREFIX}", 1)) from None
+            raise _prefixed(e, REQUEST_PREFIX) from None
         return None if disable else config
 
     def check_model(self, vocab_size: int, max_model_len: int, option_prefix: str = "") -> None:
@@ -156,7 +161,7 @@ class SJDPPConfig:
         try:
             self.fresh_vocab(vocab_size)
         except ValueError as e:
-            raise ValueError(str(e).replace("SJD++ option '", f"SJD++ option '{option_prefix}", 1)) from None
+            raise _prefixed(e, option_prefix) from None
         if self.row_width is not None and self.row_width > max_model_len:
             raise _invalid(option_prefix + "row_width", self.row_width, f"a positive integer <= {max_model_len} (max_model_len)")
 

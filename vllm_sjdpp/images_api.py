@@ -33,6 +33,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from vllm.exceptions import VLLMClientError
 
+from .config import REQUEST_PREFIX
+from .guidance import SCALE_KEY
+
 NAME = "sjdpp_images"
 ROUTE = "/v1/images/generations"
 MAX_IMAGES = 10  # OpenAI's limit on n
@@ -96,7 +99,7 @@ class ImageRequest:
         for key, value in self.sampling.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise BadRequest(f"'{key}' must be a number, got {value!r}", key)
-        self.extra_args = {k: v for k, v in body.items() if k.startswith("sjdpp_") or k == "guidance_scale"}
+        self.extra_args = {k: v for k, v in body.items() if k.startswith(REQUEST_PREFIX) or k == SCALE_KEY}
         known = {"prompt", "model", "n", "size", "response_format", "output_format", "stream", "partial_images",
                  "seed", *SAMPLING_KEYS, *IGNORED_KEYS, *self.extra_args}
         unknown = sorted(set(body) - known)

@@ -49,6 +49,13 @@ class JacobiStates:
             state = self.requests[req_id] = RequestState(config, fresh_vocab=vocab)
         return state
 
+    def drop_windows(self, req_ids) -> None:
+        """Forget these requests' windows: their next pass has no drafts to verify."""
+        for req_id in req_ids:
+            state = self.requests.get(req_id)
+            if state is not None:
+                state.window = None
+
     def release(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
 

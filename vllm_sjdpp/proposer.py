@@ -50,10 +50,7 @@ class SJDPPProposer:
         except Exception:  # never take the engine down: a step without drafts is exact
             req_ids = self.runner.input_batch.req_ids
             logger.exception("SJD++ proposer failed for requests %s: no drafts this step", req_ids)
-            for req_id in req_ids:
-                state = self.states.requests.get(req_id)
-                if state is not None:
-                    state.window = None
+            self.states.drop_windows(req_ids)
             return [[] for _ in req_ids]
 
     def _windows(self, num_tokens_no_spec) -> list[list[int]]:

@@ -74,6 +74,13 @@ def step_memory_bytes(max_num_seqs: int, max_num_batched_tokens: int, k: int, bu
     return 4 * vocab * (5 * rows + 2 * drafts + max_num_seqs)
 
 
+def first_rows_of(metadata, logits: torch.Tensor) -> torch.Tensor:
+    """Each request's first row (its next token's distribution given what it committed), as a
+    copy: later processing works on `logits` in place."""
+    cu = metadata.cu_num_sampled_tokens.long()
+    return logits[torch.cat([cu.new_zeros(1), cu[:-1]])]
+
+
 def greedy_requests(sampling_metadata, num_reqs: int, device) -> torch.Tensor:
     """Which requests sample greedily (vLLM's rule: temperature below GREEDY_EPS)."""
     if sampling_metadata.all_greedy:
@@ -115,15 +122,13 @@ class SJDPPSampler(RejectionSampler):
         raw_logits = logits
         if sampling_metadata.max_num_logprobs is not None and not self.is_processed_logprobs_mode:
             raw_logits = logits.clone()  # processing below works in place
-        cu = metadata.cu_num_sampled_tokens.long()
-        first = torch.cat([cu.new_zeros(1), cu[:-1]])  # each request's first row
         first_rows = None
         try:
             plan = self._plan(metadata)
             if plan.windowless:
                 output_token_ids, processed = self._windowless_step(plan, metadata, logits, sampling_metadata)
             else:
-                first_rows = logits[first]  # a gather (a copy): unprocessed, for the fallback
+                first_rows = first_rows_of(metadata, logits)  # unprocessed, for the fallback
                 output_token_ids, processed = self._sjdpp_step(plan, metadata, logits, sampling_metadata)
         except Exception:
             req_ids = input_batch.req_ids[:num_reqs]
@@ -131,7 +136,7 @@ class SJDPPSampler(RejectionSampler):
                 "SJD++ step failed for requests %s: this step samples each request's next token "
                 "plainly and drops their windows", req_ids,
             )
-            rows = first_rows if first_rows is not None else logits[first]
+            rows = first_rows if first_rows is not None else first_rows_of(metadata, logits)
             output_token_ids, processed = self._plain_step(metadata, rows, sampling_metadata), None
 
         logprobs = None
@@ -231,10 +236,7 @@ class SJDPPSampler(RejectionSampler):
         """Plain sampling of each request's first row (its next token after what it committed,
         as exact as decoding without drafts), with vLLM's sampler; the windows are dropped, so
         the next pass has no drafts and the step after it drafts afresh."""
-        for req_id in self.runner.input_batch.req_ids[: first_rows.shape[0]]:
-            state = self.states.requests.get(req_id)
-            if state is not None:
-                state.window = None
+        self.states.drop_windows(self.runner.input_batch.req_ids[: first_rows.shape[0]])
         sampled = self.sampler(first_rows, replace(sampling_metadata, max_num_logprobs=None)).sampled_token_ids
         out = torch.full(
             (first_rows.shape[0], max(metadata.num_draft_tokens, default=0) + 1), PLACEHOLDER_TOKEN_ID,

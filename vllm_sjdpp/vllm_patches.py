@@ -65,12 +65,14 @@ def is_supported(version: str) -> bool:
     return bool(match) and (int(match[1]), int(match[2])) in SUPPORTED_VERSIONS
 
 
+def unsupported_message(version: str) -> str:
+    supported = " and ".join(f"{a}.{b}" for a, b in SUPPORTED_VERSIONS)
+    return f"vllm-sjdpp supports vLLM {supported}; the installed vLLM is {version}"
+
+
 def check_version(version: str) -> None:
     if not is_supported(version):
-        supported = " and ".join(f"{a}.{b}" for a, b in SUPPORTED_VERSIONS)
-        raise RuntimeError(
-            f"vllm-sjdpp supports vLLM {supported}; the installed vLLM is {version}"
-        )
+        raise RuntimeError(unsupported_message(version))
 
 
 def on_cpu() -> bool:
@@ -90,10 +92,10 @@ def apply() -> None:
 
     _applied = True
     if not is_supported(vllm.__version__):
-        try:
-            check_version(vllm.__version__)
-        except RuntimeError as e:
-            logger.warning("%s: the plugin stays inactive (plain vLLM is unaffected; sjdpp is refused).", e)
+        logger.warning(
+            "%s: the plugin stays inactive (plain vLLM is unaffected; sjdpp is refused).",
+            unsupported_message(vllm.__version__),
+        )
         try:
             _patch_engine_args(refuse=True)
         except Exception:  # another vLLM's internals: then sjdpp fails in vLLM's own parsing

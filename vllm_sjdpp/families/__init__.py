@@ -3,7 +3,6 @@ finds its own.  Importing this package imports neither vLLM nor a family's heavy
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,12 @@ def load(folder: str | Path) -> ImageFamily:
     path = Path(folder)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json (not a model folder)")
-    family = family_of(AutoConfig.from_pretrained(path))
+    config = AutoConfig.from_pretrained(path)
+    family = family_of(config)
     if family is ImageFamily:
         names = ", ".join(f.name for f in FAMILIES)
-        architectures = json.loads((path / "config.json").read_text()).get("architectures")
-        raise ValueError(f"{path}: architectures {architectures} belong to no image family ({names})")
-    return family(path)
+        raise ValueError(f"{path}: architectures {config.architectures} belong to no image family ({names})")
+    return family(path, config)
 
 
 def logits_size(model_config: Any) -> int:

@@ -10,6 +10,7 @@ The sampler never asks a family anything: a new family (LlamaGen, Emu3) is a new
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -64,16 +65,16 @@ class ImageFamily:
 
     # Client side ---------------------------------------------------------------------------
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, config: Any = None):
         self.folder = Path(folder)
+        if config is not None:  # already read by whoever found the family
+            self.config = config
 
-    @property
+    @cached_property
     def config(self):
-        if not hasattr(self, "_config"):
-            from transformers import AutoConfig
+        from transformers import AutoConfig
 
-            self._config = AutoConfig.from_pretrained(self.folder)
-        return self._config
+        return AutoConfig.from_pretrained(self.folder)
 
     @property
     def tokens_per_image(self) -> int:

@@ -3,6 +3,7 @@ names the family, with its own word-level tokenizer and k-means VQ codebook in t
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 from ..guidance import GUIDED_LLAMA
@@ -30,14 +31,22 @@ class DigitsFamily(ImageFamily):
 
         return IMAGE_SIZE, IMAGE_SIZE
 
-    def prompt_ids(self, text: str) -> list[int]:
-        """The folder's tokenizer: "a handwritten 7" -> <bos> a handwritten 7 <boi>."""
+    @cached_property
+    def tokenizer(self):
         from transformers import AutoTokenizer
 
-        if not hasattr(self, "_tokenizer"):
-            self._tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        ids = self._tokenizer(text)["input_ids"]
-        if self._tokenizer.unk_token_id in ids:
+        return AutoTokenizer.from_pretrained(self.folder)
+
+    @cached_property
+    def codebook(self):
+        from ..digits.vq import Codebook
+
+        return Codebook.load(self.folder)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The folder's tokenizer: "a handwritten 7" -> <bos> a handwritten 7 <boi>."""
+        ids = self.tokenizer(text)["input_ids"]
+        if self.tokenizer.unk_token_id in ids:
             raise ValueError(f"the digit model knows only 'a handwritten 0' ... 'a handwritten 9', got {text!r}")
         return ids
 
@@ -59,9 +68,7 @@ class DigitsFamily(ImageFamily):
         from PIL import Image
 
         from ..digits.tokens import ids_to_image
-        from ..digits.vq import GREY_LEVELS, Codebook
+        from ..digits.vq import GREY_LEVELS
 
-        if not hasattr(self, "_codebook"):
-            self._codebook = Codebook.load(self.folder)
-        grey = ids_to_image(tokens, codebook=self._codebook)
+        grey = ids_to_image(tokens, codebook=self.codebook)
         return Image.fromarray(np.rint(np.clip(grey, 0, GREY_LEVELS - 1) * 255 / (GREY_LEVELS - 1)).astype(np.uint8))

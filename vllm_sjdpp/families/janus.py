@@ -14,6 +14,7 @@ generation_config.json alone.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 from ..guidance import UnconditionalRule
@@ -90,14 +91,11 @@ class JanusFamily(ImageFamily):
 
     # Client side: the folder's processor, chat template and VQ decoder (transformers') ----------
 
-    @property
+    @cached_property
     def processor(self):
-        if not hasattr(self, "_processor"):
-            from transformers import JanusProcessor
+        from transformers import JanusProcessor
 
-            self._processor = JanusProcessor.from_pretrained(self.folder)
-        return self._processor
-
+        return JanusProcessor.from_pretrained(self.folder)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -113,28 +111,26 @@ class JanusFamily(ImageFamily):
         chat = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         return self.processor(text=[chat], generation_mode="image", return_tensors="pt")["input_ids"][0].tolist()
 
-    @property
+    @cached_property
     def decoder(self):
         """The folder's own VQ model (transformers' `JanusVQVAE`), loaded alone from the
         checkpoint (sharded or not) under its key prefix."""
-        if not hasattr(self, "_decoder"):
-            import torch
-            from transformers import JanusVQVAE
-            from transformers.utils import logging as hf_logging
+        import torch
+        from transformers import JanusVQVAE
+        from transformers.utils import logging as hf_logging
 
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # every other weight of the folder is "unexpected"
-            try:
-                decoder, info = JanusVQVAE.from_pretrained(
-                    self.folder, config=self.config.vq_config, key_mapping={r"^model\.vqmodel\.": ""},
-                    dtype=torch.float32, output_loading_info=True,
-                )
-            finally:
-                hf_logging.set_verbosity(verbosity)
-            if info["missing_keys"]:
-                raise ValueError(f"{self.folder}: the VQ decoder's weights are missing: {sorted(info['missing_keys'])[:5]}")
-            self._decoder = decoder.eval()
-        return self._decoder
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # every other weight of the folder is "unexpected"
+        try:
+            decoder, info = JanusVQVAE.from_pretrained(
+                self.folder, config=self.config.vq_config, key_mapping={r"^model\.vqmodel\.": ""},
+                dtype=torch.float32, output_loading_info=True,
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if info["missing_keys"]:
+            raise ValueError(f"{self.folder}: the VQ decoder's weights are missing: {sorted(info['missing_keys'])[:5]}")
+        return decoder.eval()
 
     def to_partial_image(self, tokens: list[int]):
         grid = self.grid(self.config)
