@@ -6,7 +6,7 @@ from vllm_sjdpp import SJDPPConfig
 def test_defaults():
     c = SJDPPConfig()
     assert (c.num_speculative_tokens, c.reuse, c.init, c.jacobi_start) == (32, "coupled", "random", 0)
-    assert c.draft_token_budget == 512
+    assert c.draft_token_budget == "auto"
     assert c.fresh_vocab(100) == range(100)
 
 
@@ -30,6 +30,7 @@ def test_defaults():
         ({"jacobi_start": -1}, "jacobi_start"),
         ({"draft_token_budget": -1}, "draft_token_budget"),
         ({"draft_token_budget": 8.5}, "draft_token_budget"),
+        ({"draft_token_budget": "fast"}, "draft_token_budget"),
         ({"window": 4}, "window"),
     ],
 )

@@ -39,7 +39,10 @@ def plain(model_path):
 def sjdpp(model_path, plain):  # created after `plain`: metrics are read from the newest engine
     from vllm import LLM
 
-    return LLM(model_path, speculative_config={"method": "sjdpp", "num_speculative_tokens": 6}, **ENGINE)
+    # Full windows (no budget) unless a test says otherwise: these tests are about verification,
+    # and the default budget ("auto") would cut windows by timings measured on a busy machine.
+    return LLM(model_path, speculative_config={"method": "sjdpp", "num_speculative_tokens": 6,
+                                               "draft_token_budget": None}, **ENGINE)
 
 
 def params(**kw):
@@ -162,6 +165,81 @@ def test_draft_token_budget_shrinks_windows_and_stays_exact(plain, plain_samples
         assert accepted[0] > 0 and not any(accepted[4:]), accepted  # no window was longer than 4
     finally:
         drafter.set_draft_token_budget(default)
+
+
+def test_goodput_controller_stays_exact(plain, plain_samples, sjdpp, monkeypatch):
+    """draft_token_budget="auto": windows chosen by the goodput controller, here fed a synthetic
+    pass cost (flat to 600 positions, then steep) so that its choices are reproducible and span
+    no drafts to full windows as the batch drains; the outputs keep plain sampling's law."""
+    from vllm_sjdpp.goodput import GoodputController
+
+    drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+    sampler = drafter.runner.rejection_sampler
+    controller = GoodputController(6, clock=lambda: synthetic_time[0])
+    synthetic_time = [0.0]
+    real_observe, real_windows, chosen = controller.observe_step, controller.windows, []
+
+    def observe_step(positions, *args):
+        synthetic_time[0] += 0.01 * (1 + max(0, positions - 600) / 50)
+        real_observe(positions, *args)
+
+    def windows(wanted, pinned):
+        lengths = real_windows(wanted, pinned)
+        chosen.append(max(lengths, default=0))
+        return lengths
+
+    monkeypatch.setattr(controller, "observe_step", observe_step)
+    monkeypatch.setattr(controller, "windows", windows)
+    monkeypatch.setattr(sampler, "goodput", controller)
+    drafter.set_draft_token_budget("auto")
+    try:
+        expected = generate(plain, PROMPTS, params(temperature=0, max_tokens=48))
+        assert generate(sjdpp, PROMPTS, params(temperature=0, max_tokens=48)) == expected
+        got = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
+    finally:
+        drafter.set_draft_token_budget(None)
+    pvalues = position_pair_pvalues(plain_samples, got, 48)
+    assert min(pvalues) > ALPHA / len(pvalues), pvalues
+    partial = [c for c in chosen if 0 < c < 6]
+    assert partial and 0 in chosen and 6 in chosen, sorted(set(chosen))
+
+
+def test_auto_budget_pins_seeded_requests(sjdpp, monkeypatch):
+    """Under "auto" a seeded request keeps its full window, so that its tokens (which follow the
+    window lengths through its generator's draws) do not depend on load: with a pass cost that
+    makes the controller cut every other window to nothing, seeded requests sampled among
+    unseeded ones equal the same requests with full windows."""
+    from vllm_sjdpp.goodput import GoodputController
+
+    drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+    sampler = drafter.runner.rejection_sampler
+    synthetic_time = [0.0]
+    controller = GoodputController(6, clock=lambda: synthetic_time[0])
+    real_observe, real_windows, cut = controller.observe_step, controller.windows, []
+
+    def observe_step(positions, *args):
+        synthetic_time[0] += 0.01 * positions  # drafts cost what they weigh: never worth it
+        real_observe(positions, *args)
+
+    def windows(wanted, pinned):
+        lengths = real_windows(wanted, pinned)
+        cut.extend(1 for w, n in zip(wanted, lengths) if n < w)
+        return lengths
+
+    monkeypatch.setattr(controller, "observe_step", observe_step)
+    monkeypatch.setattr(controller, "windows", windows)
+    monkeypatch.setattr(sampler, "goodput", controller)
+    seeded = [params(temperature=1.0, top_k=8, max_tokens=40, seed=s) for s in range(6)]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:3] * 2]
+    full = [list(o.outputs[0].token_ids) for o in sjdpp.generate(prompts, seeded, use_tqdm=False)]
+    drafter.set_draft_token_budget("auto")
+    try:
+        unseeded = params(temperature=1.0, top_k=8, max_tokens=40)
+        mixed = sjdpp.generate(prompts + [{"prompt_token_ids": [5, 6]}] * 30, seeded + [unseeded] * 30, use_tqdm=False)
+    finally:
+        drafter.set_draft_token_budget(None)
+    assert [list(o.outputs[0].token_ids) for o in mixed[:6]] == full
+    assert cut, "the controller never cut a window: the test would not see a seeded request adapt"
 
 
 def test_distribution_test_catches_vllm_cpu_expand_bug(plain, sjdpp):

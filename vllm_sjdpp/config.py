@@ -17,6 +17,10 @@ REQUEST_FIELDS = (
 )
 INIT_MODES = ("random", "left", "above")
 MAX_WINDOW = 64
+AUTO = "auto"  # draft_token_budget chosen by the goodput controller (goodput.py)
+# Where windows cannot adapt (several workers must agree on every window), "auto" is this
+# fixed budget: the best fixed budget of the CPU sweep at 32-64 requests without guidance.
+AUTO_FALLBACK_BUDGET = 512
 
 
 def _invalid(option: str, value: Any, allowed: str) -> ValueError:
@@ -49,10 +53,12 @@ class SJDPPConfig:
     fresh_token_range: [lo, hi) token ids that fresh tokens are drawn from (image tokens).
     fresh_token_ids: an explicit list instead of a range. Neither given: the whole vocabulary.
     jacobi_start: generated tokens decoded one at a time before drafting starts.
-    draft_token_budget: the most draft tokens in one forward pass over all requests; windows
-        shrink evenly as the batch grows (`window_budget`): with k = 32, from 17 running
-        requests on. None: every request drafts its k. Server-wide only. The default, 512, is
-        from the budget sweep at 32 and 64 requests (benchmarks/README.md).
+    draft_token_budget: "auto" (the default): each pass gets the drafts that maximise the
+        expected committed tokens per second, from the pass cost and acceptance the engine
+        measures (`goodput`); seeded requests keep their full window so that a seed reproduces
+        its tokens at any load. A number: the most draft tokens in one pass over all requests,
+        windows shrinking evenly as the batch grows (`window_budget`). None: every request
+        drafts its k. Server-wide only.
     """
 
     num_speculative_tokens: int = 32
@@ -63,7 +69,7 @@ class SJDPPConfig:
     fresh_token_range: tuple[int, int] | None = None
     fresh_token_ids: tuple[int, ...] | None = None
     jacobi_start: int = 0
-    draft_token_budget: int | None = 512
+    draft_token_budget: int | str | None = AUTO
 
     def __post_init__(self) -> None:
         k = self.num_speculative_tokens
@@ -107,8 +113,8 @@ class SJDPPConfig:
         if not _is_int(self.jacobi_start) or self.jacobi_start < 0:
             raise _invalid("jacobi_start", self.jacobi_start, "an integer >= 0")
         b = self.draft_token_budget
-        if b is not None and (not _is_int(b) or b < 0):
-            raise _invalid("draft_token_budget", b, "null or an integer >= 0")
+        if b is not None and b != AUTO and (not _is_int(b) or b < 0):
+            raise _invalid("draft_token_budget", b, f'"{AUTO}", null or an integer >= 0')
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> "SJDPPConfig":

@@ -7,7 +7,8 @@ Entry point `vllm.endpoint_plugins`: `sjdpp_images`.  vLLM loads endpoint plugin
 
 The served folder's image family (`vllm_sjdpp.families`) turns the prompt into token ids and the
 generated tokens into PNGs, here in the API server; the engine samples the tokens, one request
-per image (image i of a request with `seed` s uses seed s + i, so a seed reproduces every image).
+per image (image i of a request with `seed` s uses seed s + i, so a seed reproduces every image;
+without a seed the images are unseeded, which lets the goodput controller adapt their windows).
 
 Beyond OpenAI's parameters, the body (`extra_body` in the openai client) takes `guidance_scale`,
 `seed`, `temperature`, `top_k`, `top_p`, any `sjdpp_*` per-request option and `sjdpp_disable`.
@@ -24,7 +25,6 @@ import asyncio
 import base64
 import io
 import json
-import secrets
 import time
 import uuid
 from typing import Any
@@ -125,7 +125,7 @@ class ImageService:
         self.served_names = served_names
         self.default_sampling = default_sampling
 
-    def sampling_params(self, request: ImageRequest, seed: int):
+    def sampling_params(self, request: ImageRequest, seed: int | None):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         return SamplingParams(
@@ -135,14 +135,14 @@ class ImageService:
             output_kind=RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def generate(self, request: ImageRequest, prompt_ids: list[int], seed: int, request_id: str):
+    async def generate(self, request: ImageRequest, prompt_ids: list[int], seed: int | None, request_id: str):
         """The engine's outputs for one image (cumulative when streaming)."""
         async for output in self.engine.generate(
             {"prompt_token_ids": prompt_ids}, self.sampling_params(request, seed), request_id
         ):
             yield output
 
-    def image_entry(self, output, seed: int) -> tuple[dict, int]:
+    def image_entry(self, output, seed: int | None) -> tuple[dict, int]:
         """One image of the response, and its tokens."""
         completion = output.outputs[0]
         tokens = list(completion.token_ids)
@@ -173,8 +173,9 @@ class ImageService:
             return error_response(str(e), e.param)
         except ValueError as e:
             return error_response(str(e), "prompt")
-        base_seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        seeds = [base_seed + i for i in range(request.n)]
+        # A seed pins an image's windows (config.py: draft_token_budget); without one the windows
+        # may adapt to the load, so the server does not invent seeds it could not honour.
+        seeds = [None if request.seed is None else request.seed + i for i in range(request.n)]
         request_id = f"img-{uuid.uuid4().hex}"
         if request.stream:
             return await self.stream(request, prompt_ids, seeds[0], request_id)

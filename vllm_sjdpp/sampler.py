@@ -20,6 +20,8 @@ from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler, apply_sampling_constraints
 
+from .config import AUTO, AUTO_FALLBACK_BUDGET
+from .goodput import GoodputController
 from .jacobi_state import JacobiStates, Window
 from .kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, sjdpp_step
 from .kernels.row_pass_torch import race
@@ -35,7 +37,8 @@ class StepStats:
     """Committed tokens per request-step and the Jacobi state held, logged periodically
     (every SJDPP_LOG_INTERVAL_S seconds, default 10)."""
 
-    def __init__(self) -> None:
+    def __init__(self, detail=lambda: "") -> None:
+        self.detail = detail  # more to log, e.g. what the goodput controller measured
         self.request_steps = self.committed = self.drafts = 0
         self.interval = float(os.environ.get("SJDPP_LOG_INTERVAL_S", "10"))
         self._last_log = time.monotonic()
@@ -48,7 +51,7 @@ class StepStats:
         if now - self._last_log >= self.interval and self.request_steps:
             logger.info(
                 "SJD++: %d request-steps, %.2f tokens committed per step (step compression "
-                "%.2fx), %.1f%% of %d drafts accepted; state: %d requests, %.1f MiB of q rows",
+                "%.2fx), %.1f%% of %d drafts accepted; state: %d requests, %.1f MiB of q rows%s",
                 self.request_steps,
                 self.committed / self.request_steps,
                 self.committed / self.request_steps,
@@ -56,6 +59,7 @@ class StepStats:
                 self.drafts,
                 len(states.requests),
                 states.state_bytes() / 2**20,
+                self.detail(),
             )
             self._last_log = now
 
@@ -70,7 +74,8 @@ def step_memory_bytes(max_num_seqs: int, max_num_batched_tokens: int, k: int, bu
     each request's first row, kept for the fallback.
     """
     rows = min(max_num_seqs * (k + 1), max_num_batched_tokens)
-    drafts = min(max_num_seqs * k, max_num_batched_tokens, budget if budget is not None else max_num_seqs * k)
+    cap = budget if isinstance(budget, int) else max_num_seqs * k  # "auto" may draft every window
+    drafts = min(max_num_seqs * k, max_num_batched_tokens, cap)
     return 4 * vocab * (5 * rows + 2 * drafts + max_num_seqs)
 
 
@@ -111,7 +116,17 @@ class SJDPPSampler(RejectionSampler):
         self.runner = runner
         self.states = states
         self.max_model_len = runner.model_config.max_model_len
-        self.stats = StepStats()
+        self.goodput = GoodputController(states.config.num_speculative_tokens)
+        self.stats = StepStats(
+            lambda: f"; {self.goodput.summary()}" if self.states.config.draft_token_budget == AUTO else ""
+        )
+        # Every worker runs this step; timings differ between them, windows must not.
+        self.adaptive = runner.parallel_config.world_size == 1
+        if states.config.draft_token_budget == AUTO and not self.adaptive:
+            logger.warning(
+                "SJD++: draft_token_budget=%r needs a single worker; with %d it is a fixed %d",
+                AUTO, runner.parallel_config.world_size, AUTO_FALLBACK_BUDGET,
+            )
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata) -> SamplerOutput:
         input_batch = self.runner.input_batch
@@ -167,12 +182,30 @@ class SJDPPSampler(RejectionSampler):
             self.states.get(r, self.runner.requests[r].sampling_params.extra_args) for r in req_ids
         ]
         prob_rows: list[int] = []
-        next_len: list[int] = []
+        wanted: list[int] = []
         for i, (req_id, state) in enumerate(zip(req_ids, states)):
             prob_rows += self.states.drafts_usable(state, start[i], per_request[i])
-            next_len.append(0 if discard[i] else self._next_window_len(req_id, state, start[i]))
-        next_len = share_draft_budget(next_len, self.states.config.draft_token_budget)
-        return StepPlan(counts, per_request, start, states, prob_rows, next_len)
+            wanted.append(0 if discard[i] else self._next_window_len(req_id, state, start[i]))
+        seeded = [self.runner.requests[r].sampling_params.seed is not None for r in req_ids]
+        return StepPlan(counts, per_request, start, states, prob_rows, self._share(wanted, seeded))
+
+    def _share(self, wanted: list[int], seeded: list[bool]) -> list[int]:
+        """The next windows' lengths under the server's draft-token budget."""
+        budget = self.states.config.draft_token_budget
+        if budget != AUTO:
+            return share_draft_budget(wanted, budget)
+        if not self.adaptive:
+            return share_draft_budget(wanted, AUTO_FALLBACK_BUDGET)
+        # Seeded requests keep their windows: their draws, hence their tokens, follow the lengths.
+        adapted = iter(self.goodput.windows(
+            [w for w, s in zip(wanted, seeded) if not s], [w for w, s in zip(wanted, seeded) if s]
+        ))
+        return [w if s else next(adapted) for w, s in zip(wanted, seeded)]
+
+    def _observe(self, num_reqs: int, lengths, accepted) -> None:
+        """The step's cost and acceptance, for the goodput controller."""
+        positions = int(self.runner.query_start_loc.np[num_reqs])
+        self.goodput.observe_step(positions, self.runner.input_batch.req_ids[:num_reqs], lengths, accepted)
 
     def _sjdpp_step(self, plan: StepPlan, metadata, logits, sampling_metadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Verify, commit and build the next windows: ([requests, max drafts + 1] committed
@@ -210,8 +243,9 @@ class SJDPPSampler(RejectionSampler):
         )
         out_buffer = self.states.next_buffer(sum(next_len), probs.shape[1], probs.dtype, device)
         out = sjdpp_step(step_batch, noise, fresh, next_probs_out=out_buffer)
-        self._record_windows(states, start, next_len, out)
-        self.stats.add(num_reqs, int(out.num_accepted.sum()) + num_reqs, sum(counts), self.states)
+        accepted = self._record_windows(states, start, next_len, out)
+        self.stats.add(num_reqs, sum(accepted) + num_reqs, sum(counts), self.states)
+        self._observe(num_reqs, counts, accepted)
         return out.output_token_ids, processed
 
     def _windowless_step(self, plan: StepPlan, metadata, logits, sampling_metadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,6 +264,7 @@ class SJDPPSampler(RejectionSampler):
         for state in plan.states:
             state.window = None
         self.stats.add(num_reqs, num_reqs, 0, self.states)
+        self._observe(num_reqs, plan.counts, plan.counts)
         return token.view(-1, 1), processed
 
     def _plain_step(self, metadata, first_rows, sampling_metadata) -> torch.Tensor:
@@ -279,18 +314,20 @@ class SJDPPSampler(RejectionSampler):
         # This pass commits at least one token, the next one its drafts plus one.
         return max(0, min(config.num_speculative_tokens, left - 2))
 
-    def _record_windows(self, states, start, next_len, out) -> None:
-        committed = (out.num_accepted + 1).tolist()
+    def _record_windows(self, states, start, next_len, out) -> list[int]:
+        """Keep each request's next window; returns the drafts each request had accepted."""
+        accepted = out.num_accepted.tolist()
         tokens = out.next_draft_token_ids.tolist()
         rows = out.next_draft_prob_rows.tolist()
         generation = self.states.generation + 1
         offset = 0
-        for state, n0, n, c in zip(states, start, next_len, committed):
+        for state, n0, n, a in zip(states, start, next_len, accepted):
             state.window = (
-                Window(n0 + c, tokens[offset : offset + n], rows[offset : offset + n], generation)
+                Window(n0 + a + 1, tokens[offset : offset + n], rows[offset : offset + n], generation)
                 if n
                 else None
             )
             offset += n
         self.states.advance()
+        return accepted
 
