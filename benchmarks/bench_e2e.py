@@ -58,13 +58,14 @@ def counters(llm) -> tuple[float, list[float]]:
     return accepted, per_pos
 
 
-def generate(llm, mode: dict | None, digits: list[int], seed: int):
-    """Returns (token lists, wall seconds, accepted drafts, accepted per position)."""
+def generate(llm, mode: dict | None, digits: list[int], seed: int | None):
+    """Returns (token lists, wall seconds, accepted drafts, accepted per position); image i gets
+    seed + i (None: unseeded)."""
     defaults = llm.get_default_sampling_params()
     params = []
     for i in range(len(digits)):
         p = defaults.clone()
-        p.max_tokens, p.seed = GENERATED_LENGTH, seed + i
+        p.max_tokens, p.seed = GENERATED_LENGTH, None if seed is None else seed + i
         p.extra_args = dict(mode) if mode else None
         params.append(p)
     accepted, per_pos = counters(llm)

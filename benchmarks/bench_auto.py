@@ -1,0 +1,170 @@
+"""The goodput controller (draft_token_budget="auto", the default) against plain decoding and
+against full windows, on the digit model or its heavy twin, at each concurrency.
+
+    python benchmarks/bench_auto.py [--model DIR] [--dtype bfloat16] [--concurrency 1,8,32,64]
+                                    [--rounds 3] [--out benchmarks/results/auto_digits]
+
+Two in-process engines: plain, and SJD++ with its defaults (k = 32, "auto").  The requests are
+unseeded, as the controller adapts only those (a seed pins its request's windows).  First one
+untimed round at every concurrency, in which the controller measures the pass cost and the
+acceptance (a server would have done so on its first requests); then `rounds` rounds, each
+timing plain, "auto" and full windows (budget null, the same engine) one after the other on the
+same prompts, so every ratio is paired.  Reported per concurrency: median images/s ratios, the
+mean window the controller chose, and passes per image.  Writes <out>.json, <out>.md, <out>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
+
+from vllm_sjdpp.config import AUTO  # noqa: E402
+from vllm_sjdpp.digits.tokens import GENERATED_LENGTH  # noqa: E402
+from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
+
+WINDOW = 32
+
+
+class WindowLog:
+    """The windows the controller hands out, recorded per call."""
+
+    def __init__(self, controller):
+        self.lengths: list[float] = []
+        real = controller.windows
+
+        def windows(wanted, pinned):
+            lengths = real(wanted, pinned)
+            if any(wanted):
+                self.lengths.append(float(np.mean(lengths)))
+            return lengths
+
+        controller.windows = windows
+
+    def take(self) -> float:
+        mean = float(np.mean(self.lengths)) if self.lengths else 0.0
+        self.lengths = []
+        return mean
+
+
+def timed(llm, concurrency: int) -> tuple[float, float]:
+    """Wall seconds for `concurrency` unseeded images at once, and forward passes per image."""
+    tokens, wall, accepted, _ = bench_e2e.generate(llm, None, [i % 10 for i in range(concurrency)], seed=None)
+    return wall, (sum(map(len, tokens)) - accepted) / concurrency
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tqdm import tqdm
+    from vllm import LLM
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/auto_digits"))
+    args = ap.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    engine = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False,
+                  max_num_seqs=max(64, max(concurrencies)), dtype=args.dtype)
+    start = time.perf_counter()
+    plain = LLM(str(args.model), **engine)
+    sjdpp = LLM(str(args.model), speculative_config={"method": "sjdpp", "num_speculative_tokens": WINDOW}, **engine)
+    drafter = bench_e2e.drafter_of(sjdpp)
+    assert drafter.config.draft_token_budget == AUTO
+    controller = drafter.runner.rejection_sampler.goodput
+    log = WindowLog(controller)
+    for c in tqdm(concurrencies, desc="warm-up"):
+        timed(sjdpp, c)
+    result = {"model": str(args.model), "dtype": args.dtype, "window": WINDOW, "rounds": args.rounds,
+              "concurrency": {}}
+    for c in tqdm(concurrencies, desc="paired rounds"):
+        log.take()
+        rows = {"plain": [], "auto": [], "full": []}
+        passes = {"plain": [], "auto": [], "full": []}
+        windows = []
+        for _ in range(args.rounds):
+            for name in rows:
+                budget = None if name == "full" else AUTO
+                with bench_e2e.draft_token_budget(sjdpp, budget):
+                    wall, p = timed(plain if name == "plain" else sjdpp, c)
+                rows[name].append(wall)
+                passes[name].append(p)
+                if name == "auto":
+                    windows.append(log.take())
+                log.take()
+        plain_wall = np.array(rows["plain"])
+        result["concurrency"][c] = {
+            "plain_images_per_s": float(np.median(c / plain_wall)),
+            **{f"{m}_images_per_s": float(np.median(c / np.array(rows[m]))) for m in ("auto", "full")},
+            **{f"{m}_x_plain": float(np.median(plain_wall / np.array(rows[m]))) for m in ("auto", "full")},
+            **{f"{m}_x_plain_rounds": (plain_wall / np.array(rows[m])).tolist() for m in ("auto", "full")},
+            **{f"{m}_passes_per_image": float(np.mean(passes[m])) for m in rows},
+            "auto_mean_window": float(np.mean(windows)),
+        }
+    result["controller"] = controller.summary()
+    result["minutes"] = (time.perf_counter() - start) / 60
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    args.out.with_suffix(".md").write_text(table)
+    plot(result, args.out.with_suffix(".png"))
+    print(table)
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"{result['model']} ({result['dtype']}), k = {result['window']}, median of {result['rounds']} paired rounds, "
+        f"{result['minutes']:.1f} min; controller: {result['controller']}",
+        "",
+        "| concurrent images | plain images/s | auto x plain | full windows x plain | mean window (auto) "
+        "| passes/image plain / auto / full |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    for c, r in result["concurrency"].items():
+        lines.append(
+            f"| {c} | {r['plain_images_per_s']:.3f} | {r['auto_x_plain']:.2f} | {r['full_x_plain']:.2f} | "
+            f"{r['auto_mean_window']:.1f} | {r['plain_passes_per_image']:.0f} / {r['auto_passes_per_image']:.0f} / "
+            f"{r['full_passes_per_image']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = [int(c) for c in result["concurrency"]]
+    rows = list(result["concurrency"].values())
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for m, style in (("auto", "o-"), ("full", "s--")):
+        label = '"auto"' if m == "auto" else "full windows (budget null)"
+        for c, r in zip(cs, rows):
+            a.scatter([c] * len(r[f"{m}_x_plain_rounds"]), r[f"{m}_x_plain_rounds"], s=8, color="C0" if m == "auto" else "C1")
+        a.plot(cs, [r[f"{m}_x_plain"] for r in rows], style, label=label, color="C0" if m == "auto" else "C1")
+    a.axhline(1.0, color="k", lw=1)
+    a.set_xscale("log", base=2)
+    a.set_xlabel("concurrent images")
+    a.set_ylabel("images/s, x plain (paired; dots: rounds)")
+    a.legend()
+    b.plot(cs, [r["auto_mean_window"] for r in rows], "o-")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("concurrent images")
+    b.set_ylabel("mean window chosen by the controller")
+    b.set_ylim(0, result["window"] + 1)
+    fig.suptitle(Path(result["model"]).name + ": goodput-adaptive windows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
