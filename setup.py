@@ -15,7 +15,7 @@ setup(
     # The trained digit model ships inside the package (a few MB).
     package_data={"vllm_sjdpp.digits": ["model/*.json", "model/*.safetensors", "model/*.png"]},
     package_dir={"vllm_sjdpp": "vllm_sjdpp", "vllm_sjdpp.kernels": "kernels"},
-    install_requires=["torch", "numpy"],
+    install_requires=["torch", "numpy", "scipy>=1.12"],  # scipy: isotonic regression (goodput.py)
     entry_points={
         "vllm.general_plugins": ["sjdpp = vllm_sjdpp.plugin:register"],
         # Opt-in, as vLLM loads endpoint plugins: VLLM_PLUGINS=sjdpp,sjdpp_images

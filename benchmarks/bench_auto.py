@@ -7,7 +7,8 @@ against full windows, on the digit model or its heavy twin, at each concurrency.
 Two in-process engines: plain, and SJD++ with its defaults (k = 32, "auto").  The requests are
 unseeded, as the controller adapts only those (a seed pins its request's windows).  First one
 untimed round at every concurrency, in which the controller measures the pass cost and the
-acceptance (a server would have done so on its first requests); then `rounds` rounds, each
+acceptance (a server would have done so on its first requests); then `rounds` rounds (times
+8 / C below 8 concurrent images, whose few images vary more), each
 timing plain, "auto" and full windows (budget null, the same engine) one after the other on the
 same prompts, so every ratio is paired.  Reported per concurrency: median images/s ratios, the
 mean window the controller chose, and passes per image.  Writes <out>.json, <out>.md, <out>.png.
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = {"plain": [], "auto": [], "full": []}
         passes = {"plain": [], "auto": [], "full": []}
         windows = []
-        for _ in range(args.rounds):
+        for _ in range(args.rounds * max(1, 8 // c)):  # small batches: images vary, more rounds
             for name in rows:
                 budget = None if name == "full" else AUTO
                 with bench_e2e.draft_token_budget(sjdpp, budget):
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"{result['model']} ({result['dtype']}), k = {result['window']}, median of {result['rounds']} paired rounds, "
+        f"{result['model']} ({result['dtype']}), k = {result['window']}, median of {result['rounds']} paired rounds "
+        "(x 8 / C below 8), "
         f"{result['minutes']:.1f} min; controller: {result['controller']}",
         "",
         "| concurrent images | plain images/s | auto x plain | full windows x plain | mean window (auto) "

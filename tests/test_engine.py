@@ -180,7 +180,7 @@ def test_goodput_controller_stays_exact(plain, plain_samples, sjdpp, monkeypatch
     real_observe, real_windows, chosen = controller.observe_step, controller.windows, []
 
     def observe_step(positions, *args):
-        synthetic_time[0] += 0.01 * (1 + max(0, positions - 600) / 50)
+        synthetic_time[0] += 0.01 * (1 + max(0, positions - 600) / 50)  # any batch size
         real_observe(positions, *args)
 
     def windows(wanted, pinned):

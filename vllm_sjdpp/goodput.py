@@ -1,19 +1,27 @@
 """Goodput-adaptive windows (draft_token_budget="auto"): each pass gets the drafts that maximise
-the expected committed tokens per second, from two measurements the engine takes while serving.
+the expected committed tokens per second, from what the engine measures while serving.
 
-- Pass cost t(n): seconds per engine step whose pass has n positions (scheduled tokens, prompt
-  chunks included), from the time between the ends of consecutive steps that share a request
-  (so the engine was busy in between, not waiting for work).  Steps are grouped by n in
-  power-of-two buckets; t between buckets is linear interpolation, beyond the largest the slope
-  of the last two.
-- Acceptance by window position r_j: among windows of at least j drafts, the fraction whose
-  first j drafts were all accepted.  A window of L drafts is expected to commit
-  1 + R(L) tokens, R(L) = r_1 + ... + r_L.
+- Pass cost: seconds per engine step as a function of the positions n in its pass (scheduled
+  tokens, prompt chunks included), timed between the ends of consecutive steps that share a
+  request (so the engine was busy in between, not waiting for work).  Two curves per batch
+  size: t_0(n) for steps without drafts (they skip the SJD++ step proper) and t_d(n) for steps
+  with drafts.
+- Gain: A(L), the mean number of drafts accepted from a window of L drafts, measured per L (so
+  it includes what the length does to the next window's drafts: a short window refines fewer
+  positions ahead of it).
 
-For requests wanting windows w_i (and pinned requests whose windows are fixed, f_m), the cap c
-maximises
+Each curve is a set of forgetting averages per bucket of its argument, made non-decreasing
+(scipy's isotonic regression, weighted) and interpolated linearly; a cost beyond the largest
+measured n continues with the slope of the last two points, a gain beyond the longest measured
+window stays flat.  For requests wanting windows w_i (and pinned requests whose windows are
+fixed, f_m), the cap c maximises
 
-    G(c) = [B + sum_i R(min(w_i, c)) + sum_m R(f_m)] / t(B + sum_i min(w_i, c) + sum_m f_m).
+    G(c) = [B + sum_i A(min(w_i, c)) + sum_m A(f_m)] / t(B + sum_i min(w_i, c) + sum_m f_m),
+
+with t = t_0 when the pass has no drafts.  Every EXPLORE_EVERY steps a short run of steps has its
+cap set instead of chosen: next to the last choice, or (every 8th run, and only one round in
+four where such a pass would cost over twice the chosen one) going round 0, k, k/2, ..., 1, so
+that every part of the curves stays measured without paying often for windows far from the best.
 
 Why the output stays exact.  Verification commits each token with the distribution p given
 everything fixed before the step's noise is drawn: the committed prefix, the drafts, their
@@ -35,85 +43,139 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from scipy.optimize import isotonic_regression
 
-# Every so many steps the windows are not chosen but set, alternately to none and to full, so that
-# t(n) is measured at both ends even where the choice would never go there again.
-EXPLORE_EVERY = 64
-MIN_BUCKETS = 2  # cost measured at this many pass sizes before windows are cut
+EXPLORE_EVERY = 32  # steps between exploring runs
+EXPLORE_RUN = 2  # steps per exploring run: a pass without drafts needs two choices of none
+DECIDE_EVERY = 4  # steps between choices of the cap (a choice takes some 100 us)
 MAX_STEP_GAP_S = 5.0  # a longer gap is a stall (a compile, a pause), not a pass
 
 
+class MeasuredCurve:
+    """A non-decreasing y(x) from noisy measurements."""
+
+    def __init__(self, bucket, forget: float = 0.98, extrapolate: bool = True):
+        self.bucket = bucket  # array of x -> array of integer bucket keys
+        self.forget = forget  # per observation in a bucket: about 1 / (1 - forget) of them count
+        self.extrapolate = extrapolate  # beyond the largest x: last slope (True) or flat
+        self.sums: dict[int, np.ndarray] = {}  # bucket: [weight, weight * x, weight * y]
+
+    def observe(self, x: float, y: float) -> None:
+        self.observe_many(np.array([x]), np.array([y]))
+
+    def observe_many(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Several measurements at once (forgetting applied per bucket, once per measurement)."""
+        keys, inverse, counts = np.unique(self.bucket(x), return_inverse=True, return_counts=True)
+        sum_x, sum_y = np.bincount(inverse, x), np.bincount(inverse, y)
+        for key, count, sx, sy in zip(keys.tolist(), counts.tolist(), sum_x.tolist(), sum_y.tolist()):
+            s = self.sums.setdefault(key, np.zeros(3))
+            s *= self.forget**count
+            s += (count, sx, sy)
+
+    def __bool__(self) -> bool:
+        return bool(self.sums)
+
+    def points(self) -> tuple[np.ndarray, np.ndarray]:
+        w, wx, wy = np.array(sorted(self.sums.values(), key=lambda s: s[1] / s[0])).T
+        return wx / w, isotonic_regression(wy / w, weights=w).x
+
+    def __call__(self, x) -> np.ndarray:
+        xs, ys = self.points()
+        x = np.asarray(x, dtype=float)
+        y = np.interp(x, xs, ys)
+        if self.extrapolate and len(xs) > 1:
+            slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9)
+            y = np.where(x > xs[-1], ys[-1] + slope * (x - xs[-1]), y)
+        return y
+
+
+def position_bucket(n: np.ndarray) -> np.ndarray:
+    """Quarter octaves: 32 and 40 positions apart, 1000 and 1100 together."""
+    return np.floor(4 * np.log2(np.maximum(n, 1))).astype(np.int64)
+
+
 class PassCost:
-    """t(n) for passes of n positions, from timed steps (exponential averages per bucket)."""
+    """Seconds per step of B requests with n positions, for steps that skip the SJD++ step
+    proper (no drafts verified or made) and steps that run it: one curve over n per class and
+    quarter octave of B (per-request work in the engine weighs as much as positions on a small
+    model).  A batch size not measured yet borrows the nearest one's curve."""
 
-    def __init__(self, decay: float = 0.1):
-        self.decay = decay
-        self.buckets: dict[int, list[float]] = {}  # log2 bucket: [mean n, mean seconds]
+    def __init__(self):
+        self.curves: dict[tuple[int, bool], MeasuredCurve] = {}
 
-    def observe(self, n: int, seconds: float) -> None:
-        b = self.buckets.setdefault(max(n, 1).bit_length(), [float(n), seconds])
-        b[0] += self.decay * (n - b[0])
-        b[1] += self.decay * (seconds - b[1])
+    def observe(self, batch: int, n: int, full_step: bool, seconds: float) -> None:
+        key = (int(position_bucket(np.array([batch]))[0]), full_step)
+        self.curves.setdefault(key, MeasuredCurve(position_bucket)).observe(n, seconds)
 
-    @property
-    def known(self) -> bool:
-        return len(self.buckets) >= MIN_BUCKETS
+    def curve(self, batch: int, full_step: bool) -> MeasuredCurve | None:
+        b = int(position_bucket(np.array([batch]))[0])
+        keys = [k for k in self.curves if k[1] == full_step]
+        return self.curves[min(keys, key=lambda k: (abs(k[0] - b), k[0]))] if keys else None
 
-    def predict(self, n: np.ndarray) -> np.ndarray:
-        points = np.array(sorted(self.buckets.values()))
-        xs, ts = points[:, 0], points[:, 1]
-        inside = np.interp(n, xs, ts)
-        slope = max((ts[-1] - ts[-2]) / max(xs[-1] - xs[-2], 1e-9), 0.0) if len(xs) > 1 else 0.0
-        return np.where(n > xs[-1], ts[-1] + slope * (n - xs[-1]), inside)
+    def known(self, batch: int) -> bool:
+        return self.curve(batch, False) is not None and self.curve(batch, True) is not None
+
+    def predict(self, batch: int, n: np.ndarray, full_step: np.ndarray) -> np.ndarray:
+        return np.where(full_step, self.curve(batch, True)(n), self.curve(batch, False)(n))
 
 
-class AcceptanceByPosition:
-    """r_j = P(first j drafts all accepted | window of at least j), with a weak prior of 1/2 and
-    counts halved now and then so that the estimate follows the traffic."""
+class Acceptance:
+    """A(L): drafts accepted from a window of L, per L; A(0) = 0."""
 
-    def __init__(self, max_window: int, horizon: float = 20000.0):
-        self.windows = np.ones(max_window + 1)  # windows of at least j drafts (index j)
-        self.accepted = np.full(max_window + 1, 0.5)  # of those, with the first j accepted
-        self.horizon = horizon
+    def __init__(self):
+        self.curve = MeasuredCurve(lambda lengths: np.asarray(lengths, dtype=np.int64), forget=0.995, extrapolate=False)
 
-    def observe(self, lengths: np.ndarray, accepted: np.ndarray) -> None:
-        j = np.arange(1, len(self.windows))
-        self.windows[1:] += (lengths[:, None] >= j).sum(0)
-        self.accepted[1:] += (accepted[:, None] >= j).sum(0)
-        if self.windows[1] > self.horizon:
-            self.windows /= 2
-            self.accepted /= 2
+    def observe(self, lengths, accepted) -> None:
+        lengths, accepted = np.asarray(lengths), np.asarray(accepted)
+        drafted = lengths > 0
+        self.curve.observe_many(lengths[drafted], accepted[drafted])
 
-    def expected_accepted(self) -> np.ndarray:
-        """R(L) for L = 0 .. max_window."""
-        r = self.accepted / self.windows
-        r[0] = 0.0
-        return np.cumsum(r)
+    def __bool__(self) -> bool:
+        return bool(self.curve)
+
+    def expected(self, max_window: int) -> np.ndarray:
+        """A(L) for L = 0 .. max_window."""
+        lengths = np.arange(max_window + 1)
+        return np.where(lengths == 0, 0.0, np.minimum(self.curve(lengths), lengths))
 
 
 class GoodputController:
     """Window lengths for the next pass from the measured pass cost and acceptance."""
 
     def __init__(self, max_window: int, clock=time.perf_counter):
+        self.max_window = max_window
         self.cost = PassCost()
-        self.acceptance = AcceptanceByPosition(max_window)
+        self.acceptance = Acceptance()
         self.clock = clock
         self.steps = 0
+        self.best = max_window  # the last cap chosen
+        self._next_choice = 0
         self._last_end: float | None = None
         self._last_requests: frozenset = frozenset()
 
-    def observe_step(self, positions: int, req_ids, lengths, accepted) -> None:
-        """Called at the end of each step: the positions in its pass, the requests in it, and per
-        request the drafts verified and accepted."""
+    def observe_step(self, positions: int, req_ids, full_step: bool, lengths, accepted) -> None:
+        """Called at the end of each step: the positions in its pass, the requests in it, whether
+        it ran the SJD++ step proper, and per request the drafts verified and accepted."""
         now = self.clock()
         requests = frozenset(req_ids)
         busy = not requests.isdisjoint(self._last_requests)
         if busy and self._last_end is not None and now - self._last_end < MAX_STEP_GAP_S:
-            self.cost.observe(positions, now - self._last_end)
+            self.cost.observe(len(requests), positions, full_step, now - self._last_end)
         self._last_end, self._last_requests = now, requests
-        lengths = np.asarray(lengths)
-        if lengths.any():
-            self.acceptance.observe(lengths, np.asarray(accepted))
+        self.acceptance.observe(lengths, accepted)
+
+    def exploring_cap(self) -> tuple[int, bool] | None:
+        """(cap, far) if this step explores.  Most runs try a neighbour of the last best cap
+        (+1, -1), where a kink in the cost (a GPU's roofline) may hide between measured sizes;
+        every 8th ("far") goes round the whole range (0, k, k/2, ..., 1), so that a change in
+        the hardware's load is noticed."""
+        if self.steps < EXPLORE_EVERY or self.steps % EXPLORE_EVERY >= EXPLORE_RUN:
+            return None
+        run = self.steps // EXPLORE_EVERY
+        if run % 8 == 1:
+            caps = [0] + [self.max_window >> i for i in range(self.max_window.bit_length())]
+            return caps[run // 8 % len(caps)], True
+        return min(max(self.best + (1 if run % 2 else -1), 0), self.max_window), False
 
     def windows(self, wanted: list[int], pinned: list[int]) -> list[int]:
         """Lengths for the adaptable requests' next windows (each at most what it wants), given
@@ -121,25 +183,47 @@ class GoodputController:
         self.steps += 1
         if not any(wanted):
             return list(wanted)
-        if self.steps % EXPLORE_EVERY == 0:  # alternately no drafts and full windows
-            return [0] * len(wanted) if self.steps // EXPLORE_EVERY % 2 else list(wanted)
-        if not self.cost.known:
+        w, p = np.asarray(wanted), np.asarray(pinned, dtype=int)
+        known = self.cost.known(len(wanted) + len(pinned)) and bool(self.acceptance)
+        exploring = self.exploring_cap()
+        if exploring is not None:
+            cap, far = exploring
+            # A far cap predicted to cost over twice the best pass is tried one round in four.
+            if not (known and far and self.steps // (8 * EXPLORE_EVERY) % 4):
+                return np.minimum(w, cap).tolist()
+            seconds = self.evaluate(w, p)[1]
+            if seconds[min(cap, w.max())] <= 2 * seconds[min(self.best, w.max())]:
+                return np.minimum(w, cap).tolist()
+        if not known:
             return list(wanted)
-        w = np.asarray(wanted)
-        expected = self.acceptance.expected_accepted()
-        caps = np.arange(w.max() + 1)
-        lengths = np.minimum(w[None, :], caps[:, None])  # [cap, request]
-        fixed = sum(pinned)
+        if self.steps >= self._next_choice:
+            goodput = self.evaluate(w, p)[0]
+            self.best = int(np.argmax(goodput))
+            self._next_choice = self.steps + DECIDE_EVERY
+        return np.minimum(w, self.best).tolist()
+
+    def evaluate(self, wanted: np.ndarray, pinned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Expected committed tokens per second, and seconds per pass, for each cap 0 .. max(wanted)."""
+        gain = self.acceptance.expected(self.max_window)
+        caps = np.arange(wanted.max() + 1)
+        lengths = np.minimum(wanted[None, :], caps[:, None])  # [cap, request]
         requests = len(wanted) + len(pinned)
-        tokens = requests + expected[lengths].sum(1) + expected[np.asarray(pinned, dtype=int)].sum()
-        seconds = self.cost.predict(requests + fixed + lengths.sum(1).astype(float))
-        best = int(caps[np.argmax(tokens / np.maximum(seconds, 1e-9))])
-        return np.minimum(w, best).tolist()
+        drafts = lengths.sum(1) + pinned.sum()
+        tokens = requests + gain[lengths].sum(1) + gain[pinned].sum()
+        seconds = self.cost.predict(requests, requests + drafts, drafts > 0)
+        return tokens / np.maximum(seconds, 1e-9), seconds
 
     def summary(self) -> str:
-        points = sorted(self.cost.buckets.values())
-        cost = ", ".join(f"t({n:.0f})={1e3 * t:.1f} ms" for n, t in points)
-        r = self.acceptance.accepted[1:] / self.acceptance.windows[1:]
-        shown = ", ".join(f"{x:.2f}" for x in r[: min(8, len(r))])
-        return f"pass cost {cost or 'not measured yet'}; acceptance by position {shown}"
+        def curve(name, c):
+            if c is None:
+                return f"{name}: not measured yet"
+            xs, ys = c.points()
+            picks = np.unique(np.linspace(0, len(xs) - 1, min(len(xs), 5)).round().astype(int))
+            return f"{name}: " + ", ".join(f"{xs[i]:.0f}: {ys[i]:.2g}" for i in picks)
 
+        batch = len(self._last_requests)
+        return "; ".join([
+            curve(f"pass s by positions at {batch} requests, no drafts", self.cost.curve(batch, False)),
+            curve("with drafts", self.cost.curve(batch, True)),
+            curve("drafts accepted by window length", self.acceptance.curve if self.acceptance else None),
+        ])

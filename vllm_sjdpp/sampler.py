@@ -202,10 +202,11 @@ class SJDPPSampler(RejectionSampler):
         ))
         return [w if s else next(adapted) for w, s in zip(wanted, seeded)]
 
-    def _observe(self, num_reqs: int, lengths, accepted) -> None:
+    def _observe(self, num_reqs: int, full_step: bool, lengths, accepted) -> None:
         """The step's cost and acceptance, for the goodput controller."""
         positions = int(self.runner.query_start_loc.np[num_reqs])
-        self.goodput.observe_step(positions, self.runner.input_batch.req_ids[:num_reqs], lengths, accepted)
+        req_ids = self.runner.input_batch.req_ids[:num_reqs]
+        self.goodput.observe_step(positions, req_ids, full_step, lengths, accepted)
 
     def _sjdpp_step(self, plan: StepPlan, metadata, logits, sampling_metadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Verify, commit and build the next windows: ([requests, max drafts + 1] committed
@@ -245,7 +246,7 @@ class SJDPPSampler(RejectionSampler):
         out = sjdpp_step(step_batch, noise, fresh, next_probs_out=out_buffer)
         accepted = self._record_windows(states, start, next_len, out)
         self.stats.add(num_reqs, sum(accepted) + num_reqs, sum(counts), self.states)
-        self._observe(num_reqs, counts, accepted)
+        self._observe(num_reqs, True, counts, accepted)
         return out.output_token_ids, processed
 
     def _windowless_step(self, plan: StepPlan, metadata, logits, sampling_metadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +265,7 @@ class SJDPPSampler(RejectionSampler):
         for state in plan.states:
             state.window = None
         self.stats.add(num_reqs, num_reqs, 0, self.states)
-        self._observe(num_reqs, plan.counts, plan.counts)
+        self._observe(num_reqs, False, plan.counts, plan.counts)
         return token.view(-1, 1), processed
 
     def _plain_step(self, metadata, first_rows, sampling_metadata) -> torch.Tensor:
