@@ -9,8 +9,9 @@ unseeded, as the controller adapts only those (a seed pins its request's windows
 untimed round at every concurrency, in which the controller measures the pass cost and the
 acceptance (a server would have done so on its first requests); then `rounds` rounds (times
 8 / C below 8 concurrent images, whose few images vary more), each
-timing plain, "auto" and full windows (budget null, the same engine) one after the other on the
-same prompts, so every ratio is paired.  Reported per concurrency: median images/s ratios, the
+timing plain, "auto", full windows (budget null) and no drafts (budget 0: the spec path's floor)
+one after the other on the same prompts (the last three on the one SJD++ engine), so every ratio
+is paired.  Reported per concurrency: median images/s ratios, the
 mean window the controller chose, and passes per image.  Writes <out>.json, <out>.md, <out>.png.
 """
 
@@ -32,6 +33,7 @@ from vllm_sjdpp.digits.tokens import GENERATED_LENGTH  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
 
 WINDOW = 32
+MODES = {"auto": '"auto"', "full": "full windows (budget null)", "none": "no drafts (budget 0)"}
 
 
 class WindowLog:
@@ -88,12 +90,12 @@ def main(argv: list[str] | None = None) -> None:
               "concurrency": {}}
     for c in tqdm(concurrencies, desc="paired rounds"):
         log.take()
-        rows = {"plain": [], "auto": [], "full": []}
-        passes = {"plain": [], "auto": [], "full": []}
+        rows: dict[str, list] = {"plain": [], "auto": [], "full": [], "none": []}
+        passes: dict[str, list] = {m: [] for m in rows}
         windows = []
         for _ in range(args.rounds * max(1, 8 // c)):  # small batches: images vary, more rounds
             for name in rows:
-                budget = None if name == "full" else AUTO
+                budget = {"full": None, "none": 0}.get(name, AUTO)
                 with bench_e2e.draft_token_budget(sjdpp, budget):
                     wall, p = timed(plain if name == "plain" else sjdpp, c)
                 rows[name].append(wall)
@@ -104,9 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         plain_wall = np.array(rows["plain"])
         result["concurrency"][c] = {
             "plain_images_per_s": float(np.median(c / plain_wall)),
-            **{f"{m}_images_per_s": float(np.median(c / np.array(rows[m]))) for m in ("auto", "full")},
-            **{f"{m}_x_plain": float(np.median(plain_wall / np.array(rows[m]))) for m in ("auto", "full")},
-            **{f"{m}_x_plain_rounds": (plain_wall / np.array(rows[m])).tolist() for m in ("auto", "full")},
+            **{f"{m}_images_per_s": float(np.median(c / np.array(rows[m]))) for m in MODES},
+            **{f"{m}_x_plain": float(np.median(plain_wall / np.array(rows[m]))) for m in MODES},
+            **{f"{m}_x_plain_rounds": (plain_wall / np.array(rows[m])).tolist() for m in MODES},
             **{f"{m}_passes_per_image": float(np.mean(passes[m])) for m in rows},
             "auto_mean_window": float(np.mean(windows)),
         }
@@ -126,15 +128,15 @@ def markdown(result: dict) -> str:
         "(x 8 / C below 8), "
         f"{result['minutes']:.1f} min; controller: {result['controller']}",
         "",
-        "| concurrent images | plain images/s | auto x plain | full windows x plain | mean window (auto) "
-        "| passes/image plain / auto / full |",
-        "|---:|---:|---:|---:|---:|---|",
+        "| concurrent images | plain images/s | auto x plain | full windows x plain | no drafts x plain "
+        "| mean window (auto) | passes/image plain / auto / full |",
+        "|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c, r in result["concurrency"].items():
         lines.append(
             f"| {c} | {r['plain_images_per_s']:.3f} | {r['auto_x_plain']:.2f} | {r['full_x_plain']:.2f} | "
-            f"{r['auto_mean_window']:.1f} | {r['plain_passes_per_image']:.0f} / {r['auto_passes_per_image']:.0f} / "
-            f"{r['full_passes_per_image']:.0f} |"
+            f"{r['none_x_plain']:.2f} | {r['auto_mean_window']:.1f} | {r['plain_passes_per_image']:.0f} / "
+            f"{r['auto_passes_per_image']:.0f} / {r['full_passes_per_image']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -148,11 +150,10 @@ def plot(result: dict, path: Path) -> None:
     cs = [int(c) for c in result["concurrency"]]
     rows = list(result["concurrency"].values())
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for m, style in (("auto", "o-"), ("full", "s--")):
-        label = '"auto"' if m == "auto" else "full windows (budget null)"
+    for i, (m, label) in enumerate(MODES.items()):
         for c, r in zip(cs, rows):
-            a.scatter([c] * len(r[f"{m}_x_plain_rounds"]), r[f"{m}_x_plain_rounds"], s=8, color="C0" if m == "auto" else "C1")
-        a.plot(cs, [r[f"{m}_x_plain"] for r in rows], style, label=label, color="C0" if m == "auto" else "C1")
+            a.scatter([c] * len(r[f"{m}_x_plain_rounds"]), r[f"{m}_x_plain_rounds"], s=8, color=f"C{i}")
+        a.plot(cs, [r[f"{m}_x_plain"] for r in rows], "o-", label=label, color=f"C{i}")
     a.axhline(1.0, color="k", lw=1)
     a.set_xscale("log", base=2)
     a.set_xlabel("concurrent images")

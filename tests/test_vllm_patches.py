@@ -3,6 +3,7 @@
 import argparse
 
 import pytest
+import torch
 
 from vllm_sjdpp import vllm_patches
 from vllm_sjdpp.vllm_patches import PROPOSER_PATH, check_version, parse_speculative_config, sjdpp_speculative_config
@@ -117,3 +118,17 @@ def test_cpu_patches_apply_only_on_the_cpu_platform(tiny_llama_path):
     assert "expand patched: True" in _probe(tiny_llama_path, "0.32.0")[0]
     out, _ = _probe(tiny_llama_path, "0.32.0", platform="gpu")
     assert "expand patched: False" in out and "sjdpp config: ok" in out
+
+
+@pytest.mark.parametrize("counts", [[1, 1, 1, 1], [0, 2, 1], [3, 0, 1, 2], [1, 2, 1]])
+def test_cpu_expand_kernel_repeats_each_value_by_its_count(counts):
+    """The CPU expand kernel (vLLM's expand_kernel in PyTorch), with its one-token-per-request
+    shortcut, against repeat_interleave; -1 is replaced by 7."""
+    from vllm_sjdpp.vllm_patches import expand_kernel_impl
+
+    values = torch.tensor([-1.0, 2.0, 3.0, 4.0][: len(counts)])
+    cu = torch.tensor(counts).cumsum(0).to(torch.int32)
+    output = torch.full((sum(counts),), 99.0)
+    expand_kernel_impl(output, values, cu, -1, 7)
+    expected = torch.repeat_interleave(torch.where(values == -1, 7.0, values), torch.tensor(counts))
+    assert torch.equal(output, expected)

@@ -204,6 +204,8 @@ class SJDPPSampler(RejectionSampler):
 
     def _observe(self, num_reqs: int, full_step: bool, lengths, accepted) -> None:
         """The step's cost and acceptance, for the goodput controller."""
+        if self.states.config.draft_token_budget != AUTO:
+            return
         positions = int(self.runner.query_start_loc.np[num_reqs])
         req_ids = self.runner.input_batch.req_ids[:num_reqs]
         self.goodput.observe_step(positions, req_ids, full_step, lengths, accepted)
@@ -260,8 +262,13 @@ class SJDPPSampler(RejectionSampler):
         noise = StepNoise.sample_per_request(
             [1] * num_reqs, [0] * num_reqs, probs.shape[1], sampling_metadata.generators, probs.device
         )
-        greedy = greedy_requests(sampling_metadata, num_reqs, probs.device)
-        token = torch.where(greedy, probs.argmax(-1), race(probs, noise.exponentials)[1])
+        if sampling_metadata.all_greedy:
+            token = probs.argmax(-1)
+        else:
+            token = race(probs, noise.exponentials)[1]
+            if not sampling_metadata.all_random:
+                greedy = greedy_requests(sampling_metadata, num_reqs, probs.device)
+                token = torch.where(greedy, probs.argmax(-1), token)
         for state in plan.states:
             state.window = None
         self.stats.add(num_reqs, num_reqs, 0, self.states)
