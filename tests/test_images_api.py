@@ -69,6 +69,13 @@ def test_a_seed_reproduces_its_images(client):
     assert [d.model_extra["sjdpp"]["seed"] for d in first.data] == [42, 43]
 
 
+def test_without_a_seed_the_images_are_unseeded(client):
+    """The server invents no seed (a seed would pin the windows): the answer says null."""
+    out = client.images.generate(model=MODEL, prompt="a handwritten 8", n=2)
+    assert [d.model_extra["sjdpp"]["seed"] for d in out.data] == [None, None]
+    assert len({png(d.b64_json).tobytes() for d in out.data}) == 2
+
+
 def test_streaming_partial_images_then_the_final_one(client):
     stream = client.images.generate(model=MODEL, prompt="a handwritten 5", stream=True, partial_images=2,
                                     extra_body={"seed": 9})
