@@ -45,7 +45,7 @@ import time
 import numpy as np
 from scipy.optimize import isotonic_regression
 
-EXPLORE_EVERY = 32  # steps between exploring runs
+EXPLORE_EVERY = 64  # steps between exploring runs
 EXPLORE_RUN = 2  # steps per exploring run: a pass without drafts needs two choices of none
 DECIDE_EVERY = 4  # steps between choices of the cap (a choice takes some 100 us)
 MAX_STEP_GAP_S = 5.0  # a longer gap is a stall (a compile, a pause), not a pass
@@ -58,19 +58,21 @@ class MeasuredCurve:
         self.bucket = bucket  # array of x -> array of integer bucket keys
         self.forget = forget  # per observation in a bucket: about 1 / (1 - forget) of them count
         self.extrapolate = extrapolate  # beyond the largest x: last slope (True) or flat
-        self.sums: dict[int, np.ndarray] = {}  # bucket: [weight, weight * x, weight * y]
+        self.sums: dict[int, list[float]] = {}  # bucket: [weight, weight * x, weight * y]
 
     def observe(self, x: float, y: float) -> None:
-        self.observe_many(np.array([x]), np.array([y]))
+        s = self.sums.setdefault(int(self.bucket(np.array([x]))[0]), [0.0, 0.0, 0.0])
+        f = self.forget
+        s[0], s[1], s[2] = f * s[0] + 1.0, f * s[1] + x, f * s[2] + y
 
     def observe_many(self, x: np.ndarray, y: np.ndarray) -> None:
         """Several measurements at once (forgetting applied per bucket, once per measurement)."""
         keys, inverse, counts = np.unique(self.bucket(x), return_inverse=True, return_counts=True)
         sum_x, sum_y = np.bincount(inverse, x), np.bincount(inverse, y)
         for key, count, sx, sy in zip(keys.tolist(), counts.tolist(), sum_x.tolist(), sum_y.tolist()):
-            s = self.sums.setdefault(key, np.zeros(3))
-            s *= self.forget**count
-            s += (count, sx, sy)
+            s = self.sums.setdefault(key, [0.0, 0.0, 0.0])
+            f = self.forget**count
+            s[0], s[1], s[2] = f * s[0] + count, f * s[1] + sx, f * s[2] + sy
 
     def __bool__(self) -> bool:
         return bool(self.sums)
@@ -126,6 +128,8 @@ class Acceptance:
         self.curve = MeasuredCurve(lambda lengths: np.asarray(lengths, dtype=np.int64), forget=0.995, extrapolate=False)
 
     def observe(self, lengths, accepted) -> None:
+        if not any(lengths):
+            return
         lengths, accepted = np.asarray(lengths), np.asarray(accepted)
         drafted = lengths > 0
         self.curve.observe_many(lengths[drafted], accepted[drafted])
