@@ -101,8 +101,8 @@ def test_the_controller_finds_the_best_window(name, cost_of, batch):
     for seed in range(3):
         clock, rng = Clock(), np.random.default_rng(seed)
         controller = GoodputController(k, clock=clock)
-        chosen = drive(controller, clock, cost_of, accept_prob, batch, k, 600, rng)
-        settled = [c for i, c in enumerate(chosen[300:], 301) if i % EXPLORE_EVERY >= EXPLORE_RUN]
+        chosen = drive(controller, clock, cost_of, accept_prob, batch, k, 1500, rng)
+        settled = [c for i, c in enumerate(chosen[750:], 751) if i % EXPLORE_EVERY >= EXPLORE_RUN]
         got = max(set(settled), key=settled.count)
         # Within 5% of the best goodput: the estimates are noisy and the optimum is often flat.
         assert goodput[got] >= 0.95 * goodput[best], (name, seed, got, best, goodput)
