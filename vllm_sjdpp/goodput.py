@@ -171,14 +171,16 @@ class GoodputController:
     def exploring_cap(self) -> tuple[int, bool] | None:
         """(cap, far) if this step explores.  Most runs try a neighbour of the last best cap
         (+1, -1), where a kink in the cost (a GPU's roofline) may hide between measured sizes;
-        every 8th ("far") goes round the whole range (0, k, k/2, ..., 1), so that a change in
-        the hardware's load is noticed."""
+        every 4th tries no drafts; every 8th ("far") goes round the whole range (0, k, k/2,
+        ..., 1), so that a change in the hardware's load is noticed."""
         if self.steps < EXPLORE_EVERY or self.steps % EXPLORE_EVERY >= EXPLORE_RUN:
             return None
         run = self.steps // EXPLORE_EVERY
         if run % 8 == 1:
             caps = [0] + [self.max_window >> i for i in range(self.max_window.bit_length())]
             return caps[run // 8 % len(caps)], True
+        if run % 4 == 0:  # no drafts: the step path changes there, so t_0 needs its own samples
+            return 0, False
         return min(max(self.best + (1 if run % 2 else -1), 0), self.max_window), False
 
     def windows(self, wanted: list[int], pinned: list[int]) -> list[int]:

@@ -24,7 +24,7 @@ from .config import AUTO, AUTO_FALLBACK_BUDGET
 from .goodput import GoodputController
 from .jacobi_state import JacobiStates, Window
 from .kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, sjdpp_step
-from .kernels.row_pass_torch import race
+from .kernels.row_pass_torch import race_winner_
 from .window_budget import share_draft_budget
 
 # Under "vllm." so that vLLM's logging configuration (handlers, level) applies in every process.
@@ -262,13 +262,13 @@ class SJDPPSampler(RejectionSampler):
         noise = StepNoise.sample_per_request(
             [1] * num_reqs, [0] * num_reqs, probs.shape[1], sampling_metadata.generators, probs.device
         )
+        greedy_token = None if sampling_metadata.all_random else probs.argmax(-1)
         if sampling_metadata.all_greedy:
-            token = probs.argmax(-1)
+            token = greedy_token
         else:
-            token = race(probs, noise.exponentials)[1]
-            if not sampling_metadata.all_random:
-                greedy = greedy_requests(sampling_metadata, num_reqs, probs.device)
-                token = torch.where(greedy, probs.argmax(-1), token)
+            token = race_winner_(probs, noise.exponentials)
+            if greedy_token is not None:
+                token = torch.where(greedy_requests(sampling_metadata, num_reqs, probs.device), greedy_token, token)
         for state in plan.states:
             state.window = None
         self.stats.add(num_reqs, num_reqs, 0, self.states)
