@@ -111,7 +111,12 @@ def test_the_controller_finds_the_best_window(name, cost_of, batch):
 def test_explores_and_waits_for_measurements():
     clock = Clock()
     controller = GoodputController(8, clock=clock)
-    assert controller.windows([8, 8], []) == [8, 8]  # nothing measured: full windows
+    # A batch size not measured yet is probed: no drafts, windows of one, full windows.
+    for lengths in ([0, 0], [1, 1], [8, 8]):
+        assert controller.windows([8, 8], []) == lengths
+        for _ in range(2):
+            clock.now += 0.01 * (2 + sum(lengths))
+            controller.observe_step(2 + sum(lengths), ["a", "b"], lengths[0] > 0, lengths, [0, 0])
     for step in range(1, 3 * EXPLORE_EVERY):
         drafted = step % 2
         clock.now += 0.01 * (2 + 16 * drafted)  # drafts cost 9x: never worth it
@@ -158,11 +163,12 @@ def test_an_idle_gap_is_not_a_pass():
 
 def test_the_cost_is_per_batch_size():
     """Per-request work makes 8 requests of 5 positions dearer than 1 of 40: each batch size has
-    its curve, and one not measured borrows the nearest."""
+    its curve, and one not measured is probed (no drafts) rather than guessed."""
     controller = GoodputController(8, clock=Clock())
     for batch, per_request in ((1, 0.001), (8, 0.004)):
         for n in (batch, 5 * batch, 40):
             controller.cost.observe(batch, n, n > batch, 0.002 + per_request * batch + 0.0001 * n)
     one, eight = (controller.cost.predict(b, np.array([40.0]), np.array([True]))[0] for b in (1, 8))
     assert one == pytest.approx(0.007) and eight == pytest.approx(0.038)
-    assert controller.cost.predict(10, np.array([40.0]), np.array([True]))[0] == pytest.approx(0.038)
+    controller.acceptance.observe([4], [4])
+    assert controller.windows([4] * 30, []) == [0] * 30

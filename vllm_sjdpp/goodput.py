@@ -12,8 +12,10 @@ the expected committed tokens per second, from what the engine measures while se
 
 Each curve is a set of forgetting averages per bucket of its argument, made non-decreasing
 (scipy's isotonic regression, weighted) and interpolated linearly; a cost beyond the largest
-measured n continues with the slope of the last two points, a gain beyond the longest measured
-window stays flat.  For requests wanting windows w_i (and pinned requests whose windows are
+measured n continues with the slope of the last two points (in proportion to n from a single
+point: the pessimistic guess), a gain beyond the longest measured window stays flat.  A batch
+size met for the first time is probed before anything is chosen for it: a step without drafts,
+one with windows of one draft, one with full windows (once per batch size, however dear).  For requests wanting windows w_i (and pinned requests whose windows are
 fixed, f_m), the cap c maximises
 
     G(c) = [B + sum_i A(min(w_i, c)) + sum_m A(f_m)] / t(B + sum_i min(w_i, c) + sum_m f_m),
@@ -40,6 +42,7 @@ seed reproduces its tokens at any load.
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -57,7 +60,7 @@ class MeasuredCurve:
     def __init__(self, bucket, forget: float = 0.98, extrapolate: bool = True):
         self.bucket = bucket  # array of x -> array of integer bucket keys
         self.forget = forget  # per observation in a bucket: about 1 / (1 - forget) of them count
-        self.extrapolate = extrapolate  # beyond the largest x: last slope (True) or flat
+        self.extrapolate = extrapolate  # beyond the largest x: the last slope (True) or flat
         self.sums: dict[int, list[float]] = {}  # bucket: [weight, weight * x, weight * y]
 
     def observe(self, x: float, y: float) -> None:
@@ -85,8 +88,9 @@ class MeasuredCurve:
         xs, ys = self.points()
         x = np.asarray(x, dtype=float)
         y = np.interp(x, xs, ys)
-        if self.extrapolate and len(xs) > 1:
-            slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9)
+        if self.extrapolate:
+            # One point: in proportion to x, the pessimistic guess (drafts cost what they weigh).
+            slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9) if len(xs) > 1 else ys[0] / max(xs[0], 1e-9)
             y = np.where(x > xs[-1], ys[-1] + slope * (x - xs[-1]), y)
         return y
 
@@ -96,26 +100,25 @@ def position_bucket(n: np.ndarray) -> np.ndarray:
     return np.floor(4 * np.log2(np.maximum(n, 1))).astype(np.int64)
 
 
+def batch_bucket(batch: int) -> int:
+    """Half octaves of the batch size."""
+    return int(2 * math.log2(max(batch, 1)))
+
+
 class PassCost:
     """Seconds per step of B requests with n positions, for steps that skip the SJD++ step
     proper (no drafts verified or made) and steps that run it: one curve over n per class and
-    quarter octave of B (per-request work in the engine weighs as much as positions on a small
-    model).  A batch size not measured yet borrows the nearest one's curve."""
+    half octave of B (per-request work in the engine weighs as much as positions on a small
+    model, positions alone on a large one)."""
 
     def __init__(self):
         self.curves: dict[tuple[int, bool], MeasuredCurve] = {}
 
     def observe(self, batch: int, n: int, full_step: bool, seconds: float) -> None:
-        key = (int(position_bucket(np.array([batch]))[0]), full_step)
-        self.curves.setdefault(key, MeasuredCurve(position_bucket)).observe(n, seconds)
+        self.curves.setdefault((batch_bucket(batch), full_step), MeasuredCurve(position_bucket)).observe(n, seconds)
 
     def curve(self, batch: int, full_step: bool) -> MeasuredCurve | None:
-        b = int(position_bucket(np.array([batch]))[0])
-        keys = [k for k in self.curves if k[1] == full_step]
-        return self.curves[min(keys, key=lambda k: (abs(k[0] - b), k[0]))] if keys else None
-
-    def known(self, batch: int) -> bool:
-        return self.curve(batch, False) is not None and self.curve(batch, True) is not None
+        return self.curves.get((batch_bucket(batch), full_step))
 
     def predict(self, batch: int, n: np.ndarray, full_step: np.ndarray) -> np.ndarray:
         return np.where(full_step, self.curve(batch, True)(n), self.curve(batch, False)(n))
@@ -132,6 +135,10 @@ class Acceptance:
             return
         lengths, accepted = np.asarray(lengths), np.asarray(accepted)
         drafted = lengths > 0
+        for length in set(lengths[drafted].tolist()) - set(self.curve.sums):
+            # Optimism for a length seen first: one pseudo-window with every draft accepted, so
+            # that one unlucky window does not rule the length out before it is tried again.
+            self.curve.observe(length, length)
         self.curve.observe_many(lengths[drafted], accepted[drafted])
 
     def __bool__(self) -> bool:
@@ -153,7 +160,7 @@ class GoodputController:
         self.clock = clock
         self.steps = 0
         self.best = max_window  # the last cap chosen
-        self._next_choice = 0
+        self._next_choice, self._chosen_for = 0, -1
         self._last_end: float | None = None
         self._last_requests: frozenset = frozenset()
 
@@ -190,22 +197,28 @@ class GoodputController:
         if not any(wanted):
             return list(wanted)
         w, p = np.asarray(wanted), np.asarray(pinned, dtype=int)
-        known = self.cost.known(len(wanted) + len(pinned)) and bool(self.acceptance)
+        batch = len(wanted) + len(pinned)
+        # A batch size met for the first time is probed: no drafts, windows of one, full windows.
+        if self.cost.curve(batch, False) is None:
+            return [0] * len(wanted)
+        drafted = self.cost.curve(batch, True)
+        if drafted is None or not self.acceptance:
+            return np.minimum(w, 1).tolist()
+        if len(drafted.sums) < 2:
+            return list(wanted)
         exploring = self.exploring_cap()
         if exploring is not None:
             cap, far = exploring
             # A far cap predicted to cost over twice the best pass is tried one round in four.
-            if not (known and far and self.steps // (8 * EXPLORE_EVERY) % 4):
+            if not (far and self.steps // (8 * EXPLORE_EVERY) % 4):
                 return np.minimum(w, cap).tolist()
             seconds = self.evaluate(w, p)[1]
             if seconds[min(cap, w.max())] <= 2 * seconds[min(self.best, w.max())]:
                 return np.minimum(w, cap).tolist()
-        if not known:
-            return list(wanted)
-        if self.steps >= self._next_choice:
+        if self.steps >= self._next_choice or batch_bucket(batch) != self._chosen_for:
             goodput = self.evaluate(w, p)[0]
             self.best = int(np.argmax(goodput))
-            self._next_choice = self.steps + DECIDE_EVERY
+            self._next_choice, self._chosen_for = self.steps + DECIDE_EVERY, batch_bucket(batch)
         return np.minimum(w, self.best).tolist()
 
     def evaluate(self, wanted: np.ndarray, pinned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
