@@ -18,7 +18,6 @@ mean window the controller chose, and passes per image.  Writes <out>.json, <out
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -114,12 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     result["controller"] = controller.summary()
     result["minutes"] = (time.perf_counter() - start) / 60
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    args.out.with_suffix(".md").write_text(table)
-    plot(result, args.out.with_suffix(".png"))
-    print(table)
+    bench_e2e.write_results(args.out, result, markdown, plot)
 
 
 def markdown(result: dict) -> str:

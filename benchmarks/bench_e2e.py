@@ -77,6 +77,16 @@ def generate(llm, mode: dict | None, digits: list[int], seed: int | None):
     return [list(o.outputs[0].token_ids) for o in outs], wall, accepted_after - accepted, per_pos_delta
 
 
+def write_results(out: Path, result: dict, markdown, plot) -> None:
+    """<out>.json, <out>.md (the tables, also printed) and <out>.png."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    out.with_suffix(".md").write_text(table)
+    plot(result, out.with_suffix(".png"))
+    print(table)
+
+
 def drafter_of(llm):
     """The in-process engine's SJD++ drafter, None for a plain engine."""
     return getattr(llm.llm_engine.model_executor.driver_worker.worker.model_runner, "drafter", None)

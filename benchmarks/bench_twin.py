@@ -17,7 +17,6 @@ Writes <out>.json, <out>.md and <out>.png.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -87,12 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     for c in tqdm(concurrencies, desc="throughput"):
         result["throughput"][c] = bench_e2e.paired_throughput(plain, sjdpp, mode(max(WINDOWS)), c, seed=300)
     result["minutes"] = (time.perf_counter() - start) / 60
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    args.out.with_suffix(".md").write_text(table)
-    plot(result, args.out.with_suffix(".png"))
-    print(table)
+    bench_e2e.write_results(args.out, result, markdown, plot)
 
 
 def markdown(result: dict) -> str:
