@@ -13,7 +13,8 @@ the expected committed tokens per second, from what the engine measures while se
 Each curve is a set of forgetting averages per bucket of its argument, made non-decreasing
 (scipy's isotonic regression, weighted) and interpolated linearly; a cost beyond the largest
 measured n continues with the slope of the last two points (in proportion to n from a single
-point: the pessimistic guess), a gain beyond the longest measured window stays flat.  A batch
+point: the pessimistic guess), a gain beyond the longest measured window grows by one accepted
+draft per draft (the optimistic guess, so that longer windows get tried).  A batch
 size met for the first time is probed before anything is chosen for it: a step without drafts,
 one with windows of one draft, one with full windows (once per batch size, however dear).  For requests wanting windows w_i (and pinned requests whose windows are
 fixed, f_m), the cap c maximises
@@ -145,9 +146,12 @@ class Acceptance:
         return bool(self.curve)
 
     def expected(self, max_window: int) -> np.ndarray:
-        """A(L) for L = 0 .. max_window."""
+        """A(L) for L = 0 .. max_window.  Beyond the longest window measured, optimism again:
+        every further draft accepted, until such a window has been tried."""
         lengths = np.arange(max_window + 1)
-        return np.where(lengths == 0, 0.0, np.minimum(self.curve(lengths), lengths))
+        longest = max(self.curve.points()[0])
+        measured = self.curve(lengths) + np.maximum(lengths - longest, 0)
+        return np.where(lengths == 0, 0.0, np.minimum(measured, lengths))
 
 
 class GoodputController:
