@@ -150,6 +150,16 @@ def test_pinned_windows_count_in_the_cost():
     assert measured(cheap_until_30).windows([8], [8, 8, 8]) < [8]  # the pinned fill the cheap part
 
 
+def test_pinned_windows_do_not_wait_for_a_windowless_step():
+    """With a seeded request's window in every pass no step is windowless: the controller
+    chooses from the drafted steps' cost alone instead of waiting for t_0 forever."""
+    controller = GoodputController(8, clock=Clock())
+    for n in (10, 18, 34, 66):
+        controller.cost.observe(2, n, True, 0.010)  # flat: drafts are free
+    controller.acceptance.observe(np.arange(1, 9), np.arange(1, 9))
+    assert controller.windows([8], [8]) == [8]
+
+
 def test_an_idle_gap_is_not_a_pass():
     clock = Clock()
     controller = GoodputController(4, clock=clock)

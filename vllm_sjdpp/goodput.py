@@ -122,7 +122,10 @@ class PassCost:
         return self.curves.get((batch_bucket(batch), full_step))
 
     def predict(self, batch: int, n: np.ndarray, full_step: np.ndarray) -> np.ndarray:
-        return np.where(full_step, self.curve(batch, True)(n), self.curve(batch, False)(n))
+        seconds = self.curve(batch, True)(n)
+        if not full_step.all():  # with pinned windows every step drafts: t_0 is never needed
+            seconds = np.where(full_step, seconds, self.curve(batch, False)(n))
+        return seconds
 
 
 class Acceptance:
@@ -202,8 +205,9 @@ class GoodputController:
             return list(wanted)
         w, p = np.asarray(wanted), np.asarray(pinned, dtype=int)
         batch = len(wanted) + len(pinned)
-        # A batch size met for the first time is probed: no drafts, windows of one, full windows.
-        if self.cost.curve(batch, False) is None:
+        # A batch size met for the first time is probed: no drafts (unless pinned windows make
+        # every step draft), windows of one, full windows.
+        if self.cost.curve(batch, False) is None and not p.any():
             return [0] * len(wanted)
         drafted = self.cost.curve(batch, True)
         if drafted is None or not self.acceptance:
