@@ -186,10 +186,9 @@ class SJDPPSampler(RejectionSampler):
         for i, (req_id, state) in enumerate(zip(req_ids, states)):
             prob_rows += self.states.drafts_usable(state, start[i], per_request[i])
             wanted.append(0 if discard[i] else self._next_window_len(req_id, state, start[i]))
-        seeded = [self.runner.requests[r].sampling_params.seed is not None for r in req_ids]
-        return StepPlan(counts, per_request, start, states, prob_rows, self._share(wanted, seeded))
+        return StepPlan(counts, per_request, start, states, prob_rows, self._share(wanted, req_ids))
 
-    def _share(self, wanted: list[int], seeded: list[bool]) -> list[int]:
+    def _share(self, wanted: list[int], req_ids) -> list[int]:
         """The next windows' lengths under the server's draft-token budget."""
         budget = self.states.config.draft_token_budget
         if budget != AUTO:
@@ -197,6 +196,7 @@ class SJDPPSampler(RejectionSampler):
         if not self.adaptive:
             return share_draft_budget(wanted, AUTO_FALLBACK_BUDGET)
         # Seeded requests keep their windows: their draws, hence their tokens, follow the lengths.
+        seeded = [self.runner.requests[r].sampling_params.seed is not None for r in req_ids]
         adapted = iter(self.goodput.windows(
             [w for w, s in zip(wanted, seeded) if not s], [w for w, s in zip(wanted, seeded) if s]
         ))
