@@ -58,10 +58,9 @@ MAX_STEP_GAP_S = 5.0  # a longer gap is a stall (a compile, a pause), not a pass
 class MeasuredCurve:
     """A non-decreasing y(x) from noisy measurements."""
 
-    def __init__(self, bucket, forget: float = 0.98, extrapolate: bool = True):
+    def __init__(self, bucket, forget: float = 0.98):
         self.bucket = bucket  # array of x -> array of integer bucket keys
         self.forget = forget  # per observation in a bucket: about 1 / (1 - forget) of them count
-        self.extrapolate = extrapolate  # beyond the largest x: the last slope (True) or flat
         self.sums: dict[int, list[float]] = {}  # bucket: [weight, weight * x, weight * y]
 
     def observe(self, x: float, y: float) -> None:
@@ -86,14 +85,12 @@ class MeasuredCurve:
         return wx / w, isotonic_regression(wy / w, weights=w).x
 
     def __call__(self, x) -> np.ndarray:
+        """Interpolated; beyond the largest x, the last slope (from one point: in proportion to
+        x, the pessimistic guess for a cost)."""
         xs, ys = self.points()
         x = np.asarray(x, dtype=float)
-        y = np.interp(x, xs, ys)
-        if self.extrapolate:
-            # One point: in proportion to x, the pessimistic guess (drafts cost what they weigh).
-            slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9) if len(xs) > 1 else ys[0] / max(xs[0], 1e-9)
-            y = np.where(x > xs[-1], ys[-1] + slope * (x - xs[-1]), y)
-        return y
+        slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9) if len(xs) > 1 else ys[0] / max(xs[0], 1e-9)
+        return np.where(x > xs[-1], ys[-1] + slope * (x - xs[-1]), np.interp(x, xs, ys))
 
 
 def position_bucket(n: np.ndarray) -> np.ndarray:
@@ -132,7 +129,7 @@ class Acceptance:
     """A(L): drafts accepted from a window of L, per L; A(0) = 0."""
 
     def __init__(self):
-        self.curve = MeasuredCurve(lambda lengths: np.asarray(lengths, dtype=np.int64), forget=0.995, extrapolate=False)
+        self.curve = MeasuredCurve(lambda lengths: np.asarray(lengths, dtype=np.int64), forget=0.995)
 
     def observe(self, lengths, accepted) -> None:
         if not any(lengths):
@@ -152,8 +149,8 @@ class Acceptance:
         """A(L) for L = 0 .. max_window.  Beyond the longest window measured, optimism again:
         every further draft accepted, until such a window has been tried."""
         lengths = np.arange(max_window + 1)
-        longest = max(self.curve.points()[0])
-        measured = self.curve(lengths) + np.maximum(lengths - longest, 0)
+        xs, ys = self.curve.points()
+        measured = np.interp(lengths, xs, ys) + np.maximum(lengths - xs[-1], 0)
         return np.where(lengths == 0, 0.0, np.minimum(measured, lengths))
 
 
