@@ -167,6 +167,28 @@ def test_draft_token_budget_shrinks_windows_and_stays_exact(plain, plain_samples
         drafter.set_draft_token_budget(default)
 
 
+def test_budget_zero_unseeded_is_plain_decoding(plain, plain_samples, sjdpp):
+    """With no drafts and no seeds a step is plain decoding, handed to vLLM's own sampler: greedy
+    tokens under a repetition penalty, their logprobs and the sampled law equal plain's."""
+    drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+    drafter.set_draft_token_budget(0)
+    try:
+        greedy = params(temperature=0, max_tokens=24, repetition_penalty=1.3, logprobs=3)
+        prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+        got = [o.outputs[0] for o in sjdpp.generate(prompts, greedy, use_tqdm=False)]
+        expected = [o.outputs[0] for o in plain.generate(prompts, greedy, use_tqdm=False)]
+        sampled = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
+    finally:
+        drafter.set_draft_token_budget(None)
+    assert [list(o.token_ids) for o in got] == [list(o.token_ids) for o in expected]
+    for g, e in zip(got, expected):
+        for step_g, step_e in zip(g.logprobs, e.logprobs):
+            assert step_g.keys() == step_e.keys()
+            assert all(abs(step_g[t].logprob - step_e[t].logprob) < 1e-5 for t in step_e)
+    pvalues = position_pair_pvalues(plain_samples, sampled, 48)
+    assert min(pvalues) > ALPHA / len(pvalues), pvalues
+
+
 def test_goodput_controller_stays_exact(plain, plain_samples, sjdpp, monkeypatch):
     """draft_token_budget="auto": windows chosen by the goodput controller, here fed a synthetic
     pass cost (flat to 600 positions, then steep) so that its choices are reproducible and span

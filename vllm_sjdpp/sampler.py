@@ -135,11 +135,13 @@ class SJDPPSampler(RejectionSampler):
             return super().forward(metadata, draft_probs, logits, sampling_metadata)
 
         raw_logits = logits
-        if sampling_metadata.max_num_logprobs is not None and not self.is_processed_logprobs_mode:
-            raw_logits = logits.clone()  # processing below works in place
         first_rows = None
         try:
             plan = self._plan(metadata)
+            if plan.windowless and not sampling_metadata.generators:
+                return self._plain_decoding_step(plan, logits, sampling_metadata)
+            if sampling_metadata.max_num_logprobs is not None and not self.is_processed_logprobs_mode:
+                raw_logits = logits.clone()  # processing below works in place
             if plan.windowless:
                 output_token_ids, processed = self._windowless_step(plan, metadata, logits, sampling_metadata)
             else:
@@ -251,11 +253,19 @@ class SJDPPSampler(RejectionSampler):
         self._observe(num_reqs, True, counts, accepted)
         return out.output_token_ids, processed
 
+    def _plain_decoding_step(self, plan: StepPlan, logits, sampling_metadata) -> SamplerOutput:
+        """A windowless step without seeded requests is plain decoding: nothing to verify,
+        nothing to draft, and no seed whose draws must follow the race's.  So vLLM's own sampler
+        takes it, logprobs included (on CPU a fused Gumbel-max over the logits, without the
+        softmax and the noise tensor that the race needs)."""
+        self._close_windows(plan)
+        return self.sampler(logits, sampling_metadata)
+
     def _windowless_step(self, plan: StepPlan, metadata, logits, sampling_metadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step when no request has drafts to verify or will draft next: each request's one
-        row is raced exactly as `sjdpp_step` races a bonus row, from the same noise drawn in the
-        same order, without the rest of the step.  So a seeded request's token does not depend on
-        whether the others in its batch draft."""
+        """The step when no request has drafts to verify or will draft next, and some are seeded:
+        each request's one row is raced exactly as `sjdpp_step` races a bonus row, from the same
+        noise drawn in the same order, without the rest of the step.  So a seeded request's token
+        does not depend on whether the others in its batch draft."""
         processed = self._process_all_rows(logits, metadata, sampling_metadata, plan.per_request)
         probs = processed.softmax(-1, dtype=torch.float32)
         num_reqs = len(plan.counts)
@@ -269,11 +279,16 @@ class SJDPPSampler(RejectionSampler):
             token = race_winner_(probs, noise.exponentials)
             if greedy_token is not None:
                 token = torch.where(greedy_requests(sampling_metadata, num_reqs, probs.device), greedy_token, token)
+        self._close_windows(plan)
+        return token.view(-1, 1), processed
+
+    def _close_windows(self, plan: StepPlan) -> None:
+        """A windowless step's bookkeeping: one token per request, no window after it."""
         for state in plan.states:
             state.window = None
+        num_reqs = len(plan.counts)
         self.stats.add(num_reqs, num_reqs, 0, self.states)
         self._observe(num_reqs, False, plan.counts, plan.counts)
-        return token.view(-1, 1), processed
 
     def _plain_step(self, metadata, first_rows, sampling_metadata) -> torch.Tensor:
         """Plain sampling of each request's first row (its next token after what it committed,
