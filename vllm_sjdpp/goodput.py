@@ -8,7 +8,9 @@ the expected committed tokens per second, from what the engine measures while se
   with drafts.
 - Gain: A(L), the mean number of drafts accepted from a window of L drafts, measured per L (so
   it includes what the length does to the next window's drafts: a short window refines fewer
-  positions ahead of it).
+  positions ahead of it), from windows that follow a window of L - 1 to L + 1 drafts: what a
+  run of such windows accepts, which is what choosing L gets (a probe after short windows holds
+  drafts no pass has refined, a short window after long ones drafts refined many times).
 
 Each curve is a set of forgetting averages per bucket of its argument, made non-decreasing
 (scipy's isotonic regression, weighted) and interpolated linearly; a cost beyond the largest
@@ -167,6 +169,7 @@ class GoodputController:
         self._next_choice, self._chosen_for = 0, -1
         self._last_end: float | None = None
         self._last_requests: frozenset = frozenset()
+        self._last_lengths: dict = {}  # request: the drafts it verified in its last step
 
     def observe_step(self, positions: int, req_ids, full_step: bool, lengths, accepted) -> None:
         """Called at the end of each step: the positions in its pass, the requests in it, whether
@@ -177,7 +180,15 @@ class GoodputController:
         if busy and self._last_end is not None and now - self._last_end < MAX_STEP_GAP_S:
             self.cost.observe(len(requests), positions, full_step, now - self._last_end)
         self._last_end, self._last_requests = now, requests
-        self.acceptance.observe(lengths, accepted)
+        lengths, accepted = np.asarray(lengths), np.asarray(accepted)
+        previous = np.array([self._last_lengths.get(r, 0) for r in req_ids])
+        self._last_lengths = dict(zip(req_ids, lengths.tolist()))
+        # Only windows within a draft of their request's last count: what a run of windows of
+        # one length accepts is what choosing that length gets.  A longer window after short
+        # ones (a probe) holds drafts no pass has refined and accepts less; a shorter one after
+        # long ones holds drafts refined many times and accepts more.
+        steady = np.abs(previous - lengths) <= 1
+        self.acceptance.observe(lengths[steady], accepted[steady])
 
     def exploring_cap(self) -> tuple[int, bool] | None:
         """(cap, far) if this step explores.  Most runs try a neighbour of the last best cap
