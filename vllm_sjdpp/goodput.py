@@ -3,7 +3,8 @@ the expected committed tokens per second, from what the engine measures while se
 
 - Pass cost: seconds per engine step as a function of the positions n in its pass (scheduled
   tokens, prompt chunks included), timed between the ends of consecutive steps that share a
-  request (so the engine was busy in between, not waiting for work).  Two curves per batch
+  request (so the engine was busy in between, not waiting for work), and only after a step of
+  the same kind (the interval holds the tail of the step before it).  Two curves per batch
   size: t_0(n) for steps without drafts (they skip the SJD++ step proper) and t_d(n) for steps
   with drafts.
 - Gain: A(L), the mean number of drafts accepted from a window of L drafts, measured per L (so
@@ -52,7 +53,7 @@ import numpy as np
 from scipy.optimize import isotonic_regression
 
 EXPLORE_EVERY = 64  # steps between exploring runs
-EXPLORE_RUN = 2  # steps per exploring run: a pass without drafts needs two choices of none
+EXPLORE_RUN = 3  # steps per exploring run: the second pass without drafts is the one timed
 DECIDE_EVERY = 4  # steps between choices of the cap (a choice takes some 100 us)
 MAX_STEP_GAP_S = 5.0  # a longer gap is a stall (a compile, a pause), not a pass
 
@@ -169,6 +170,7 @@ class GoodputController:
         self._next_choice, self._chosen_for = 0, -1
         self._last_end: float | None = None
         self._last_requests: frozenset = frozenset()
+        self._last_full_step: bool | None = None
         self._last_lengths: dict = {}  # request: the drafts it verified in its last step
 
     def observe_step(self, positions: int, req_ids, full_step: bool, lengths, accepted) -> None:
@@ -177,9 +179,13 @@ class GoodputController:
         now = self.clock()
         requests = frozenset(req_ids)
         busy = not requests.isdisjoint(self._last_requests)
-        if busy and self._last_end is not None and now - self._last_end < MAX_STEP_GAP_S:
+        # The time between two step ends also holds the earlier step's tail (its tokens' output
+        # processing, its windows' proposal), so a step counts only after one of its own kind:
+        # a windowless step after a drafted one would pay for the drafted one's tokens.
+        steady = full_step == self._last_full_step
+        if busy and steady and self._last_end is not None and now - self._last_end < MAX_STEP_GAP_S:
             self.cost.observe(len(requests), positions, full_step, now - self._last_end)
-        self._last_end, self._last_requests = now, requests
+        self._last_end, self._last_requests, self._last_full_step = now, requests, full_step
         lengths, accepted = np.asarray(lengths), np.asarray(accepted)
         previous = np.array([self._last_lengths.get(r, 0) for r in req_ids])
         self._last_lengths = dict(zip(req_ids, lengths.tolist()))
