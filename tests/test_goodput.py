@@ -50,6 +50,19 @@ def test_a_measured_curve_forgets():
     assert curve(np.array([1.0]))[0] == pytest.approx(2.0, abs=0.01)
 
 
+def test_a_measured_curve_drops_hiccups_but_follows_a_new_level():
+    """Costs drop a time over 1.5 times their bucket's mean (a hiccup: one among five rare
+    samples would set the mean), and a time that low restarts the bucket (the first sample was
+    the hiccup); three high in a row are a new level and are kept."""
+    curve = MeasuredCurve(lambda x: np.zeros(len(x), dtype=np.int64), outlier=1.5)
+    for y in (8.0, 3.0, 3.1, 8.0, 3.0, 3.2):
+        curve.observe(1, y)
+    assert curve(np.array([1.0]))[0] == pytest.approx(3.07, abs=0.02)
+    for _ in range(200):
+        curve.observe(1, 9.0)  # the machine got three times slower
+    assert curve(np.array([1.0]))[0] == pytest.approx(9.0, abs=0.1)
+
+
 def test_acceptance_is_measured_per_window_length():
     rng = np.random.default_rng(0)
     acceptance = Acceptance()

@@ -2,9 +2,10 @@
 the expected committed tokens per second, from what the engine measures while serving.
 
 - Pass cost: seconds per engine step as a function of the positions n in its pass (scheduled
-  tokens, prompt chunks included), timed between the ends of consecutive steps that share a
-  request (so the engine was busy in between, not waiting for work), and only after a step of
-  the same kind (the interval holds the tail of the step before it).  Two curves per batch
+  tokens, prompt chunks included), timed between the ends of consecutive steps of the same
+  requests and the same kind (the interval holds the tail of the step before it; requests
+  arriving or leaving cost the same with or without drafts; and with none in common the
+  engine may have waited for work).  Two curves per batch
   size: t_0(n) for steps without drafts (they skip the SJD++ step proper) and t_d(n) for steps
   with drafts.
 - Gain: A(L), the mean number of drafts accepted from a window of L drafts, measured per L (so
@@ -25,7 +26,7 @@ fixed, f_m), the cap c maximises
     G(c) = [B + sum_i A(min(w_i, c)) + sum_m A(f_m)] / t(B + sum_i min(w_i, c) + sum_m f_m),
 
 with t = t_0 when the pass has no drafts.  Every EXPLORE_EVERY steps a short run of steps has its
-cap set instead of chosen: next to the last choice, or (every 8th run, and only one round in
+cap set instead of chosen: at no drafts (every other run), next to the last choice, or (every 8th run, and only one round in
 four where such a pass would cost over twice the chosen one) going round 0, k, k/2, ..., 1, so
 that every part of the curves stays measured without paying often for windows far from the best.
 
@@ -56,18 +57,36 @@ EXPLORE_EVERY = 64  # steps between exploring runs
 EXPLORE_RUN = 3  # steps per exploring run: the second pass without drafts is the one timed
 DECIDE_EVERY = 4  # steps between choices of the cap (a choice takes some 100 us)
 MAX_STEP_GAP_S = 5.0  # a longer gap is a stall (a compile, a pause), not a pass
+# A pass over 1.5 times its kind's mean time is a hiccup (a collection, the OS, a shape's first
+# pass), not its cost: passes without drafts are timed rarely, and one such among five would
+# set their curve.
+STEP_OUTLIER = 1.5
+OUTLIER_RUN = 3
 
 
 class MeasuredCurve:
     """A non-decreasing y(x) from noisy measurements."""
 
-    def __init__(self, bucket, forget: float = 0.98):
+    def __init__(self, bucket, forget: float = 0.98, outlier: float | None = None):
         self.bucket = bucket  # array of x -> array of integer bucket keys
         self.forget = forget  # per observation in a bucket: about 1 / (1 - forget) of them count
+        # y above `outlier` times its bucket's mean is dropped, unless OUTLIER_RUN in a row are
+        # (the level has changed); y below the mean by that factor restarts the bucket (what it
+        # held was a hiccup, often the first pass of a new shape, or an old level).
+        self.outlier = outlier
+        self._outliers = 0
         self.sums: dict[int, list[float]] = {}  # bucket: [weight, weight * x, weight * y]
 
     def observe(self, x: float, y: float) -> None:
         s = self.sums.setdefault(int(self.bucket(np.array([x]))[0]), [0.0, 0.0, 0.0])
+        if self.outlier and s[0] > 0:
+            mean = s[2] / s[0]
+            if y > self.outlier * mean and self._outliers < OUTLIER_RUN:
+                self._outliers += 1
+                return
+            if y * self.outlier < mean:
+                s[0] = s[1] = s[2] = 0.0
+        self._outliers = 0
         f = self.forget
         s[0], s[1], s[2] = f * s[0] + 1.0, f * s[1] + x, f * s[2] + y
 
@@ -116,7 +135,10 @@ class PassCost:
         self.curves: dict[tuple[int, bool], MeasuredCurve] = {}
 
     def observe(self, batch: int, n: int, full_step: bool, seconds: float) -> None:
-        self.curves.setdefault((batch_bucket(batch), full_step), MeasuredCurve(position_bucket)).observe(n, seconds)
+        key = (batch_bucket(batch), full_step)
+        if key not in self.curves:
+            self.curves[key] = MeasuredCurve(position_bucket, outlier=STEP_OUTLIER)
+        self.curves[key].observe(n, seconds)
 
     def curve(self, batch: int, full_step: bool) -> MeasuredCurve | None:
         return self.curves.get((batch_bucket(batch), full_step))
@@ -178,12 +200,14 @@ class GoodputController:
         it ran the SJD++ step proper, and per request the drafts verified and accepted."""
         now = self.clock()
         requests = frozenset(req_ids)
-        busy = not requests.isdisjoint(self._last_requests)
         # The time between two step ends also holds the earlier step's tail (its tokens' output
-        # processing, its windows' proposal), so a step counts only after one of its own kind:
-        # a windowless step after a drafted one would pay for the drafted one's tokens.
-        steady = full_step == self._last_full_step
-        if busy and steady and self._last_end is not None and now - self._last_end < MAX_STEP_GAP_S:
+        # processing, its windows' proposal), so a step counts only after one of its own kind
+        # (a windowless step after a drafted one would pay for the drafted one's tokens) and of
+        # the same requests: arrivals and departures cost what they cost with or without drafts
+        # (they made the passes without drafts, often timed at a batch's start and end, look
+        # dearer), and with none in common the engine may have waited for work.
+        steady = full_step == self._last_full_step and requests == self._last_requests
+        if steady and self._last_end is not None and now - self._last_end < MAX_STEP_GAP_S:
             self.cost.observe(len(requests), positions, full_step, now - self._last_end)
         self._last_end, self._last_requests, self._last_full_step = now, requests, full_step
         lengths, accepted = np.asarray(lengths), np.asarray(accepted)
@@ -197,19 +221,21 @@ class GoodputController:
         self.acceptance.observe(lengths[steady], accepted[steady])
 
     def exploring_cap(self) -> tuple[int, bool] | None:
-        """(cap, far) if this step explores.  Most runs try a neighbour of the last best cap
-        (+1, -1), where a kink in the cost (a GPU's roofline) may hide between measured sizes;
-        every 4th tries no drafts; every 8th ("far") goes round the whole range (0, k, k/2,
-        ..., 1), so that a change in the hardware's load is noticed."""
+        """(cap, far) if this step explores.  Every other run tries no drafts: passes without
+        drafts take another step path, timed only in such runs, and where drafting pays they
+        are rare.  Most others try a neighbour of the last best cap (+1, -1), where a kink in
+        the cost (a GPU's roofline) may hide between measured sizes; every 8th ("far") goes
+        round the whole range (0, k, k/2, ..., 1), so that a change in the hardware's load is
+        noticed."""
         if self.steps < EXPLORE_EVERY or self.steps % EXPLORE_EVERY >= EXPLORE_RUN:
             return None
         run = self.steps // EXPLORE_EVERY
         if run % 8 == 1:
             caps = [0] + [self.max_window >> i for i in range(self.max_window.bit_length())]
             return caps[run // 8 % len(caps)], True
-        if run % 4 == 0:  # no drafts: the step path changes there, so t_0 needs its own samples
+        if run % 2 == 0:
             return 0, False
-        return min(max(self.best + (1 if run % 2 else -1), 0), self.max_window), False
+        return min(max(self.best + (1 if run % 4 == 3 else -1), 0), self.max_window), False
 
     def windows(self, wanted: list[int], pinned: list[int]) -> list[int]:
         """Lengths for the adaptable requests' next windows (each at most what it wants), given
