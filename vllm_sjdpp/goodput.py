@@ -20,15 +20,17 @@ measured n continues with the slope of the last two points (in proportion to n f
 point: the pessimistic guess), a gain beyond the longest measured window grows by one accepted
 draft per draft (the optimistic guess, so that longer windows get tried).  A batch
 size met for the first time is probed before anything is chosen for it: a step without drafts,
-one with windows of one draft, one with full windows (once per batch size, however dear).  For requests wanting windows w_i (and pinned requests whose windows are
-fixed, f_m), the cap c maximises
+one with windows of one draft, one with full windows (once per batch size, however dear).  For
+requests wanting windows w_i (and pinned requests whose windows are fixed, f_m), the cap c
+maximises
 
     G(c) = [B + sum_i A(min(w_i, c)) + sum_m A(f_m)] / t(B + sum_i min(w_i, c) + sum_m f_m),
 
 with t = t_0 when the pass has no drafts.  Every EXPLORE_EVERY steps a short run of steps has its
-cap set instead of chosen: at no drafts (every other run), next to the last choice, or (every 8th run, and only one round in
-four where such a pass would cost over twice the chosen one) going round 0, k, k/2, ..., 1, so
-that every part of the curves stays measured without paying often for windows far from the best.
+cap set instead of chosen: at no drafts (every other run), next to the last choice, or (every
+8th run) going round 0, k, k/2, ..., 1, so that every part of the curves stays measured; a cap
+predicted to do far worse than the choice (a pass over twice as dear, or under 80% of its
+goodput) is tried only in one cycle of runs in four, so as not to pay often for it.
 
 Why the output stays exact.  Verification commits each token with the distribution p given
 everything fixed before the step's noise is drawn: the committed prefix, the drafts, their
@@ -76,9 +78,14 @@ class MeasuredCurve:
         self.outlier = outlier
         self._outliers = 0
         self.sums: dict[int, list[float]] = {}  # bucket: [weight, weight * x, weight * y]
+        self._keys: dict[float, int] = {}  # x: its bucket (positions repeat)
+        self._points: tuple[np.ndarray, np.ndarray] | None = None
 
     def observe(self, x: float, y: float) -> None:
-        s = self.sums.setdefault(int(self.bucket(np.array([x]))[0]), [0.0, 0.0, 0.0])
+        key = self._keys.get(x)
+        if key is None:  # numpy costs more than the rest of a step's bookkeeping on one scalar
+            key = self._keys[x] = int(self.bucket(np.array([x]))[0])
+        s = self.sums.setdefault(key, [0.0, 0.0, 0.0])
         if self.outlier and s[0] > 0:
             mean = s[2] / s[0]
             if y > self.outlier * mean and self._outliers < OUTLIER_RUN:
@@ -87,11 +94,13 @@ class MeasuredCurve:
             if y * self.outlier < mean:
                 s[0] = s[1] = s[2] = 0.0
         self._outliers = 0
+        self._points = None
         f = self.forget
         s[0], s[1], s[2] = f * s[0] + 1.0, f * s[1] + x, f * s[2] + y
 
     def observe_many(self, x: np.ndarray, y: np.ndarray) -> None:
         """Several measurements at once (forgetting applied per bucket, once per measurement)."""
+        self._points = None
         keys, inverse, counts = np.unique(self.bucket(x), return_inverse=True, return_counts=True)
         sum_x, sum_y = np.bincount(inverse, x), np.bincount(inverse, y)
         for key, count, sx, sy in zip(keys.tolist(), counts.tolist(), sum_x.tolist(), sum_y.tolist()):
@@ -103,8 +112,10 @@ class MeasuredCurve:
         return bool(self.sums)
 
     def points(self) -> tuple[np.ndarray, np.ndarray]:
-        w, wx, wy = np.array(sorted(self.sums.values(), key=lambda s: s[1] / s[0])).T
-        return wx / w, isotonic_regression(wy / w, weights=w).x
+        if self._points is None:  # kept until the next observation: most steps observe one curve
+            w, wx, wy = np.array(sorted(self.sums.values(), key=lambda s: s[1] / s[0])).T
+            self._points = wx / w, isotonic_regression(wy / w, weights=w).x
+        return self._points
 
     def __call__(self, x) -> np.ndarray:
         """Interpolated; beyond the largest x, the last slope (from one point: in proportion to
@@ -210,6 +221,9 @@ class GoodputController:
         if steady and self._last_end is not None and now - self._last_end < MAX_STEP_GAP_S:
             self.cost.observe(len(requests), positions, full_step, now - self._last_end)
         self._last_end, self._last_requests, self._last_full_step = now, requests, full_step
+        if not any(lengths):  # nothing verified (most steps where drafting does not pay)
+            self._last_lengths = {}
+            return
         lengths, accepted = np.asarray(lengths), np.asarray(accepted)
         previous = np.array([self._last_lengths.get(r, 0) for r in req_ids])
         self._last_lengths = dict(zip(req_ids, lengths.tolist()))
@@ -220,11 +234,21 @@ class GoodputController:
         steady = np.abs(previous - lengths) <= 1
         self.acceptance.observe(lengths[steady], accepted[steady])
 
-    def exploring_cap(self) -> tuple[int, bool] | None:
-        """(cap, far) if this step explores.  Every other run tries no drafts: passes without
+    def _worth_exploring(self, cap: int, wanted: np.ndarray, pinned: np.ndarray) -> bool:
+        """A cap predicted to do far worse than the best (a pass over twice as dear, or under
+        80% of its goodput) is tried in one cycle of exploring runs in four: what exploring
+        costs at the optimum is what drafting loses where drafting does not pay."""
+        if cap == self.best or self.steps // (8 * EXPLORE_EVERY) % 4 == 0:
+            return True
+        goodput, seconds = self.evaluate(wanted, pinned)
+        c, b = min(cap, wanted.max()), min(self.best, wanted.max())
+        return seconds[c] <= 2 * seconds[b] and goodput[c] >= 0.8 * goodput[b]
+
+    def exploring_cap(self) -> int | None:
+        """The cap if this step explores.  Every other run tries no drafts: passes without
         drafts take another step path, timed only in such runs, and where drafting pays they
         are rare.  Most others try a neighbour of the last best cap (+1, -1), where a kink in
-        the cost (a GPU's roofline) may hide between measured sizes; every 8th ("far") goes
+        the cost (a GPU's roofline) may hide between measured sizes; every 8th goes
         round the whole range (0, k, k/2, ..., 1), so that a change in the hardware's load is
         noticed."""
         if self.steps < EXPLORE_EVERY or self.steps % EXPLORE_EVERY >= EXPLORE_RUN:
@@ -232,10 +256,10 @@ class GoodputController:
         run = self.steps // EXPLORE_EVERY
         if run % 8 == 1:
             caps = [0] + [self.max_window >> i for i in range(self.max_window.bit_length())]
-            return caps[run // 8 % len(caps)], True
+            return caps[run // 8 % len(caps)]
         if run % 2 == 0:
-            return 0, False
-        return min(max(self.best + (1 if run % 4 == 3 else -1), 0), self.max_window), False
+            return 0
+        return min(max(self.best + (1 if run % 4 == 3 else -1), 0), self.max_window)
 
     def windows(self, wanted: list[int], pinned: list[int]) -> list[int]:
         """Lengths for the adaptable requests' next windows (each at most what it wants), given
@@ -243,31 +267,25 @@ class GoodputController:
         self.steps += 1
         if not any(wanted):
             return list(wanted)
-        w, p = np.asarray(wanted), np.asarray(pinned, dtype=int)
         batch = len(wanted) + len(pinned)
         # A batch size met for the first time is probed: no drafts (unless pinned windows make
         # every step draft), windows of one, full windows.
-        if self.cost.curve(batch, False) is None and not p.any():
+        if self.cost.curve(batch, False) is None and not any(pinned):
             return [0] * len(wanted)
         drafted = self.cost.curve(batch, True)
         if drafted is None or not self.acceptance:
-            return np.minimum(w, 1).tolist()
+            return [min(n, 1) for n in wanted]
         if len(drafted.sums) < 2:
             return list(wanted)
-        exploring = self.exploring_cap()
-        if exploring is not None:
-            cap, far = exploring
-            # A far cap predicted to cost over twice the best pass is tried one round in four.
-            if not (far and self.steps // (8 * EXPLORE_EVERY) % 4):
-                return np.minimum(w, cap).tolist()
-            seconds = self.evaluate(w, p)[1]
-            if seconds[min(cap, w.max())] <= 2 * seconds[min(self.best, w.max())]:
-                return np.minimum(w, cap).tolist()
+        w, p = np.asarray(wanted), np.asarray(pinned, dtype=int)
+        cap = self.exploring_cap()
+        if cap is not None and self._worth_exploring(cap, w, p):
+            return [min(n, cap) for n in wanted]
         if self.steps >= self._next_choice or batch_bucket(batch) != self._chosen_for:
             goodput = self.evaluate(w, p)[0]
             self.best = int(np.argmax(goodput))
             self._next_choice, self._chosen_for = self.steps + DECIDE_EVERY, batch_bucket(batch)
-        return np.minimum(w, self.best).tolist()
+        return [min(n, self.best) for n in wanted]
 
     def evaluate(self, wanted: np.ndarray, pinned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Expected committed tokens per second, and seconds per pass, for each cap 0 .. max(wanted)."""

@@ -199,6 +199,8 @@ class SJDPPSampler(RejectionSampler):
             return share_draft_budget(wanted, AUTO_FALLBACK_BUDGET)
         # Seeded requests keep their windows: their draws, hence their tokens, follow the lengths.
         seeded = [self.runner.requests[r].sampling_params.seed is not None for r in req_ids]
+        if not any(seeded):
+            return self.goodput.windows(wanted, [])
         adapted = iter(self.goodput.windows(
             [w for w, s in zip(wanted, seeded) if not s], [w for w, s in zip(wanted, seeded) if s]
         ))
