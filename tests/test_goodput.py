@@ -241,3 +241,36 @@ def test_the_cost_is_per_batch_size():
     assert one == pytest.approx(0.007) and eight == pytest.approx(0.038)
     controller.acceptance.observe([4], [4])
     assert controller.windows([4] * 30, []) == [0] * 30
+
+
+def test_several_workers_get_the_fixed_fallback_budget(caplog):
+    """Every worker runs the step and must make the same windows, but each would time its own
+    passes: with tensor or pipeline parallelism "auto" is the fixed AUTO_FALLBACK_BUDGET, with
+    a warning, and the controller is never asked (a single worker adapts)."""
+    import logging
+    from types import SimpleNamespace
+
+    from vllm_sjdpp.config import AUTO_FALLBACK_BUDGET, SJDPPConfig
+    from vllm_sjdpp.jacobi_state import JacobiStates
+    from vllm_sjdpp.sampler import SJDPPSampler
+    from vllm_sjdpp.window_budget import share_draft_budget
+
+    def sampler(world_size):
+        runner = SimpleNamespace(
+            sampler=SimpleNamespace(logprobs_mode="raw_logprobs"), speculative_config=None, device="cpu",
+            model_config=SimpleNamespace(max_model_len=512), parallel_config=SimpleNamespace(world_size=world_size),
+            requests={f"r{i}": SimpleNamespace(sampling_params=SimpleNamespace(seed=None)) for i in range(64)},
+        )
+        return SJDPPSampler(runner, JacobiStates(SJDPPConfig(num_speculative_tokens=32), 300))
+
+    wanted, ids = [32] * 64, [f"r{i}" for i in range(64)]
+    with caplog.at_level(logging.WARNING, logger="vllm.sjdpp"):
+        tp2 = sampler(2)
+    assert "needs a single worker" in caplog.text
+    tp2.goodput = None  # asking it would fail
+    assert tp2._share(wanted, ids) == share_draft_budget(wanted, AUTO_FALLBACK_BUDGET)
+    assert sum(tp2._share(wanted, ids)) == AUTO_FALLBACK_BUDGET
+    single = sampler(1)
+    asked = []
+    single.goodput = SimpleNamespace(windows=lambda w, p: asked.append(1) or [0] * len(w))
+    assert single._share(wanted, ids) == [0] * 64 and asked
