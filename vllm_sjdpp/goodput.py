@@ -5,9 +5,9 @@ the expected committed tokens per second, from what the engine measures while se
   tokens, prompt chunks included), timed between the ends of consecutive steps of the same
   requests and the same kind (the interval holds the tail of the step before it; requests
   arriving or leaving cost the same with or without drafts; and with none in common the
-  engine may have waited for work).  Two curves per batch
-  size: t_0(n) for steps without drafts (they skip the SJD++ step proper) and t_d(n) for steps
-  with drafts.
+  engine may have waited for work); a time 1.5x over its bucket's mean is a hiccup, dropped.
+  Two curves per batch size: t_0(n) for steps without drafts (they skip the SJD++ step proper)
+  and t_d(n) for steps with drafts.
 - Gain: A(L), the mean number of drafts accepted from a window of L drafts, measured per L (so
   it includes what the length does to the next window's drafts: a short window refines fewer
   positions ahead of it), from windows that follow a window of L - 1 to L + 1 drafts: what a
