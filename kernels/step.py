@@ -240,8 +240,10 @@ def sjdpp_step(
 
     # a_i: the first row that is not an accepted draft (the bonus row is never one).
     accepted = has_draft & torch.where(greedy, d == argmax, ratio_pass)
-    num_accepted = torch.zeros(num_reqs, dtype=torch.long, device=device).scatter_reduce_(
-        0, req[~accepted], local[~accepted], "amin", include_self=False
+    # Every request has a row that is not an accepted draft (its bonus row), so the minimum over
+    # all its rows, accepted ones counted as num_rows, is its first rejection.
+    num_accepted = torch.full((num_reqs,), num_rows, dtype=torch.long, device=device).scatter_reduce_(
+        0, req, torch.where(accepted, num_rows, local), "amin"
     )
     a = num_accepted[req]
     is_recovery = local == a
@@ -287,19 +289,23 @@ def sjdpp_step(
     token = torch.where(greedy, argmax, torch.where(keep, d, 0))
     token[rows] = torch.where(draw[rows], raced, token[rows])
 
+    # Writes of some rows go through one spare column or slot, dropped afterwards: cheaper than
+    # selecting the rows first (each boolean selection is a nonzero and a gather).
     max_drafts = int(num_drafts.max()) if num_reqs else 0
     output = torch.full(
-        (num_reqs, max_drafts + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=device
+        (num_reqs, max_drafts + 2), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=device
     )
-    committed = local <= a
-    output[req[committed], local[committed]] = torch.where(is_recovery, token, d)[committed]
+    output[req, torch.where(local <= a, local, max_drafts + 1)] = torch.where(is_recovery, token, d)
+    output = output[:, : max_drafts + 1].contiguous()
 
-    next_tokens = torch.empty(num_next, dtype=torch.long, device=device)
-    next_onehot = torch.ones(num_next, dtype=torch.bool, device=device)
-    next_tokens[dest[in_window]] = token[in_window]
-    next_onehot[dest[in_window]] = ~write_q[in_window]
-    next_prob_rows = torch.full((num_next,), -1, dtype=torch.long, device=device)
-    next_prob_rows[dest[write_q]] = q_dest[write_q]
+    spare = torch.where(in_window, dest, num_next)
+    next_tokens = torch.empty(num_next + 1, dtype=torch.long, device=device)
+    next_onehot = torch.ones(num_next + 1, dtype=torch.bool, device=device)
+    next_tokens[spare] = token
+    next_onehot[spare] = ~write_q
+    next_prob_rows = torch.full((num_next + 1,), -1, dtype=torch.long, device=device)
+    next_prob_rows[torch.where(write_q, dest, num_next)] = q_dest
+    next_tokens, next_onehot, next_prob_rows = next_tokens[:-1], next_onehot[:-1], next_prob_rows[:-1]
     num_redrafted = torch.minimum(num_drafts - num_accepted, next_len)
     fill_fresh_tokens(
         next_tokens, next_onehot, next_len, num_redrafted, output, num_accepted + 1, fresh,
