@@ -109,16 +109,17 @@ def fill_fresh_tokens(
     else:
         random_token = pick
 
+    # The source is in the window, among this step's committed tokens, in the history before
+    # them, or nowhere (-1).  Every row reads all three at clamped positions and keeps the one
+    # that applies: cheaper than selecting the rows of each (a nonzero and a gather apiece).
     c = num_committed[req]
     hist_len = fresh.history.shape[1]
-    in_window = src >= 0
-    in_committed = ~in_window & (c + src >= 0)
-    in_history = ~in_window & ~in_committed & (hist_len + c + src >= 0)
-    copied = torch.full_like(slot, -1)
-    copied[in_window] = next_tokens[(start[req] + src)[in_window]]
-    copied[in_committed] = committed[req[in_committed], (c + src)[in_committed]]
+    from_window = next_tokens[(start[req] + src).clamp(0, num_slots - 1)]
+    from_committed = committed[req, (c + src).clamp(0, committed.shape[1] - 1)]
+    copied = torch.where(src >= 0, from_window, torch.where(c + src >= 0, from_committed, -1))
     if hist_len:
-        copied[in_history] = fresh.history[req[in_history], (hist_len + c + src)[in_history]]
+        from_history = fresh.history[req, (hist_len + c + src).clamp(0, hist_len - 1)]
+        copied = torch.where((c + src < 0) & (hist_len + c + src >= 0), from_history, copied)
     token = torch.where((init != INIT_RANDOM) & (copied >= 0), copied, random_token)
-    next_tokens[is_fresh] = token[is_fresh]
-    next_is_onehot[is_fresh] = True
+    next_tokens.copy_(torch.where(is_fresh, token, next_tokens))
+    next_is_onehot |= is_fresh
