@@ -260,8 +260,9 @@ class SJDPPSampler(RejectionSampler):
         nothing to draft, and no seed whose draws must follow the race's.  So vLLM's own sampler
         takes it, logprobs included (on CPU a fused Gumbel-max over the logits, without the
         softmax and the noise tensor that the race needs)."""
-        self._close_windows(plan)
-        return self.sampler(logits, sampling_metadata)
+        output = self.sampler(logits, sampling_metadata)
+        self._close_windows(plan)  # after sampling: the controller times the step at its end
+        return output
 
     def _windowless_step(self, plan: StepPlan, metadata, logits, sampling_metadata) -> tuple[torch.Tensor, torch.Tensor]:
         """The step when no request has drafts to verify or will draft next, and some are seeded:
