@@ -43,7 +43,7 @@ class Timers:
     def __init__(self):
         self.seconds: collections.Counter = collections.Counter()
 
-    def wrap(self, owner, name: str, key: str | None = None) -> None:
+    def wrap(self, owner, name: str) -> None:
         inner = getattr(owner, name)
 
         def timed(*args, **kwargs):
@@ -51,7 +51,7 @@ class Timers:
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.seconds[key or name] += time.perf_counter() - start
+                self.seconds[name] += time.perf_counter() - start
 
         setattr(owner, name, timed)
 
