@@ -27,9 +27,16 @@ from vllm_sjdpp.digits.tokens import GENERATED_LENGTH  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
 
 RUNNER_ROWS = [  # (method, label)
+    ("_update_states", "batch update"),
     ("_model_forward", "model forward"),
     ("_prepare_inputs", "input preparation"),
     ("sample_tokens", "sampling"),
+    ("_bookkeeping_sync", "sampled tokens to the scheduler"),
+    ("propose_draft_token_ids", "drafts proposed"),
+]
+SCHEDULER_ROWS = [
+    ("schedule", "scheduling"),
+    ("update_from_output", "scheduler's update from the output"),
 ]
 SAMPLER_ROWS = [
     ("_process_all_rows", "vLLM's processing of all rows"),
@@ -72,6 +79,9 @@ def measure(llm, concurrency: int, seconds: float) -> dict[str, float]:
     runner.execute_model = counted
     for name, _ in RUNNER_ROWS:
         timers.wrap(runner, name)
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    for name, _ in SCHEDULER_ROWS:
+        timers.wrap(scheduler, name)
     drafter = bench_e2e.drafter_of(llm)
     original_step = sampler_module.sjdpp_step
     if drafter is not None:
@@ -106,6 +116,8 @@ def markdown(plain: dict, sjdpp: dict, label: str) -> str:
         if key == "sample_tokens":
             for inner, inner_name in SAMPLER_ROWS:
                 row(f"&nbsp;&nbsp;of which {inner_name}", "—", fmt(sjdpp, inner))
+    for key, name in SCHEDULER_ROWS:
+        row(name, fmt(plain, key), fmt(sjdpp, key))
     row("steps timed", plain["steps"], sjdpp["steps"])
     return "\n".join(lines)
 

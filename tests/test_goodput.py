@@ -259,18 +259,17 @@ def test_several_workers_get_the_fixed_fallback_budget(caplog):
         runner = SimpleNamespace(
             sampler=SimpleNamespace(logprobs_mode="raw_logprobs"), speculative_config=None, device="cpu",
             model_config=SimpleNamespace(max_model_len=512), parallel_config=SimpleNamespace(world_size=world_size),
-            requests={f"r{i}": SimpleNamespace(sampling_params=SimpleNamespace(seed=None)) for i in range(64)},
         )
         return SJDPPSampler(runner, JacobiStates(SJDPPConfig(num_speculative_tokens=32), 300))
 
-    wanted, ids = [32] * 64, [f"r{i}" for i in range(64)]
+    wanted, unseeded = [32] * 64, [False] * 64
     with caplog.at_level(logging.WARNING, logger="vllm.sjdpp"):
         tp2 = sampler(2)
     assert "needs a single worker" in caplog.text
     tp2.goodput = None  # asking it would fail
-    assert tp2._share(wanted, ids) == share_draft_budget(wanted, AUTO_FALLBACK_BUDGET)
-    assert sum(tp2._share(wanted, ids)) == AUTO_FALLBACK_BUDGET
+    assert tp2._share(wanted, unseeded) == share_draft_budget(wanted, AUTO_FALLBACK_BUDGET)
+    assert sum(tp2._share(wanted, unseeded)) == AUTO_FALLBACK_BUDGET
     single = sampler(1)
     asked = []
     single.goodput = SimpleNamespace(windows=lambda w, p: asked.append(1) or [0] * len(w))
-    assert single._share(wanted, ids) == [0] * 64 and asked
+    assert single._share(wanted, unseeded) == [0] * 64 and asked

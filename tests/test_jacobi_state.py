@@ -41,3 +41,44 @@ def test_proposal_buffers_alternate_grow_and_shrink():
     states.get("x", None)
     states.retain(set())
     assert states.state_bytes() == 0
+
+
+def test_batch_requests_want_windows_within_their_bounds():
+    """Windows wanted per request, worked out by hand: jacobi_start, max_tokens, max_model_len,
+    a plain request, a partial prefill; and the facts follow the batch when its order changes."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vllm_sjdpp.batch_requests import BatchRequests
+
+    def request(max_tokens=None, seed=None, **options):
+        extra = {f"sjdpp_{k}": v for k, v in options.items()}
+        return SimpleNamespace(sampling_params=SimpleNamespace(max_tokens=max_tokens, seed=seed, extra_args=extra))
+
+    runner = SimpleNamespace(requests={
+        "free": request(),
+        "late": request(jacobi_start=5),
+        "ending": request(max_tokens=20, seed=3),
+        "short": request(num_speculative_tokens=2),
+        "plain": request(disable=True),
+    })
+    batch = BatchRequests(JacobiStates(SJDPPConfig(num_speculative_tokens=8), vocab_size=10), runner)
+    ids = ["free", "late", "ending", "short", "plain"]
+    batch.update(ids)
+    prompt = np.full(5, 10, dtype=np.int32)
+    start = np.array([14, 13, 25, 40, 12], dtype=np.int32)  # generated: 4, 3, 15, 30, 2
+    no_discard = np.zeros(5, dtype=bool)
+    # late: 3 + 1 < 5, no drafts yet; ending: 20 - 15 = 5 left, 5 - 2 = 3; max_model_len 47: short has
+    # 7 left but k = 2 (at 43: 3 left, one draft); plain: never.
+    assert batch.windows_wanted(start, prompt, no_discard, 47).tolist() == [8, 0, 3, 2, 0]
+    assert batch.windows_wanted(start + 1, prompt, no_discard, 47).tolist() == [8, 8, 2, 2, 0]
+    assert batch.windows_wanted(start, prompt, no_discard, 45).tolist() == [8, 0, 3, 2, 0]
+    assert batch.windows_wanted(start, prompt, no_discard, 43).tolist() == [8, 0, 3, 1, 0]
+    assert batch.windows_wanted(start, prompt, np.array([1, 0, 0, 0, 0], dtype=bool), 47).tolist() == [0, 0, 3, 2, 0]
+    assert batch.seeded == [False, False, True, False, False]
+    assert batch.request_states[4].config is None
+
+    batch.update(ids[::-1])  # vLLM reorders its batch
+    assert batch.seeded == [False, False, True, False, False][::-1]
+    assert batch.windows_wanted(start[::-1], prompt, no_discard, 47).tolist() == [0, 2, 3, 0, 8]

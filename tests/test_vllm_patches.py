@@ -132,3 +132,48 @@ def test_cpu_expand_kernel_repeats_each_value_by_its_count(counts):
     expand_kernel_impl(output, values, cu, -1, 7)
     expected = torch.repeat_interleave(torch.where(values == -1, 7.0, values), torch.tensor(counts))
     assert torch.equal(output, expected)
+
+
+def _runner_for_spec_metadata():
+    """The attributes GPUModelRunner._calc_spec_decode_metadata reads, with vLLM's own methods."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    runner = SimpleNamespace(
+        arange_np=np.arange(256, dtype=np.int64), _arange_scratch=np.empty(256, dtype=np.int64), device="cpu",
+        max_num_reqs=16,
+        input_ids=SimpleNamespace(gpu=torch.arange(100, 356, dtype=torch.int32)),
+    )
+    runner._get_cumsum_and_arange = GPUModelRunner._get_cumsum_and_arange.__get__(runner)
+    runner._calc_spec_decode_metadata = GPUModelRunner._calc_spec_decode_metadata.__get__(runner)
+    return runner
+
+
+@pytest.mark.parametrize("scheduled", [[1], [1, 1, 1, 1, 1, 1, 1, 1], [5, 1, 17, 1], [1, 30, 2]])
+def test_spec_metadata_without_drafts_equals_vllms(scheduled):
+    """Field for field (values, dtypes) what vLLM builds for a step without drafts, prompt chunks
+    included; a step with drafts still gets vLLM's own."""
+    import numpy as np
+
+    runner = _runner_for_spec_metadata()
+    general = runner._calc_spec_decode_metadata
+    cu = np.cumsum(np.array(scheduled, dtype=np.int32))
+    no_drafts = np.zeros(len(scheduled), dtype=np.int32)
+    expected = general(no_drafts, cu)
+    vllm_patches._patch_spec_metadata_without_drafts(runner)
+    runner._calc_spec_decode_metadata(np.zeros(16, dtype=np.int32), np.arange(1, 17))  # a larger batch first
+    got = runner._calc_spec_decode_metadata(no_drafts, cu)
+    assert got.num_draft_tokens == expected.num_draft_tokens
+    assert got.max_spec_len == expected.max_spec_len == 0
+    for field in ("draft_token_ids", "cu_num_draft_tokens", "cu_num_sampled_tokens", "target_logits_indices",
+                  "bonus_logits_indices", "logits_indices"):
+        a, b = getattr(got, field), getattr(expected, field)
+        assert a.dtype == b.dtype and torch.equal(a, b), field
+
+    drafts = np.array([min(n - 1, 3) for n in scheduled], dtype=np.int32)
+    if drafts.any():
+        with_drafts = runner._calc_spec_decode_metadata(drafts, cu)
+        assert with_drafts.num_draft_tokens == drafts.tolist()
+        assert torch.equal(with_drafts.logits_indices, general(drafts, cu).logits_indices)

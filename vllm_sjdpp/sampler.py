@@ -20,6 +20,7 @@ from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler, apply_sampling_constraints
 
+from .batch_requests import BatchRequests
 from .config import AUTO, AUTO_FALLBACK_BUDGET
 from .goodput import GoodputController
 from .jacobi_state import JacobiStates, Window
@@ -115,6 +116,7 @@ class SJDPPSampler(RejectionSampler):
         super().__init__(runner.sampler, runner.speculative_config, runner.device)
         self.runner = runner
         self.states = states
+        self.batch = BatchRequests(states, runner)
         self.max_model_len = runner.model_config.max_model_len
         self.goodput = GoodputController(states.config.num_speculative_tokens)
         self.stats = StepStats(
@@ -173,24 +175,29 @@ class SJDPPSampler(RejectionSampler):
         """The step's bookkeeping, before any work over the vocabulary."""
         input_batch = self.runner.input_batch
         num_reqs = len(metadata.num_draft_tokens)
+        batch = self.batch
+        batch.update(input_batch.req_ids[:num_reqs])
+        wanted = batch.windows_wanted(
+            input_batch.num_tokens_no_spec[:num_reqs],
+            input_batch.num_prompt_tokens[:num_reqs],
+            self.runner.discard_request_mask.np[:num_reqs],
+            self.max_model_len,
+        )
         counts = list(metadata.num_draft_tokens)
-        drafts = metadata.draft_token_ids.tolist()
-        ends = list(itertools.accumulate(counts))
-        per_request = [drafts[end - n : end] for n, end in zip(counts, ends)]
-        req_ids = input_batch.req_ids[:num_reqs]
-        start = [int(n) for n in input_batch.num_tokens_no_spec[:num_reqs]]
-        discard = self.runner.discard_request_mask.np[:num_reqs].tolist()
-        states = [
-            self.states.get(r, self.runner.requests[r].sampling_params.extra_args) for r in req_ids
-        ]
-        prob_rows: list[int] = []
-        wanted: list[int] = []
-        for i, (req_id, state) in enumerate(zip(req_ids, states)):
-            prob_rows += self.states.drafts_usable(state, start[i], per_request[i])
-            wanted.append(0 if discard[i] else self._next_window_len(req_id, state, start[i]))
-        return StepPlan(counts, per_request, start, states, prob_rows, self._share(wanted, req_ids))
+        start = input_batch.num_tokens_no_spec[:num_reqs].tolist()
+        states = batch.request_states
+        if any(counts):
+            drafts = metadata.draft_token_ids.tolist()
+            ends = list(itertools.accumulate(counts))
+            per_request = [drafts[end - n : end] for n, end in zip(counts, ends)]
+            prob_rows = [
+                row for state, n0, d in zip(states, start, per_request) for row in self.states.drafts_usable(state, n0, d)
+            ]
+        else:
+            per_request, prob_rows = [[] for _ in counts], []
+        return StepPlan(counts, per_request, start, states, prob_rows, self._share(wanted.tolist(), batch.seeded))
 
-    def _share(self, wanted: list[int], req_ids) -> list[int]:
+    def _share(self, wanted: list[int], seeded: list[bool]) -> list[int]:
         """The next windows' lengths under the server's draft-token budget."""
         budget = self.states.config.draft_token_budget
         if budget != AUTO:
@@ -198,7 +205,6 @@ class SJDPPSampler(RejectionSampler):
         if not self.adaptive:
             return share_draft_budget(wanted, AUTO_FALLBACK_BUDGET)
         # Seeded requests keep their windows: their draws, hence their tokens, follow the lengths.
-        seeded = [self.runner.requests[r].sampling_params.seed is not None for r in req_ids]
         if not any(seeded):
             return self.goodput.windows(wanted, [])
         adapted = iter(self.goodput.windows(
@@ -323,22 +329,6 @@ class SJDPPSampler(RejectionSampler):
         x = logits.to(torch.float32)
         x = self.apply_logits_processors(x, with_dummy, all_rows)
         return apply_sampling_constraints(x, metadata.cu_num_sampled_tokens, sampling_metadata)
-
-    def _next_window_len(self, req_id: str, state, start: int) -> int:
-        """Drafts worth making for the next pass: none before jacobi_start or past the end."""
-        config = state.config
-        if config is None:
-            return 0
-        request = self.runner.requests[req_id]
-        generated = len(request.output_token_ids)
-        if generated + 1 < config.jacobi_start:
-            return 0
-        max_tokens = request.sampling_params.max_tokens
-        left = self.max_model_len - start
-        if max_tokens is not None:
-            left = min(left, max_tokens - generated)
-        # This pass commits at least one token, the next one its drafts plus one.
-        return max(0, min(config.num_speculative_tokens, left - 2))
 
     def _record_windows(self, states, start, next_len, out) -> list[int]:
         """Keep each request's next window; returns the drafts each request had accepted."""

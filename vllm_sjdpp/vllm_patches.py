@@ -32,6 +32,10 @@ What SJD++ needs from vLLM:
 8. Prompts are checked in the API server (`InputProcessor.process_inputs`): token ids inside the
    vocabulary, guidance options against the prompt, an image model's prompt and image inside
    the context and no sampling option that addresses its logits by text id.
+9. A step without drafts skips the spec-decode metadata's general case: with a speculative
+   config vLLM builds it every step (some twenty NumPy and tensor operations, 0.08 ms a step
+   at 8 requests on CPU, 2% of a digit-model step), and where drafting does not pay most of
+   SJD++'s steps have no drafts.  The same metadata, built from what is known without drafts.
 """
 from __future__ import annotations
 
@@ -244,6 +248,7 @@ def _patch_model_runner() -> None:
         drafter = getattr(self, "drafter", None)
         if isinstance(drafter, SJDPPProposer):
             drafter.attach(self)
+            _patch_spec_metadata_without_drafts(self)
 
     GPUModelRunner.__init__ = init_with_sjdpp
 
@@ -534,3 +539,49 @@ def _patch_prompt_validation() -> None:
         return request
 
     InputProcessor.process_inputs = process_inputs_checking_prompts
+
+
+# 9. The spec-decode metadata of a step without drafts ----------------------------------------
+
+
+class MetadataWithoutDrafts:
+    """What `GPUModelRunner._calc_spec_decode_metadata` returns when no request has drafts: each
+    request's one sampled row is its last scheduled position, and it is its bonus row.  Built
+    from views of tensors made once (vLLM and the sampler only read them): a dozen fresh small
+    tensors would cost more than the general case."""
+
+    def __init__(self, max_num_reqs: int, device, token_dtype: torch.dtype):
+        self.device = device
+        self.rows = torch.arange(max_num_reqs + 1, dtype=torch.int32, device=device)
+        self.zeros = torch.zeros(max_num_reqs, dtype=torch.int32, device=device)
+        self.no_rows = torch.empty(0, dtype=torch.int32, device=device)
+        self.no_tokens = torch.empty(0, dtype=token_dtype, device=device)
+
+    def __call__(self, cu_num_scheduled_tokens):
+        from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+        n = len(cu_num_scheduled_tokens)
+        return SpecDecodeMetadata(
+            draft_token_ids=self.no_tokens,
+            num_draft_tokens=[0] * n,
+            cu_num_draft_tokens=self.zeros[:n],
+            cu_num_sampled_tokens=self.rows[1 : n + 1],
+            target_logits_indices=self.no_rows,
+            bonus_logits_indices=self.rows[:n],
+            logits_indices=torch.from_numpy(cu_num_scheduled_tokens - 1).to(self.device),
+        )
+
+
+def _patch_spec_metadata_without_drafts(runner) -> None:
+    # vllm/v1/worker/gpu_model_runner.py: _prepare_inputs calls
+    # self._calc_spec_decode_metadata(num_draft_tokens, cu_num_tokens) whenever a speculative
+    # config is set.  Patched on SJD++'s runners only.
+    general = runner._calc_spec_decode_metadata
+    without_drafts = MetadataWithoutDrafts(runner.max_num_reqs, runner.device, runner.input_ids.gpu.dtype)
+
+    def calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens):
+        if num_draft_tokens.any():
+            return general(num_draft_tokens, cu_num_scheduled_tokens)
+        return without_drafts(cu_num_scheduled_tokens)
+
+    runner._calc_spec_decode_metadata = calc_spec_decode_metadata

@@ -1,0 +1,55 @@
+"""The running batch's per-request facts in batch order, for the step's plan.
+
+A step's plan needs, per request, its Jacobi state and what bounds its next window (its SJD++
+options, max_tokens, whether it is seeded).  None of that changes while a request runs, so it is
+gathered once per batch composition into arrays, and each step computes the windows wanted with
+a few array operations instead of a Python loop over the requests (at 64 requests the loop took
+about 0.3 ms of a 12 ms digit-model step).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .jacobi_state import JacobiStates
+
+NO_LIMIT = np.iinfo(np.int64).max // 2
+
+
+class BatchRequests:
+    """Per-request facts of the runner's batch, rebuilt when the batch's requests or order change."""
+
+    def __init__(self, states: JacobiStates, runner):
+        self.states = states
+        self.runner = runner
+        self.req_ids: tuple[str, ...] = ()
+        self.request_states: list = []
+        self.seeded: list[bool] = []
+        self._window = self._jacobi_start = self._max_tokens = np.zeros(0, dtype=np.int64)
+
+    def update(self, req_ids: list[str]) -> None:
+        key = tuple(req_ids)
+        if key == self.req_ids:
+            return
+        requests = [self.runner.requests[r] for r in req_ids]
+        self.req_ids = key
+        self.request_states = [self.states.get(r, q.sampling_params.extra_args) for r, q in zip(req_ids, requests)]
+        configs = [s.config for s in self.request_states]
+        # A request decoded plainly (no config) never wants drafts: a window of 0.
+        self._window = np.array([c.num_speculative_tokens if c else 0 for c in configs], dtype=np.int64)
+        self._jacobi_start = np.array([c.jacobi_start if c else 0 for c in configs], dtype=np.int64)
+        self._max_tokens = np.array(
+            [NO_LIMIT if q.sampling_params.max_tokens is None else q.sampling_params.max_tokens for q in requests],
+            dtype=np.int64,
+        )
+        self.seeded = [q.sampling_params.seed is not None for q in requests]
+
+    def windows_wanted(self, start: np.ndarray, prompt_len: np.ndarray, discard: np.ndarray, max_model_len: int) -> np.ndarray:
+        """Drafts worth making for each request's next pass: none before jacobi_start, none for a
+        request whose sampled token is thrown away (a partial prefill), and never past the end:
+        this pass commits at least one token and the next one its drafts plus one."""
+        generated = start - prompt_len
+        left = np.minimum(max_model_len - start, self._max_tokens - generated)
+        wanted = np.maximum(np.minimum(self._window, left - 2), 0)
+        wanted[discard | (generated + 1 < self._jacobi_start)] = 0
+        return wanted
