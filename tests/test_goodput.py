@@ -273,3 +273,16 @@ def test_several_workers_get_the_fixed_fallback_budget(caplog):
     asked = []
     single.goodput = SimpleNamespace(windows=lambda w, p: asked.append(1) or [0] * len(w))
     assert single._share(wanted, unseeded) == [0] * 64 and asked
+
+
+@pytest.mark.parametrize("gain, drafts", [(1.02, False), (1.06, True)])
+def test_drafting_must_promise_a_margin_over_none(gain, drafts):
+    """Every window promises `gain` times the goodput of no drafts (each pass costs its
+    positions / gain, every draft accepted): within DRAFT_MARGIN (5%) of none, no drafts."""
+    from vllm_sjdpp.goodput import DRAFT_MARGIN
+
+    assert 1.02 < DRAFT_MARGIN < 1.06
+    controller = measured(lambda n: 0.001 * (n if n == 1 else n / gain))
+    goodput = controller.evaluate(np.array([8]), np.zeros(0, dtype=int))[0]
+    assert goodput[1:] / goodput[0] == pytest.approx(gain)
+    assert (controller.windows([8], [])[0] > 0) == drafts

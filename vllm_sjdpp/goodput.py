@@ -26,7 +26,7 @@ maximises
 
     G(c) = [B + sum_i A(min(w_i, c)) + sum_m A(f_m)] / t(B + sum_i min(w_i, c) + sum_m f_m),
 
-with t = t_0 when the pass has no drafts.  Every EXPLORE_EVERY steps a short run of steps has its
+with t = t_0 when the pass has no drafts, provided it beats G(0) by DRAFT_MARGIN (else c = 0).  Every EXPLORE_EVERY steps a short run of steps has its
 cap set instead of chosen: at no drafts (every other run), next to the last choice, or (every
 8th run) going round 0, k, k/2, ..., 1, so that every part of the curves stays measured; a cap
 predicted to do far worse than the choice (a pass over twice as dear, or under 80% of its
@@ -64,6 +64,11 @@ MAX_STEP_GAP_S = 5.0  # a longer gap is a stall (a compile, a pause), not a pass
 # set their curve.
 STEP_OUTLIER = 1.5
 OUTLIER_RUN = 3
+# Drafting is chosen only if it promises this much more goodput than no drafts.  Near break-even
+# the estimates move by a few percent from one choice to the next (t_0 at 8 digit images read
+# 4.1 to 4.9 ms over a minute) and would flip the choice at random; no drafts is the floor the
+# server must not fall below, so the doubt goes its way.
+DRAFT_MARGIN = 1.05
 
 
 class MeasuredCurve:
@@ -283,7 +288,8 @@ class GoodputController:
             return [min(n, cap) for n in wanted]
         if self.steps >= self._next_choice or batch_bucket(batch) != self._chosen_for:
             goodput = self.evaluate(w, p)[0]
-            self.best = int(np.argmax(goodput))
+            best = int(np.argmax(goodput))
+            self.best = best if goodput[best] >= DRAFT_MARGIN * goodput[0] else 0
             self._next_choice, self._chosen_for = self.steps + DECIDE_EVERY, batch_bucket(batch)
         return [min(n, self.best) for n in wanted]
 
