@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
+import numpy as np
+
+from .host import to_host
 
 INIT_RANDOM, INIT_LEFT, INIT_ABOVE = 0, 1, 2
 INIT_CODES = {"random": INIT_RANDOM, "left": INIT_LEFT, "above": INIT_ABOVE}
@@ -25,30 +27,29 @@ INIT_CODES = {"random": INIT_RANDOM, "left": INIT_LEFT, "above": INIT_ABOVE}
 
 @dataclass
 class FreshTokens:
-    """Per-request fresh-token settings and the recent history "above" and "left" copy from.
+    """Per-request fresh-token settings and the recent history "above" and "left" copy from,
+    on the host (part of the step's scalar plan).
 
     A request's fresh vocabulary is a range [start, start + size) of token ids, or, where
     `vocab_is_list`, the ids vocab_ids[start : start + size].
     """
 
-    init: torch.Tensor  # [B] int64, INIT_* codes
-    row_width: torch.Tensor  # [B] int64 (read for INIT_ABOVE)
-    history: torch.Tensor  # [B, H] last committed tokens before this step, right-aligned, -1 pad
-    vocab_start: torch.Tensor  # [B] int64
-    vocab_size: torch.Tensor  # [B] int64, >= 1
-    vocab_is_list: torch.Tensor  # [B] bool
-    vocab_ids: torch.Tensor  # [N] int64: the requests' explicit id lists, concatenated
+    init: np.ndarray  # [B] int64, INIT_* codes
+    row_width: np.ndarray  # [B] int64 (read for INIT_ABOVE)
+    history: np.ndarray  # [B, H] last committed tokens before this step, right-aligned, -1 pad
+    vocab_start: np.ndarray  # [B] int64
+    vocab_size: np.ndarray  # [B] int64, >= 1
+    vocab_is_list: np.ndarray  # [B] bool
+    vocab_ids: np.ndarray  # [N] int64: the requests' explicit id lists, concatenated
 
     @classmethod
     def build(
         cls,
         init: Sequence[str],
         vocabularies: Sequence[range | Sequence[int]],
-        history: torch.Tensor,
+        history,
         row_width: Sequence[int | None] | None = None,
     ) -> "FreshTokens":
-        device = history.device
-        long = dict(dtype=torch.long, device=device)
         lists = [v for v in vocabularies if not isinstance(v, range)]
         start, size, offset = [], [], 0
         for v in vocabularies:
@@ -62,64 +63,62 @@ class FreshTokens:
             size.append(len(v))
         widths = [w or 1 for w in (row_width or [None] * len(init))]
         return cls(
-            init=torch.tensor([INIT_CODES[m] for m in init], **long),
-            row_width=torch.tensor(widths, **long),
-            history=history.long(),
-            vocab_start=torch.tensor(start, **long),
-            vocab_size=torch.tensor(size, **long),
-            vocab_is_list=torch.tensor([not isinstance(v, range) for v in vocabularies], device=device),
-            vocab_ids=torch.tensor([t for v in lists for t in v], **long),
+            init=np.array([INIT_CODES[m] for m in init], dtype=np.int64),
+            row_width=np.array(widths, dtype=np.int64),
+            history=to_host(history).astype(np.int64, copy=False),
+            vocab_start=np.array(start, dtype=np.int64),
+            vocab_size=np.array(size, dtype=np.int64),
+            vocab_is_list=np.array([not isinstance(v, range) for v in vocabularies], dtype=bool),
+            vocab_ids=np.array([t for v in lists for t in v], dtype=np.int64),
         )
 
 
 def fill_fresh_tokens(
-    next_tokens: torch.Tensor,  # [T'] int64, slots < num_redrafted already set; filled in place
-    next_is_onehot: torch.Tensor,  # [T'] bool, set to True for fresh slots
-    next_window_len: torch.Tensor,  # [B]
-    num_redrafted: torch.Tensor,  # [B]
-    committed: torch.Tensor,  # [B, C] tokens committed this step, left-aligned
-    num_committed: torch.Tensor,  # [B]
+    next_tokens: np.ndarray,  # [T'] int64, slots < num_redrafted already set; filled in place
+    next_is_onehot: np.ndarray,  # [T'] bool, set to True for fresh slots
+    next_window_len: np.ndarray,  # [B]
+    num_redrafted: np.ndarray,  # [B]
+    committed: np.ndarray,  # [B, C] tokens committed this step, left-aligned
+    num_committed: np.ndarray,  # [B]
     fresh: FreshTokens,
-    uniforms: torch.Tensor,  # [T'] in [0, 1)
+    uniforms: np.ndarray,  # [T'] float32 in [0, 1)
 ) -> None:
-    num_slots = next_tokens.numel()
+    num_slots = next_tokens.size
     if num_slots == 0:
         return
-    device = next_tokens.device
-    num_reqs = next_window_len.numel()
-    req = torch.repeat_interleave(
-        torch.arange(num_reqs, device=device), next_window_len, output_size=num_slots
-    )
-    start = torch.cumsum(next_window_len, 0) - next_window_len
-    slot = torch.arange(num_slots, device=device) - start[req]
+    num_reqs = next_window_len.size
+    req = np.repeat(np.arange(num_reqs), next_window_len)
+    start = np.cumsum(next_window_len) - next_window_len
+    slot = np.arange(num_slots) - start[req]
     r = num_redrafted[req]
     is_fresh = slot >= r
 
     init = fresh.init[req]
-    w = torch.where(init == INIT_ABOVE, fresh.row_width[req], 1).clamp_min(1)
+    w = np.maximum(np.where(init == INIT_ABOVE, fresh.row_width[req], 1), 1)
     src = slot - ((slot - r) // w + 1) * w  # < r; negative: before the window
 
     # A chain with no known root draws once, at its first fresh slot, and the rest copy that.
-    draw_slot = torch.where((init == INIT_RANDOM) | ~is_fresh, slot, src + w)
+    draw_slot = np.where((init == INIT_RANDOM) | ~is_fresh, slot, src + w)
     size = fresh.vocab_size[req]
-    pick = fresh.vocab_start[req] + (uniforms[start[req] + draw_slot] * size).long().clamp_max(size - 1)
-    if fresh.vocab_ids.numel():
-        listed = fresh.vocab_ids[pick.clamp_max(fresh.vocab_ids.numel() - 1)]
-        random_token = torch.where(fresh.vocab_is_list[req], listed, pick)
+    # float32 throughout: U * size rounded as the uniforms were drawn, then floored.
+    scaled = uniforms[start[req] + draw_slot] * size.astype(np.float32)
+    pick = fresh.vocab_start[req] + np.minimum(scaled.astype(np.int64), size - 1)
+    if fresh.vocab_ids.size:
+        listed = fresh.vocab_ids[np.minimum(pick, fresh.vocab_ids.size - 1)]
+        random_token = np.where(fresh.vocab_is_list[req], listed, pick)
     else:
         random_token = pick
 
     # The source is in the window, among this step's committed tokens, in the history before
-    # them, or nowhere (-1).  Every row reads all three at clamped positions and keeps the one
-    # that applies: cheaper than selecting the rows of each (a nonzero and a gather apiece).
+    # them, or nowhere (-1).
     c = num_committed[req]
     hist_len = fresh.history.shape[1]
-    from_window = next_tokens[(start[req] + src).clamp(0, num_slots - 1)]
-    from_committed = committed[req, (c + src).clamp(0, committed.shape[1] - 1)]
-    copied = torch.where(src >= 0, from_window, torch.where(c + src >= 0, from_committed, -1))
+    from_window = next_tokens[np.minimum(np.maximum(start[req] + src, 0), num_slots - 1)]
+    from_committed = committed[req, np.minimum(np.maximum(c + src, 0), committed.shape[1] - 1)]
+    copied = np.where(src >= 0, from_window, np.where(c + src >= 0, from_committed, -1))
     if hist_len:
-        from_history = fresh.history[req, (hist_len + c + src).clamp(0, hist_len - 1)]
-        copied = torch.where((c + src < 0) & (hist_len + c + src >= 0), from_history, copied)
-    token = torch.where((init != INIT_RANDOM) & (copied >= 0), copied, random_token)
-    next_tokens.copy_(torch.where(is_fresh, token, next_tokens))
+        from_history = fresh.history[req, np.minimum(np.maximum(hist_len + c + src, 0), hist_len - 1)]
+        copied = np.where((c + src < 0) & (hist_len + c + src >= 0), from_history, copied)
+    token = np.where((init != INIT_RANDOM) & (copied >= 0), copied, random_token)
+    next_tokens[is_fresh] = token[is_fresh]
     next_is_onehot |= is_fresh

@@ -30,7 +30,7 @@ norm(w), and needs one pass over the row.  Where a residual is empty (p = q up t
 race falls back to p.
 
 The per-row decisions above are scalar work on O(rows) elements and are computed here, once, in
-PyTorch; the heavy part, a pass over whole vocabulary rows (residual, race, q write), is the row
+NumPy on the host for every backend (`host.py` says why); the heavy part, a pass over whole vocabulary rows (residual, race, q write), is the row
 pass with implementations that must agree exactly: `row_pass_torch` (CPU: eager PyTorch for
 small steps, the same code fused by TorchInductor for large ones) and `row_pass_triton` (CUDA: one fused kernel,
 each probability row read once and each q row written once).  `backend=` or the environment
@@ -44,31 +44,38 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .fresh import FreshTokens, fill_fresh_tokens
+from .host import to_device, to_host
 
 REUSE_NONE, REUSE_COUPLED, REUSE_CONFIDENCE = 0, 1, 2
 REUSE_CODES = {"none": REUSE_NONE, "coupled": REUSE_COUPLED, "confidence": REUSE_CONFIDENCE}
 PLACEHOLDER_TOKEN_ID = -1
 
 
+Array = torch.Tensor | np.ndarray
+
+
 @dataclass
 class StepBatch:
-    """What the target model produced for the current windows, and per-request settings."""
+    """What the target model produced for the current windows, and per-request settings.  The
+    rows over the vocabulary are device tensors; the rest is read on the host, where the plan
+    runs, and may be tensors or NumPy arrays."""
 
-    cu_num_draft_tokens: torch.Tensor  # [B] int64, cumulative draft counts
+    cu_num_draft_tokens: Array  # [B] int, cumulative draft counts
     target_probs: torch.Tensor  # [T + B, V] after temperature / top-k / top-p
-    draft_token_ids: torch.Tensor  # [T] int64
+    draft_token_ids: Array  # [T] int
     draft_probs: torch.Tensor | None  # [T, V] proposals; rows of one-hot drafts are not read
-    draft_is_onehot: torch.Tensor  # [T] bool: q_j = one-hot(d_j) (fresh or confidently kept)
-    greedy: torch.Tensor  # [B] bool
-    reuse: torch.Tensor  # [B] int64, REUSE_* codes
-    threshold: torch.Tensor  # [B] float32, used by REUSE_CONFIDENCE
-    next_window_len: torch.Tensor  # [B] int64, drafts wanted for the next pass (0 allowed)
-    # [T] int64: the row of draft_probs holding draft t's q (default: row t), so that proposals
+    draft_is_onehot: Array  # [T] bool: q_j = one-hot(d_j) (fresh or confidently kept)
+    greedy: Array  # [B] bool
+    reuse: Array  # [B] int, REUSE_* codes
+    threshold: Array  # [B] float32, used by REUSE_CONFIDENCE
+    next_window_len: Array  # [B] int, drafts wanted for the next pass (0 allowed)
+    # [T] int: the row of draft_probs holding draft t's q (default: row t), so that proposals
     # can stay in the buffer an earlier step wrote them to.
-    draft_prob_rows: torch.Tensor | None = None
+    draft_prob_rows: Array | None = None
 
 
 @dataclass
@@ -173,8 +180,8 @@ def _row_pass(backend: str | None, device: torch.device, num_elements: int) -> R
     raise ValueError(f"unknown step backend {backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
-def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
-    return torch.cumsum(x, 0) - x
+def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
+    return np.cumsum(x) - x
 
 
 def sjdpp_step(
@@ -193,9 +200,9 @@ def sjdpp_step(
     p = batch.target_probs
     device = p.device
     num_rows, vocab = p.shape
-    cu = batch.cu_num_draft_tokens.long()
-    num_reqs = cu.numel()
-    num_drafts_total = batch.draft_token_ids.numel()
+    cu = to_host(batch.cu_num_draft_tokens).astype(np.int64)
+    drafts = to_host(batch.draft_token_ids).astype(np.int64)
+    num_reqs, num_drafts_total = cu.size, drafts.size
     if num_rows != num_drafts_total + num_reqs:
         raise ValueError(
             f"target_probs has {num_rows} rows; expected drafts + requests = "
@@ -203,69 +210,68 @@ def sjdpp_step(
         )
     if noise.exponentials.shape != p.shape or noise.uniforms.numel() != num_rows:
         raise ValueError("noise does not match target_probs")
-    arange_rows = torch.arange(num_rows, device=device)
+    arange_rows = np.arange(num_rows)
 
     # Where each row sits: its request, its index in the window, its draft.
-    num_drafts = torch.diff(cu, prepend=cu.new_zeros(1))
-    req = torch.repeat_interleave(
-        torch.arange(num_reqs, device=device), num_drafts + 1, output_size=num_rows
-    )
-    local = arange_rows - (_exclusive_cumsum(num_drafts) + torch.arange(num_reqs, device=device))[req]
+    num_drafts = cu.copy()
+    num_drafts[1:] -= cu[:-1]
+    row_start = _exclusive_cumsum(num_drafts) + np.arange(num_reqs)
+    req = np.repeat(np.arange(num_reqs), num_drafts + 1)
+    local = arange_rows - row_start[req]
     has_draft = local < num_drafts[req]
-    draft_of_row = (arange_rows - req).clamp(0, max(num_drafts_total - 1, 0))
+    draft_of_row = np.minimum(arange_rows - req, max(num_drafts_total - 1, 0))  # >= 0: req <= row
     if num_drafts_total:
-        d = torch.where(has_draft, batch.draft_token_ids.long()[draft_of_row], 0)
-        onehot = batch.draft_is_onehot[draft_of_row] | ~has_draft
+        d = np.where(has_draft, drafts[draft_of_row], 0)
+        onehot = to_host(batch.draft_is_onehot)[draft_of_row] | ~has_draft
     else:
-        d = torch.zeros_like(arange_rows)
-        onehot = torch.ones_like(has_draft)
+        d = np.zeros(num_rows, dtype=np.int64)
+        onehot = np.ones(num_rows, dtype=bool)
     has_q_rows = batch.draft_probs is not None and batch.draft_probs.shape[0] > 0
     if not has_q_rows:
-        onehot = torch.ones_like(has_draft)
+        onehot = np.ones(num_rows, dtype=bool)
     q_row = draft_of_row
     if batch.draft_prob_rows is not None and num_drafts_total:
-        q_row = batch.draft_prob_rows.long()[draft_of_row]
-    q_row = torch.where(onehot, 0, q_row)
-    p_d = p[arange_rows, d].float()
-    q_d = torch.ones_like(p_d)
+        q_row = to_host(batch.draft_prob_rows).astype(np.int64)[draft_of_row]
+    q_row = np.where(onehot, 0, q_row)
+    d_on_device = to_device(d, device)
+    p_d = to_host(p[to_device(arange_rows, device), d_on_device].float())
+    q_d = np.ones_like(p_d)
     if has_q_rows:
-        q_d = torch.where(onehot, q_d, batch.draft_probs[q_row, d].float())
-    ratio_pass = noise.uniforms * q_d < p_d
+        q_d = np.where(onehot, q_d, to_host(batch.draft_probs[to_device(q_row, device), d_on_device].float()))
+    ratio_pass = to_host(noise.uniforms) * q_d < p_d
 
-    greedy = batch.greedy[req]
-    argmax = torch.zeros_like(arange_rows)
-    if bool(batch.greedy.any()):
-        greedy_rows = greedy.nonzero().squeeze(1)
-        argmax[greedy_rows] = p[greedy_rows].argmax(-1)
+    greedy_requests = to_host(batch.greedy)
+    greedy = greedy_requests[req]
+    argmax = np.zeros(num_rows, dtype=np.int64)
+    if greedy_requests.any():
+        greedy_rows = np.flatnonzero(greedy)
+        argmax[greedy_rows] = to_host(p[to_device(greedy_rows, device)].argmax(-1))
 
-    # a_i: the first row that is not an accepted draft (the bonus row is never one).
-    accepted = has_draft & torch.where(greedy, d == argmax, ratio_pass)
-    # Every request has a row that is not an accepted draft (its bonus row), so the minimum over
-    # all its rows, accepted ones counted as num_rows, is its first rejection.
-    num_accepted = torch.full((num_reqs,), num_rows, dtype=torch.long, device=device).scatter_reduce_(
-        0, req, torch.where(accepted, num_rows, local), "amin"
-    )
+    # a_i: the first row that is not an accepted draft (the bonus row is never one): the
+    # minimum over the request's rows, accepted ones counted as num_rows.
+    accepted = has_draft & np.where(greedy, d == argmax, ratio_pass)
+    num_accepted = np.minimum.reduceat(np.where(accepted, num_rows, local), row_start) if num_reqs else local[:0]
     a = num_accepted[req]
     is_recovery = local == a
     slot = local - a - 1
-    next_len = batch.next_window_len.long()
+    next_len = to_host(batch.next_window_len).astype(np.int64)
     in_window = (local > a) & (slot < next_len[req])
 
-    reuse = batch.reuse[req]
+    reuse = to_host(batch.reuse)[req]
     random = ~greedy
     keep = in_window & has_draft & random & (
         ((reuse == REUSE_COUPLED) & ratio_pass)
-        | ((reuse == REUSE_CONFIDENCE) & (p_d >= batch.threshold[req]))
+        | ((reuse == REUSE_CONFIDENCE) & (p_d >= to_host(batch.threshold)[req]))
     )
     subtract_q = random & has_draft & (is_recovery | (in_window & (reuse == REUSE_COUPLED)))
     draw = random & (is_recovery | (in_window & ~keep))
     write_q = random & in_window & ~(keep & (reuse == REUSE_CONFIDENCE))
 
-    next_cu = torch.cumsum(next_len, 0)
+    next_cu = np.cumsum(next_len)
     num_next = int(next_cu[-1]) if num_reqs else 0
     dest = _exclusive_cumsum(next_len)[req] + slot
     # Only slots with a full q get a row, packed in slot order (rows are already in slot order).
-    q_dest = _exclusive_cumsum(write_q.long())
+    q_dest = _exclusive_cumsum(write_q.astype(np.int64))
     num_q = int(write_q.sum())
     if next_probs_out is None:
         next_probs = torch.empty(num_q, vocab, dtype=p.dtype, device=device)
@@ -274,43 +280,39 @@ def sjdpp_step(
     else:
         next_probs = next_probs_out[:num_q]
 
-    rows = (draw | write_q).nonzero().squeeze(1)
+    rows = np.flatnonzero(draw | write_q)
     raced = _row_pass(backend, device, p.numel())(
         target_probs=p,
         draft_probs=batch.draft_probs,
         exponentials=noise.exponentials,
-        rows=rows,
-        subtract_draft_row=torch.where(subtract_q & ~onehot, q_row, -1)[rows],
-        subtract_onehot=torch.where(subtract_q & onehot, d, -1)[rows],
-        draw=draw[rows],
-        q_dest=torch.where(write_q, q_dest, -1)[rows],
+        rows=to_device(rows, device),
+        subtract_draft_row=to_device(np.where(subtract_q & ~onehot, q_row, -1)[rows], device),
+        subtract_onehot=to_device(np.where(subtract_q & onehot, d, -1)[rows], device),
+        draw=to_device(draw[rows], device),
+        q_dest=to_device(np.where(write_q, q_dest, -1)[rows], device),
         next_probs=next_probs,
     )
-    token = torch.where(greedy, argmax, torch.where(keep, d, 0))
-    token[rows] = torch.where(draw[rows], raced, token[rows])
+    token = np.where(greedy, argmax, np.where(keep, d, 0))
+    token[rows] = np.where(draw[rows], to_host(raced), token[rows])
 
-    # Writes of some rows go through one spare column or slot, dropped afterwards: cheaper than
-    # selecting the rows first (each boolean selection is a nonzero and a gather).
     max_drafts = int(num_drafts.max()) if num_reqs else 0
-    output = torch.full(
-        (num_reqs, max_drafts + 2), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=device
-    )
-    output[req, torch.where(local <= a, local, max_drafts + 1)] = torch.where(is_recovery, token, d)
-    output = output[:, : max_drafts + 1].contiguous()
+    output = np.full((num_reqs, max_drafts + 1), PLACEHOLDER_TOKEN_ID, dtype=np.int64)
+    committed = local <= a
+    output[req[committed], local[committed]] = np.where(is_recovery, token, d)[committed]
 
-    spare = torch.where(in_window, dest, num_next)
-    next_tokens = torch.empty(num_next + 1, dtype=torch.long, device=device)
-    next_onehot = torch.ones(num_next + 1, dtype=torch.bool, device=device)
-    next_tokens[spare] = token
-    next_onehot[spare] = ~write_q
-    next_prob_rows = torch.full((num_next + 1,), -1, dtype=torch.long, device=device)
-    next_prob_rows[torch.where(write_q, dest, num_next)] = q_dest
-    next_tokens, next_onehot, next_prob_rows = next_tokens[:-1], next_onehot[:-1], next_prob_rows[:-1]
-    num_redrafted = torch.minimum(num_drafts - num_accepted, next_len)
+    next_tokens = np.zeros(num_next, dtype=np.int64)
+    next_onehot = np.ones(num_next, dtype=bool)
+    next_prob_rows = np.full(num_next, -1, dtype=np.int64)
+    next_tokens[dest[in_window]] = token[in_window]
+    next_onehot[dest[in_window]] = ~write_q[in_window]
+    next_prob_rows[dest[write_q]] = q_dest[write_q]
+    num_redrafted = np.minimum(num_drafts - num_accepted, next_len)
     fill_fresh_tokens(
         next_tokens, next_onehot, next_len, num_redrafted, output, num_accepted + 1, fresh,
-        noise.fresh_uniforms,
+        to_host(noise.fresh_uniforms),
     )
     return StepOutput(
-        output, num_accepted, next_cu, next_tokens, next_onehot, next_probs, next_prob_rows
+        *(to_device(x, device) for x in (output, num_accepted, next_cu, next_tokens, next_onehot)),
+        next_probs,
+        to_device(next_prob_rows, device),
     )

@@ -1,5 +1,6 @@
 """Fresh tokens: the priors copy the right neighbours, and random ones stay in the vocabulary."""
 
+import numpy as np
 import torch
 
 from vllm_sjdpp.kernels.fresh import FreshTokens, fill_fresh_tokens
@@ -7,19 +8,19 @@ from vllm_sjdpp.kernels.fresh import FreshTokens, fill_fresh_tokens
 
 def _fill(init, redrafts, committed, history, row_width=None, window=6, vocab=range(50, 60), u=None):
     b = len(init)
-    n = torch.full((b,), window)
-    tokens = torch.full((b * window,), -7)
+    n = np.full(b, window)
+    tokens = np.full(b * window, -7)
     for i, r in enumerate(redrafts):
-        tokens[i * window : i * window + len(r)] = torch.tensor(r, dtype=torch.long)
-    onehot = torch.zeros(b * window, dtype=torch.bool)
-    committed_t = torch.tensor(committed)
+        tokens[i * window : i * window + len(r)] = r
+    onehot = np.zeros(b * window, dtype=bool)
+    committed = np.array(committed)
     fresh = FreshTokens.build(init, [vocab] * b, torch.tensor(history), row_width)
-    uniforms = torch.linspace(0, 0.999, b * window) if u is None else u
+    uniforms = np.linspace(0, 0.999, b * window, dtype=np.float32) if u is None else u.numpy()
     fill_fresh_tokens(
-        tokens, onehot, n, torch.tensor([len(r) for r in redrafts]), committed_t,
-        torch.full((b,), committed_t.shape[1]), fresh, uniforms,
+        tokens, onehot, n, np.array([len(r) for r in redrafts]), committed, np.full(b, committed.shape[1]),
+        fresh, uniforms,
     )
-    return tokens.view(b, window).tolist(), onehot.view(b, window).tolist()
+    return tokens.reshape(b, window).tolist(), onehot.reshape(b, window).tolist()
 
 
 def test_left_repeats_last_known_token():

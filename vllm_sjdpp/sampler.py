@@ -230,25 +230,24 @@ class SJDPPSampler(RejectionSampler):
         configs = [s.config or self.states.config for s in states]
 
         device = probs.device
-        long = dict(dtype=torch.long, device=device)
-        greedy = greedy_requests(sampling_metadata, num_reqs, device)
-        rows = torch.tensor(plan.prob_rows, **long)
+        # The per-request settings are read on the host, where the step's plan runs.
+        rows = np.array(plan.prob_rows, dtype=np.int64)
         step_batch = StepBatch(
-            cu_num_draft_tokens=metadata.cu_num_draft_tokens.long(),
+            cu_num_draft_tokens=metadata.cu_num_draft_tokens,
             target_probs=probs,
-            draft_token_ids=metadata.draft_token_ids.long(),
+            draft_token_ids=metadata.draft_token_ids,
             draft_probs=self.states.proposals,
             draft_is_onehot=rows < 0,
-            greedy=greedy,
-            reuse=torch.tensor([REUSE_CODES[c.reuse] for c in configs], **long),
-            threshold=torch.tensor([float(c.threshold) for c in configs], device=device),
-            next_window_len=torch.tensor(next_len, **long),
-            draft_prob_rows=rows.clamp_min(0),
+            greedy=greedy_requests(sampling_metadata, num_reqs, device),
+            reuse=np.array([REUSE_CODES[c.reuse] for c in configs], dtype=np.int64),
+            threshold=np.array([c.threshold for c in configs], dtype=np.float32),
+            next_window_len=np.array(next_len, dtype=np.int64),
+            draft_prob_rows=np.maximum(rows, 0),
         )
         fresh = FreshTokens.build(
             [c.init for c in configs],
             [s.fresh_vocab or range(1) for s in states],  # plain requests draw no fresh tokens
-            self._history(start, max(c.row_width or 1 for c in configs)).to(device),
+            self._history(start, max(c.row_width or 1 for c in configs)),
             [c.row_width for c in configs],
         )
         noise = StepNoise.sample_per_request(
@@ -312,11 +311,11 @@ class SJDPPSampler(RejectionSampler):
         out[:, 0] = sampled.view(-1).long()
         return out
 
-    def _history(self, start: list[int], length: int) -> torch.Tensor:
+    def _history(self, start: list[int], length: int) -> np.ndarray:
         """The last `length` committed tokens of each request, right-aligned, -1 before the start."""
         positions = np.asarray(start)[:, None] - length + np.arange(length)
-        tokens = self.runner.input_batch.token_ids_cpu[np.arange(len(start))[:, None], positions.clip(0)]
-        return torch.from_numpy(np.where(positions >= 0, tokens, -1).astype(np.int64))
+        tokens = self.runner.input_batch.token_ids_cpu[np.arange(len(start))[:, None], np.maximum(positions, 0)]
+        return np.where(positions >= 0, tokens, -1).astype(np.int64)
 
     def _process_all_rows(self, logits, metadata, sampling_metadata, per_request):
         """vLLM's processing of draft rows, applied to the bonus rows as well.
