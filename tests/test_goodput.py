@@ -286,3 +286,28 @@ def test_drafting_must_promise_a_margin_over_none(gain, drafts):
     goodput = controller.evaluate(np.array([8]), np.zeros(0, dtype=int))[0]
     assert goodput[1:] / goodput[0] == pytest.approx(gain)
     assert (controller.windows([8], [])[0] > 0) == drafts
+
+
+@pytest.mark.parametrize("realised, drafts", [(False, False), (True, True)])
+def test_drafting_that_realises_less_than_predicted_stops(realised, drafts):
+    """Windows whose lengths switch (8, 6, 8, ...) are left out of A(L), as a probe is; if their
+    passes commit nothing, drafted passes realise a ninth of the goodput the curves predict, and
+    the calibration turns a choice of 8 drafts (5x the goodput of none, predicted) into none.
+    Passes that commit what was predicted leave it at 8."""
+    clock = Clock()
+    cost_of = lambda n: 0.010 + 0.001 * n  # noqa: E731
+    controller = GoodputController(8, clock=clock)
+    for n in (1, 2, 18, 34, 66):
+        controller.cost.observe(1, n, n > 1, cost_of(n))
+    for _ in range(10):
+        controller.acceptance.observe(np.arange(1, 9), np.arange(1, 9))
+    assert controller.windows([8], []) == [8]
+    controller.observe_step(1, ["a"], True, [0], [0])
+    for step in range(40):
+        length = 8 if step % 2 else 6
+        clock.now += cost_of(1 + length)
+        controller.observe_step(1 + length, ["a"], True, [length], [length if realised else 0])
+    assert controller.acceptance.expected(8)[8] == pytest.approx(8)  # switching windows: not measured
+    assert (controller.calibration.factor(1) > 0.9) == realised
+    controller._next_choice = 0
+    assert (controller.windows([8], [])[0] > 0) == drafts
