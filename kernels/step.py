@@ -30,11 +30,12 @@ norm(w), and needs one pass over the row.  Where a residual is empty (p = q up t
 race falls back to p.
 
 The per-row decisions above are scalar work on O(rows) elements and are computed here, once, in
-NumPy on the host for every backend (`host.py` says why); the heavy part, a pass over whole vocabulary rows (residual, race, q write), is the row
-pass with implementations that must agree exactly: `row_pass_torch` (CPU: eager PyTorch for
-small steps, the same code fused by TorchInductor for large ones) and `row_pass_triton` (CUDA: one fused kernel,
-each probability row read once and each q row written once).  `backend=` or the environment
-variable SJDPP_STEP_BACKEND picks one: torch | inductor | triton.
+NumPy on the host for every backend (`host.py` says why); the heavy part, a pass over whole
+vocabulary rows (residual, race, q write), is the row pass with implementations that must agree
+exactly: `row_pass_torch` (CPU: eager PyTorch for small steps, the same code fused by
+TorchInductor for large ones) and `row_pass_triton` (CUDA: one fused kernel, each probability
+row read once and each q row written once). `backend=` or the environment variable
+SJDPP_STEP_BACKEND picks one: torch | inductor | triton.
 """
 
 from __future__ import annotations

@@ -26,21 +26,22 @@ maximises
 
     G(c) = [B + sum_i A(min(w_i, c)) + sum_m A(f_m)] / t(B + sum_i min(w_i, c) + sum_m f_m),
 
-with t = t_0 when the pass has no drafts, provided it beats G(0) by DRAFT_MARGIN (else c = 0).  Every EXPLORE_EVERY steps a short run of steps has its
-cap set instead of chosen: at no drafts (every other run), next to the last choice, or (every
-8th run) going round 0, k, k/2, ..., 1, so that every part of the curves stays measured; a cap
-predicted to do far worse than the choice (a pass over twice as dear, or under 80% of its
-goodput) is tried only in one cycle of runs in four, so as not to pay often for it.
+with t = t_0 when the pass has no drafts, provided it beats G(0) by DRAFT_MARGIN (else c = 0).
+Every EXPLORE_EVERY steps a short run of steps has its cap set instead of chosen: at no drafts
+(every other run), next to the last choice, or (every 8th run) going round 0, k, k/2, ..., 1, so
+that every part of the curves stays measured; a cap predicted to do far worse than the choice (a
+pass over twice as dear, or under 80% of its goodput) is tried only in one cycle of runs in
+four, so as not to pay often for it.
 
-Why the output stays exact.  Verification commits each token with the distribution p given
+Why the output stays exact. Verification commits each token with the distribution p given
 everything fixed before the step's noise is drawn: the committed prefix, the drafts, their
-proposals, and how many there are.  The window lengths here are a function of the batch and of
-past steps (their timings and acceptances), all fixed before the noise of the pass that
-verifies them, so each committed token is distributed as plain sampling's given its prefix, and
-the whole stream as plain sampling's.  What would break it is a length chosen after seeing the
-verifying pass's own noise (stopping a window once a draft is rejected, say), which this module
-cannot see.  `tests/test_engine.py` runs the chi-square test against plain decoding with the
-controller on.
+proposals, and how many there are. The window lengths here are a function of the batch and of
+past steps (their timings and acceptances, and the calibration made of both), all fixed before
+the noise of the pass that verifies them, so each committed token is distributed as plain
+sampling's given its prefix, and the whole stream as plain sampling's. What would break it is a
+length chosen after seeing the verifying pass's own noise (stopping a window once a draft is
+rejected, say), which this module cannot see. `tests/test_engine.py` runs the chi-square test
+against plain decoding with the controller on.
 
 What it does change is which draws a seed's generator makes: the same law, other samples.
 Seeded requests are therefore pinned to their own window (not adapted, not shared), so that a
@@ -200,8 +201,8 @@ class Calibration:
     the batch size: (sum of committed tokens / sum of seconds) over (the same predicted), with
     forgetting.  The curves describe runs of one window length; a choice that switches between
     drafting and not (exploring, or near break-even) starts runs whose first windows hold drafts
-    no pass has refined, and a batch of images drafting unevenly finishes unevenly.  At 8 digit
-    images drafted passes realised 0.81 of the prediction, at one image 1.00."""
+    no pass has refined.  At 8 digit images drafted passes realised 0.81 of the prediction, at
+    one image 1.00.  Drafted choices' goodput is scaled by the factor."""
 
     MIN_WEIGHT = 8.0  # drafted passes observed before the factor counts
 
