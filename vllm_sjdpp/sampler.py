@@ -177,14 +177,15 @@ class SJDPPSampler(RejectionSampler):
         num_reqs = len(metadata.num_draft_tokens)
         batch = self.batch
         batch.update(input_batch.req_ids[:num_reqs])
+        committed = input_batch.num_tokens_no_spec[:num_reqs]
         wanted = batch.windows_wanted(
-            input_batch.num_tokens_no_spec[:num_reqs],
+            committed,
             input_batch.num_prompt_tokens[:num_reqs],
             self.runner.discard_request_mask.np[:num_reqs],
             self.max_model_len,
         )
         counts = list(metadata.num_draft_tokens)
-        start = input_batch.num_tokens_no_spec[:num_reqs].tolist()
+        start = committed.tolist()
         states = batch.request_states
         if any(counts):
             drafts = metadata.draft_token_ids.tolist()
