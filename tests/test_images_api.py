@@ -110,6 +110,31 @@ def test_bad_input_is_a_400_in_openai_shape(client, kw, param):
     assert e.value.body["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("kw, param", [
+    (dict(size=""), "size"),
+    (dict(extra_body={"sjdpp_num_speculative_tokens": 0}), "sjdpp_num_speculative_tokens"),
+    (dict(extra_body={"guidance_scale": None}), "guidance_scale"),
+])
+def test_a_falsy_value_is_refused_naming_its_field(client, kw, param):
+    """Present values are checked, never replaced by a default (tests/test_request_values.py has
+    the full list, against a fake engine)."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model=MODEL, prompt="a handwritten 1", **kw)
+    assert e.value.status_code == 400 and e.value.body["param"] == param
+    assert e.value.body["type"] == "invalid_request_error"
+
+
+def test_seed_zero_and_guidance_scale_zero_are_used(client):
+    kw = dict(model=MODEL, prompt="a handwritten 4")
+    zero, again = (client.images.generate(**kw, extra_body={"seed": 0, "guidance_scale": 0}) for _ in range(2))
+    guided = client.images.generate(**kw, extra_body={"seed": 0})  # the model's scale, 3
+    assert zero.data[0].model_extra["sjdpp"]["seed"] == 0
+    assert zero.data[0].b64_json == again.data[0].b64_json  # seed 0 is a seed
+    assert zero.data[0].b64_json != guided.data[0].b64_json  # scale 0 (the unconditional model) is applied
+
+
 def test_32_concurrent_requests_with_disconnecting_clients(server, client):
     """One in ten clients hangs up early; the others complete, the server stays healthy and no
     request is left in the engine."""

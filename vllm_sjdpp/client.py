@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--guidance-scale", type=float, default=None)
     ap.add_argument("--out", type=Path, default=Path("images.png"))
     args = ap.parse_args(argv)
-    images = generate_images(args.url, args.served_model_name or args.model, args.model, args.prompts, args.n,
-                             args.seed, args.guidance_scale)
+    if args.served_model_name == "":  # given and empty: refused, not replaced by the folder
+        ap.error("--served-model-name: must not be empty (omit it to use --model)")
+    served = args.model if args.served_model_name is None else args.served_model_name
+    images = generate_images(args.url, served, args.model, args.prompts, args.n, args.seed, args.guidance_scale)
     save_grid([g.image for g in images], args.out, columns=max(args.n, 1))
     print(f"wrote {len(images)} images to {args.out}")
 

@@ -114,9 +114,9 @@ def request_guidance(
     scale = args.get(SCALE_KEY, scale_default)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
         raise _invalid(SCALE_KEY, scale, "a finite number >= 0 (1: no guidance)")
-    negative = args.get(NEGATIVE_PROMPT_KEY)
-    if negative is None:
+    if NEGATIVE_PROMPT_KEY not in args:  # absent: the model's rule; a null given is refused below
         return float(scale), rule.apply(prompt)
+    negative = args[NEGATIVE_PROMPT_KEY]
     if (
         not isinstance(negative, (list, tuple))
         or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in negative)

@@ -25,6 +25,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -77,7 +78,9 @@ class ImageRequest:
             raise BadRequest(f"model {model!r} is not served here; served: {served_names}", "model")
         self.n = self._int(body, "n", 1, 1, MAX_IMAGES)
         width, height = family.image_size
-        size = body.get("size") or "auto"
+        size = body.get("size")  # null is OpenAI's documented default, "auto"; "" is refused
+        if size is None:
+            size = "auto"
         if size not in ("auto", f"{width}x{height}"):
             raise BadRequest(f"size {size!r}: this model makes {width}x{height} images ('auto' or '{width}x{height}')", "size")
         self.size = f"{width}x{height}"
@@ -201,7 +204,7 @@ class ImageService:
         try:
             results = work.result()
         except (ValueError, VLLMClientError) as e:  # the engine's checks of the options
-            return error_response(str(e), getattr(e, "parameter", None))
+            return error_response(str(e), engine_error_param(e, request))
         return JSONResponse({
             "created": int(time.time()), "data": [entry for entry, _ in results],
             "size": request.size, "output_format": "png",
@@ -217,7 +220,7 @@ class ImageService:
             first = await outputs.__anext__()
         except (ValueError, VLLMClientError) as e:
             await outputs.aclose()
-            return error_response(str(e), getattr(e, "parameter", None))
+            return error_response(str(e), engine_error_param(e, request))
         except StopAsyncIteration:
             first = None
 
@@ -248,6 +251,28 @@ class ImageService:
                 await outputs.aclose()  # a disconnected client: aborts the request
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def engine_error_param(error: Exception, request: ImageRequest) -> str | None:
+    """The body field an engine error is about, as this endpoint names it.
+
+    The engine names per-request options `vllm_xargs` (the completions API's field), and some of
+    its checks name no parameter; here they are top-level fields of the body.  So the field is
+    the one the engine names if the body has it, else the sent field that the error's message
+    names first (the message without the engine's "(parameter=..., value=...)" suffix, and
+    without the list of known options an unknown one is answered with)."""
+    param = getattr(error, "parameter", None)
+    sent = [*request.sampling, *request.extra_args]
+    if param in sent:
+        return param
+    message = str(error.args[0]) if error.args else str(error)
+    message = message.split("; known:", 1)[0]
+    named = {}
+    for key in sent:
+        found = re.search(rf"(?<!\w){re.escape(key)}(?!\w)", message)
+        if found:
+            named[key] = found.start()
+    return min(named, key=named.get) if named else param
 
 
 async def wait_for_disconnect(raw_request: Request) -> None:
