@@ -8,8 +8,9 @@ spatially, hence the priors besides uniform noise:
     above   the token one image row (row_width tokens) before the slot.
 A slot whose source is itself fresh follows the chain back to a known token, in closed form:
 with w = 1 (left) or row_width (above) and r redrafted slots, slot m copies slot
-m - c * w, c = (m - r) // w + 1, the first one before r.  No known source: random, drawn once
-per chain so that the copies still repeat it.
+m - c * w, c = (m - r) // w + 1, the first one before r.  No known source (before the image,
+that is in the prompt, whose text ids a model may not embed as image codes; the caller marks
+those -1 in `history`): random, drawn once per chain so that the copies still repeat it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class FreshTokens:
 
     init: np.ndarray  # [B] int64, INIT_* codes
     row_width: np.ndarray  # [B] int64 (read for INIT_ABOVE)
-    history: np.ndarray  # [B, H] last committed tokens before this step, right-aligned, -1 pad
+    history: np.ndarray  # [B, H] last committed tokens before this step, right-aligned; -1: no source
     vocab_start: np.ndarray  # [B] int64
     vocab_size: np.ndarray  # [B] int64, >= 1
     vocab_is_list: np.ndarray  # [B] bool

@@ -15,3 +15,12 @@ def tiny_janus_path(tmp_path_factory):
     from tiny_janus import build_tiny_janus
 
     return str(build_tiny_janus(tmp_path_factory.mktemp("tiny-janus")))
+
+
+@pytest.fixture(scope="session")
+def janus_pro_path(tmp_path_factory):
+    """A tiny random Janus folder with Janus-Pro's real ids and shapes (tests/tiny_janus.py
+    JANUS_PRO: text vocabulary 102400, 16384 codes, 24x24 grid, 384 px), built once per session."""
+    from tiny_janus import JANUS_PRO, build_tiny_janus
+
+    return str(build_tiny_janus(tmp_path_factory.mktemp("janus-pro-shaped"), JANUS_PRO))

@@ -85,13 +85,30 @@ def _model_config(guidance):
 
 
 def test_config_hook_doubles_heads_once():
-    from vllm_sjdpp.guided_llama import double_heads
+    from vllm_sjdpp.guided_llama import guided_llama_config_hook
 
     config = _model_config({"keep_token_ids": [0], "pad_token_id": 7})
-    double_heads(config)
-    double_heads(config)  # the worker's copy arrives doubled already
+    guided_llama_config_hook(config)
+    guided_llama_config_hook(config)  # the worker's copy arrives doubled already
     assert config.model_arch_config == (8, 4, 32)  # head_dim kept from before the doubling
     assert served_rule(config) == UnconditionalRule(frozenset({0}), 7)
     with pytest.raises(ValueError, match="sjdpp_guidance"):
-        double_heads(_model_config(None))  # a guided architecture without its rule
+        guided_llama_config_hook(_model_config(None))  # a guided architecture without its rule
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"keep_token_ids": [0], "pad_token_id": 48}, r"pad_token_id \[48\] outside the text vocabulary \(vocab_size=48\)"),
+    ({"keep_token_ids": [0, -1], "pad_token_id": 7}, r"kept token ids \[-1\] outside"),
+])
+def test_config_hook_refuses_rule_ids_the_model_cannot_embed(rule, message):
+    """The uncond branch feeds the rule's ids to the embedding: an id past the vocabulary would
+    raise in the first guided forward, so the folder is refused at start-up."""
+    from vllm_sjdpp.guided_llama import guided_llama_config_hook
+
+    config = _model_config(rule)
+    config.hf_config.vocab_size = 48
+    with pytest.raises(ValueError, match=message):
+        guided_llama_config_hook(config)
+    config.hf_config.sjdpp_guidance = {"keep_token_ids": [0], "pad_token_id": 47}
+    guided_llama_config_hook(config)  # the same folder with ids inside passes
     assert served_rule(_model_config({"keep_token_ids": [0], "pad_token_id": 7})) is None  # not doubled: unguided

@@ -1,9 +1,12 @@
 """Janus image generation in vLLM (guided, plain and SJD++) against transformers' own Janus
-(`JanusForConditionalGeneration.generate(generation_mode="image")`), on a tiny random folder
-built locally: 16 image tokens (a 4x4 grid) over 64 codes, a Llama with grouped queries.
+(`JanusForConditionalGeneration.generate(generation_mode="image")`), on tiny random folders built
+locally: the small one (16 image tokens in a 4x4 grid over 64 codes) and one with Janus-Pro's real
+ids and shapes (576 image tokens in a 24x24 grid over 16384 codes, a text vocabulary of 102400,
+`<begin_of_image>` at 100016; tests/tiny_janus.py).  Statistical tests that need thousands of
+images run on the small folder only.
 
 Engines: `janus` (guidance, no speculation) and `janus_sjdpp` (guidance and SJD++, the family's
-defaults: fresh codes copied from the row above, rows of 4).
+defaults: fresh codes copied from the row above, rows of one grid row).
 """
 
 from __future__ import annotations
@@ -13,26 +16,40 @@ import pytest
 import torch
 
 from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
-from tiny_janus import CODES, GRID, IMAGE_SIZE
+from tiny_janus import JANUS_PRO, SMALL, JanusShape
 from tiny_llama import set_engine_env
 
 set_engine_env()
 
 TEXTS = ["a red dog under the sun", "the big green tree", "a small blue house under the rain", "a cat"]
-ENGINE = dict(
-    skip_tokenizer_init=True, enforce_eager=True, max_model_len=128, dtype="float32", seed=0, max_logprobs=CODES,
-    disable_log_stats=False,
-)
 # Full windows: these tests verify drafts, which "auto" would cut on a busy CPU.
 SJDPP = {"method": "sjdpp", "num_speculative_tokens": 6, "draft_token_budget": None}
-TOKENS = GRID * GRID
+
+
+@pytest.fixture(scope="module", params=[SMALL, JANUS_PRO], ids=["small", "janus-pro-shaped"])
+def shape(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def family(tiny_janus_path):
+def folder(request, shape):
+    return request.getfixturevalue("tiny_janus_path" if shape is SMALL else "janus_pro_path")
+
+
+def engine_args(shape) -> dict:
+    # Janus-Pro's 16384 codes: an SJD++ step holds [rows, 16384] float32 tensors, so fewer
+    # requests in flight keep its reserve inside the tests' 1 GiB of KV space.
+    return dict(
+        skip_tokenizer_init=True, enforce_eager=True, max_model_len=64 + shape.tokens, dtype="float32", seed=0,
+        max_logprobs=shape.codes, disable_log_stats=False, **({} if shape is SMALL else {"max_num_seqs": 64}),
+    )
+
+
+@pytest.fixture(scope="module")
+def family(folder):
     from vllm_sjdpp import families
 
-    return families.load(tiny_janus_path)
+    return families.load(folder)
 
 
 @pytest.fixture(scope="module")
@@ -41,30 +58,30 @@ def prompts(family):
 
 
 @pytest.fixture(scope="module")
-def janus(tiny_janus_path):
+def janus(folder, shape):
     from vllm import LLM
 
-    return LLM(tiny_janus_path, **ENGINE)
+    return LLM(folder, **engine_args(shape))
 
 
 @pytest.fixture(scope="module")
-def janus_sjdpp(tiny_janus_path, janus):
+def janus_sjdpp(folder, shape, janus):
     from vllm import LLM
 
-    return LLM(tiny_janus_path, speculative_config=SJDPP, **ENGINE)
+    return LLM(folder, speculative_config=SJDPP, **engine_args(shape))
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_janus_path):
+def hf(folder):
     from transformers import JanusForConditionalGeneration
 
-    return JanusForConditionalGeneration.from_pretrained(tiny_janus_path).eval()
+    return JanusForConditionalGeneration.from_pretrained(folder).eval()
 
 
-def params(**kw):
+def params(tokens: int, **kw):
     from vllm import SamplingParams
 
-    return SamplingParams(ignore_eos=True, detokenize=False, max_tokens=TOKENS, **kw)
+    return SamplingParams(ignore_eos=True, detokenize=False, max_tokens=tokens, **kw)
 
 
 def run(llm, prompts, sampling) -> list[list[int]]:
@@ -86,22 +103,22 @@ def family_rule(family):
 @torch.no_grad()
 def hf_branch_logprobs(hf, prompt, codes) -> np.ndarray:
     """transformers' Janus modules on one branch: log-softmax of the generation head at the last
-    prompt position and at each image token but the last, [len(codes), CODES]."""
+    prompt position and at each image token but the last, [len(codes), codes in the codebook]."""
     text = hf.model.language_model.embed_tokens(torch.tensor([prompt]))
     image = hf.prepare_embeddings_for_image_generation(torch.tensor([codes[:-1]]))
     hidden = hf.model.language_model(inputs_embeds=torch.cat([text, image], 1)).last_hidden_state
     return torch.log_softmax(hf.model.generation_head(hidden[0, len(prompt) - 1 :]).float(), -1).numpy()
 
 
-def vllm_branch_logprobs(llm, prompts, scale) -> list[tuple[list[int], np.ndarray]]:
-    """Greedy codes and the logprobs of all CODES at each generated position, at one scale."""
+def vllm_branch_logprobs(llm, shape, prompts, scale, tokens) -> list[tuple[list[int], np.ndarray]]:
+    """Greedy codes and the logprobs of all codes at each of the first `tokens` positions, at one scale."""
     outs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
-        params(temperature=0, logprobs=CODES, extra_args={"guidance_scale": scale}), use_tqdm=False,
+        params(tokens, temperature=0, logprobs=shape.codes, extra_args={"guidance_scale": scale}), use_tqdm=False,
     )
     result = []
     for o in outs:
-        dense = np.full((TOKENS, CODES), np.nan)
+        dense = np.full((tokens, shape.codes), np.nan)
         for i, d in enumerate(o.outputs[0].logprobs):
             for t, lp in d.items():
                 dense[i, t] = lp.logprob
@@ -120,69 +137,81 @@ def hf_image_generate(hf, prompts, scale, **kw) -> list[list[int]]:
 # The family's facts -----------------------------------------------------------------------------
 
 
-def test_family_reads_the_folder(tiny_janus_path, family, prompts):
+def test_family_reads_the_folder(folder, shape, family, prompts):
     from transformers import AutoConfig
 
     from vllm_sjdpp import families
     from vllm_sjdpp.families.janus import JanusFamily
 
-    config = AutoConfig.from_pretrained(tiny_janus_path)
+    config = AutoConfig.from_pretrained(folder)
     assert families.family_of(config) is JanusFamily
-    assert JanusFamily.sjdpp_defaults(config) == {"fresh_token_range": [0, CODES], "row_width": GRID, "init": "above"}
-    assert JanusFamily.image_vocab_size(config) == CODES
-    assert family.tokens_per_image == TOKENS and family.image_size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert JanusFamily.sjdpp_defaults(config) == {"fresh_token_range": [0, shape.codes], "row_width": shape.grid, "init": "above"}
+    assert JanusFamily.image_vocab_size(config) == shape.codes
+    assert family.tokens_per_image == shape.tokens and family.image_size == (shape.image_size, shape.image_size)
     rule = family_rule(family)
     bos, boi = prompts[0][0], prompts[0][-1]
+    assert (bos, boi, rule.pad_token_id) == (shape.special_ids["bos"], shape.special_ids["boi"], shape.special_ids["pad"])
     assert rule.keep_token_ids == {bos, boi} and uncond(family, prompts[0])[1:-1] == [rule.pad_token_id] * (len(prompts[0]) - 2)
     assert len({tuple(p) for p in prompts}) == len(TEXTS)
     with pytest.raises(ValueError, match="empty"):
         family.prompt_ids("  ")
 
 
-def test_image_decodes_with_the_folders_vq_model(family, hf):
-    codes = list(range(0, 2 * TOKENS, 2))
+def test_image_decodes_with_the_folders_vq_model(shape, family, hf):
+    codes = list(range(0, 2 * shape.tokens, 2))
     image = family.to_image(codes)
-    assert image.size == (IMAGE_SIZE, IMAGE_SIZE) and image.mode == "RGB"
+    assert image.size == (shape.image_size, shape.image_size) and image.mode == "RGB"
     with torch.no_grad():
         pixels = hf.decode_image_tokens(torch.tensor([codes]))[0].numpy()  # [H, W, 3], normalised
     processor = family.processor.image_processor  # undo its normalisation
     expected = np.clip((pixels * processor.image_std + processor.image_mean) * 255, 0, 255)
     assert np.abs(np.asarray(image).astype(float) - expected).max() <= 1.0
     assert np.asarray(image).std() > 0  # not a blank image
-    with pytest.raises(ValueError, match="16 tokens"):
+    with pytest.raises(ValueError, match=f"{shape.tokens} tokens"):
         family.to_image(codes[:-1])
     with pytest.raises(ValueError, match="codes in"):
-        family.to_image([CODES] * TOKENS)
+        family.to_image([shape.codes] * shape.tokens)
 
 
 # Logits, greedy and sampling against transformers ---------------------------------------------------
 
 
+def logit_checks(shape, prompts) -> tuple[list, int]:
+    """The prompts and positions whose every logprob is compared: all of them on the small
+    folder; on Janus-Pro's 16384 codes one prompt's first row and a half (the "above" prior's
+    sources reach back into the image there), which keeps vLLM's logprob lists affordable."""
+    return (prompts, shape.tokens) if shape is SMALL else (prompts[:1], shape.grid * 3 // 2)
+
+
 @pytest.mark.parametrize("engine", ["janus", "janus_sjdpp"])
-def test_branch_logits_equal_transformers(request, family, prompts, hf, engine):
+def test_branch_logits_equal_transformers(request, shape, family, prompts, hf, engine):
     """Scale 1 is the cond branch alone and scale 0 the uncond branch alone: at every generated
-    position (the first one is the prompt's last position), all 64 logprobs equal transformers'."""
+    position (the first one is the prompt's last position), all logprobs equal transformers'."""
     llm = request.getfixturevalue(engine)
+    prompts, tokens = logit_checks(shape, prompts)
     for scale, branch_prompts in ((1.0, prompts), (0.0, [uncond(family, p) for p in prompts])):
-        for (codes, got), prompt in zip(vllm_branch_logprobs(llm, prompts, scale), branch_prompts):
+        for (codes, got), prompt in zip(vllm_branch_logprobs(llm, shape, prompts, scale, tokens), branch_prompts):
             np.testing.assert_allclose(got, hf_branch_logprobs(hf, prompt, codes), atol=2e-4)
             assert codes == list(np.argmax(got, 1))
 
 
-def test_image_codes_embedded_as_text_break_the_logits(janus, family, prompts, hf, monkeypatch):
+def test_image_codes_embedded_as_text_break_the_logits(janus, shape, family, prompts, hf, monkeypatch):
     """Broken variant: every position embedded as text (the id space read without positions)."""
     from vllm_sjdpp.guidance import GuidanceBatch
 
     monkeypatch.setattr(GuidanceBatch, "prompt_mask", lambda self, n: torch.ones(n, dtype=torch.bool))
-    (codes, got), = vllm_branch_logprobs(janus, prompts[:1], 1.0)
+    prompts, tokens = logit_checks(shape, prompts)
+    (codes, got), = vllm_branch_logprobs(janus, shape, prompts[:1], 1.0, tokens)
     assert np.abs(got - hf_branch_logprobs(hf, prompts[0], codes)).max() > 1e-2
 
 
 @pytest.mark.parametrize("scale", [1.5, 4.0])
-def test_guided_greedy_equals_transformers(janus, janus_sjdpp, hf, prompts, scale):
+def test_guided_greedy_equals_transformers(janus, janus_sjdpp, shape, hf, prompts, scale):
+    """Whole images, plain and SJD++; on Janus-Pro's shapes two prompts (576 tokens each)."""
+    prompts = prompts if shape is SMALL else prompts[:2]
     expected = hf_image_generate(hf, prompts, scale, do_sample=False)
     assert expected != hf_image_generate(hf, prompts, 1.01, do_sample=False)  # guidance matters here
-    greedy = params(temperature=0, extra_args={"guidance_scale": scale})
+    greedy = params(shape.tokens, temperature=0, extra_args={"guidance_scale": scale})
     assert run(janus, prompts, greedy) == expected
     assert run(janus_sjdpp, prompts, greedy) == expected
 
@@ -192,12 +221,12 @@ SAMPLES = 2000
 
 
 def same(a, b) -> bool:
-    pvalues = position_pair_pvalues(a, b, CODES)
+    pvalues = position_pair_pvalues(a, b, SMALL.codes)
     return min(pvalues) > ALPHA / len(pvalues)
 
 
 def differ(a, b) -> bool:
-    return min(position_pair_pvalues(a, b, CODES)) < BROKEN_ALPHA
+    return min(position_pair_pvalues(a, b, SMALL.codes)) < BROKEN_ALPHA
 
 
 def accepted_drafts(llm) -> float:
@@ -215,51 +244,99 @@ def hf_samples(hf, prompt, scale, seed=0) -> np.ndarray:
     return out.numpy()
 
 
-def test_sjdpp_sampling_matches_transformers(janus_sjdpp, hf, prompts):
-    scale = 3.0
+def test_sjdpp_sampling_matches_transformers(janus_sjdpp, shape, hf, prompts):
+    if shape is not SMALL:
+        pytest.skip("2000 images per distribution: the small folder carries the statistics")
+    scale, tokens = 3.0, shape.tokens
     before = accepted_drafts(janus_sjdpp)
-    sjdpp = np.array(run(janus_sjdpp, [prompts[0]] * SAMPLES, params(temperature=1.0, extra_args={"guidance_scale": scale})))
-    assert sjdpp.shape == (SAMPLES, TOKENS)
-    passes = SAMPLES * TOKENS - (accepted_drafts(janus_sjdpp) - before)
+    sampling = params(tokens, temperature=1.0, extra_args={"guidance_scale": scale})
+    sjdpp = np.array(run(janus_sjdpp, [prompts[0]] * SAMPLES, sampling))
+    assert sjdpp.shape == (SAMPLES, tokens)
+    passes = SAMPLES * tokens - (accepted_drafts(janus_sjdpp) - before)
     # SJD++ at work: drafts accepted (a random model's Jacobi trajectories are erratic: 0.94 of
     # the plain passes measured) and rejected.
-    assert 0.5 * SAMPLES * TOKENS < passes < 0.97 * SAMPLES * TOKENS
+    assert 0.5 * SAMPLES * tokens < passes < 0.97 * SAMPLES * tokens
     assert same(sjdpp, hf_samples(hf, prompts[0], scale))
     # Broken variant the same test must reject: the cond-only distribution.
-    unguided = np.array(run(janus_sjdpp, [prompts[0]] * SAMPLES, params(temperature=1.0, extra_args={"guidance_scale": 1.0})))
+    unguided = np.array(run(janus_sjdpp, [prompts[0]] * SAMPLES, params(tokens, temperature=1.0, extra_args={"guidance_scale": 1.0})))
     assert differ(unguided, hf_samples(hf, prompts[0], scale))
+
+
+def drafter(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+
+
+def test_seeded_sjdpp_windows_hold_only_codes(janus_sjdpp, shape, prompts):
+    """50 seeded SJD++ images at the folder's guidance scale: every window that reached the model
+    runner held image codes only (counted at the guard, where an id past the codebook would be
+    cut), and drafts were accepted: fewer forward passes than tokens."""
+    guard = drafter(janus_sjdpp).guard
+    windows, drafts, cut = guard.windows, guard.drafts, guard.cut
+    before = accepted_drafts(janus_sjdpp)
+    images = 50
+    # Windows of 4 on Janus-Pro's shapes: every window row costs a pass over 16384 codes.
+    options = {} if shape is SMALL else {"sjdpp_num_speculative_tokens": 4}
+    sampling = [params(shape.tokens, temperature=1.0, seed=seed, extra_args=options) for seed in range(images)]
+    codes = np.array(run(janus_sjdpp, [prompts[seed % len(prompts)] for seed in range(images)], sampling))
+    assert codes.shape == (images, shape.tokens) and 0 <= codes.min() and codes.max() < shape.codes
+    assert guard.windows - windows > images and guard.drafts - drafts > images * shape.tokens // 2
+    assert guard.cut == cut
+    assert accepted_drafts(janus_sjdpp) > before
 
 
 # Bad input --------------------------------------------------------------------------------------
 
 
-def test_options_that_index_text_ids_are_refused(janus, janus_sjdpp, prompts):
+def test_options_that_index_text_ids_are_refused(janus, janus_sjdpp, shape, prompts):
     """Options vLLM would apply to logits by text id, and prompt ids outside the vocabulary, are
     refused (HTTP 400 in the server), and the engines keep serving."""
     from vllm.exceptions import VLLMValidationError
 
+    tokens = shape.tokens
     for bad in (dict(prompt_logprobs=1), dict(repetition_penalty=1.2), dict(min_tokens=3),
-                dict(allowed_token_ids=[1, 2]), dict(logit_bias={CODES: 1.0})):
+                dict(allowed_token_ids=[1, 2]), dict(logit_bias={shape.codes: 1.0})):
         with pytest.raises(VLLMValidationError, match=next(iter(bad))):
-            run(janus, prompts[:1], params(temperature=1.0, **bad))
+            run(janus, prompts[:1], params(tokens, temperature=1.0, **bad))
     for llm in (janus, janus_sjdpp):
-        with pytest.raises(VLLMValidationError, match=r"prompt token ids must be in \[0, 100\)"):
-            run(llm, [[0, 5, 10**6]], params(temperature=1.0))
+        with pytest.raises(VLLMValidationError, match=rf"prompt token ids must be in \[0, {shape.text_vocab}\)"):
+            run(llm, [[0, 5, 10**6]], params(tokens, temperature=1.0))
     # Image codes may be biased (without speculation: vLLM refuses logit_bias with it).
-    biased = run(janus, prompts[:1] * 50, params(temperature=1.0, logit_bias={3: 100.0}))
-    assert all(codes == [3] * TOKENS for codes in biased)
-    assert len(run(janus_sjdpp, prompts[:1], params(temperature=1.0))[0]) == TOKENS
+    biased = run(janus, prompts[:1] * (50 if shape is SMALL else 8), params(tokens, temperature=1.0, logit_bias={3: 100.0}))
+    assert all(codes == [3] * tokens for codes in biased)
+    assert len(run(janus_sjdpp, prompts[:1], params(tokens, temperature=1.0))[0]) == tokens
+
+
+def test_a_row_wider_than_the_image_is_refused(janus_sjdpp, shape, prompts):
+    from vllm.exceptions import VLLMValidationError
+
+    too_wide = params(shape.tokens, temperature=1.0, extra_args={"sjdpp_row_width": shape.tokens + 1})
+    with pytest.raises(VLLMValidationError, match=rf"'sjdpp_row_width'.*<= {shape.tokens} \(the image's tokens\)"):
+        run(janus_sjdpp, prompts[:1], too_wide)
+
+
+def _break_special_id(key: str):
+    def break_it(c, g):
+        g[key] = c.text_config.vocab_size
+
+    return break_it
 
 
 @pytest.mark.parametrize("break_it, message", [
     (lambda c, g: delattr(c, "vq_config"), "vq_config"),
     (lambda c, g: setattr(c.text_config, "model_type", "qwen2"), "must be a Llama"),
     (lambda c, g: setattr(c.vq_config, "num_embeddings", 10**6), "exceed the text vocabulary"),
-    (lambda c, g: setattr(c.vision_config, "num_image_tokens", 17), "not a 4x4 grid"),
+    (lambda c, g: setattr(c.vision_config, "num_image_tokens", c.vision_config.num_image_tokens + 1),
+     r"vision_config.num_image_tokens=\d+ is not a \d+x\d+ grid \(vq_config.num_patches\)"),
+    (lambda c, g: setattr(c.vision_config, "image_size", c.vision_config.image_size * 2),
+     r"vision_config.image_size=\d+, but the VQ decoder makes \d+ px images"),
     (lambda c, g: g.pop("pad_token_id"), "pad_token_id"),
     (lambda c, g: g.pop("bos_token_id"), "bos_token_id"),
+    (_break_special_id("pad_token_id"), r"pad_token_id \[\d+\] outside the text vocabulary \(text_config.vocab_size"),
+    (_break_special_id("bos_token_id"), r"kept token ids \[\d+\] outside the text vocabulary"),
+    (lambda c, g: g.update(generation_kwargs={"boi_token_id": -1}), r"kept token ids \[-1\] outside"),
+    (lambda c, g: g.update(pad_token_id="0"), "token ids must be integers"),
 ])
-def test_janus_check_names_what_a_folder_lacks(tiny_janus_path, family, break_it, message):
+def test_janus_check_names_what_a_folder_lacks(family, break_it, message):
     import copy
     import json
 
@@ -267,22 +344,95 @@ def test_janus_check_names_what_a_folder_lacks(tiny_janus_path, family, break_it
 
     config = copy.deepcopy(family.config)
     generation = json.loads((family.folder / "generation_config.json").read_text())
-    JanusFamily.check(config, generation)  # the tiny folder itself passes
+    JanusFamily.check(config, generation)  # the folder itself passes
     break_it(config, generation)
     with pytest.raises(ValueError, match=message):
         JanusFamily.check(config, generation)
 
 
-def test_a_folder_that_is_not_janus_is_refused_naming_what_is_missing(tiny_janus_path, tmp_path):
+def test_boi_read_from_where_the_conversion_script_writes_it(family):
+    """transformers' Janus conversion script sets boi_token_id at the top of
+    generation_config.json; `generate` reads it from generation_kwargs.  Either is the rule's."""
+    import json
+
+    from vllm_sjdpp.families.janus import JanusFamily
+
+    generation = json.loads((family.folder / "generation_config.json").read_text())
+    boi = generation.pop("generation_kwargs")["boi_token_id"]
+    generation["boi_token_id"] = boi
+    assert boi in JanusFamily.unconditional_rule(family.config, generation).keep_token_ids
+
+
+def test_a_folder_that_is_not_janus_is_refused_naming_what_is_missing(folder, shape, tmp_path):
     import json
     import shutil
 
     from vllm import LLM
 
-    folder = tmp_path / "no-boi"
-    shutil.copytree(tiny_janus_path, folder)
-    generation = json.loads((folder / "generation_config.json").read_text())
+    broken = tmp_path / "no-boi"
+    shutil.copytree(folder, broken)
+    generation = json.loads((broken / "generation_config.json").read_text())
     del generation["generation_kwargs"]
-    (folder / "generation_config.json").write_text(json.dumps(generation))
+    (broken / "generation_config.json").write_text(json.dumps(generation))
     with pytest.raises(Exception, match="boi_token_id"):
-        LLM(str(folder), **ENGINE)
+        LLM(str(broken), **engine_args(shape))
+
+
+# The first failing folder: text ids past the codebook in the prompt -------------------------------
+
+# What a new user built (issue 20): text vocabulary 300, codebook 48, a 4x4 grid,
+# <begin_of_image> at 250 and pad at 0.  Its first SJD++ request killed the engine: the "above"
+# prior copied prompt ids (250 and others past 48) into the first row's drafts, which Janus
+# embeds as image codes.
+BOI_PAST_THE_CODES = JanusShape(
+    text_vocab=300, codes=48, grid=4, image_size=32,
+    special_ids={"pad": 0, "boi": 250, "bos": 1, "eos": 2, "unk": 3, "eoi": 4, "image": 5, "user": 260, "assistant": 270},
+)
+
+
+@pytest.fixture(scope="module")
+def boi_past_the_codes(tmp_path_factory):
+    from vllm import LLM
+
+    from tiny_janus import build_tiny_janus
+
+    folder = build_tiny_janus(tmp_path_factory.mktemp("boi-past-the-codes"), BOI_PAST_THE_CODES)
+    from vllm_sjdpp import families
+
+    prompts = [families.load(folder).prompt_ids(t) for t in TEXTS]
+    assert all(max(p) >= BOI_PAST_THE_CODES.codes for p in prompts)  # the prompts hold ids no code has
+    return LLM(str(folder), speculative_config=SJDPP, **engine_args(BOI_PAST_THE_CODES)), prompts
+
+
+def test_first_sjdpp_images_on_a_folder_whose_prompt_ids_pass_the_codes(boi_past_the_codes):
+    """Sampled and greedy SJD++ images come out whole, no window is cut at the guard, and the
+    engine keeps serving."""
+    llm, prompts = boi_past_the_codes
+    shape = BOI_PAST_THE_CODES
+    guard = drafter(llm).guard
+    windows, cut = guard.windows, guard.cut
+    for temperature in (1.0, 0.0, 1.0):
+        sampling = [params(shape.tokens, temperature=temperature, seed=i) for i in range(len(prompts))]
+        codes = np.array(run(llm, prompts, sampling))
+        assert codes.shape == (len(prompts), shape.tokens) and codes.max() < shape.codes
+    assert guard.windows > windows and guard.cut == cut
+
+
+def test_guard_cuts_windows_of_a_prior_that_copies_prompt_ids(boi_past_the_codes, monkeypatch):
+    """Broken variant: the fresh-token history with the prompt in it (the bug as it was).  The
+    guard cuts those windows before the model sees them: images still come out whole."""
+    from vllm_sjdpp.sampler import SJDPPSampler
+
+    def history_with_the_prompt(self, start, length):
+        positions = np.asarray(start)[:, None] - length + np.arange(length)
+        tokens = self.runner.input_batch.token_ids_cpu[np.arange(len(start))[:, None], np.maximum(positions, 0)]
+        return np.where(positions >= 0, tokens, -1).astype(np.int64)
+
+    monkeypatch.setattr(SJDPPSampler, "_history", history_with_the_prompt)
+    llm, prompts = boi_past_the_codes
+    shape = BOI_PAST_THE_CODES
+    guard = drafter(llm).guard
+    cut = guard.cut
+    codes = np.array(run(llm, prompts, [params(shape.tokens, temperature=1.0, seed=i) for i in range(len(prompts))]))
+    assert codes.shape == (len(prompts), shape.tokens) and codes.max() < shape.codes
+    assert guard.cut > cut

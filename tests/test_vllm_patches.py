@@ -63,6 +63,22 @@ def test_model_defaults_yield_to_server_options():
         sjdpp_speculative_config({"method": "sjdpp"}, {"colour": 1})
 
 
+def test_options_the_model_makes_impossible_are_refused_at_start_up_naming_their_source():
+    """Limits (64 logits, a 128-token context, 16-token images): a row wider than the image or
+    fresh tokens past the logits are refused, and a folder default is named as the folder's."""
+    limits = (64, 128, 16)
+    sjdpp_speculative_config({"method": "sjdpp", "row_width": 16, "init": "above"}, None, limits)  # the edge
+    folder = r"\(the model folder's default"
+    with pytest.raises(ValueError, match=rf"'row_width': got 17; allowed: a positive integer <= 16 \(the image's tokens\) {folder}"):
+        sjdpp_speculative_config({"method": "sjdpp"}, {"row_width": 17, "init": "above"}, limits)
+    with pytest.raises(ValueError, match=rf"'fresh_token_range'.*hi <= 64 {folder}"):
+        sjdpp_speculative_config({"method": "sjdpp"}, {"fresh_token_range": [0, 65]}, limits)
+    with pytest.raises(ValueError, match=r"'row_width': got 17; allowed: a positive integer <= 16 \(the image's tokens\)$"):
+        sjdpp_speculative_config({"method": "sjdpp", "row_width": 17}, {"row_width": 4}, limits)  # the server's own
+    with pytest.raises(ValueError, match=r"<= 128 \(max_model_len\)"):
+        sjdpp_speculative_config({"method": "sjdpp", "row_width": 129}, None, (64, 128, None))  # no images
+
+
 PLUGIN_PROBE = """
 import sys, vllm
 vllm.__version__ = sys.argv[2]  # what the plugin sees; the CPU build is what runs

@@ -161,15 +161,23 @@ class SJDPPConfig:
             raise _prefixed(e, REQUEST_PREFIX) from None
         return None if disable else config
 
-    def check_model(self, vocab_size: int, max_model_len: int, option_prefix: str = "") -> None:
+    def check_model(
+        self, vocab_size: int, max_model_len: int, image_tokens: int | None = None, option_prefix: str = ""
+    ) -> None:
         """Options that need the model to be checked: fresh tokens inside the vocabulary the model
-        samples from, rows no wider than its context.  Raises ValueError naming the option."""
+        samples from, rows no wider than its context, nor than its image (`image_tokens`, the
+        generated tokens of one image; None: the model makes no images).  Raises ValueError
+        naming the option."""
         try:
             self.fresh_vocab(vocab_size)
         except ValueError as e:
             raise _prefixed(e, option_prefix) from None
-        if self.row_width is not None and self.row_width > max_model_len:
-            raise _invalid(option_prefix + "row_width", self.row_width, f"a positive integer <= {max_model_len} (max_model_len)")
+        widest, what = min(
+            (limit, name) for limit, name in ((max_model_len, "max_model_len"), (image_tokens, "the image's tokens"))
+            if limit is not None
+        )
+        if self.row_width is not None and self.row_width > widest:
+            raise _invalid(option_prefix + "row_width", self.row_width, f"a positive integer <= {widest} ({what})")
 
     def fresh_vocab(self, vocab_size: int) -> list[int] | range:
         """The token ids fresh tokens are drawn from, checked against the model's vocabulary."""

@@ -17,21 +17,26 @@ import torch
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
-from .guidance import (
-    BRANCH_HEADS_ATTR, GUIDED_LLAMA, MAX_BATCH_TOKENS, GuidanceBatch, combine, default_scale, served_rule,
-    unconditional_rule,
-)
+from .families import family_of
+from .guidance import BRANCH_HEADS_ATTR, GUIDED_LLAMA, MAX_BATCH_TOKENS, GuidanceBatch, combine, default_scale, served_rule
+
+
+def guided_llama_config_hook(model_config) -> None:
+    """vLLM's per-architecture config hook: refuse a folder whose facts contradict each other
+    (naming the keys), then give the engine both branches' heads."""
+    hf_config = model_config.hf_config
+    family_of(hf_config).check(hf_config, model_config.try_get_generation_config())
+    double_heads(model_config)
 
 
 def double_heads(model_config) -> None:
-    """vLLM's per-architecture config hook: the engine's view of the model has 2H heads.
+    """The engine's view of the model has 2H heads.
 
     Idempotent (the config travels to worker processes already doubled).
     """
     text = model_config.hf_text_config
     if getattr(text, BRANCH_HEADS_ATTR, None) is not None:
         return
-    unconditional_rule(model_config)  # present and well formed
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     text.head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads

@@ -16,11 +16,41 @@ from .jacobi_state import JacobiStates
 from .sampler import SJDPPSampler, logger
 
 
+class DraftGuard:
+    """The one check between SJD++ windows and the model runner: every draft handed to vLLM is
+    a token the model samples (0 .. vocab_size - 1, for Janus the codebook), hence one it can
+    embed.  A window is cut before its first token outside that range, whatever made it: a draft
+    source that lets one through is a bug, logged and counted here instead of an IndexError in
+    the forward pass that would take the engine down."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.windows = 0  # windows handed to vLLM
+        self.drafts = 0  # draft tokens checked
+        self.cut = 0  # windows cut short
+
+    def __call__(self, req_id: str, tokens: list[int]) -> list[int]:
+        self.windows += 1
+        self.drafts += len(tokens)
+        if not tokens or (min(tokens) >= 0 and max(tokens) < self.vocab_size):
+            return tokens
+        first_bad = next(i for i, t in enumerate(tokens) if not 0 <= t < self.vocab_size)
+        self.cut += 1
+        logger.error(
+            "SJD++: request %s's window holds token %d at slot %d, outside the model's %d tokens: "
+            "drafts from there on dropped (%d windows cut so far)",
+            req_id, tokens[first_bad], first_bad, self.vocab_size, self.cut,
+        )
+        return tokens[:first_bad]
+
+
 class SJDPPProposer:
     def __init__(self, vllm_config: Any):
         options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
         self.max_model_len = vllm_config.model_config.max_model_len
-        self.states = JacobiStates(SJDPPConfig.from_dict(options), logits_size(vllm_config.model_config))
+        vocab_size = logits_size(vllm_config.model_config)
+        self.states = JacobiStates(SJDPPConfig.from_dict(options), vocab_size)
+        self.guard = DraftGuard(vocab_size)
         self.runner = None
 
     def load_model(self, model: Any) -> None:
@@ -70,5 +100,5 @@ class SJDPPProposer:
             if max_tokens is not None:
                 left = min(left, max_tokens - len(request.output_token_ids))
             # A pass commits its accepted drafts plus one token: never draft past the end.
-            drafts.append(window.tokens[: max(0, left - 1)])
+            drafts.append(self.guard(req_id, window.tokens[: max(0, left - 1)]))
         return drafts

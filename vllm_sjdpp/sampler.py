@@ -313,10 +313,16 @@ class SJDPPSampler(RejectionSampler):
         return out
 
     def _history(self, start: list[int], length: int) -> np.ndarray:
-        """The last `length` committed tokens of each request, right-aligned, -1 before the start."""
+        """The last `length` committed tokens of each request, right-aligned; -1 at prompt
+        positions.  The image starts at the first generated token (every family's prompt ends
+        with its image-start token), so a spatial prior never copies a prompt token: a text id
+        that the model could not embed as an image code (Janus: ids past the codebook)."""
+        batch = self.runner.input_batch
+        num_reqs = len(start)
         positions = np.asarray(start)[:, None] - length + np.arange(length)
-        tokens = self.runner.input_batch.token_ids_cpu[np.arange(len(start))[:, None], np.maximum(positions, 0)]
-        return np.where(positions >= 0, tokens, -1).astype(np.int64)
+        tokens = batch.token_ids_cpu[np.arange(num_reqs)[:, None], np.maximum(positions, 0)]
+        generated = positions >= batch.num_prompt_tokens[:num_reqs, None]
+        return np.where(generated, tokens, -1).astype(np.int64)
 
     def _process_all_rows(self, logits, metadata, sampling_metadata, per_request):
         """vLLM's processing of draft rows, applied to the bonus rows as well.

@@ -61,7 +61,7 @@ _applied = False
 # The server's options and the model's limits on them (logits per position, max_model_len),
 # kept in the process that validates requests (the API server).
 _server_config: SJDPPConfig | None = None
-_model_limits: tuple[int, int] | None = None
+_model_limits: tuple[int, int, int | None] | None = None
 
 
 def is_supported(version: str) -> bool:
@@ -144,10 +144,21 @@ def model_defaults(model_config: Any) -> dict[str, Any]:
     return family_of(hf_config).sjdpp_defaults(hf_config)
 
 
+def model_limits(model_config: Any) -> tuple[int, int, int | None]:
+    """What bounds SJD++ options on this model (`SJDPPConfig.check_model`): the logits per
+    position, the context length and the tokens of one image (None: no images)."""
+    from .families import family_of, logits_size
+
+    hf_config = model_config.hf_config
+    return logits_size(model_config), model_config.max_model_len, family_of(hf_config).image_tokens(hf_config)
+
+
 def sjdpp_speculative_config(
-    spec: dict[str, Any], defaults: dict[str, Any] | None = None
+    spec: dict[str, Any], defaults: dict[str, Any] | None = None, limits: tuple[int, int, int | None] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any], SJDPPConfig]:
-    """{"method": "sjdpp", ...} -> (vLLM's custom_class config, the SJD++ options, validated)."""
+    """{"method": "sjdpp", ...} -> (vLLM's custom_class config, the SJD++ options, validated,
+    against the model's `limits` too where given).  An invalid option that the server was not
+    given comes from the model folder, and the error says so."""
     from vllm.config import SpeculativeConfig
 
     ours = {f.name for f in dataclasses.fields(SJDPPConfig)}
@@ -169,7 +180,15 @@ def sjdpp_speculative_config(
         )
     if rest.get("model") not in (None, PROPOSER_PATH):
         raise ValueError(f"--speculative-config: method {METHOD!r} takes no draft model")
-    config = SJDPPConfig.from_dict(options)
+    try:
+        config = SJDPPConfig.from_dict(options)
+        if limits is not None:
+            config.check_model(*limits)
+    except ValueError as e:
+        option = re.match(r"SJD\+\+ option '(\w+)'", str(e))
+        if option and option.group(1) in (defaults or {}) and option.group(1) not in spec:
+            raise ValueError(f"{e} (the model folder's default: its family's, or config.json 'sjdpp')") from None
+        raise
     vllm_spec = {
         **rest,
         "method": "custom_class",
@@ -199,7 +218,6 @@ def _patch_engine_args(refuse: bool = False) -> None:
 
     def create_sjdpp_speculative_config(self, target_model_config, target_parallel_config):
         global _server_config, _model_limits
-        from .families import logits_size
 
         spec = self.speculative_config
         if isinstance(spec, str):
@@ -209,12 +227,11 @@ def _patch_engine_args(refuse: bool = False) -> None:
                 import vllm
 
                 check_version(vllm.__version__)
-            vllm_spec, options, config = sjdpp_speculative_config(spec, model_defaults(target_model_config))
+            _model_limits = model_limits(target_model_config)
+            vllm_spec, options, config = sjdpp_speculative_config(spec, model_defaults(target_model_config), _model_limits)
             if getattr(self, "per_request_spec_decode_metrics", None) == "none":
                 # Each output then carries its accepted drafts: forward passes per image, exactly.
                 self.per_request_spec_decode_metrics = "summary"
-            _model_limits = (logits_size(target_model_config), target_model_config.max_model_len)
-            config.check_model(*_model_limits)
             self.additional_config = {**(self.additional_config or {}), ADDITIONAL_CONFIG_KEY: options}
             self.speculative_config = vllm_spec
             _server_config = config
@@ -453,7 +470,7 @@ def _register_guided_models() -> None:
 
         return type("GuidedConfig", (VerifyAndUpdateConfig,), {"verify_and_update_model_config": staticmethod(hook)})
 
-    MODELS_CONFIG_MAP[GUIDED_LLAMA] = config_hook("vllm_sjdpp.guided_llama:double_heads")
+    MODELS_CONFIG_MAP[GUIDED_LLAMA] = config_hook("vllm_sjdpp.guided_llama:guided_llama_config_hook")
     MODELS_CONFIG_MAP[JANUS] = config_hook("vllm_sjdpp.guided_janus:janus_config_hook")
 
 

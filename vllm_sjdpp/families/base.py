@@ -36,8 +36,10 @@ class ImageFamily:
 
     @classmethod
     def check(cls, hf_config: Any, generation_config: dict) -> None:
-        """Raise ValueError naming what a folder of this family lacks (vLLM start-up)."""
-        cls.unconditional_rule(hf_config, generation_config)
+        """Raise ValueError naming what a folder of this family lacks, or the keys whose values
+        contradict each other (vLLM start-up): nothing a folder holds may fail a request later."""
+        rule = cls.unconditional_rule(hf_config, generation_config)
+        check_rule_ids(rule, getattr(hf_config, "vocab_size", None), "vocab_size", f"config.json {CONFIG_KEY!r}")
 
     @classmethod
     def unconditional_rule(cls, hf_config: Any, generation_config: dict) -> UnconditionalRule:
@@ -98,6 +100,17 @@ class ImageFamily:
     def to_partial_image(self, tokens: list[int]):
         """The first tokens of an image -> a PIL image of its complete rows, the rest grey."""
         raise NotImplementedError(f"{self.name} folders cannot make images")
+
+
+def check_rule_ids(rule: UnconditionalRule, vocab_size: int | None, vocab_key: str, where: str) -> None:
+    """The unconditional rule's ids must be text ids the model embeds (the uncond branch feeds
+    them to the forward).  Raises ValueError naming the keys."""
+    if vocab_size is None:
+        return
+    for name, ids in (("pad_token_id", [rule.pad_token_id]), ("kept token ids", sorted(rule.keep_token_ids))):
+        outside = [t for t in ids if not 0 <= t < vocab_size]
+        if outside:
+            raise ValueError(f"{where}: {name} {outside} outside the text vocabulary ({vocab_key}={vocab_size})")
 
 
 PARTIAL_FILL = 128  # the grey of rows not generated yet

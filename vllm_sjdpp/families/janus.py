@@ -18,7 +18,7 @@ from functools import cached_property
 from typing import Any
 
 from ..guidance import UnconditionalRule
-from .base import ImageFamily, blank_below
+from .base import ImageFamily, blank_below, check_rule_ids
 
 ARCHITECTURE = "JanusForConditionalGeneration"
 
@@ -51,7 +51,16 @@ class JanusFamily(ImageFamily):
         tokens = _require(getattr(vision, "num_image_tokens", None), "vision_config.num_image_tokens")
         if grid * grid != tokens:
             raise ValueError(f"Janus: vision_config.num_image_tokens={tokens} is not a {grid}x{grid} grid (vq_config.num_patches)")
-        cls.unconditional_rule(hf_config, generation_config)
+        levels = len(getattr(hf_config.vq_config, "channel_multiplier", None) or [1])
+        pixels = grid * 2 ** (levels - 1)  # the VQ decoder doubles the grid at every level but the first
+        size = getattr(vision, "image_size", None)
+        if size != pixels:
+            raise ValueError(
+                f"Janus: vision_config.image_size={size}, but the VQ decoder makes {pixels} px images "
+                f"(vq_config.num_patches={grid}, {levels} levels of vq_config.channel_multiplier)"
+            )
+        rule = cls.unconditional_rule(hf_config, generation_config)
+        check_rule_ids(rule, text.vocab_size, "text_config.vocab_size", "generation_config.json")
 
     @classmethod
     def unconditional_rule(cls, hf_config: Any, generation_config: dict) -> UnconditionalRule:
@@ -60,9 +69,14 @@ class JanusFamily(ImageFamily):
         where = "generation_config.json"
         bos = _require(generation_config.get("bos_token_id"), f"{where} 'bos_token_id'")
         pad = _require(generation_config.get("pad_token_id"), f"{where} 'pad_token_id'")
-        boi = _require((generation_config.get("generation_kwargs") or {}).get("boi_token_id"),
-                       f"{where} 'generation_kwargs': {{'boi_token_id': ...}}")
-        return UnconditionalRule(frozenset({int(bos), int(boi)}), int(pad))
+        # transformers reads generation_kwargs; its conversion script sets a top-level key.
+        boi = (generation_config.get("generation_kwargs") or {}).get("boi_token_id", generation_config.get("boi_token_id"))
+        _require(boi, f"{where} 'generation_kwargs': {{'boi_token_id': ...}}")
+        ids = {"bos_token_id": bos, "pad_token_id": pad, "boi_token_id": boi}
+        bad = {k: v for k, v in ids.items() if isinstance(v, bool) or not isinstance(v, int)}
+        if bad:
+            raise ValueError(f"Janus: {where} {bad}: token ids must be integers")
+        return UnconditionalRule(frozenset({bos, boi}), pad)
 
     @classmethod
     def image_vocab_size(cls, hf_config: Any) -> int:
