@@ -97,8 +97,8 @@ def test_config_hook_doubles_heads_once():
 
 
 @pytest.mark.parametrize("rule, message", [
-    ({"keep_token_ids": [0], "pad_token_id": 48}, r"pad_token_id \[48\] outside the text vocabulary \(vocab_size=48\)"),
-    ({"keep_token_ids": [0, -1], "pad_token_id": 7}, r"kept token ids \[-1\] outside"),
+    ({"keep_token_ids": [0], "pad_token_id": 48}, r"'sjdpp_guidance' 'pad_token_id': \[48\] outside the text vocabulary \(vocab_size=48\)"),
+    ({"keep_token_ids": [0, -1], "pad_token_id": 7}, r"'keep_token_ids': \[-1\] outside"),
 ])
 def test_config_hook_refuses_rule_ids_the_model_cannot_embed(rule, message):
     """The uncond branch feeds the rule's ids to the embedding: an id past the vocabulary would

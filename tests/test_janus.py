@@ -331,9 +331,9 @@ def _break_special_id(key: str):
      r"vision_config.image_size=\d+, but the VQ decoder makes \d+ px images"),
     (lambda c, g: g.pop("pad_token_id"), "pad_token_id"),
     (lambda c, g: g.pop("bos_token_id"), "bos_token_id"),
-    (_break_special_id("pad_token_id"), r"pad_token_id \[\d+\] outside the text vocabulary \(text_config.vocab_size"),
-    (_break_special_id("bos_token_id"), r"kept token ids \[\d+\] outside the text vocabulary"),
-    (lambda c, g: g.update(generation_kwargs={"boi_token_id": -1}), r"kept token ids \[-1\] outside"),
+    (_break_special_id("pad_token_id"), r"'pad_token_id': \[\d+\] outside the text vocabulary \(text_config.vocab_size"),
+    (_break_special_id("bos_token_id"), r"'bos_token_id': \[\d+\] outside the text vocabulary"),
+    (lambda c, g: g.update(generation_kwargs={"boi_token_id": -1}), r"'boi_token_id': \[-1\] outside"),
     (lambda c, g: g.update(pad_token_id="0"), "token ids must be integers"),
 ])
 def test_janus_check_names_what_a_folder_lacks(family, break_it, message):

@@ -6,6 +6,10 @@ A family answers two kinds of questions:
 - a client's (or the images endpoint's), from the whole folder: a text prompt as token ids, the
   tokens per image, and tokens to an image through the family's own image decoder.
 The sampler never asks a family anything: a new family (LlamaGen, Emu3) is a new subclass here.
+
+Where the image is: every family's prompt ends with its image-start token, so a request's
+generated tokens are the image, in rows of the SJD++ default `row_width`.  The step relies on
+it: spatial priors copy generated tokens only, never prompt ids.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ class ImageFamily:
         """Raise ValueError naming what a folder of this family lacks, or the keys whose values
         contradict each other (vLLM start-up): nothing a folder holds may fail a request later."""
         rule = cls.unconditional_rule(hf_config, generation_config)
-        check_rule_ids(rule, getattr(hf_config, "vocab_size", None), "vocab_size", f"config.json {CONFIG_KEY!r}")
+        ids = {"keep_token_ids": sorted(rule.keep_token_ids), "pad_token_id": [rule.pad_token_id]}
+        check_token_ids(ids, getattr(hf_config, "vocab_size", None), "vocab_size", f"config.json {CONFIG_KEY!r}")
 
     @classmethod
     def unconditional_rule(cls, hf_config: Any, generation_config: dict) -> UnconditionalRule:
@@ -102,15 +107,15 @@ class ImageFamily:
         raise NotImplementedError(f"{self.name} folders cannot make images")
 
 
-def check_rule_ids(rule: UnconditionalRule, vocab_size: int | None, vocab_key: str, where: str) -> None:
-    """The unconditional rule's ids must be text ids the model embeds (the uncond branch feeds
-    them to the forward).  Raises ValueError naming the keys."""
+def check_token_ids(ids: dict[str, list[int]], vocab_size: int | None, vocab_key: str, where: str) -> None:
+    """Special ids a folder names ({key: ids}) must be text ids the model embeds: the uncond
+    branch feeds the unconditional rule's ids to the forward.  Raises ValueError naming the key."""
     if vocab_size is None:
         return
-    for name, ids in (("pad_token_id", [rule.pad_token_id]), ("kept token ids", sorted(rule.keep_token_ids))):
-        outside = [t for t in ids if not 0 <= t < vocab_size]
+    for key, values in ids.items():
+        outside = [t for t in values if not 0 <= t < vocab_size]
         if outside:
-            raise ValueError(f"{where}: {name} {outside} outside the text vocabulary ({vocab_key}={vocab_size})")
+            raise ValueError(f"{where} {key!r}: {outside} outside the text vocabulary ({vocab_key}={vocab_size})")
 
 
 PARTIAL_FILL = 128  # the grey of rows not generated yet

@@ -18,7 +18,7 @@ from functools import cached_property
 from typing import Any
 
 from ..guidance import UnconditionalRule
-from .base import ImageFamily, blank_below, check_rule_ids
+from .base import ImageFamily, blank_below, check_token_ids
 
 ARCHITECTURE = "JanusForConditionalGeneration"
 
@@ -59,24 +59,33 @@ class JanusFamily(ImageFamily):
                 f"Janus: vision_config.image_size={size}, but the VQ decoder makes {pixels} px images "
                 f"(vq_config.num_patches={grid}, {levels} levels of vq_config.channel_multiplier)"
             )
-        rule = cls.unconditional_rule(hf_config, generation_config)
-        check_rule_ids(rule, text.vocab_size, "text_config.vocab_size", "generation_config.json")
+        ids = {key: [value] for key, value in cls.special_ids(generation_config).items()}
+        check_token_ids(ids, text.vocab_size, "text_config.vocab_size", "generation_config.json")
+
+    @classmethod
+    def special_ids(cls, generation_config: dict) -> dict[str, int]:
+        """generation_config.json's BOS, pad and image-start ids, by key."""
+        where = "generation_config.json"
+        ids = {
+            "bos_token_id": _require(generation_config.get("bos_token_id"), f"{where} 'bos_token_id'"),
+            "pad_token_id": _require(generation_config.get("pad_token_id"), f"{where} 'pad_token_id'"),
+            # transformers' generate reads generation_kwargs; its conversion script sets a top-level key.
+            "boi_token_id": _require(
+                (generation_config.get("generation_kwargs") or {}).get("boi_token_id", generation_config.get("boi_token_id")),
+                f"{where} 'generation_kwargs': {{'boi_token_id': ...}}",
+            ),
+        }
+        bad = {k: v for k, v in ids.items() if isinstance(v, bool) or not isinstance(v, int)}
+        if bad:
+            raise ValueError(f"Janus: {where} {bad}: token ids must be integers")
+        return ids
 
     @classmethod
     def unconditional_rule(cls, hf_config: Any, generation_config: dict) -> UnconditionalRule:
         """transformers' `generate(generation_mode="image")`: every prompt token but BOS and the
         image-start token becomes the pad token."""
-        where = "generation_config.json"
-        bos = _require(generation_config.get("bos_token_id"), f"{where} 'bos_token_id'")
-        pad = _require(generation_config.get("pad_token_id"), f"{where} 'pad_token_id'")
-        # transformers reads generation_kwargs; its conversion script sets a top-level key.
-        boi = (generation_config.get("generation_kwargs") or {}).get("boi_token_id", generation_config.get("boi_token_id"))
-        _require(boi, f"{where} 'generation_kwargs': {{'boi_token_id': ...}}")
-        ids = {"bos_token_id": bos, "pad_token_id": pad, "boi_token_id": boi}
-        bad = {k: v for k, v in ids.items() if isinstance(v, bool) or not isinstance(v, int)}
-        if bad:
-            raise ValueError(f"Janus: {where} {bad}: token ids must be integers")
-        return UnconditionalRule(frozenset({bos, boi}), pad)
+        ids = cls.special_ids(generation_config)
+        return UnconditionalRule(frozenset({ids["bos_token_id"], ids["boi_token_id"]}), ids["pad_token_id"])
 
     @classmethod
     def image_vocab_size(cls, hf_config: Any) -> int:
