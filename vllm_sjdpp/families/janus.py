@@ -44,7 +44,8 @@ class JanusFamily(ImageFamily):
         codes = cls.image_vocab_size(hf_config)
         if codes > text.vocab_size:
             raise ValueError(
-                f"Janus: {codes} image codes exceed the text vocabulary ({text.vocab_size}); the codes share its ids"
+                f"Janus: vq_config.num_embeddings={codes} image codes exceed the text vocabulary "
+                f"(text_config.vocab_size={text.vocab_size}); the codes share its ids"
             )
         grid = cls.grid(hf_config)
         vision = _require(getattr(hf_config, "vision_config", None), "config.json 'vision_config'")
