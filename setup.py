@@ -11,7 +11,10 @@ setup(
     version="0.1.0",
     description="Speculative Jacobi Decoding++ for discrete autoregressive text-to-image models in vLLM",
     python_requires=">=3.10",
-    packages=["vllm_sjdpp", "vllm_sjdpp.kernels", "vllm_sjdpp.digits", "vllm_sjdpp.families"],
+    packages=[
+        "vllm_sjdpp", "vllm_sjdpp.kernels", "vllm_sjdpp.families", "vllm_sjdpp.guidance", "vllm_sjdpp.engine",
+        "vllm_sjdpp.serving", "vllm_sjdpp.patches", "vllm_sjdpp.digits",
+    ],
     # The trained digit model ships inside the package (a few MB).
     package_data={"vllm_sjdpp.digits": ["model/*.json", "model/*.safetensors", "model/*.png"]},
     package_dir={"vllm_sjdpp": "vllm_sjdpp", "vllm_sjdpp.kernels": "kernels"},
@@ -19,7 +22,7 @@ setup(
     entry_points={
         "vllm.general_plugins": ["sjdpp = vllm_sjdpp.plugin:register"],
         # Opt-in, as vLLM loads endpoint plugins: VLLM_PLUGINS=sjdpp,sjdpp_images
-        "vllm.endpoint_plugins": ["sjdpp_images = vllm_sjdpp.images_api:ImagesEndpoint"],
+        "vllm.endpoint_plugins": ["sjdpp_images = vllm_sjdpp.serving.images_api:ImagesEndpoint"],
     },
     extras_require={
         # vLLM's CPU build is a separately named distribution with its own torch pin.

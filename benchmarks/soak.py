@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, prompt_ids
     from vllm_sjdpp.digits.train import DEFAULT_OUT
-    from vllm_sjdpp.server import vllm_server
+    from vllm_sjdpp.serving.server import vllm_server
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10)

@@ -65,7 +65,7 @@ class Timers:
 
 def measure(llm, concurrency: int, seconds: float) -> dict[str, float]:
     """Milliseconds per engine step in each wrapped method, and for the whole step."""
-    import vllm_sjdpp.sampler as sampler_module
+    import vllm_sjdpp.engine.sampler as sampler_module
 
     timers = Timers()
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner

@@ -14,7 +14,7 @@ from vllm_sjdpp.digits.tokens import (
     codes_to_ids, ids_to_codes, ids_to_image, image_to_ids, prompt_ids, to_png, unconditional_prompt_ids,
 )
 from vllm_sjdpp.digits.train import DEFAULT_OUT
-from vllm_sjdpp.guidance import UnconditionalRule
+from vllm_sjdpp.families.rule import UnconditionalRule
 from vllm_sjdpp.digits.vq import CODES, GRID, Codebook, bundled
 
 RNG = np.random.default_rng(0)

@@ -96,7 +96,7 @@ def test_a_failing_step_falls_back_to_exact_plain_sampling(plain, plain_samples,
     samples those steps plainly and keeps serving, and the outputs keep their distribution."""
     import logging
 
-    import vllm_sjdpp.sampler as sampler_module
+    import vllm_sjdpp.engine.sampler as sampler_module
 
     real, calls = sampler_module.sjdpp_step, []
 
@@ -119,7 +119,7 @@ def test_a_failing_step_falls_back_to_exact_plain_sampling(plain, plain_samples,
     assert min(pvalues) > ALPHA / len(pvalues), pvalues
 
     # Broken variant the same comparison must reject: a fallback that takes the most likely token.
-    from vllm_sjdpp.sampler import SJDPPSampler
+    from vllm_sjdpp.engine.sampler import SJDPPSampler
 
     def greedy_fallback(self, metadata, first_rows, sampling_metadata):
         out = torch.full((first_rows.shape[0], max(metadata.num_draft_tokens, default=0) + 1), -1, dtype=torch.long)
@@ -136,7 +136,7 @@ def test_a_failing_step_falls_back_to_exact_plain_sampling(plain, plain_samples,
 def test_kv_cache_leaves_room_for_the_step(plain, sjdpp):
     """The step's worst-case buffers come out of the KV cache (1 GiB here): the SJD++ engine
     reports fewer blocks than the plain one, by the reserve."""
-    from vllm_sjdpp.vllm_patches import step_reserve_bytes
+    from vllm_sjdpp.patches import step_reserve_bytes
 
     config = sjdpp.llm_engine.vllm_config
     reserve = step_reserve_bytes(config)
@@ -193,7 +193,7 @@ def test_goodput_controller_stays_exact(plain, plain_samples, sjdpp, monkeypatch
     """draft_token_budget="auto": windows chosen by the goodput controller, here fed a synthetic
     pass cost (flat to 600 positions, then steep) so that its choices are reproducible and span
     no drafts to full windows as the batch drains; the outputs keep plain sampling's law."""
-    from vllm_sjdpp.goodput import GoodputController
+    from vllm_sjdpp.engine.goodput import GoodputController
 
     drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
     sampler = drafter.runner.rejection_sampler
@@ -231,7 +231,7 @@ def test_auto_budget_pins_seeded_requests(sjdpp, monkeypatch):
     window lengths through its generator's draws) do not depend on load: with a pass cost that
     makes the controller cut every other window to nothing, seeded requests sampled among
     unseeded ones equal the same requests with full windows."""
-    from vllm_sjdpp.goodput import GoodputController
+    from vllm_sjdpp.engine.goodput import GoodputController
 
     drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
     sampler = drafter.runner.rejection_sampler
@@ -272,7 +272,7 @@ def test_distribution_test_catches_vllm_cpu_expand_bug(plain, sjdpp):
     import vllm.utils.cpu_triton_utils as cpu_triton_utils
     from vllm.v1.sample import rejection_sampler
 
-    from vllm_sjdpp import vllm_patches
+    from vllm_sjdpp import patches as vllm_patches
 
     sampling = params(temperature=0.8, max_tokens=LENGTH)
     expected = np.array(generate(plain, [[2, 3, 4]] * SAMPLES, sampling))

@@ -84,7 +84,7 @@ def test_branches_equal_two_plain_engines(request, plain_llama, engine):
 def test_interleaved_heads_break_grouped_queries(guided, plain_llama, monkeypatch):
     """Broken variant: [c0 u0 c1 u1 ...] heads instead of [cond | uncond] blocks send uncond
     queries to cond keys under GQA; the branch test above must then fail."""
-    from vllm_sjdpp.guided_llama import GuidedLlamaAttention
+    from vllm_sjdpp.guidance.llama import GuidedLlamaAttention
 
     def interleave(x, n):  # [2T, n*d] (cond rows, uncond rows) -> [T, 2n*d], heads alternating
         c, u = x.chunk(2)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tiny_llama import ENGINE_ENV, build_tiny_llama
 from vllm_sjdpp.config import SJDPPConfig
-from vllm_sjdpp.server import vllm_server
+from vllm_sjdpp.serving.server import vllm_server
 
 VOCAB, MAX_MODEL_LEN, K = 48, 64, 6
 SERVE_ARGS = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllm_sjdpp.goodput import EXPLORE_EVERY, EXPLORE_RUN, Acceptance, GoodputController, MeasuredCurve
+from vllm_sjdpp.engine.goodput import EXPLORE_EVERY, EXPLORE_RUN, Acceptance, GoodputController, MeasuredCurve
 
 
 class Clock:
@@ -251,9 +251,9 @@ def test_several_workers_get_the_fixed_fallback_budget(caplog):
     from types import SimpleNamespace
 
     from vllm_sjdpp.config import AUTO_FALLBACK_BUDGET, SJDPPConfig
-    from vllm_sjdpp.jacobi_state import JacobiStates
-    from vllm_sjdpp.sampler import SJDPPSampler
-    from vllm_sjdpp.window_budget import share_draft_budget
+    from vllm_sjdpp.engine.jacobi_state import JacobiStates
+    from vllm_sjdpp.engine.sampler import SJDPPSampler
+    from vllm_sjdpp.engine.window_budget import share_draft_budget
 
     def sampler(world_size):
         runner = SimpleNamespace(
@@ -279,7 +279,7 @@ def test_several_workers_get_the_fixed_fallback_budget(caplog):
 def test_drafting_must_promise_a_margin_over_none(gain, drafts):
     """Every window promises `gain` times the goodput of no drafts (each pass costs its
     positions / gain, every draft accepted): within DRAFT_MARGIN (5%) of none, no drafts."""
-    from vllm_sjdpp.goodput import DRAFT_MARGIN
+    from vllm_sjdpp.engine.goodput import DRAFT_MARGIN
 
     assert 1.02 < DRAFT_MARGIN < 1.06
     controller = measured(lambda n: 0.001 * (n if n == 1 else n / gain))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_sjdpp.guidance import (
-    MAX_BATCH_TOKENS, GuidanceBatch, UnconditionalRule, combine, request_guidance, served_rule,
-)
+from vllm_sjdpp.families.rule import UnconditionalRule
+from vllm_sjdpp.guidance.cfg import MAX_BATCH_TOKENS, GuidanceBatch, combine, request_guidance, served_rule
 
 RULE = UnconditionalRule(frozenset({0, 9}), pad_token_id=7)
 PROMPT = [0, 3, 4, 9]
@@ -85,7 +84,7 @@ def _model_config(guidance):
 
 
 def test_config_hook_doubles_heads_once():
-    from vllm_sjdpp.guided_llama import guided_llama_config_hook
+    from vllm_sjdpp.guidance.llama import guided_llama_config_hook
 
     config = _model_config({"keep_token_ids": [0], "pad_token_id": 7})
     guided_llama_config_hook(config)
@@ -103,7 +102,7 @@ def test_config_hook_doubles_heads_once():
 def test_config_hook_refuses_rule_ids_the_model_cannot_embed(rule, message):
     """The uncond branch feeds the rule's ids to the embedding: an id past the vocabulary would
     raise in the first guided forward, so the folder is refused at start-up."""
-    from vllm_sjdpp.guided_llama import guided_llama_config_hook
+    from vllm_sjdpp.guidance.llama import guided_llama_config_hook
 
     config = _model_config(rule)
     config.hf_config.vocab_size = 48

@@ -1,4 +1,4 @@
-"""The images endpoint (`POST /v1/images/generations`, vllm_sjdpp.images_api) against `vllm
+"""The images endpoint (`POST /v1/images/generations`, vllm_sjdpp.serving.images_api) against `vllm
 serve` of the bundled digit model with SJD++ and `VLLM_PLUGINS=sjdpp,sjdpp_images`, through the
 real openai client."""
 
@@ -16,7 +16,7 @@ import pytest
 from tiny_llama import ENGINE_ENV
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH
 from vllm_sjdpp.digits.train import DEFAULT_OUT
-from vllm_sjdpp.server import vllm_server
+from vllm_sjdpp.serving.server import vllm_server
 
 MODEL = str(DEFAULT_OUT)
 SIZE = "32x32"

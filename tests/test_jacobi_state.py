@@ -3,7 +3,7 @@
 import torch
 
 from vllm_sjdpp import SJDPPConfig
-from vllm_sjdpp.jacobi_state import JacobiStates, Window
+from vllm_sjdpp.engine.jacobi_state import JacobiStates, Window
 
 
 def test_windows_are_used_only_as_made():
@@ -50,7 +50,7 @@ def test_batch_requests_want_windows_within_their_bounds():
 
     import numpy as np
 
-    from vllm_sjdpp.batch_requests import BatchRequests
+    from vllm_sjdpp.engine.batch_requests import BatchRequests
 
     def request(max_tokens=None, seed=None, **options):
         extra = {f"sjdpp_{k}": v for k, v in options.items()}

@@ -197,7 +197,7 @@ def test_branch_logits_equal_transformers(request, shape, family, prompts, hf, e
 
 def test_image_codes_embedded_as_text_break_the_logits(janus, shape, family, prompts, hf, monkeypatch):
     """Broken variant: every position embedded as text (the id space read without positions)."""
-    from vllm_sjdpp.guidance import GuidanceBatch
+    from vllm_sjdpp.guidance.cfg import GuidanceBatch
 
     monkeypatch.setattr(GuidanceBatch, "prompt_mask", lambda self, n: torch.ones(n, dtype=torch.bool))
     prompts, tokens = logit_checks(shape, prompts)
@@ -421,7 +421,7 @@ def test_first_sjdpp_images_on_a_folder_whose_prompt_ids_pass_the_codes(boi_past
 def test_guard_cuts_windows_of_a_prior_that_copies_prompt_ids(boi_past_the_codes, monkeypatch):
     """Broken variant: the fresh-token history with the prompt in it (the bug as it was).  The
     guard cuts those windows before the model sees them: images still come out whole."""
-    from vllm_sjdpp.sampler import SJDPPSampler
+    from vllm_sjdpp.engine.sampler import SJDPPSampler
 
     def history_with_the_prompt(self, start, length):
         positions = np.asarray(start)[:, None] - length + np.arange(length)

@@ -1,5 +1,5 @@
 """`vllm serve <Janus folder> --speculative-config sjdpp` as users run it: a text prompt becomes a
-PNG through the client helper (`vllm_sjdpp.client`), on the tiny random Janus folders: the small
+PNG through the client helper (`vllm_sjdpp.serving.client`), on the tiny random Janus folders: the small
 one and one with Janus-Pro's real ids and shapes (tests/tiny_janus.py)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from tiny_janus import JANUS_PRO, SMALL
 from tiny_llama import ENGINE_ENV
-from vllm_sjdpp.server import vllm_server
+from vllm_sjdpp.serving.server import vllm_server
 
 
 def serve_args(shape) -> list[str]:
@@ -49,7 +49,7 @@ def test_text_prompt_to_png(server, folder, shape, tmp_path):
     from PIL import Image
 
     out = tmp_path / "images.png"
-    cmd = [sys.executable, "-m", "vllm_sjdpp.client", "--url", server, "--model", folder,
+    cmd = [sys.executable, "-m", "vllm_sjdpp.serving.client", "--url", server, "--model", folder,
            "--n", "3", "--seed", "1", "--out", str(out), "a red dog under the sun"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -63,7 +63,7 @@ def test_client_helper_images_tokens_and_seeds(server, folder, shape):
     from transformers import JanusForConditionalGeneration
 
     from vllm_sjdpp import families
-    from vllm_sjdpp.client import generate_images
+    from vllm_sjdpp.serving.client import generate_images
 
     family = families.load(folder)
     text = "the big green tree"
@@ -85,7 +85,7 @@ def test_client_helper_images_tokens_and_seeds(server, folder, shape):
 def test_prompt_too_long_for_the_context_is_refused(server, folder):
     import openai
 
-    from vllm_sjdpp.client import generate_images
+    from vllm_sjdpp.serving.client import generate_images
 
     with pytest.raises(openai.BadRequestError, match="context length"):
         generate_images(server, folder, folder, ["a big red dog under the sun " * 10])

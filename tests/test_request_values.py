@@ -18,10 +18,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from vllm.exceptions import VLLMValidationError
 
-from vllm_sjdpp import client as image_client
+from vllm_sjdpp.serving import client as image_client
 from vllm_sjdpp.config import SJDPPConfig
-from vllm_sjdpp.guidance import UnconditionalRule, request_guidance
-from vllm_sjdpp.images_api import ROUTE, ImagesEndpoint, ImageService
+from vllm_sjdpp.families.rule import UnconditionalRule
+from vllm_sjdpp.guidance.cfg import request_guidance
+from vllm_sjdpp.serving.images_api import ROUTE, ImagesEndpoint, ImageService
 
 MODEL = "digits"
 TOKENS = 6

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tiny_llama import ENGINE_ENV, build_tiny_llama
-from vllm_sjdpp.server import VLLM_CLI, free_port, vllm_server
+from vllm_sjdpp.serving.server import VLLM_CLI, free_port, vllm_server
 
 SERVE_ARGS = ["--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "256", "--dtype", "float32"]
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tiny_llama import ENGINE_ENV, build_tiny_llama
-from vllm_sjdpp.server import vllm_server
+from vllm_sjdpp.serving.server import vllm_server
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import soak  # noqa: E402

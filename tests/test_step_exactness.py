@@ -15,7 +15,7 @@ from scipy import stats
 from stats import ALPHA, BROKEN_ALPHA, goodness_of_fit, same_distribution
 from vllm_sjdpp import SJDPPConfig
 from vllm_sjdpp.kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, sjdpp_step
-from vllm_sjdpp.toy_ar import TableARModel, sample_plain, sample_sjdpp
+from toy_ar import TableARModel, sample_plain, sample_sjdpp
 
 VOCAB = 8
 N = 60_000

@@ -5,8 +5,8 @@ import argparse
 import pytest
 import torch
 
-from vllm_sjdpp import vllm_patches
-from vllm_sjdpp.vllm_patches import PROPOSER_PATH, check_version, parse_speculative_config, sjdpp_speculative_config
+from vllm_sjdpp import patches as vllm_patches
+from vllm_sjdpp.patches import PROPOSER_PATH, check_version, parse_speculative_config, sjdpp_speculative_config
 
 
 @pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.33.1", "0.33.0rc1"])
@@ -89,7 +89,7 @@ from vllm.plugins import load_general_plugins
 load_general_plugins()
 import vllm.utils.cpu_triton_utils as cpu_utils
 from vllm.engine.arg_utils import EngineArgs
-print("expand patched:", cpu_utils._expand_kernel_impl.__module__ == "vllm_sjdpp.vllm_patches")
+print("expand patched:", cpu_utils._expand_kernel_impl.__module__ == "vllm_sjdpp.patches")
 args = dict(model=sys.argv[1], skip_tokenizer_init=True, max_model_len=64)
 EngineArgs(**args).create_engine_config()
 print("plain config: ok")
@@ -140,7 +140,7 @@ def test_cpu_patches_apply_only_on_the_cpu_platform(tiny_llama_path):
 def test_cpu_expand_kernel_repeats_each_value_by_its_count(counts):
     """The CPU expand kernel (vLLM's expand_kernel in PyTorch), with its one-token-per-request
     shortcut, against repeat_interleave; -1 is replaced by 7."""
-    from vllm_sjdpp.vllm_patches import expand_kernel_impl
+    from vllm_sjdpp.patches import expand_kernel_impl
 
     values = torch.tensor([-1.0, 2.0, 3.0, 4.0][: len(counts)])
     cu = torch.tensor(counts).cumsum(0).to(torch.int32)

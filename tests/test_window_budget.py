@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from vllm_sjdpp.window_budget import share_draft_budget
+from vllm_sjdpp.engine.window_budget import share_draft_budget
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ def build_tiny_llama(
     """
     import json
 
-    from vllm_sjdpp.guidance import CONFIG_KEY, GUIDED_LLAMA, UnconditionalRule
+    from vllm_sjdpp.families.rule import CONFIG_KEY, GUIDED_LLAMA, UnconditionalRule
 
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -2,6 +2,6 @@
 
 
 def register() -> None:
-    from .vllm_patches import apply
+    from .patches import apply
 
     apply()

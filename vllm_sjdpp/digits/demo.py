@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..server import vllm_server
+from ..serving.server import vllm_server
 from .tokens import GENERATED_LENGTH, to_png
 from .train import DEFAULT_OUT
 from .vq import GREY_LEVELS, IMAGE_SIZE

@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from ..guidance import UnconditionalRule
+from ..families.rule import UnconditionalRule
 from .vq import CODES, GREY_LEVELS, GRID, IMAGE_SIZE, Codebook, bundled
 
 ROW_WIDTH = GRID + 1

@@ -29,7 +29,7 @@ from .tokens import (
 )
 from ..families.base import FAMILY_KEY
 from ..families.digits import DigitsFamily
-from ..guidance import CONFIG_KEY, GUIDED_LLAMA
+from ..families.rule import CONFIG_KEY, GUIDED_LLAMA
 from .vq import MODEL_DIR, Codebook
 
 DEFAULT_OUT = MODEL_DIR

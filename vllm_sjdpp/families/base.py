@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..guidance import CONFIG_KEY, UnconditionalRule
+from .rule import CONFIG_KEY, UnconditionalRule
 
 # config.json of a folder served with SJD++ defaults of its own: {"sjdpp": {option: value}}.
 SJDPP_DEFAULTS_KEY = "sjdpp"

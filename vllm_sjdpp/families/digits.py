@@ -6,8 +6,8 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-from ..guidance import GUIDED_LLAMA
 from .base import FAMILY_KEY, ImageFamily, blank_below
+from .rule import GUIDED_LLAMA
 
 
 class DigitsFamily(ImageFamily):

@@ -17,8 +17,8 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-from ..guidance import UnconditionalRule
 from .base import ImageFamily, blank_below, check_token_ids
+from .rule import UnconditionalRule
 
 ARCHITECTURE = "JanusForConditionalGeneration"
 

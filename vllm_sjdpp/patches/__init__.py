@@ -48,14 +48,14 @@ from typing import Any
 
 import torch
 
-from .config import ADDITIONAL_CONFIG_KEY, REQUEST_PREFIX, SJDPPConfig
+from ..config import ADDITIONAL_CONFIG_KEY, REQUEST_PREFIX, SJDPPConfig
 
 # Under "vllm." so that vLLM's logging configuration applies.
 logger = logging.getLogger("vllm.sjdpp")
 
 SUPPORTED_VERSIONS = ((0, 32), (0, 33))
 METHOD = "sjdpp"
-PROPOSER_PATH = "vllm_sjdpp.proposer.SJDPPProposer"
+PROPOSER_PATH = "vllm_sjdpp.engine.proposer.SJDPPProposer"
 
 _applied = False
 # The server's options and the model's limits on them (logits per position, max_model_len),
@@ -138,7 +138,7 @@ def model_defaults(model_config: Any) -> dict[str, Any]:
     """SJD++ defaults of a model folder: what its family implies (a Janus folder's image-code
     range and grid) and what its config.json records under "sjdpp"; options given to the server
     take precedence."""
-    from .families import family_of
+    from ..families import family_of
 
     hf_config = getattr(model_config, "hf_config", None)
     return family_of(hf_config).sjdpp_defaults(hf_config)
@@ -147,7 +147,7 @@ def model_defaults(model_config: Any) -> dict[str, Any]:
 def model_limits(model_config: Any) -> tuple[int, int, int | None]:
     """What bounds SJD++ options on this model (`SJDPPConfig.check_model`): the logits per
     position, the context length and the tokens of one image (None: no images)."""
-    from .families import family_of, logits_size
+    from ..families import family_of, logits_size
 
     hf_config = model_config.hf_config
     return logits_size(model_config), model_config.max_model_len, family_of(hf_config).image_tokens(hf_config)
@@ -256,7 +256,7 @@ def _patch_model_runner() -> None:
     # self.rejection_sampler; _on_request_state_removed is vLLM's hook for request-scoped caches.
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from .proposer import SJDPPProposer
+    from ..engine.proposer import SJDPPProposer
 
     init = GPUModelRunner.__init__
 
@@ -313,8 +313,8 @@ def _patch_request_validation() -> None:
 
 def step_reserve_bytes(vllm_config: Any) -> int:
     """What an SJD++ engine keeps out of the KV cache for its step (0 for any other engine)."""
-    from .families import logits_size
-    from .sampler import step_memory_bytes
+    from ..families import logits_size
+    from ..engine.sampler import step_memory_bytes
 
     if not is_sjdpp(vllm_config.speculative_config):
         return 0
@@ -453,13 +453,13 @@ def _register_guided_models() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
-    from .families.janus import ARCHITECTURE as JANUS
-    from .guidance import GUIDED_LLAMA
+    from ..families.janus import ARCHITECTURE as JANUS
+    from ..families.rule import GUIDED_LLAMA
 
     # The models (and the hooks beside them) are imported only when a folder needs them: every
     # vLLM process loads this plugin.
-    ModelRegistry.register_model(GUIDED_LLAMA, f"vllm_sjdpp.guided_llama:{GUIDED_LLAMA}")
-    ModelRegistry.register_model(JANUS, "vllm_sjdpp.guided_janus:GuidedJanusForImageGeneration")
+    ModelRegistry.register_model(GUIDED_LLAMA, f"vllm_sjdpp.guidance.llama:{GUIDED_LLAMA}")
+    ModelRegistry.register_model(JANUS, "vllm_sjdpp.guidance.janus:GuidedJanusForImageGeneration")
 
     def config_hook(function: str):
         def hook(model_config):
@@ -470,8 +470,8 @@ def _register_guided_models() -> None:
 
         return type("GuidedConfig", (VerifyAndUpdateConfig,), {"verify_and_update_model_config": staticmethod(hook)})
 
-    MODELS_CONFIG_MAP[GUIDED_LLAMA] = config_hook("vllm_sjdpp.guided_llama:guided_llama_config_hook")
-    MODELS_CONFIG_MAP[JANUS] = config_hook("vllm_sjdpp.guided_janus:janus_config_hook")
+    MODELS_CONFIG_MAP[GUIDED_LLAMA] = config_hook("vllm_sjdpp.guidance.llama:guided_llama_config_hook")
+    MODELS_CONFIG_MAP[JANUS] = config_hook("vllm_sjdpp.guidance.janus:janus_config_hook")
 
 
 def _patch_guidance_inputs() -> None:
@@ -504,9 +504,9 @@ def _patch_prompt_validation() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from .families import family_of
-    from .families.base import check_sampling_for_image_codes
-    from .guidance import NEGATIVE_PROMPT_KEY, default_scale, request_guidance, served_rule
+    from ..families import family_of
+    from ..families.base import check_sampling_for_image_codes
+    from ..guidance.cfg import NEGATIVE_PROMPT_KEY, default_scale, request_guidance, served_rule
 
     process_inputs = InputProcessor.process_inputs
 

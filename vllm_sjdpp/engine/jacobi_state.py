@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import SJDPPConfig
+from ..config import SJDPPConfig
 
 
 @dataclass

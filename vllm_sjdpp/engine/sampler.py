@@ -21,11 +21,11 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler, apply_sampling_constraints
 
 from .batch_requests import BatchRequests
-from .config import AUTO, AUTO_FALLBACK_BUDGET
+from ..config import AUTO, AUTO_FALLBACK_BUDGET
 from .goodput import GoodputController
 from .jacobi_state import JacobiStates, Window
-from .kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, sjdpp_step
-from .kernels.row_pass_torch import race_winner_
+from ..kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, sjdpp_step
+from ..kernels.row_pass_torch import race_winner_
 from .window_budget import share_draft_budget
 
 # Under "vllm." so that vLLM's logging configuration (handlers, level) applies in every process.

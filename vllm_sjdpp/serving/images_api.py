@@ -34,8 +34,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from vllm.exceptions import VLLMClientError
 
-from .config import REQUEST_PREFIX
-from .guidance import SCALE_KEY
+from ..config import REQUEST_PREFIX
+from ..guidance.cfg import SCALE_KEY
 
 NAME = "sjdpp_images"
 ROUTE = "/v1/images/generations"
@@ -301,7 +301,7 @@ class ImagesEndpoint:
             return await service.respond(body, raw_request)
 
     async def init_state(self, engine_client, state, args) -> None:
-        from . import families
+        from .. import families
 
         if engine_client is None:
             return

@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from .config import SJDPPConfig
-from .kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, StepOutput, sjdpp_step
+from vllm_sjdpp.config import SJDPPConfig
+from vllm_sjdpp.kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, StepOutput, sjdpp_step
 
 
 @dataclass

@@ -17,8 +17,9 @@ import torch
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
-from .families import family_of
-from .guidance import BRANCH_HEADS_ATTR, GUIDED_LLAMA, MAX_BATCH_TOKENS, GuidanceBatch, combine, default_scale, served_rule
+from ..families import family_of
+from ..families.rule import GUIDED_LLAMA
+from .cfg import BRANCH_HEADS_ATTR, MAX_BATCH_TOKENS, GuidanceBatch, combine, default_scale, served_rule
 
 
 def guided_llama_config_hook(model_config) -> None:

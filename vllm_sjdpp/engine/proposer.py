@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .config import ADDITIONAL_CONFIG_KEY, SJDPPConfig
-from .families import logits_size
+from ..config import ADDITIONAL_CONFIG_KEY, SJDPPConfig
+from ..families import logits_size
 from .jacobi_state import JacobiStates
 from .sampler import SJDPPSampler, logger
 

@@ -20,47 +20,21 @@ need its missing keys masked, which paged attention over shared blocks cannot do
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..families import family_of
+from ..families.rule import UnconditionalRule
+
 SCALE_KEY = "guidance_scale"
 NEGATIVE_PROMPT_KEY = "negative_prompt_token_ids"
 REQUEST_KEYS = (SCALE_KEY, NEGATIVE_PROMPT_KEY)
-# config.json: {"architectures": [GUIDED_LLAMA], "sjdpp_guidance": {"keep_token_ids": [...], "pad_token_id": N}}
-GUIDED_LLAMA = "GuidedLlamaForCausalLM"
-CONFIG_KEY = "sjdpp_guidance"
 # Rows handed to compute_logits carry their token's index in the batch as two base-256 digits:
 # exact in bf16 and fp16, whatever rows vLLM gathers (sampling, prompt logprobs, warm-up).
 INDEX_BASE = 256
 MAX_BATCH_TOKENS = INDEX_BASE**2
-
-
-@dataclass(frozen=True)
-class UnconditionalRule:
-    """Janus's rule (LlamaGen's null class is the case keep = {}): every prompt token that is
-    not kept becomes the pad token, so the unconditional prompt has the prompt's length and is a
-    per-token function of it (prefix caching stays correct)."""
-
-    keep_token_ids: frozenset[int]
-    pad_token_id: int
-
-    @classmethod
-    def from_config(cls, options: Any) -> "UnconditionalRule":
-        if not isinstance(options, dict) or set(options) != {"keep_token_ids", "pad_token_id"}:
-            raise ValueError(
-                f"config.json {CONFIG_KEY!r} must be {{'keep_token_ids': [ids], 'pad_token_id': id}}, "
-                f"got {options!r}"
-            )
-        return cls(frozenset(int(t) for t in options["keep_token_ids"]), int(options["pad_token_id"]))
-
-    def to_config(self) -> dict:
-        return {"keep_token_ids": sorted(self.keep_token_ids), "pad_token_id": self.pad_token_id}
-
-    def apply(self, prompt: list[int]) -> list[int]:
-        return [t if t in self.keep_token_ids else self.pad_token_id for t in prompt]
 
 
 # Set on the text config by a guided architecture's config hook (the branches' own head counts):
@@ -70,8 +44,6 @@ BRANCH_HEADS_ATTR = "guidance_branch_heads"
 
 def unconditional_rule(model_config: Any) -> UnconditionalRule:
     """The model family's rule, from the folder's configs (ValueError naming what is missing)."""
-    from .families import family_of
-
     hf_config = model_config.hf_config
     return family_of(hf_config).unconditional_rule(hf_config, model_config.try_get_generation_config())
 

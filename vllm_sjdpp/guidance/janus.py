@@ -22,10 +22,10 @@ from transformers.models.janus.modeling_janus import JanusVQVAEAlignerMLP, Janus
 from vllm.model_executor.models.llama import LlamaModel
 from vllm.model_executor.models.utils import AutoWeightsLoader
 
-from .families import family_of
-from .families.janus import ARCHITECTURE, JanusFamily
-from .guidance import MAX_BATCH_TOKENS, GuidanceBatch, default_scale, served_rule
-from .guided_llama import GuidedLlamaDecoderLayer, double_heads, guided_logits, run_branches
+from ..families import family_of
+from ..families.janus import ARCHITECTURE, JanusFamily
+from .cfg import MAX_BATCH_TOKENS, GuidanceBatch, default_scale, served_rule
+from .llama import GuidedLlamaDecoderLayer, double_heads, guided_logits, run_branches
 
 # Weights of the checkpoint that image generation does not use.
 UNUSED_PREFIXES = ["model.vision_model.", "model.aligner.", "model.vqmodel.", "lm_head."]
