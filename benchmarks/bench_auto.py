@@ -31,6 +31,7 @@ import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
 
 from vllm_sjdpp.config import AUTO  # noqa: E402
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH  # noqa: E402
+from vllm_sjdpp.engine.runtime import runtime_of  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
 
 WINDOW = 32
@@ -83,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     plain = LLM(str(args.model), **engine)
     sjdpp = LLM(str(args.model), speculative_config={"method": "sjdpp", "num_speculative_tokens": WINDOW}, **engine)
-    drafter = bench_e2e.drafter_of(sjdpp)
-    assert drafter.config.draft_token_budget == AUTO
-    controller = drafter.runner.rejection_sampler.goodput
+    runtime = runtime_of(sjdpp)
+    assert runtime.config.draft_token_budget == AUTO
+    controller = runtime.goodput
     log = WindowLog(controller)
     for c in tqdm(concurrencies, desc="warm-up"):
         timed(sjdpp, c)

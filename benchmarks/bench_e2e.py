@@ -37,6 +37,7 @@ from vllm_sjdpp.digits import quality  # noqa: E402
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, ids_to_image, prompt_ids  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
 from vllm_sjdpp.digits.vq import Codebook  # noqa: E402
+from vllm_sjdpp.engine.runtime import runtime_of  # noqa: E402
 
 MAX_WINDOW = 32
 
@@ -87,24 +88,27 @@ def write_results(out: Path, result: dict, markdown, plot) -> None:
     print(table)
 
 
-def drafter_of(llm):
-    """The in-process engine's SJD++ drafter, None for a plain engine."""
-    return getattr(llm.llm_engine.model_executor.driver_worker.worker.model_runner, "drafter", None)
+def runtime_or_none(llm):
+    """The in-process engine's SJD++ runtime, None for a plain engine."""
+    try:
+        return runtime_of(llm)
+    except ValueError:
+        return None
 
 
 @contextlib.contextmanager
 def draft_token_budget(llm, budget: int | None):
     """The server's draft-token budget set to `budget` for a while (no-op for a plain engine)."""
-    drafter = drafter_of(llm)
-    if drafter is None:
+    runtime = runtime_or_none(llm)
+    if runtime is None:
         yield
         return
-    default = drafter.config.draft_token_budget
-    drafter.set_draft_token_budget(budget)
+    default = runtime.config.draft_token_budget
+    runtime.set_draft_token_budget(budget)
     try:
         yield
     finally:
-        drafter.set_draft_token_budget(default)
+        runtime.set_draft_token_budget(default)
 
 
 def paired_throughput(plain, llm, mode, concurrency: int, seed: int) -> dict:
@@ -156,7 +160,7 @@ def budget_sweep(plain, sjdpp, mode, budgets, concurrencies, seed=0) -> dict:
     and seeds just before it (the ratio is what is compared: this machine drifts)."""
     from tqdm import tqdm
 
-    sweep = {"default_budget": drafter_of(sjdpp).config.draft_token_budget, "budgets": {}}
+    sweep = {"default_budget": runtime_of(sjdpp).config.draft_token_budget, "budgets": {}}
     for b in tqdm(budgets, desc="budget sweep"):
         with draft_token_budget(sjdpp, b):  # the plain engine has no drafter: unaffected
             sweep["budgets"][str(b)] = {c: paired_throughput(plain, sjdpp, mode, c, seed + 3000) for c in concurrencies}

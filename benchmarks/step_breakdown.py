@@ -82,12 +82,13 @@ def measure(llm, concurrency: int, seconds: float) -> dict[str, float]:
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     for name, _ in SCHEDULER_ROWS:
         timers.wrap(scheduler, name)
-    drafter = bench_e2e.drafter_of(llm)
+    runtime = bench_e2e.runtime_or_none(llm)
     original_step = sampler_module.sjdpp_step
-    if drafter is not None:
-        sampler = drafter.runner.rejection_sampler
-        for name in ("_process_all_rows", "_plain_decoding_step", "_plan"):
+    if runtime is not None:
+        sampler = runtime.runner.rejection_sampler
+        for name in ("_process_all_rows", "_plain_decoding_step"):
             timers.wrap(sampler, name)
+        timers.wrap(runtime, "plan")
         timers.wrap(sampler_module, "sjdpp_step")
     try:
         for _ in range(2):

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -24,3 +25,19 @@ def janus_pro_path(tmp_path_factory):
     from tiny_janus import JANUS_PRO, build_tiny_janus
 
     return str(build_tiny_janus(tmp_path_factory.mktemp("janus-pro-shaped"), JANUS_PRO))
+
+
+@pytest.fixture(autouse=True)
+def no_step_fallbacks(request):
+    """Fail any test in which an in-process SJD++ engine's step (or proposal) fell back to plain
+    sampling, unless the test is marked `expect_fallback`: a fallback is exact, so exactness
+    tests would pass while SJD++ silently stopped working."""
+
+    def total() -> float:
+        runtime = sys.modules.get("vllm_sjdpp.engine.runtime")  # never imported: no engine ran
+        return runtime.fallbacks_total() if runtime is not None else 0.0
+
+    before = total()
+    yield
+    if request.node.get_closest_marker("expect_fallback") is None:
+        assert total() == before, "an SJD++ step fell back to plain sampling (see the log for its cause)"

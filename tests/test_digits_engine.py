@@ -11,6 +11,7 @@ import pytest
 from tiny_llama import set_engine_env
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, IMAGE_TOKENS, ROW_WIDTH, ids_to_image
 from vllm_sjdpp.digits.train import DEFAULT_OUT
+from vllm_sjdpp.engine.runtime import runtime_of
 
 set_engine_env()
 ENGINE = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False)
@@ -27,7 +28,7 @@ def engines():
 
 def test_sjdpp_defaults_come_from_the_model_folder(engines):
     _, sjdpp = engines
-    config = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter.config
+    config = runtime_of(sjdpp).config
     assert (config.fresh_token_range, config.row_width, config.init) == (tuple(IMAGE_TOKENS), ROW_WIDTH, "above")
 
 

@@ -14,6 +14,7 @@ import torch
 
 from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
 from tiny_llama import build_tiny_llama, set_engine_env
+from vllm_sjdpp.engine.runtime import runtime_of
 
 set_engine_env()
 
@@ -91,6 +92,7 @@ def test_sampling_distribution_matches_plain(plain_samples, sjdpp, reuse):
     assert accepted_tokens(sjdpp) > before
 
 
+@pytest.mark.expect_fallback
 def test_a_failing_step_falls_back_to_exact_plain_sampling(plain, plain_samples, sjdpp, monkeypatch, caplog):
     """Defence in depth: every third SJD++ step raises; the engine logs it with the request ids,
     samples those steps plainly and keeps serving, and the outputs keep their distribution."""
@@ -107,6 +109,7 @@ def test_a_failing_step_falls_back_to_exact_plain_sampling(plain, plain_samples,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sampler_module, "sjdpp_step", flaky_step)
+    fallbacks = runtime_of(sjdpp).fallbacks.count
     with caplog.at_level(logging.ERROR, logger="vllm.sjdpp"):
         assert generate(sjdpp, PROMPTS, params(temperature=0, max_tokens=48)) == generate(
             plain, PROMPTS, params(temperature=0, max_tokens=48)
@@ -114,7 +117,8 @@ def test_a_failing_step_falls_back_to_exact_plain_sampling(plain, plain_samples,
         got = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
     assert len(calls) >= 6
     failures = [r for r in caplog.records if "SJD++ step failed for requests" in r.getMessage()]
-    assert len(failures) == len(calls) // 3 and "injected fault" in caplog.text
+    assert len(failures) == len(calls) // 3 and "(RuntimeError: injected fault)" in caplog.text
+    assert runtime_of(sjdpp).fallbacks.count - fallbacks == len(calls) // 3  # and in the Prometheus counter
     pvalues = position_pair_pvalues(plain_samples, got, 48)
     assert min(pvalues) > ALPHA / len(pvalues), pvalues
 
@@ -124,8 +128,7 @@ def test_a_failing_step_falls_back_to_exact_plain_sampling(plain, plain_samples,
     def greedy_fallback(self, metadata, first_rows, sampling_metadata):
         out = torch.full((first_rows.shape[0], max(metadata.num_draft_tokens, default=0) + 1), -1, dtype=torch.long)
         out[:, 0] = first_rows.argmax(-1)
-        for req_id in self.runner.input_batch.req_ids[: first_rows.shape[0]]:
-            self.states.requests[req_id].window = None
+        self.runtime.drop_windows(self.runner.input_batch.req_ids[: first_rows.shape[0]])
         return out
 
     monkeypatch.setattr(SJDPPSampler, "_plain_step", greedy_fallback)
@@ -136,7 +139,7 @@ def test_a_failing_step_falls_back_to_exact_plain_sampling(plain, plain_samples,
 def test_kv_cache_leaves_room_for_the_step(plain, sjdpp):
     """The step's worst-case buffers come out of the KV cache (1 GiB here): the SJD++ engine
     reports fewer blocks than the plain one, by the reserve."""
-    from vllm_sjdpp.patches import step_reserve_bytes
+    from vllm_sjdpp.patches.gpu_worker import step_reserve_bytes
 
     config = sjdpp.llm_engine.vllm_config
     reserve = step_reserve_bytes(config)
@@ -151,9 +154,9 @@ def accepted_per_position(llm) -> list[float]:
 
 
 def test_draft_token_budget_shrinks_windows_and_stays_exact(plain, plain_samples, sjdpp):
-    drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
-    default = drafter.config.draft_token_budget
-    drafter.set_draft_token_budget(4)  # k = 6: at most 4 drafts per pass over all requests
+    runtime = runtime_of(sjdpp)
+    default = runtime.config.draft_token_budget
+    runtime.set_draft_token_budget(4)  # k = 6: at most 4 drafts per pass over all requests
     try:
         expected = generate(plain, PROMPTS, params(temperature=0, max_tokens=48))
         assert generate(sjdpp, PROMPTS, params(temperature=0, max_tokens=48)) == expected
@@ -164,14 +167,14 @@ def test_draft_token_budget_shrinks_windows_and_stays_exact(plain, plain_samples
         accepted = [a - b for a, b in zip(accepted_per_position(sjdpp), before)]
         assert accepted[0] > 0 and not any(accepted[4:]), accepted  # no window was longer than 4
     finally:
-        drafter.set_draft_token_budget(default)
+        runtime.set_draft_token_budget(default)
 
 
 def test_budget_zero_unseeded_is_plain_decoding(plain, plain_samples, sjdpp):
     """With no drafts and no seeds a step is plain decoding, handed to vLLM's own sampler: greedy
     tokens under a repetition penalty, their logprobs and the sampled law equal plain's."""
-    drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
-    drafter.set_draft_token_budget(0)
+    runtime = runtime_of(sjdpp)
+    runtime.set_draft_token_budget(0)
     try:
         greedy = params(temperature=0, max_tokens=24, repetition_penalty=1.3, logprobs=3)
         prompts = [{"prompt_token_ids": p} for p in PROMPTS]
@@ -179,7 +182,7 @@ def test_budget_zero_unseeded_is_plain_decoding(plain, plain_samples, sjdpp):
         expected = [o.outputs[0] for o in plain.generate(prompts, greedy, use_tqdm=False)]
         sampled = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
     finally:
-        drafter.set_draft_token_budget(None)
+        runtime.set_draft_token_budget(None)
     assert [list(o.token_ids) for o in got] == [list(o.token_ids) for o in expected]
     for g, e in zip(got, expected):
         for step_g, step_e in zip(g.logprobs, e.logprobs):
@@ -195,8 +198,7 @@ def test_goodput_controller_stays_exact(plain, plain_samples, sjdpp, monkeypatch
     no drafts to full windows as the batch drains; the outputs keep plain sampling's law."""
     from vllm_sjdpp.engine.goodput import GoodputController
 
-    drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
-    sampler = drafter.runner.rejection_sampler
+    runtime = runtime_of(sjdpp)
     controller = GoodputController(6, clock=lambda: synthetic_time[0])
     synthetic_time = [0.0]
     real_observe, real_windows, chosen = controller.observe_step, controller.windows, []
@@ -212,14 +214,14 @@ def test_goodput_controller_stays_exact(plain, plain_samples, sjdpp, monkeypatch
 
     monkeypatch.setattr(controller, "observe_step", observe_step)
     monkeypatch.setattr(controller, "windows", windows)
-    monkeypatch.setattr(sampler, "goodput", controller)
-    drafter.set_draft_token_budget("auto")
+    monkeypatch.setattr(runtime, "goodput", controller)
+    runtime.set_draft_token_budget("auto")
     try:
         expected = generate(plain, PROMPTS, params(temperature=0, max_tokens=48))
         assert generate(sjdpp, PROMPTS, params(temperature=0, max_tokens=48)) == expected
         got = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
     finally:
-        drafter.set_draft_token_budget(None)
+        runtime.set_draft_token_budget(None)
     pvalues = position_pair_pvalues(plain_samples, got, 48)
     assert min(pvalues) > ALPHA / len(pvalues), pvalues
     partial = [c for c in chosen if 0 < c < 6]
@@ -233,8 +235,7 @@ def test_auto_budget_pins_seeded_requests(sjdpp, monkeypatch):
     unseeded ones equal the same requests with full windows."""
     from vllm_sjdpp.engine.goodput import GoodputController
 
-    drafter = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
-    sampler = drafter.runner.rejection_sampler
+    runtime = runtime_of(sjdpp)
     synthetic_time = [0.0]
     controller = GoodputController(6, clock=lambda: synthetic_time[0])
     real_observe, real_windows, cut = controller.observe_step, controller.windows, []
@@ -250,16 +251,16 @@ def test_auto_budget_pins_seeded_requests(sjdpp, monkeypatch):
 
     monkeypatch.setattr(controller, "observe_step", observe_step)
     monkeypatch.setattr(controller, "windows", windows)
-    monkeypatch.setattr(sampler, "goodput", controller)
+    monkeypatch.setattr(runtime, "goodput", controller)
     seeded = [params(temperature=1.0, top_k=8, max_tokens=40, seed=s) for s in range(6)]
     prompts = [{"prompt_token_ids": p} for p in PROMPTS[:3] * 2]
     full = [list(o.outputs[0].token_ids) for o in sjdpp.generate(prompts, seeded, use_tqdm=False)]
-    drafter.set_draft_token_budget("auto")
+    runtime.set_draft_token_budget("auto")
     try:
         unseeded = params(temperature=1.0, top_k=8, max_tokens=40)
         mixed = sjdpp.generate(prompts + [{"prompt_token_ids": [5, 6]}] * 30, seeded + [unseeded] * 30, use_tqdm=False)
     finally:
-        drafter.set_draft_token_budget(None)
+        runtime.set_draft_token_budget(None)
     assert [list(o.outputs[0].token_ids) for o in mixed[:6]] == full
     assert cut, "the controller never cut a window: the test would not see a seeded request adapt"
 
@@ -272,7 +273,7 @@ def test_distribution_test_catches_vllm_cpu_expand_bug(plain, sjdpp):
     import vllm.utils.cpu_triton_utils as cpu_triton_utils
     from vllm.v1.sample import rejection_sampler
 
-    from vllm_sjdpp import patches as vllm_patches
+    from vllm_sjdpp.patches import cpu_triton_utils as vllm_patches
 
     sampling = params(temperature=0.8, max_tokens=LENGTH)
     expected = np.array(generate(plain, [[2, 3, 4]] * SAMPLES, sampling))
@@ -339,7 +340,7 @@ def test_bad_request_option_is_rejected(sjdpp):
 
 def test_state_is_released(sjdpp):
     outs = sjdpp.generate([{"prompt_token_ids": p} for p in PROMPTS], params(temperature=1.0, max_tokens=20), use_tqdm=False)
-    states = sjdpp.llm_engine.model_executor.driver_worker.worker.model_runner.drafter.states
+    states = runtime_of(sjdpp).states
 
     def held(outs):  # the engine's request ids extend the ones LLM returns
         return {r for r in states.requests for o in outs if r.startswith(o.request_id + "-")}
@@ -360,9 +361,17 @@ def test_windows_shrink_at_max_model_len(plain, sjdpp):
     assert len(generate(sjdpp, [prompt], params(temperature=1.0, max_tokens=56))[0]) == 56
 
 
-def test_logprobs_of_committed_tokens(sjdpp):
-    out = sjdpp.generate([{"prompt_token_ids": [2, 3]}], params(temperature=1.0, max_tokens=12, logprobs=2), use_tqdm=False)
-    completion = out[0].outputs[0]
-    assert len(completion.logprobs) == 12
-    for token, logprobs in zip(completion.token_ids, completion.logprobs):
-        assert token in logprobs and logprobs[token].logprob <= 0.0
+def test_logprobs_of_committed_tokens(plain, sjdpp):
+    """Every committed token's logprobs (its own and the top 3) equal plain decoding's, whether
+    it was an accepted draft, a recovery or a bonus token: the rows are aligned per position."""
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    greedy = params(temperature=0, max_tokens=40, logprobs=3)
+    before = accepted_tokens(sjdpp)
+    got = [o.outputs[0] for o in sjdpp.generate(prompts, greedy, use_tqdm=False)]
+    expected = [o.outputs[0] for o in plain.generate(prompts, greedy, use_tqdm=False)]
+    assert accepted_tokens(sjdpp) > before  # drafts were committed, with their rows' logprobs
+    for g, e in zip(got, expected):
+        assert list(g.token_ids) == list(e.token_ids) and len(g.logprobs) == 40
+        for token, step_g, step_e in zip(g.token_ids, g.logprobs, e.logprobs):
+            assert token in step_g and step_g.keys() == step_e.keys()
+            assert all(abs(step_g[t].logprob - step_e[t].logprob) < 1e-5 for t in step_e)

@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 
 from tiny_janus import SPECIAL_TOKENS, JanusShape, build_tiny_janus
 from tiny_llama import build_tiny_llama, set_engine_env
+from vllm_sjdpp.engine.runtime import runtime_of
 
 set_engine_env()
 
@@ -106,7 +107,7 @@ def serve_and_check(llm, family: str, prompts: list[list[int]], tokens: int, log
     def params(**kw):
         return SamplingParams(ignore_eos=True, detokenize=False, max_tokens=tokens, extra_args={"guidance_scale": SCALE}, **kw)
 
-    drafter = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+    drafter = runtime_of(llm)
     errors = PluginErrors()
     logger = logging.getLogger("vllm.sjdpp")
     logger.addHandler(errors)

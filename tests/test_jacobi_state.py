@@ -24,7 +24,7 @@ def test_per_request_options_and_release():
     assert states.get("b", {"sjdpp_reuse": "none"}).config.reuse == "none"
     assert states.get("b", None).fresh_vocab == range(2, 6)
     states.release("a")
-    states.retain({"b", "c"})
+    states.release("c")  # never seen: nothing to forget
     assert set(states.requests) == {"b"}
 
 
@@ -39,8 +39,11 @@ def test_proposal_buffers_alternate_grow_and_shrink():
     small = states.next_buffer(5, 10, torch.float32, torch.device("cpu"))
     assert small.shape[0] < 100  # the batch shrank: memory is given back
     states.get("x", None)
-    states.retain(set())
-    assert states.state_bytes() == 0
+    states.get("y", None)
+    states.release("x")
+    assert states.state_bytes() > 0  # y still runs
+    states.release("y")
+    assert states.state_bytes() == 0  # idle
 
 
 def test_batch_requests_want_windows_within_their_bounds():
@@ -56,7 +59,7 @@ def test_batch_requests_want_windows_within_their_bounds():
         extra = {f"sjdpp_{k}": v for k, v in options.items()}
         return SimpleNamespace(sampling_params=SimpleNamespace(max_tokens=max_tokens, seed=seed, extra_args=extra))
 
-    runner = SimpleNamespace(requests={
+    runner = SimpleNamespace(model_config=SimpleNamespace(max_model_len=47), requests={
         "free": request(),
         "late": request(jacobi_start=5),
         "ending": request(max_tokens=20, seed=3),
@@ -69,16 +72,53 @@ def test_batch_requests_want_windows_within_their_bounds():
     prompt = np.full(5, 10, dtype=np.int32)
     start = np.array([14, 13, 25, 40, 12], dtype=np.int32)  # generated: 4, 3, 15, 30, 2
     no_discard = np.zeros(5, dtype=bool)
+
+    def wanted(start, max_model_len, discard=no_discard):
+        batch.max_model_len = max_model_len
+        return batch.windows_wanted(start, prompt, discard).tolist()
+
     # late: 3 + 1 < 5, no drafts yet; ending: 20 - 15 = 5 left, 5 - 2 = 3; max_model_len 47: short has
     # 7 left but k = 2 (at 43: 3 left, one draft); plain: never.
-    assert batch.windows_wanted(start, prompt, no_discard, 47).tolist() == [8, 0, 3, 2, 0]
-    assert batch.windows_wanted(start + 1, prompt, no_discard, 47).tolist() == [8, 8, 2, 2, 0]
-    assert batch.windows_wanted(start, prompt, no_discard, 45).tolist() == [8, 0, 3, 2, 0]
-    assert batch.windows_wanted(start, prompt, no_discard, 43).tolist() == [8, 0, 3, 1, 0]
-    assert batch.windows_wanted(start, prompt, np.array([1, 0, 0, 0, 0], dtype=bool), 47).tolist() == [0, 0, 3, 2, 0]
+    assert wanted(start, 47) == [8, 0, 3, 2, 0]
+    assert wanted(start + 1, 47) == [8, 8, 2, 2, 0]
+    assert wanted(start, 45) == [8, 0, 3, 2, 0]
+    assert wanted(start, 43) == [8, 0, 3, 1, 0]
+    assert wanted(start, 47, np.array([1, 0, 0, 0, 0], dtype=bool)) == [0, 0, 3, 2, 0]
+    # What the proposer may hand out after a commit: one token fewer than are left.
+    batch.max_model_len = 43
+    assert batch.drafts_allowed(start, prompt).tolist() == [28, 29, 4, 2, 30]
     assert batch.seeded == [False, False, True, False, False]
     assert batch.request_states[4].config is None
 
     batch.update(ids[::-1])  # vLLM reorders its batch
     assert batch.seeded == [False, False, True, False, False][::-1]
-    assert batch.windows_wanted(start[::-1], prompt, no_discard, 47).tolist() == [0, 2, 3, 0, 8]
+    assert wanted(start[::-1], 47) == [0, 2, 3, 0, 8]
+
+
+def test_a_reused_request_id_starts_afresh():
+    """vLLM removes a request (finished or aborted) and a client reuses its id in the same
+    place of the batch: the runtime's release forgets every per-request fact, so the new
+    request's options are its own, not the old one's."""
+    from types import SimpleNamespace
+
+    from vllm_sjdpp.engine.batch_requests import BatchRequests
+
+    def request(**options):
+        extra = {f"sjdpp_{k}": v for k, v in options.items()}
+        return SimpleNamespace(sampling_params=SimpleNamespace(max_tokens=None, seed=None, extra_args=extra))
+
+    runner = SimpleNamespace(model_config=SimpleNamespace(max_model_len=100), requests={"a": request(disable=True), "b": request()})
+    states = JacobiStates(SJDPPConfig(num_speculative_tokens=8), vocab_size=10)
+    batch = BatchRequests(states, runner)
+    batch.update(["a", "b"])
+    assert batch.request_states[0].config is None
+    runner.requests["a"] = request(num_speculative_tokens=3)  # the id reused, SJD++ this time
+    states.release("a")
+    batch.forget("a")
+    batch.update(["a", "b"])
+    assert batch.request_states[0].config.num_speculative_tokens == 3
+    # Broken variant: without forget, the same batch key keeps the aborted request's facts.
+    runner.requests["a"] = request(disable=True)
+    states.release("a")
+    batch.update(["a", "b"])
+    assert batch.request_states[0].config.num_speculative_tokens == 3

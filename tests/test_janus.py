@@ -18,6 +18,7 @@ import torch
 from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
 from tiny_janus import JANUS_PRO, SMALL, JanusShape
 from tiny_llama import set_engine_env
+from vllm_sjdpp.engine.runtime import runtime_of
 
 set_engine_env()
 
@@ -262,15 +263,11 @@ def test_sjdpp_sampling_matches_transformers(janus_sjdpp, shape, hf, prompts):
     assert differ(unguided, hf_samples(hf, prompts[0], scale))
 
 
-def drafter(llm):
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
-
-
 def test_seeded_sjdpp_windows_hold_only_codes(janus_sjdpp, shape, prompts):
     """50 seeded SJD++ images at the folder's guidance scale: every window that reached the model
     runner held image codes only (counted at the guard, where an id past the codebook would be
     cut), and drafts were accepted: fewer forward passes than tokens."""
-    guard = drafter(janus_sjdpp).guard
+    guard = runtime_of(janus_sjdpp).guard
     windows, drafts, cut = guard.windows, guard.drafts, guard.cut
     before = accepted_drafts(janus_sjdpp)
     images = 50
@@ -409,7 +406,7 @@ def test_first_sjdpp_images_on_a_folder_whose_prompt_ids_pass_the_codes(boi_past
     engine keeps serving."""
     llm, prompts = boi_past_the_codes
     shape = BOI_PAST_THE_CODES
-    guard = drafter(llm).guard
+    guard = runtime_of(llm).guard
     windows, cut = guard.windows, guard.cut
     for temperature in (1.0, 0.0, 1.0):
         sampling = [params(shape.tokens, temperature=temperature, seed=i) for i in range(len(prompts))]
@@ -421,17 +418,17 @@ def test_first_sjdpp_images_on_a_folder_whose_prompt_ids_pass_the_codes(boi_past
 def test_guard_cuts_windows_of_a_prior_that_copies_prompt_ids(boi_past_the_codes, monkeypatch):
     """Broken variant: the fresh-token history with the prompt in it (the bug as it was).  The
     guard cuts those windows before the model sees them: images still come out whole."""
-    from vllm_sjdpp.engine.sampler import SJDPPSampler
+    from vllm_sjdpp.engine.runtime import SJDPPRuntime
 
     def history_with_the_prompt(self, start, length):
         positions = np.asarray(start)[:, None] - length + np.arange(length)
         tokens = self.runner.input_batch.token_ids_cpu[np.arange(len(start))[:, None], np.maximum(positions, 0)]
         return np.where(positions >= 0, tokens, -1).astype(np.int64)
 
-    monkeypatch.setattr(SJDPPSampler, "_history", history_with_the_prompt)
+    monkeypatch.setattr(SJDPPRuntime, "history", history_with_the_prompt)
     llm, prompts = boi_past_the_codes
     shape = BOI_PAST_THE_CODES
-    guard = drafter(llm).guard
+    guard = runtime_of(llm).guard
     cut = guard.cut
     codes = np.array(run(llm, prompts, [params(shape.tokens, temperature=1.0, seed=i) for i in range(len(prompts))]))
     assert codes.shape == (len(prompts), shape.tokens) and codes.max() < shape.codes

@@ -5,8 +5,8 @@ import argparse
 import pytest
 import torch
 
-from vllm_sjdpp import patches as vllm_patches
-from vllm_sjdpp.patches import PROPOSER_PATH, check_version, parse_speculative_config, sjdpp_speculative_config
+from vllm_sjdpp.patches import check_version, internals
+from vllm_sjdpp.patches.arg_utils import PROPOSER_PATH, parse_speculative_config, sjdpp_speculative_config
 
 
 @pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.33.1", "0.33.0rc1"])
@@ -21,12 +21,47 @@ def test_unsupported_versions_are_refused_clearly(version):
 
 
 def test_installed_vllm_is_supported_and_patched():
+    """The plugin's entry point, found as every vLLM process finds it, patched what it patches;
+    and nothing it relies on is missing from the installed vLLM."""
     import vllm
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.plugins import load_general_plugins
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     check_version(vllm.__version__)
-    load_general_plugins()  # finds our entry point, as every vLLM process does
-    assert vllm_patches._applied
+    load_general_plugins()
+    patched = {  # the wrappers keep the originals' names (functools.wraps), not their code
+        GPUModelRunner.__init__: "gpu_model_runner.py",
+        GPUModelRunner._on_request_state_removed: "gpu_model_runner.py",
+        GPUModelRunner._preprocess: "gpu_model_runner.py",
+        EngineArgs.create_speculative_config: "arg_utils.py",
+        InputProcessor.process_inputs: "input_processor.py",
+    }
+    for wrapper, module in patched.items():
+        assert wrapper.__code__.co_filename.endswith(f"vllm_sjdpp/patches/{module}"), wrapper.__qualname__
+    assert "GuidedLlamaForCausalLM" in MODELS_CONFIG_MAP and "JanusForConditionalGeneration" in MODELS_CONFIG_MAP
+    assert internals.missing() == []
+
+
+def test_the_seam_names_what_a_vllm_lacks(monkeypatch):
+    """A relied-on method gone, or with other parameters, is named; so is a runner attribute."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    member = next(m for m in internals.CLASS_MEMBERS if m.name == "_on_request_state_removed")
+    monkeypatch.setattr(GPUModelRunner, "_on_request_state_removed", lambda self, request_id, state: None)
+    assert internals.missing() == [f"{member}: its parameters are (self, request_id, state)"]
+    monkeypatch.delattr(GPUModelRunner, "_on_request_state_removed")
+    assert internals.missing() == [f"{member}: no '_on_request_state_removed'"]
+    runner = SimpleNamespace(**{a.split(".")[0]: SimpleNamespace(np=0, gpu=0) for a in internals.RUNNER_ATTRIBUTES})
+    runner.input_batch = SimpleNamespace(**{a: 0 for a in internals.INPUT_BATCH_ATTRIBUTES})
+    internals.check_runner(runner)
+    del runner.input_batch.num_prompt_tokens
+    with pytest.raises(RuntimeError, match="the model runner lacks InputBatch.num_prompt_tokens"):
+        internals.check_runner(runner)
 
 
 def test_speculative_config_accepts_a_method_name_or_json():
@@ -85,11 +120,12 @@ vllm.__version__ = sys.argv[2]  # what the plugin sees; the CPU build is what ru
 import vllm.platforms
 if sys.argv[3] == "gpu":
     type(vllm.platforms.current_platform).is_cpu = lambda self: False
+exec(sys.argv[4])  # what the test changes in vLLM before the plugin loads
 from vllm.plugins import load_general_plugins
 load_general_plugins()
 import vllm.utils.cpu_triton_utils as cpu_utils
 from vllm.engine.arg_utils import EngineArgs
-print("expand patched:", cpu_utils._expand_kernel_impl.__module__ == "vllm_sjdpp.patches")
+print("expand patched:", cpu_utils._expand_kernel_impl.__module__ == "vllm_sjdpp.patches.cpu_triton_utils")
 args = dict(model=sys.argv[1], skip_tokenizer_init=True, max_model_len=64)
 EngineArgs(**args).create_engine_config()
 print("plain config: ok")
@@ -101,14 +137,14 @@ except RuntimeError as e:
 """
 
 
-def _probe(model_path, version, platform="cpu"):
+def _probe(model_path, version, platform="cpu", change=""):
     import subprocess
     import sys
 
     from tiny_llama import ENGINE_ENV
 
     result = subprocess.run(
-        [sys.executable, "-c", PLUGIN_PROBE, model_path, version, platform], capture_output=True, text=True,
+        [sys.executable, "-c", PLUGIN_PROBE, model_path, version, platform, change], capture_output=True, text=True,
         timeout=300, env={**__import__("os").environ, **ENGINE_ENV},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -130,6 +166,17 @@ def test_unsupported_vllm_leaves_plain_vllm_working_and_refuses_sjdpp(tiny_llama
     assert "the plugin stays inactive" in err
 
 
+def test_a_vllm_lacking_a_relied_on_internal_refuses_sjdpp_naming_it(tiny_llama_path):
+    """vLLM without GPUModelRunner._preprocess: nothing patched, plain vLLM works, and sjdpp is
+    refused at start-up naming the missing method."""
+    remove = "from vllm.v1.worker.gpu_model_runner import GPUModelRunner; del GPUModelRunner._preprocess"
+    out, err = _probe(tiny_llama_path, "0.32.0", change=remove)
+    assert "expand patched: False" in out and "plain config: ok" in out
+    assert "sjdpp config: vllm-sjdpp cannot patch vLLM 0.32.0: it lacks " in out
+    assert "vllm.v1.worker.gpu_model_runner:GPUModelRunner._preprocess(self, scheduler_output, num_input_tokens, ...): no '_preprocess'" in out
+    assert "the plugin stays inactive" in err
+
+
 def test_cpu_patches_apply_only_on_the_cpu_platform(tiny_llama_path):
     assert "expand patched: True" in _probe(tiny_llama_path, "0.32.0")[0]
     out, _ = _probe(tiny_llama_path, "0.32.0", platform="gpu")
@@ -140,7 +187,7 @@ def test_cpu_patches_apply_only_on_the_cpu_platform(tiny_llama_path):
 def test_cpu_expand_kernel_repeats_each_value_by_its_count(counts):
     """The CPU expand kernel (vLLM's expand_kernel in PyTorch), with its one-token-per-request
     shortcut, against repeat_interleave; -1 is replaced by 7."""
-    from vllm_sjdpp.patches import expand_kernel_impl
+    from vllm_sjdpp.patches.cpu_triton_utils import expand_kernel_impl
 
     values = torch.tensor([-1.0, 2.0, 3.0, 4.0][: len(counts)])
     cu = torch.tensor(counts).cumsum(0).to(torch.int32)
@@ -178,7 +225,9 @@ def test_spec_metadata_without_drafts_equals_vllms(scheduled):
     cu = np.cumsum(np.array(scheduled, dtype=np.int32))
     no_drafts = np.zeros(len(scheduled), dtype=np.int32)
     expected = general(no_drafts, cu)
-    vllm_patches._patch_spec_metadata_without_drafts(runner)
+    from vllm_sjdpp.patches.gpu_model_runner import _patch_spec_metadata_without_drafts
+
+    _patch_spec_metadata_without_drafts(runner)
     runner._calc_spec_decode_metadata(np.zeros(16, dtype=np.int32), np.arange(1, 17))  # a larger batch first
     got = runner._calc_spec_decode_metadata(no_drafts, cu)
     assert got.num_draft_tokens == expected.num_draft_tokens

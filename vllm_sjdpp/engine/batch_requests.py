@@ -22,6 +22,7 @@ class BatchRequests:
     def __init__(self, states: JacobiStates, runner):
         self.states = states
         self.runner = runner
+        self.max_model_len = runner.model_config.max_model_len
         self.req_ids: tuple[str, ...] = ()
         self.request_states: list = []
         self.seeded: list[bool] = []
@@ -44,12 +45,23 @@ class BatchRequests:
         )
         self.seeded = [q.sampling_params.seed is not None for q in requests]
 
-    def windows_wanted(self, start: np.ndarray, prompt_len: np.ndarray, discard: np.ndarray, max_model_len: int) -> np.ndarray:
+    def forget(self, req_id: str) -> None:
+        """A request is gone: rebuild at the next update, even if a new request reuses its id
+        in the same place."""
+        if req_id in self.req_ids:
+            self.req_ids = ()
+
+    def drafts_allowed(self, committed: np.ndarray, prompt_len: np.ndarray) -> np.ndarray:
+        """The most drafts a pass may verify after `committed` tokens: it commits its accepted
+        drafts plus one, and never past max_tokens or the context."""
+        left = np.minimum(self.max_model_len - committed, self._max_tokens - (committed - prompt_len))
+        return np.maximum(left - 1, 0)
+
+    def windows_wanted(self, start: np.ndarray, prompt_len: np.ndarray, discard: np.ndarray) -> np.ndarray:
         """Drafts worth making for each request's next pass: none before jacobi_start, none for a
-        request whose sampled token is thrown away (a partial prefill), and never past the end:
-        this pass commits at least one token and the next one its drafts plus one."""
+        request whose sampled token is thrown away (a partial prefill), and at most what the next
+        pass may verify, after this pass commits at least one token."""
         generated = start - prompt_len
-        left = np.minimum(max_model_len - start, self._max_tokens - generated)
-        wanted = np.maximum(np.minimum(self._window, left - 2), 0)
+        wanted = np.minimum(self._window, self.drafts_allowed(start + 1, prompt_len))
         wanted[discard | (generated + 1 < self._jacobi_start)] = 0
         return wanted

@@ -43,7 +43,7 @@ class JacobiStates:
     def get(self, req_id: str, extra_args: dict | None) -> RequestState:
         state = self.requests.get(req_id)
         if state is None:
-            # Options were validated when the request arrived (see vllm_patches).
+            # Options were validated when the request arrived (patches.input_processor).
             config = self.config.for_request(extra_args)
             vocab = config.fresh_vocab(self.vocab_size) if config else []
             state = self.requests[req_id] = RequestState(config, fresh_vocab=vocab)
@@ -58,10 +58,6 @@ class JacobiStates:
 
     def release(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
-
-    def retain(self, live: set[str]) -> None:
-        for req_id in [r for r in self.requests if r not in live]:
-            del self.requests[req_id]
         if not self.requests:  # idle: give the proposal buffers back
             self._buffers = [None, None]
 

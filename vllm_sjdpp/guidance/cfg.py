@@ -121,10 +121,14 @@ class GuidanceBatch:
         self.uncond_override = torch.full((size,), -1, dtype=torch.long, device=device)
         self.token_scale = torch.full((size,), scale_default, dtype=torch.float32, device=device)
 
+    def forget(self, req_id: str) -> None:
+        """vLLM removed the request (called from the runner's one hook for that)."""
+        self.requests.pop(req_id, None)
+
     def request(self, req_id: str, prompt: list[int], extra_args: dict | None) -> tuple[float, np.ndarray]:
         state = self.requests.get(req_id)
         if state is None:
-            # Checked when the request arrived (vllm_patches); a failure here is a bug.
+            # Checked when the request arrived (patches.input_processor); a failure here is a bug.
             scale, negative = request_guidance(extra_args, prompt, self.rule, self.scale_default, self.vocab_size)
             state = self.requests[req_id] = (scale, np.asarray(negative, dtype=np.int64))
         return state
@@ -133,8 +137,6 @@ class GuidanceBatch:
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         live = batch.req_ids[:num_reqs]
-        for req_id in [r for r in self.requests if r not in runner.requests]:
-            del self.requests[req_id]
         states = [
             self.request(r, runner.requests[r].prompt_token_ids, runner.requests[r].sampling_params.extra_args)
             for r in live

@@ -1,0 +1,298 @@
+"""`SJDPPRuntime`: the one owner of a model runner's per-request SJD++ state.
+
+A runner serving SJD++ has one runtime, built by the runner patch (`patches.gpu_model_runner`)
+right after vLLM builds the runner, and reached as `runner.sjdpp`.  It holds
+- the Jacobi windows and their proposal rows (`states`),
+- the running batch's per-request facts in batch order (`batch`),
+- the goodput controller that sizes windows under draft_token_budget="auto" (`goodput`),
+- the step statistics (`stats`), the guard at the model runner's door (`guard`) and the count
+  of steps that fell back to plain sampling (`fallbacks`).
+vLLM's adapters are thin: `SJDPPSampler` (the rejection sampler's slot) verifies and redrafts
+with the state read and recorded here, `SJDPPProposer` (the drafter's slot) hands out the windows
+kept here.  `release` is the one place a request's state is forgotten, called from vLLM's hook
+for a removed request (finished, aborted): a request id that a client reuses starts afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from vllm.logger import init_logger
+
+from ..config import ADDITIONAL_CONFIG_KEY, AUTO, AUTO_FALLBACK_BUDGET, SJDPPConfig
+from ..families import logits_size
+from .batch_requests import BatchRequests
+from .goodput import GoodputController
+from .jacobi_state import JacobiStates, RequestState, Window
+from .window_budget import share_draft_budget
+
+# Under "vllm." so that vLLM's logging configuration (handlers, level) applies in every process.
+logger = init_logger("vllm.sjdpp")
+
+
+def _fallback_counter():
+    """The Prometheus counter of steps that fell back, by cause (one per process).  Not named
+    "vllm:...": vLLM unregisters those collectors when it builds its own loggers.  /metrics shows
+    it where the engine shares the API server's process, or with PROMETHEUS_MULTIPROC_DIR set."""
+    from prometheus_client import Counter
+
+    return Counter("sjdpp_step_fallbacks", "SJD++ steps sampled plainly after a failure, by cause", ["stage", "cause"])
+
+
+STEP_FALLBACKS = _fallback_counter()
+
+
+def fallbacks_total() -> float:
+    """Steps fallen back in this process so far (all stages and causes)."""
+    return sum(s.value for m in STEP_FALLBACKS.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+class StepStats:
+    """Committed tokens per request-step and the Jacobi state held, logged periodically
+    (every SJDPP_LOG_INTERVAL_S seconds, default 10)."""
+
+    def __init__(self, detail=lambda: "") -> None:
+        self.detail = detail  # more to log, e.g. what the goodput controller measured
+        self.request_steps = self.committed = self.drafts = 0
+        self.interval = float(os.environ.get("SJDPP_LOG_INTERVAL_S", "10"))
+        self._last_log = time.monotonic()
+
+    def add(self, request_steps: int, committed: int, drafts: int, states: JacobiStates) -> None:
+        self.request_steps += request_steps
+        self.committed += committed
+        self.drafts += drafts
+        now = time.monotonic()
+        if now - self._last_log >= self.interval and self.request_steps:
+            logger.info(
+                "SJD++: %d request-steps, %.2f tokens committed per step (step compression "
+                "%.2fx), %.1f%% of %d drafts accepted; state: %d requests, %.1f MiB of q rows%s",
+                self.request_steps,
+                self.committed / self.request_steps,
+                self.committed / self.request_steps,
+                100.0 * (self.committed - self.request_steps) / max(self.drafts, 1),
+                self.drafts,
+                len(states.requests),
+                states.state_bytes() / 2**20,
+                self.detail(),
+            )
+            self._last_log = now
+
+
+class DraftGuard:
+    """The one check between SJD++ windows and the model runner: every draft handed to vLLM is
+    a token the model samples (0 .. vocab_size - 1, for Janus the codebook), hence one it can
+    embed.  A window is cut before its first token outside that range, whatever made it: a draft
+    source that lets one through is a bug, logged and counted here instead of an IndexError in
+    the forward pass that would take the engine down."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.windows = 0  # windows handed to vLLM
+        self.drafts = 0  # draft tokens checked
+        self.cut = 0  # windows cut short
+
+    def __call__(self, req_id: str, tokens: list[int]) -> list[int]:
+        self.windows += 1
+        self.drafts += len(tokens)
+        if not tokens or (min(tokens) >= 0 and max(tokens) < self.vocab_size):
+            return tokens
+        first_bad = next(i for i, t in enumerate(tokens) if not 0 <= t < self.vocab_size)
+        self.cut += 1
+        logger.error(
+            "SJD++: request %s's window holds token %d at slot %d, outside the model's %d tokens: "
+            "drafts from there on dropped (%d windows cut so far)",
+            req_id, tokens[first_bad], first_bad, self.vocab_size, self.cut,
+        )
+        return tokens[:first_bad]
+
+
+class StepFallbacks:
+    """Steps (or proposals) that failed and were sampled plainly instead: logged with the cause
+    and counted, here and in the `sjdpp_step_fallbacks` Prometheus counter."""
+
+    def __init__(self):
+        self.count = 0
+
+    def record(self, stage: str, error: BaseException, req_ids) -> None:
+        self.count += 1
+        STEP_FALLBACKS.labels(stage=stage, cause=type(error).__name__).inc()
+        logger.error(
+            "SJD++ %s failed for requests %s (%s: %s): this step samples each request's next token "
+            "plainly and drops their windows (%d fallbacks so far)",
+            stage, list(req_ids), type(error).__name__, error, self.count, exc_info=error,
+        )
+
+
+@dataclass
+class StepPlan:
+    """Per request: its drafts this pass, where its committed tokens end, its Jacobi state, the
+    proposal row of each draft (-1: one-hot) and the length of its next window."""
+
+    counts: list[int]
+    per_request: list[list[int]]
+    start: list[int]
+    states: list[RequestState]
+    prob_rows: list[int]
+    next_len: list[int]
+
+    @property
+    def windowless(self) -> bool:
+        return not any(self.counts) and not any(self.next_len)
+
+
+class SJDPPRuntime:
+    def __init__(self, runner: Any):
+        vllm_config = runner.vllm_config
+        options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
+        vocab_size = logits_size(vllm_config.model_config)
+        self.runner = runner
+        self.states = JacobiStates(SJDPPConfig.from_dict(options), vocab_size)
+        self.batch = BatchRequests(self.states, runner)
+        self.goodput = GoodputController(self.config.num_speculative_tokens)
+        self.stats = StepStats(lambda: f"; {self.goodput.summary()}" if self.config.draft_token_budget == AUTO else "")
+        self.guard = DraftGuard(vocab_size)
+        self.fallbacks = StepFallbacks()
+        # Every worker runs this step; timings differ between them, windows must not.
+        self.adaptive = runner.parallel_config.world_size == 1
+        if self.config.draft_token_budget == AUTO and not self.adaptive:
+            logger.warning(
+                "SJD++: draft_token_budget=%r needs a single worker; with %d it is a fixed %d",
+                AUTO, runner.parallel_config.world_size, AUTO_FALLBACK_BUDGET,
+            )
+
+    @property
+    def config(self) -> SJDPPConfig:
+        """The server's SJD++ options (the Jacobi states hold the one copy)."""
+        return self.states.config
+
+    def set_draft_token_budget(self, budget: int | str | None) -> None:
+        """Change the server's draft-token budget while it runs (in-process benchmarks, tests)."""
+        self.states.config = dataclasses.replace(self.states.config, draft_token_budget=budget)
+
+    def release(self, req_id: str) -> None:
+        """Forget a request (vLLM removed it: finished or aborted)."""
+        self.states.release(req_id)
+        self.batch.forget(req_id)
+
+    # The step: what the sampler asks before and after its work over the vocabulary -----------
+
+    def plan(self, metadata) -> StepPlan:
+        """The step's bookkeeping, before any work over the vocabulary."""
+        input_batch = self.runner.input_batch
+        num_reqs = len(metadata.num_draft_tokens)
+        batch = self.batch
+        batch.update(input_batch.req_ids[:num_reqs])
+        committed = input_batch.num_tokens_no_spec[:num_reqs]
+        wanted = batch.windows_wanted(
+            committed, input_batch.num_prompt_tokens[:num_reqs], self.runner.discard_request_mask.np[:num_reqs]
+        )
+        counts = list(metadata.num_draft_tokens)
+        start = committed.tolist()
+        states = batch.request_states
+        if any(counts):
+            drafts = metadata.draft_token_ids.tolist()
+            ends = list(itertools.accumulate(counts))
+            per_request = [drafts[end - n : end] for n, end in zip(counts, ends)]
+            prob_rows = [
+                row for state, n0, d in zip(states, start, per_request) for row in self.states.drafts_usable(state, n0, d)
+            ]
+        else:
+            per_request, prob_rows = [[] for _ in counts], []
+        return StepPlan(counts, per_request, start, states, prob_rows, self._share(wanted.tolist(), batch.seeded))
+
+    def _share(self, wanted: list[int], seeded: list[bool]) -> list[int]:
+        """The next windows' lengths under the server's draft-token budget."""
+        budget = self.config.draft_token_budget
+        if budget != AUTO:
+            return share_draft_budget(wanted, budget)
+        if not self.adaptive:
+            return share_draft_budget(wanted, AUTO_FALLBACK_BUDGET)
+        # Seeded requests keep their windows: their draws, hence their tokens, follow the lengths.
+        if not any(seeded):
+            return self.goodput.windows(wanted, [])
+        adapted = iter(self.goodput.windows(
+            [w for w, s in zip(wanted, seeded) if not s], [w for w, s in zip(wanted, seeded) if s]
+        ))
+        return [w if s else next(adapted) for w, s in zip(wanted, seeded)]
+
+    def history(self, start: list[int], length: int) -> np.ndarray:
+        """The last `length` committed tokens of each request, right-aligned; -1 at prompt
+        positions.  The image starts at the first generated token (every family's prompt ends
+        with its image-start token), so a spatial prior never copies a prompt token: a text id
+        that the model could not embed as an image code (Janus: ids past the codebook)."""
+        batch = self.runner.input_batch
+        num_reqs = len(start)
+        positions = np.asarray(start)[:, None] - length + np.arange(length)
+        tokens = batch.token_ids_cpu[np.arange(num_reqs)[:, None], np.maximum(positions, 0)]
+        generated = positions >= batch.num_prompt_tokens[:num_reqs, None]
+        return np.where(generated, tokens, -1).astype(np.int64)
+
+    def record_windows(self, plan: StepPlan, out) -> list[int]:
+        """Keep each request's next window from the step's output; returns the drafts each
+        request had accepted."""
+        accepted = out.num_accepted.tolist()
+        tokens = out.next_draft_token_ids.tolist()
+        rows = out.next_draft_prob_rows.tolist()
+        generation = self.states.generation + 1
+        offset = 0
+        for state, n0, n, a in zip(plan.states, plan.start, plan.next_len, accepted):
+            state.window = Window(n0 + a + 1, tokens[offset : offset + n], rows[offset : offset + n], generation) if n else None
+            offset += n
+        self.states.advance()
+        num_reqs = len(plan.counts)
+        self.stats.add(num_reqs, sum(accepted) + num_reqs, sum(plan.counts), self.states)
+        self._observe(num_reqs, True, plan.counts, accepted)
+        return accepted
+
+    def close_windows(self, plan: StepPlan) -> None:
+        """A windowless step's bookkeeping: one token per request, no window after it."""
+        for state in plan.states:
+            state.window = None
+        num_reqs = len(plan.counts)
+        self.stats.add(num_reqs, num_reqs, 0, self.states)
+        self._observe(num_reqs, False, plan.counts, plan.counts)
+
+    def drop_windows(self, req_ids) -> None:
+        self.states.drop_windows(req_ids)
+
+    def _observe(self, num_reqs: int, full_step: bool, lengths, accepted) -> None:
+        """The step's cost and acceptance, for the goodput controller."""
+        if self.config.draft_token_budget != AUTO:
+            return
+        positions = int(self.runner.query_start_loc.np[num_reqs])
+        req_ids = self.runner.input_batch.req_ids[:num_reqs]
+        self.goodput.observe_step(positions, req_ids, full_step, lengths, accepted)
+
+    # What the proposer hands vLLM ----------------------------------------------------------------
+
+    def windows(self, num_tokens_no_spec) -> list[list[int]]:
+        """Each running request's drafts for its next pass, in batch order: its kept window if
+        it follows what the request committed, trimmed to what it may still generate, through
+        the guard."""
+        req_ids = self.runner.input_batch.req_ids
+        self.batch.update(req_ids)
+        committed = np.asarray(num_tokens_no_spec[: len(req_ids)], dtype=np.int64)
+        allowed = self.batch.drafts_allowed(committed, self.runner.input_batch.num_prompt_tokens[: len(req_ids)])
+        drafts = []
+        for req_id, state, start, most in zip(req_ids, self.batch.request_states, committed.tolist(), allowed.tolist()):
+            window = state.window
+            if window is None or window.start != start:
+                drafts.append([])
+            else:
+                drafts.append(self.guard(req_id, window.tokens[:most]))
+        return drafts
+
+
+def runtime_of(llm) -> SJDPPRuntime:
+    """The SJD++ runtime of an in-process `vllm.LLM` (VLLM_ENABLE_V1_MULTIPROCESSING=0, one
+    worker): for tests and benchmarks that read or steer the engine's SJD++ state."""
+    runtime = getattr(llm.llm_engine.model_executor.driver_worker.worker.model_runner, "sjdpp", None)
+    if runtime is None:
+        raise ValueError("this engine does not run SJD++ (no --speculative-config sjdpp)")
+    return runtime

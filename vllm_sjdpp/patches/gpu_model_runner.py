@@ -1,0 +1,167 @@
+"""Patches of vllm/v1/worker/gpu_model_runner.py (`GPUModelRunner`, which the CPU runner
+subclasses).
+
+- `__init__`: a runner whose drafter is SJD++'s gets its `SJDPPRuntime` (`runner.sjdpp`, the one
+  owner of per-request SJD++ state), our sampler in place of its rejection sampler, and the
+  spec-decode metadata of steps without drafts from tensors made once.
+- `_on_request_state_removed`, vLLM's hook for request-scoped caches: the one place where a
+  request's SJD++ state and guidance inputs are forgotten.
+- `_preprocess`: a guided model's per-token guidance inputs are filled before each forward.
+- On the CPU platform only, `_sample` and `_bookkeeping_sync`: a seeded request whose prompt is
+  prefilled in chunks crashed the engine: for the token sampled and discarded after a partial
+  prefill, `_bookkeeping_sync` rewinds the request's generator with `set_offset`, which CPU
+  generators do not have ("CPU Generator does not use offset").  Those generators' states are
+  restored instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def apply(on_cpu: bool) -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from ..engine.proposer import SJDPPProposer
+    from ..engine.runtime import SJDPPRuntime
+    from ..engine.sampler import SJDPPSampler
+    from .internals import check_runner, check_sampler
+
+    init = GPUModelRunner.__init__
+
+    @functools.wraps(init)
+    def init_with_sjdpp(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        drafter = getattr(self, "drafter", None)
+        if isinstance(drafter, SJDPPProposer):
+            check_runner(self)
+            self.sjdpp = drafter.runtime = SJDPPRuntime(self)
+            self.rejection_sampler = SJDPPSampler(self, self.sjdpp)
+            check_sampler(self.rejection_sampler)
+            _patch_spec_metadata_without_drafts(self)
+
+    GPUModelRunner.__init__ = init_with_sjdpp
+
+    removed = GPUModelRunner._on_request_state_removed
+
+    @functools.wraps(removed)
+    def release_request_state(self, req_id, req_state):
+        removed(self, req_id, req_state)
+        runtime = getattr(self, "sjdpp", None)
+        if runtime is not None:
+            runtime.release(req_id)
+        guidance = getattr(getattr(self, "model", None), "guidance", None)
+        if guidance is not None:
+            guidance.forget(req_id)
+
+    GPUModelRunner._on_request_state_removed = release_request_state
+    _patch_guidance_inputs()
+    if on_cpu:
+        _patch_cpu_seeded_chunked_prefill()
+
+
+def _patch_guidance_inputs() -> None:
+    # vllm/v1/worker/gpu_model_runner.py: _preprocess runs after _prepare_inputs (batch order,
+    # query_start_loc, num_computed_tokens_cpu are this step's) and right before the forward.
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    preprocess = GPUModelRunner._preprocess
+
+    @functools.wraps(preprocess)
+    def preprocess_with_guidance(self, scheduler_output, num_input_tokens, *args, **kwargs):
+        out = preprocess(self, scheduler_output, num_input_tokens, *args, **kwargs)
+        guidance = getattr(self.get_model(), "guidance", None)
+        if guidance is not None:
+            guidance.prepare(self, num_input_tokens)
+        return out
+
+    GPUModelRunner._preprocess = preprocess_with_guidance
+
+
+def _discarded_cpu_generators(runner) -> dict[int, torch.Generator]:
+    """Generators of the requests whose sampled token this step throws away (partial prefill)."""
+    import numpy as np
+
+    generators = runner.input_batch.generators
+    rows = np.nonzero(runner.discard_request_mask.np[: runner.input_batch.num_reqs])[0]
+    return {
+        int(i): generators[int(i)]
+        for i in rows
+        if int(i) in generators and generators[int(i)].device.type == "cpu"
+    }
+
+
+def _patch_cpu_seeded_chunked_prefill() -> None:
+    # vllm/v1/worker/gpu_model_runner.py: _sample draws the discarded tokens with the requests'
+    # generators; _bookkeeping_sync then calls gen.set_offset(gen.get_offset() - 4) for them.
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    sample, bookkeeping = GPUModelRunner._sample, GPUModelRunner._bookkeeping_sync
+
+    @functools.wraps(sample)
+    def sample_keeping_discarded_generators(self, *args, **kwargs):
+        discarded = _discarded_cpu_generators(self)
+        states = {i: g.get_state() for i, g in discarded.items()}
+        try:
+            return sample(self, *args, **kwargs)
+        finally:
+            for i, state in states.items():
+                discarded[i].set_state(state)
+
+    @functools.wraps(bookkeeping)
+    def bookkeeping_without_rewind(self, *args, **kwargs):
+        # Already restored above: hide them from the offset rewind.
+        generators = self.input_batch.generators
+        hidden = {i: generators.pop(i) for i in _discarded_cpu_generators(self)}
+        try:
+            return bookkeeping(self, *args, **kwargs)
+        finally:
+            generators.update(hidden)
+
+    GPUModelRunner._sample = sample_keeping_discarded_generators
+    GPUModelRunner._bookkeeping_sync = bookkeeping_without_rewind
+
+
+class MetadataWithoutDrafts:
+    """What `GPUModelRunner._calc_spec_decode_metadata` returns when no request has drafts: each
+    request's one sampled row is its last scheduled position, and it is its bonus row.  Built
+    from views of tensors made once (vLLM and the sampler only read them): a dozen fresh small
+    tensors would cost more than the general case."""
+
+    def __init__(self, max_num_reqs: int, device, token_dtype: torch.dtype):
+        self.device = device
+        self.rows = torch.arange(max_num_reqs + 1, dtype=torch.int32, device=device)
+        self.zeros = torch.zeros(max_num_reqs, dtype=torch.int32, device=device)
+        self.no_rows = torch.empty(0, dtype=torch.int32, device=device)
+        self.no_tokens = torch.empty(0, dtype=token_dtype, device=device)
+
+    def __call__(self, cu_num_scheduled_tokens):
+        from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+        n = len(cu_num_scheduled_tokens)
+        return SpecDecodeMetadata(
+            draft_token_ids=self.no_tokens,
+            num_draft_tokens=[0] * n,
+            cu_num_draft_tokens=self.zeros[:n],
+            cu_num_sampled_tokens=self.rows[1 : n + 1],
+            target_logits_indices=self.no_rows,
+            bonus_logits_indices=self.rows[:n],
+            logits_indices=torch.from_numpy(cu_num_scheduled_tokens - 1).to(self.device),
+        )
+
+
+def _patch_spec_metadata_without_drafts(runner) -> None:
+    # vllm/v1/worker/gpu_model_runner.py: _prepare_inputs calls
+    # self._calc_spec_decode_metadata(num_draft_tokens, cu_num_tokens) whenever a speculative
+    # config is set.  Patched on SJD++'s runners only.
+    general = runner._calc_spec_decode_metadata
+    without_drafts = MetadataWithoutDrafts(runner.max_num_reqs, runner.device, runner.input_ids.gpu.dtype)
+
+    def calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens):
+        if num_draft_tokens.any():
+            return general(num_draft_tokens, cu_num_scheduled_tokens)
+        return without_drafts(cu_num_scheduled_tokens)
+
+    runner._calc_spec_decode_metadata = calc_spec_decode_metadata

@@ -1,0 +1,69 @@
+"""Patches of vllm/v1/worker/gpu_worker.py and cpu_worker.py: the workers' KV sizing keeps the
+SJD++ step's buffers out of the KV cache."""
+
+from __future__ import annotations
+
+import functools
+
+import logging
+from typing import Any
+
+from ..config import ADDITIONAL_CONFIG_KEY, SJDPPConfig
+from .arg_utils import is_sjdpp
+
+# Under "vllm." so that vLLM's logging configuration applies.
+logger = logging.getLogger("vllm.sjdpp")
+
+
+def step_reserve_bytes(vllm_config: Any) -> int:
+    """What an SJD++ engine keeps out of the KV cache for its step (0 for any other engine)."""
+    from ..engine.sampler import step_memory_bytes
+    from ..families import logits_size
+
+    if not is_sjdpp(vllm_config.speculative_config):
+        return 0
+    config = SJDPPConfig.from_dict((vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {}))
+    scheduler = vllm_config.scheduler_config
+    return step_memory_bytes(
+        scheduler.max_num_seqs, scheduler.max_num_batched_tokens, config.num_speculative_tokens,
+        config.draft_token_budget, logits_size(vllm_config.model_config),
+    )
+
+
+def apply() -> None:
+    # vllm/v1/worker/gpu_worker.py and cpu_worker.py: determine_available_memory returns the
+    # bytes the KV cache may take (after the profiling run on GPUs, VLLM_CPU_KVCACHE_SPACE on
+    # CPU).  vLLM's profiling samples its dummy batch with vLLM's rejection sampler, so the
+    # step's own buffers are reserved here explicitly.
+    from vllm.v1.worker.gpu_worker import Worker
+
+    classes = [Worker]
+    try:
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        classes.append(CPUWorker)
+    except ImportError:
+        pass
+    for cls in classes:
+        if "determine_available_memory" not in vars(cls):
+            continue
+        original = vars(cls)["determine_available_memory"]
+
+        @functools.wraps(original)
+        def determine_available_memory(self, _original=original):
+            available = _original(self)
+            reserve = step_reserve_bytes(self.vllm_config)
+            if reserve:
+                logger.info(
+                    "SJD++ keeps %.1f MiB out of the KV cache for its step (of %.1f MiB available)",
+                    reserve / 2**20, available / 2**20,
+                )
+                if reserve >= available:
+                    raise ValueError(
+                        f"SJD++ needs {reserve / 2**20:.0f} MiB for its step, more than the "
+                        f"{available / 2**20:.0f} MiB left for the KV cache: lower --max-num-seqs, "
+                        "--max-num-batched-tokens or draft_token_budget, or give the KV cache more memory"
+                    )
+            return available - reserve
+
+        cls.determine_available_memory = determine_available_memory

@@ -1,0 +1,118 @@
+"""Patch of vllm/v1/engine/input_processor.py: every request is checked where vLLM turns a prompt
+and its SamplingParams into an `EngineCoreRequest` (`InputProcessor.process_inputs`, in the API
+server or the offline engine); a `VLLMValidationError` there is answered with HTTP 400.
+
+Checked: prompt token ids inside the vocabulary (vLLM 0.32 does not check without a tokenizer,
+and the embedding lookup would kill the engine), an image model's prompt and image inside the
+context, guidance options against the prompt, no sampling option that addresses an image
+model's logits by text id, and a request's SJD++ options (`sjdpp_*` in extra_args) against the
+server's and the model's limits.  The facts come from the engine's own config (`self.vllm_config`),
+read once per InputProcessor.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ADDITIONAL_CONFIG_KEY, REQUEST_PREFIX, SJDPPConfig
+from ..families.rule import UnconditionalRule
+from .arg_utils import is_sjdpp, model_limits
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a request is checked against, read once from the engine's config."""
+
+    rule: UnconditionalRule | None  # None: not served with guidance
+    scale_default: float
+    image_codes: int | None  # logits per position of an image model, None: the vocabulary
+    image_tokens: int | None
+    vocab_size: int
+    max_model_len: int
+    sjdpp: SJDPPConfig | None  # the server's SJD++ options; None: not an SJD++ engine
+    limits: tuple[int, int, int | None]
+
+    @classmethod
+    def of(cls, vllm_config: Any) -> "ModelFacts":
+        from ..families import family_of
+        from ..guidance.cfg import default_scale, served_rule
+
+        model_config = vllm_config.model_config
+        hf_config = model_config.hf_config
+        family = family_of(hf_config)
+        rule = served_rule(model_config)
+        options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
+        return cls(
+            rule=rule,
+            scale_default=default_scale(model_config) if rule else 1.0,
+            image_codes=family.image_vocab_size(hf_config),
+            image_tokens=family.image_tokens(hf_config),
+            vocab_size=model_config.get_vocab_size(),
+            max_model_len=model_config.max_model_len,
+            sjdpp=SJDPPConfig.from_dict(options) if is_sjdpp(vllm_config.speculative_config) else None,
+            limits=model_limits(model_config),
+        )
+
+
+def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> None:
+    """Raise VLLMValidationError naming what is wrong with a request."""
+    from vllm.exceptions import VLLMValidationError
+
+    from ..families.base import check_sampling_for_image_codes
+    from ..guidance.cfg import request_guidance
+
+    if prompt is None and facts.rule is not None:
+        raise VLLMValidationError("a model served with guidance takes token-id or text prompts, not embeddings")
+    if prompt is not None and any(not 0 <= t < facts.vocab_size for t in prompt):
+        raise VLLMValidationError(f"prompt token ids must be in [0, {facts.vocab_size})", parameter="prompt")
+    if prompt is not None and facts.image_tokens is not None and len(prompt) + facts.image_tokens > facts.max_model_len:
+        # vLLM would cut max_tokens to what fits: a partial image.
+        raise VLLMValidationError(
+            f"this model's maximum context length is {facts.max_model_len} tokens: the prompt "
+            f"({len(prompt)} tokens) and one image ({facts.image_tokens} tokens) do not fit", parameter="prompt",
+        )
+    try:
+        request_guidance(params.extra_args, prompt or [], facts.rule, facts.scale_default, facts.vocab_size)
+        if facts.sjdpp is not None:
+            config = facts.sjdpp.for_request(params.extra_args)
+            if config is not None:
+                config.check_model(*facts.limits, option_prefix=REQUEST_PREFIX)
+    except ValueError as e:
+        raise VLLMValidationError(str(e), parameter="vllm_xargs", value=params.extra_args) from None
+    if facts.image_codes is not None:
+        try:
+            check_sampling_for_image_codes(params, facts.image_codes)
+        except ValueError as e:
+            raise VLLMValidationError(str(e)) from None
+
+
+def apply() -> None:
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from ..guidance.cfg import NEGATIVE_PROMPT_KEY
+
+    process_inputs = InputProcessor.process_inputs
+
+    @functools.wraps(process_inputs)
+    def process_inputs_checking_requests(self, *args, **kwargs):
+        request = process_inputs(self, *args, **kwargs)
+        params = request.sampling_params
+        if not isinstance(params, SamplingParams):
+            return request
+        facts = getattr(self, "_sjdpp_model_facts", None)
+        if facts is None:
+            facts = self._sjdpp_model_facts = ModelFacts.of(self.vllm_config)
+        check_request(facts, request.prompt_token_ids, params)
+        negative = (params.extra_args or {}).get(NEGATIVE_PROMPT_KEY)
+        if negative is not None:
+            # The uncond branch's KV depends on it: blocks must not be shared with other
+            # negative prompts (vLLM hashes the salt into the first block).
+            request.cache_salt = hashlib.sha256(repr((request.cache_salt, list(negative))).encode()).hexdigest()
+        return request
+
+    InputProcessor.process_inputs = process_inputs_checking_requests

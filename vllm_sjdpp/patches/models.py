@@ -1,0 +1,33 @@
+"""Patches of vllm/model_executor/models: the guided Llama and Janus are registered with vLLM's
+ModelRegistry (loaded from `vllm_sjdpp.guidance` only when a folder names them), and their config
+hooks (MODELS_CONFIG_MAP, run when vLLM builds a ModelConfig) check the folder whole and double
+the attention heads the engine sees."""
+
+from __future__ import annotations
+
+
+def apply() -> None:
+    # vllm/model_executor/models/config.py: MODELS_CONFIG_MAP, architecture -> a class whose
+    # verify_and_update_model_config(model_config) ModelConfig.__post_init__ calls.
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    from ..families.janus import ARCHITECTURE as JANUS
+    from ..families.rule import GUIDED_LLAMA
+
+    # The models (and the hooks beside them) are imported only when a folder needs them: every
+    # vLLM process loads this plugin.
+    ModelRegistry.register_model(GUIDED_LLAMA, f"vllm_sjdpp.guidance.llama:{GUIDED_LLAMA}")
+    ModelRegistry.register_model(JANUS, "vllm_sjdpp.guidance.janus:GuidedJanusForImageGeneration")
+
+    def config_hook(function: str):
+        def hook(model_config):
+            import importlib
+
+            module, name = function.split(":")
+            getattr(importlib.import_module(module), name)(model_config)
+
+        return type("GuidedConfig", (VerifyAndUpdateConfig,), {"verify_and_update_model_config": staticmethod(hook)})
+
+    MODELS_CONFIG_MAP[GUIDED_LLAMA] = config_hook("vllm_sjdpp.guidance.llama:guided_llama_config_hook")
+    MODELS_CONFIG_MAP[JANUS] = config_hook("vllm_sjdpp.guidance.janus:janus_config_hook")
