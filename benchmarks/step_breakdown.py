@@ -42,7 +42,7 @@ SAMPLER_ROWS = [
     ("_process_all_rows", "vLLM's processing of all rows"),
     ("sjdpp_step", "`sjdpp_step`"),
     ("_plain_decoding_step", "windowless steps (vLLM's sampler)"),
-    ("_plan", "the plan (windows chosen)"),
+    ("plan", "the plan (windows chosen)"),
 ]
 
 

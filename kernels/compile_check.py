@@ -143,10 +143,10 @@ def _row_pass_launch(variant: Variant) -> tuple[tuple, dict]:
 
 
 # Every kernel the CUDA path launches, with each specialisation its launch sites produce.
-# The plugin (vllm_sjdpp/sampler.py) steps on float32 softmax probabilities and keeps float32
+# The plugin (vllm_sjdpp/engine/sampler.py) steps on float32 softmax probabilities and keeps float32
 # proposals; `sjdpp_step` accepts any float dtype for the probabilities and for
-# `next_probs_out` (the tests run bfloat16).  Vocabularies: 102400 for Janus-Pro (a multiple
-# of 16; BLOCK_SIZE 4096, the cap) and 274 for the digits model (not one; BLOCK_SIZE 512).
+# `next_probs_out` (the tests run bfloat16).  Vocabularies: 102400, a multiple of 16 like
+# Janus-Pro's 16384 codes (BLOCK_SIZE 4096, the cap) and 274 for the digits model (not one; BLOCK_SIZE 512).
 KERNELS: tuple[Kernel, ...] = (
     Kernel(
         "row_pass_triton",

@@ -243,6 +243,11 @@ class GoodputController:
         self._last_full_step: bool | None = None
         self._last_lengths: dict = {}  # request: the drafts it verified in its last step
 
+    def forget(self, req_id: str) -> None:
+        """vLLM removed the request: a new request reusing its id is not the same run."""
+        self._last_requests = self._last_requests - {req_id}
+        self._last_lengths.pop(req_id, None)
+
     def observe_step(self, positions: int, req_ids, full_step: bool, lengths, accepted) -> None:
         """Called at the end of each step: the positions in its pass, the requests in it, whether
         it ran the SJD++ step proper, and per request the drafts verified and accepted."""

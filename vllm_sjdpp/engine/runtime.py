@@ -119,13 +119,17 @@ class StepFallbacks:
     def __init__(self):
         self.count = 0
 
+    CONSEQUENCE = {
+        "step": "this step samples each request's next token plainly and drops their windows",
+        "proposal": "their next pass verifies no drafts and drafting starts afresh after it",
+    }
+
     def record(self, stage: str, error: BaseException, req_ids) -> None:
         self.count += 1
         STEP_FALLBACKS.labels(stage=stage, cause=type(error).__name__).inc()
         logger.error(
-            "SJD++ %s failed for requests %s (%s: %s): this step samples each request's next token "
-            "plainly and drops their windows (%d fallbacks so far)",
-            stage, list(req_ids), type(error).__name__, error, self.count, exc_info=error,
+            "SJD++ %s failed for requests %s (%s: %s): %s (%d fallbacks so far)",
+            stage, list(req_ids), type(error).__name__, error, self.CONSEQUENCE[stage], self.count, exc_info=error,
         )
 
 
@@ -179,6 +183,7 @@ class SJDPPRuntime:
         """Forget a request (vLLM removed it: finished or aborted)."""
         self.states.release(req_id)
         self.batch.forget(req_id)
+        self.goodput.forget(req_id)
 
     # The step: what the sampler asks before and after its work over the vocabulary -----------
 

@@ -25,13 +25,14 @@ def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_t
 def apply() -> None:
     # vllm/utils/cpu_triton_utils.py: _expand_kernel_impl, which CpuPlatform registers for
     # rejection_sampler.expand_kernel when Triton has no CPU backend; workers load plugins
-    # before registering, and a process that registered already is rebound.
-    try:
-        import vllm.utils.cpu_triton_utils as cpu_triton_utils
-    except ImportError:
+    # before registering, and a process that registered already is rebound.  A vLLM without
+    # it (fixed upstream, or moved) keeps its own.
+    from .internals import available
+
+    if not available("vllm.utils.cpu_triton_utils", "_expand_kernel_impl"):
         return
-    if not hasattr(cpu_triton_utils, "_expand_kernel_impl"):
-        return
+    import vllm.utils.cpu_triton_utils as cpu_triton_utils
+
     cpu_triton_utils._expand_kernel_impl = expand_kernel_impl
     from vllm.v1.sample import rejection_sampler
 

@@ -52,7 +52,7 @@ def apply(on_cpu: bool) -> None:
         runtime = getattr(self, "sjdpp", None)
         if runtime is not None:
             runtime.release(req_id)
-        guidance = getattr(getattr(self, "model", None), "guidance", None)
+        guidance = getattr(self.get_model(), "guidance", None)
         if guidance is not None:
             guidance.forget(req_id)
 

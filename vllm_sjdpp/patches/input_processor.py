@@ -76,11 +76,11 @@ def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> N
             f"({len(prompt)} tokens) and one image ({facts.image_tokens} tokens) do not fit", parameter="prompt",
         )
     try:
-        request_guidance(params.extra_args, prompt or [], facts.rule, facts.scale_default, facts.vocab_size)
         if facts.sjdpp is not None:
             config = facts.sjdpp.for_request(params.extra_args)
             if config is not None:
                 config.check_model(*facts.limits, option_prefix=REQUEST_PREFIX)
+        request_guidance(params.extra_args, prompt or [], facts.rule, facts.scale_default, facts.vocab_size)
     except ValueError as e:
         raise VLLMValidationError(str(e), parameter="vllm_xargs", value=params.extra_args) from None
     if facts.image_codes is not None:

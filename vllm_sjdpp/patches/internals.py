@@ -25,12 +25,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Member:
     """`owner` ("module:Class" or "module") has `name`; for a callable, its leading parameters
-    are `params` (None: not checked).  `optional`: a module absent from some builds (the CPU
-    build's helpers on CUDA) is not missing."""
+    are `params` (None: not checked).  `cpu`: relied on by a CPU-only patch, checked on the CPU
+    platform only.  `optional`: the patch that needs it is skipped without it (a fix of a vLLM
+    bug that a later release may fix itself)."""
 
     owner: str
     name: str
     params: tuple[str, ...] | None = None
+    cpu: bool = False
     optional: bool = False
 
     def __str__(self) -> str:
@@ -45,12 +47,11 @@ CLASS_MEMBERS = (
     Member(RUNNER, "_on_request_state_removed", ("self", "req_id", "req_state")),
     Member(RUNNER, "_preprocess", ("self", "scheduler_output", "num_input_tokens")),
     Member(RUNNER, "_calc_spec_decode_metadata", ("self", "num_draft_tokens", "cu_num_scheduled_tokens")),
-    Member(RUNNER, "_sample", ("self", "logits", "spec_decode_metadata")),
-    Member(RUNNER, "_bookkeeping_sync", ("self", "scheduler_output", "sampler_output")),
+    Member(RUNNER, "_sample", ("self", "logits", "spec_decode_metadata"), cpu=True),
+    Member(RUNNER, "_bookkeeping_sync", ("self", "scheduler_output", "sampler_output"), cpu=True),
     Member(RUNNER, "get_model", ("self",)),
     Member("vllm.v1.worker.gpu_input_batch:CachedRequestState", "prompt_token_ids"),
     Member("vllm.v1.worker.gpu_input_batch:CachedRequestState", "sampling_params"),
-    Member("vllm.v1.worker.gpu_input_batch:CachedRequestState", "output_token_ids"),
     # The rejection sampler the SJD++ sampler subclasses (engine.sampler).
     Member(f"{REJECTION}:RejectionSampler", "__init__", ("self", "sampler", "spec_config", "device")),
     Member(f"{REJECTION}:RejectionSampler", "forward", ("self", "metadata", "draft_probs", "logits", "sampling_metadata")),
@@ -71,7 +72,6 @@ CLASS_MEMBERS = (
     Member("vllm.engine.arg_utils:EngineArgs", "create_speculative_config",
            ("self", "target_model_config", "target_parallel_config")),
     Member("vllm.engine.arg_utils:EngineArgs", "speculative_config"),
-    Member("vllm.engine.arg_utils:EngineArgs", "per_request_spec_decode_metrics"),
     Member("vllm.engine.arg_utils:EngineArgs", "additional_config"),
     # Requests (patches.input_processor).
     Member("vllm.v1.engine.input_processor:InputProcessor", "process_inputs", ("self", "request_id", "prompt", "params")),
@@ -81,7 +81,7 @@ CLASS_MEMBERS = (
     # Memory (patches.gpu_worker) and the CPU build's expand kernel (patches.cpu_triton_utils).
     Member("vllm.v1.worker.gpu_worker:Worker", "determine_available_memory", ("self",)),
     Member("vllm.utils.cpu_triton_utils", "_expand_kernel_impl",
-           ("output", "input_val", "cu_num_tokens", "replace_from", "replace_to"), optional=True),
+           ("output", "input_val", "cu_num_tokens", "replace_from", "replace_to"), cpu=True, optional=True),
     # Models and their configs (patches.models, guidance).
     Member("vllm.model_executor.models.config", "MODELS_CONFIG_MAP"),
     Member("vllm.model_executor.models.config:VerifyAndUpdateConfig", "verify_and_update_model_config", ("model_config",)),
@@ -137,20 +137,37 @@ def problem(member: Member) -> str | None:
     """Why `member` cannot be relied on in this vLLM; None if it can."""
     try:
         owner = _resolve(member.owner)
-    except (ImportError, AttributeError) as e:
-        return None if member.optional and isinstance(e, ImportError) else f"{member}: {member.owner} not found"
+    except (ImportError, AttributeError):
+        return f"{member}: {member.owner} not found"
+    except Exception as e:  # a vLLM module that fails to import: never take the process down
+        return f"{member}: importing {member.owner} raised {type(e).__name__}: {e}"
     if not _has(owner, member.name):
         return f"{member}: no {member.name!r}"
     if member.params is not None:
-        got = _leading_params(getattr(owner, member.name))
+        try:
+            got = _leading_params(getattr(owner, member.name))
+        except (TypeError, ValueError) as e:
+            return f"{member}: no signature ({e})"
         if got[: len(member.params)] != member.params:
             return f"{member}: its parameters are ({', '.join(got)})"
     return None
 
 
-def missing(members=CLASS_MEMBERS) -> list[str]:
-    """What this vLLM lacks of the members the plugin relies on (empty: all there)."""
-    return [p for p in map(problem, members) if p is not None]
+def missing(on_cpu: bool | None = None, members=CLASS_MEMBERS) -> list[str]:
+    """What this vLLM lacks of the members the plugin needs on this platform (None: the current
+    one; empty: all there).  Optional members are not needed: their patches check for them
+    (`available`)."""
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+    return [p for m in members if (on_cpu or not m.cpu) and not m.optional for p in [problem(m)] if p is not None]
+
+
+def available(owner: str, name: str) -> bool:
+    """Whether an optional member is there in the form relied on (its patch is skipped if not)."""
+    member = next(m for m in CLASS_MEMBERS if (m.owner, m.name) == (owner, name))
+    return problem(member) is None
 
 
 def _missing_attributes(obj, names) -> list[str]:

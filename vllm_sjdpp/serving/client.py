@@ -2,7 +2,7 @@
 `vllm_sjdpp.families`): the family makes the prompt's token ids and decodes the image tokens
 here, on the client; the server's OpenAI-compatible completions endpoint samples the tokens.
 
-    python -m vllm_sjdpp.client --url http://localhost:8000 --model FOLDER "a red fox in snow" \\
+    python -m vllm_sjdpp.serving.client --url http://localhost:8000 --model FOLDER "a red fox in snow" \\
         [--n 4] [--seed 0] [--guidance-scale 5] [--out images.png]
 
 The folder must be the one the server serves (or a copy): the client reads its processor,
