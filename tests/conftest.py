@@ -9,6 +9,45 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from tiny_llama import build_tiny_llama, set_engine_env  # noqa: E402
+
+# In-process engines (tiny_llama.ENGINE_ENV): set before any test module imports vLLM.
+set_engine_env()
+
+# Every in-process engine the tests start (`make_engine`): these, and each module's overrides.
+ENGINE_DEFAULTS = dict(
+    skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, dtype="float32", seed=0,
+    disable_log_stats=False,
+)
+
+
+@pytest.fixture(scope="session")
+def make_engine():
+    """`make_engine(folder, **overrides)`: an in-process `vllm.LLM` on `folder` with
+    ENGINE_DEFAULTS updated by `overrides`.  Modules keep their engines in module-scoped
+    fixtures built with it (engines are not shared across modules: each holds its KV cache).
+    vLLM's metrics registry is per process: `llm.get_metrics()` reads the newest engine's."""
+
+    def make(folder, **overrides):
+        from vllm import LLM
+
+        return LLM(str(folder), **{**ENGINE_DEFAULTS, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory):
+    """The tiny Llama (tests/tiny_llama.py: vocabulary 48, sharpness 12), built once per session."""
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_guided_path(tmp_path_factory):
+    """The tiny guided Llama (classifier-free guidance, the rule in tests/tiny_llama.py) with
+    grouped queries (2 query heads, 1 KV head), built once per session."""
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-guided"), guided=True, num_key_value_heads=1))
+
 
 @pytest.fixture(scope="session")
 def tiny_janus_path(tmp_path_factory):

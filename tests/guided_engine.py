@@ -9,10 +9,10 @@ import torch
 from tiny_llama import GUIDED_KEEP, GUIDED_PAD
 
 VOCAB = 48
-ENGINE = dict(
-    skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, dtype="float32", seed=0,
-    disable_log_stats=False, max_logprobs=VOCAB,
-)
+# make_engine's overrides for engines on the tiny guided Llama: logprobs of the whole vocabulary.
+ENGINE = dict(max_logprobs=VOCAB)
+# The same weights served as an ordinary Llama: the branches' reference.
+PLAIN_LLAMA = dict(ENGINE, hf_overrides={"architectures": ["LlamaForCausalLM"]})
 
 
 def uncond(prompt: list[int]) -> list[int]:

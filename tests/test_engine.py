@@ -13,37 +13,20 @@ import pytest
 import torch
 
 from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
-from tiny_llama import build_tiny_llama, set_engine_env
 from vllm_sjdpp.engine.runtime import runtime_of
 
-set_engine_env()
 
-ENGINE = dict(
-    skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, dtype="float32", seed=0,
-    disable_log_stats=False,
-)
+@pytest.fixture(scope="module")
+def plain(make_engine, tiny_llama_path):
+    return make_engine(tiny_llama_path)
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
-
-
-@pytest.fixture(scope="module")
-def plain(model_path):
-    from vllm import LLM
-
-    return LLM(model_path, **ENGINE)
-
-
-@pytest.fixture(scope="module")
-def sjdpp(model_path, plain):  # created after `plain`: metrics are read from the newest engine
-    from vllm import LLM
-
+def sjdpp(make_engine, tiny_llama_path, plain):  # created after `plain`: metrics are read from the newest engine
     # Full windows (no budget) unless a test says otherwise: these tests are about verification,
     # and the default budget ("auto") would cut windows by timings measured on a busy machine.
-    return LLM(model_path, speculative_config={"method": "sjdpp", "num_speculative_tokens": 6,
-                                               "draft_token_budget": None}, **ENGINE)
+    return make_engine(tiny_llama_path, speculative_config={"method": "sjdpp", "num_speculative_tokens": 6,
+                                                            "draft_token_budget": None})
 
 
 def params(**kw):

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_llama import build_tiny_llama, set_engine_env
-
-set_engine_env()
-
 PROMPT = [(5 * i) % 46 + 2 for i in range(100)]  # 100 tokens: four chunks of at most 32
-
-
-def _engine(path, **kw):
-    from vllm import LLM
-
-    return LLM(path, skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, dtype="float32",
-               seed=0, speculative_config={"method": "sjdpp", "num_speculative_tokens": 6}, **kw)
+SJDPP = {"method": "sjdpp", "num_speculative_tokens": 6}
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    path = str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
-    return _engine(path), _engine(path, max_num_batched_tokens=32, max_num_seqs=4)
+def engines(make_engine, tiny_llama_path):
+    whole = make_engine(tiny_llama_path, speculative_config=SJDPP)
+    return whole, make_engine(tiny_llama_path, speculative_config=SJDPP, max_num_batched_tokens=32, max_num_seqs=4)
 
 
 @pytest.mark.parametrize("extra_args", [None, {"sjdpp_disable": True}], ids=["sjdpp", "plain"])

@@ -14,47 +14,33 @@ import numpy as np
 import pytest
 import torch
 
-from guided_engine import ENGINE, VOCAB, assert_branch, branch_logprobs, hf_greedy, params, run, tokens, uncond
+from guided_engine import ENGINE, PLAIN_LLAMA, VOCAB, assert_branch, branch_logprobs, hf_greedy, params, run, tokens, uncond
 from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
-from tiny_llama import build_tiny_llama, set_engine_env
-
-set_engine_env()
 
 SJDPP = {"method": "sjdpp", "num_speculative_tokens": 6}
 PROMPTS = [[0, 5, 6, 7, 8], [0, 9, 10], [0, 20, 21, 22, 23, 24, 25], [0, 30]]
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-guided"), guided=True, num_key_value_heads=1))
+def plain_llama(make_engine, tiny_guided_path):
+    return make_engine(tiny_guided_path, **PLAIN_LLAMA)
 
 
 @pytest.fixture(scope="module")
-def plain_llama(model_path):
-    from vllm import LLM
-
-    return LLM(model_path, hf_overrides={"architectures": ["LlamaForCausalLM"]}, **ENGINE)
+def guided(make_engine, tiny_guided_path):
+    return make_engine(tiny_guided_path, **ENGINE)
 
 
 @pytest.fixture(scope="module")
-def guided(model_path):
-    from vllm import LLM
-
-    return LLM(model_path, **ENGINE)
+def guided_sjdpp(make_engine, tiny_guided_path, plain_llama, guided):
+    return make_engine(tiny_guided_path, speculative_config=SJDPP, **ENGINE)
 
 
 @pytest.fixture(scope="module")
-def guided_sjdpp(model_path, plain_llama, guided):
-    from vllm import LLM
-
-    return LLM(model_path, speculative_config=SJDPP, **ENGINE)
-
-
-@pytest.fixture(scope="module")
-def hf_model(model_path):
+def hf_model(tiny_guided_path):
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_path).eval()
+    model = LlamaForCausalLM.from_pretrained(tiny_guided_path).eval()
     model.generation_config.eos_token_id = None  # vLLM runs with ignore_eos
     return model
 

@@ -8,30 +8,23 @@ from __future__ import annotations
 
 import pytest
 
-import guided_engine
-from guided_engine import assert_branch, branch_logprobs, hf_greedy, params, tokens, uncond
-from tiny_llama import build_tiny_llama, set_engine_env
-
-set_engine_env()
+from guided_engine import ENGINE, PLAIN_LLAMA, assert_branch, branch_logprobs, hf_greedy, params, tokens, uncond
 
 PROMPTS = [[0] + [(3 * i + j) % 40 + 2 for i in range(60)] for j in range(4)]  # 61 tokens: 2 chunks
 MAX_TOKENS = 90
-ENGINE = {**guided_engine.ENGINE, "max_model_len": 160}
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
+def engines(make_engine, tiny_guided_path):
     from transformers import LlamaForCausalLM
-    from vllm import LLM
 
-    path = str(build_tiny_llama(tmp_path_factory.mktemp("tiny-guided"), guided=True, num_key_value_heads=1))
-    plain_llama = LLM(path, hf_overrides={"architectures": ["LlamaForCausalLM"]}, **ENGINE)
+    plain_llama = make_engine(tiny_guided_path, max_model_len=160, **PLAIN_LLAMA)
     # Created last: vLLM's metrics registry is per process, the newest engine's counters are read.
-    tight = LLM(
-        path, speculative_config={"method": "sjdpp", "num_speculative_tokens": 6},
+    tight = make_engine(
+        tiny_guided_path, speculative_config={"method": "sjdpp", "num_speculative_tokens": 6}, max_model_len=160,
         num_gpu_blocks_override=8, block_size=32, max_num_batched_tokens=40, max_num_seqs=8, **ENGINE,
     )
-    hf_model = LlamaForCausalLM.from_pretrained(path).eval()
+    hf_model = LlamaForCausalLM.from_pretrained(tiny_guided_path).eval()
     hf_model.generation_config.eos_token_id = None
     return plain_llama, tight, hf_model
 

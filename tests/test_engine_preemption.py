@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_llama import build_tiny_llama, set_engine_env
-
-set_engine_env()
-
 PROMPTS = [[2 + i, 3 + i, 4 + i] for i in range(8)]
 MAX_TOKENS = 90
 
 
-def _engine(path, **kw):
-    from vllm import LLM
-
-    return LLM(path, skip_tokenizer_init=True, enforce_eager=True, max_model_len=128, dtype="float32",
-               seed=0, disable_log_stats=False, **kw)
-
-
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    path = str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
-    reference = _engine(path)
+def engines(make_engine, tiny_llama_path):
+    reference = make_engine(tiny_llama_path, max_model_len=128)
     # 6 blocks of 32 tokens hold about two of the eight requests at full length. Created last:
     # vLLM's metrics registry is per process, and the newest engine's counters are the ones read.
-    small = _engine(path, speculative_config="sjdpp", num_gpu_blocks_override=6, block_size=32)
+    small = make_engine(tiny_llama_path, max_model_len=128, speculative_config="sjdpp", num_gpu_blocks_override=6,
+                        block_size=32)
     return small, reference
 
 

@@ -172,6 +172,21 @@ def run_case(family: str, folder: Path, k: int, max_model_len: int, broken, prom
         check_memory()
 
 
+def write_config(path: Path, case, changes: dict) -> Path:
+    """Edit the built folder's config.json: `changes` merged one level deep, and the case's SJD++
+    defaults (row_width, init, fresh_token_range) under "sjdpp" where it has any."""
+    file = path / "config.json"
+    config = json.loads(file.read_text())
+    for key, value in changes.items():
+        config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value
+    sjdpp = {"row_width": case.row_width, "init": case.init, "fresh_token_range": case.fresh_range}
+    sjdpp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sjdpp.items() if v is not None}
+    if sjdpp:
+        config["sjdpp"] = sjdpp
+    file.write_text(json.dumps(config))
+    return path
+
+
 # Janus -------------------------------------------------------------------------------------------
 
 
@@ -222,15 +237,7 @@ class JanusCase:
         else:
             generation["generation_kwargs"] = {"boi_token_id": boi}
         build_tiny_janus(path, shape, generation_overrides=generation)
-        config_path = path / "config.json"
-        config = json.loads(config_path.read_text())
-        config["vision_config"]["num_image_tokens"] = self.tokens
-        sjdpp = {"row_width": self.row_width, "init": self.init, "fresh_token_range": self.fresh_range}
-        sjdpp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sjdpp.items() if v is not None}
-        if sjdpp:
-            config["sjdpp"] = sjdpp
-        config_path.write_text(json.dumps(config))
-        return path
+        return write_config(path, self, {"vision_config": {"num_image_tokens": self.tokens}})
 
 
 @st.composite
@@ -336,15 +343,7 @@ class LlamaCase:
 
     def build(self, path: Path) -> Path:
         build_tiny_llama(path, vocab_size=self.vocab, guided=True)
-        config_path = path / "config.json"
-        config = json.loads(config_path.read_text())
-        config["sjdpp_guidance"] = {"keep_token_ids": list(self.keep), "pad_token_id": self.pad}
-        sjdpp = {"row_width": self.row_width, "init": self.init, "fresh_token_range": self.fresh_range}
-        sjdpp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sjdpp.items() if v is not None}
-        if sjdpp:
-            config["sjdpp"] = sjdpp
-        config_path.write_text(json.dumps(config))
-        return path
+        return write_config(path, self, {"sjdpp_guidance": {"keep_token_ids": list(self.keep), "pad_token_id": self.pad}})
 
 
 @st.composite

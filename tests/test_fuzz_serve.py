@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tiny_llama import ENGINE_ENV, build_tiny_llama
+from tiny_llama import ENGINE_ENV
 from vllm_sjdpp.config import SJDPPConfig
 from vllm_sjdpp.serving.server import vllm_server
 
@@ -29,8 +29,8 @@ SERVE_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+def server(tiny_llama_path, tmp_path_factory):
+    path = tiny_llama_path
     env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
     log_path = tmp_path_factory.mktemp("serve-fuzz") / "server.log"

@@ -250,26 +250,31 @@ def test_several_workers_get_the_fixed_fallback_budget(caplog):
     import logging
     from types import SimpleNamespace
 
-    from vllm_sjdpp.config import AUTO_FALLBACK_BUDGET, SJDPPConfig
-    from vllm_sjdpp.engine.jacobi_state import JacobiStates
-    from vllm_sjdpp.engine.sampler import SJDPPSampler
+    from vllm_sjdpp.config import ADDITIONAL_CONFIG_KEY, AUTO_FALLBACK_BUDGET
+    from vllm_sjdpp.engine.runtime import SJDPPRuntime
     from vllm_sjdpp.engine.window_budget import share_draft_budget
 
-    def sampler(world_size):
-        runner = SimpleNamespace(
-            sampler=SimpleNamespace(logprobs_mode="raw_logprobs"), speculative_config=None, device="cpu",
-            model_config=SimpleNamespace(max_model_len=512), parallel_config=SimpleNamespace(world_size=world_size),
+    def runtime(world_size):
+        """The runtime of a runner with `world_size` workers, serving k = 32 under "auto"."""
+        model_config = SimpleNamespace(
+            hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 300, max_model_len=512
         )
-        return SJDPPSampler(runner, JacobiStates(SJDPPConfig(num_speculative_tokens=32), 300))
+        runner = SimpleNamespace(
+            vllm_config=SimpleNamespace(
+                additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 32}}, model_config=model_config
+            ),
+            model_config=model_config, parallel_config=SimpleNamespace(world_size=world_size),
+        )
+        return SJDPPRuntime(runner)
 
     wanted, unseeded = [32] * 64, [False] * 64
     with caplog.at_level(logging.WARNING, logger="vllm.sjdpp"):
-        tp2 = sampler(2)
+        tp2 = runtime(2)
     assert "needs a single worker" in caplog.text
     tp2.goodput = None  # asking it would fail
     assert tp2._share(wanted, unseeded) == share_draft_budget(wanted, AUTO_FALLBACK_BUDGET)
     assert sum(tp2._share(wanted, unseeded)) == AUTO_FALLBACK_BUDGET
-    single = sampler(1)
+    single = runtime(1)
     asked = []
     single.goodput = SimpleNamespace(windows=lambda w, p: asked.append(1) or [0] * len(w))
     assert single._share(wanted, unseeded) == [0] * 64 and asked

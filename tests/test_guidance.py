@@ -50,17 +50,32 @@ def test_guidance_on_unguided_model_is_refused():
         request_guidance({"guidance_scale": 3.0}, PROMPT, None, 1.0, 10)
 
 
+def every_row_finds_its_scale(dtype) -> bool:
+    """A full batch's index columns in the model dtype, gathered in any order (as vLLM gathers
+    rows for sampling and logprobs): does `row_scales` give each row its own token's scale?"""
+    batch = GuidanceBatch(RULE, 1.0, 10, MAX_BATCH_TOKENS, "cpu")
+    batch.token_scale.copy_(torch.arange(MAX_BATCH_TOKENS, dtype=torch.float32))  # scale t at token t
+    index = GuidanceBatch.index_columns(MAX_BATCH_TOKENS, dtype, "cpu")
+    rows = torch.randperm(MAX_BATCH_TOKENS, generator=torch.Generator().manual_seed(0))
+    return torch.equal(batch.row_scales(index[rows]), rows.float())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_row_index_survives_the_model_dtype(dtype):
-    batch = GuidanceBatch(RULE, 1.0, 10, MAX_BATCH_TOKENS, "cpu")
-    batch.token_scale.copy_(torch.arange(MAX_BATCH_TOKENS, dtype=torch.float32))
-    index = GuidanceBatch.index_columns(MAX_BATCH_TOKENS, dtype, "cpu")
-    rows = torch.randperm(MAX_BATCH_TOKENS)[:5000]
-    assert torch.equal(batch.row_scales(index[rows]), rows.float())
-    # Broken variant: one column in bf16 loses tokens past 256.
-    if dtype == torch.bfloat16:
-        one_column = torch.arange(MAX_BATCH_TOKENS).to(dtype).float()
-        assert not torch.equal(one_column, torch.arange(MAX_BATCH_TOKENS).float())
+    assert every_row_finds_its_scale(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_row_index_in_one_column_is_caught(dtype, monkeypatch):
+    """Broken variant: our index_columns and row_scales with base 65536, i.e. the index as one
+    number (high digit 0): bf16 and fp16 round it past 256 and 2048, and the check above must
+    then fail.  (float32 holds it exactly: there the base is not what keeps the index.)"""
+    from vllm_sjdpp.guidance import cfg
+
+    monkeypatch.setattr(cfg, "INDEX_BASE", MAX_BATCH_TOKENS)
+    index = GuidanceBatch.index_columns(MAX_BATCH_TOKENS, torch.float32, "cpu")
+    assert not index[:, 0].any()  # one column: the index itself
+    assert not every_row_finds_its_scale(dtype)
 
 
 def test_combine_is_the_guidance_formula():

@@ -10,14 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_llama import set_engine_env
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, prompt_ids
 from vllm_sjdpp.digits.train import DEFAULT_OUT
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import heavy_twin  # noqa: E402
-
-set_engine_env()
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +40,16 @@ def test_twin_computes_the_originals_logits_in_fp32(twin):
     assert (plain_norms(ids).logits - ref).abs().max() > 1e-2
 
 
-def test_twin_needs_the_same_passes_in_bf16(twin):
+def test_twin_needs_the_same_passes_in_bf16(make_engine, twin):
     """SJD++ on both in bf16, 16 images each with the same seeds: passes per image agree within
     noise (the twin's sums run in another order, so trajectories part after a while)."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     prompts = [{"prompt_token_ids": prompt_ids(d % 10)} for d in range(16)]
     results = {}
     for name, path in (("original", DEFAULT_OUT), ("twin", twin)):
-        llm = LLM(str(path), speculative_config="sjdpp", dtype="bfloat16", enforce_eager=True,
-                  max_model_len=GENERATED_LENGTH + 64, max_num_seqs=16, seed=0, disable_log_stats=False)
+        llm = make_engine(path, speculative_config="sjdpp", dtype="bfloat16", skip_tokenizer_init=False,
+                          max_model_len=GENERATED_LENGTH + 64, max_num_seqs=16)
         before = next(m.value for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens")
         outs = llm.generate(prompts, [SamplingParams(max_tokens=GENERATED_LENGTH, seed=i, ignore_eos=True)
                                       for i in range(16)], use_tqdm=False)

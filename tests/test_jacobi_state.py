@@ -101,20 +101,28 @@ def test_a_reused_request_id_starts_afresh():
     request's options are its own, not the old one's."""
     from types import SimpleNamespace
 
-    from vllm_sjdpp.engine.batch_requests import BatchRequests
+    from vllm_sjdpp.config import ADDITIONAL_CONFIG_KEY
+    from vllm_sjdpp.engine.runtime import SJDPPRuntime
 
     def request(**options):
         extra = {f"sjdpp_{k}": v for k, v in options.items()}
         return SimpleNamespace(sampling_params=SimpleNamespace(max_tokens=None, seed=None, extra_args=extra))
 
-    runner = SimpleNamespace(model_config=SimpleNamespace(max_model_len=100), requests={"a": request(disable=True), "b": request()})
-    states = JacobiStates(SJDPPConfig(num_speculative_tokens=8), vocab_size=10)
-    batch = BatchRequests(states, runner)
+    model_config = SimpleNamespace(
+        hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 10, max_model_len=100
+    )
+    runner = SimpleNamespace(
+        vllm_config=SimpleNamespace(additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 8}},
+                                    model_config=model_config),
+        model_config=model_config, parallel_config=SimpleNamespace(world_size=1),
+        requests={"a": request(disable=True), "b": request()},
+    )
+    runtime = SJDPPRuntime(runner)  # what vLLM's removed-request hook calls: runtime.release
+    states, batch = runtime.states, runtime.batch
     batch.update(["a", "b"])
     assert batch.request_states[0].config is None
     runner.requests["a"] = request(num_speculative_tokens=3)  # the id reused, SJD++ this time
-    states.release("a")
-    batch.forget("a")
+    runtime.release("a")
     batch.update(["a", "b"])
     assert batch.request_states[0].config.num_speculative_tokens == 3
     # Broken variant: without forget, the same batch key keeps the aborted request's facts.

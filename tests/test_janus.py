@@ -17,10 +17,7 @@ import torch
 
 from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
 from tiny_janus import JANUS_PRO, SMALL, JanusShape
-from tiny_llama import set_engine_env
 from vllm_sjdpp.engine.runtime import runtime_of
-
-set_engine_env()
 
 TEXTS = ["a red dog under the sun", "the big green tree", "a small blue house under the rain", "a cat"]
 # Full windows: these tests verify drafts, which "auto" would cut on a busy CPU.
@@ -38,11 +35,11 @@ def folder(request, shape):
 
 
 def engine_args(shape) -> dict:
+    """make_engine's overrides for a folder of this shape."""
     # Janus-Pro's 16384 codes: an SJD++ step holds [rows, 16384] float32 tensors, so fewer
     # requests in flight keep its reserve inside the tests' 1 GiB of KV space.
     return dict(
-        skip_tokenizer_init=True, enforce_eager=True, max_model_len=64 + shape.tokens, dtype="float32", seed=0,
-        max_logprobs=shape.codes, disable_log_stats=False, **({} if shape is SMALL else {"max_num_seqs": 64}),
+        max_model_len=64 + shape.tokens, max_logprobs=shape.codes, **({} if shape is SMALL else {"max_num_seqs": 64}),
     )
 
 
@@ -59,17 +56,13 @@ def prompts(family):
 
 
 @pytest.fixture(scope="module")
-def janus(folder, shape):
-    from vllm import LLM
-
-    return LLM(folder, **engine_args(shape))
+def janus(make_engine, folder, shape):
+    return make_engine(folder, **engine_args(shape))
 
 
 @pytest.fixture(scope="module")
-def janus_sjdpp(folder, shape, janus):
-    from vllm import LLM
-
-    return LLM(folder, speculative_config=SJDPP, **engine_args(shape))
+def janus_sjdpp(make_engine, folder, shape, janus):
+    return make_engine(folder, speculative_config=SJDPP, **engine_args(shape))
 
 
 @pytest.fixture(scope="module")
@@ -360,11 +353,9 @@ def test_boi_read_from_where_the_conversion_script_writes_it(family):
     assert boi in JanusFamily.unconditional_rule(family.config, generation).keep_token_ids
 
 
-def test_a_folder_that_is_not_janus_is_refused_naming_what_is_missing(folder, shape, tmp_path):
+def test_a_folder_that_is_not_janus_is_refused_naming_what_is_missing(make_engine, folder, shape, tmp_path):
     import json
     import shutil
-
-    from vllm import LLM
 
     broken = tmp_path / "no-boi"
     shutil.copytree(folder, broken)
@@ -372,7 +363,7 @@ def test_a_folder_that_is_not_janus_is_refused_naming_what_is_missing(folder, sh
     del generation["generation_kwargs"]
     (broken / "generation_config.json").write_text(json.dumps(generation))
     with pytest.raises(Exception, match="boi_token_id"):
-        LLM(str(broken), **engine_args(shape))
+        make_engine(broken, **engine_args(shape))
 
 
 # The first failing folder: text ids past the codebook in the prompt -------------------------------
@@ -388,9 +379,7 @@ BOI_PAST_THE_CODES = JanusShape(
 
 
 @pytest.fixture(scope="module")
-def boi_past_the_codes(tmp_path_factory):
-    from vllm import LLM
-
+def boi_past_the_codes(make_engine, tmp_path_factory):
     from tiny_janus import build_tiny_janus
 
     folder = build_tiny_janus(tmp_path_factory.mktemp("boi-past-the-codes"), BOI_PAST_THE_CODES)
@@ -398,7 +387,7 @@ def boi_past_the_codes(tmp_path_factory):
 
     prompts = [families.load(folder).prompt_ids(t) for t in TEXTS]
     assert all(max(p) >= BOI_PAST_THE_CODES.codes for p in prompts)  # the prompts hold ids no code has
-    return LLM(str(folder), speculative_config=SJDPP, **engine_args(BOI_PAST_THE_CODES)), prompts
+    return make_engine(folder, speculative_config=SJDPP, **engine_args(BOI_PAST_THE_CODES)), prompts
 
 
 def test_first_sjdpp_images_on_a_folder_whose_prompt_ids_pass_the_codes(boi_past_the_codes):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tiny_llama import ENGINE_ENV, build_tiny_llama
+from tiny_llama import ENGINE_ENV
 from vllm_sjdpp.serving.server import VLLM_CLI, free_port, vllm_server
 
 SERVE_ARGS = ["--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "256", "--dtype", "float32"]
@@ -23,16 +23,11 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
-
-
-@pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
+def server(tiny_llama_path, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     args = ["--speculative-config", "sjdpp", "--max-num-seqs", "64", *SERVE_ARGS]
-    with vllm_server(model_path, args, log_path, env=_env(), timeout_s=240) as base:
-        yield base, model_path, log_path
+    with vllm_server(tiny_llama_path, args, log_path, env=_env(), timeout_s=240) as base:
+        yield base, tiny_llama_path, log_path
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +137,9 @@ def test_load_with_aborted_streams(client, server):
      ('{"method": "sjdpp", "reuze": "none"}', "'reuze'"),
      ('{"method": "sjdpp", "num_speculative_tokens": 100}', "'num_speculative_tokens'")],
 )
-def test_invalid_config_stops_startup_with_a_clear_error(model_path, config, message):
+def test_invalid_config_stops_startup_with_a_clear_error(tiny_llama_path, config, message):
     proc = subprocess.run(
-        [VLLM_CLI, "serve", model_path, "--speculative-config", config, "--port", str(free_port()), *SERVE_ARGS],
+        [VLLM_CLI, "serve", tiny_llama_path, "--speculative-config", config, "--port", str(free_port()), *SERVE_ARGS],
         capture_output=True, text=True, env=_env(), timeout=300,
     )
     assert proc.returncode != 0

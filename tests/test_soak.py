@@ -7,15 +7,15 @@ import os
 import sys
 from pathlib import Path
 
-from tiny_llama import ENGINE_ENV, build_tiny_llama
+from tiny_llama import ENGINE_ENV
 from vllm_sjdpp.serving.server import vllm_server
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import soak  # noqa: E402
 
 
-def test_short_soak(tmp_path):
-    path = str(build_tiny_llama(tmp_path / "tiny-llama"))
+def test_short_soak(tiny_llama_path, tmp_path):
+    path = tiny_llama_path
     env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
     args = ["--speculative-config", "sjdpp", "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "256",

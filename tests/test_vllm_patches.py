@@ -151,13 +151,6 @@ def _probe(model_path, version, platform="cpu", change=""):
     return result.stdout, result.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_path(tmp_path_factory):
-    from tiny_llama import build_tiny_llama
-
-    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
-
-
 def test_unsupported_vllm_leaves_plain_vllm_working_and_refuses_sjdpp(tiny_llama_path):
     out, err = _probe(tiny_llama_path, "0.40.0")
     assert "expand patched: False" in out  # nothing patched
