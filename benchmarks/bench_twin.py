@@ -1,4 +1,4 @@
-"""SJD++ where the forward pass counts: the digit model's heavy twin (benchmarks/heavy_twin.py,
+"""SJD++ where the forward pass counts: the digit model's heavy twin (vllm_sjdpp/digits/twin.py,
 128.8 M parameters) in bf16, plain decoding against SJD++ on the same prompts and seeds.
 
     python benchmarks/bench_twin.py [--twin /tmp/digits-twin] [--out benchmarks/results/twin]
@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
-import heavy_twin  # noqa: E402
+from vllm_sjdpp.digits import twin as heavy_twin  # noqa: E402
 
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402

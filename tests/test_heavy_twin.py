@@ -1,20 +1,15 @@
-"""The heavy twin (benchmarks/heavy_twin.py): a function-preserving widening of the digit model.
+"""The heavy twin (vllm_sjdpp/digits/twin.py): a function-preserving widening of the digit model.
 A small twin here (256 wide, 6 layers) so the tests stay fast; the benchmark's is 1024 x 10."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from vllm_sjdpp.digits import twin as heavy_twin
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, prompt_ids
 from vllm_sjdpp.digits.train import DEFAULT_OUT
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import heavy_twin  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,13 @@
-"""A short soak (benchmarks/soak.py): 40 s of 16 clients, 20% hanging up mid-stream, on a tiny
+"""A short soak (vllm_sjdpp/digits/soak.py): 40 s of 16 clients, 20% hanging up mid-stream, on a tiny
 Llama with SJD++; the server's memory and the Jacobi state stay bounded, and it keeps serving."""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 from tiny_llama import ENGINE_ENV
+from vllm_sjdpp.digits import soak
 from vllm_sjdpp.serving.server import vllm_server
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import soak  # noqa: E402
 
 
 def test_short_soak(tiny_llama_path, tmp_path):

@@ -1,7 +1,7 @@
 """A heavy twin of the bundled digit model: the same function, the compute of a real model.
 
-    python benchmarks/heavy_twin.py [--out /tmp/digits-twin] [--hidden 1024] [--layers 10]
-                                    [--intermediate 2816] [--dtype float32|bfloat16]
+    python -m vllm_sjdpp.digits.twin [--out /tmp/digits-twin] [--hidden 1024] [--layers 10]
+                                         [--intermediate 2816] [--dtype float32|bfloat16]
 
 On the 0.84 M-parameter digit model a forward pass costs about what the engine's own per-step
 work costs, so a benchmark there measures the plugin's overhead, not the method.  The twin widens

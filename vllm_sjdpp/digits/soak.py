@@ -1,8 +1,8 @@
 """Soak: `vllm serve --speculative-config sjdpp` under steady load with random aborts, watching
 the server's resident memory and the plugin's Jacobi state over time; both must stay bounded.
 
-    python benchmarks/soak.py [--minutes 10] [--concurrency 32] [--abort-fraction 0.1]
-                              [--model DIR] [--out benchmarks/results/soak]
+    python -m vllm_sjdpp.digits.soak [--minutes 10] [--concurrency 32] [--abort-fraction 0.1]
+                                    [--model DIR] [--out benchmarks/results/soak]
 
 Each of `concurrency` clients streams one image request after another from the bundled digit
 model (guided, SJD++ defaults); a fraction of them hang up after a random number of chunks.
