@@ -92,7 +92,9 @@ def test_a_failing_step_falls_back_to_exact_plain_sampling(plain, plain_samples,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sampler_module, "sjdpp_step", flaky_step)
-    fallbacks = runtime_of(sjdpp).fallbacks.count
+    from vllm_sjdpp.engine.runtime import fallbacks_total
+
+    fallbacks, counted = runtime_of(sjdpp).fallbacks.count, fallbacks_total()
     with caplog.at_level(logging.ERROR, logger="vllm.sjdpp"):
         assert generate(sjdpp, PROMPTS, params(temperature=0, max_tokens=48)) == generate(
             plain, PROMPTS, params(temperature=0, max_tokens=48)
@@ -101,7 +103,8 @@ def test_a_failing_step_falls_back_to_exact_plain_sampling(plain, plain_samples,
     assert len(calls) >= 6
     failures = [r for r in caplog.records if "SJD++ step failed for requests" in r.getMessage()]
     assert len(failures) == len(calls) // 3 and "(RuntimeError: injected fault)" in caplog.text
-    assert runtime_of(sjdpp).fallbacks.count - fallbacks == len(calls) // 3  # and in the Prometheus counter
+    assert runtime_of(sjdpp).fallbacks.count - fallbacks == len(calls) // 3
+    assert fallbacks_total() - counted == len(calls) // 3  # the Prometheus counter
     pvalues = position_pair_pvalues(plain_samples, got, 48)
     assert min(pvalues) > ALPHA / len(pvalues), pvalues
 
