@@ -80,3 +80,18 @@ def no_step_fallbacks(request):
     yield
     if request.node.get_closest_marker("expect_fallback") is None:
         assert total() == before, "an SJD++ step fell back to plain sampling (see the log for its cause)"
+
+
+@pytest.fixture(scope="module", params=["small", "janus-pro-shaped"])
+def janus_shape(request):
+    """Every Janus test runs on both folders: the small one and Janus-Pro's real shapes."""
+    from tiny_janus import JANUS_PRO, SMALL
+
+    return SMALL if request.param == "small" else JANUS_PRO
+
+
+@pytest.fixture(scope="module")
+def janus_folder(request, janus_shape):
+    from tiny_janus import SMALL
+
+    return request.getfixturevalue("tiny_janus_path" if janus_shape is SMALL else "janus_pro_path")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
-from tiny_janus import JANUS_PRO, SMALL, JanusShape
+from tiny_janus import SMALL, JanusShape
 from vllm_sjdpp.engine.runtime import runtime_of
 
 TEXTS = ["a red dog under the sun", "the big green tree", "a small blue house under the rain", "a cat"]
@@ -24,30 +24,20 @@ TEXTS = ["a red dog under the sun", "the big green tree", "a small blue house un
 SJDPP = {"method": "sjdpp", "num_speculative_tokens": 6, "draft_token_budget": None}
 
 
-@pytest.fixture(scope="module", params=[SMALL, JANUS_PRO], ids=["small", "janus-pro-shaped"])
-def shape(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def folder(request, shape):
-    return request.getfixturevalue("tiny_janus_path" if shape is SMALL else "janus_pro_path")
-
-
-def engine_args(shape) -> dict:
+def engine_args(janus_shape) -> dict:
     """make_engine's overrides for a folder of this shape."""
     # Janus-Pro's 16384 codes: an SJD++ step holds [rows, 16384] float32 tensors, so fewer
     # requests in flight keep its reserve inside the tests' 1 GiB of KV space.
     return dict(
-        max_model_len=64 + shape.tokens, max_logprobs=shape.codes, **({} if shape is SMALL else {"max_num_seqs": 64}),
+        max_model_len=64 + janus_shape.tokens, max_logprobs=janus_shape.codes, **({} if janus_shape is SMALL else {"max_num_seqs": 64}),
     )
 
 
 @pytest.fixture(scope="module")
-def family(folder):
+def family(janus_folder):
     from vllm_sjdpp import families
 
-    return families.load(folder)
+    return families.load(janus_folder)
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +46,20 @@ def prompts(family):
 
 
 @pytest.fixture(scope="module")
-def janus(make_engine, folder, shape):
-    return make_engine(folder, **engine_args(shape))
+def janus(make_engine, janus_folder, janus_shape):
+    return make_engine(janus_folder, **engine_args(janus_shape))
 
 
 @pytest.fixture(scope="module")
-def janus_sjdpp(make_engine, folder, shape, janus):
-    return make_engine(folder, speculative_config=SJDPP, **engine_args(shape))
+def janus_sjdpp(make_engine, janus_folder, janus_shape, janus):
+    return make_engine(janus_folder, speculative_config=SJDPP, **engine_args(janus_shape))
 
 
 @pytest.fixture(scope="module")
-def hf(folder):
+def hf(janus_folder):
     from transformers import JanusForConditionalGeneration
 
-    return JanusForConditionalGeneration.from_pretrained(folder).eval()
+    return JanusForConditionalGeneration.from_pretrained(janus_folder).eval()
 
 
 def params(tokens: int, **kw):
@@ -104,15 +94,15 @@ def hf_branch_logprobs(hf, prompt, codes) -> np.ndarray:
     return torch.log_softmax(hf.model.generation_head(hidden[0, len(prompt) - 1 :]).float(), -1).numpy()
 
 
-def vllm_branch_logprobs(llm, shape, prompts, scale, tokens) -> list[tuple[list[int], np.ndarray]]:
+def vllm_branch_logprobs(llm, janus_shape, prompts, scale, tokens) -> list[tuple[list[int], np.ndarray]]:
     """Greedy codes and the logprobs of all codes at each of the first `tokens` positions, at one scale."""
     outs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
-        params(tokens, temperature=0, logprobs=shape.codes, extra_args={"guidance_scale": scale}), use_tqdm=False,
+        params(tokens, temperature=0, logprobs=janus_shape.codes, extra_args={"guidance_scale": scale}), use_tqdm=False,
     )
     result = []
     for o in outs:
-        dense = np.full((tokens, shape.codes), np.nan)
+        dense = np.full((tokens, janus_shape.codes), np.nan)
         for i, d in enumerate(o.outputs[0].logprobs):
             for t, lp in d.items():
                 dense[i, t] = lp.logprob
@@ -131,81 +121,81 @@ def hf_image_generate(hf, prompts, scale, **kw) -> list[list[int]]:
 # The family's facts -----------------------------------------------------------------------------
 
 
-def test_family_reads_the_folder(folder, shape, family, prompts):
+def test_family_reads_the_folder(janus_folder, janus_shape, family, prompts):
     from transformers import AutoConfig
 
     from vllm_sjdpp import families
     from vllm_sjdpp.families.janus import JanusFamily
 
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(janus_folder)
     assert families.family_of(config) is JanusFamily
-    assert JanusFamily.sjdpp_defaults(config) == {"fresh_token_range": [0, shape.codes], "row_width": shape.grid, "init": "above"}
-    assert JanusFamily.image_vocab_size(config) == shape.codes
-    assert family.tokens_per_image == shape.tokens and family.image_size == (shape.image_size, shape.image_size)
+    assert JanusFamily.sjdpp_defaults(config) == {"fresh_token_range": [0, janus_shape.codes], "row_width": janus_shape.grid, "init": "above"}
+    assert JanusFamily.image_vocab_size(config) == janus_shape.codes
+    assert family.tokens_per_image == janus_shape.tokens and family.image_size == (janus_shape.image_size, janus_shape.image_size)
     rule = family_rule(family)
     bos, boi = prompts[0][0], prompts[0][-1]
-    assert (bos, boi, rule.pad_token_id) == (shape.special_ids["bos"], shape.special_ids["boi"], shape.special_ids["pad"])
+    assert (bos, boi, rule.pad_token_id) == (janus_shape.special_ids["bos"], janus_shape.special_ids["boi"], janus_shape.special_ids["pad"])
     assert rule.keep_token_ids == {bos, boi} and uncond(family, prompts[0])[1:-1] == [rule.pad_token_id] * (len(prompts[0]) - 2)
     assert len({tuple(p) for p in prompts}) == len(TEXTS)
     with pytest.raises(ValueError, match="empty"):
         family.prompt_ids("  ")
 
 
-def test_image_decodes_with_the_folders_vq_model(shape, family, hf):
-    codes = list(range(0, 2 * shape.tokens, 2))
+def test_image_decodes_with_the_folders_vq_model(janus_shape, family, hf):
+    codes = list(range(0, 2 * janus_shape.tokens, 2))
     image = family.to_image(codes)
-    assert image.size == (shape.image_size, shape.image_size) and image.mode == "RGB"
+    assert image.size == (janus_shape.image_size, janus_shape.image_size) and image.mode == "RGB"
     with torch.no_grad():
         pixels = hf.decode_image_tokens(torch.tensor([codes]))[0].numpy()  # [H, W, 3], normalised
     processor = family.processor.image_processor  # undo its normalisation
     expected = np.clip((pixels * processor.image_std + processor.image_mean) * 255, 0, 255)
     assert np.abs(np.asarray(image).astype(float) - expected).max() <= 1.0
     assert np.asarray(image).std() > 0  # not a blank image
-    with pytest.raises(ValueError, match=f"{shape.tokens} tokens"):
+    with pytest.raises(ValueError, match=f"{janus_shape.tokens} tokens"):
         family.to_image(codes[:-1])
     with pytest.raises(ValueError, match="codes in"):
-        family.to_image([shape.codes] * shape.tokens)
+        family.to_image([janus_shape.codes] * janus_shape.tokens)
 
 
 # Logits, greedy and sampling against transformers ---------------------------------------------------
 
 
-def logit_checks(shape, prompts) -> tuple[list, int]:
+def logit_checks(janus_shape, prompts) -> tuple[list, int]:
     """The prompts and positions whose every logprob is compared: all of them on the small
     folder; on Janus-Pro's 16384 codes one prompt's first row and a half (the "above" prior's
     sources reach back into the image there), which keeps vLLM's logprob lists affordable."""
-    return (prompts, shape.tokens) if shape is SMALL else (prompts[:1], shape.grid * 3 // 2)
+    return (prompts, janus_shape.tokens) if janus_shape is SMALL else (prompts[:1], janus_shape.grid * 3 // 2)
 
 
 @pytest.mark.parametrize("engine", ["janus", "janus_sjdpp"])
-def test_branch_logits_equal_transformers(request, shape, family, prompts, hf, engine):
+def test_branch_logits_equal_transformers(request, janus_shape, family, prompts, hf, engine):
     """Scale 1 is the cond branch alone and scale 0 the uncond branch alone: at every generated
     position (the first one is the prompt's last position), all logprobs equal transformers'."""
     llm = request.getfixturevalue(engine)
-    prompts, tokens = logit_checks(shape, prompts)
+    prompts, tokens = logit_checks(janus_shape, prompts)
     for scale, branch_prompts in ((1.0, prompts), (0.0, [uncond(family, p) for p in prompts])):
-        for (codes, got), prompt in zip(vllm_branch_logprobs(llm, shape, prompts, scale, tokens), branch_prompts):
+        for (codes, got), prompt in zip(vllm_branch_logprobs(llm, janus_shape, prompts, scale, tokens), branch_prompts):
             np.testing.assert_allclose(got, hf_branch_logprobs(hf, prompt, codes), atol=2e-4)
             assert codes == list(np.argmax(got, 1))
 
 
-def test_image_codes_embedded_as_text_break_the_logits(janus, shape, family, prompts, hf, monkeypatch):
+def test_image_codes_embedded_as_text_break_the_logits(janus, janus_shape, family, prompts, hf, monkeypatch):
     """Broken variant: every position embedded as text (the id space read without positions)."""
     from vllm_sjdpp.guidance.cfg import GuidanceBatch
 
     monkeypatch.setattr(GuidanceBatch, "prompt_mask", lambda self, n: torch.ones(n, dtype=torch.bool))
-    prompts, tokens = logit_checks(shape, prompts)
-    (codes, got), = vllm_branch_logprobs(janus, shape, prompts[:1], 1.0, tokens)
+    prompts, tokens = logit_checks(janus_shape, prompts)
+    (codes, got), = vllm_branch_logprobs(janus, janus_shape, prompts[:1], 1.0, tokens)
     assert np.abs(got - hf_branch_logprobs(hf, prompts[0], codes)).max() > 1e-2
 
 
 @pytest.mark.parametrize("scale", [1.5, 4.0])
-def test_guided_greedy_equals_transformers(janus, janus_sjdpp, shape, hf, prompts, scale):
+def test_guided_greedy_equals_transformers(janus, janus_sjdpp, janus_shape, hf, prompts, scale):
     """Whole images, plain and SJD++; on Janus-Pro's shapes two prompts (576 tokens each)."""
-    prompts = prompts if shape is SMALL else prompts[:2]
+    prompts = prompts if janus_shape is SMALL else prompts[:2]
     expected = hf_image_generate(hf, prompts, scale, do_sample=False)
     assert expected != hf_image_generate(hf, prompts, 1.01, do_sample=False)  # guidance matters here
-    greedy = params(shape.tokens, temperature=0, extra_args={"guidance_scale": scale})
+    greedy = params(janus_shape.tokens, temperature=0, extra_args={"guidance_scale": scale})
     assert run(janus, prompts, greedy) == expected
     assert run(janus_sjdpp, prompts, greedy) == expected
 
@@ -238,10 +228,10 @@ def hf_samples(hf, prompt, scale, seed=0) -> np.ndarray:
     return out.numpy()
 
 
-def test_sjdpp_sampling_matches_transformers(janus_sjdpp, shape, hf, prompts):
-    if shape is not SMALL:
+def test_sjdpp_sampling_matches_transformers(janus_sjdpp, janus_shape, hf, prompts):
+    if janus_shape is not SMALL:
         pytest.skip("2000 images per distribution: the small folder carries the statistics")
-    scale, tokens = 3.0, shape.tokens
+    scale, tokens = 3.0, janus_shape.tokens
     before = accepted_drafts(janus_sjdpp)
     sampling = params(tokens, temperature=1.0, extra_args={"guidance_scale": scale})
     sjdpp = np.array(run(janus_sjdpp, [prompts[0]] * SAMPLES, sampling))
@@ -256,7 +246,7 @@ def test_sjdpp_sampling_matches_transformers(janus_sjdpp, shape, hf, prompts):
     assert differ(unguided, hf_samples(hf, prompts[0], scale))
 
 
-def test_seeded_sjdpp_windows_hold_only_codes(janus_sjdpp, shape, prompts):
+def test_seeded_sjdpp_windows_hold_only_codes(janus_sjdpp, janus_shape, prompts):
     """50 seeded SJD++ images at the folder's guidance scale: every window that reached the model
     runner held image codes only (counted at the guard, where an id past the codebook would be
     cut), and drafts were accepted: fewer forward passes than tokens."""
@@ -265,11 +255,11 @@ def test_seeded_sjdpp_windows_hold_only_codes(janus_sjdpp, shape, prompts):
     before = accepted_drafts(janus_sjdpp)
     images = 50
     # Windows of 4 on Janus-Pro's shapes: every window row costs a pass over 16384 codes.
-    options = {} if shape is SMALL else {"sjdpp_num_speculative_tokens": 4}
-    sampling = [params(shape.tokens, temperature=1.0, seed=seed, extra_args=options) for seed in range(images)]
+    options = {} if janus_shape is SMALL else {"sjdpp_num_speculative_tokens": 4}
+    sampling = [params(janus_shape.tokens, temperature=1.0, seed=seed, extra_args=options) for seed in range(images)]
     codes = np.array(run(janus_sjdpp, [prompts[seed % len(prompts)] for seed in range(images)], sampling))
-    assert codes.shape == (images, shape.tokens) and 0 <= codes.min() and codes.max() < shape.codes
-    assert guard.windows - windows > images and guard.drafts - drafts > images * shape.tokens // 2
+    assert codes.shape == (images, janus_shape.tokens) and 0 <= codes.min() and codes.max() < janus_shape.codes
+    assert guard.windows - windows > images and guard.drafts - drafts > images * janus_shape.tokens // 2
     assert guard.cut == cut
     assert accepted_drafts(janus_sjdpp) > before
 
@@ -277,30 +267,30 @@ def test_seeded_sjdpp_windows_hold_only_codes(janus_sjdpp, shape, prompts):
 # Bad input --------------------------------------------------------------------------------------
 
 
-def test_options_that_index_text_ids_are_refused(janus, janus_sjdpp, shape, prompts):
+def test_options_that_index_text_ids_are_refused(janus, janus_sjdpp, janus_shape, prompts):
     """Options vLLM would apply to logits by text id, and prompt ids outside the vocabulary, are
     refused (HTTP 400 in the server), and the engines keep serving."""
     from vllm.exceptions import VLLMValidationError
 
-    tokens = shape.tokens
+    tokens = janus_shape.tokens
     for bad in (dict(prompt_logprobs=1), dict(repetition_penalty=1.2), dict(min_tokens=3),
-                dict(allowed_token_ids=[1, 2]), dict(logit_bias={shape.codes: 1.0})):
+                dict(allowed_token_ids=[1, 2]), dict(logit_bias={janus_shape.codes: 1.0})):
         with pytest.raises(VLLMValidationError, match=next(iter(bad))):
             run(janus, prompts[:1], params(tokens, temperature=1.0, **bad))
     for llm in (janus, janus_sjdpp):
-        with pytest.raises(VLLMValidationError, match=rf"prompt token ids must be in \[0, {shape.text_vocab}\)"):
+        with pytest.raises(VLLMValidationError, match=rf"prompt token ids must be in \[0, {janus_shape.text_vocab}\)"):
             run(llm, [[0, 5, 10**6]], params(tokens, temperature=1.0))
     # Image codes may be biased (without speculation: vLLM refuses logit_bias with it).
-    biased = run(janus, prompts[:1] * (50 if shape is SMALL else 8), params(tokens, temperature=1.0, logit_bias={3: 100.0}))
+    biased = run(janus, prompts[:1] * (50 if janus_shape is SMALL else 8), params(tokens, temperature=1.0, logit_bias={3: 100.0}))
     assert all(codes == [3] * tokens for codes in biased)
     assert len(run(janus_sjdpp, prompts[:1], params(tokens, temperature=1.0))[0]) == tokens
 
 
-def test_a_row_wider_than_the_image_is_refused(janus_sjdpp, shape, prompts):
+def test_a_row_wider_than_the_image_is_refused(janus_sjdpp, janus_shape, prompts):
     from vllm.exceptions import VLLMValidationError
 
-    too_wide = params(shape.tokens, temperature=1.0, extra_args={"sjdpp_row_width": shape.tokens + 1})
-    with pytest.raises(VLLMValidationError, match=rf"'sjdpp_row_width'.*<= {shape.tokens} \(the image's tokens\)"):
+    too_wide = params(janus_shape.tokens, temperature=1.0, extra_args={"sjdpp_row_width": janus_shape.tokens + 1})
+    with pytest.raises(VLLMValidationError, match=rf"'sjdpp_row_width'.*<= {janus_shape.tokens} \(the image's tokens\)"):
         run(janus_sjdpp, prompts[:1], too_wide)
 
 
@@ -353,17 +343,17 @@ def test_boi_read_from_where_the_conversion_script_writes_it(family):
     assert boi in JanusFamily.unconditional_rule(family.config, generation).keep_token_ids
 
 
-def test_a_folder_that_is_not_janus_is_refused_naming_what_is_missing(make_engine, folder, shape, tmp_path):
+def test_a_folder_that_is_not_janus_is_refused_naming_what_is_missing(make_engine, janus_folder, janus_shape, tmp_path):
     import json
     import shutil
 
     broken = tmp_path / "no-boi"
-    shutil.copytree(folder, broken)
+    shutil.copytree(janus_folder, broken)
     generation = json.loads((broken / "generation_config.json").read_text())
     del generation["generation_kwargs"]
     (broken / "generation_config.json").write_text(json.dumps(generation))
     with pytest.raises(Exception, match="boi_token_id"):
-        make_engine(broken, **engine_args(shape))
+        make_engine(broken, **engine_args(janus_shape))
 
 
 # The first failing folder: text ids past the codebook in the prompt -------------------------------
@@ -382,25 +372,25 @@ BOI_PAST_THE_CODES = JanusShape(
 def boi_past_the_codes(make_engine, tmp_path_factory):
     from tiny_janus import build_tiny_janus
 
-    folder = build_tiny_janus(tmp_path_factory.mktemp("boi-past-the-codes"), BOI_PAST_THE_CODES)
+    janus_folder = build_tiny_janus(tmp_path_factory.mktemp("boi-past-the-codes"), BOI_PAST_THE_CODES)
     from vllm_sjdpp import families
 
-    prompts = [families.load(folder).prompt_ids(t) for t in TEXTS]
+    prompts = [families.load(janus_folder).prompt_ids(t) for t in TEXTS]
     assert all(max(p) >= BOI_PAST_THE_CODES.codes for p in prompts)  # the prompts hold ids no code has
-    return make_engine(folder, speculative_config=SJDPP, **engine_args(BOI_PAST_THE_CODES)), prompts
+    return make_engine(janus_folder, speculative_config=SJDPP, **engine_args(BOI_PAST_THE_CODES)), prompts
 
 
 def test_first_sjdpp_images_on_a_folder_whose_prompt_ids_pass_the_codes(boi_past_the_codes):
     """Sampled and greedy SJD++ images come out whole, no window is cut at the guard, and the
     engine keeps serving."""
     llm, prompts = boi_past_the_codes
-    shape = BOI_PAST_THE_CODES
+    janus_shape = BOI_PAST_THE_CODES
     guard = runtime_of(llm).guard
     windows, cut = guard.windows, guard.cut
     for temperature in (1.0, 0.0, 1.0):
-        sampling = [params(shape.tokens, temperature=temperature, seed=i) for i in range(len(prompts))]
+        sampling = [params(janus_shape.tokens, temperature=temperature, seed=i) for i in range(len(prompts))]
         codes = np.array(run(llm, prompts, sampling))
-        assert codes.shape == (len(prompts), shape.tokens) and codes.max() < shape.codes
+        assert codes.shape == (len(prompts), janus_shape.tokens) and codes.max() < janus_shape.codes
     assert guard.windows > windows and guard.cut == cut
 
 
@@ -416,9 +406,9 @@ def test_guard_cuts_windows_of_a_prior_that_copies_prompt_ids(boi_past_the_codes
 
     monkeypatch.setattr(SJDPPRuntime, "history", history_with_the_prompt)
     llm, prompts = boi_past_the_codes
-    shape = BOI_PAST_THE_CODES
+    janus_shape = BOI_PAST_THE_CODES
     guard = runtime_of(llm).guard
     cut = guard.cut
-    codes = np.array(run(llm, prompts, [params(shape.tokens, temperature=1.0, seed=i) for i in range(len(prompts))]))
-    assert codes.shape == (len(prompts), shape.tokens) and codes.max() < shape.codes
+    codes = np.array(run(llm, prompts, [params(janus_shape.tokens, temperature=1.0, seed=i) for i in range(len(prompts))]))
+    assert codes.shape == (len(prompts), janus_shape.tokens) and codes.max() < janus_shape.codes
     assert guard.cut > cut

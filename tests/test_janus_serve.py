@@ -11,53 +11,43 @@ import sys
 import pytest
 import torch
 
-from tiny_janus import JANUS_PRO, SMALL
+from tiny_janus import SMALL
 from tiny_llama import ENGINE_ENV
 from vllm_sjdpp.serving.server import vllm_server
 
 
-def serve_args(shape) -> list[str]:
+def serve_args(janus_shape) -> list[str]:
     # Seeded images keep full windows, and on Janus-Pro's 16384 codes every window row costs a
     # pass over them on 2 cores: windows of 8 there.
-    spec = "sjdpp" if shape is SMALL else '{"method": "sjdpp", "num_speculative_tokens": 8}'
+    spec = "sjdpp" if janus_shape is SMALL else '{"method": "sjdpp", "num_speculative_tokens": 8}'
     return [
         "--speculative-config", spec, "--skip-tokenizer-init", "--enforce-eager",
-        "--max-model-len", str(64 + shape.tokens), "--max-num-seqs", "64", "--dtype", "float32",
+        "--max-model-len", str(64 + janus_shape.tokens), "--max-num-seqs", "64", "--dtype", "float32",
     ]
 
 
-@pytest.fixture(scope="module", params=[SMALL, JANUS_PRO], ids=["small", "janus-pro-shaped"])
-def shape(request):
-    return request.param
-
-
 @pytest.fixture(scope="module")
-def folder(request, shape):
-    return request.getfixturevalue("tiny_janus_path" if shape is SMALL else "janus_pro_path")
-
-
-@pytest.fixture(scope="module")
-def server(folder, shape, tmp_path_factory):
+def server(janus_folder, janus_shape, tmp_path_factory):
     env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0", "VLLM_PLUGINS": "sjdpp,sjdpp_images"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server runs as users run it
     log_path = tmp_path_factory.mktemp("serve-janus") / "server.log"
-    with vllm_server(folder, serve_args(shape), log_path, env=env, timeout_s=240) as base:
+    with vllm_server(janus_folder, serve_args(janus_shape), log_path, env=env, timeout_s=240) as base:
         yield base
 
 
-def test_text_prompt_to_png(server, folder, shape, tmp_path):
+def test_text_prompt_to_png(server, janus_folder, janus_shape, tmp_path):
     from PIL import Image
 
     out = tmp_path / "images.png"
-    cmd = [sys.executable, "-m", "vllm_sjdpp.serving.client", "--url", server, "--model", folder,
+    cmd = [sys.executable, "-m", "vllm_sjdpp.serving.client", "--url", server, "--model", janus_folder,
            "--n", "3", "--seed", "1", "--out", str(out), "a red dog under the sun"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     with Image.open(out) as png:
-        assert png.format == "PNG" and png.size == (3 * shape.image_size, shape.image_size)
+        assert png.format == "PNG" and png.size == (3 * janus_shape.image_size, janus_shape.image_size)
 
 
-def test_client_helper_images_tokens_and_seeds(server, folder, shape):
+def test_client_helper_images_tokens_and_seeds(server, janus_folder, janus_shape):
     """Images are the tokens decoded; a seed repeats them; greedy at the folder's default guidance
     scale (generation_config.json) equals transformers' Janus."""
     from transformers import JanusForConditionalGeneration
@@ -65,34 +55,34 @@ def test_client_helper_images_tokens_and_seeds(server, folder, shape):
     from vllm_sjdpp import families
     from vllm_sjdpp.serving.client import generate_images
 
-    family = families.load(folder)
+    family = families.load(janus_folder)
     text = "the big green tree"
-    first = generate_images(server, folder, folder, [text], n=2, seed=7)
-    again = generate_images(server, folder, folder, [text], n=2, seed=7)
+    first = generate_images(server, janus_folder, janus_folder, [text], n=2, seed=7)
+    again = generate_images(server, janus_folder, janus_folder, [text], n=2, seed=7)
     assert [g.token_ids for g in first] == [g.token_ids for g in again]
     assert first[0].token_ids != first[1].token_ids
     for g in first:
-        assert len(g.token_ids) == shape.tokens and g.image.size == (shape.image_size, shape.image_size)
+        assert len(g.token_ids) == janus_shape.tokens and g.image.size == (janus_shape.image_size, janus_shape.image_size)
         assert g.image.tobytes() == family.to_image(g.token_ids).tobytes()
 
-    hf = JanusForConditionalGeneration.from_pretrained(folder).eval()
+    hf = JanusForConditionalGeneration.from_pretrained(janus_folder).eval()
     prompt = torch.tensor([family.prompt_ids(text)])
     expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image", do_sample=False)
-    greedy = generate_images(server, folder, folder, [text], temperature=0)
+    greedy = generate_images(server, janus_folder, janus_folder, [text], temperature=0)
     assert greedy[0].token_ids == expected[0].tolist()
 
 
-def test_prompt_too_long_for_the_context_is_refused(server, folder):
+def test_prompt_too_long_for_the_context_is_refused(server, janus_folder):
     import openai
 
     from vllm_sjdpp.serving.client import generate_images
 
     with pytest.raises(openai.BadRequestError, match="context length"):
-        generate_images(server, folder, folder, ["a big red dog under the sun " * 10])
-    assert len(generate_images(server, folder, folder, ["a cat"])) == 1  # still serving
+        generate_images(server, janus_folder, janus_folder, ["a big red dog under the sun " * 10])
+    assert len(generate_images(server, janus_folder, janus_folder, ["a cat"])) == 1  # still serving
 
 
-def test_images_endpoint_makes_janus_pngs(server, folder, shape):
+def test_images_endpoint_makes_janus_pngs(server, janus_folder, janus_shape):
     """The images endpoint with the Janus family: the server makes the prompt and decodes the
     image; greedy at scale 2 is transformers' image decoded by the folder's VQ model."""
     import base64
@@ -105,15 +95,15 @@ def test_images_endpoint_makes_janus_pngs(server, folder, shape):
     from vllm_sjdpp import families
 
     client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=300)
-    out = client.images.generate(model=folder, prompt="a small cat", n=2, size=f"{shape.image_size}x{shape.image_size}",
+    out = client.images.generate(model=janus_folder, prompt="a small cat", n=2, size=f"{janus_shape.image_size}x{janus_shape.image_size}",
                                  extra_body={"seed": 3})
     images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in out.data]
-    assert [i.size for i in images] == [(shape.image_size, shape.image_size)] * 2 and images[0].tobytes() != images[1].tobytes()
-    assert all(d.model_extra["sjdpp"]["tokens"] == shape.tokens for d in out.data)
+    assert [i.size for i in images] == [(janus_shape.image_size, janus_shape.image_size)] * 2 and images[0].tobytes() != images[1].tobytes()
+    assert all(d.model_extra["sjdpp"]["tokens"] == janus_shape.tokens for d in out.data)
 
-    greedy = client.images.generate(model=folder, prompt="a small cat", extra_body={"temperature": 0})
-    family = families.load(folder)
-    hf = JanusForConditionalGeneration.from_pretrained(folder).eval()
+    greedy = client.images.generate(model=janus_folder, prompt="a small cat", extra_body={"temperature": 0})
+    family = families.load(janus_folder)
+    hf = JanusForConditionalGeneration.from_pretrained(janus_folder).eval()
     prompt = torch.tensor([family.prompt_ids("a small cat")])
     codes = hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image", do_sample=False)[0]
     got = Image.open(io.BytesIO(base64.b64decode(greedy.data[0].b64_json)))
