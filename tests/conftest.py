@@ -14,6 +14,30 @@ from tiny_llama import build_tiny_llama, set_engine_env  # noqa: E402
 # In-process engines (tiny_llama.ENGINE_ENV): set before any test module imports vLLM.
 set_engine_env()
 
+
+def _server_checking_fallbacks():
+    """`vllm_sjdpp.serving.server.vllm_server` for the tests: a server runs its engine in a child
+    process, out of reach of `no_step_fallbacks`, so its log is read when it stops and an SJD++
+    step or proposal that fell back there fails the test.  Installed before any test module
+    imports the name."""
+    import contextlib
+
+    from vllm_sjdpp.serving import server
+
+    start = server.vllm_server
+
+    @contextlib.contextmanager
+    def vllm_server(model, args, log_path, *more, **kwargs):
+        with start(model, args, log_path, *more, **kwargs) as base:
+            yield base
+        fell_back = [line for line in open(log_path, errors="replace") if "SJD++ " in line and " failed for requests " in line]
+        assert not fell_back, f"SJD++ fell back to plain sampling in the server ({log_path}): {fell_back[0]}"
+
+    server.vllm_server = vllm_server
+
+
+_server_checking_fallbacks()
+
 # Every in-process engine the tests start (`make_engine`): these, and each module's overrides.
 ENGINE_DEFAULTS = dict(
     skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, dtype="float32", seed=0,
