@@ -64,10 +64,6 @@ JANUS_PRO = JanusShape(
     },
 )
 
-# The shape kept for old imports (tests of the small folder).
-CODES, GRID, IMAGE_SIZE = SMALL.codes, SMALL.grid, SMALL.image_size
-TEXT_VOCAB = SMALL.text_vocab
-
 
 def vocabulary(shape: JanusShape) -> dict[str, int]:
     """Every id of the text vocabulary gets a token: the specials at their ids, the words and ':'

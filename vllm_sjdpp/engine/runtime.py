@@ -238,9 +238,8 @@ class SJDPPRuntime:
         generated = positions >= batch.num_prompt_tokens[:num_reqs, None]
         return np.where(generated, tokens, -1).astype(np.int64)
 
-    def record_windows(self, plan: StepPlan, out) -> list[int]:
-        """Keep each request's next window from the step's output; returns the drafts each
-        request had accepted."""
+    def record_windows(self, plan: StepPlan, out) -> None:
+        """Keep each request's next window from the step's output, and count the step."""
         accepted = out.num_accepted.tolist()
         tokens = out.next_draft_token_ids.tolist()
         rows = out.next_draft_prob_rows.tolist()
@@ -253,7 +252,6 @@ class SJDPPRuntime:
         num_reqs = len(plan.counts)
         self.stats.add(num_reqs, sum(accepted) + num_reqs, sum(plan.counts), self.states)
         self._observe(num_reqs, True, plan.counts, accepted)
-        return accepted
 
     def close_windows(self, plan: StepPlan) -> None:
         """A windowless step's bookkeeping: one token per request, no window after it."""

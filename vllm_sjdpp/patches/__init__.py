@@ -43,11 +43,6 @@ def unsupported_message(version: str) -> str:
     return f"vllm-sjdpp supports vLLM {supported}; the installed vLLM is {version}"
 
 
-def check_version(version: str) -> None:
-    if not is_supported(version):
-        raise RuntimeError(unsupported_message(version))
-
-
 def on_cpu() -> bool:
     from vllm.platforms import current_platform
 
