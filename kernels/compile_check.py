@@ -142,6 +142,33 @@ def _row_pass_launch(variant: Variant) -> tuple[tuple, dict]:
     )
 
 
+def _noise_variant(vocab: int, block_size: int) -> Variant:
+    """`keyed_exponentials_triton`'s launch: the row keys as int64 (uint32 words carried in
+    int64, from NumPy), float32 output, stride and vocabulary as int32."""
+    signature = {
+        "a_ptr": "*i64", "b_ptr": "*i64", "out_ptr": "*fp32", "out_stride": "i32", "vocab_size": "i32",
+        "BLOCK_SIZE": "constexpr",
+    }
+    aligned = [k for k, v in signature.items() if v.startswith("*") or (v == "i32" and vocab % 16 == 0)]
+    return Variant(
+        f"V={vocab},BLOCK_SIZE={block_size}", signature, {"BLOCK_SIZE": block_size}, tuple(aligned),
+        launch_inputs=(vocab,),
+    )
+
+
+def _noise_launch(variant: Variant) -> tuple[tuple, dict]:
+    import numpy as np
+
+    from . import noise_triton as module
+
+    (vocab,) = variant.launch_inputs
+    keys = np.arange(3, dtype=np.uint32)
+    return _recorded_launch(
+        module, "_keyed_exponentials_kernel", module.keyed_exponentials_triton,
+        a=keys, b=keys, vocab_size=vocab, device="cpu",
+    )
+
+
 # Every kernel the CUDA path launches, with each specialisation its launch sites produce.
 # The plugin (vllm_sjdpp/engine/sampler.py) steps on float32 softmax probabilities and keeps float32
 # proposals; `sjdpp_step` accepts any float dtype for the probabilities and for
@@ -158,12 +185,19 @@ KERNELS: tuple[Kernel, ...] = (
         ),
         launch=_row_pass_launch,
     ),
+    Kernel(
+        "noise_triton",
+        "_keyed_exponentials_kernel",
+        (_noise_variant(102400, 4096), _noise_variant(274, 512)),
+        launch=_noise_launch,
+    ),
 )
 
 # `@triton.jit` helpers (not launched on their own): "module.helper" -> "module.caller", the
 # kernel or helper whose compilation inlines it.
 DEVICE_FUNCTIONS: dict[str, str] = {
     "row_pass_triton._race_block": "row_pass_triton._row_pass_kernel",
+    "noise_triton._mix": "noise_triton._keyed_exponentials_kernel",
 }
 
 

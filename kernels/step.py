@@ -22,6 +22,19 @@ j - a - 1 of the next window (the first rows after the commit).  For a random re
                          else d' ~ p_j, q' = p_j  (a one-hot proposal verifies any draft exactly)
 Row k_i has no old draft and always draws from p.  Greedy requests take d' = argmax p_j.
 Slots past the redrafted ones are fresh tokens with one-hot q (see `fresh.py`).
+Gumbel-coupled verification (`StepBatch.gumbel`; MC-SJD's and SCD's Gumbel coupling).  The
+request's noise row j is E_{t+j}, keyed by its absolute position t + j (`noise.py`), and every
+row's token is its race winner  w_j = argmax_v p_j(v) / E_{t+j}(v):
+    accept d_j  iff  d_j = w_j,  left to right;  commit w_a (a < k_i: first rejection; a = k_i: bonus)
+    next window: row j > a proposes w_j; a draft that stays the winner is kept, so SJD++'s reuse
+    comes for free; no proposal q is stored or read.
+Exact for any drafts.  Rows up to the first rejection see accepted drafts only, that is the
+committed prefix, so by induction the token committed at position m is w(p_m(x_<m), E_m): the
+same function of the noise tape as plain decoding that races p_m against E_m, hence plain
+decoding's token for that key, whatever the windows, the batch or the chunking.  In law it is
+p_m, since E_m is used at position m only and x_<m is a function of E_<m.
+Greedy requests are the same rule with w_j = argmax p_j.
+
 u_j serves the verification of rows j <= a and the coupling test of rows j > a: never both, so
 each row needs one uniform and the two uses stay independent.
 
@@ -49,7 +62,8 @@ import numpy as np
 import torch
 
 from .fresh import FreshTokens, fill_fresh_tokens
-from .host import to_device, to_host
+from .host import INDUCTOR_MIN_ELEMENTS, to_device, to_host
+from .noise import SALT_FRESH, keyed_exponentials, keyed_uniforms, request_key, row_keys
 
 REUSE_NONE, REUSE_COUPLED, REUSE_CONFIDENCE = 0, 1, 2
 REUSE_CODES = {"none": REUSE_NONE, "coupled": REUSE_COUPLED, "confidence": REUSE_CONFIDENCE}
@@ -77,6 +91,9 @@ class StepBatch:
     # [T] int: the row of draft_probs holding draft t's q (default: row t), so that proposals
     # can stay in the buffer an earlier step wrote them to.
     draft_prob_rows: Array | None = None
+    # [B] bool: verified by Gumbel coupling (default: none); its noise rows must be keyed by
+    # position (`StepNoise.sample_per_request(keys=...)`) for the output to be plain decoding's.
+    gumbel: Array | None = None
 
 
 @dataclass
@@ -107,28 +124,55 @@ class StepNoise:
         vocab_size: int,
         generators: dict[int, torch.Generator],
         device: torch.device | str = "cpu",
+        keys: dict[int, tuple[int, int]] | None = None,
     ) -> "StepNoise":
-        """Global randomness, except that request i draws its own rows with generators[i]:
-        a seeded request's tokens do not depend on the rest of the batch.  Every request draws
-        its row uniforms, race uniforms and slot uniforms in that order, in place."""
+        """Per request i, in order of precedence:
+        - keys[i] = (key, position of its first row): position-keyed noise (`noise.py`), row j
+          raced with E(key, position + j, .); what Gumbel-coupled verification needs;
+        - generators[i]: its own generator draws its row uniforms, race uniforms and slot
+          uniforms, in that order, in place (its draws do not depend on the rest of the batch);
+        - otherwise the global generator."""
+        keys = keys or {}
         f32 = dict(dtype=torch.float32, device=device)
         num_rows, num_slots = sum(rows_per_request), sum(slots_per_request)
-        uniforms = torch.empty(num_rows, **f32)
-        race = torch.empty(num_rows, vocab_size, **f32)
-        fresh = torch.empty(num_slots, **f32)
-        if len(generators) < len(rows_per_request):  # some requests use the global generator
-            torch.rand(num_rows, out=uniforms)
-            torch.rand(num_rows, vocab_size, out=race)
-            torch.rand(num_slots, out=fresh)
         row_end = list(itertools.accumulate(rows_per_request))
         slot_end = list(itertools.accumulate(slots_per_request))
-        for i, g in generators.items():
-            rows = slice(row_end[i] - rows_per_request[i], row_end[i])
-            slots = slice(slot_end[i] - slots_per_request[i], slot_end[i])
-            torch.rand(rows_per_request[i], generator=g, out=uniforms[rows])
-            torch.rand(rows_per_request[i], vocab_size, generator=g, out=race[rows])
-            torch.rand(slots_per_request[i], generator=g, out=fresh[slots])
-        return cls(uniforms, _exponentials(race), fresh)
+        rows_of = lambda i: slice(row_end[i] - rows_per_request[i], row_end[i])  # noqa: E731
+        slots_of = lambda i: slice(slot_end[i] - slots_per_request[i], slot_end[i])  # noqa: E731
+        if len(keys) == len(rows_per_request):
+            uniforms = torch.full((num_rows,), 0.5, **f32)  # verification reads no uniform
+            race = None
+            fresh = torch.empty(num_slots, **f32)
+        else:
+            uniforms = torch.empty(num_rows, **f32)
+            race = torch.empty(num_rows, vocab_size, **f32)
+            fresh = torch.empty(num_slots, **f32)
+            if len(generators) + len(keys) < len(rows_per_request):  # some use the global generator
+                torch.rand(num_rows, out=uniforms)
+                torch.rand(num_rows, vocab_size, out=race)
+                torch.rand(num_slots, out=fresh)
+            for i, g in generators.items():
+                if i not in keys:
+                    torch.rand(rows_per_request[i], generator=g, out=uniforms[rows_of(i)])
+                    torch.rand(rows_per_request[i], vocab_size, generator=g, out=race[rows_of(i)])
+                    torch.rand(slots_per_request[i], generator=g, out=fresh[slots_of(i)])
+            race = _exponentials(race)
+        if keys:
+            requests = sorted(keys)
+            row_key = np.concatenate([np.full(rows_per_request[i], request_key(keys[i][0])) for i in requests])
+            position = np.concatenate([keys[i][1] + np.arange(rows_per_request[i]) for i in requests])
+            keyed = keyed_exponentials(*row_keys(row_key, position), vocab_size, device)
+            slot_key = np.concatenate([np.full(slots_per_request[i], request_key(keys[i][0])) for i in requests])
+            slot_position = np.concatenate([keys[i][1] + np.arange(slots_per_request[i]) for i in requests])
+            keyed_fresh = torch.from_numpy(keyed_uniforms(*row_keys(slot_key, slot_position, SALT_FRESH))).to(device)
+            if race is None:
+                race, fresh = keyed, keyed_fresh
+            else:
+                row_index = np.concatenate([np.arange(num_rows)[rows_of(i)] for i in requests])
+                slot_index = np.concatenate([np.arange(num_slots)[slots_of(i)] for i in requests])
+                race[to_device(row_index, race.device)] = keyed
+                fresh[to_device(slot_index, fresh.device)] = keyed_fresh
+        return cls(uniforms, race, fresh)
 
 
 def _exponentials(uniforms: torch.Tensor) -> torch.Tensor:
@@ -154,9 +198,6 @@ RowPass = Callable[..., torch.Tensor]
 
 
 BACKENDS = ("torch", "inductor", "triton")
-# Below this many target probabilities a compiled call costs more than fusion saves on CPU
-# (0.72 against 0.89 ms for 17 x 281, equal at 544 x 281; benchmarks/bench_step.py).
-INDUCTOR_MIN_ELEMENTS = 1 << 18
 
 
 def _row_pass(backend: str | None, device: torch.device, num_elements: int) -> RowPass:
@@ -248,9 +289,22 @@ def sjdpp_step(
         greedy_rows = np.flatnonzero(greedy)
         argmax[greedy_rows] = to_host(p[to_device(greedy_rows, device)].argmax(-1))
 
+    # Gumbel-coupled rows: every row's race winner, before anything is decided.
+    gumbel = np.zeros(num_rows, dtype=bool) if batch.gumbel is None else to_host(batch.gumbel)[req] & ~greedy
+    winner = np.zeros(num_rows, dtype=np.int64)
+    if gumbel.any():
+        race_rows = np.flatnonzero(gumbel)
+        none = to_device(np.full(race_rows.size, -1, dtype=np.int64), device)
+        winner[race_rows] = to_host(_row_pass(backend, device, p.numel())(
+            target_probs=p, draft_probs=None, exponentials=noise.exponentials,
+            rows=to_device(race_rows, device), subtract_draft_row=none, subtract_onehot=none,
+            draw=to_device(np.ones(race_rows.size, dtype=bool), device), q_dest=none,
+            next_probs=p[:0],
+        ))
+
     # a_i: the first row that is not an accepted draft (the bonus row is never one): the
     # minimum over the request's rows, accepted ones counted as num_rows.
-    accepted = has_draft & np.where(greedy, d == argmax, ratio_pass)
+    accepted = has_draft & np.where(greedy, d == argmax, np.where(gumbel, d == winner, ratio_pass))
     num_accepted = np.minimum.reduceat(np.where(accepted, num_rows, local), row_start) if num_reqs else local[:0]
     a = num_accepted[req]
     is_recovery = local == a
@@ -259,14 +313,14 @@ def sjdpp_step(
     in_window = (local > a) & (slot < next_len[req])
 
     reuse = to_host(batch.reuse)[req]
-    random = ~greedy
-    keep = in_window & has_draft & random & (
+    ratio = ~greedy & ~gumbel  # verified by the ratio test
+    keep = in_window & has_draft & ratio & (
         ((reuse == REUSE_COUPLED) & ratio_pass)
         | ((reuse == REUSE_CONFIDENCE) & (p_d >= to_host(batch.threshold)[req]))
     )
-    subtract_q = random & has_draft & (is_recovery | (in_window & (reuse == REUSE_COUPLED)))
-    draw = random & (is_recovery | (in_window & ~keep))
-    write_q = random & in_window & ~(keep & (reuse == REUSE_CONFIDENCE))
+    subtract_q = ratio & has_draft & (is_recovery | (in_window & (reuse == REUSE_COUPLED)))
+    draw = ratio & (is_recovery | (in_window & ~keep))
+    write_q = ratio & in_window & ~(keep & (reuse == REUSE_CONFIDENCE))
 
     next_cu = np.cumsum(next_len)
     num_next = int(next_cu[-1]) if num_reqs else 0
@@ -293,7 +347,7 @@ def sjdpp_step(
         q_dest=to_device(np.where(write_q, q_dest, -1)[rows], device),
         next_probs=next_probs,
     )
-    token = np.where(greedy, argmax, np.where(keep, d, 0))
+    token = np.where(greedy, argmax, np.where(gumbel, winner, np.where(keep, d, 0)))
     token[rows] = np.where(draw[rows], to_host(raced), token[rows])
 
     max_drafts = int(num_drafts.max()) if num_reqs else 0

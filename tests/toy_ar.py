@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from vllm_sjdpp.config import SJDPPConfig
 from vllm_sjdpp.kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, StepOutput, sjdpp_step
+from vllm_sjdpp.kernels.noise import keyed_exponentials_numpy, row_keys
 
 
 @dataclass
@@ -49,6 +51,22 @@ def sample_plain(
     return seq[:, 2:]
 
 
+def sample_plain_race(model: TableARModel, keys: list[int], length: int) -> torch.Tensor:
+    """Reference for Gumbel coupling: plain decoding racing p_t against the position-keyed noise
+    E(key, t, .), t counted from the start of the prompt.  Returns [N, length]."""
+    seq = torch.tensor(model.prompt).repeat(len(keys), 1)
+    for t in range(len(model.prompt), len(model.prompt) + length):
+        p = model.next_probs(seq[:, -2], seq[:, -1])
+        e = keyed_exponentials_numpy(*row_keys(np.array(keys, dtype=np.uint64), np.full(len(keys), t)), model.vocab_size)
+        seq = torch.cat([seq, (p / torch.from_numpy(e)).argmax(-1, keepdim=True)], 1)
+    return seq[:, len(model.prompt):]
+
+
+def position_keys(keys, active, start, steps):
+    """What the engine passes: request i's key and the absolute position of its first row."""
+    return {i: (keys[r], s) for i, (r, s) in enumerate(zip(active.tolist(), start.tolist()))}
+
+
 def sample_sjdpp(
     model: TableARModel,
     num_sequences: int,
@@ -58,10 +76,14 @@ def sample_sjdpp(
     greedy: bool = False,
     backend: str | None = None,
     step: Callable[..., StepOutput] = sjdpp_step,
+    keys: list[int] | None = None,
+    noise_keys: Callable = position_keys,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Jacobi decoding. Returns ([N, length] tokens, [N] forward passes).
 
-    `step` is `sjdpp_step` unless a test swaps in a deliberately broken one.
+    With `keys` (one per sequence), verification is Gumbel-coupled with the noise keyed as
+    `noise_keys(keys, active, start, steps)` says.  `step` is `sjdpp_step` and `noise_keys`
+    `position_keys` unless a test swaps in a deliberately broken one.
     """
     g = torch.Generator().manual_seed(seed)
     n, vocab, k = num_sequences, model.vocab_size, config.num_speculative_tokens
@@ -107,8 +129,12 @@ def sample_sjdpp(
                 threshold=torch.full((b,), float(config.threshold)),
                 next_window_len=next_len,
                 draft_prob_rows=window_prob_rows,
+                gumbel=torch.full((b,), keys is not None),
             ),
-            StepNoise.sample(probs.shape[0], vocab, b * k, generator=g),
+            StepNoise.sample(probs.shape[0], vocab, b * k, generator=g) if keys is None
+            else StepNoise.sample_per_request(
+                (window_len + 1).tolist(), [k] * b, vocab, {}, keys=noise_keys(keys, active, start, steps[active])
+            ),
             fresh,
             backend=backend,
         )
