@@ -24,12 +24,6 @@ def race(weights: torch.Tensor, exponentials: torch.Tensor) -> tuple[torch.Tenso
     return torch.max(weights / exponentials, dim=-1)
 
 
-def race_winner_(weights: torch.Tensor, exponentials: torch.Tensor) -> torch.Tensor:
-    """`race`'s winning index only, dividing `weights` in place (they are spent): the same
-    scores and winner without a new [rows, V] tensor."""
-    return weights.div_(exponentials).argmax(-1)
-
-
 def residual_race(target_probs, draft_probs, exponentials, rows, q_rows):
     w = target_probs[rows].float() - draft_probs[q_rows].float()
     return race(w.clamp_min(0.0), exponentials[rows])

@@ -8,12 +8,11 @@ has a broken variant the same check rejects.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from stats import ALPHA, BROKEN_ALPHA, same_distribution
-from toy_ar import TableARModel, position_keys, sample_plain, sample_plain_race, sample_sjdpp
+from toy_ar import TableARModel, sample_plain, sample_plain_race, sample_sjdpp
 from vllm_sjdpp import SJDPPConfig
 
 VOCAB, LENGTH = 24, 48

@@ -1,6 +1,7 @@
 """The Jacobi state trusts a window only as it was made, and gives memory back."""
 
 import torch
+from vllm import SamplingParams
 
 from vllm_sjdpp import SJDPPConfig
 from vllm_sjdpp.engine.jacobi_state import JacobiStates, Window
@@ -8,7 +9,7 @@ from vllm_sjdpp.engine.jacobi_state import JacobiStates, Window
 
 def test_windows_are_used_only_as_made():
     states = JacobiStates(SJDPPConfig(num_speculative_tokens=4), vocab_size=10)
-    state = states.get("a", None)
+    state = states.get("a", SamplingParams())
     states.advance()
     state.window = Window(start=7, tokens=[1, 2, 3], prob_rows=[0, -1, 1], generation=states.generation)
     assert states.drafts_usable(state, 7, [1, 2]) == [0, -1]  # a prefix, as vLLM may trim
@@ -20,9 +21,16 @@ def test_windows_are_used_only_as_made():
 
 def test_per_request_options_and_release():
     states = JacobiStates(SJDPPConfig(num_speculative_tokens=4, fresh_token_range=(2, 6)), vocab_size=10)
-    assert states.get("a", {"sjdpp_disable": True}).config is None
-    assert states.get("b", {"sjdpp_reuse": "none"}).config.reuse == "none"
-    assert states.get("b", None).fresh_vocab == range(2, 6)
+    assert states.get("a", SamplingParams(extra_args={"sjdpp_disable": True})).config is None
+    assert states.get("b", SamplingParams(extra_args={"sjdpp_reuse": "none"})).config.reuse == "none"
+    assert states.get("b", SamplingParams()).fresh_vocab == range(2, 6)
+    # Noise keys: the seed where there is one, random and distinct otherwise; none for "ratio".
+    assert states.get("s", SamplingParams(seed=5)).noise_key == 5
+    assert states.get("u", SamplingParams()).noise_key != states.get("v", SamplingParams()).noise_key
+    assert states.get("r", SamplingParams(seed=5, extra_args={"sjdpp_verification": "ratio"})).noise_key is None
+    assert states.get("p", SamplingParams(seed=5, extra_args={"sjdpp_disable": True})).noise_key == 5
+    for req_id in "suvrp":
+        states.release(req_id)
     states.release("a")
     states.release("c")  # never seen: nothing to forget
     assert set(states.requests) == {"b"}
@@ -38,8 +46,8 @@ def test_proposal_buffers_alternate_grow_and_shrink():
     states.advance()
     small = states.next_buffer(5, 10, torch.float32, torch.device("cpu"))
     assert small.shape[0] < 100  # the batch shrank: memory is given back
-    states.get("x", None)
-    states.get("y", None)
+    states.get("x", SamplingParams())
+    states.get("y", SamplingParams())
     states.release("x")
     assert states.state_bytes() > 0  # y still runs
     states.release("y")

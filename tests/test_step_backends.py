@@ -137,19 +137,3 @@ def test_proposals_read_through_draft_prob_rows(backend):
     # and the buffer's garbage rows really are not the ones read:
     scrambled = dataclasses.replace(indirect, draft_prob_rows=torch.roll(where, 1))
     assert not torch.equal(sjdpp_step(scrambled, noise, fresh, backend=backend).next_draft_token_ids, ref.next_draft_token_ids)
-
-
-def test_the_in_place_race_picks_the_same_winner():
-    """The windowless step's in-place race (indices only) against `race`, on rows with zeros
-    (top-k) and the smallest exponentials `StepNoise` makes."""
-    from vllm_sjdpp.kernels.row_pass_torch import race, race_winner_
-
-    g = torch.Generator().manual_seed(0)
-    probs = torch.rand(64, 1000, generator=g)
-    probs[:, 500:] = 0.0
-    probs[3] = 0.0  # an empty row: every score 0, the first index wins in both
-    noise = StepNoise.sample_per_request([1] * 64, [0] * 64, 1000, {}, "cpu")
-    noise.exponentials[5, 7] = torch.finfo(torch.float32).tiny
-    expected = race(probs, noise.exponentials)[1]
-    assert torch.equal(race_winner_(probs.clone(), noise.exponentials), expected)
-    assert expected[5] == 7

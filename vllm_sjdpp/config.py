@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 REUSE_MODES = ("none", "coupled", "confidence")
+VERIFICATIONS = ("gumbel", "ratio")
 ADDITIONAL_CONFIG_KEY = "sjdpp"  # where the server's SJD++ options travel inside VllmConfig
 # Per-request options: SamplingParams.extra_args (OpenAI: vllm_xargs) keys, each "sjdpp_" + a
 # field name, plus sjdpp_disable (decode this request plainly).
 REQUEST_PREFIX = "sjdpp_"
 REQUEST_FIELDS = (
-    "num_speculative_tokens", "reuse", "threshold", "init", "row_width",
+    "num_speculative_tokens", "verification", "reuse", "threshold", "init", "row_width",
     "fresh_token_range", "fresh_token_ids", "jacobi_start",
 )
 INIT_MODES = ("random", "left", "above")
@@ -41,7 +42,15 @@ class SJDPPConfig:
     """Server-wide SJD++ options.
 
     num_speculative_tokens: window length k, the number of draft tokens per forward pass.
-    reuse: what happens to an unaccepted old draft when the window is redrafted:
+    verification: how drafts are verified (kernels/step.py has the math).  "gumbel": a draft is
+        accepted iff it wins the exponential race of the target distribution against the
+        request's noise, keyed by its seed (a random key if it has none) and the token's
+        position; the tokens are then plain decoding's tokens for that seed, token for token,
+        at any window and load, and old drafts are reused whenever they stay the winner.
+        "ratio": speculative sampling's test, min(1, p/q), with `reuse` below; exact in law, but
+        a seed's tokens differ from plain decoding's, and a seeded request keeps its full window.
+    reuse: under verification="ratio", what happens to an unaccepted old draft when the window
+        is redrafted:
         "none" (plain SJD: resample from the new p), "coupled" (SJD++: keep it with probability
         min(1, p/q), else draw from the residual), "confidence" (keep it when p(d) >= threshold,
         recording a one-hot proposal).
@@ -55,13 +64,13 @@ class SJDPPConfig:
     jacobi_start: generated tokens decoded one at a time before drafting starts.
     draft_token_budget: "auto" (the default): each pass gets the drafts that maximise the
         expected committed tokens per second, from the pass cost and acceptance the engine
-        measures (`goodput`); seeded requests keep their full window so that a seed reproduces
-        its tokens at any load. A number: the most draft tokens in one pass over all requests,
+        measures (`goodput`). A number: the most draft tokens in one pass over all requests,
         windows shrinking evenly as the batch grows (`window_budget`). None: every request
         drafts its k. Server-wide only.
     """
 
     num_speculative_tokens: int = 32
+    verification: str = "gumbel"
     reuse: str = "coupled"
     threshold: float = 0.5
     init: str = "random"
@@ -75,6 +84,8 @@ class SJDPPConfig:
         k = self.num_speculative_tokens
         if not _is_int(k) or not 1 <= k <= MAX_WINDOW:
             raise _invalid("num_speculative_tokens", k, f"an integer from 1 to {MAX_WINDOW}")
+        if self.verification not in VERIFICATIONS:
+            raise _invalid("verification", self.verification, " | ".join(VERIFICATIONS))
         if self.reuse not in REUSE_MODES:
             raise _invalid("reuse", self.reuse, " | ".join(REUSE_MODES))
         t = self.threshold

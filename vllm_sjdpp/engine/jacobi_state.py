@@ -15,6 +15,15 @@ import torch
 from ..config import SJDPPConfig
 
 
+def noise_key(seed: int | None) -> int:
+    """A request's race-noise key: its seed, so that a seed names one image with SJD++ on or
+    off; without one, a random key from the global generator (every worker of a tensor-parallel
+    engine draws the same, as for the rest of their sampling)."""
+    if seed is not None:
+        return seed
+    return int(torch.randint(0, 2**62, (1,)).item()) + 2**63  # never a 63-bit seed's key
+
+
 @dataclass
 class Window:
     start: int  # committed tokens (prompt + output) that the first draft follows
@@ -28,6 +37,9 @@ class RequestState:
     config: SJDPPConfig | None  # None: this request decodes plainly
     window: Window | None = None
     fresh_vocab: range | list[int] = field(default_factory=list)
+    # The key of its position-keyed race noise (its seed, else a random one); None: verified by
+    # the ratio test, its noise from its generator or the global one.
+    noise_key: int | None = None
 
 
 class JacobiStates:
@@ -40,13 +52,16 @@ class JacobiStates:
         self.generation = 0
         self._buffers: list[torch.Tensor | None] = [None, None]
 
-    def get(self, req_id: str, extra_args: dict | None) -> RequestState:
+    def get(self, req_id: str, sampling_params) -> RequestState:
         state = self.requests.get(req_id)
         if state is None:
             # Options were validated when the request arrived (patches.input_processor).
-            config = self.config.for_request(extra_args)
+            config = self.config.for_request(sampling_params.extra_args)
             vocab = config.fresh_vocab(self.vocab_size) if config else []
-            state = self.requests[req_id] = RequestState(config, fresh_vocab=vocab)
+            keyed = config is None or config.verification == "gumbel"
+            state = self.requests[req_id] = RequestState(
+                config, fresh_vocab=vocab, noise_key=noise_key(sampling_params.seed) if keyed else None
+            )
         return state
 
     def drop_windows(self, req_ids) -> None:

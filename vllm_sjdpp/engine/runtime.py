@@ -209,22 +209,22 @@ class SJDPPRuntime:
             ]
         else:
             per_request, prob_rows = [[] for _ in counts], []
-        return StepPlan(counts, per_request, start, states, prob_rows, self._share(wanted.tolist(), batch.seeded))
+        return StepPlan(counts, per_request, start, states, prob_rows, self._share(wanted.tolist(), batch.pinned))
 
-    def _share(self, wanted: list[int], seeded: list[bool]) -> list[int]:
-        """The next windows' lengths under the server's draft-token budget."""
+    def _share(self, wanted: list[int], pinned: list[bool]) -> list[int]:
+        """The next windows' lengths under the server's draft-token budget; pinned requests
+        (seeded ones verified by the ratio test) keep theirs under "auto"."""
         budget = self.config.draft_token_budget
         if budget != AUTO:
             return share_draft_budget(wanted, budget)
         if not self.adaptive:
             return share_draft_budget(wanted, AUTO_FALLBACK_BUDGET)
-        # Seeded requests keep their windows: their draws, hence their tokens, follow the lengths.
-        if not any(seeded):
+        if not any(pinned):
             return self.goodput.windows(wanted, [])
         adapted = iter(self.goodput.windows(
-            [w for w, s in zip(wanted, seeded) if not s], [w for w, s in zip(wanted, seeded) if s]
+            [w for w, s in zip(wanted, pinned) if not s], [w for w, s in zip(wanted, pinned) if s]
         ))
-        return [w if s else next(adapted) for w, s in zip(wanted, seeded)]
+        return [w if s else next(adapted) for w, s in zip(wanted, pinned)]
 
     def history(self, start: list[int], length: int) -> np.ndarray:
         """The last `length` committed tokens of each request, right-aligned; -1 at prompt

@@ -18,7 +18,6 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler, apply_sampling_constraints
 
 from ..kernels import REUSE_CODES, FreshTokens, StepBatch, StepNoise, sjdpp_step
-from ..kernels.row_pass_torch import race_winner_
 from .runtime import SJDPPRuntime, StepPlan
 
 GREEDY_EPS = 1e-5  # vLLM's sampler treats temperature below this as greedy
@@ -69,15 +68,12 @@ class SJDPPSampler(RejectionSampler):
         first_rows = None
         try:
             plan = self.runtime.plan(metadata)
-            if plan.windowless and not sampling_metadata.generators:
+            if plan.windowless:
                 return self._plain_decoding_step(plan, logits, sampling_metadata)
             if sampling_metadata.max_num_logprobs is not None and not self.is_processed_logprobs_mode:
                 raw_logits = logits.clone()  # processing below works in place
-            if plan.windowless:
-                output_token_ids, processed = self._windowless_step(plan, metadata, logits, sampling_metadata)
-            else:
-                first_rows = first_rows_of(metadata, logits)  # unprocessed, for the fallback
-                output_token_ids, processed = self._sjdpp_step(plan, metadata, logits, sampling_metadata)
+            first_rows = first_rows_of(metadata, logits)  # unprocessed, for the fallback
+            output_token_ids, processed = self._sjdpp_step(plan, metadata, logits, sampling_metadata)
         except Exception as error:  # never take the engine down: a plain step is exact
             req_ids = input_batch.req_ids[:num_reqs]
             self.runtime.fallbacks.record("step", error, req_ids)
@@ -110,6 +106,7 @@ class SJDPPSampler(RejectionSampler):
         processed = self._process_all_rows(logits, metadata, sampling_metadata, plan.per_request)
         probs = processed.softmax(-1, dtype=torch.float32)
         configs = [s.config or jacobi.config for s in states]
+        keys = {i: (s.noise_key, n0) for i, (s, n0) in enumerate(zip(states, start)) if s.noise_key is not None}
 
         device = probs.device
         # The per-request settings are read on the host, where the step's plan runs.
@@ -125,6 +122,7 @@ class SJDPPSampler(RejectionSampler):
             threshold=np.array([c.threshold for c in configs], dtype=np.float32),
             next_window_len=np.array(next_len, dtype=np.int64),
             draft_prob_rows=np.maximum(rows, 0),
+            gumbel=np.array([s.noise_key is not None for s in states]),
         )
         fresh = FreshTokens.build(
             [c.init for c in configs],
@@ -133,7 +131,7 @@ class SJDPPSampler(RejectionSampler):
             [c.row_width for c in configs],
         )
         noise = StepNoise.sample_per_request(
-            [n + 1 for n in counts], next_len, probs.shape[1], sampling_metadata.generators, device
+            [n + 1 for n in counts], next_len, probs.shape[1], sampling_metadata.generators, device, keys
         )
         out_buffer = jacobi.next_buffer(sum(next_len), probs.shape[1], probs.dtype, device)
         out = sjdpp_step(step_batch, noise, fresh, next_probs_out=out_buffer)
@@ -141,34 +139,13 @@ class SJDPPSampler(RejectionSampler):
         return out.output_token_ids, processed
 
     def _plain_decoding_step(self, plan: StepPlan, logits, sampling_metadata) -> SamplerOutput:
-        """A windowless step without seeded requests is plain decoding: nothing to verify,
-        nothing to draft, and no seed whose draws must follow the race's.  So vLLM's own sampler
-        takes it, logprobs included (on CPU a fused Gumbel-max over the logits, without the
-        softmax and the noise tensor that the race needs)."""
+        """A windowless step is plain decoding: nothing to verify, nothing to draft.  So the
+        runner's sampler takes it, logprobs included: vLLM's, whose seeded rows race the same
+        position-keyed noise as the step below (`race_sampler`), so a seed's token does not depend
+        on whether its batch drafts."""
         output = self.sampler(logits, sampling_metadata)
         self.runtime.close_windows(plan)  # after sampling: the controller times the step at its end
         return output
-
-    def _windowless_step(self, plan: StepPlan, metadata, logits, sampling_metadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step when no request has drafts to verify or will draft next, and some are seeded:
-        each request's one row is raced exactly as `sjdpp_step` races a bonus row, from the same
-        noise drawn in the same order, without the rest of the step.  So a seeded request's token
-        does not depend on whether the others in its batch draft."""
-        processed = self._process_all_rows(logits, metadata, sampling_metadata, plan.per_request)
-        probs = processed.softmax(-1, dtype=torch.float32)
-        num_reqs = len(plan.counts)
-        noise = StepNoise.sample_per_request(
-            [1] * num_reqs, [0] * num_reqs, probs.shape[1], sampling_metadata.generators, probs.device
-        )
-        greedy_token = None if sampling_metadata.all_random else probs.argmax(-1)
-        if sampling_metadata.all_greedy:
-            token = greedy_token
-        else:
-            token = race_winner_(probs, noise.exponentials)
-            if greedy_token is not None:
-                token = torch.where(greedy_requests(sampling_metadata, num_reqs, probs.device), greedy_token, token)
-        self.runtime.close_windows(plan)
-        return token.view(-1, 1), processed
 
     def _plain_step(self, metadata, first_rows, sampling_metadata) -> torch.Tensor:
         """Plain sampling of each request's first row (its next token after what it committed,

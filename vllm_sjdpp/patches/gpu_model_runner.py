@@ -3,7 +3,9 @@ subclasses).
 
 - `__init__`: a runner whose drafter is SJD++'s gets its `SJDPPRuntime` (`runner.sjdpp`, the one
   owner of per-request SJD++ state), our sampler in place of its rejection sampler, and the
-  spec-decode metadata of steps without drafts from tensors made once.
+  spec-decode metadata of steps without drafts from tensors made once.  It, and any runner of a
+  guided architecture this plugin registers, draws seeded rows by the position-keyed race
+  (`engine.race_sampler`): one meaning of a seed, with SJD++ or without.
 - `_on_request_state_removed`, vLLM's hook for request-scoped caches: the one place where a
   request's SJD++ state and guidance inputs are forgotten.
 - `_preprocess`: a guided model's per-token guidance inputs are filled before each forward.
@@ -24,10 +26,12 @@ import torch
 def apply(on_cpu: bool) -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from ..engine import race_sampler
     from ..engine.proposer import SJDPPProposer
     from ..engine.runtime import SJDPPRuntime
     from ..engine.sampler import SJDPPSampler
     from .internals import check_runner, check_sampler
+    from .models import guided_architectures
 
     init = GPUModelRunner.__init__
 
@@ -35,6 +39,8 @@ def apply(on_cpu: bool) -> None:
     def init_with_sjdpp(self, *args, **kwargs):
         init(self, *args, **kwargs)
         drafter = getattr(self, "drafter", None)
+        if isinstance(drafter, SJDPPProposer) or set(self.model_config.architectures or ()) & set(guided_architectures()):
+            race_sampler.install(self)
         if isinstance(drafter, SJDPPProposer):
             check_runner(self)
             self.sjdpp = drafter.runtime = SJDPPRuntime(self)

@@ -6,6 +6,15 @@ the attention heads the engine sees."""
 from __future__ import annotations
 
 
+
+def guided_architectures() -> tuple[str, ...]:
+    """The architectures `apply` registers (their families' names; no model is imported)."""
+    from ..families.janus import ARCHITECTURE as JANUS
+    from ..families.rule import GUIDED_LLAMA
+
+    return GUIDED_LLAMA, JANUS
+
+
 def apply() -> None:
     # vllm/model_executor/models/config.py: MODELS_CONFIG_MAP, architecture -> a class whose
     # verify_and_update_model_config(model_config) ModelConfig.__post_init__ calls.

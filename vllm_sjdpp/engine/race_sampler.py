@@ -1,0 +1,81 @@
+"""vLLM's sampler, with seeded requests drawn by the position-keyed race.
+
+Plain decoding of a seeded request samples its token at position t as
+    argmax_v p_t(v) / E(seed, t, v)        (E: kernels/noise.py, Exp(1), counter-based)
+the noise tape from which SJD++'s Gumbel-coupled verification commits.  So a seed names one
+image whether SJD++ drafts for it, is disabled for it (`sjdpp_disable`), or is not configured at
+all.  vLLM's processing (allowed tokens, penalties, temperature, top-k, top-p) runs as it is;
+only the draw of the keyed rows is replaced, in vLLM's own form (probabilities divided by the
+noise, argmax: the float operations of our row pass, so both give the same token for the same
+probabilities).  A step without keyed rows keeps vLLM's draw untouched (its fused Gumbel-max on
+CPU, FlashInfer on CUDA).
+
+`install` puts it on a runner: every SJD++ runner, and the runners of the guided architectures
+this plugin registers; plain text models served without SJD++ keep vLLM's sampler.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+from ..kernels.noise import keyed_exponentials, request_key, row_keys
+
+
+class KeyedRaceTopKTopP(nn.Module):
+    """Stands in for `Sampler.topk_topp_sampler`: top-k / top-p, then the draw.
+
+    `keyed_rows(generators)` gives, for the seeded rows to race, {row: (key, position)}."""
+
+    def __init__(self, inner: nn.Module, keyed_rows):
+        super().__init__()
+        self.inner = inner
+        self.keyed_rows = keyed_rows
+
+    def forward(self, logits, generators, k, p):
+        keyed = self.keyed_rows(generators) if generators else {}
+        if not keyed:
+            return self.inner(logits, generators, k, p)
+        logits = apply_top_k_top_p(logits, k, p)
+        mode = self.inner.logprobs_mode
+        processed = (
+            logits if mode == "processed_logits"
+            else logits.log_softmax(dim=-1, dtype=torch.float32) if mode == "processed_logprobs"
+            else None
+        )
+        probs = logits.softmax(dim=-1, dtype=torch.float32)
+        noise = torch.empty_like(probs)
+        if len(keyed) < probs.shape[0]:
+            noise.exponential_()
+            for i, generator in generators.items():
+                if i not in keyed:
+                    noise[i].exponential_(generator=generator)
+        rows = sorted(keyed)
+        keys = np.array([request_key(keyed[i][0]) for i in rows], dtype=np.uint64)
+        positions = np.array([keyed[i][1] for i in rows], dtype=np.int64)
+        noise[torch.tensor(rows, device=probs.device)] = keyed_exponentials(
+            *row_keys(keys, positions), probs.shape[1], probs.device
+        )
+        return probs.div_(noise).argmax(dim=-1).view(-1), processed
+
+
+def install(runner) -> None:
+    """Replace `runner.sampler`'s draw (before the rejection sampler, which keeps a reference to
+    the sampler, is built around it).  A seeded row is keyed by its seed, unless SJD++ verifies
+    it by the ratio test (its state has no noise key): then its generator draws, as in vLLM."""
+
+    def keyed_rows(generators) -> dict[int, tuple[int, int]]:
+        batch = runner.input_batch
+        runtime = getattr(runner, "sjdpp", None)
+        rows = {}
+        for i in generators:
+            req_id = batch.req_ids[i]
+            params = runner.requests[req_id].sampling_params
+            key = params.seed if runtime is None else runtime.states.get(req_id, params).noise_key
+            if key is not None:
+                rows[i] = (key, int(batch.num_tokens_no_spec[i]))
+        return rows
+
+    runner.sampler.topk_topp_sampler = KeyedRaceTopKTopP(runner.sampler.topk_topp_sampler, keyed_rows)
