@@ -146,7 +146,7 @@ def test_an_unlisted_kernel_fails_the_check(tmp_path):
 def test_a_stale_list_fails_the_check(monkeypatch):
     """A helper is covered only through a kernel that calls it; a listed kernel must exist."""
     helper = "row_pass_triton._race_block"
-    monkeypatch.setattr(compile_check, "DEVICE_FUNCTIONS", {helper: helper})
+    monkeypatch.setattr(compile_check, "DEVICE_FUNCTIONS", {**DEVICE_FUNCTIONS, helper: helper})
     assert compile_check.coverage_errors() == [
         "row_pass_triton._race_block is not called by row_pass_triton._race_block, "
         "so compiling row_pass_triton._race_block does not compile it"

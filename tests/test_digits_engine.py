@@ -78,15 +78,20 @@ def test_sampled_images_use_the_models_defaults_and_compress(engines):
     defaults = sjdpp.get_default_sampling_params()
     assert defaults.temperature == 1.0 and defaults.top_k > 1
     defaults.max_tokens = GENERATED_LENGTH
-    # Seeded, so that they keep their full windows under "auto": unseeded, how much they draft
-    # depends on what this machine's passes cost (on 2 busy cores, at 4 images, little).
     params = []
     for seed in range(4):
         p = defaults.clone()
         p.seed = seed
         params.append(p)
+    # Full windows: under "auto" how much they draft depends on what this machine's passes cost
+    # (on 2 busy cores, at 4 images, little).
+    runtime = runtime_of(sjdpp)
     before = next(m.value for m in sjdpp.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens")
-    outs = sjdpp.generate([f"a handwritten {d}" for d in range(4)], params, use_tqdm=False)
+    runtime.set_draft_token_budget(None)
+    try:
+        outs = sjdpp.generate([f"a handwritten {d}" for d in range(4)], params, use_tqdm=False)
+    finally:
+        runtime.set_draft_token_budget("auto")
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     accepted = next(m.value for m in sjdpp.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens") - before
     passes = tokens - accepted  # each pass commits its accepted drafts plus one token

@@ -214,17 +214,18 @@ def test_goodput_controller_stays_exact(plain, plain_samples, sjdpp, monkeypatch
     assert partial and 0 in chosen and 6 in chosen, sorted(set(chosen))
 
 
-def test_auto_budget_pins_seeded_requests(sjdpp, monkeypatch):
-    """Under "auto" a seeded request keeps its full window, so that its tokens (which follow the
-    window lengths through its generator's draws) do not depend on load: with a pass cost that
-    makes the controller cut every other window to nothing, seeded requests sampled among
-    unseeded ones equal the same requests with full windows."""
+@pytest.mark.parametrize("verification", ["gumbel", "ratio"])
+def test_auto_budget_keeps_seeded_tokens(sjdpp, monkeypatch, verification):
+    """With a pass cost that makes the controller cut windows to nothing, seeded requests sampled
+    among unseeded ones equal the same requests with full windows.  Under Gumbel coupling (the
+    default) because their tokens are plain decoding's whatever the windows, and their windows
+    are cut like everyone's; under the ratio test because their windows are pinned."""
     from vllm_sjdpp.engine.goodput import GoodputController
 
     runtime = runtime_of(sjdpp)
     synthetic_time = [0.0]
     controller = GoodputController(6, clock=lambda: synthetic_time[0])
-    real_observe, real_windows, cut = controller.observe_step, controller.windows, []
+    real_observe, real_windows, cut, pinned_seen = controller.observe_step, controller.windows, [], []
 
     def observe_step(positions, *args):
         synthetic_time[0] += 0.01 * positions  # drafts cost what they weigh: never worth it
@@ -233,22 +234,30 @@ def test_auto_budget_pins_seeded_requests(sjdpp, monkeypatch):
     def windows(wanted, pinned):
         lengths = real_windows(wanted, pinned)
         cut.extend(1 for w, n in zip(wanted, lengths) if n < w)
+        pinned_seen.extend(pinned)
         return lengths
 
     monkeypatch.setattr(controller, "observe_step", observe_step)
     monkeypatch.setattr(controller, "windows", windows)
     monkeypatch.setattr(runtime, "goodput", controller)
-    seeded = [params(temperature=1.0, top_k=8, max_tokens=40, seed=s) for s in range(6)]
+    extra = {"sjdpp_verification": verification}
+    seeded = [params(temperature=1.0, top_k=8, max_tokens=40, seed=s, extra_args=extra) for s in range(6)]
     prompts = [{"prompt_token_ids": p} for p in PROMPTS[:3] * 2]
     full = [list(o.outputs[0].token_ids) for o in sjdpp.generate(prompts, seeded, use_tqdm=False)]
     runtime.set_draft_token_budget("auto")
     try:
         unseeded = params(temperature=1.0, top_k=8, max_tokens=40)
         mixed = sjdpp.generate(prompts + [{"prompt_token_ids": [5, 6]}] * 30, seeded + [unseeded] * 30, use_tqdm=False)
+        alone = sjdpp.generate(prompts, seeded, use_tqdm=False)  # every window adapts
     finally:
         runtime.set_draft_token_budget(None)
     assert [list(o.outputs[0].token_ids) for o in mixed[:6]] == full
-    assert cut, "the controller never cut a window: the test would not see a seeded request adapt"
+    assert cut, "the controller never cut a window: the test would not see a request adapt"
+    if verification == "gumbel":
+        assert not pinned_seen  # nothing pinned: the seeded windows were cut too
+        assert [list(o.outputs[0].token_ids) for o in alone] == full
+    else:
+        assert pinned_seen
 
 
 def test_distribution_test_catches_vllm_cpu_expand_bug(plain, sjdpp):

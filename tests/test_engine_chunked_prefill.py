@@ -1,4 +1,5 @@
-"""Seeded requests whose prompt is prefilled in chunks (vLLM's CPU build crashes on them unpatched)."""
+"""Seeded requests whose prompt is prefilled in chunks (vLLM's CPU build crashes on them unpatched):
+their tokens are plain decoding's for their seed, chunked or whole, with SJD++ or without."""
 
 from __future__ import annotations
 
@@ -14,21 +15,27 @@ def engines(make_engine, tiny_llama_path):
     return whole, make_engine(tiny_llama_path, speculative_config=SJDPP, max_num_batched_tokens=32, max_num_seqs=4)
 
 
-@pytest.mark.parametrize("extra_args", [None, {"sjdpp_disable": True}], ids=["sjdpp", "plain"])
-def test_seeded_output_does_not_depend_on_chunking(engines, extra_args):
+def run(llm, extra_args) -> list[list[int]]:
     from vllm import SamplingParams
 
-    whole, chunked = engines
+    params = [
+        SamplingParams(temperature=1.0, top_k=8, max_tokens=24, seed=s, ignore_eos=True,
+                       detokenize=False, extra_args=extra_args)
+        for s in range(8)
+    ]
+    outs = llm.generate([{"prompt_token_ids": PROMPT}] * 8, params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
 
-    def run(llm):
-        params = [
-            SamplingParams(temperature=1.0, top_k=8, max_tokens=24, seed=s, ignore_eos=True,
-                           detokenize=False, extra_args=extra_args)
-            for s in range(3)
-        ]
-        outs = llm.generate([{"prompt_token_ids": PROMPT}] * 3, params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
 
-    expected = run(whole)
-    assert run(chunked) == expected
-    assert len(set(map(tuple, expected))) == 3  # the seeds matter: not a degenerate output
+@pytest.fixture(scope="module")
+def expected(engines):
+    """Plain decoding (sjdpp_disable) with the prompt prefilled whole."""
+    outputs = run(engines[0], {"sjdpp_disable": True})
+    assert len(set(map(tuple, outputs))) == 8  # the seeds matter: not a degenerate output
+    return outputs
+
+
+@pytest.mark.parametrize("engine", [0, 1], ids=["whole", "chunked"])
+@pytest.mark.parametrize("extra_args", [None, {"sjdpp_disable": True}], ids=["sjdpp", "plain"])
+def test_seeded_output_does_not_depend_on_chunking(engines, expected, engine, extra_args):
+    assert run(engines[engine], extra_args) == expected

@@ -220,3 +220,21 @@ def test_guidance_on_an_unguided_model_is_refused(plain_llama):
 
     with pytest.raises(VLLMValidationError, match="not served with guidance"):
         run(plain_llama, [PROMPTS[0]], params(max_tokens=3, extra_args={"guidance_scale": 3.0}))
+
+
+@pytest.mark.parametrize("scale", [2.0, 1.0], ids=["guided", "scale-1"])
+def test_a_seed_names_one_output_on_every_server(guided, guided_sjdpp, scale):
+    """200 seeds, guidance on and off: the guided model served without --speculative-config, with
+    SJD++ drafting and with sjdpp_disable give the same tokens (engine.race_sampler and the
+    step race one position-keyed noise)."""
+    prompts = [PROMPTS[s % len(PROMPTS)] for s in range(200)]
+
+    def seeded(llm, extra=None):
+        sampling = [params(temperature=1.0, top_k=12, max_tokens=24, seed=s, extra_args={"guidance_scale": scale, **(extra or {})})
+                    for s in range(200)]
+        return tokens(run(llm, prompts, sampling))
+
+    expected = seeded(guided)
+    assert len(set(map(tuple, expected))) > 150
+    assert seeded(guided_sjdpp) == expected
+    assert seeded(guided_sjdpp, {"sjdpp_disable": True}) == expected

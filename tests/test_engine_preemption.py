@@ -31,3 +31,21 @@ def test_preempted_requests_complete_and_stay_exact(engines):
     sampled = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
     outs = small.generate([{"prompt_token_ids": p} for p in PROMPTS], sampled, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in outs)
+
+
+def test_preempted_seeded_requests_keep_their_seeds_tokens(engines):
+    """Seeded requests preempted mid-window give plain decoding's tokens for their seeds."""
+    from vllm import SamplingParams
+
+    small, _ = engines
+
+    def seeded(extra_args):
+        params = [SamplingParams(temperature=1.0, top_k=8, max_tokens=MAX_TOKENS, seed=s, ignore_eos=True,
+                                 detokenize=False, extra_args=extra_args) for s in range(len(PROMPTS))]
+        outs = small.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    expected = seeded({"sjdpp_disable": True})
+    before = next(m.value for m in small.get_metrics() if m.name == "vllm:num_preemptions")
+    assert seeded(None) == expected
+    assert next(m.value for m in small.get_metrics() if m.name == "vllm:num_preemptions") > before

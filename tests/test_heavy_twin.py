@@ -43,7 +43,8 @@ def test_twin_needs_the_same_passes_in_bf16(make_engine, twin):
     prompts = [{"prompt_token_ids": prompt_ids(d % 10)} for d in range(16)]
     results = {}
     for name, path in (("original", DEFAULT_OUT), ("twin", twin)):
-        llm = make_engine(path, speculative_config="sjdpp", dtype="bfloat16", skip_tokenizer_init=False,
+        # Full windows: under "auto" the windows would follow this busy machine's timings.
+        llm = make_engine(path, speculative_config={"method": "sjdpp", "draft_token_budget": None}, dtype="bfloat16", skip_tokenizer_init=False,
                           max_model_len=GENERATED_LENGTH + 64, max_num_seqs=16)
         before = next(m.value for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens")
         outs = llm.generate(prompts, [SamplingParams(max_tokens=GENERATED_LENGTH, seed=i, ignore_eos=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import io
 import os
 
@@ -22,13 +23,19 @@ MODEL = str(DEFAULT_OUT)
 SIZE = "32x32"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def serve(tmp_path_factory, speculative: list[str]):
     env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0", "VLLM_PLUGINS": "sjdpp,sjdpp_images"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-    args = ["--speculative-config", "sjdpp", "--max-model-len", str(GENERATED_LENGTH + 64), "--max-num-seqs", "32"]
+    args = [*speculative, "--max-model-len", str(GENERATED_LENGTH + 64), "--max-num-seqs", "32"]
     log_path = tmp_path_factory.mktemp("serve-images") / "server.log"
     with vllm_server(MODEL, args, log_path, env=env, timeout_s=240) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serve(tmp_path_factory, ["--speculative-config", "sjdpp"]) as base:
         yield base
 
 
@@ -69,11 +76,37 @@ def test_a_seed_reproduces_its_images(client):
     assert [d.model_extra["sjdpp"]["seed"] for d in first.data] == [42, 43]
 
 
-def test_without_a_seed_the_images_are_unseeded(client):
-    """The server invents no seed (a seed would pin the windows): the answer says null."""
-    out = client.images.generate(model=MODEL, prompt="a handwritten 8", n=2)
-    assert [d.model_extra["sjdpp"]["seed"] for d in out.data] == [None, None]
+def test_without_a_seed_the_server_draws_one_and_says_which(client):
+    out = client.images.generate(model=MODEL, prompt="a handwritten 8", n=2, response_format="b64_json")
+    seeds = [d.model_extra["sjdpp"]["seed"] for d in out.data]
+    assert isinstance(seeds[0], int) and seeds[1] == seeds[0] + 1
     assert len({png(d.b64_json).tobytes() for d in out.data}) == 2
+    again = client.images.generate(model=MODEL, prompt="a handwritten 8", response_format="b64_json",
+                                   extra_body={"seed": seeds[1]})
+    assert again.data[0].b64_json == out.data[1].b64_json  # the reported seed makes it again
+
+
+def test_a_seed_names_one_png_with_or_without_sjdpp_at_any_load(tmp_path_factory, client):
+    """n = 4 seeded images from the SJD++ server while 12 unseeded images load it, with SJD++
+    and with sjdpp_disable, and from a server started without --speculative-config: the same
+    bytes."""
+    kw = dict(model=MODEL, prompt="a handwritten 2", n=4, response_format="b64_json")
+
+    def pngs(c, **extra):
+        return [d.b64_json for d in c.images.generate(**kw, extra_body={"seed": 2024, **extra}).data]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        load = [pool.submit(client.images.generate, model=MODEL, prompt=f"a handwritten {d}") for d in range(12)]
+        drafting, disabled = pool.submit(pngs, client), pool.submit(pngs, client, sjdpp_disable=True)
+        drafting, disabled = drafting.result(), disabled.result()
+        for f in load:
+            f.result()
+    assert drafting == disabled and len(set(drafting)) == 4
+    from openai import OpenAI
+
+    with serve(tmp_path_factory, []) as base:
+        plain = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+        assert pngs(plain) == drafting
 
 
 def test_streaming_partial_images_then_the_final_one(client):

@@ -73,6 +73,7 @@ def test_batch_requests_want_windows_within_their_bounds():
         "ending": request(max_tokens=20, seed=3),
         "short": request(num_speculative_tokens=2),
         "plain": request(disable=True),
+        "ratio": request(seed=4, verification="ratio"),
     })
     batch = BatchRequests(JacobiStates(SJDPPConfig(num_speculative_tokens=8), vocab_size=10), runner)
     ids = ["free", "late", "ending", "short", "plain"]
@@ -95,11 +96,14 @@ def test_batch_requests_want_windows_within_their_bounds():
     # What the proposer may hand out after a commit: one token fewer than are left.
     batch.max_model_len = 43
     assert batch.drafts_allowed(start, prompt).tolist() == [28, 29, 4, 2, 30]
-    assert batch.seeded == [False, False, True, False, False]
+    # Only a seeded request verified by the ratio test keeps its full window under "auto".
+    batch.update(ids + ["ratio"])
+    assert batch.pinned == [False, False, False, False, False, True]
     assert batch.request_states[4].config is None
 
-    batch.update(ids[::-1])  # vLLM reorders its batch
-    assert batch.seeded == [False, False, True, False, False][::-1]
+    batch.update(["ratio"] + ids[::-1])  # vLLM reorders its batch
+    assert batch.pinned == [True, False, False, False, False, False]
+    batch.update(ids[::-1])
     assert wanted(start[::-1], 47) == [0, 2, 3, 0, 8]
 
 

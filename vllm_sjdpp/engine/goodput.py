@@ -43,9 +43,10 @@ length chosen after seeing the verifying pass's own noise (stopping a window onc
 rejected, say), which this module cannot see. `tests/test_engine.py` runs the chi-square test
 against plain decoding with the controller on.
 
-What it does change is which draws a seed's generator makes: the same law, other samples.
-Seeded requests are therefore pinned to their own window (not adapted, not shared), so that a
-seed reproduces its tokens at any load.
+Nor does it change a seed's tokens under Gumbel-coupled verification (the default), which commits
+plain decoding's tokens for that seed whatever the windows.  Under the ratio test a seed's
+generator draws follow the window lengths (the same law, other samples), so there a seeded
+request is pinned to its own window (not adapted, not shared).
 """
 
 from __future__ import annotations

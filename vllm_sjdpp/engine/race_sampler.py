@@ -27,7 +27,7 @@ from ..kernels.noise import keyed_exponentials, request_key, row_keys
 class KeyedRaceTopKTopP(nn.Module):
     """Stands in for `Sampler.topk_topp_sampler`: top-k / top-p, then the draw.
 
-    `keyed_rows(generators)` gives, for the seeded rows to race, {row: (key, position)}."""
+    `keyed_rows(num_rows, generators)` gives, for the seeded rows to race, {row: (key, position)}."""
 
     def __init__(self, inner: nn.Module, keyed_rows):
         super().__init__()
@@ -35,7 +35,7 @@ class KeyedRaceTopKTopP(nn.Module):
         self.keyed_rows = keyed_rows
 
     def forward(self, logits, generators, k, p):
-        keyed = self.keyed_rows(generators) if generators else {}
+        keyed = self.keyed_rows(logits.shape[0], generators) if generators else {}
         if not keyed:
             return self.inner(logits, generators, k, p)
         logits = apply_top_k_top_p(logits, k, p)
@@ -66,8 +66,10 @@ def install(runner) -> None:
     the sampler, is built around it).  A seeded row is keyed by its seed, unless SJD++ verifies
     it by the ratio test (its state has no noise key): then its generator draws, as in vLLM."""
 
-    def keyed_rows(generators) -> dict[int, tuple[int, int]]:
+    def keyed_rows(num_rows: int, generators) -> dict[int, tuple[int, int]]:
         batch = runner.input_batch
+        if num_rows != batch.num_reqs:  # vLLM's warm-up on a dummy batch: no requests to key
+            return {}
         runtime = getattr(runner, "sjdpp", None)
         rows = {}
         for i in generators:

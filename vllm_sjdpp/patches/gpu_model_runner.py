@@ -30,7 +30,7 @@ def apply(on_cpu: bool) -> None:
     from ..engine.proposer import SJDPPProposer
     from ..engine.runtime import SJDPPRuntime
     from ..engine.sampler import SJDPPSampler
-    from .internals import check_runner, check_sampler
+    from .internals import check_race_sampler, check_runner, check_sampler
     from .models import guided_architectures
 
     init = GPUModelRunner.__init__
@@ -40,6 +40,7 @@ def apply(on_cpu: bool) -> None:
         init(self, *args, **kwargs)
         drafter = getattr(self, "drafter", None)
         if isinstance(drafter, SJDPPProposer) or set(self.model_config.architectures or ()) & set(guided_architectures()):
+            check_race_sampler(self)
             race_sampler.install(self)
         if isinstance(drafter, SJDPPProposer):
             check_runner(self)

@@ -65,6 +65,10 @@ CLASS_MEMBERS = (
     *(Member("vllm.v1.spec_decode.metadata:SpecDecodeMetadata", f) for f in (
         "draft_token_ids", "num_draft_tokens", "cu_num_draft_tokens", "cu_num_sampled_tokens",
         "target_logits_indices", "bonus_logits_indices", "logits_indices")),
+    # vLLM's sampler, whose draw the race sampler replaces for seeded rows (engine.race_sampler):
+    # Sampler.sample calls self.topk_topp_sampler(logits, generators, top_k, top_p).
+    Member("vllm.v1.sample.sampler:Sampler", "sample", ("self", "logits", "sampling_metadata")),
+    Member("vllm.v1.sample.ops.topk_topp_sampler", "apply_top_k_top_p", ("logits", "k", "p")),
     Member("vllm.v1.outputs:SamplerOutput", "sampled_token_ids"),
     Member("vllm.v1.outputs:SamplerOutput", "logprobs_tensors"),
     # Engine arguments (patches.arg_utils).
@@ -110,6 +114,12 @@ RUNNER_ATTRIBUTES = (
 INPUT_BATCH_ATTRIBUTES = (
     "req_ids", "num_reqs", "num_tokens_no_spec", "num_prompt_tokens", "token_ids_cpu", "generators",
     "num_computed_tokens_cpu",
+)
+# What the race sampler reads on every runner it is installed on, SJD++'s or not.
+RACE_SAMPLER_ATTRIBUTES = (
+    "sampler.topk_topp_sampler.logprobs_mode", "requests", "input_batch.req_ids", "input_batch.num_reqs",
+    "input_batch.num_tokens_no_spec",
+    "input_batch.generators",
 )
 # Set by RejectionSampler.__init__ (the SJD++ sampler calls them).
 SAMPLER_ATTRIBUTES = ("sampler", "is_processed_logprobs_mode")
@@ -190,6 +200,14 @@ def check_runner(runner) -> None:
         lacking = [f"InputBatch.{a}" for a in _missing_attributes(batch, INPUT_BATCH_ATTRIBUTES)]
     if lacking:
         raise RuntimeError(f"vllm-sjdpp cannot run SJD++ on this vLLM: the model runner lacks {', '.join(lacking)}")
+
+
+def check_race_sampler(runner) -> None:
+    lacking = _missing_attributes(runner, RACE_SAMPLER_ATTRIBUTES)
+    if lacking:
+        raise RuntimeError(
+            f"vllm-sjdpp cannot sample seeded requests on this vLLM: the model runner lacks {', '.join(lacking)}"
+        )
 
 
 def check_sampler(sampler) -> None:

@@ -7,8 +7,9 @@ Entry point `vllm.endpoint_plugins`: `sjdpp_images`.  vLLM loads endpoint plugin
 
 The served folder's image family (`vllm_sjdpp.families`) turns the prompt into token ids and the
 generated tokens into PNGs, here in the API server; the engine samples the tokens, one request
-per image (image i of a request with `seed` s uses seed s + i, so a seed reproduces every image;
-without a seed the images are unseeded, which lets the goodput controller adapt their windows).
+per image.  Image i of a request with `seed` s uses seed s + i; without a seed the server draws
+one.  A seed names one image: the same PNG with SJD++ drafting or disabled (`sjdpp_disable`), from
+a server without `--speculative-config`, at any load (the position-keyed race, engine/race_sampler.py).
 
 Beyond OpenAI's parameters, the body (`extra_body` in the openai client) takes `guidance_scale`,
 `seed`, `temperature`, `top_k`, `top_p`, any `sjdpp_*` per-request option and `sjdpp_disable`.
@@ -26,6 +27,7 @@ import base64
 import io
 import json
 import re
+import secrets
 import time
 import uuid
 from typing import Any
@@ -40,6 +42,7 @@ from ..guidance.cfg import SCALE_KEY
 NAME = "sjdpp_images"
 ROUTE = "/v1/images/generations"
 MAX_IMAGES = 10  # OpenAI's limit on n
+MAX_SEED = 2**63 - MAX_IMAGES  # image i of a request uses seed + i
 MAX_PARTIAL_IMAGES = 3  # and on partial_images
 SAMPLING_KEYS = ("temperature", "top_k", "top_p")
 # OpenAI parameters accepted and not used (the output is always a PNG of the family's size).
@@ -95,8 +98,8 @@ class ImageRequest:
         if self.stream and self.n != 1:
             raise BadRequest("streaming makes one image: n must be 1 with stream", "n")
         seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63 - MAX_IMAGES):
-            raise BadRequest("'seed' must be a non-negative integer", "seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED):
+            raise BadRequest(f"'seed' must be an integer from 0 to {MAX_SEED - 1}", "seed")
         self.seed = seed
         self.sampling = {k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None}
         for key, value in self.sampling.items():
@@ -176,9 +179,9 @@ class ImageService:
             return error_response(str(e), e.param)
         except ValueError as e:
             return error_response(str(e), "prompt")
-        # A seed pins an image's windows (config.py: draft_token_budget); without one the windows
-        # may adapt to the load, so the server does not invent seeds it could not honour.
-        seeds = [None if request.seed is None else request.seed + i for i in range(request.n)]
+        # Every image gets a seed, reported with it: any image can be made again.
+        first = secrets.randbelow(MAX_SEED) if request.seed is None else request.seed
+        seeds = [first + i for i in range(request.n)]
         request_id = f"img-{uuid.uuid4().hex}"
         if request.stream:
             return await self.stream(request, prompt_ids, seeds[0], request_id)
