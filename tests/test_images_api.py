@@ -96,7 +96,7 @@ def test_a_seed_names_one_png_with_or_without_sjdpp_at_any_load(tmp_path_factory
         return [d.b64_json for d in c.images.generate(**kw, extra_body={"seed": 2024, **extra}).data]
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        load = [pool.submit(client.images.generate, model=MODEL, prompt=f"a handwritten {d}") for d in range(12)]
+        load = [pool.submit(client.images.generate, model=MODEL, prompt=f"a handwritten {d % 10}") for d in range(12)]
         drafting, disabled = pool.submit(pngs, client), pool.submit(pngs, client, sjdpp_disable=True)
         drafting, disabled = drafting.result(), disabled.result()
         for f in load:
