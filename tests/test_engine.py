@@ -47,11 +47,16 @@ def accepted_tokens(llm) -> int:
 PROMPTS = [[2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14], [20]]
 
 
-@pytest.mark.parametrize("reuse", ["none", "coupled", "confidence"])
-def test_greedy_is_identical(plain, sjdpp, reuse):
+# Gumbel coupling (the default), and the ratio test with each reuse mode.
+VERIFICATIONS = [{}, *({"sjdpp_verification": "ratio", "sjdpp_reuse": r} for r in ("none", "coupled", "confidence"))]
+VERIFICATION_IDS = ["gumbel", "ratio-none", "ratio-coupled", "ratio-confidence"]
+
+
+@pytest.mark.parametrize("verification", VERIFICATIONS, ids=VERIFICATION_IDS)
+def test_greedy_is_identical(plain, sjdpp, verification):
     before = accepted_tokens(sjdpp)
     expected = generate(plain, PROMPTS, params(temperature=0, max_tokens=48))
-    got = generate(sjdpp, PROMPTS, params(temperature=0, max_tokens=48, extra_args={"sjdpp_reuse": reuse}))
+    got = generate(sjdpp, PROMPTS, params(temperature=0, max_tokens=48, extra_args=verification))
     assert got == expected
     assert accepted_tokens(sjdpp) > before  # drafts were really verified and accepted
 
@@ -65,14 +70,26 @@ def plain_samples(plain):
     return np.array(generate(plain, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
 
 
-@pytest.mark.parametrize("reuse", ["none", "coupled", "confidence"])
-def test_sampling_distribution_matches_plain(plain_samples, sjdpp, reuse):
+@pytest.mark.parametrize("verification", VERIFICATIONS, ids=VERIFICATION_IDS)
+def test_sampling_distribution_matches_plain(plain_samples, sjdpp, verification):
+    """Unseeded requests (under Gumbel coupling each draws a random noise key) against plain sampling."""
     before = accepted_tokens(sjdpp)
-    sampling = params(temperature=1.0, top_k=8, max_tokens=LENGTH, extra_args={"sjdpp_reuse": reuse})
+    sampling = params(temperature=1.0, top_k=8, max_tokens=LENGTH, extra_args=verification)
     got = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, sampling))
     pvalues = position_pair_pvalues(plain_samples, got, 48)
     assert min(pvalues) > ALPHA / len(pvalues), pvalues  # Bonferroni over the 9 comparisons
     assert accepted_tokens(sjdpp) > before
+
+
+def test_distribution_test_catches_one_noise_key_for_all_requests(plain_samples, sjdpp, monkeypatch):
+    """Broken: every unseeded request races the same noise tape (one key), so their drafted
+    tokens are one sample repeated, not draws."""
+    from vllm_sjdpp.engine import jacobi_state
+
+    monkeypatch.setattr(jacobi_state, "noise_key", lambda seed: 12345 if seed is None else seed)
+    got = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
+    pvalues = position_pair_pvalues(plain_samples, got, 48)
+    assert min(pvalues) < BROKEN_ALPHA
 
 
 @pytest.mark.expect_fallback
