@@ -32,7 +32,7 @@ SERVE_ARGS = [
 def server(tiny_llama_path, tmp_path_factory):
     path = tiny_llama_path
     env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None
     log_path = tmp_path_factory.mktemp("serve-fuzz") / "server.log"
     with vllm_server(path, SERVE_ARGS, log_path, env=env, timeout_s=240) as base:
         with httpx.Client(base_url=base, timeout=120) as client:

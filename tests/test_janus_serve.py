@@ -29,7 +29,7 @@ def serve_args(janus_shape) -> list[str]:
 @pytest.fixture(scope="module")
 def server(janus_folder, janus_shape, tmp_path_factory):
     env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0", "VLLM_PLUGINS": "sjdpp,sjdpp_images"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server runs as users run it
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None  # the server runs as users run it
     log_path = tmp_path_factory.mktemp("serve-janus") / "server.log"
     with vllm_server(janus_folder, serve_args(janus_shape), log_path, env=env, timeout_s=240) as base:
         yield base

@@ -18,7 +18,7 @@ SERVE_ARGS = ["--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "25
 
 def _env() -> dict[str, str]:
     env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server runs as users run it
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None  # the server runs as users run it
     return env
 
 

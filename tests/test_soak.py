@@ -13,7 +13,7 @@ from vllm_sjdpp.serving.server import vllm_server
 def test_short_soak(tiny_llama_path, tmp_path):
     path = tiny_llama_path
     env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None
     args = ["--speculative-config", "sjdpp", "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "256",
             "--dtype", "float32", "--max-num-seqs", "16"]
     log_path = tmp_path / "server.log"

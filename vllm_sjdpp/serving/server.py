@@ -26,6 +26,7 @@ def vllm_server(
     timeout_s: float = 300,
 ) -> Iterator[str]:
     """`vllm serve MODEL ARGS` on a free loopback port; yields its base URL; always stops it.
+    `env` is laid over this process's environment; a None value removes the variable.
 
     A server that exits or does not answer /health within `timeout_s` raises RuntimeError
     with the end of its log.
@@ -33,7 +34,8 @@ def vllm_server(
     import httpx
 
     port = free_port()
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **os.environ, **(env or {})}
+    merged = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **os.environ, **(env or {})}
+    env = {k: v for k, v in merged.items() if v is not None}
     cmd = [VLLM_CLI, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -1,0 +1,122 @@
+"""The first thing to run on a GPU: is this install right, and what does SJD++ buy here?
+
+    bash benchmarks/gpu_smoke.sh            (or: .venv/bin/python benchmarks/gpu_smoke.py [--quick])
+
+Serves the bundled digit model with `--speculative-config sjdpp` and the images endpoint, in
+turn: with vLLM's default compilation and CUDA graphs, with `--enforce-eager`, and with
+`--max-num-batched-tokens` 8 and 2048 (chunked prefill and small passes against large ones).
+On each server:
+- greedy and seeded tokens of "a handwritten 0" ... "a handwritten 9" through the completions
+  endpoint, with SJD++ and with `sjdpp_disable`: every server must give the same tokens, and
+  SJD++ the same as plain decoding (a seed names one image);
+- forward passes per image (from the images endpoint's answers), latency one image at a time,
+  and throughput with 16 images in flight, SJD++ against plain decoding.
+Prints one table and exits non-zero if any tokens differ.  Works on CPU too (slowly; there the
+"compiled" server is vLLM's CPU default, which traces once and captures no graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, prompt_ids
+from vllm_sjdpp.digits.train import DEFAULT_OUT
+from vllm_sjdpp.serving.server import vllm_server
+
+MODEL = str(DEFAULT_OUT)
+BASE_ARGS = ["--speculative-config", "sjdpp", "--max-model-len", str(GENERATED_LENGTH + 64), "--max-num-seqs", "32"]
+SERVERS = {
+    "compiled + graphs": [],
+    "--enforce-eager": ["--enforce-eager"],
+    "--max-num-batched-tokens 8": ["--max-num-batched-tokens", "8"],
+    "--max-num-batched-tokens 2048": ["--max-num-batched-tokens", "2048"],
+}
+
+
+def completions_tokens(base: str, seed: int | None, plain: bool) -> list[list[int]]:
+    import httpx
+
+    def one(digit: int) -> list[int]:
+        body = {"model": MODEL, "prompt": prompt_ids(digit), "max_tokens": GENERATED_LENGTH, "ignore_eos": True,
+                "return_token_ids": True, "vllm_xargs": {"sjdpp_disable": plain}}
+        body.update({"temperature": 0} if seed is None else {"seed": seed + digit})
+        r = httpx.post(base + "/v1/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return r.json()["choices"][0]["token_ids"]
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        return list(pool.map(one, range(10)))
+
+
+def timed_images(base: str, plain: bool, concurrency: int, count: int) -> tuple[float, float, float]:
+    """(forward passes per image, mean latency s, images per second)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+    def one(i: int) -> tuple[int, float]:
+        start = time.perf_counter()
+        out = client.images.generate(model=MODEL, prompt=f"a handwritten {i % 10}",
+                                     extra_body={"seed": 100 + i, "sjdpp_disable": plain})
+        return out.data[0].model_extra["sjdpp"]["forward_passes"], time.perf_counter() - start
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(count)))
+    wall = time.perf_counter() - start
+    return sum(p for p, _ in results) / count, sum(t for _, t in results) / count, count / wall
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer timed images (a check, not a measurement)")
+    args = ap.parse_args()
+    one_count, many_count = (3, 16) if args.quick else (10, 64)
+    logs = Path(tempfile.mkdtemp(prefix="sjdpp-gpu-smoke-"))
+    tokens, rows = {}, []
+    for name, extra in SERVERS.items():
+        log = logs / (name.strip("-").replace(" ", "_").replace("+", "and") + ".log")
+        print(f"serving {name} (log: {log}) ...", flush=True)
+        with vllm_server(MODEL, BASE_ARGS + extra, log, env={"VLLM_PLUGINS": "sjdpp,sjdpp_images"}, timeout_s=900) as base:
+            tokens[name] = {
+                (kind, plain): completions_tokens(base, seed, plain)
+                for kind, seed in (("greedy", None), ("seeded", 0)) for plain in (True, False)
+            }
+            for plain in (True, False):
+                passes, latency, _ = timed_images(base, plain, 1, one_count)
+                _, _, throughput = timed_images(base, plain, 16, many_count)
+                rows.append((name, "plain" if plain else "SJD++", passes, latency, throughput))
+
+    reference = tokens["--enforce-eager"][("greedy", True)], tokens["--enforce-eager"][("seeded", True)]
+    failures = []
+    for name, got in tokens.items():
+        for (kind, plain), outputs in got.items():
+            expected = reference[0] if kind == "greedy" else reference[1]
+            same = sum(a == b for a, b in zip(outputs, expected))
+            if same != 10:
+                failures.append(f"{name}, {kind}, {'plain' if plain else 'SJD++'}: {same}/10 images equal eager plain decoding")
+
+    print(f"\n{'server':<30} {'mode':<6} {'passes/image':>12} {'latency s (1)':>14} {'images/s (16)':>14}")
+    for name, mode, passes, latency, throughput in rows:
+        print(f"{name:<30} {mode:<6} {passes:>12.1f} {latency:>14.3f} {throughput:>14.2f}")
+    for i in range(0, len(rows), 2):
+        plain, sjdpp = rows[i], rows[i + 1]
+        print(f"{plain[0]:<30} SJD++ against plain: {plain[2] / sjdpp[2]:.2f}x fewer passes, "
+              f"{plain[3] / sjdpp[3]:.2f}x lower latency at 1, {sjdpp[4] / plain[4]:.2f}x throughput at 16")
+    summary = {"rows": rows, "failures": failures}
+    (logs / "summary.json").write_text(json.dumps(summary, indent=1))
+    if failures:
+        print("\nTOKENS DIFFER:\n  " + "\n  ".join(failures))
+        return 1
+    print("\ntokens: greedy and seeded images identical on every server, with SJD++ and without (40/40 each)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
