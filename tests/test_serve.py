@@ -140,7 +140,7 @@ def test_load_with_aborted_streams(client, server):
 def test_invalid_config_stops_startup_with_a_clear_error(tiny_llama_path, config, message):
     proc = subprocess.run(
         [VLLM_CLI, "serve", tiny_llama_path, "--speculative-config", config, "--port", str(free_port()), *SERVE_ARGS],
-        capture_output=True, text=True, env=_env(), timeout=300,
+        capture_output=True, text=True, env={k: v for k, v in _env().items() if v is not None}, timeout=300,
     )
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
