@@ -1,5 +1,6 @@
 """Seeded requests whose prompt is prefilled in chunks (vLLM's CPU build crashes on them unpatched):
-their tokens are plain decoding's for their seed, chunked or whole, with SJD++ or without."""
+their tokens are plain decoding's for their seed, chunked or whole, with SJD++ or without, with or
+without the CPU-only generator fix."""
 
 from __future__ import annotations
 
@@ -39,3 +40,18 @@ def expected(engines):
 @pytest.mark.parametrize("extra_args", [None, {"sjdpp_disable": True}], ids=["sjdpp", "plain"])
 def test_seeded_output_does_not_depend_on_chunking(engines, expected, engine, extra_args):
     assert run(engines[engine], extra_args) == expected
+
+
+def test_chunked_seeds_take_the_cuda_path(engines, expected, monkeypatch):
+    """The same with the CPU-only generator fix switched off, as on CUDA: keyed requests hold no
+    generator (engine.race_sampler.drop_generators), so vLLM has nothing to rewind after a partial
+    prefill (on CPU its rewind would crash the engine) and no generator state enters the tokens."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for name in ("_sample", "_bookkeeping_sync"):
+        monkeypatch.setattr(GPUModelRunner, name, getattr(GPUModelRunner, name).__wrapped__)
+    chunked = engines[1]
+    runner = chunked.llm_engine.model_executor.driver_worker.worker.model_runner
+    assert run(chunked, None) == expected
+    assert run(chunked, {"sjdpp_disable": True}) == expected
+    assert not runner.input_batch.generators

@@ -27,7 +27,7 @@ from ..kernels.noise import keyed_exponentials, request_key, row_keys
 class KeyedRaceTopKTopP(nn.Module):
     """Stands in for `Sampler.topk_topp_sampler`: top-k / top-p, then the draw.
 
-    `keyed_rows(num_rows, generators)` gives, for the seeded rows to race, {row: (key, position)}."""
+    `keyed_rows(num_rows)` gives, for the seeded rows to race, {row: (key, position)}."""
 
     def __init__(self, inner: nn.Module, keyed_rows):
         super().__init__()
@@ -35,7 +35,7 @@ class KeyedRaceTopKTopP(nn.Module):
         self.keyed_rows = keyed_rows
 
     def forward(self, logits, generators, k, p):
-        keyed = self.keyed_rows(logits.shape[0], generators) if generators else {}
+        keyed = self.keyed_rows(logits.shape[0])
         if not keyed:
             return self.inner(logits, generators, k, p)
         logits = apply_top_k_top_p(logits, k, p)
@@ -61,23 +61,37 @@ class KeyedRaceTopKTopP(nn.Module):
         return probs.div_(noise).argmax(dim=-1).view(-1), processed
 
 
-def install(runner) -> None:
-    """Replace `runner.sampler`'s draw (before the rejection sampler, which keeps a reference to
-    the sampler, is built around it).  A seeded row is keyed by its seed, unless SJD++ verifies
-    it by the ratio test (its state has no noise key): then its generator draws, as in vLLM."""
+def noise_key_of(runner, req_id: str) -> int | None:
+    """The key a seeded request's rows race with: its seed, unless SJD++ verifies it by the ratio
+    test (its state has no noise key; then its generator draws, as in vLLM).  None: unseeded."""
+    params = runner.requests[req_id].sampling_params
+    if params.seed is None:
+        return None
+    runtime = getattr(runner, "sjdpp", None)
+    return params.seed if runtime is None else runtime.states.get(req_id, params).noise_key
 
-    def keyed_rows(num_rows: int, generators) -> dict[int, tuple[int, int]]:
+
+def drop_generators(runner) -> None:
+    """Keyed requests never draw from a generator: drop theirs from the batch (and the request,
+    so that a resumed request does not bring it back).  vLLM then has nothing to rewind after a
+    partial prefill: its fixed rewind (CUDA) and its missing offset (CPU: a crash) are both off
+    these requests' path, and their tokens depend on no generator state."""
+    batch = runner.input_batch
+    for i in [i for i in batch.generators if noise_key_of(runner, batch.req_ids[i]) is not None]:
+        runner.requests[batch.req_ids[i]].generator = None
+        del batch.generators[i]
+
+
+def install(runner) -> None:
+    """Replace `runner.sampler`'s draw (the rejection sampler keeps a reference to the same
+    sampler object)."""
+
+    def keyed_rows(num_rows: int) -> dict[int, tuple[int, int]]:
         batch = runner.input_batch
         if num_rows != batch.num_reqs:  # vLLM's warm-up on a dummy batch: no requests to key
             return {}
-        runtime = getattr(runner, "sjdpp", None)
-        rows = {}
-        for i in generators:
-            req_id = batch.req_ids[i]
-            params = runner.requests[req_id].sampling_params
-            key = params.seed if runtime is None else runtime.states.get(req_id, params).noise_key
-            if key is not None:
-                rows[i] = (key, int(batch.num_tokens_no_spec[i]))
-        return rows
+        keys = ((i, noise_key_of(runner, r)) for i, r in enumerate(batch.req_ids[:num_rows]))
+        return {i: (key, int(batch.num_tokens_no_spec[i])) for i, key in keys if key is not None}
 
     runner.sampler.topk_topp_sampler = KeyedRaceTopKTopP(runner.sampler.topk_topp_sampler, keyed_rows)
+    runner.sjdpp_race_sampler = True

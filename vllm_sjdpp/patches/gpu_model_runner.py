@@ -8,6 +8,8 @@ subclasses).
   (`engine.race_sampler`): one meaning of a seed, with SJD++ or without.
 - `_on_request_state_removed`, vLLM's hook for request-scoped caches: the one place where a
   request's SJD++ state and guidance inputs are forgotten.
+- `_update_states`: on runners with the race sampler, requests raced by position-keyed noise lose
+  their generators (never drawn from), so vLLM has none to rewind after a partial prefill.
 - `_preprocess`: a guided model's per-token guidance inputs are filled before each forward.
 - On the CPU platform only, `_sample` and `_bookkeeping_sync`: a seeded request whose prompt is
   prefilled in chunks crashed the engine: for the token sampled and discarded after a partial
@@ -64,6 +66,17 @@ def apply(on_cpu: bool) -> None:
             guidance.forget(req_id)
 
     GPUModelRunner._on_request_state_removed = release_request_state
+
+    update_states = GPUModelRunner._update_states
+
+    @functools.wraps(update_states)
+    def update_states_without_keyed_generators(self, scheduler_output, *args, **kwargs):
+        out = update_states(self, scheduler_output, *args, **kwargs)
+        if getattr(self, "sjdpp_race_sampler", False) and self.input_batch.generators:
+            race_sampler.drop_generators(self)
+        return out
+
+    GPUModelRunner._update_states = update_states_without_keyed_generators
     _patch_guidance_inputs()
     if on_cpu:
         _patch_cpu_seeded_chunked_prefill()

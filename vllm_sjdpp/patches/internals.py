@@ -46,6 +46,8 @@ CLASS_MEMBERS = (
     Member(RUNNER, "__init__", ("self", "vllm_config", "device")),
     Member(RUNNER, "_on_request_state_removed", ("self", "req_id", "req_state")),
     Member(RUNNER, "_preprocess", ("self", "scheduler_output", "num_input_tokens")),
+    Member(RUNNER, "_update_states", ("self", "scheduler_output")),
+    Member("vllm.v1.worker.gpu_input_batch:CachedRequestState", "generator"),
     Member(RUNNER, "_calc_spec_decode_metadata", ("self", "num_draft_tokens", "cu_num_scheduled_tokens")),
     Member(RUNNER, "_sample", ("self", "logits", "spec_decode_metadata"), cpu=True),
     Member(RUNNER, "_bookkeeping_sync", ("self", "scheduler_output", "sampler_output"), cpu=True),
