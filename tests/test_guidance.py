@@ -126,3 +126,19 @@ def test_config_hook_refuses_rule_ids_the_model_cannot_embed(rule, message):
     config.hf_config.sjdpp_guidance = {"keep_token_ids": [0], "pad_token_id": 47}
     guided_llama_config_hook(config)  # the same folder with ids inside passes
     assert served_rule(_model_config({"keep_token_ids": [0], "pad_token_id": 7})) is None  # not doubled: unguided
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [(dict(enable_dbo=True), "--enable-dbo"), (dict(pipeline_parallel_size=2), "--pipeline-parallel-size 2"),
+     (dict(tensor_parallel_size=2), "--tensor-parallel-size 2")],
+)
+def test_parallel_modes_guidance_cannot_run_are_refused_at_start_up(tiny_guided_path, args, flag):
+    """What vLLM builds at start-up (`EngineArgs.create_engine_config`) refuses them, naming the
+    flag; the tiny guided Llama has one KV head per branch, so two tensor-parallel ranks are one
+    too many.  Without the flag the same folder starts."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(ValueError, match=flag):
+        EngineArgs(model=tiny_guided_path, skip_tokenizer_init=True, max_model_len=128, **args).create_engine_config()
+    EngineArgs(model=tiny_guided_path, skip_tokenizer_init=True, max_model_len=128).create_engine_config()

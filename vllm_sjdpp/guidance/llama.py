@@ -30,6 +30,36 @@ def guided_llama_config_hook(model_config) -> None:
     double_heads(model_config)
 
 
+def check_parallelism(vllm_config) -> None:
+    """Refuse, at start-up and naming the flag, the parallel modes a guided model cannot run:
+    - --enable-dbo: dual-batch overlap splits a forward's tokens into micro-batches, while the
+      guidance inputs (`cfg.GuidanceBatch`) describe the whole batch from token 0;
+    - --pipeline-parallel-size > 1: the branches are stacked before the first layer and combined
+      after the last, ends that no single pipeline stage holds;
+    - --tensor-parallel-size above the checkpoint's KV heads: a rank's attention holds half of the
+      doubled heads' KV for each branch (`GuidedLlamaAttention`), whole heads only while every rank
+      has at least one KV head of each branch; past that vLLM replicates KV heads.
+    Raises ValueError."""
+    parallel = vllm_config.parallel_config
+    arch = vllm_config.model_config.architecture
+    if parallel.enable_dbo:
+        raise ValueError(f"--enable-dbo: dual-batch overlap is not supported with {arch} (classifier-free guidance)")
+    if parallel.pipeline_parallel_size > 1:
+        raise ValueError(
+            f"--pipeline-parallel-size {parallel.pipeline_parallel_size}: pipeline parallelism is not supported with "
+            f"{arch} (classifier-free guidance); use --tensor-parallel-size"
+        )
+    text = vllm_config.model_config.hf_text_config
+    heads, kv_heads = getattr(text, BRANCH_HEADS_ATTR, None) or (
+        text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    )
+    if parallel.tensor_parallel_size > kv_heads:
+        raise ValueError(
+            f"--tensor-parallel-size {parallel.tensor_parallel_size}: {arch} has {kv_heads} KV heads per guidance "
+            f"branch, and guidance needs every rank to hold whole KV heads of both branches: at most {kv_heads}"
+        )
+
+
 def double_heads(model_config) -> None:
     """The engine's view of the model has 2H heads.
 

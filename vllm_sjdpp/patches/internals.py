@@ -91,6 +91,8 @@ CLASS_MEMBERS = (
     # Models and their configs (patches.models, guidance).
     Member("vllm.model_executor.models.config", "MODELS_CONFIG_MAP"),
     Member("vllm.model_executor.models.config:VerifyAndUpdateConfig", "verify_and_update_model_config", ("model_config",)),
+    Member("vllm.model_executor.models.config:VerifyAndUpdateConfig", "verify_and_update_config", ("vllm_config",)),
+    *(Member("vllm.config:ParallelConfig", f) for f in ("enable_dbo", "pipeline_parallel_size", "tensor_parallel_size")),
     Member("vllm.config:ModelConfig", "hf_config"),
     Member("vllm.config:ModelConfig", "hf_text_config"),
     Member("vllm.config:ModelConfig", "max_model_len"),

@@ -1,7 +1,7 @@
 """Patches of vllm/model_executor/models: the guided Llama and Janus are registered with vLLM's
 ModelRegistry (loaded from `vllm_sjdpp.guidance` only when a folder names them), and their config
-hooks (MODELS_CONFIG_MAP, run when vLLM builds a ModelConfig) check the folder whole and double
-the attention heads the engine sees."""
+hooks (MODELS_CONFIG_MAP, run when vLLM builds a ModelConfig and a VllmConfig) check the folder
+whole, double the attention heads the engine sees, and refuse the parallel modes guidance cannot run."""
 
 from __future__ import annotations
 
@@ -29,14 +29,21 @@ def apply() -> None:
     ModelRegistry.register_model(GUIDED_LLAMA, f"vllm_sjdpp.guidance.llama:{GUIDED_LLAMA}")
     ModelRegistry.register_model(JANUS, "vllm_sjdpp.guidance.janus:GuidedJanusForImageGeneration")
 
-    def config_hook(function: str):
-        def hook(model_config):
+    def call(function: str):
+        def hook(config):
             import importlib
 
             module, name = function.split(":")
-            getattr(importlib.import_module(module), name)(model_config)
+            getattr(importlib.import_module(module), name)(config)
 
-        return type("GuidedConfig", (VerifyAndUpdateConfig,), {"verify_and_update_model_config": staticmethod(hook)})
+        return staticmethod(hook)
+
+    def config_hook(function: str):
+        # verify_and_update_config runs on the whole VllmConfig: the parallel modes guidance refuses.
+        return type("GuidedConfig", (VerifyAndUpdateConfig,), {
+            "verify_and_update_model_config": call(function),
+            "verify_and_update_config": call("vllm_sjdpp.guidance.llama:check_parallelism"),
+        })
 
     MODELS_CONFIG_MAP[GUIDED_LLAMA] = config_hook("vllm_sjdpp.guidance.llama:guided_llama_config_hook")
     MODELS_CONFIG_MAP[JANUS] = config_hook("vllm_sjdpp.guidance.janus:janus_config_hook")
