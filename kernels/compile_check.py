@@ -86,7 +86,7 @@ _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def _row_pass_variant(probs: str, next_probs: str, vocab: int, block_size: int) -> Variant:
     """`row_pass_triton`'s launch of `_row_pass_kernel`: target and draft probabilities in the
     caller's dtype (the draft buffer falls back to the target one; both share a dtype in every
-    caller), float32 exponentials (`StepNoise`), int64 index tensors (`to_device` of int64
+    caller), float32 exponentials (`StepNoise`), int64 index tensors (`host.send` of int64
     NumPy arrays; `tokens = zeros_like(rows)`), `draw` as int8, next proposals in `next_probs`'
     dtype, strides and vocabulary as int32 (all equal to the vocabulary size V for contiguous
     rows), BLOCK_SIZE = min(next_power_of_2(V), 4096).  Torch allocations are 16-byte aligned;

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .host import to_host
+from .host import host_array
 
 INIT_RANDOM, INIT_LEFT, INIT_ABOVE = 0, 1, 2
 INIT_CODES = {"random": INIT_RANDOM, "left": INIT_LEFT, "above": INIT_ABOVE}
@@ -66,7 +66,7 @@ class FreshTokens:
         return cls(
             init=np.array([INIT_CODES[m] for m in init], dtype=np.int64),
             row_width=np.array(widths, dtype=np.int64),
-            history=to_host(history).astype(np.int64, copy=False),
+            history=host_array(history).astype(np.int64, copy=False),
             vocab_start=np.array(start, dtype=np.int64),
             vocab_size=np.array(size, dtype=np.int64),
             vocab_is_list=np.array([not isinstance(v, range) for v in vocabularies], dtype=bool),

@@ -1,12 +1,22 @@
-"""The step's scalar plan runs on the host, in NumPy; the rows over the vocabulary stay on the
+"""The host/device boundary of the step.
+
+The step's scalar plan runs on the host, in NumPy; the rows over the vocabulary stay on the
 device.  A plan of some 130 operations on O(rows) scalars costs about 4 us per operation in
-PyTorch (dispatch; on CUDA a kernel launch each) and well under 1 us in NumPy; what it reads
-from the device (p and q at the drafts, the noise's uniforms, greedy argmaxes) and what it sends
-back (the rows to race, their settings, the committed tokens) are a few small copies, and on
-CPU none at all: these conversions share memory there.
+PyTorch (dispatch; on CUDA a kernel launch each) and well under 1 us in NumPy.  The price is the
+crossing, and on CUDA each device-to-host read is a blocking sync, so the step crosses at named
+places only, each moving everything it needs in one copy:
+- `fetch`: device tensors to the host (what the plan reads: the race winners, greedy argmaxes,
+  and for the ratio test p and q at the drafts and the uniforms);
+- `send`: host arrays to the device (the row pass's settings, the step's outputs).
+A Gumbel-coupled step (the default) makes one fetch and one send; a ratio-test step adds a row
+pass after the plan, so one more of each.  `TRANSFERS` counts them (tests hold the step to this).
+On CPU both are views, no copies, and are counted the same.  `host_array` reads an input that
+must already be on the host, and refuses a device tensor rather than sync silently.
 """
 
 from __future__ import annotations
+
+import collections
 
 import numpy as np
 import torch
@@ -15,14 +25,44 @@ import torch
 # (0.72 against 0.89 ms for 17 x 281, equal at 544 x 281; benchmarks/bench_step.py).
 INDUCTOR_MIN_ELEMENTS = 1 << 18
 
+TRANSFERS: collections.Counter = collections.Counter()  # "fetch" and "send" calls so far
 
-def to_host(x) -> np.ndarray:
-    """A tensor's values as a NumPy array (a view on CPU), anything else through np.asarray."""
+
+def host_array(x) -> np.ndarray:
+    """An input the caller keeps on the host (NumPy, a list, or a CPU tensor) as a NumPy array."""
     if isinstance(x, torch.Tensor):
-        return x.detach().numpy() if x.device.type == "cpu" else x.detach().cpu().numpy()
+        if x.device.type != "cpu":
+            raise ValueError(f"expected a host array, got a tensor on {x.device}: read it with `fetch`")
+        return x.detach().numpy()
     return np.asarray(x)
 
 
-def to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    return t if device.type == "cpu" else t.to(device)
+def fetch(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Device tensors on the host, in one copy (a float64 carrier: exact for float32 values and
+    for integers below 2^53), each with its dtype and shape back.  Views on CPU."""
+    TRANSFERS["fetch"] += 1
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.detach().numpy() for t in tensors]
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).cpu().numpy()
+    out, start = [], 0
+    for t in tensors:
+        dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
+        out.append(flat[start : start + t.numel()].astype(dtype).reshape(tuple(t.shape)))
+        start += t.numel()
+    return out
+
+
+def send(*arrays: np.ndarray, device: torch.device) -> list[torch.Tensor]:
+    """Host integer or bool arrays on `device`, in one copy (an int64 carrier), each with its
+    shape and dtype (bool or int64) back.  No copy on CPU."""
+    TRANSFERS["send"] += 1
+    arrays = [np.ascontiguousarray(a) for a in arrays]
+    if device.type == "cpu":
+        return [torch.from_numpy(a) for a in arrays]
+    packed = torch.from_numpy(np.concatenate([a.astype(np.int64).ravel() for a in arrays])).to(device)
+    out, start = [], 0
+    for a in arrays:
+        view = packed[start : start + a.size].view(a.shape)
+        out.append(view != 0 if a.dtype == bool else view)
+        start += a.size
+    return out

@@ -53,6 +53,7 @@ SJDPP_STEP_BACKEND picks one: torch | inductor | triton.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ import numpy as np
 import torch
 
 from .fresh import FreshTokens, fill_fresh_tokens
-from .host import INDUCTOR_MIN_ELEMENTS, to_device, to_host
+from .host import INDUCTOR_MIN_ELEMENTS, fetch, host_array, send
 from .noise import SALT_FRESH, keyed_exponentials, keyed_uniforms, request_key, row_keys
 
 REUSE_NONE, REUSE_COUPLED, REUSE_CONFIDENCE = 0, 1, 2
@@ -102,7 +103,7 @@ class StepNoise:
 
     uniforms: torch.Tensor  # [T + B] float32 in [0, 1): one per target row
     exponentials: torch.Tensor  # [T + B, V] float32 Exp(1), > 0: one race per target row
-    fresh_uniforms: torch.Tensor  # [T'] float32 in [0, 1): one per next-window slot
+    fresh_uniforms: torch.Tensor | np.ndarray  # [T'] float32 in [0, 1): one per next-window slot
 
     @classmethod
     def sample(
@@ -164,14 +165,14 @@ class StepNoise:
             keyed = keyed_exponentials(*row_keys(row_key, position), vocab_size, device)
             slot_key = np.concatenate([np.full(slots_per_request[i], request_key(keys[i][0])) for i in requests])
             slot_position = np.concatenate([keys[i][1] + np.arange(slots_per_request[i]) for i in requests])
-            keyed_fresh = torch.from_numpy(keyed_uniforms(*row_keys(slot_key, slot_position, SALT_FRESH))).to(device)
+            keyed_fresh = keyed_uniforms(*row_keys(slot_key, slot_position, SALT_FRESH))
             if race is None:
-                race, fresh = keyed, keyed_fresh
+                race, fresh = keyed, keyed_fresh  # the slot uniforms stay on the host, where the plan reads them
             else:
                 row_index = np.concatenate([np.arange(num_rows)[rows_of(i)] for i in requests])
                 slot_index = np.concatenate([np.arange(num_slots)[slots_of(i)] for i in requests])
-                race[to_device(row_index, race.device)] = keyed
-                fresh[to_device(slot_index, fresh.device)] = keyed_fresh
+                race[torch.as_tensor(row_index, device=race.device)] = keyed
+                fresh[torch.as_tensor(slot_index, device=fresh.device)] = torch.from_numpy(keyed_fresh).to(fresh.device)
         return cls(uniforms, race, fresh)
 
 
@@ -184,6 +185,19 @@ def _exponentials(uniforms: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class StepHost:
+    """The step's outputs as the plan made them, on the host: what the caller's bookkeeping
+    reads without another device-to-host copy."""
+
+    output_token_ids: np.ndarray
+    num_accepted: np.ndarray
+    next_cu_num_draft_tokens: np.ndarray
+    next_draft_token_ids: np.ndarray
+    next_draft_is_onehot: np.ndarray
+    next_draft_prob_rows: np.ndarray
+
+
+@dataclass
 class StepOutput:
     output_token_ids: torch.Tensor  # [B, max k_i + 1], committed tokens then PLACEHOLDER_TOKEN_ID
     num_accepted: torch.Tensor  # [B] accepted drafts; num_accepted + 1 tokens are committed
@@ -192,6 +206,7 @@ class StepOutput:
     next_draft_is_onehot: torch.Tensor  # [T'] bool
     next_draft_probs: torch.Tensor  # [Q, V]: one row per slot that is not one-hot
     next_draft_prob_rows: torch.Tensor  # [T'] row of next_draft_probs, -1 for one-hot slots
+    host: StepHost | None = None  # the same, but next_draft_probs, on the host
 
 
 RowPass = Callable[..., torch.Tensor]
@@ -242,8 +257,8 @@ def sjdpp_step(
     p = batch.target_probs
     device = p.device
     num_rows, vocab = p.shape
-    cu = to_host(batch.cu_num_draft_tokens).astype(np.int64)
-    drafts = to_host(batch.draft_token_ids).astype(np.int64)
+    cu = host_array(batch.cu_num_draft_tokens).astype(np.int64)
+    drafts = host_array(batch.draft_token_ids).astype(np.int64)
     num_reqs, num_drafts_total = cu.size, drafts.size
     if num_rows != num_drafts_total + num_reqs:
         raise ValueError(
@@ -264,7 +279,7 @@ def sjdpp_step(
     draft_of_row = np.minimum(arange_rows - req, max(num_drafts_total - 1, 0))  # >= 0: req <= row
     if num_drafts_total:
         d = np.where(has_draft, drafts[draft_of_row], 0)
-        onehot = to_host(batch.draft_is_onehot)[draft_of_row] | ~has_draft
+        onehot = host_array(batch.draft_is_onehot)[draft_of_row] | ~has_draft
     else:
         d = np.zeros(num_rows, dtype=np.int64)
         onehot = np.ones(num_rows, dtype=bool)
@@ -273,34 +288,52 @@ def sjdpp_step(
         onehot = np.ones(num_rows, dtype=bool)
     q_row = draft_of_row
     if batch.draft_prob_rows is not None and num_drafts_total:
-        q_row = to_host(batch.draft_prob_rows).astype(np.int64)[draft_of_row]
+        q_row = host_array(batch.draft_prob_rows).astype(np.int64)[draft_of_row]
     q_row = np.where(onehot, 0, q_row)
-    d_on_device = to_device(d, device)
-    p_d = to_host(p[to_device(arange_rows, device), d_on_device].float())
-    q_d = np.ones_like(p_d)
-    if has_q_rows:
-        q_d = np.where(onehot, q_d, to_host(batch.draft_probs[to_device(q_row, device), d_on_device].float()))
-    ratio_pass = to_host(noise.uniforms) * q_d < p_d
+    greedy = host_array(batch.greedy).astype(bool)[req]
+    gumbel = np.zeros(num_rows, dtype=bool) if batch.gumbel is None else host_array(batch.gumbel).astype(bool)[req] & ~greedy
+    ratio = ~greedy & ~gumbel  # verified by the ratio test
+    next_len = host_array(batch.next_window_len).astype(np.int64)
+    num_next = int(next_len.sum())
 
-    greedy_requests = to_host(batch.greedy)
-    greedy = greedy_requests[req]
-    argmax = np.zeros(num_rows, dtype=np.int64)
-    if greedy_requests.any():
-        greedy_rows = np.flatnonzero(greedy)
-        argmax[greedy_rows] = to_host(p[to_device(greedy_rows, device)].argmax(-1))
+    # What the plan reads from the device, computed there and fetched in one copy: greedy rows'
+    # argmax, Gumbel rows' race winners, and for the ratio test p and q at the drafts.
+    race_rows = np.flatnonzero(gumbel)
+    # Without ratio rows every row is raced (greedy rows' winners unused): no index list to send.
+    race_all = race_rows.size > 0 and not ratio.any()
+    if race_all:
+        race_rows = arange_rows
+    upload = ([race_rows] if race_rows.size and not race_all else []) + ([d, q_row] if ratio.any() else [])
+    uploaded = iter(send(*upload, device=device) if upload else [])
+    reads: dict[str, torch.Tensor] = {}
+    if greedy.any():
+        reads["argmax"] = p.argmax(-1)
+    if race_rows.size:
+        rows_t = torch.arange(num_rows, device=device) if race_all else next(uploaded)
+        none = torch.full_like(rows_t, -1)
+        reads["winner"] = _row_pass(backend, device, p.numel())(
+            target_probs=p, draft_probs=None, exponentials=noise.exponentials, rows=rows_t,
+            subtract_draft_row=none, subtract_onehot=none, draw=torch.ones_like(rows_t, dtype=torch.bool),
+            q_dest=none, next_probs=p[:0],
+        )
+    if ratio.any():
+        d_t, q_row_t = next(uploaded), next(uploaded)
+        reads["p_d"] = p[torch.arange(num_rows, device=device), d_t].float()
+        if has_q_rows:
+            reads["q_d"] = batch.draft_probs[q_row_t, d_t].float()
+        reads["uniforms"] = noise.uniforms
+    fresh_uniforms = noise.fresh_uniforms
+    if num_next and isinstance(fresh_uniforms, torch.Tensor) and fresh_uniforms.device.type != "cpu":
+        reads["fresh"] = fresh_uniforms
+    fetched = dict(zip(reads, fetch(*reads.values()))) if reads else {}
+    fresh_uniforms = fetched["fresh"] if "fresh" in fetched else host_array(fresh_uniforms)
 
-    # Gumbel-coupled rows: every row's race winner, before anything is decided.
-    gumbel = np.zeros(num_rows, dtype=bool) if batch.gumbel is None else to_host(batch.gumbel)[req] & ~greedy
+    argmax = fetched.get("argmax", np.zeros(num_rows, dtype=np.int64))
     winner = np.zeros(num_rows, dtype=np.int64)
-    if gumbel.any():
-        race_rows = np.flatnonzero(gumbel)
-        none = to_device(np.full(race_rows.size, -1, dtype=np.int64), device)
-        winner[race_rows] = to_host(_row_pass(backend, device, p.numel())(
-            target_probs=p, draft_probs=None, exponentials=noise.exponentials,
-            rows=to_device(race_rows, device), subtract_draft_row=none, subtract_onehot=none,
-            draw=to_device(np.ones(race_rows.size, dtype=bool), device), q_dest=none,
-            next_probs=p[:0],
-        ))
+    winner[race_rows] = fetched.get("winner", winner[race_rows])
+    p_d = fetched.get("p_d", np.zeros(num_rows, dtype=np.float32))
+    q_d = np.where(onehot, 1.0, fetched["q_d"]) if "q_d" in fetched else np.ones(num_rows, dtype=np.float32)
+    ratio_pass = ratio & (fetched["uniforms"] * q_d < p_d) if ratio.any() else np.zeros(num_rows, dtype=bool)
 
     # a_i: the first row that is not an accepted draft (the bonus row is never one): the
     # minimum over the request's rows, accepted ones counted as num_rows.
@@ -309,21 +342,18 @@ def sjdpp_step(
     a = num_accepted[req]
     is_recovery = local == a
     slot = local - a - 1
-    next_len = to_host(batch.next_window_len).astype(np.int64)
     in_window = (local > a) & (slot < next_len[req])
 
-    reuse = to_host(batch.reuse)[req]
-    ratio = ~greedy & ~gumbel  # verified by the ratio test
+    reuse = host_array(batch.reuse)[req]
     keep = in_window & has_draft & ratio & (
         ((reuse == REUSE_COUPLED) & ratio_pass)
-        | ((reuse == REUSE_CONFIDENCE) & (p_d >= to_host(batch.threshold)[req]))
+        | ((reuse == REUSE_CONFIDENCE) & (p_d >= host_array(batch.threshold)[req]))
     )
     subtract_q = ratio & has_draft & (is_recovery | (in_window & (reuse == REUSE_COUPLED)))
     draw = ratio & (is_recovery | (in_window & ~keep))
     write_q = ratio & in_window & ~(keep & (reuse == REUSE_CONFIDENCE))
 
     next_cu = np.cumsum(next_len)
-    num_next = int(next_cu[-1]) if num_reqs else 0
     dest = _exclusive_cumsum(next_len)[req] + slot
     # Only slots with a full q get a row, packed in slot order (rows are already in slot order).
     q_dest = _exclusive_cumsum(write_q.astype(np.int64))
@@ -335,20 +365,20 @@ def sjdpp_step(
     else:
         next_probs = next_probs_out[:num_q]
 
-    rows = np.flatnonzero(draw | write_q)
-    raced = _row_pass(backend, device, p.numel())(
-        target_probs=p,
-        draft_probs=batch.draft_probs,
-        exponentials=noise.exponentials,
-        rows=to_device(rows, device),
-        subtract_draft_row=to_device(np.where(subtract_q & ~onehot, q_row, -1)[rows], device),
-        subtract_onehot=to_device(np.where(subtract_q & onehot, d, -1)[rows], device),
-        draw=to_device(draw[rows], device),
-        q_dest=to_device(np.where(write_q, q_dest, -1)[rows], device),
-        next_probs=next_probs,
-    )
     token = np.where(greedy, argmax, np.where(gumbel, winner, np.where(keep, d, 0)))
-    token[rows] = np.where(draw[rows], to_host(raced), token[rows])
+    rows = np.flatnonzero(draw | write_q)
+    if rows.size:  # the ratio test's residual draws and proposal rows: a second crossing
+        rows_t, subtract_draft_row, subtract_onehot, draw_t, q_dest_t = send(
+            rows, np.where(subtract_q & ~onehot, q_row, -1)[rows], np.where(subtract_q & onehot, d, -1)[rows],
+            draw[rows], np.where(write_q, q_dest, -1)[rows], device=device,
+        )
+        raced = _row_pass(backend, device, p.numel())(
+            target_probs=p, draft_probs=batch.draft_probs, exponentials=noise.exponentials, rows=rows_t,
+            subtract_draft_row=subtract_draft_row, subtract_onehot=subtract_onehot, draw=draw_t, q_dest=q_dest_t,
+            next_probs=next_probs,
+        )
+        (raced_host,) = fetch(raced)
+        token[rows] = np.where(draw[rows], raced_host, token[rows])
 
     max_drafts = int(num_drafts.max()) if num_reqs else 0
     output = np.full((num_reqs, max_drafts + 1), PLACEHOLDER_TOKEN_ID, dtype=np.int64)
@@ -363,11 +393,8 @@ def sjdpp_step(
     next_prob_rows[dest[write_q]] = q_dest[write_q]
     num_redrafted = np.minimum(num_drafts - num_accepted, next_len)
     fill_fresh_tokens(
-        next_tokens, next_onehot, next_len, num_redrafted, output, num_accepted + 1, fresh,
-        to_host(noise.fresh_uniforms),
+        next_tokens, next_onehot, next_len, num_redrafted, output, num_accepted + 1, fresh, fresh_uniforms,
     )
-    return StepOutput(
-        *(to_device(x, device) for x in (output, num_accepted, next_cu, next_tokens, next_onehot)),
-        next_probs,
-        to_device(next_prob_rows, device),
-    )
+    host = StepHost(output, num_accepted, next_cu, next_tokens, next_onehot, next_prob_rows)
+    sent = send(*dataclasses.astuple(host), device=device)
+    return StepOutput(*sent[:5], next_probs, sent[5], host=host)

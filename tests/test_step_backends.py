@@ -16,12 +16,16 @@ from vllm_sjdpp.kernels import FreshTokens, StepBatch, StepNoise, sjdpp_step
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# What lives on the device; the step reads the rest (counts, drafts, settings) on the host.
+DEVICE_FIELDS = {"target_probs", "draft_probs", "uniforms", "exponentials", "fresh_uniforms"}
+
+
 def _to_device(obj):
-    """A step input dataclass with every tensor moved to DEVICE."""
+    """A step input dataclass with its device tensors moved to DEVICE."""
     moved = {
         f.name: getattr(obj, f.name).to(DEVICE)
         for f in dataclasses.fields(obj)
-        if isinstance(getattr(obj, f.name), torch.Tensor)
+        if f.name in DEVICE_FIELDS and isinstance(getattr(obj, f.name), torch.Tensor)
     }
     return dataclasses.replace(obj, **moved)
 
@@ -38,7 +42,9 @@ CASES = {
 }
 
 
-def _case(num_drafts, vocab, pattern, dtype, seed):
+def _case(num_drafts, vocab, pattern, dtype, seed, gumbel="none"):
+    """A random step; `gumbel`: which requests are Gumbel-coupled ("none", "all", "mixed"), their
+    noise keyed by position."""
     g = torch.Generator().manual_seed(seed)
     b = len(num_drafts)
     nd = torch.tensor(num_drafts)
@@ -70,8 +76,17 @@ def _case(num_drafts, vocab, pattern, dtype, seed):
         reuse=torch.arange(b) % 3,
         threshold=torch.full((b,), 0.02),
         next_window_len=next_len,
+        gumbel={"none": torch.zeros(b, dtype=torch.bool), "all": torch.ones(b, dtype=torch.bool),
+                "mixed": torch.arange(b) % 2 == 0}[gumbel],
     )
     noise = StepNoise.sample(t + b, vocab, int(next_len.sum()), generator=g)
+    keys = {i: (seed * 1000 + i, 50 + i) for i in range(b) if bool(batch.gumbel[i])}
+    if keys:  # the Gumbel requests' rows race position-keyed noise
+        keyed = StepNoise.sample_per_request((nd + 1).tolist(), next_len.tolist(), vocab, {}, keys=keys)
+        is_keyed = batch.gumbel[torch.repeat_interleave(torch.arange(b), nd + 1)]
+        noise = dataclasses.replace(
+            noise, exponentials=torch.where(is_keyed[:, None], keyed.exponentials, noise.exponentials)
+        )
     history = torch.randint(0, vocab, (b, 6), generator=g)
     fresh = FreshTokens.build(
         [("random", "left", "above")[i % 3] for i in range(b)],
@@ -86,8 +101,9 @@ def _case(num_drafts, vocab, pattern, dtype, seed):
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("backend", ["inductor", "torch"])
-def test_backends_equal_triton(backend, name, dtype, seed):
-    batch, noise, fresh = _case(*CASES[name], dtype, seed)
+@pytest.mark.parametrize("gumbel", ["none", "mixed"])
+def test_backends_equal_triton(backend, name, dtype, seed, gumbel):
+    batch, noise, fresh = _case(*CASES[name], dtype, seed, gumbel)
     ref = sjdpp_step(batch, noise, fresh, backend="triton")
     out = sjdpp_step(batch, noise, fresh, backend=backend)
     assert torch.equal(out.num_accepted, ref.num_accepted)
@@ -137,3 +153,19 @@ def test_proposals_read_through_draft_prob_rows(backend):
     # and the buffer's garbage rows really are not the ones read:
     scrambled = dataclasses.replace(indirect, draft_prob_rows=torch.roll(where, 1))
     assert not torch.equal(sjdpp_step(scrambled, noise, fresh, backend=backend).next_draft_token_ids, ref.next_draft_token_ids)
+
+
+@pytest.mark.parametrize("gumbel, crossings", [("all", {"fetch": 1, "send": 1}), ("none", {"fetch": 2, "send": 3})])
+def test_the_step_crosses_the_host_device_boundary_as_budgeted(gumbel, crossings):
+    """kernels/host.py: a Gumbel-coupled step reads the device once (winners, argmaxes) and
+    writes it once (its outputs); a ratio-test step adds the row pass after the plan.  Counted at
+    the boundary, so a new read cannot creep in; and an input left on a device is refused."""
+    from vllm_sjdpp.kernels import host
+
+    batch, noise, fresh = _case([4, 0, 7], 300, "mixed", torch.float32, 0, gumbel)
+    before = dict(host.TRANSFERS)
+    sjdpp_step(batch, noise, fresh)
+    assert {k: host.TRANSFERS[k] - before.get(k, 0) for k in ("fetch", "send")} == crossings
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="host array"):
+            sjdpp_step(dataclasses.replace(batch, greedy=batch.greedy.cuda()), noise, fresh)

@@ -16,7 +16,6 @@ for a removed request (finished, aborted): a request id that a client reuses sta
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -201,9 +200,10 @@ class SJDPPRuntime:
         start = committed.tolist()
         states = batch.request_states
         if any(counts):
-            drafts = metadata.draft_token_ids.tolist()
-            ends = list(itertools.accumulate(counts))
-            per_request = [drafts[end - n : end] for n, end in zip(counts, ends)]
+            # The drafts vLLM scheduled, from its host copy (metadata.draft_token_ids is the
+            # device one): each request's first counts[i] spec tokens.
+            spec = input_batch.spec_token_ids
+            per_request = [list(spec[i][:n]) for i, n in enumerate(counts)]
             prob_rows = [
                 row for state, n0, d in zip(states, start, per_request) for row in self.states.drafts_usable(state, n0, d)
             ]
@@ -240,9 +240,9 @@ class SJDPPRuntime:
 
     def record_windows(self, plan: StepPlan, out) -> None:
         """Keep each request's next window from the step's output, and count the step."""
-        accepted = out.num_accepted.tolist()
-        tokens = out.next_draft_token_ids.tolist()
-        rows = out.next_draft_prob_rows.tolist()
+        accepted = out.host.num_accepted.tolist()
+        tokens = out.host.next_draft_token_ids.tolist()
+        rows = out.host.next_draft_prob_rows.tolist()
         generation = self.states.generation + 1
         offset = 0
         for state, n0, n, a in zip(plan.states, plan.start, plan.next_len, accepted):

@@ -45,11 +45,12 @@ def first_rows_of(metadata, logits: torch.Tensor) -> torch.Tensor:
     return logits[torch.cat([cu.new_zeros(1), cu[:-1]])]
 
 
-def greedy_requests(sampling_metadata, num_reqs: int, device) -> torch.Tensor:
-    """Which requests sample greedily (vLLM's rule: temperature below GREEDY_EPS)."""
+def greedy_on_host(sampling_metadata, input_batch, num_reqs: int) -> np.ndarray:
+    """Which requests sample greedily (vLLM's rule: temperature below GREEDY_EPS), from the
+    host copy of the temperatures vLLM keeps."""
     if sampling_metadata.all_greedy:
-        return torch.ones(num_reqs, dtype=torch.bool, device=device)
-    return sampling_metadata.temperature[:num_reqs] < GREEDY_EPS
+        return np.ones(num_reqs, dtype=bool)
+    return input_batch.temperature_cpu[:num_reqs] < GREEDY_EPS
 
 
 class SJDPPSampler(RejectionSampler):
@@ -109,15 +110,17 @@ class SJDPPSampler(RejectionSampler):
         keys = {i: (s.noise_key, n0) for i, (s, n0) in enumerate(zip(states, start)) if s.noise_key is not None}
 
         device = probs.device
-        # The per-request settings are read on the host, where the step's plan runs.
+        # The per-request settings are read on the host, where the step's plan runs (vLLM keeps
+        # them there too: drafts, counts and temperatures), so the step starts with no read of
+        # the device.
         rows = np.array(plan.prob_rows, dtype=np.int64)
         step_batch = StepBatch(
-            cu_num_draft_tokens=metadata.cu_num_draft_tokens,
+            cu_num_draft_tokens=np.cumsum(counts, dtype=np.int64),
             target_probs=probs,
-            draft_token_ids=metadata.draft_token_ids,
+            draft_token_ids=np.array([t for d in plan.per_request for t in d], dtype=np.int64),
             draft_probs=jacobi.proposals,
             draft_is_onehot=rows < 0,
-            greedy=greedy_requests(sampling_metadata, num_reqs, device),
+            greedy=greedy_on_host(sampling_metadata, self.runner.input_batch, num_reqs),
             reuse=np.array([REUSE_CODES[c.reuse] for c in configs], dtype=np.int64),
             threshold=np.array([c.threshold for c in configs], dtype=np.float32),
             next_window_len=np.array(next_len, dtype=np.int64),

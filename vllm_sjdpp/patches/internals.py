@@ -117,7 +117,7 @@ RUNNER_ATTRIBUTES = (
 )
 INPUT_BATCH_ATTRIBUTES = (
     "req_ids", "num_reqs", "num_tokens_no_spec", "num_prompt_tokens", "token_ids_cpu", "generators",
-    "num_computed_tokens_cpu",
+    "num_computed_tokens_cpu", "spec_token_ids", "temperature_cpu",
 )
 # What the race sampler reads on every runner it is installed on, SJD++'s or not.
 RACE_SAMPLER_ATTRIBUTES = (
