@@ -79,22 +79,27 @@ def main() -> int:
     args = ap.parse_args()
     one_count, many_count = (3, 16) if args.quick else (10, 64)
     logs = Path(tempfile.mkdtemp(prefix="sjdpp-gpu-smoke-"))
-    tokens, rows = {}, []
+    tokens, rows, failures = {}, [], []
     for name, extra in SERVERS.items():
         log = logs / (name.strip("-").replace(" ", "_").replace("+", "and") + ".log")
         print(f"serving {name} (log: {log}) ...", flush=True)
-        with vllm_server(MODEL, BASE_ARGS + extra, log, env={"VLLM_PLUGINS": "sjdpp,sjdpp_images"}, timeout_s=900) as base:
-            tokens[name] = {
-                (kind, plain): completions_tokens(base, seed, plain)
-                for kind, seed in (("greedy", None), ("seeded", 0)) for plain in (True, False)
-            }
-            for plain in (True, False):
-                passes, latency, _ = timed_images(base, plain, 1, one_count)
-                _, _, throughput = timed_images(base, plain, 16, many_count)
-                rows.append((name, "plain" if plain else "SJD++", passes, latency, throughput))
-
+        try:
+            with vllm_server(MODEL, BASE_ARGS + extra, log, env={"VLLM_PLUGINS": "sjdpp,sjdpp_images"}, timeout_s=900) as base:
+                tokens[name] = {
+                    (kind, plain): completions_tokens(base, seed, plain)
+                    for kind, seed in (("greedy", None), ("seeded", 0)) for plain in (True, False)
+                }
+                for plain in (True, False):
+                    passes, latency, _ = timed_images(base, plain, 1, one_count)
+                    _, _, throughput = timed_images(base, plain, 16, many_count)
+                    rows.append((name, "plain" if plain else "SJD++", passes, latency, throughput))
+        except RuntimeError as e:  # a server that does not start: reported, the others still run
+            failures.append(f"{name}: {str(e).splitlines()[0]} (log: {log})")
+            print(f"  {failures[-1]}", flush=True)
+    if "--enforce-eager" not in tokens:
+        print("\n".join(["", "FAILED:", *failures]))
+        return 1
     reference = tokens["--enforce-eager"][("greedy", True)], tokens["--enforce-eager"][("seeded", True)]
-    failures = []
     for name, got in tokens.items():
         for (kind, plain), outputs in got.items():
             expected = reference[0] if kind == "greedy" else reference[1]
@@ -112,7 +117,7 @@ def main() -> int:
     summary = {"rows": rows, "failures": failures}
     (logs / "summary.json").write_text(json.dumps(summary, indent=1))
     if failures:
-        print("\nTOKENS DIFFER:\n  " + "\n  ".join(failures))
+        print("\nFAILED:\n  " + "\n  ".join(failures))
         return 1
     print("\ntokens: greedy and seeded images identical on every server, with SJD++ and without (40/40 each)")
     return 0

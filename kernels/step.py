@@ -43,7 +43,8 @@ norm(w), and needs one pass over the row.  Where a residual is empty (p = q up t
 race falls back to p.
 
 The per-row decisions above are scalar work on O(rows) elements and are computed here, once, in
-NumPy on the host for every backend (`host.py` says why); the heavy part, a pass over whole
+NumPy on the host for every backend (`host.py` says why, and counts the crossings: a
+Gumbel-coupled step reads the device once, for the winners and argmaxes, and writes it once); the heavy part, a pass over whole
 vocabulary rows (residual, race, q write), is the row pass with implementations that must agree
 exactly: `row_pass_torch` (CPU: eager PyTorch for small steps, the same code fused by
 TorchInductor for large ones) and `row_pass_triton` (CUDA: one fused kernel, each probability
