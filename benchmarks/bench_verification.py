@@ -20,8 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
 
@@ -106,7 +104,6 @@ def main() -> None:
     print("\n".join(lines))
     worst = max(r["gumbel_over_ratio_passes"] for r in results.values())
     print(f"worst Gumbel / ratio passes: {worst:.3f} (within 10%: {worst <= 1.10})")
-    np.set_printoptions(precision=2)
 
 
 if __name__ == "__main__":

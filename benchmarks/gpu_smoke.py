@@ -7,8 +7,10 @@ turn: with vLLM's default compilation and CUDA graphs, with `--enforce-eager`, a
 `--max-num-batched-tokens` 8 and 2048 (chunked prefill and small passes against large ones).
 On each server:
 - greedy and seeded tokens of "a handwritten 0" ... "a handwritten 9" through the completions
-  endpoint, with SJD++ and with `sjdpp_disable`: every server must give the same tokens, and
-  SJD++ the same as plain decoding (a seed names one image);
+  endpoint, with SJD++ and with `sjdpp_disable`: SJD++ must give plain decoding's tokens on every
+  server (a seed names one image), and the compiled servers must agree whatever
+  --max-num-batched-tokens; compiled against eager is printed, not required (a compiled forward
+  rounds differently: on CPU 7/10 greedy and 0/10 seeded images matched);
 - forward passes per image (from the images endpoint's answers), latency one image at a time,
   and throughput with 16 images in flight, SJD++ against plain decoding.
 Prints one table and exits non-zero if any tokens differ.  Works on CPU too (slowly; there the
@@ -34,7 +36,8 @@ BASE_ARGS = ["--speculative-config", "sjdpp", "--max-model-len", str(GENERATED_L
 SERVERS = {
     "compiled + graphs": [],
     "--enforce-eager": ["--enforce-eager"],
-    "--max-num-batched-tokens 8": ["--max-num-batched-tokens", "8"],
+    # vLLM wants max_num_batched_tokens >= max_num_seqs.
+    "--max-num-batched-tokens 8": ["--max-num-batched-tokens", "8", "--max-num-seqs", "8"],
     "--max-num-batched-tokens 2048": ["--max-num-batched-tokens", "2048"],
 }
 
@@ -96,17 +99,21 @@ def main() -> int:
         except RuntimeError as e:  # a server that does not start: reported, the others still run
             failures.append(f"{name}: {str(e).splitlines()[0]} (log: {log})")
             print(f"  {failures[-1]}", flush=True)
-    if "--enforce-eager" not in tokens:
-        print("\n".join(["", "FAILED:", *failures]))
-        return 1
-    reference = tokens["--enforce-eager"][("greedy", True)], tokens["--enforce-eager"][("seeded", True)]
+    # A compiled forward rounds differently from an eager one, so each is its own reference: every
+    # compiled server against the default one, and SJD++ against plain decoding on each server.
+    compiled = "compiled + graphs"
     for name, got in tokens.items():
+        ref_name = name if name == "--enforce-eager" or compiled not in tokens else compiled
         for (kind, plain), outputs in got.items():
-            expected = reference[0] if kind == "greedy" else reference[1]
-            same = sum(a == b for a, b in zip(outputs, expected))
+            same = sum(a == b for a, b in zip(outputs, tokens[ref_name][(kind, True)]))
             if same != 10:
-                failures.append(f"{name}, {kind}, {'plain' if plain else 'SJD++'}: {same}/10 images equal eager plain decoding")
-
+                where = "this server" if ref_name == name else "the default compiled server"
+                failures.append(f"{name}, {kind}, {'plain' if plain else 'SJD++'}: {same}/10 images equal plain decoding on {where}")
+    if compiled in tokens and "--enforce-eager" in tokens:
+        across = {kind: sum(a == b for a, b in zip(tokens[compiled][(kind, True)], tokens["--enforce-eager"][(kind, True)]))
+                  for kind in ("greedy", "seeded")}
+        print(f"\ncompiled against eager (informational: compilation changes float rounding, so tokens may part): "
+              f"greedy {across['greedy']}/10, seeded {across['seeded']}/10 images equal")
     print(f"\n{'server':<30} {'mode':<6} {'passes/image':>12} {'latency s (1)':>14} {'images/s (16)':>14}")
     for name, mode, passes, latency, throughput in rows:
         print(f"{name:<30} {mode:<6} {passes:>12.1f} {latency:>14.3f} {throughput:>14.2f}")
@@ -119,7 +126,7 @@ def main() -> int:
     if failures:
         print("\nFAILED:\n  " + "\n  ".join(failures))
         return 1
-    print("\ntokens: greedy and seeded images identical on every server, with SJD++ and without (40/40 each)")
+    print("\ntokens: SJD++ equals plain decoding on every server, and the compiled servers agree")
     return 0
 
 

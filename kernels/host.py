@@ -8,10 +8,12 @@ places only, each moving everything it needs in one copy:
 - `fetch`: device tensors to the host (what the plan reads: the race winners, greedy argmaxes,
   and for the ratio test p and q at the drafts and the uniforms);
 - `send`: host arrays to the device (the row pass's settings, the step's outputs).
-A Gumbel-coupled step (the default) makes one fetch and one send; a ratio-test step adds a row
-pass after the plan, so one more of each.  `TRANSFERS` counts them (tests hold the step to this).
-On CPU both are views, no copies, and are counted the same.  `host_array` reads an input that
-must already be on the host, and refuses a device tensor rather than sync silently.
+A Gumbel-coupled step (the default) makes one fetch and one send; a step with ratio-test rows
+makes two fetches and three sends (the drafts go up for p and q at them, and the row pass after
+the plan needs its settings and returns its draws).  `TRANSFERS` counts them (tests hold the step
+to this).  On CPU both are views, no copies, and are counted the same.  `host_array` reads an
+input that must already be on the host, and refuses a device tensor rather than sync silently.
+The noise is the caller's: its copies (the position keys of `noise.py`) are outside this count.
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ def host_array(x) -> np.ndarray:
     return np.asarray(x)
 
 
+FETCHABLE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.bool)
+
+
 def fetch(*tensors: torch.Tensor) -> list[np.ndarray]:
     """Device tensors on the host, in one copy (a float64 carrier: exact for float32 values and
-    for integers below 2^53), each with its dtype and shape back.  Views on CPU."""
+    for integers below 2^53, such as token ids), each with its dtype and shape back.  Views on
+    CPU.  Dtypes: FETCHABLE (the step reads float32 probabilities and int64 tokens)."""
     TRANSFERS["fetch"] += 1
+    if any(t.dtype not in FETCHABLE for t in tensors):
+        raise TypeError(f"fetch carries {FETCHABLE}, got {[t.dtype for t in tensors]}")
     if all(t.device.type == "cpu" for t in tensors):
         return [t.detach().numpy() for t in tensors]
     flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).cpu().numpy()
@@ -53,13 +61,18 @@ def fetch(*tensors: torch.Tensor) -> list[np.ndarray]:
 
 
 def send(*arrays: np.ndarray, device: torch.device) -> list[torch.Tensor]:
-    """Host integer or bool arrays on `device`, in one copy (an int64 carrier), each with its
-    shape and dtype (bool or int64) back.  No copy on CPU."""
+    """Host integer or bool arrays on `device`, in one copy (an int64 carrier, from pinned memory
+    without blocking the host), each with its shape back, as bool or int64.  On CPU no copy but
+    the cast to int64."""
     TRANSFERS["send"] += 1
-    arrays = [np.ascontiguousarray(a) for a in arrays]
+    arrays = [np.asarray(a) for a in arrays]
+    if any(a.dtype != bool and not np.issubdtype(a.dtype, np.integer) for a in arrays):
+        raise TypeError(f"send carries integers and bools, got {[a.dtype for a in arrays]}")
     if device.type == "cpu":
-        return [torch.from_numpy(a) for a in arrays]
-    packed = torch.from_numpy(np.concatenate([a.astype(np.int64).ravel() for a in arrays])).to(device)
+        return [torch.from_numpy(np.ascontiguousarray(a if a.dtype == bool else a.astype(np.int64, copy=False)))
+                for a in arrays]
+    packed = torch.from_numpy(np.concatenate([a.astype(np.int64).ravel() for a in arrays]))
+    packed = packed.pin_memory().to(device, non_blocking=True)
     out, start = [], 0
     for a in arrays:
         view = packed[start : start + a.size].view(a.shape)

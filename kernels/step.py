@@ -22,6 +22,7 @@ j - a - 1 of the next window (the first rows after the commit).  For a random re
                          else d' ~ p_j, q' = p_j  (a one-hot proposal verifies any draft exactly)
 Row k_i has no old draft and always draws from p.  Greedy requests take d' = argmax p_j.
 Slots past the redrafted ones are fresh tokens with one-hot q (see `fresh.py`).
+
 Gumbel-coupled verification (`StepBatch.gumbel`; MC-SJD's and SCD's Gumbel coupling).  The
 request's noise row j is E_{t+j}, keyed by its absolute position t + j (`noise.py`), and every
 row's token is its race winner  w_j = argmax_v p_j(v) / E_{t+j}(v):
@@ -34,6 +35,9 @@ same function of the noise tape as plain decoding that races p_m against E_m, he
 decoding's token for that key, whatever the windows, the batch or the chunking.  In law it is
 p_m, since E_m is used at position m only and x_<m is a function of E_<m.
 Greedy requests are the same rule with w_j = argmax p_j.
+Token for token, that is, as long as the forward gives a position the same p_m whether it is
+computed in a pass of k + 1 window rows or of one (kernels whose results do not depend on the
+batch's shape); the law is exact regardless.
 
 u_j serves the verification of rows j <= a and the coupling test of rows j > a: never both, so
 each row needs one uniform and the two uses stay independent.
@@ -130,7 +134,8 @@ class StepNoise:
     ) -> "StepNoise":
         """Per request i, in order of precedence:
         - keys[i] = (key, position of its first row): position-keyed noise (`noise.py`), row j
-          raced with E(key, position + j, .); what Gumbel-coupled verification needs;
+          raced with E(key, position + j, .); what Gumbel-coupled verification needs (it reads
+          no row uniform: a batch keyed throughout gets none);
         - generators[i]: its own generator draws its row uniforms, race uniforms and slot
           uniforms, in that order, in place (its draws do not depend on the rest of the batch);
         - otherwise the global generator."""
@@ -141,15 +146,15 @@ class StepNoise:
         slot_end = list(itertools.accumulate(slots_per_request))
         rows_of = lambda i: slice(row_end[i] - rows_per_request[i], row_end[i])  # noqa: E731
         slots_of = lambda i: slice(slot_end[i] - slots_per_request[i], slot_end[i])  # noqa: E731
-        if len(keys) == len(rows_per_request):
-            uniforms = torch.full((num_rows,), 0.5, **f32)  # verification reads no uniform
-            race = None
-            fresh = torch.empty(num_slots, **f32)
+        if keys and len(keys) == len(rows_per_request):
+            # Keyed rows are Gumbel-verified, which reads no row uniform: none is drawn.
+            uniforms = torch.full((num_rows,), 0.5, **f32)
+            race = fresh = None
         else:
             uniforms = torch.empty(num_rows, **f32)
             race = torch.empty(num_rows, vocab_size, **f32)
             fresh = torch.empty(num_slots, **f32)
-            if len(generators) + len(keys) < len(rows_per_request):  # some use the global generator
+            if len(set(generators) | set(keys)) < len(rows_per_request):  # some use the global generator
                 torch.rand(num_rows, out=uniforms)
                 torch.rand(num_rows, vocab_size, out=race)
                 torch.rand(num_slots, out=fresh)
@@ -173,6 +178,7 @@ class StepNoise:
                 row_index = np.concatenate([np.arange(num_rows)[rows_of(i)] for i in requests])
                 slot_index = np.concatenate([np.arange(num_slots)[slots_of(i)] for i in requests])
                 race[torch.as_tensor(row_index, device=race.device)] = keyed
+                uniforms[torch.as_tensor(row_index, device=uniforms.device)] = 0.5  # Gumbel verification reads none
                 fresh[torch.as_tensor(slot_index, device=fresh.device)] = torch.from_numpy(keyed_fresh).to(fresh.device)
         return cls(uniforms, race, fresh)
 
@@ -324,10 +330,14 @@ def sjdpp_step(
             reads["q_d"] = batch.draft_probs[q_row_t, d_t].float()
         reads["uniforms"] = noise.uniforms
     fresh_uniforms = noise.fresh_uniforms
-    if num_next and isinstance(fresh_uniforms, torch.Tensor) and fresh_uniforms.device.type != "cpu":
+    on_device = isinstance(fresh_uniforms, torch.Tensor) and fresh_uniforms.device.type != "cpu"
+    if num_next and on_device:
         reads["fresh"] = fresh_uniforms
     fetched = dict(zip(reads, fetch(*reads.values()))) if reads else {}
-    fresh_uniforms = fetched["fresh"] if "fresh" in fetched else host_array(fresh_uniforms)
+    if "fresh" in fetched:
+        fresh_uniforms = fetched["fresh"]
+    else:
+        fresh_uniforms = np.zeros(0, dtype=np.float32) if on_device else host_array(fresh_uniforms)
 
     argmax = fetched.get("argmax", np.zeros(num_rows, dtype=np.int64))
     winner = np.zeros(num_rows, dtype=np.int64)
@@ -397,5 +407,5 @@ def sjdpp_step(
         next_tokens, next_onehot, next_len, num_redrafted, output, num_accepted + 1, fresh, fresh_uniforms,
     )
     host = StepHost(output, num_accepted, next_cu, next_tokens, next_onehot, next_prob_rows)
-    sent = send(*dataclasses.astuple(host), device=device)
+    sent = send(*(getattr(host, f.name) for f in dataclasses.fields(host)), device=device)
     return StepOutput(*sent[:5], next_probs, sent[5], host=host)

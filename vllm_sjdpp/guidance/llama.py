@@ -50,7 +50,7 @@ def check_parallelism(vllm_config) -> None:
             f"{arch} (classifier-free guidance); use --tensor-parallel-size"
         )
     text = vllm_config.model_config.hf_text_config
-    heads, kv_heads = getattr(text, BRANCH_HEADS_ATTR, None) or (
+    _, kv_heads = getattr(text, BRANCH_HEADS_ATTR, None) or (
         text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     )
     if parallel.tensor_parallel_size > kv_heads:
