@@ -1,6 +1,7 @@
 """Position-keyed race noise (kernels/noise.py): one tensor for (key, position, token) on every
-backend, and Exp(1)-distributed.  The Triton kernel runs under the interpreter here (conftest
-sets TRITON_INTERPRET=1); on a CUDA machine benchmarks/cuda_check.sh runs the same checks."""
+backend, and Exp(1)-distributed.  The Triton kernel runs under the interpreter on CPU (conftest
+sets TRITON_INTERPRET=1); on a CUDA machine (benchmarks/cuda_check.sh) it runs on the GPU, with
+the GPU's float64 log, against the NumPy reference."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from vllm_sjdpp.kernels import noise
 from vllm_sjdpp.kernels.host import INDUCTOR_MIN_ELEMENTS
 from vllm_sjdpp.kernels.noise_triton import keyed_exponentials_triton
 
+# The Triton kernel on the GPU where there is one (benchmarks/cuda_check.sh), else interpreted.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # Seeds as users send them (0, small, past 32 bits, negative) at prompt-like positions.
 SEEDS = [0, 1, 2**40 + 3, -5, 123456789]
 KEYS = np.array([noise.request_key(s) for s in SEEDS for _ in range(8)], dtype=np.uint64)
@@ -25,7 +29,7 @@ def test_torch_and_triton_equal_the_numpy_reference(vocab):
     a, b = noise.row_keys(KEYS, POSITIONS)
     reference = noise.keyed_exponentials_numpy(a, b, vocab)
     assert np.array_equal(noise.keyed_exponentials_torch(a, b, vocab).numpy(), reference)
-    assert np.array_equal(keyed_exponentials_triton(a, b, vocab, "cpu").numpy(), reference)
+    assert np.array_equal(keyed_exponentials_triton(a, b, vocab, TRITON_DEVICE).cpu().numpy(), reference)
     # The row key alone decides a row: a row computed alone equals its row in a batch.
     assert np.array_equal(noise.keyed_exponentials_torch(a[5:6], b[5:6], vocab).numpy(), reference[5:6])
 
