@@ -5,9 +5,9 @@ Plain decoding of a seeded request samples its token at position t as
 the noise tape from which SJD++'s Gumbel-coupled verification commits.  So a seed names one
 image whether SJD++ drafts for it, is disabled for it (`sjdpp_disable`), or is not configured at
 all.  vLLM's processing (allowed tokens, penalties, temperature, top-k, top-p) runs as it is;
-only the draw of the keyed rows is replaced, in vLLM's own form (probabilities divided by the
-noise, argmax: the float operations of our row pass, so both give the same token for the same
-probabilities).  A step without keyed rows keeps vLLM's draw untouched (its fused Gumbel-max on
+only the draw of the keyed rows is replaced, through vLLM's own `sample_with_exponential_noise`
+(probabilities divided by the noise, argmax: the float operations of our row pass, so both give
+the same token for the same probabilities).  A step without keyed rows keeps vLLM's draw untouched (its fused Gumbel-max on
 CPU, FlashInfer on CUDA).
 
 `install` puts it on a runner: every SJD++ runner, and the runners of the guided architectures
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p, sample_with_exponential_noise
 
 from ..kernels.noise import keyed_exponentials, request_key, row_keys
 
@@ -58,7 +58,7 @@ class KeyedRaceTopKTopP(nn.Module):
         noise[torch.tensor(rows, device=probs.device)] = keyed_exponentials(
             *row_keys(keys, positions), probs.shape[1], probs.device
         )
-        return probs.div_(noise).argmax(dim=-1).view(-1), processed
+        return sample_with_exponential_noise(probs, noise), processed
 
 
 def noise_key_of(runner, req_id: str) -> int | None:

@@ -71,6 +71,7 @@ CLASS_MEMBERS = (
     # Sampler.sample calls self.topk_topp_sampler(logits, generators, top_k, top_p).
     Member("vllm.v1.sample.sampler:Sampler", "sample", ("self", "logits", "sampling_metadata")),
     Member("vllm.v1.sample.ops.topk_topp_sampler", "apply_top_k_top_p", ("logits", "k", "p")),
+    Member("vllm.v1.sample.ops.topk_topp_sampler", "sample_with_exponential_noise", ("probs", "q")),
     Member("vllm.v1.outputs:SamplerOutput", "sampled_token_ids"),
     Member("vllm.v1.outputs:SamplerOutput", "logprobs_tensors"),
     # Engine arguments (patches.arg_utils).
