@@ -119,12 +119,10 @@ def keyed_exponentials_torch(a, b, vocab_size: int, device: torch.device | str =
     return _fused(a_t, b_t, vocab_size)
 
 
-def keyed_exponentials(a, b, vocab_size: int, device: torch.device | str = "cpu", backend: str | None = None) -> torch.Tensor:
+def keyed_exponentials(a, b, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The noise rows on `device`: Triton on CUDA, PyTorch elsewhere; the same values either way."""
     device = torch.device(device)
-    if backend is None:
-        backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "triton":
+    if device.type == "cuda":
         from .noise_triton import keyed_exponentials_triton
 
         return keyed_exponentials_triton(a, b, vocab_size, device)
