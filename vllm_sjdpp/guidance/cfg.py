@@ -106,20 +106,40 @@ def request_guidance(
 
 class GuidanceBatch:
     """Per-token guidance inputs of the batch the model runs next, filled by the model runner
-    before each forward (`prepare`) and read by the guided model's forward and compute_logits.
+    before each forward (`prepare`) and read inside the guided model's compiled forward and by
+    its compute_logits.
 
     uncond_override[t]: the unconditional branch's token at t, or -1 for the cond token (drafts
     and generated tokens are shared; on the async path vLLM fills those on the device).
     token_scale[t]: the guidance scale of t's request.
+
+    Both are allocated once, for the runner's largest batch (--max-num-batched-tokens), and only
+    written in place: the compiled forward reads them as graph inputs, and a CUDA graph replays
+    the addresses it was captured with.
     """
 
     def __init__(self, rule: UnconditionalRule, scale_default: float, vocab_size: int, size: int, device):
+        if size > MAX_BATCH_TOKENS:
+            raise ValueError(f"--max-num-batched-tokens {size}: guided models take at most {MAX_BATCH_TOKENS}")
         self.rule = rule
         self.scale_default = scale_default
         self.vocab_size = vocab_size
         self.requests: dict[str, tuple[float, np.ndarray]] = {}
         self.uncond_override = torch.full((size,), -1, dtype=torch.long, device=device)
         self.token_scale = torch.full((size,), scale_default, dtype=torch.float32, device=device)
+
+    @classmethod
+    def for_model(cls, vllm_config: Any, device) -> GuidanceBatch:
+        """The inputs of a guided model that vLLM builds with `vllm_config` (ValueError naming
+        what the folder lacks, or a batch past MAX_BATCH_TOKENS)."""
+        model_config = vllm_config.model_config
+        return cls(
+            served_rule(model_config),
+            default_scale(model_config),
+            model_config.get_vocab_size(),
+            vllm_config.scheduler_config.max_num_batched_tokens,
+            device,
+        )
 
     def forget(self, req_id: str) -> None:
         """vLLM removed the request (called from the runner's one hook for that)."""
@@ -134,6 +154,13 @@ class GuidanceBatch:
         return state
 
     def prepare(self, runner, num_tokens_padded: int) -> None:
+        """Fill the inputs of the runner's next forward, of `num_tokens_padded` tokens
+        (ValueError, before the forward, past the buffers)."""
+        if num_tokens_padded > self.uncond_override.numel():
+            raise ValueError(
+                f"a batch of {num_tokens_padded} tokens exceeds the guidance inputs' "
+                f"{self.uncond_override.numel()} (--max-num-batched-tokens)"
+            )
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         live = batch.req_ids[:num_reqs]
@@ -153,20 +180,11 @@ class GuidanceBatch:
             first, negative = int(computed[i]), states[i][1]
             n = min(int(counts[i]), len(negative) - first)
             override[starts[i] : starts[i] + n] = negative[first : first + n]
-        self._ensure(num_tokens_padded)
         self.uncond_override[:num_tokens_padded].copy_(torch.from_numpy(override), non_blocking=True)
         self.token_scale[:num_tokens_padded].copy_(torch.from_numpy(scale), non_blocking=True)
 
-    def _ensure(self, size: int) -> None:
-        if size > MAX_BATCH_TOKENS:
-            raise ValueError(f"guided models take at most {MAX_BATCH_TOKENS} tokens per batch, got {size}")
-        if size > self.uncond_override.numel():
-            device = self.uncond_override.device
-            self.uncond_override = torch.full((size,), -1, dtype=torch.long, device=device)
-            self.token_scale = torch.full((size,), self.scale_default, dtype=torch.float32, device=device)
-
     def unconditional_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        self._ensure(input_ids.shape[0])
+        """[T] token ids -> [T], the unconditional branch's ids (within a compiled forward)."""
         override = self.uncond_override[: input_ids.shape[0]]
         return torch.where(override >= 0, override.to(input_ids.dtype), input_ids)
 
@@ -179,7 +197,6 @@ class GuidanceBatch:
     def prompt_mask(self, num_tokens: int) -> torch.Tensor:
         """Which of the batch's tokens are prompt tokens (the others are generated tokens and
         drafts): exactly those the unconditional branch may override."""
-        self._ensure(num_tokens)
         return self.uncond_override[:num_tokens] >= 0
 
     def row_scales(self, index_columns: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ Prompt positions are embedded as text, later positions as image codes (see `fami
 the id space): the model learns which is which from the guidance inputs the model runner fills
 before each forward.  Both embeddings are computed for every row and one is selected, which
 keeps the forward free of data-dependent shapes (CUDA graphs); the aligner is two small
-matmuls against the Llama's layers.
+matmuls against the Llama's layers.  vLLM compiles `JanusGenerationModel`, whose forward takes
+the batch's T tokens and stacks the branches inside (see `guidance.llama`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.models.janus.modeling_janus import JanusVQVAEAlignerMLP, JanusVQVAEHead
-from vllm.model_executor.models.llama import LlamaModel
 from vllm.model_executor.models.utils import AutoWeightsLoader
 
 from ..families import family_of
 from ..families.janus import ARCHITECTURE, JanusFamily
-from .cfg import MAX_BATCH_TOKENS, GuidanceBatch, default_scale, served_rule
-from .llama import GuidedLlamaDecoderLayer, double_heads, guided_logits, run_branches
+from vllm.compilation.decorators import support_torch_compile
+from vllm.sequence import IntermediateTensors
+
+from .cfg import GuidanceBatch
+from .llama import BATCH_DIMS, GuidedLlamaDecoderLayer, LlamaStack, double_heads, guided_logits, run_branches
 
 # Weights of the checkpoint that image generation does not use.
 UNUSED_PREFIXES = ["model.vision_model.", "model.aligner.", "model.vqmodel.", "lm_head."]
@@ -38,59 +41,62 @@ def janus_config_hook(model_config) -> None:
     double_heads(model_config)
 
 
+@support_torch_compile(dynamic_arg_dims=BATCH_DIMS)
 class JanusGenerationModel(nn.Module):
-    """`model.*` of the checkpoint, the parts that generate images (the names are the checkpoint's)."""
+    """`model.*` of the checkpoint, the parts that generate images (the names are the checkpoint's);
+    its forward, the one vLLM compiles, takes the batch's T tokens and runs both branches."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
         text_vllm_config = vllm_config.with_hf_config(config.text_config, architectures=["LlamaForCausalLM"])
-        self.language_model = LlamaModel(
+        self.language_model = LlamaStack(
             vllm_config=text_vllm_config, prefix=f"{prefix}.language_model", layer_type=GuidedLlamaDecoderLayer
         )
         vq = config.vq_config
         self.generation_embeddings = nn.Embedding(vq.num_embeddings, vq.embed_dim)
         self.generation_aligner = JanusVQVAEAlignerMLP(vq)
         self.generation_head = JanusVQVAEHead(vq)
+        self.guidance = GuidanceBatch.for_model(vllm_config, self.generation_embeddings.weight.device)
+
+    def embed_branches(self, ids: torch.Tensor) -> torch.Tensor:
+        """[2T] ids (cond rows, then uncond rows) -> embeddings: text for prompt positions, the
+        aligned generation embedding for image codes."""
+        prompt = self.guidance.prompt_mask(ids.shape[0] // 2).repeat(2)
+        text = self.language_model.embed_input_ids(torch.where(prompt, ids, 0))
+        codes = self.generation_embeddings(torch.where(prompt, 0, ids))
+        image = self.generation_aligner(codes).to(text.dtype)
+        return torch.where(prompt[:, None], text, image)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if input_ids is None:
+            raise NotImplementedError(f"{ARCHITECTURE} takes token ids, not prompt embeddings")
+        return run_branches(
+            self.language_model, self.guidance, input_ids, positions, intermediate_tensors, self.embed_branches
+        )
 
 
 class GuidedJanusForImageGeneration(nn.Module):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
         model_config = vllm_config.model_config
-        if vllm_config.scheduler_config.max_num_batched_tokens > MAX_BATCH_TOKENS:
-            raise ValueError(f"{ARCHITECTURE}: --max-num-batched-tokens must be at most {MAX_BATCH_TOKENS}")
         assert family_of(model_config.hf_config) is JanusFamily
         self.config = model_config.hf_config
         self.model = JanusGenerationModel(vllm_config=vllm_config, prefix="model")
-        embeddings = self.model.generation_embeddings.weight
-        self.guidance = GuidanceBatch(
-            served_rule(model_config),
-            default_scale(model_config),
-            model_config.get_vocab_size(),
-            vllm_config.scheduler_config.max_num_batched_tokens,
-            embeddings.device,
-        )
+        self.guidance = self.model.guidance
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Text embeddings (what vLLM asks of a model for prompt tokens)."""
         return self.model.language_model.embed_input_ids(input_ids)
 
-    def embed_branches(self, ids: torch.Tensor) -> torch.Tensor:
-        """[2T] ids (cond rows, then uncond rows) -> embeddings: text for prompt positions, the
-        aligned generation embedding for image codes."""
-        prompt = self.guidance.prompt_mask(ids.shape[0] // 2).repeat(2)
-        text = self.model.language_model.embed_input_ids(torch.where(prompt, ids, 0))
-        codes = self.model.generation_embeddings(torch.where(prompt, 0, ids))
-        image = self.model.generation_aligner(codes).to(text.dtype)
-        return torch.where(prompt[:, None], text, image)
-
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        if input_ids is None:
-            raise NotImplementedError(f"{ARCHITECTURE} takes token ids, not prompt embeddings")
-        return run_branches(
-            self.model.language_model, self.guidance, input_ids, positions, intermediate_tensors, self.embed_branches
-        )
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits over the image codebook (the generation head), guided."""

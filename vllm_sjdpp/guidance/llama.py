@@ -9,17 +9,26 @@ size themselves for both branches.  Inside, the dense layers run the two branche
 of 2T rows (cond rows, then uncond rows); attention regroups them into T rows of 2H heads,
 [cond heads | uncond heads], so that with grouped queries every query head still reads its own
 branch's KV heads (interleaving them would not).
+
+The branches are stacked inside the module vLLM compiles (`GuidedLlamaModel`, or the module that
+holds a `LlamaStack`): its inputs are the runner's T-row ids and positions and the guidance
+inputs, buffers that never move, so vLLM's compile ranges (in tokens of the batch, up to
+--max-num-batched-tokens) and its CUDA graphs (which replay captured input addresses) hold.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from vllm.compilation.decorators import ignore_torch_compile, support_torch_compile
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
-from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from vllm.sequence import IntermediateTensors
 
 from ..families import family_of
 from ..families.rule import GUIDED_LLAMA
-from .cfg import BRANCH_HEADS_ATTR, MAX_BATCH_TOKENS, GuidanceBatch, combine, default_scale, served_rule
+from .cfg import BRANCH_HEADS_ATTR, GuidanceBatch, combine
 
 
 def guided_llama_config_hook(model_config) -> None:
@@ -113,41 +122,69 @@ class GuidedLlamaDecoderLayer(LlamaDecoderLayer):
         super().__init__(vllm_config, prefix, config, attn_layer_type=GuidedLlamaAttention)
 
 
-class GuidedLlamaForCausalLM(LlamaForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        model_config = vllm_config.model_config
-        if vllm_config.scheduler_config.max_num_batched_tokens > MAX_BATCH_TOKENS:
-            raise ValueError(f"{GUIDED_LLAMA}: --max-num-batched-tokens must be at most {MAX_BATCH_TOKENS}")
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=GuidedLlamaDecoderLayer)
-        self.guidance = GuidanceBatch(
-            served_rule(model_config),
-            default_scale(model_config),
-            model_config.get_vocab_size(),
-            vllm_config.scheduler_config.max_num_batched_tokens,
-            self.lm_head.weight.device,
-        )
+# vLLM's dynamic dimension for the compiled forwards below: dim 0, the batch's T tokens.
+BATCH_DIMS = {"input_ids": {0: "b"}, "positions": {0: "b"}, "intermediate_tensors": {0: "b"}, "inputs_embeds": {0: "b"}}
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+
+@support_torch_compile(dynamic_arg_dims=BATCH_DIMS)
+class GuidedLlamaModel(LlamaModel):
+    """vLLM's Llama stack (the checkpoint's `model.*`) whose forward, the one vLLM compiles,
+    takes the batch's T tokens and runs both branches: [T] ids -> [T, 2D + 2] (`run_branches`)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", layer_type=GuidedLlamaDecoderLayer):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        self.guidance = GuidanceBatch.for_model(vllm_config, self.embed_tokens.weight.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if input_ids is None:
             raise NotImplementedError(f"{GUIDED_LLAMA} takes token ids, not prompt embeddings")
-        return run_branches(self.model, self.guidance, input_ids, positions, intermediate_tensors)
+        return run_branches(super().forward, self.guidance, input_ids, positions, intermediate_tensors)
+
+
+@ignore_torch_compile
+class LlamaStack(LlamaModel):
+    """vLLM's Llama stack, not compiled on its own: a guided model compiles the module that holds
+    it, whose forward stacks the branches (see the module docstring)."""
+
+
+class GuidedLlamaForCausalLM(LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=GuidedLlamaDecoderLayer)
+        self.guidance = self.model.guidance
+
+    def _init_model(self, vllm_config, prefix: str = "", layer_type=GuidedLlamaDecoderLayer):
+        return GuidedLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return guided_logits(hidden_states, self.config.hidden_size, super().compute_logits, self.guidance)
 
 
-def run_branches(language_model, guidance: GuidanceBatch, input_ids, positions, intermediate_tensors, embed=None):
+def run_branches(
+    stack: Callable[..., torch.Tensor],
+    guidance: GuidanceBatch,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    intermediate_tensors,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Both branches of T tokens through a Llama stack built of `GuidedLlamaDecoderLayer`s:
     [T, 2D + 2] = cond hidden states | uncond hidden states | each row's index in the batch.
 
+    stack: a LlamaModel's forward (ids, positions, intermediate tensors, embeddings) -> [2T, D];
     embed: token ids [2T] (cond, then uncond) -> input embeddings; None: the stack's own."""
     num_tokens = input_ids.shape[0]
     both = torch.cat([input_ids, guidance.unconditional_ids(input_ids)])
     both_positions = torch.cat([positions, positions])
     if embed is None:
-        hidden = language_model(both, both_positions, intermediate_tensors, None)
+        hidden = stack(both, both_positions, intermediate_tensors, None)
     else:
-        hidden = language_model(None, both_positions, intermediate_tensors, embed(both))
+        hidden = stack(None, both_positions, intermediate_tensors, embed(both))
     cond, uncond = hidden.chunk(2)
     index = GuidanceBatch.index_columns(num_tokens, hidden.dtype, hidden.device)
     return torch.cat([cond, uncond, index], dim=-1)

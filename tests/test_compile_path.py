@@ -1,0 +1,212 @@
+"""The guided models on vLLM's GPU compilation path (`VLLM_COMPILE`: Dynamo traces the model's
+compiled module, vLLM splits the graph at attention into pieces and compiles them per range of
+batch sizes), run on CPU.
+
+vLLM's CPU platform replaces VLLM_COMPILE with DYNAMO_TRACE_ONCE (vllm/platforms/cpu.py,
+`check_and_update_config`) and, having no static graphs, never completes the compile sizes.  The
+fixture `compiled` keeps the mode, with Dynamo's "eager" backend (no Inductor: seconds to compile,
+and eager mode's kernels) and no CUDA graphs, which a CPU cannot capture, and completes the sizes
+as vLLM's CUDA path does (`post_init_cudagraph_sizes`).  What CUDA graphs need is then checked
+where vLLM decides it:
+- every piece's runtime batch size lies in vLLM's compile ranges, [1, max_num_batched_tokens]
+  (vLLM asserts it; the calls are recorded too, so no test passes without the compiled path);
+- every tensor the compiled graph receives is the same storage at every call (`data_ptr`): a
+  CUDA graph replays the input addresses it was captured with.
+Each check has a broken variant that it rejects: the branches stacked before the compiled module
+(the design this replaced) and guidance inputs reallocated at each step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+from guided_engine import ENGINE, params, run, tokens
+
+MAX_BATCH = 64  # below the long prompt: its prefill comes in chunks
+SJDPP = {"method": "sjdpp", "num_speculative_tokens": 6, "draft_token_budget": None}
+PROMPTS = [[0, 5, 6, 7, 8], [0, 9, 10], [0] + [11 + i % 30 for i in range(99)], [0, 30]]
+
+
+class GraphCalls:
+    """What the compiled graphs received: per piece, (runtime batch size, its compile ranges);
+    per compiled graph, the data_ptr of each tensor input at each call."""
+
+    def __init__(self):
+        self.pieces: list[tuple[int, list]] = []
+        self.inputs: dict[int, list[list[int | None]]] = defaultdict(list)
+
+    def clear(self) -> None:
+        self.pieces.clear()
+        self.inputs.clear()
+
+    def moved_inputs(self) -> list[str]:
+        """The graph inputs whose storage changed between calls (empty: replay-safe)."""
+        moved = []
+        for graph, calls in self.inputs.items():
+            for index, ptrs in enumerate(zip(*calls)):
+                if ptrs[0] is not None and len(set(ptrs)) > 1:
+                    moved.append(f"graph {graph} input {index}: {len(set(ptrs))} addresses over {len(ptrs)} calls")
+        return moved
+
+
+@pytest.fixture(scope="module")
+def calls():
+    """vLLM's VLLM_COMPILE mode kept on CPU while this module's engines start, and the compiled
+    graphs' calls recorded while its tests run."""
+    from vllm.compilation.caching import VllmSerializableFunction
+    from vllm.compilation.piecewise_backend import PiecewiseBackend
+    from vllm.config import CompilationMode, CUDAGraphMode
+    from vllm.platforms.cpu import CpuPlatform
+
+    record = GraphCalls()
+    check_and_update = CpuPlatform.check_and_update_config.__func__
+    piece_call = PiecewiseBackend.__call__
+    graph_call = VllmSerializableFunction.__call__
+
+    def keep_vllm_compile(cls, vllm_config):
+        mode = vllm_config.compilation_config.mode
+        check_and_update(cls, vllm_config)
+        if mode == CompilationMode.VLLM_COMPILE:
+            config = vllm_config.compilation_config
+            config.mode, config.backend, config.cudagraph_mode = mode, "eager", CUDAGraphMode.NONE
+            config.post_init_cudagraph_sizes()
+
+    def recorded_piece(self, *args):
+        if self.sym_shape_indices:
+            record.pieces.append((args[self.sym_shape_indices[0]], list(self.compile_ranges)))
+        return piece_call(self, *args)
+
+    def recorded_graph(self, *args, **kwargs):
+        record.inputs[id(self)].append([a.data_ptr() if isinstance(a, torch.Tensor) else None for a in args])
+        return graph_call(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CpuPlatform, "check_and_update_config", classmethod(keep_vllm_compile))
+        mp.setattr(PiecewiseBackend, "__call__", recorded_piece)
+        mp.setattr(VllmSerializableFunction, "__call__", recorded_graph)
+        yield record
+
+
+def compiled_engine(make_engine, folder, **overrides):
+    from vllm.config import CompilationMode
+
+    llm = make_engine(folder, enforce_eager=False, max_num_batched_tokens=MAX_BATCH, **overrides)
+    assert llm.llm_engine.vllm_config.compilation_config.mode == CompilationMode.VLLM_COMPILE
+    return llm
+
+
+@pytest.fixture(scope="module")
+def guided_sjdpp(make_engine, tiny_guided_path, calls):
+    return compiled_engine(make_engine, tiny_guided_path, speculative_config=SJDPP, **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def guided_eager(make_engine, tiny_guided_path, guided_sjdpp):
+    return make_engine(tiny_guided_path, speculative_config=SJDPP, max_num_batched_tokens=MAX_BATCH, **ENGINE)
+
+
+def requests(disable: bool, seeds=range(4)):
+    extra = {"sjdpp_disable": True} if disable else None
+    greedy = [params(temperature=0, max_tokens=24, extra_args=extra) for _ in PROMPTS]
+    seeded = [params(temperature=1.0, top_k=20, seed=s, max_tokens=24, extra_args=extra) for s in seeds]
+    return greedy + seeded
+
+
+def generate(llm, disable: bool) -> list[list[int]]:
+    sampling = requests(disable)
+    prompts = PROMPTS + [PROMPTS[i % len(PROMPTS)] for i in range(len(sampling) - len(PROMPTS))]
+    return tokens(run(llm, prompts, sampling))
+
+
+def assert_batch_units(calls: GraphCalls) -> None:
+    sizes = {size for size, _ in calls.pieces}
+    assert len(sizes) > 1, f"the compiled path did not run over several batch sizes: {sizes}"
+    for size, ranges in calls.pieces:
+        assert [(r.start, r.end) for r in ranges] == [(1, MAX_BATCH)]
+        assert 1 <= size <= MAX_BATCH, f"a piece ran {size} rows: outside vLLM's compile ranges {ranges}"
+
+
+def test_guided_llama_compiles_in_batch_units_with_fixed_inputs(guided_sjdpp, calls):
+    """SJD++ windows, plain steps and a prompt prefilled in chunks: the pieces run on the batch's
+    T tokens (not 2T), and the graph's inputs never move."""
+    calls.clear()
+    generate(guided_sjdpp, disable=False)
+    generate(guided_sjdpp, disable=True)
+    assert calls.inputs, "no compiled graph ran"
+    assert_batch_units(calls)
+    assert calls.moved_inputs() == []
+
+
+def test_compiled_tokens_equal_eager_and_plain_decoding(guided_sjdpp, guided_eager):
+    """The compiled engine's tokens (greedy, and seeded: a seed names one image) equal an eager
+    engine's, with SJD++ and with `sjdpp_disable`."""
+    compiled = generate(guided_sjdpp, disable=False)
+    assert compiled == generate(guided_sjdpp, disable=True)
+    assert compiled == generate(guided_eager, disable=False)
+
+
+def test_guidance_inputs_reallocated_each_step_are_caught(guided_sjdpp, calls, monkeypatch):
+    """Broken variant: guidance buffers replaced at each step (what `GuidanceBatch` did when a
+    batch outgrew them) move a graph input, which a CUDA graph replay would not see."""
+    from vllm_sjdpp.guidance.cfg import GuidanceBatch
+
+    prepare = GuidanceBatch.prepare
+
+    def prepare_into_new_buffers(self, runner, num_tokens):
+        self.uncond_override, self.token_scale = self.uncond_override.clone(), self.token_scale.clone()
+        prepare(self, runner, num_tokens)
+
+    monkeypatch.setattr(GuidanceBatch, "prepare", prepare_into_new_buffers)
+    calls.clear()
+    generate(guided_sjdpp, disable=False)
+    assert calls.moved_inputs() != []
+
+
+def test_branches_stacked_before_the_compiled_module_fail_at_start_up(make_engine, tiny_guided_path, calls, monkeypatch):
+    """Broken variant, the design this replaced: both branches stacked before vLLM's compiled
+    Llama, which then runs 2T rows; vLLM's start-up profile run (T = max_num_batched_tokens)
+    leaves its compile ranges."""
+    from vllm.model_executor.models.llama import LlamaModel
+
+    from vllm_sjdpp.guidance.llama import GuidedLlamaForCausalLM, GuidedLlamaModel, run_branches
+
+    def stacked_outside(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return run_branches(self.model, self.guidance, input_ids, positions, intermediate_tensors)
+
+    monkeypatch.setattr(GuidedLlamaModel, "forward", LlamaModel.forward)
+    monkeypatch.setattr(GuidedLlamaForCausalLM, "forward", stacked_outside)
+    with pytest.raises(AssertionError, match=f"Shape: {2 * MAX_BATCH} out of considered ranges"):
+        compiled_engine(make_engine, tiny_guided_path, **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def janus_sjdpp(make_engine, janus_pro_path, calls, guided_eager):
+    from tiny_janus import JANUS_PRO
+
+    return compiled_engine(
+        make_engine, janus_pro_path, speculative_config=SJDPP, max_model_len=64 + JANUS_PRO.tokens, max_num_seqs=16
+    ), JANUS_PRO
+
+
+def test_janus_compiles_in_batch_units_with_fixed_inputs(janus_sjdpp, calls):
+    """A Janus-Pro-shaped folder: the same checks, and a seed's codes equal with and without
+    SJD++ under compilation."""
+    from vllm_sjdpp import families
+
+    llm, shape = janus_sjdpp
+    family = families.load(llm.llm_engine.model_config.model)
+    prompts = [family.prompt_ids(t) for t in ("a red dog", "the big green tree under the sun")]
+    calls.clear()
+    codes = {}
+    for disable in (False, True):
+        extra = {"sjdpp_disable": True} if disable else None
+        sampling = [params(temperature=1.0, seed=s, max_tokens=2 * shape.grid, extra_args=extra) for s in range(4)]
+        codes[disable] = tokens(run(llm, [prompts[s % 2] for s in range(4)], sampling))
+    assert codes[False] == codes[True]
+    assert calls.inputs, "no compiled graph ran"
+    sizes = {size for size, _ in calls.pieces}
+    assert len(sizes) > 1 and max(sizes) <= MAX_BATCH, sizes
+    assert calls.moved_inputs() == []
