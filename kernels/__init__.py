@@ -8,6 +8,7 @@ triton; nothing else of the plugin and not vLLM (a CUDA machine without vLLM run
 """
 
 from .fresh import INIT_CODES, FreshTokens
+from .grid import StreamGrid
 from .step import (
     PLACEHOLDER_TOKEN_ID,
     REUSE_CODES,
@@ -25,5 +26,6 @@ __all__ = [
     "StepBatch",
     "StepNoise",
     "StepOutput",
+    "StreamGrid",
     "sjdpp_step",
 ]

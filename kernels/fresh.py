@@ -11,6 +11,10 @@ with w = 1 (left) or row_width (above) and r redrafted slots, slot m copies slot
 m - c * w, c = (m - r) // w + 1, the first one before r.  No known source (before the image,
 that is in the prompt, whose text ids a model may not embed as image codes; the caller marks
 those -1 in `history`): random, drawn once per chain so that the copies still repeat it.
+
+A model whose stream has a grid (`grid.StreamGrid`: end-of-row and closing tokens at fixed
+places) gets those tokens at their slots, and a code slot never keeps a copied token that is
+not a code ("left" at a row's start would copy the end-of-row token): it takes the random draw.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .grid import CODE, StreamGrid
 from .host import host_array
 
 INIT_RANDOM, INIT_LEFT, INIT_ABOVE = 0, 1, 2
@@ -42,6 +47,8 @@ class FreshTokens:
     vocab_size: np.ndarray  # [B] int64, >= 1
     vocab_is_list: np.ndarray  # [B] bool
     vocab_ids: np.ndarray  # [N] int64: the requests' explicit id lists, concatenated
+    grid: StreamGrid | None = None  # the model's stream layout, if it has one
+    stream_start: np.ndarray | None = None  # [B] int64: stream index of this step's first committed token
 
     @classmethod
     def build(
@@ -50,6 +57,8 @@ class FreshTokens:
         vocabularies: Sequence[range | Sequence[int]],
         history,
         row_width: Sequence[int | None] | None = None,
+        grid: StreamGrid | None = None,
+        stream_start: Sequence[int] | None = None,
     ) -> "FreshTokens":
         lists = [v for v in vocabularies if not isinstance(v, range)]
         start, size, offset = [], [], 0
@@ -71,6 +80,8 @@ class FreshTokens:
             vocab_size=np.array(size, dtype=np.int64),
             vocab_is_list=np.array([not isinstance(v, range) for v in vocabularies], dtype=bool),
             vocab_ids=np.array([t for v in lists for t in v], dtype=np.int64),
+            grid=grid,
+            stream_start=None if grid is None else np.asarray(stream_start, dtype=np.int64),
         )
 
 
@@ -121,5 +132,10 @@ def fill_fresh_tokens(
         from_history = fresh.history[req, np.minimum(np.maximum(hist_len + c + src, 0), hist_len - 1)]
         copied = np.where((c + src < 0) & (hist_len + c + src >= 0), from_history, copied)
     token = np.where((init != INIT_RANDOM) & (copied >= 0), copied, random_token)
+    if fresh.grid is not None:
+        grid = fresh.grid
+        must = grid.slot_tokens(fresh.stream_start[req] + c + slot)
+        not_code = (token < grid.code_start) | (token >= grid.code_stop)
+        token = np.where(must >= 0, must, np.where((must == CODE) & not_code, random_token, token))
     next_tokens[is_fresh] = token[is_fresh]
     next_is_onehot |= is_fresh

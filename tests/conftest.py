@@ -74,6 +74,16 @@ def tiny_guided_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_grid_path(tmp_path_factory):
+    """The tiny guided Llama with a stream grid (tests/tiny_llama.py TINY_GRID_CONFIG), built once."""
+    from tiny_llama import TINY_GRID_CONFIG
+
+    return str(build_tiny_llama(
+        tmp_path_factory.mktemp("tiny-grid"), guided=True, num_key_value_heads=1, extra_config=TINY_GRID_CONFIG
+    ))
+
+
+@pytest.fixture(scope="session")
 def tiny_janus_path(tmp_path_factory):
     """A tiny random Janus folder (tests/tiny_janus.py), built once per session."""
     from tiny_janus import build_tiny_janus

@@ -23,16 +23,21 @@ def set_engine_env() -> None:
 
 # The tiny guided Llama's unconditional rule: every prompt token but BOS (0) becomes PAD (47).
 GUIDED_PAD, GUIDED_KEEP = 47, (0,)
+# The gridded tiny guided Llama's stream: 3 rows of 3 codes from [2, 44), each closed by 44, then
+# 45 46 (14 tokens), with fresh drafts copying the left neighbour (which the grid must correct).
+TINY_GRID = {"code_range": [2, 44], "codes_per_row": 3, "rows": 3, "end_of_row": 44, "closing": [45, 46]}
+TINY_GRID_CONFIG = {"sjdpp_grid": TINY_GRID, "sjdpp": {"fresh_token_range": [2, 44], "init": "left"}}
 
 
 def build_tiny_llama(
     path: Path, vocab_size: int = 48, sharpness: float = 12.0, seed: int = 0, guided: bool = False,
-    num_key_value_heads: int = 2,
+    num_key_value_heads: int = 2, extra_config: dict | None = None,
 ) -> Path:
     """`sharpness` scales the output head: larger is more peaked (and more predictable).
 
     guided: the folder is served as vllm-sjdpp's GuidedLlamaForCausalLM (classifier-free
     guidance) with the unconditional rule above; transformers still loads it as a Llama.
+    extra_config: more keys for a guided folder's config.json (a stream grid, SJD++ defaults).
     """
     import json
 
@@ -63,5 +68,6 @@ def build_tiny_llama(
         config = json.loads(config_path.read_text())
         config["architectures"] = [GUIDED_LLAMA]
         config[CONFIG_KEY] = UnconditionalRule(frozenset(GUIDED_KEEP), GUIDED_PAD).to_config()
+        config.update(extra_config or {})
         config_path.write_text(json.dumps(config))
     return path

@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 
 from ..families.rule import UnconditionalRule
+from ..kernels import StreamGrid
 from .vq import CODES, GREY_LEVELS, GRID, IMAGE_SIZE, Codebook, bundled
 
 ROW_WIDTH = GRID + 1
@@ -29,7 +30,10 @@ EOL, BOI, EOI, BOS, PAD = (TOKEN_ID[t] for t in ("<eol>", "<boi>", "<eoi>", "<bo
 # "sjdpp_guidance").
 UNCONDITIONAL = UnconditionalRule(frozenset({BOS, BOI}), PAD)
 IMAGE_TOKENS = (0, CODES)  # [lo, hi)
-GENERATED_LENGTH = GRID * ROW_WIDTH + 1
+# What each generated position may hold; the engine enforces it.
+STREAM_GRID = StreamGrid(*IMAGE_TOKENS, codes_per_row=GRID, rows=GRID, end_of_row=EOL, closing=(EOI,))
+GENERATED_LENGTH = STREAM_GRID.length
+assert STREAM_GRID.row_width == ROW_WIDTH
 
 
 def prompt_ids(digit: int) -> list[int]:

@@ -25,7 +25,7 @@ import numpy as np
 from vllm.logger import init_logger
 
 from ..config import ADDITIONAL_CONFIG_KEY, AUTO, AUTO_FALLBACK_BUDGET, SJDPPConfig
-from ..families import logits_size
+from ..families import logits_size, stream_grid
 from .batch_requests import BatchRequests
 from .goodput import GoodputController
 from .jacobi_state import JacobiStates, RequestState, Window
@@ -160,6 +160,7 @@ class SJDPPRuntime:
         self.goodput = GoodputController(self.config.num_speculative_tokens)
         self.stats = StepStats(lambda: f"; {self.goodput.summary()}" if self.config.draft_token_budget == AUTO else "")
         self.guard = DraftGuard(vocab_size)
+        self.grid = stream_grid(vllm_config.model_config)  # fresh drafts follow it, as the model's logits do
         self.fallbacks = StepFallbacks()
         # Every worker runs this step; timings differ between them, windows must not.
         self.adaptive = runner.parallel_config.world_size == 1

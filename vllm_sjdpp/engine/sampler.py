@@ -132,6 +132,8 @@ class SJDPPSampler(RejectionSampler):
             [s.fresh_vocab or range(1) for s in states],  # plain requests draw no fresh tokens
             self.runtime.history(start, max(c.row_width or 1 for c in configs)),
             [c.row_width for c in configs],
+            self.runtime.grid,
+            np.asarray(start) - self.runner.input_batch.num_prompt_tokens[:num_reqs],
         )
         noise = StepNoise.sample_per_request(
             [n + 1 for n in counts], next_len, probs.shape[1], sampling_metadata.generators, device, keys

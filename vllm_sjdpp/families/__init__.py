@@ -43,3 +43,8 @@ def load(folder: str | Path) -> ImageFamily:
 def logits_size(model_config: Any) -> int:
     """Logits per position of a model vLLM serves (what samplers and drafts range over)."""
     return family_of(model_config.hf_config).image_vocab_size(model_config.hf_config) or model_config.get_vocab_size()
+
+
+def stream_grid(model_config: Any):
+    """The generated stream's layout of a model vLLM serves (`kernels.grid.StreamGrid`), or None."""
+    return family_of(model_config.hf_config).stream_grid(model_config.hf_config)

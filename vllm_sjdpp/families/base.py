@@ -24,6 +24,10 @@ from .rule import CONFIG_KEY, UnconditionalRule
 SJDPP_DEFAULTS_KEY = "sjdpp"
 # config.json of a folder whose architecture alone does not say its family: {"sjdpp_family": name}.
 FAMILY_KEY = "sjdpp_family"
+# config.json of a folder whose generated stream has a fixed layout (`kernels.grid.StreamGrid`):
+# {"code_range": [start, stop], "codes_per_row": n, "rows": n, "end_of_row": id, "closing": [ids]}.
+GRID_KEY = "sjdpp_grid"
+GRID_FIELDS = {"code_range", "codes_per_row", "rows", "end_of_row", "closing"}
 
 
 class ImageFamily:
@@ -45,6 +49,12 @@ class ImageFamily:
         rule = cls.unconditional_rule(hf_config, generation_config)
         ids = {"keep_token_ids": sorted(rule.keep_token_ids), "pad_token_id": [rule.pad_token_id]}
         check_token_ids(ids, getattr(hf_config, "vocab_size", None), "vocab_size", f"config.json {CONFIG_KEY!r}")
+        grid = cls.stream_grid(hf_config)
+        logits = cls.image_vocab_size(hf_config) or getattr(hf_config, "vocab_size", None)
+        if grid is not None and logits is not None and grid.max_token_id >= logits:
+            raise ValueError(
+                f"config.json {GRID_KEY!r}: token id {grid.max_token_id} outside the model's {logits} logits"
+            )
 
     @classmethod
     def unconditional_rule(cls, hf_config: Any, generation_config: dict) -> UnconditionalRule:
@@ -64,6 +74,30 @@ class ImageFamily:
         """The number of logits per position when the model samples from a vocabulary of its own
         (image codes 0..n-1) narrower than its input vocabulary; None: the input vocabulary."""
         return None
+
+    @classmethod
+    def stream_grid(cls, hf_config: Any):
+        """The generated stream's layout (`kernels.grid.StreamGrid`: which tokens each position
+        may hold, which the model enforces), from config.json "sjdpp_grid"; None: no layout.
+        Raises ValueError naming the key."""
+        spec = getattr(hf_config, GRID_KEY, None)
+        if spec is None:
+            return None
+        from ..kernels import StreamGrid
+
+        if not isinstance(spec, dict) or not {"code_range", "codes_per_row", "rows"} <= set(spec) <= GRID_FIELDS:
+            raise ValueError(
+                f"config.json {GRID_KEY!r} = {spec!r}: expected an object with code_range, codes_per_row, rows "
+                "and optionally end_of_row, closing"
+            )
+        try:
+            (start, stop), closing = spec["code_range"], tuple(spec.get("closing") or ())
+            values = [start, stop, spec["codes_per_row"], spec["rows"], spec.get("end_of_row"), *closing]
+            if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
+                raise ValueError("ids and counts must be integers")
+            return StreamGrid(start, stop, spec["codes_per_row"], spec["rows"], spec.get("end_of_row"), closing)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config.json {GRID_KEY!r} = {spec!r}: {e}") from None
 
     @classmethod
     def image_tokens(cls, hf_config: Any) -> int | None:

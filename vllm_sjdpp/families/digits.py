@@ -20,6 +20,13 @@ class DigitsFamily(ImageFamily):
         ) == cls.name
 
     @classmethod
+    def stream_grid(cls, hf_config: Any):
+        """16 rows of 16 codes, each row closed by <eol>, the image by <eoi> (`digits.tokens`)."""
+        from ..digits.tokens import STREAM_GRID
+
+        return STREAM_GRID
+
+    @classmethod
     def image_tokens(cls, hf_config: Any) -> int:
         from ..digits.tokens import GENERATED_LENGTH
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..families import family_of
+from ..families import family_of, stream_grid
 from ..families.rule import UnconditionalRule
 
 SCALE_KEY = "guidance_scale"
@@ -112,13 +112,18 @@ class GuidanceBatch:
     uncond_override[t]: the unconditional branch's token at t, or -1 for the cond token (drafts
     and generated tokens are shared; on the async path vLLM fills those on the device).
     token_scale[t]: the guidance scale of t's request.
+    allowed_start[t], allowed_stop[t]: the token ids the logits of row t may give, where the
+    model's stream has a grid (`kernels.grid.StreamGrid`; row t predicts the token after t);
+    every id elsewhere.  Applied after guidance, as transformers' `prefix_allowed_tokens_fn`.
 
     Both are allocated once, for the runner's largest batch (--max-num-batched-tokens), and only
     written in place: the compiled forward reads them as graph inputs, and a CUDA graph replays
     the addresses it was captured with.
     """
 
-    def __init__(self, rule: UnconditionalRule, scale_default: float, vocab_size: int, size: int, device):
+    def __init__(
+        self, rule: UnconditionalRule, scale_default: float, vocab_size: int, size: int, device, grid=None
+    ):
         if size > MAX_BATCH_TOKENS:
             raise ValueError(f"--max-num-batched-tokens {size}: guided models take at most {MAX_BATCH_TOKENS}")
         self.rule = rule
@@ -127,6 +132,10 @@ class GuidanceBatch:
         self.requests: dict[str, tuple[float, np.ndarray]] = {}
         self.uncond_override = torch.full((size,), -1, dtype=torch.long, device=device)
         self.token_scale = torch.full((size,), scale_default, dtype=torch.float32, device=device)
+        self.grid = grid
+        if grid is not None:
+            self.allowed_start = torch.zeros(size, dtype=torch.long, device=device)
+            self.allowed_stop = torch.full((size,), vocab_size, dtype=torch.long, device=device)
 
     @classmethod
     def for_model(cls, vllm_config: Any, device) -> GuidanceBatch:
@@ -139,6 +148,7 @@ class GuidanceBatch:
             model_config.get_vocab_size(),
             vllm_config.scheduler_config.max_num_batched_tokens,
             device,
+            stream_grid(model_config),
         )
 
     def forget(self, req_id: str) -> None:
@@ -182,6 +192,15 @@ class GuidanceBatch:
             override[starts[i] : starts[i] + n] = negative[first : first + n]
         self.uncond_override[:num_tokens_padded].copy_(torch.from_numpy(override), non_blocking=True)
         self.token_scale[:num_tokens_padded].copy_(torch.from_numpy(scale), non_blocking=True)
+        if self.grid is not None:
+            # Row t predicts position positions[t] + 1, stream index that minus the prompt length.
+            prompt = np.array([len(runner.requests[r].prompt_token_ids) for r in live], dtype=np.int64)
+            offset = np.arange(total) - np.repeat(starts[:-1], counts)
+            index = np.full(num_tokens_padded, -1, dtype=np.int64)
+            index[:total] = np.repeat(computed - prompt, counts) + offset + 1
+            start, stop = self.grid.allowed_ranges(index, self.vocab_size)
+            self.allowed_start[:num_tokens_padded].copy_(torch.from_numpy(start), non_blocking=True)
+            self.allowed_stop[:num_tokens_padded].copy_(torch.from_numpy(stop), non_blocking=True)
 
     def unconditional_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T], the unconditional branch's ids (within a compiled forward)."""
@@ -199,11 +218,24 @@ class GuidanceBatch:
         drafts): exactly those the unconditional branch may override."""
         return self.uncond_override[:num_tokens] >= 0
 
-    def row_scales(self, index_columns: torch.Tensor) -> torch.Tensor:
-        """The guidance scale of each row, from the index columns that rode along with it."""
+    def rows(self, index_columns: torch.Tensor) -> torch.Tensor:
+        """Each row's token index in the batch, from the index columns that rode along with it."""
         digits = index_columns.float().round().long()
-        t = (digits[:, 0] * INDEX_BASE + digits[:, 1]).clamp(0, self.token_scale.numel() - 1)
-        return self.token_scale[t]
+        return (digits[:, 0] * INDEX_BASE + digits[:, 1]).clamp(0, self.token_scale.numel() - 1)
+
+    def row_scales(self, index_columns: torch.Tensor) -> torch.Tensor:
+        """The guidance scale of each row."""
+        return self.token_scale[self.rows(index_columns)]
+
+    def constrain(self, logits: torch.Tensor, index_columns: torch.Tensor) -> torch.Tensor:
+        """[rows, V] logits with every token the grid forbids at the row's position at -inf
+        (in place; unchanged without a grid)."""
+        if self.grid is None:
+            return logits
+        t = self.rows(index_columns)
+        vocab = torch.arange(logits.shape[-1], device=logits.device)
+        start, stop = self.allowed_start[t, None], self.allowed_stop[t, None]
+        return logits.masked_fill_((vocab < start) | (vocab >= stop), float("-inf"))
 
 
 def combine(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -191,11 +191,12 @@ def run_branches(
 
 
 def guided_logits(hidden_states: torch.Tensor, hidden_size: int, head, guidance: GuidanceBatch) -> torch.Tensor | None:
-    """`run_branches`' rows -> guided logits, each row at its request's scale; `head` maps
-    hidden states to logits (None on a tensor-parallel rank that does not gather)."""
+    """`run_branches`' rows -> guided logits, each row at its request's scale, then held to the
+    stream's grid; `head` maps hidden states to logits (None on a tensor-parallel rank that does
+    not gather)."""
     cond, uncond, index = hidden_states.split([hidden_size, hidden_size, 2], dim=-1)
     logits = head(torch.cat([cond, uncond]))
     if logits is None:
         return None
     cond_logits, uncond_logits = logits.chunk(2)
-    return combine(cond_logits, uncond_logits, guidance.row_scales(index))
+    return guidance.constrain(combine(cond_logits, uncond_logits, guidance.row_scales(index)), index)

@@ -1,0 +1,75 @@
+"""The fixed layout of an image stream: which tokens are legal at each generated position.
+
+An image model's generated stream is `rows` rows of `codes_per_row` image codes, each row
+followed by an end-of-row token where the model has one, then closing tokens in order:
+
+    c c ... c <eol> | c c ... c <eol> | ... (rows) | <close_0> <close_1> ...
+
+(Emu3 and the bundled digit model; Janus has no end-of-row or closing tokens in its logits.)
+Stream index g counts generated tokens from 0.  `slot_tokens` says what g may hold; the model
+masks its logits with it (`guidance.cfg`) and fresh drafts follow it (`fresh`), so both read
+this one definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CODE = -1  # an image code, any of [code_start, code_stop)
+FREE = -2  # outside the stream (the prompt, or after the closing tokens): any token
+
+
+@dataclass(frozen=True)
+class StreamGrid:
+    code_start: int
+    code_stop: int
+    codes_per_row: int
+    rows: int
+    end_of_row: int | None = None
+    closing: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not 0 <= self.code_start < self.code_stop:
+            raise ValueError(f"image codes [{self.code_start}, {self.code_stop}) must be a non-empty range of ids >= 0")
+        if self.codes_per_row < 1 or self.rows < 1:
+            raise ValueError(f"a grid of {self.rows} rows of {self.codes_per_row} codes: both must be >= 1")
+        inside = [t for t in (self.end_of_row, *self.closing) if t is not None and self.code_start <= t < self.code_stop]
+        if inside:
+            raise ValueError(f"end-of-row and closing ids {inside} fall among the image codes [{self.code_start}, {self.code_stop})")
+
+    @property
+    def row_width(self) -> int:
+        """Tokens per row in the stream, the end-of-row token included (SJD++'s `row_width`)."""
+        return self.codes_per_row + (self.end_of_row is not None)
+
+    @property
+    def length(self) -> int:
+        """Generated tokens of one image, closing tokens included."""
+        return self.rows * self.row_width + len(self.closing)
+
+    @property
+    def max_token_id(self) -> int:
+        return max(self.code_stop - 1, *(t for t in (self.end_of_row, *self.closing) if t is not None))
+
+    def slot_tokens(self, index: np.ndarray) -> np.ndarray:
+        """Stream indices (any shape, int) -> the one token each must be (>= 0), CODE or FREE."""
+        index = np.asarray(index, dtype=np.int64)
+        body = self.rows * self.row_width
+        out = np.full(index.shape, FREE, dtype=np.int64)
+        in_body = (index >= 0) & (index < body)
+        out[in_body] = CODE
+        if self.end_of_row is not None:
+            out[in_body & (index % self.row_width == self.codes_per_row)] = self.end_of_row
+        if self.closing:
+            tail = (index >= body) & (index < self.length)
+            out[tail] = np.asarray(self.closing, dtype=np.int64)[index[tail] - body]
+        return out
+
+    def allowed_ranges(self, index: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stream indices -> [start, stop) of the token ids allowed there (all of them: FREE)."""
+        slot = self.slot_tokens(index)
+        start = np.where(slot >= 0, slot, np.where(slot == CODE, self.code_start, 0))
+        stop = np.where(slot >= 0, slot + 1, np.where(slot == CODE, self.code_stop, vocab_size))
+        return start, stop

@@ -1,0 +1,171 @@
+"""Stream grids in the engine: a guided model allows only the legal tokens at each generated
+position (all k + 1 rows of an SJD++ window, each at its own), against transformers'
+`generate(prefix_allowed_tokens_fn=...)` with guidance; and the digit model's images are
+well-formed at every guidance scale.
+
+The gridded tiny guided Llama (tests/tiny_llama.py TINY_GRID_CONFIG): 3 rows of 3 codes from
+[2, 44), each closed by 44, then 45 46; its fresh drafts copy the left neighbour.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from guided_engine import ENGINE, VOCAB, params, run, tokens, uncond
+from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
+from tiny_llama import TINY_GRID
+
+SJDPP = {"method": "sjdpp", "num_speculative_tokens": 6, "draft_token_budget": None}
+PROMPTS = [[0, 5, 6, 7, 8], [0, 9, 10], [0, 20, 21, 22, 23, 24, 25], [0, 30]]
+
+
+def grid():
+    from vllm_sjdpp.kernels import StreamGrid
+
+    return StreamGrid(*TINY_GRID["code_range"], TINY_GRID["codes_per_row"], TINY_GRID["rows"],
+                      TINY_GRID["end_of_row"], tuple(TINY_GRID["closing"]))
+
+
+LENGTH = grid().length
+
+
+def allowed(prompt_len: int):
+    """transformers' prefix_allowed_tokens_fn for the grid, from the same StreamGrid."""
+    g = grid()
+
+    def fn(batch_id, ids):
+        start, stop = g.allowed_ranges(np.array([len(ids) - prompt_len]), VOCAB)
+        return list(range(int(start[0]), int(stop[0])))
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def engines(make_engine, tiny_grid_path):
+    return make_engine(tiny_grid_path, **ENGINE), make_engine(tiny_grid_path, speculative_config=SJDPP, **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_grid_path):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_grid_path).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def hf_greedy(hf_model, prompt, scale, constrained=True) -> list[int]:
+    out = hf_model.generate(
+        torch.tensor([prompt]), max_new_tokens=LENGTH, do_sample=False, guidance_scale=scale,
+        negative_prompt_ids=torch.tensor([uncond(prompt)]),
+        prefix_allowed_tokens_fn=allowed(len(prompt)) if constrained else None,
+    )
+    return out[0, len(prompt):].tolist()
+
+
+def well_formed(stream) -> bool:
+    g = grid()
+    must = g.slot_tokens(np.arange(len(stream)))
+    s = np.asarray(stream)
+    codes = (s >= g.code_start) & (s < g.code_stop)
+    return len(stream) == LENGTH and bool(np.where(must >= 0, s == must, codes).all())
+
+
+@pytest.mark.parametrize("scale", [1.5, 3.0])
+def test_greedy_equals_transformers_with_the_grid(engines, hf_model, scale):
+    expected = [hf_greedy(hf_model, p, scale) for p in PROMPTS]
+    assert all(well_formed(e) for e in expected)
+    assert not all(well_formed(hf_greedy(hf_model, p, scale, constrained=False)) for p in PROMPTS)
+    greedy = params(temperature=0, max_tokens=LENGTH, extra_args={"guidance_scale": scale})
+    for llm in engines:
+        assert tokens(run(llm, PROMPTS, greedy)) == expected
+
+
+def test_without_the_mask_streams_break(engines, hf_model, monkeypatch):
+    """Broken variant: the model's logits left unconstrained; the engine then gives transformers'
+    unconstrained tokens, which break the grid."""
+    from vllm_sjdpp.guidance.cfg import GuidanceBatch
+
+    monkeypatch.setattr(GuidanceBatch, "constrain", lambda self, logits, index: logits)
+    greedy = params(temperature=0, max_tokens=LENGTH, extra_args={"guidance_scale": 3.0})
+    got = tokens(run(engines[1], PROMPTS, greedy))
+    assert got == [hf_greedy(hf_model, p, 3.0, constrained=False) for p in PROMPTS]
+    assert not all(well_formed(s) for s in got)
+
+
+SAMPLES = 3000
+SAMPLE_PROMPT = [0, 5, 6, 7]
+
+
+def hf_samples(hf_model, scale, constrained=True, seed=0) -> np.ndarray:
+    torch.manual_seed(seed)
+    out = hf_model.generate(
+        torch.tensor([SAMPLE_PROMPT] * SAMPLES), do_sample=True, temperature=1.0, top_k=0, max_new_tokens=LENGTH,
+        guidance_scale=scale, negative_prompt_ids=torch.tensor([uncond(SAMPLE_PROMPT)] * SAMPLES),
+        prefix_allowed_tokens_fn=allowed(len(SAMPLE_PROMPT)) if constrained else None,
+    )
+    return out[:, len(SAMPLE_PROMPT):].numpy()
+
+
+def test_sampling_matches_transformers_with_the_grid(engines, hf_model):
+    """3000 sampled streams with SJD++ (drafts accepted: fresh drafts follow the grid), chi-square
+    per position and per adjacent pair, Bonferroni over the comparisons, against transformers'
+    own sampling with the same constraint; broken variant: transformers without it."""
+    plain, sjdpp = engines
+    sampling = params(temperature=1.0, max_tokens=LENGTH, extra_args={"guidance_scale": 3.0})
+    before = sjdpp.get_metrics()
+    got = np.array(tokens(run(sjdpp, [SAMPLE_PROMPT] * SAMPLES, sampling)))
+    assert all(well_formed(s) for s in got)
+    accepted = _accepted(sjdpp) - _accepted_in(before)
+    assert accepted > SAMPLES * 3  # at least the end-of-row and closing slots
+    pvalues = position_pair_pvalues(got, hf_samples(hf_model, 3.0), VOCAB)
+    assert min(pvalues) > ALPHA / len(pvalues)
+    assert min(position_pair_pvalues(got, hf_samples(hf_model, 3.0, constrained=False), VOCAB)) < BROKEN_ALPHA
+
+
+def _accepted_in(metrics) -> float:
+    return sum(m.value for m in metrics if m.name == "vllm:spec_decode_num_accepted_tokens")
+
+
+def _accepted(llm) -> float:
+    return _accepted_in(llm.get_metrics())
+
+
+def test_digit_images_are_well_formed_at_every_scale(make_engine):
+    """The bundled digit model under SJD++ with k = 32, 16 images at each of scales 1, 6 and 12:
+    every stream is 16 rows of 16 codes, each closed by <eol>, then <eoi> (`ids_to_codes`
+    strict).  Broken variant: without the mask, scale 12 breaks streams."""
+    from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, ids_to_codes
+    from vllm_sjdpp.digits.train import DEFAULT_OUT
+    from vllm_sjdpp.guidance.cfg import GuidanceBatch
+
+    llm = make_engine(DEFAULT_OUT, skip_tokenizer_init=False, dtype="auto", max_model_len=GENERATED_LENGTH + 64,
+                      speculative_config={"method": "sjdpp", "num_speculative_tokens": 32, "draft_token_budget": None})
+    prompts = [f"a handwritten {d % 10}" for d in range(16)]
+
+    def streams(scale):
+        sampling = []
+        for i in range(len(prompts)):
+            p = llm.get_default_sampling_params()
+            p.max_tokens, p.seed, p.extra_args = GENERATED_LENGTH, i, {"guidance_scale": scale}
+            sampling.append(p)
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sampling, use_tqdm=False)]
+
+    def malformed(outs) -> int:
+        bad = 0
+        for s in outs:
+            try:
+                ids_to_codes(s, strict=True)
+            except ValueError:
+                bad += 1
+        return bad
+
+    for scale in (1.0, 6.0, 12.0):
+        assert malformed(streams(scale)) == 0, scale
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        mp.setattr(GuidanceBatch, "constrain", lambda self, logits, index: logits)
+        assert malformed(streams(12.0)) > 0
