@@ -2,7 +2,8 @@
 finds its own.  Importing this package imports neither vLLM nor a family's heavy libraries.
 
 Owns: what a folder's configs say (unconditional rule, `rule`; SJD++ defaults; logits per
-position; the image's grid and tokens; the start-up checks of a folder) and what a client needs
+position; the image's grid and tokens, and the generated stream's layout (`stream_grid`); the
+start-up checks of a folder) and what a client needs
 (text to prompt ids, tokens to an image through the family's decoder).
 
 May import: the bundled digit model's formats (`vllm_sjdpp.digits.vq`, `.tokens`) and

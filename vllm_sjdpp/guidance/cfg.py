@@ -116,7 +116,7 @@ class GuidanceBatch:
     model's stream has a grid (`kernels.grid.StreamGrid`; row t predicts the token after t);
     every id elsewhere.  Applied after guidance, as transformers' `prefix_allowed_tokens_fn`.
 
-    Both are allocated once, for the runner's largest batch (--max-num-batched-tokens), and only
+    All are allocated once, for the runner's largest batch (--max-num-batched-tokens), and only
     written in place: the compiled forward reads them as graph inputs, and a CUDA graph replays
     the addresses it was captured with.
     """
