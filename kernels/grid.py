@@ -35,7 +35,9 @@ class StreamGrid:
             raise ValueError(f"image codes [{self.code_start}, {self.code_stop}) must be a non-empty range of ids >= 0")
         if self.codes_per_row < 1 or self.rows < 1:
             raise ValueError(f"a grid of {self.rows} rows of {self.codes_per_row} codes: both must be >= 1")
-        inside = [t for t in (self.end_of_row, *self.closing) if t is not None and self.code_start <= t < self.code_stop]
+        if any(t < 0 for t in self.forced_ids):
+            raise ValueError(f"end-of-row and closing ids {list(self.forced_ids)} must be >= 0")
+        inside = [t for t in self.forced_ids if self.code_start <= t < self.code_stop]
         if inside:
             raise ValueError(f"end-of-row and closing ids {inside} fall among the image codes [{self.code_start}, {self.code_stop})")
 
@@ -50,8 +52,14 @@ class StreamGrid:
         return self.rows * self.row_width + len(self.closing)
 
     @property
+    def forced_ids(self) -> tuple[int, ...]:
+        """The ids a slot may be forced to: the end-of-row id, then the closing ids (distinct)."""
+        ids = ((self.end_of_row,) if self.end_of_row is not None else ()) + self.closing
+        return tuple(dict.fromkeys(ids))
+
+    @property
     def max_token_id(self) -> int:
-        return max(self.code_stop - 1, *(t for t in (self.end_of_row, *self.closing) if t is not None))
+        return max(self.code_stop - 1, *self.forced_ids)
 
     def slot_tokens(self, index: np.ndarray) -> np.ndarray:
         """Stream indices (any shape, int) -> the one token each must be (>= 0), CODE or FREE."""
@@ -67,9 +75,20 @@ class StreamGrid:
             out[tail] = np.asarray(self.closing, dtype=np.int64)[index[tail] - body]
         return out
 
-    def allowed_ranges(self, index: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stream indices -> [start, stop) of the token ids allowed there (all of them: FREE)."""
+    def slot_classes(self, index: np.ndarray) -> np.ndarray:
+        """Stream indices -> rows of `forbidden_masks`: 0 anything (FREE), 1 a code, 2 + i the
+        i-th of `forced_ids`."""
         slot = self.slot_tokens(index)
-        start = np.where(slot >= 0, slot, np.where(slot == CODE, self.code_start, 0))
-        stop = np.where(slot >= 0, slot + 1, np.where(slot == CODE, self.code_stop, vocab_size))
-        return start, stop
+        classes = np.where(slot == FREE, 0, 1)
+        for i, token in enumerate(self.forced_ids):
+            classes[slot == token] = 2 + i
+        return classes
+
+    def forbidden_masks(self, vocab_size: int) -> np.ndarray:
+        """[2 + len(forced_ids), vocab_size] bool: the ids each slot class forbids."""
+        masks = np.ones((2 + len(self.forced_ids), vocab_size), dtype=bool)
+        masks[0] = False
+        masks[1, self.code_start : self.code_stop] = False
+        for i, token in enumerate(self.forced_ids):
+            masks[2 + i, token] = False
+        return masks

@@ -18,6 +18,7 @@ import torch
 from guided_engine import ENGINE, VOCAB, params, run, tokens, uncond
 from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
 from tiny_llama import TINY_GRID
+from vllm_sjdpp.kernels.grid import CODE
 
 SJDPP = {"method": "sjdpp", "num_speculative_tokens": 6, "draft_token_budget": None}
 PROMPTS = [[0, 5, 6, 7, 8], [0, 9, 10], [0, 20, 21, 22, 23, 24, 25], [0, 30]]
@@ -38,8 +39,8 @@ def allowed(prompt_len: int):
     g = grid()
 
     def fn(batch_id, ids):
-        start, stop = g.allowed_ranges(np.array([len(ids) - prompt_len]), VOCAB)
-        return list(range(int(start[0]), int(stop[0])))
+        must = int(g.slot_tokens(np.array(len(ids) - prompt_len)))
+        return [must] if must >= 0 else list(range(g.code_start, g.code_stop) if must == CODE else range(VOCAB))
 
     return fn
 
@@ -97,6 +98,46 @@ def test_without_the_mask_streams_break(engines, hf_model, monkeypatch):
     assert not all(well_formed(s) for s in got)
 
 
+def illegal_windows(engine, monkeypatch, grid_off: bool) -> tuple[int, int]:
+    """(windows made, windows holding a token the grid forbids at its slot) over 64 sampled
+    streams, read where the runtime keeps each request's next window."""
+    from vllm_sjdpp.engine.runtime import runtime_of
+
+    runtime = runtime_of(engine)
+    record = runtime.record_windows
+    windows = []
+
+    def recording(plan, out):
+        record(plan, out)
+        prompt = runtime.runner.input_batch.num_prompt_tokens[: len(plan.states)]
+        windows.extend((s.window.start - int(p), s.window.tokens) for s, p in zip(plan.states, prompt) if s.window)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(runtime, "record_windows", recording)
+        if grid_off:
+            mp.setattr(runtime, "grid", None)
+        sampling = [params(temperature=1.0, seed=i, max_tokens=LENGTH) for i in range(64)]
+        run(engine, [PROMPTS[i % len(PROMPTS)] for i in range(64)], sampling)
+    g = grid()
+    bad = 0
+    for first, drafts in windows:
+        must = g.slot_tokens(first + np.arange(len(drafts)))
+        d = np.asarray(drafts)
+        ok = np.where(must >= 0, d == must, np.where(must == CODE, (d >= g.code_start) & (d < g.code_stop), True))
+        bad += not ok.all()
+    return len(windows), bad
+
+
+def test_sjdpp_windows_follow_the_grid(engines, monkeypatch):
+    """Every draft of every window the SJD++ engine keeps is legal at its slot: redrafts come from
+    masked rows, fresh drafts (init "left") from the grid.  Broken variant: fresh drafts without
+    the grid put codes at end-of-row slots and copy end-of-row tokens into code slots."""
+    made, bad = illegal_windows(engines[1], monkeypatch, grid_off=False)
+    assert made > 64 and bad == 0
+    made, bad = illegal_windows(engines[1], monkeypatch, grid_off=True)
+    assert bad > made // 10
+
+
 SAMPLES = 3000
 SAMPLE_PROMPT = [0, 5, 6, 7]
 
@@ -135,16 +176,47 @@ def _accepted(llm) -> float:
     return _accepted_in(llm.get_metrics())
 
 
-def test_digit_images_are_well_formed_at_every_scale(make_engine):
+@pytest.fixture(scope="module")
+def chunked(make_engine, tiny_grid_path, engines):
+    # Module-scoped like every engine (one torn down mid-module takes vLLM's process-wide
+    # parallel groups with it), and made after the tests that read metrics: vLLM's registry
+    # is per process, `get_metrics` reads the newest engine's.
+    return make_engine(tiny_grid_path, speculative_config=SJDPP, max_num_batched_tokens=16, max_num_seqs=4,
+                       enable_chunked_prefill=True, **ENGINE)
+
+
+def test_chunked_prefill_and_logprobs_under_the_grid(chunked, hf_model):
+    """A 40-token prompt prefilled in 16-token chunks gives transformers' constrained greedy
+    tokens, and the logprobs returned give every forbidden token -inf."""
+    llm = chunked
+    prompt = [0] + [2 + (7 * i) % 40 for i in range(39)]
+    out = run(llm, [prompt], params(temperature=0, max_tokens=LENGTH, logprobs=VOCAB,
+                                    extra_args={"guidance_scale": 3.0}))[0].outputs[0]
+    assert list(out.token_ids) == hf_greedy(hf_model, prompt, 3.0)
+    g = grid()
+    for index, position in enumerate(out.logprobs):
+        finite = sorted(t for t, lp in position.items() if lp.logprob > float("-inf"))
+        must = int(g.slot_tokens(np.array(index)))
+        assert finite == ([must] if must >= 0 else list(range(g.code_start, g.code_stop))), index
+
+
+@pytest.fixture(scope="module")
+def digits_sjdpp(make_engine, chunked):
+    from vllm_sjdpp.digits.tokens import GENERATED_LENGTH
+    from vllm_sjdpp.digits.train import DEFAULT_OUT
+
+    return make_engine(DEFAULT_OUT, skip_tokenizer_init=False, dtype="auto", max_model_len=GENERATED_LENGTH + 64,
+                       speculative_config={"method": "sjdpp", "num_speculative_tokens": 32, "draft_token_budget": None})
+
+
+def test_digit_images_are_well_formed_at_every_scale(digits_sjdpp):
     """The bundled digit model under SJD++ with k = 32, 16 images at each of scales 1, 6 and 12:
     every stream is 16 rows of 16 codes, each closed by <eol>, then <eoi> (`ids_to_codes`
     strict).  Broken variant: without the mask, scale 12 breaks streams."""
     from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, ids_to_codes
-    from vllm_sjdpp.digits.train import DEFAULT_OUT
     from vllm_sjdpp.guidance.cfg import GuidanceBatch
 
-    llm = make_engine(DEFAULT_OUT, skip_tokenizer_init=False, dtype="auto", max_model_len=GENERATED_LENGTH + 64,
-                      speculative_config={"method": "sjdpp", "num_speculative_tokens": 32, "draft_token_budget": None})
+    llm = digits_sjdpp
     prompts = [f"a handwritten {d % 10}" for d in range(16)]
 
     def streams(scale):

@@ -31,10 +31,13 @@ def test_a_digit_stream_holds_its_grid_and_a_misplaced_eol_does_not():
     assert STREAM_GRID.slot_tokens(np.array([-1, 272, 273])).tolist() == [FREE, EOI, FREE]
 
 
-def test_allowed_ranges():
+def test_slot_classes_and_their_masks():
     grid = StreamGrid(2, 44, codes_per_row=3, rows=3, end_of_row=44, closing=(45, 46))
-    start, stop = grid.allowed_ranges(np.array([-1, 0, 3, 11, 12, 13, 14]), 48)
-    assert list(zip(start.tolist(), stop.tolist())) == [(0, 48), (2, 44), (44, 45), (44, 45), (45, 46), (46, 47), (0, 48)]
+    classes = grid.slot_classes(np.array([-1, 0, 3, 11, 12, 13, 14]))
+    allowed = ~grid.forbidden_masks(48)[classes]
+    assert [np.flatnonzero(a).tolist() for a in allowed] == [
+        list(range(48)), list(range(2, 44)), [44], [44], [45], [46], list(range(48))
+    ]
 
 
 def config(**keys):
@@ -44,15 +47,27 @@ def config(**keys):
 GOOD = {"code_range": [2, 44], "codes_per_row": 3, "rows": 3, "end_of_row": 44, "closing": [45, 46]}
 
 
-def test_grid_read_from_config_json():
+def test_grid_read_from_config_json_of_a_guided_llama():
     assert ImageFamily.stream_grid(config()) is None
     assert ImageFamily.stream_grid(config(sjdpp_grid=GOOD)) == StreamGrid(2, 44, 3, 3, 44, (45, 46))
+    # Served as a plain Llama (hf_overrides), the model masks nothing: no grid for the drafts either.
+    assert ImageFamily.stream_grid(config(sjdpp_grid=GOOD, architectures=["LlamaForCausalLM"])) is None
+
+
+def test_sjdpp_defaults_follow_the_grid():
+    """Fresh drafts among the codes, rows as wide as the stream's; config.json "sjdpp" overrides."""
+    assert ImageFamily.sjdpp_defaults(config(sjdpp_grid=GOOD)) == {
+        "fresh_token_range": [2, 44], "row_width": 4, "init": "above"
+    }
+    assert ImageFamily.sjdpp_defaults(config(sjdpp_grid=GOOD, sjdpp={"init": "left"}))["init"] == "left"
+    assert ImageFamily.sjdpp_defaults(config()) == {}
 
 
 @pytest.mark.parametrize("spec", [
     {**GOOD, "rows": 0},
     {**GOOD, "code_range": [44, 2]},
     {**GOOD, "end_of_row": 10},  # among the codes
+    {**GOOD, "closing": [45, -1]},  # a sentinel, not an id
     {**GOOD, "rows": 2.5},
     {**GOOD, "shape": [3, 3]},
     {"rows": 3},

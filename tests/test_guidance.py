@@ -142,3 +142,21 @@ def test_parallel_modes_guidance_cannot_run_are_refused_at_start_up(tiny_guided_
     with pytest.raises(ValueError, match=flag):
         EngineArgs(model=tiny_guided_path, skip_tokenizer_init=True, max_model_len=128, **args).create_engine_config()
     EngineArgs(model=tiny_guided_path, skip_tokenizer_init=True, max_model_len=128).create_engine_config()
+
+
+def test_async_speculation_is_refused_when_the_runner_starts(tiny_guided_path):
+    """vLLM counts drafts as computed before verifying them under asynchronous scheduling with
+    speculative decoding; the guidance inputs read those counts.  The check the runner patch runs,
+    on vLLM's config: refused with both, accepted with either alone."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_sjdpp.guidance.llama import check_async_speculation
+
+    config = EngineArgs(model=tiny_guided_path, skip_tokenizer_init=True, max_model_len=128).create_engine_config()
+    config.scheduler_config.async_scheduling = True
+    check_async_speculation(config)  # no speculation
+    config.speculative_config = object()
+    with pytest.raises(ValueError, match="--async-scheduling with speculative decoding"):
+        check_async_speculation(config)
+    config.scheduler_config.async_scheduling = False
+    check_async_speculation(config)

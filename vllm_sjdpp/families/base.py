@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .rule import CONFIG_KEY, UnconditionalRule
+from .rule import CONFIG_KEY, GUIDED_LLAMA, UnconditionalRule
 
 # config.json of a folder served with SJD++ defaults of its own: {"sjdpp": {option: value}}.
 SJDPP_DEFAULTS_KEY = "sjdpp"
@@ -67,7 +67,11 @@ class ImageFamily:
         defaults = getattr(hf_config, SJDPP_DEFAULTS_KEY, None) or {}
         if not isinstance(defaults, dict):
             raise ValueError(f"the model's config.json has {SJDPP_DEFAULTS_KEY!r} = {defaults!r}; expected an object")
-        return dict(defaults)
+        grid = cls.stream_grid(hf_config)
+        implied = {} if grid is None else {
+            "fresh_token_range": [grid.code_start, grid.code_stop], "row_width": grid.row_width, "init": "above",
+        }
+        return {**implied, **defaults}
 
     @classmethod
     def image_vocab_size(cls, hf_config: Any) -> int | None:
@@ -78,10 +82,11 @@ class ImageFamily:
     @classmethod
     def stream_grid(cls, hf_config: Any):
         """The generated stream's layout (`kernels.grid.StreamGrid`: which tokens each position
-        may hold, which the model enforces), from config.json "sjdpp_grid"; None: no layout.
-        Raises ValueError naming the key."""
+        may hold, which the model enforces), from config.json "sjdpp_grid"; None: no layout, or
+        a folder not served as a guided Llama (only a guided model masks its logits).  Raises
+        ValueError naming the key."""
         spec = getattr(hf_config, GRID_KEY, None)
-        if spec is None:
+        if spec is None or GUIDED_LLAMA not in (getattr(hf_config, "architectures", None) or []):
             return None
         from ..kernels import StreamGrid
 

@@ -112,13 +112,14 @@ class GuidanceBatch:
     uncond_override[t]: the unconditional branch's token at t, or -1 for the cond token (drafts
     and generated tokens are shared; on the async path vLLM fills those on the device).
     token_scale[t]: the guidance scale of t's request.
-    allowed_start[t], allowed_stop[t]: the token ids the logits of row t may give, where the
-    model's stream has a grid (`kernels.grid.StreamGrid`; row t predicts the token after t);
-    every id elsewhere.  Applied after guidance, as transformers' `prefix_allowed_tokens_fn`.
+    token_class[t]: where the model's stream has a grid (`kernels.grid.StreamGrid`), the slot
+    class of the position row t predicts (the one after t), whose row of `forbidden` says which
+    ids its logits may not give; applied after guidance, as transformers'
+    `prefix_allowed_tokens_fn`.
 
     All are allocated once, for the runner's largest batch (--max-num-batched-tokens), and only
-    written in place: the compiled forward reads them as graph inputs, and a CUDA graph replays
-    the addresses it was captured with.
+    written in place: uncond_override is an input of the compiled forward, and a CUDA graph
+    replays the addresses it was captured with (the others are read by compute_logits).
     """
 
     def __init__(
@@ -134,8 +135,8 @@ class GuidanceBatch:
         self.token_scale = torch.full((size,), scale_default, dtype=torch.float32, device=device)
         self.grid = grid
         if grid is not None:
-            self.allowed_start = torch.zeros(size, dtype=torch.long, device=device)
-            self.allowed_stop = torch.full((size,), vocab_size, dtype=torch.long, device=device)
+            self.token_class = torch.zeros(size, dtype=torch.long, device=device)
+            self.forbidden = torch.from_numpy(grid.forbidden_masks(vocab_size)).to(device)
 
     @classmethod
     def for_model(cls, vllm_config: Any, device) -> GuidanceBatch:
@@ -193,17 +194,18 @@ class GuidanceBatch:
         self.uncond_override[:num_tokens_padded].copy_(torch.from_numpy(override), non_blocking=True)
         self.token_scale[:num_tokens_padded].copy_(torch.from_numpy(scale), non_blocking=True)
         if self.grid is not None:
-            # Row t predicts position positions[t] + 1, stream index that minus the prompt length.
-            prompt = np.array([len(runner.requests[r].prompt_token_ids) for r in live], dtype=np.int64)
+            # Token t sits at position computed + its offset in the request (vLLM's positions) and
+            # its row predicts the next position: stream index that minus the prompt's length.
             offset = np.arange(total) - np.repeat(starts[:-1], counts)
             index = np.full(num_tokens_padded, -1, dtype=np.int64)
-            index[:total] = np.repeat(computed - prompt, counts) + offset + 1
-            start, stop = self.grid.allowed_ranges(index, self.vocab_size)
-            self.allowed_start[:num_tokens_padded].copy_(torch.from_numpy(start), non_blocking=True)
-            self.allowed_stop[:num_tokens_padded].copy_(torch.from_numpy(stop), non_blocking=True)
+            index[:total] = np.repeat(computed - batch.num_prompt_tokens[:num_reqs], counts) + offset + 1
+            self.token_class[:num_tokens_padded].copy_(
+                torch.from_numpy(self.grid.slot_classes(index)), non_blocking=True
+            )
 
     def unconditional_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T], the unconditional branch's ids (within a compiled forward)."""
+        torch._check(input_ids.shape[0] <= self.uncond_override.shape[0])  # for unbacked batch sizes
         override = self.uncond_override[: input_ids.shape[0]]
         return torch.where(override >= 0, override.to(input_ids.dtype), input_ids)
 
@@ -216,6 +218,7 @@ class GuidanceBatch:
     def prompt_mask(self, num_tokens: int) -> torch.Tensor:
         """Which of the batch's tokens are prompt tokens (the others are generated tokens and
         drafts): exactly those the unconditional branch may override."""
+        torch._check(num_tokens <= self.uncond_override.shape[0])
         return self.uncond_override[:num_tokens] >= 0
 
     def rows(self, index_columns: torch.Tensor) -> torch.Tensor:
@@ -232,10 +235,7 @@ class GuidanceBatch:
         (in place; unchanged without a grid)."""
         if self.grid is None:
             return logits
-        t = self.rows(index_columns)
-        vocab = torch.arange(logits.shape[-1], device=logits.device)
-        start, stop = self.allowed_start[t, None], self.allowed_stop[t, None]
-        return logits.masked_fill_((vocab < start) | (vocab >= stop), float("-inf"))
+        return logits.masked_fill_(self.forbidden[self.token_class[self.rows(index_columns)]], float("-inf"))
 
 
 def combine(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

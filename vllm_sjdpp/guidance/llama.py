@@ -69,6 +69,18 @@ def check_parallelism(vllm_config) -> None:
         )
 
 
+def check_async_speculation(vllm_config) -> None:
+    """Refuse, when the model runner starts, asynchronous scheduling with speculative decoding
+    (`--async-scheduling` with vLLM's own EAGLE or n-gram drafters; SJD++ turns it off): vLLM
+    then counts drafts as computed before they are verified, while the guidance inputs read the
+    prompt's place and the grid's positions from those counts.  Raises ValueError."""
+    if vllm_config.scheduler_config.async_scheduling and vllm_config.speculative_config is not None:
+        raise ValueError(
+            f"--async-scheduling with speculative decoding is not supported with "
+            f"{vllm_config.model_config.architecture} (classifier-free guidance); use --no-async-scheduling"
+        )
+
+
 def double_heads(model_config) -> None:
     """The engine's view of the model has 2H heads.
 

@@ -32,6 +32,7 @@ def apply(on_cpu: bool) -> None:
     from ..engine.proposer import SJDPPProposer
     from ..engine.runtime import SJDPPRuntime
     from ..engine.sampler import SJDPPSampler
+    from ..guidance.llama import check_async_speculation
     from .internals import check_race_sampler, check_runner, check_sampler
     from .models import guided_architectures
 
@@ -41,7 +42,10 @@ def apply(on_cpu: bool) -> None:
     def init_with_sjdpp(self, *args, **kwargs):
         init(self, *args, **kwargs)
         drafter = getattr(self, "drafter", None)
-        if isinstance(drafter, SJDPPProposer) or set(self.model_config.architectures or ()) & set(guided_architectures()):
+        guided = bool(set(self.model_config.architectures or ()) & set(guided_architectures()))
+        if guided:
+            check_async_speculation(self.vllm_config)
+        if isinstance(drafter, SJDPPProposer) or guided:
             check_race_sampler(self)
             race_sampler.install(self)
         if isinstance(drafter, SJDPPProposer):
