@@ -34,7 +34,7 @@ def test_request_defaults_and_overrides():
         ({"guidance_scale": float("nan")}, "guidance_scale"),
         ({"guidance_scale": "3"}, "guidance_scale"),
         ({"guidance_scale": True}, "guidance_scale"),
-        ({"negative_prompt_token_ids": [0, 1, 9]}, "key masking"),  # shorter: needs masking
+        ({"negative_prompt_token_ids": [0, 1, 9]}, "another length is not supported"),  # shorter
         ({"negative_prompt_token_ids": [0, 1, 1, 10]}, r"\[0, 10\)"),  # past the vocabulary
         ({"negative_prompt_token_ids": [0, 1, -1, 9]}, "negative_prompt_token_ids"),
         ({"negative_prompt_token_ids": "0 1 1 9"}, "negative_prompt_token_ids"),

@@ -13,8 +13,8 @@ them, as transformers' `generate` does before temperature, top-k and top-p:
 Per request (`SamplingParams.extra_args`, OpenAI `vllm_xargs`): `guidance_scale` s >= 0 (1: the
 conditional model alone, 0: the unconditional one; default from generation_config.json) and
 `negative_prompt_token_ids` (default: the model's unconditional rule applied to the prompt).
-The unconditional prompt must have the prompt's length: a shorter one (Emu3, Lumina-mGPT) would
-need its missing keys masked, which paged attention over shared blocks cannot do.
+The unconditional prompt must have the prompt's length: one of another length (Emu3, Lumina-mGPT)
+needs a sequence of its own (paired requests: benchmarks/README.md, "What guidance costs").
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def request_guidance(
         raise _invalid(
             NEGATIVE_PROMPT_KEY,
             f"{len(negative)} tokens",
-            f"exactly the prompt's length, {len(prompt)} (a different length needs key masking, "
-            "which guidance in shared paged blocks cannot do)",
+            f"exactly the prompt's length, {len(prompt)} (both branches share one sequence; "
+            "a negative prompt of another length is not supported yet)",
         )
     return float(scale), list(negative)
 
