@@ -23,12 +23,11 @@ from transformers.models.janus.modeling_janus import JanusVQVAEAlignerMLP, Janus
 from vllm.model_executor.models.utils import AutoWeightsLoader
 
 from ..families import family_of
-from ..families.janus import ARCHITECTURE, JanusFamily
+from ..families.janus import JanusFamily
 from vllm.compilation.decorators import support_torch_compile
-from vllm.sequence import IntermediateTensors
 
 from .cfg import GuidanceBatch
-from .llama import BATCH_DIMS, GuidedLlamaDecoderLayer, LlamaStack, double_heads, guided_logits, run_branches
+from .llama import BATCH_DIMS, BranchForward, GuidedLlamaDecoderLayer, LlamaStack, double_heads, guided_logits
 
 # Weights of the checkpoint that image generation does not use.
 UNUSED_PREFIXES = ["model.vision_model.", "model.aligner.", "model.vqmodel.", "lm_head."]
@@ -42,9 +41,9 @@ def janus_config_hook(model_config) -> None:
 
 
 @support_torch_compile(dynamic_arg_dims=BATCH_DIMS)
-class JanusGenerationModel(nn.Module):
-    """`model.*` of the checkpoint, the parts that generate images (the names are the checkpoint's);
-    its forward, the one vLLM compiles, takes the batch's T tokens and runs both branches."""
+class JanusGenerationModel(BranchForward, nn.Module):
+    """`model.*` of the checkpoint, the parts that generate images (the names are the checkpoint's),
+    compiled with the branches inside (`BranchForward`)."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
@@ -59,7 +58,7 @@ class JanusGenerationModel(nn.Module):
         self.generation_head = JanusVQVAEHead(vq)
         self.guidance = GuidanceBatch.for_model(vllm_config, self.generation_embeddings.weight.device)
 
-    def embed_branches(self, ids: torch.Tensor) -> torch.Tensor:
+    def branch_embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[2T] ids (cond rows, then uncond rows) -> embeddings: text for prompt positions, the
         aligned generation embedding for image codes."""
         prompt = self.guidance.prompt_mask(ids.shape[0] // 2).repeat(2)
@@ -68,18 +67,8 @@ class JanusGenerationModel(nn.Module):
         image = self.generation_aligner(codes).to(text.dtype)
         return torch.where(prompt[:, None], text, image)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if input_ids is None:
-            raise NotImplementedError(f"{ARCHITECTURE} takes token ids, not prompt embeddings")
-        return run_branches(
-            self.language_model, self.guidance, input_ids, positions, intermediate_tensors, self.embed_branches
-        )
+    def branch_stack(self):
+        return self.language_model
 
 
 class GuidedJanusForImageGeneration(nn.Module):

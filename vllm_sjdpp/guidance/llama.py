@@ -18,6 +18,7 @@ inputs, buffers that never move, so vLLM's compile ranges (in tokens of the batc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -27,7 +28,6 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.sequence import IntermediateTensors
 
 from ..families import family_of
-from ..families.rule import GUIDED_LLAMA
 from .cfg import BRANCH_HEADS_ATTR, GuidanceBatch, combine
 
 
@@ -138,14 +138,13 @@ class GuidedLlamaDecoderLayer(LlamaDecoderLayer):
 BATCH_DIMS = {"input_ids": {0: "b"}, "positions": {0: "b"}, "intermediate_tensors": {0: "b"}, "inputs_embeds": {0: "b"}}
 
 
-@support_torch_compile(dynamic_arg_dims=BATCH_DIMS)
-class GuidedLlamaModel(LlamaModel):
-    """vLLM's Llama stack (the checkpoint's `model.*`) whose forward, the one vLLM compiles,
-    takes the batch's T tokens and runs both branches: [T] ids -> [T, 2D + 2] (`run_branches`)."""
+class BranchForward:
+    """The forward of the module vLLM compiles in a guided model: it takes the batch's T tokens
+    and runs both branches, [T] ids -> [T, 2D + 2] (`run_branches`).  A subclass holds `guidance`
+    and gives `branch_stack()`, its Llama stack's forward, and `branch_embed`, None or a method
+    [2T] ids -> input embeddings."""
 
-    def __init__(self, *, vllm_config, prefix: str = "", layer_type=GuidedLlamaDecoderLayer):
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
-        self.guidance = GuidanceBatch.for_model(vllm_config, self.embed_tokens.weight.device)
+    branch_embed = None
 
     def forward(
         self,
@@ -154,9 +153,21 @@ class GuidedLlamaModel(LlamaModel):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if input_ids is None:
-            raise NotImplementedError(f"{GUIDED_LLAMA} takes token ids, not prompt embeddings")
-        return run_branches(super().forward, self.guidance, input_ids, positions, intermediate_tensors)
+        return run_branches(
+            self.branch_stack(), self.guidance, input_ids, positions, intermediate_tensors, self.branch_embed
+        )
+
+
+@support_torch_compile(dynamic_arg_dims=BATCH_DIMS)
+class GuidedLlamaModel(BranchForward, LlamaModel):
+    """vLLM's Llama stack (the checkpoint's `model.*`), compiled with the branches inside."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", layer_type=GuidedLlamaDecoderLayer):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        self.guidance = GuidanceBatch.for_model(vllm_config, self.embed_tokens.weight.device)
+
+    def branch_stack(self):
+        return functools.partial(LlamaModel.forward, self)
 
 
 @ignore_torch_compile
@@ -180,7 +191,7 @@ class GuidedLlamaForCausalLM(LlamaForCausalLM):
 def run_branches(
     stack: Callable[..., torch.Tensor],
     guidance: GuidanceBatch,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     positions: torch.Tensor,
     intermediate_tensors,
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -190,6 +201,8 @@ def run_branches(
 
     stack: a LlamaModel's forward (ids, positions, intermediate tensors, embeddings) -> [2T, D];
     embed: token ids [2T] (cond, then uncond) -> input embeddings; None: the stack's own."""
+    if input_ids is None:
+        raise NotImplementedError("guided models take token ids, not prompt embeddings")
     num_tokens = input_ids.shape[0]
     both = torch.cat([input_ids, guidance.unconditional_ids(input_ids)])
     both_positions = torch.cat([positions, positions])
