@@ -20,12 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.models.janus.modeling_janus import JanusVQVAEAlignerMLP, JanusVQVAEHead
+from vllm.compilation.decorators import support_torch_compile
 from vllm.model_executor.models.utils import AutoWeightsLoader
 
 from ..families import family_of
 from ..families.janus import JanusFamily
-from vllm.compilation.decorators import support_torch_compile
-
 from .cfg import GuidanceBatch
 from .llama import BATCH_DIMS, BranchForward, GuidedLlamaDecoderLayer, LlamaStack, double_heads, guided_logits
 
