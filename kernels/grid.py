@@ -75,6 +75,12 @@ class StreamGrid:
             out[tail] = np.asarray(self.closing, dtype=np.int64)[index[tail] - body]
         return out
 
+    def holds(self, index: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Whether each token may stand at its stream index (same shapes)."""
+        must, tokens = self.slot_tokens(index), np.asarray(tokens)
+        is_code = (tokens >= self.code_start) & (tokens < self.code_stop)
+        return np.where(must >= 0, tokens == must, (must == FREE) | is_code)
+
     def slot_classes(self, index: np.ndarray) -> np.ndarray:
         """Stream indices -> rows of `forbidden_masks`: 0 anything (FREE), 1 a code, 2 + i the
         i-th of `forced_ids`."""

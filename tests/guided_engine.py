@@ -63,10 +63,11 @@ def assert_branch(got, expected) -> None:
         np.testing.assert_allclose(g, g_ref, atol=2e-4)
 
 
-def hf_greedy(hf_model, prompt, scale, negative=None, n=12) -> list[int]:
+def hf_greedy(hf_model, prompt, scale, negative=None, n=12, allowed=None) -> list[int]:
+    """transformers' guided greedy decoding; `allowed`: its prefix_allowed_tokens_fn."""
     ids = torch.tensor([prompt])
     out = hf_model.generate(
         ids, max_new_tokens=n, do_sample=False, guidance_scale=scale,
-        negative_prompt_ids=torch.tensor([negative or uncond(prompt)]),
+        negative_prompt_ids=torch.tensor([negative or uncond(prompt)]), prefix_allowed_tokens_fn=allowed,
     )
     return out[0, len(prompt):].tolist()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import guided_engine
 from guided_engine import ENGINE, VOCAB, params, run, tokens, uncond
 from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
 from tiny_llama import TINY_GRID
@@ -60,20 +61,11 @@ def hf_model(tiny_grid_path):
 
 
 def hf_greedy(hf_model, prompt, scale, constrained=True) -> list[int]:
-    out = hf_model.generate(
-        torch.tensor([prompt]), max_new_tokens=LENGTH, do_sample=False, guidance_scale=scale,
-        negative_prompt_ids=torch.tensor([uncond(prompt)]),
-        prefix_allowed_tokens_fn=allowed(len(prompt)) if constrained else None,
-    )
-    return out[0, len(prompt):].tolist()
+    return guided_engine.hf_greedy(hf_model, prompt, scale, n=LENGTH, allowed=allowed(len(prompt)) if constrained else None)
 
 
 def well_formed(stream) -> bool:
-    g = grid()
-    must = g.slot_tokens(np.arange(len(stream)))
-    s = np.asarray(stream)
-    codes = (s >= g.code_start) & (s < g.code_stop)
-    return len(stream) == LENGTH and bool(np.where(must >= 0, s == must, codes).all())
+    return len(stream) == LENGTH and bool(grid().holds(np.arange(len(stream)), stream).all())
 
 
 @pytest.mark.parametrize("scale", [1.5, 3.0])
@@ -119,13 +111,7 @@ def illegal_windows(engine, monkeypatch, grid_off: bool) -> tuple[int, int]:
         sampling = [params(temperature=1.0, seed=i, max_tokens=LENGTH) for i in range(64)]
         run(engine, [PROMPTS[i % len(PROMPTS)] for i in range(64)], sampling)
     g = grid()
-    bad = 0
-    for first, drafts in windows:
-        must = g.slot_tokens(first + np.arange(len(drafts)))
-        d = np.asarray(drafts)
-        ok = np.where(must >= 0, d == must, np.where(must == CODE, (d >= g.code_start) & (d < g.code_stop), True))
-        bad += not ok.all()
-    return len(windows), bad
+    return len(windows), sum(not g.holds(first + np.arange(len(d)), d).all() for first, d in windows)
 
 
 def test_sjdpp_windows_follow_the_grid(engines, monkeypatch):

@@ -13,21 +13,14 @@ from vllm_sjdpp.kernels.fresh import fill_fresh_tokens
 from vllm_sjdpp.kernels.grid import CODE, FREE
 
 
-def legal(grid: StreamGrid, index, tokens) -> np.ndarray:
-    must = grid.slot_tokens(np.asarray(index))
-    tokens = np.asarray(tokens)
-    is_code = (tokens >= grid.code_start) & (tokens < grid.code_stop)
-    return np.where(must >= 0, tokens == must, np.where(must == CODE, is_code, True))
-
-
 def test_a_digit_stream_holds_its_grid_and_a_misplaced_eol_does_not():
     rng = np.random.default_rng(0)
     stream = codes_to_ids(rng.integers(0, 256, (16, 16)))
     assert len(stream) == STREAM_GRID.length
-    assert legal(STREAM_GRID, np.arange(len(stream)), stream).all()
+    assert STREAM_GRID.holds(np.arange(len(stream)), stream).all()
     broken = list(stream)
     broken[3], broken[16] = EOL, 7  # an <eol> inside a row, a code where a row ends
-    assert np.flatnonzero(~legal(STREAM_GRID, np.arange(len(broken)), broken)).tolist() == [3, 16]
+    assert np.flatnonzero(~STREAM_GRID.holds(np.arange(len(broken)), broken)).tolist() == [3, 16]
     assert STREAM_GRID.slot_tokens(np.array([-1, 272, 273])).tolist() == [FREE, EOI, FREE]
 
 
@@ -114,6 +107,6 @@ def test_fresh_drafts_follow_the_grid(init):
     Broken variant: without the grid, drafts break it (a code slot copying an <eol>, an <eol> slot
     drawing a code)."""
     grid, index, tokens = fresh_windows(init, StreamGrid(2, 44, 3, 3, 44, (45, 46)), seed=1)
-    assert legal(grid, index, tokens).all()
+    assert grid.holds(index, tokens).all()
     _, index, tokens = fresh_windows(init, None, seed=1)
-    assert not legal(grid, index, tokens).all()
+    assert not grid.holds(index, tokens).all()
