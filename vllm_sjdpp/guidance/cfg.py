@@ -13,13 +13,15 @@ them, as transformers' `generate` does before temperature, top-k and top-p:
 Per request (`SamplingParams.extra_args`, OpenAI `vllm_xargs`): `guidance_scale` s >= 0 (1: the
 conditional model alone, 0: the unconditional one; default from generation_config.json) and
 `negative_prompt_token_ids` (default: the model's unconditional rule applied to the prompt).
-The unconditional prompt must have the prompt's length: one of another length (Emu3, Lumina-mGPT)
-needs a sequence of its own (paired requests: benchmarks/README.md, "What guidance costs").
+An unconditional prompt of the prompt's length runs in the prompt's sequence, as above; one of
+another length (Emu3's, Lumina-mGPT's) runs as a sequence of its own, paired with the request's
+(`pairing`), and the rows P samples combine with its partner's rows instead.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 
 from ..families import family_of, stream_grid
 from ..families.rule import UnconditionalRule
+from .pairing import COMPANION_SUFFIX, companion_of, needs_companion, stream_window
 
 SCALE_KEY = "guidance_scale"
 NEGATIVE_PROMPT_KEY = "negative_prompt_token_ids"
@@ -94,14 +97,22 @@ def request_guidance(
         or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in negative)
     ):
         raise _invalid(NEGATIVE_PROMPT_KEY, negative, f"a list of token ids in [0, {vocab_size})")
-    if len(negative) != len(prompt):
-        raise _invalid(
-            NEGATIVE_PROMPT_KEY,
-            f"{len(negative)} tokens",
-            f"exactly the prompt's length, {len(prompt)} (both branches share one sequence; "
-            "a negative prompt of another length is not supported yet)",
-        )
+    if not negative:
+        raise _invalid(NEGATIVE_PROMPT_KEY, negative, "at least one token id")
     return float(scale), list(negative)
+
+
+@dataclass(frozen=True)
+class RequestGuidance:
+    """How a request in the batch is guided: its scale, the prompt its own sequence's second
+    branch runs, and the request whose rows pair with its rows (`pairing`; None: not paired).
+    A paired sequence's second branch repeats its own prompt (and goes unused); a companion's
+    rows serve as its request's unconditional rows and are combined at scale 1 (never sampled)."""
+
+    scale: float
+    override: np.ndarray
+    partner: str | None = None
+    companion: bool = False
 
 
 class GuidanceBatch:
@@ -116,6 +127,8 @@ class GuidanceBatch:
     class of the position row t predicts (the one after t), whose row of `forbidden` says which
     ids its logits may not give; applied after guidance, as transformers'
     `prefix_allowed_tokens_fn`.
+    partner_token[t]: for a row a paired request samples, the token of its companion at the
+    same place of the stream, whose logits are its unconditional ones (-1: none).
 
     All are allocated once, for the runner's largest batch (--max-num-batched-tokens), and only
     written in place: uncond_override is an input of the compiled forward, and a CUDA graph
@@ -130,9 +143,12 @@ class GuidanceBatch:
         self.rule = rule
         self.scale_default = scale_default
         self.vocab_size = vocab_size
-        self.requests: dict[str, tuple[float, np.ndarray]] = {}
+        self.requests: dict[str, RequestGuidance] = {}
         self.uncond_override = torch.full((size,), -1, dtype=torch.long, device=device)
         self.token_scale = torch.full((size,), scale_default, dtype=torch.float32, device=device)
+        self.partner_token = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.has_partners = False
+        self.mirrors: list[tuple[int, int]] = []  # (request row, companion row) in the batch
         self.grid = grid
         if grid is not None:
             self.token_class = torch.zeros(size, dtype=torch.long, device=device)
@@ -156,17 +172,27 @@ class GuidanceBatch:
         """vLLM removed the request (called from the runner's one hook for that)."""
         self.requests.pop(req_id, None)
 
-    def request(self, req_id: str, prompt: list[int], extra_args: dict | None) -> tuple[float, np.ndarray]:
+    def request(self, req_id: str, prompt: list[int], extra_args: dict | None) -> RequestGuidance:
         state = self.requests.get(req_id)
         if state is None:
-            # Checked when the request arrived (patches.input_processor); a failure here is a bug.
-            scale, negative = request_guidance(extra_args, prompt, self.rule, self.scale_default, self.vocab_size)
-            state = self.requests[req_id] = (scale, np.asarray(negative, dtype=np.int64))
+            guided = companion_of(extra_args)
+            own = np.asarray(prompt, dtype=np.int64)  # a paired sequence's second branch repeats it
+            if guided is not None:
+                state = RequestGuidance(1.0, own, partner=guided, companion=True)
+            else:
+                # Checked when the request arrived (patches.input_processor); a failure here is a bug.
+                scale, negative = request_guidance(extra_args, prompt, self.rule, self.scale_default, self.vocab_size)
+                if needs_companion(prompt, negative):
+                    state = RequestGuidance(scale, own, partner=req_id + COMPANION_SUFFIX)
+                else:
+                    state = RequestGuidance(scale, np.asarray(negative, dtype=np.int64))
+            self.requests[req_id] = state
         return state
 
     def prepare(self, runner, num_tokens_padded: int) -> None:
         """Fill the inputs of the runner's next forward, of `num_tokens_padded` tokens
-        (ValueError, before the forward, past the buffers)."""
+        (ValueError, before the forward, past the buffers), and mark for discarding the paired
+        requests that run without their partner this step."""
         if num_tokens_padded > self.uncond_override.numel():
             raise ValueError(
                 f"a batch of {num_tokens_padded} tokens exceeds the guidance inputs' "
@@ -183,16 +209,18 @@ class GuidanceBatch:
         counts = np.diff(starts)
         total = int(starts[-1])
         scale = np.full(num_tokens_padded, self.scale_default, dtype=np.float32)
-        scale[:total] = np.repeat(np.array([s for s, _ in states], dtype=np.float32), counts)
+        scale[:total] = np.repeat(np.array([s.scale for s in states], dtype=np.float32), counts)
         override = np.full(num_tokens_padded, -1, dtype=np.int64)
         computed = batch.num_computed_tokens_cpu[:num_reqs]
-        prompt_lens = np.array([len(negative) for _, negative in states])
-        for i in np.nonzero(computed < prompt_lens)[0]:  # requests with prompt tokens in this step
-            first, negative = int(computed[i]), states[i][1]
-            n = min(int(counts[i]), len(negative) - first)
-            override[starts[i] : starts[i] + n] = negative[first : first + n]
+        for i, state in enumerate(states):
+            negative = state.override
+            if computed[i] < len(negative):  # prompt tokens in this step
+                first = int(computed[i])
+                n = min(int(counts[i]), len(negative) - first)
+                override[starts[i] : starts[i] + n] = negative[first : first + n]
         self.uncond_override[:num_tokens_padded].copy_(torch.from_numpy(override), non_blocking=True)
         self.token_scale[:num_tokens_padded].copy_(torch.from_numpy(scale), non_blocking=True)
+        self._pair(runner, states, starts, computed)
         if self.grid is not None:
             # Token t sits at position computed + its offset in the request (vLLM's positions) and
             # its row predicts the next position: stream index that minus the prompt's length.
@@ -202,6 +230,59 @@ class GuidanceBatch:
             self.token_class[:num_tokens_padded].copy_(
                 torch.from_numpy(self.grid.slot_classes(index)), non_blocking=True
             )
+
+    def _pair(self, runner, states: list[RequestGuidance], starts: np.ndarray, computed: np.ndarray) -> None:
+        """Pair the rows of the batch's paired requests (`partner_token`, `mirrors`), and discard
+        the members whose partner does not sample with them this step."""
+        self.mirrors = []
+        if not any(s.partner for s in states):
+            self.has_partners = False
+            return
+        batch = runner.input_batch
+        num_reqs = len(states)
+        discard = runner.discard_request_mask.np[:num_reqs]
+        windows = [
+            stream_window(int(computed[i]), int(starts[i + 1] - starts[i]), int(batch.num_tokens_no_spec[i]))
+            for i in range(num_reqs)
+        ]
+        partner = np.full(self.partner_token.numel(), -1, dtype=np.int64)
+        alone = []
+        for i, state in enumerate(states):
+            if state.partner is None or state.companion or discard[i]:
+                continue
+            j = batch.req_id_to_index.get(state.partner)
+            if j is None or discard[j] or windows[i] != windows[j]:
+                alone.append(i)
+                continue
+            w = windows[i]
+            partner[starts[i + 1] - w : starts[i + 1]] = np.arange(starts[j + 1] - w, starts[j + 1])
+            self.mirrors.append((i, j))
+        for j, state in enumerate(states):  # companions whose request does not sample with them
+            if state.companion and not discard[j] and j not in {m[1] for m in self.mirrors}:
+                alone.append(j)
+        if alone:
+            discard[alone] = True
+            runner.discard_request_mask.copy_to_gpu(num_reqs)
+        self.partner_token.copy_(torch.from_numpy(partner), non_blocking=True)
+        self.has_partners = bool(self.mirrors)
+
+    def unconditional_rows(self, rows: torch.Tensor, cond_logits: torch.Tensor, uncond_logits: torch.Tensor):
+        """[R, V] unconditional logits of R rows (`rows`: their token indices in the batch): a
+        paired request's rows take its companion's logits at the same place of the stream."""
+        if not self.has_partners:
+            return uncond_logits
+        partner = self.partner_token[rows]
+        row_of_token = torch.full_like(self.partner_token, -1)
+        row_of_token[rows] = torch.arange(rows.numel(), device=rows.device)
+        partner_row = row_of_token[partner.clamp(min=0)]
+        paired = (partner >= 0) & (partner_row >= 0)
+        return torch.where(paired[:, None], cond_logits[partner_row.clamp(min=0)], uncond_logits)
+
+    def mirror_samples(self, sampled_token_ids: torch.Tensor) -> None:
+        """[requests, rows] sampled tokens: each companion takes its request's (in place)."""
+        if self.mirrors:
+            to_request, to_companion = zip(*self.mirrors)
+            sampled_token_ids[list(to_companion)] = sampled_token_ids[list(to_request)]
 
     def unconditional_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T], the unconditional branch's ids (within a compiled forward)."""

@@ -10,7 +10,9 @@ subclasses).
   request's SJD++ state and guidance inputs are forgotten.
 - `_update_states`: on runners with the race sampler, requests raced by position-keyed noise lose
   their generators (never drawn from), so vLLM has none to rewind after a partial prefill.
-- `_preprocess`: a guided model's per-token guidance inputs are filled before each forward.
+- `_preprocess`: a guided model's per-token guidance inputs are filled before each forward
+  (paired requests running without their partner are discarded there: `guidance.pairing`).
+- `_sample`: a guided request's companion takes the tokens its request sampled.
 - On the CPU platform only, `_sample` and `_bookkeeping_sync`: a seeded request whose prompt is
   prefilled in chunks crashed the engine: for the token sampled and discarded after a partial
   prefill, `_bookkeeping_sync` rewinds the request's generator with `set_offset`, which CPU
@@ -102,6 +104,18 @@ def _patch_guidance_inputs() -> None:
         return out
 
     GPUModelRunner._preprocess = preprocess_with_guidance
+
+    sample = GPUModelRunner._sample
+
+    @functools.wraps(sample)
+    def sample_with_companions(self, *args, **kwargs):
+        output = sample(self, *args, **kwargs)
+        guidance = getattr(self.get_model(), "guidance", None)
+        if guidance is not None:
+            guidance.mirror_samples(output.sampled_token_ids)
+        return output
+
+    GPUModelRunner._sample = sample_with_companions
 
 
 def _discarded_cpu_generators(runner) -> dict[int, torch.Generator]:

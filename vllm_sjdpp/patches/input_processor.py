@@ -35,11 +35,14 @@ class ModelFacts:
     max_model_len: int
     sjdpp: SJDPPConfig | None  # the server's SJD++ options; None: not an SJD++ engine
     limits: tuple[int, int, int | None]
+    pairs: bool  # the scheduler pairs requests (negative prompts of another length)
+    max_num_seqs: int
 
     @classmethod
     def of(cls, vllm_config: Any) -> "ModelFacts":
         from ..families import family_of
         from ..guidance.cfg import default_scale, served_rule
+        from .scheduler import pairs_supported
 
         model_config = vllm_config.model_config
         hf_config = model_config.hf_config
@@ -55,6 +58,8 @@ class ModelFacts:
             max_model_len=model_config.max_model_len,
             sjdpp=SJDPPConfig.from_dict(options) if is_sjdpp(vllm_config.speculative_config) else None,
             limits=model_limits(model_config),
+            pairs=pairs_supported(vllm_config),
+            max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
         )
 
 
@@ -64,6 +69,7 @@ def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> N
 
     from ..families.base import check_sampling_for_image_codes
     from ..guidance.cfg import request_guidance
+    from ..guidance.pairing import needs_companion
 
     if prompt is None and facts.rule is not None:
         raise VLLMValidationError("a model served with guidance takes token-id or text prompts, not embeddings")
@@ -80,7 +86,9 @@ def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> N
             config = facts.sjdpp.for_request(params.extra_args)
             if config is not None:
                 config.check_model(*facts.limits, option_prefix=REQUEST_PREFIX)
-        request_guidance(params.extra_args, prompt or [], facts.rule, facts.scale_default, facts.vocab_size)
+        guidance = request_guidance(params.extra_args, prompt or [], facts.rule, facts.scale_default, facts.vocab_size)
+        if guidance is not None and needs_companion(prompt, guidance[1]):
+            check_paired(facts, prompt, guidance[1], params)
     except ValueError as e:
         raise VLLMValidationError(str(e), parameter="vllm_xargs", value=params.extra_args) from None
     if facts.image_codes is not None:
@@ -90,11 +98,36 @@ def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> N
             raise VLLMValidationError(str(e)) from None
 
 
+def check_paired(facts: ModelFacts, prompt: list[int], negative: list[int], params: Any) -> None:
+    """A negative prompt of another length runs as a second sequence (`guidance.pairing`), which
+    must fit the context as the prompt does.  Raises ValueError naming the option."""
+    from ..guidance.cfg import NEGATIVE_PROMPT_KEY
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"guidance option {NEGATIVE_PROMPT_KEY!r} of {len(negative)} tokens (the prompt has "
+                          f"{len(prompt)}): {why}")
+
+    if not facts.pairs:
+        raise refuse("a negative prompt of another length needs the paired scheduler, which runs without "
+                     "--async-scheduling and without --scheduler-cls")
+    if facts.max_num_seqs < 2:
+        raise refuse("it runs as a second sequence: --max-num-seqs must be at least 2")
+    if params.prompt_logprobs is not None:
+        raise refuse("prompt_logprobs are not available (the two contexts have no common prompt positions)")
+    generated = facts.image_tokens if facts.image_tokens is not None else (
+        params.max_tokens if params.max_tokens is not None else facts.max_model_len - len(prompt)
+    )
+    if len(negative) + generated > facts.max_model_len:
+        raise refuse(f"it and the {generated} generated tokens exceed the maximum context length, "
+                     f"{facts.max_model_len} (lower max_tokens or shorten it)")
+
+
 def apply() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
     from ..guidance.cfg import NEGATIVE_PROMPT_KEY
+    from ..guidance.pairing import needs_companion
 
     process_inputs = InputProcessor.process_inputs
 
@@ -111,8 +144,11 @@ def apply() -> None:
         negative = (params.extra_args or {}).get(NEGATIVE_PROMPT_KEY)
         if negative is not None:
             # The uncond branch's KV depends on it: blocks must not be shared with other
-            # negative prompts (vLLM hashes the salt into the first block).
-            request.cache_salt = hashlib.sha256(repr((request.cache_salt, list(negative))).encode()).hexdigest()
+            # negative prompts (vLLM hashes the salt into the first block).  A paired request's
+            # sequences (its own and its companion's) repeat their prompt in that branch: one
+            # salt for all of them, so that prompts and negative prompts are cached across requests.
+            key = "paired" if needs_companion(request.prompt_token_ids, negative) else list(negative)
+            request.cache_salt = hashlib.sha256(repr((request.cache_salt, key)).encode()).hexdigest()
         return request
 
     InputProcessor.process_inputs = process_inputs_checking_requests

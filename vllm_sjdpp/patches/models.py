@@ -39,10 +39,11 @@ def apply() -> None:
         return staticmethod(hook)
 
     def config_hook(function: str):
-        # verify_and_update_config runs on the whole VllmConfig: the parallel modes guidance refuses.
+        # verify_and_update_config runs on the whole VllmConfig: the parallel modes guidance refuses,
+        # and the scheduler that pairs requests.
         return type("GuidedConfig", (VerifyAndUpdateConfig,), {
             "verify_and_update_model_config": call(function),
-            "verify_and_update_config": call("vllm_sjdpp.guidance.llama:check_parallelism"),
+            "verify_and_update_config": call("vllm_sjdpp.guidance.llama:guided_engine_config_hook"),
         })
 
     MODELS_CONFIG_MAP[GUIDED_LLAMA] = config_hook("vllm_sjdpp.guidance.llama:guided_llama_config_hook")

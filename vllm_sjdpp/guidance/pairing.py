@@ -1,0 +1,67 @@
+"""Paired requests: guidance with an unconditional context of another length than the prompt.
+
+A guided sequence runs both branches at the same positions (`cfg`), so its unconditional prompt
+must have the prompt's length.  A request whose negative prompt has another length (Emu3's
+documented one, any user's) runs as two sequences instead: the request P, and a companion U
+whose prompt is the negative prompt.  The scheduler (`patches.scheduler.PairedScheduler`) adds
+U with P, keeps them in step and ends them together; the model runner combines, at every row P
+samples, P's conditional logits with U's logits at the same place in the generated stream:
+
+    l = l_U + s * (l_P - l_U)
+
+exactly what transformers' unbatched guidance computes (the negative prompt with its own cache,
+at its own length).  U samples nothing of its own: it takes P's tokens, and the scheduler hands
+it P's drafts, so both sequences always hold the same generated tokens.
+
+A step is joint when both members are in the batch and both reach the end of what they hold
+(the row that samples).  The scheduler never lets a member alone past that point on purpose;
+when the token budget or a preemption splits a pair anyway, the member that ran alone is
+discarded by the runner (its sampled tokens dropped, as vLLM drops a partial prefill's) and the
+scheduler rolls it back.  Both sequences keep their own paged KV (each run with no unconditional
+override: one branch of each is not used), so a negative prompt shared by many requests is
+cached once, whatever their prompts.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+# In the companion's SamplingParams.extra_args: the request id of the request it guides.
+COMPANION_OF_KEY = "guidance_companion_of"
+COMPANION_SUFFIX = "::uncond"
+
+
+def companion_id(req_id: str) -> str:
+    return req_id + COMPANION_SUFFIX
+
+
+def companion_of(extra_args: dict | None) -> str | None:
+    """The request a companion guides; None for any other request."""
+    return (extra_args or {}).get(COMPANION_OF_KEY)
+
+
+def needs_companion(prompt: list[int] | None, negative: list[int] | None) -> bool:
+    """Whether an unconditional prompt runs as a sequence of its own."""
+    return negative is not None and prompt is not None and len(negative) != len(prompt)
+
+
+def companion_params(params: Any, req_id: str, negative_key: str) -> Any:
+    """The companion's SamplingParams: the request's (the same stop conditions and length, so it
+    ends when the request does), without its negative prompt and log probabilities, decoded
+    plainly (its drafts are the request's), marked as the companion of `req_id`."""
+    companion = copy.copy(params)
+    args = {k: v for k, v in (params.extra_args or {}).items() if k != negative_key}
+    args[COMPANION_OF_KEY] = req_id
+    args["sjdpp_disable"] = True
+    companion.extra_args = args
+    companion.logprobs = None
+    companion.prompt_logprobs = None
+    return companion
+
+
+def stream_window(num_computed: int, num_scheduled: int, num_tokens: int) -> int:
+    """How many of a sequence's scheduled tokens sit at or past its last committed token: the rows
+    that sample (1 + the drafts); 0 for a partial prefill.  `num_computed` is the count before
+    the step, `num_tokens` the prompt and the committed output."""
+    return max(num_computed + num_scheduled - (num_tokens - 1), 0)

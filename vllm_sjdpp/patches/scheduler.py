@@ -1,0 +1,237 @@
+"""`PairedScheduler`: vLLM's scheduler (vllm/v1/core/sched/scheduler.py, `Scheduler`) keeping the
+pairs of `guidance.pairing` together; vLLM takes it through `SchedulerConfig.scheduler_cls`,
+which the guided architectures' config hook sets (`install`).
+
+What it adds to vLLM's scheduling, each in the one method vLLM's own scheduler calls for it:
+- `add_request`: a request whose negative prompt has another length brings its companion.
+- `_reserve_prefill_lookahead` (every chunk of a running request passes through it): a running
+  member goes past its last committed token only when its partner is there too; before that
+  point each member prefills on its own, in chunks of any size.
+- `schedule`: before vLLM's pass, a member whose partner was preempted is preempted too (it would
+  hold its blocks while waiting), and each companion follows its request in the running queue
+  (a pair that ran apart last step goes first); after it, the windows of a joint step are cut
+  to the shorter one (vLLM's budget or context limit may trim one member's drafts).
+- `update_from_output`: a member the runner discarded (it ran without its partner) is rolled back
+  to its last committed token; a companion's outputs never leave the engine; when one member
+  ends, so does the other.
+- `update_draft_token_ids`: the companion takes its request's drafts.
+- `finish_requests`: aborting a request aborts its companion.
+"""
+
+from __future__ import annotations
+
+import time
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+from vllm.v1.request import Request, RequestStatus
+
+from ..guidance.cfg import NEGATIVE_PROMPT_KEY
+from ..guidance.pairing import companion_id, companion_params, needs_companion
+
+logger = init_logger("vllm.sjdpp")
+
+SCHEDULER_CLS = "vllm_sjdpp.patches.scheduler.PairedScheduler"
+
+
+def install(vllm_config) -> None:
+    """Run guided models with the paired scheduler (synchronous: companions take their
+    request's tokens when its step returns).  A scheduler or asynchronous scheduling chosen on
+    the command line is kept; then negative prompts of another length are refused."""
+    scheduler = vllm_config.scheduler_config
+    if scheduler.scheduler_cls is None and not scheduler.async_scheduling:
+        scheduler.async_scheduling = False
+        scheduler.scheduler_cls = SCHEDULER_CLS
+
+
+def pairs_supported(vllm_config) -> bool:
+    return vllm_config.scheduler_config.scheduler_cls in (SCHEDULER_CLS, PairedScheduler)
+
+
+class PairedScheduler(Scheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.partners: dict[str, str] = {}  # both ways: request <-> companion
+        self.companions: set[str] = set()
+        self.split_pairs: set[str] = set()  # requests whose pair ran apart last step
+
+    # Arrival and end ----------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        super().add_request(request)
+        params = request.sampling_params
+        negative = (params.extra_args or {}).get(NEGATIVE_PROMPT_KEY) if params is not None else None
+        if not needs_companion(request.prompt_token_ids, negative) or request.request_id in self.partners:
+            return
+        companion = Request(
+            request_id=companion_id(request.request_id),
+            prompt_token_ids=list(negative),
+            sampling_params=companion_params(params, request.request_id, NEGATIVE_PROMPT_KEY),
+            pooling_params=None,
+            client_index=request.client_index,
+            arrival_time=request.arrival_time,
+            lora_request=request.lora_request,
+            cache_salt=request.cache_salt,  # the input processor's salt of sequences run unguided
+            priority=request.priority,
+            block_hasher=request._block_hasher,
+        )
+        super().add_request(companion)
+        self.partners[request.request_id] = companion.request_id
+        self.partners[companion.request_id] = request.request_id
+        self.companions.add(companion.request_id)
+
+    def finish_requests(self, request_ids, finished_status):
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        if request_ids is not None:
+            request_ids = set(request_ids)
+            request_ids |= {self.partners[r] for r in request_ids if r in self.partners}
+        finished = super().finish_requests(request_ids, finished_status)
+        self._forget_ended_pairs()
+        return [r for r in finished if r.request_id not in self.companions]
+
+    def _alive(self, req_id: str) -> Request | None:
+        request = self.requests.get(req_id)
+        return None if request is None or request.is_finished() else request
+
+    def _forget_ended_pairs(self) -> None:
+        for req_id in [r for r in self.partners if r not in self.companions]:
+            uncond = self.partners[req_id]
+            if self._alive(req_id) is None and self._alive(uncond) is None:
+                del self.partners[req_id], self.partners[uncond]
+                self.companions.discard(uncond)
+                self.split_pairs.discard(req_id)
+
+    # Scheduling ---------------------------------------------------------------------------
+
+    def _ready(self, request: Request) -> bool:
+        """Running and holding everything but its last committed token."""
+        return request.status == RequestStatus.RUNNING and request.num_computed_tokens >= request.num_tokens - 1
+
+    def _reserve_prefill_lookahead(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        partner_id = self.partners.get(request.request_id)
+        if partner_id is None or request.status != RequestStatus.RUNNING:
+            return num_new_tokens  # admission: its partner is admitted right after it, or the step is discarded
+        partner = self._alive(partner_id)
+        hold = request.num_tokens - 1
+        if num_computed_tokens + num_new_tokens > hold and (partner is None or not self._ready(partner)):
+            return max(hold - num_computed_tokens, 0)
+        return num_new_tokens
+
+    def schedule(self, *args, **kwargs):
+        if self.partners:
+            self._settle_pairs()
+        output = super().schedule(*args, **kwargs)
+        if self.partners:
+            self._align_windows(output)
+        return output
+
+    def _settle_pairs(self) -> None:
+        now = time.monotonic()
+        for request in list(self.running):
+            partner = self._alive(self.partners.get(request.request_id, ""))
+            if partner is not None and partner.status == RequestStatus.PREEMPTED:
+                self.running.remove(request)
+                self._preempt_request(request, now)
+        first, rest = [], []
+        running = {r.request_id for r in self.running}
+        for request in self.running:
+            req_id = request.request_id
+            if req_id in self.companions and self.partners[req_id] in running:
+                continue  # placed right after its request
+            group = first if req_id in self.split_pairs else rest
+            group.append(request)
+            uncond = self.partners.get(req_id)
+            if uncond is not None and uncond in running and req_id not in self.companions:
+                group.append(self.requests[uncond])
+        self.running = first + rest
+
+    def _align_windows(self, output) -> None:
+        """Cut the longer window of a joint step to the shorter one (drafts only: a window is
+        1 + its drafts)."""
+        scheduled = output.num_scheduled_tokens
+        for uncond in self.companions:
+            req_id = self.partners[uncond]
+            if req_id not in scheduled or uncond not in scheduled:
+                continue
+            members = [self.requests[req_id], self.requests[uncond]]
+            # num_computed_tokens already counts this step's tokens (vLLM advances it in schedule).
+            windows = [max(r.num_computed_tokens - (r.num_tokens - 1), 0) for r in members]
+            if min(windows) == 0 or windows[0] == windows[1]:
+                continue
+            longer = members[windows[1] > windows[0]]
+            cut = abs(windows[0] - windows[1])
+            drafts = output.scheduled_spec_decode_tokens[longer.request_id]
+            del drafts[len(drafts) - cut :]
+            if not drafts:
+                del output.scheduled_spec_decode_tokens[longer.request_id]
+            scheduled[longer.request_id] -= cut
+            output.total_num_scheduled_tokens -= cut
+            longer.num_computed_tokens -= cut
+            longer.num_in_flight_tokens -= cut
+
+    # After the step -----------------------------------------------------------------------
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        sampling = [
+            r for r in scheduler_output.num_scheduled_tokens
+            if r in self.partners and (q := self._alive(r)) is not None and q.num_computed_tokens >= q.num_tokens
+        ]
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if not self.partners:
+            return outputs
+        sampled = model_runner_output.sampled_token_ids
+        index = model_runner_output.req_id_to_index
+        for req_id in sampling:
+            request = self._alive(req_id)
+            if request is None or (sampled and sampled[index[req_id]]):
+                continue
+            # Ran without its partner: the runner dropped its tokens; back to its last one.
+            request.num_computed_tokens = request.num_tokens - 1
+            request.is_prefill_chunk = True
+            request.spec_token_ids = []
+            self.split_pairs.add(req_id if req_id not in self.companions else self.partners[req_id])
+        self._end_with_partner(outputs)
+        for client_outputs in outputs.values():
+            client_outputs.outputs = [o for o in client_outputs.outputs if o.request_id not in self.companions]
+            if client_outputs.finished_requests:
+                client_outputs.finished_requests -= self.companions
+        self._forget_ended_pairs()
+        return outputs
+
+    def _end_with_partner(self, outputs) -> None:
+        """A member that ended ends its partner.  Both end in the same step when they stop on
+        their shared tokens; otherwise (a companion cut by the context) the request is aborted,
+        and its client is told."""
+        for uncond in list(self.companions):
+            req_id = self.partners[uncond]
+            request, companion = self._alive(req_id), self._alive(uncond)
+            if (request is None) == (companion is None):
+                continue
+            if request is None:
+                super().finish_requests([uncond], RequestStatus.FINISHED_ABORTED)
+                continue
+            logger.error("guidance: the negative prompt's sequence of request %s ended first; request aborted", req_id)
+            super().finish_requests([req_id], RequestStatus.FINISHED_ABORTED)
+            self.split_pairs.discard(req_id)
+            client = outputs.setdefault(request.client_index, EngineCoreOutputs())
+            client.outputs.append(
+                EngineCoreOutput(request_id=req_id, new_token_ids=[], finish_reason=FinishReason.ABORT)
+            )
+
+    def update_draft_token_ids(self, draft_token_ids) -> None:
+        super().update_draft_token_ids(draft_token_ids)
+        for uncond in self.companions:
+            request, companion = self._alive(self.partners[uncond]), self._alive(uncond)
+            if request is not None and companion is not None and not companion.is_prefill_chunk:
+                companion.spec_token_ids = [] if request.is_prefill_chunk else list(request.spec_token_ids)
+
+    def make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
+                                 num_invalid_spec_tokens, request_id):
+        if request_id in self.companions:  # its drafts are its request's, counted there
+            return spec_decoding_stats
+        return super().make_spec_decoding_stats(
+            spec_decoding_stats, num_draft_tokens, num_accepted_tokens, num_invalid_spec_tokens, request_id
+        )
