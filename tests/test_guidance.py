@@ -25,6 +25,8 @@ def test_request_defaults_and_overrides():
     negative = [0, 1, 1, 9]
     assert request_guidance({"negative_prompt_token_ids": negative}, PROMPT, RULE, 1.0, 10) == (1.0, negative)
     assert request_guidance({}, PROMPT, None, 1.0, 10) is None  # an unguided model
+    for other_length in ([0, 1, 9], [0, 1, 1, 1, 9]):  # runs paired (guidance.pairing)
+        assert request_guidance({"negative_prompt_token_ids": other_length}, PROMPT, RULE, 1.0, 10) == (1.0, other_length)
 
 
 @pytest.mark.parametrize(
@@ -34,7 +36,7 @@ def test_request_defaults_and_overrides():
         ({"guidance_scale": float("nan")}, "guidance_scale"),
         ({"guidance_scale": "3"}, "guidance_scale"),
         ({"guidance_scale": True}, "guidance_scale"),
-        ({"negative_prompt_token_ids": [0, 1, 9]}, "another length is not supported"),  # shorter
+        ({"negative_prompt_token_ids": []}, "at least one token id"),
         ({"negative_prompt_token_ids": [0, 1, 1, 10]}, r"\[0, 10\)"),  # past the vocabulary
         ({"negative_prompt_token_ids": [0, 1, -1, 9]}, "negative_prompt_token_ids"),
         ({"negative_prompt_token_ids": "0 1 1 9"}, "negative_prompt_token_ids"),

@@ -261,10 +261,15 @@ class GuidanceBatch:
             if state.companion and not discard[j] and j not in {m[1] for m in self.mirrors}:
                 alone.append(j)
         if alone:
-            discard[alone] = True
-            runner.discard_request_mask.copy_to_gpu(num_reqs)
+            self._discard(runner, alone)
         self.partner_token.copy_(torch.from_numpy(partner), non_blocking=True)
         self.has_partners = bool(self.mirrors)
+
+    @staticmethod
+    def _discard(runner, rows: list[int]) -> None:
+        """The runner drops these requests' sampled tokens, as it drops a partial prefill's."""
+        runner.discard_request_mask.np[rows] = True
+        runner.discard_request_mask.copy_to_gpu(runner.input_batch.num_reqs)
 
     def unconditional_rows(self, rows: torch.Tensor, cond_logits: torch.Tensor, uncond_logits: torch.Tensor):
         """[R, V] unconditional logits of R rows (`rows`: their token indices in the batch): a

@@ -40,6 +40,7 @@ class Member:
 
 
 RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+SCHEDULER = "vllm.v1.core.sched.scheduler:Scheduler"
 REJECTION = "vllm.v1.sample.rejection_sampler"
 CLASS_MEMBERS = (
     # The model runner's methods the patches wrap or call (patches.gpu_model_runner).
@@ -49,7 +50,7 @@ CLASS_MEMBERS = (
     Member(RUNNER, "_update_states", ("self", "scheduler_output")),
     Member("vllm.v1.worker.gpu_input_batch:CachedRequestState", "generator"),
     Member(RUNNER, "_calc_spec_decode_metadata", ("self", "num_draft_tokens", "cu_num_scheduled_tokens")),
-    Member(RUNNER, "_sample", ("self", "logits", "spec_decode_metadata"), cpu=True),
+    Member(RUNNER, "_sample", ("self", "logits", "spec_decode_metadata")),
     Member(RUNNER, "_bookkeeping_sync", ("self", "scheduler_output", "sampler_output"), cpu=True),
     Member(RUNNER, "get_model", ("self",)),
     Member("vllm.v1.worker.gpu_input_batch:CachedRequestState", "prompt_token_ids"),
@@ -74,6 +75,22 @@ CLASS_MEMBERS = (
     Member("vllm.v1.sample.ops.topk_topp_sampler", "sample_with_exponential_noise", ("probs", "q")),
     Member("vllm.v1.outputs:SamplerOutput", "sampled_token_ids"),
     Member("vllm.v1.outputs:SamplerOutput", "logprobs_tensors"),
+    # The scheduler the paired scheduler subclasses (patches.scheduler).
+    *(Member(SCHEDULER, name, params) for name, params in (
+        ("add_request", ("self", "request")),
+        ("finish_requests", ("self", "request_ids", "finished_status")),
+        ("schedule", ("self",)),
+        ("_reserve_prefill_lookahead", ("self", "request", "num_computed_tokens", "num_new_tokens")),
+        ("_preempt_request", ("self", "request", "timestamp")),
+        ("update_from_output", ("self", "scheduler_output", "model_runner_output")),
+        ("update_draft_token_ids", ("self", "draft_token_ids")),
+        ("make_spec_decoding_stats", ("self", "spec_decoding_stats", "num_draft_tokens", "num_accepted_tokens",
+                                      "num_invalid_spec_tokens", "request_id")),
+    )),
+    Member("vllm.v1.request:Request", "__init__", ("self", "request_id", "prompt_token_ids", "sampling_params")),
+    *(Member("vllm.v1.core.sched.output:SchedulerOutput", f) for f in (
+        "num_scheduled_tokens", "total_num_scheduled_tokens", "scheduled_spec_decode_tokens")),
+    Member("vllm.config:SchedulerConfig", "scheduler_cls"),
     # Engine arguments (patches.arg_utils).
     Member("vllm.engine.arg_utils:EngineArgs", "add_cli_args", ("parser",)),
     Member("vllm.engine.arg_utils:EngineArgs", "create_speculative_config",

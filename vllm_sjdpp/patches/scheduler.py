@@ -7,10 +7,10 @@ What it adds to vLLM's scheduling, each in the one method vLLM's own scheduler c
 - `_reserve_prefill_lookahead` (every chunk of a running request passes through it): a running
   member goes past its last committed token only when its partner is there too; before that
   point each member prefills on its own, in chunks of any size.
-- `schedule`: before vLLM's pass, a member whose partner was preempted is preempted too (it would
-  hold its blocks while waiting), and each companion follows its request in the running queue
-  (a pair that ran apart last step goes first); after it, the windows of a joint step are cut
-  to the shorter one (vLLM's budget or context limit may trim one member's drafts).
+- `schedule`: before vLLM's pass, each companion follows its request in the running queue (a
+  pair that ran apart last step goes first); after it, the windows of a joint step are cut to
+  the shorter one (vLLM's budget or context limit may trim one member's drafts), and when
+  nothing could be scheduled, members held for a partner that cannot be admitted are preempted.
 - `update_from_output`: a member the runner discarded (it ran without its partner) is rolled back
   to its last committed token; a companion's outputs never leave the engine; when one member
   ends, so does the other.
@@ -122,19 +122,17 @@ class PairedScheduler(Scheduler):
 
     def schedule(self, *args, **kwargs):
         if self.partners:
-            self._settle_pairs()
+            self._order_pairs()
         output = super().schedule(*args, **kwargs)
         if self.partners:
             self._align_windows(output)
+            if not output.total_num_scheduled_tokens:
+                self._release_held_members()
         return output
 
-    def _settle_pairs(self) -> None:
-        now = time.monotonic()
-        for request in list(self.running):
-            partner = self._alive(self.partners.get(request.request_id, ""))
-            if partner is not None and partner.status == RequestStatus.PREEMPTED:
-                self.running.remove(request)
-                self._preempt_request(request, now)
+    def _order_pairs(self) -> None:
+        """Each companion right after its request in the running queue, pairs that ran apart last
+        step first: vLLM's budget then rarely splits a pair twice."""
         first, rest = [], []
         running = {r.request_id for r in self.running}
         for request in self.running:
@@ -147,6 +145,21 @@ class PairedScheduler(Scheduler):
             if uncond is not None and uncond in running and req_id not in self.companions:
                 group.append(self.requests[uncond])
         self.running = first + rest
+
+    def _release_held_members(self) -> None:
+        """Nothing could be scheduled: running members held for a partner that cannot be
+        admitted (no free blocks) would wait forever.  They are preempted, each queued behind its
+        partner, so that the partner is admitted first."""
+        now = time.monotonic()
+        for request in list(self.running):
+            partner = self._alive(self.partners.get(request.request_id, ""))
+            if partner is None or partner.status == RequestStatus.RUNNING or not self._ready(request):
+                continue
+            self.running.remove(request)
+            self._preempt_request(request, now)
+            if partner in self.waiting:
+                self.waiting.remove_request(partner)
+                self.waiting.prepend_request(partner)
 
     def _align_windows(self, output) -> None:
         """Cut the longer window of a joint step to the shorter one (drafts only: a window is
