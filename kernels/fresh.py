@@ -49,6 +49,8 @@ class FreshTokens:
     vocab_ids: np.ndarray  # [N] int64: the requests' explicit id lists, concatenated
     grid: StreamGrid | None = None  # the model's stream layout, if it has one
     stream_start: np.ndarray | None = None  # [B] int64: stream index of this step's first committed token
+    grid_rows: np.ndarray | None = None  # [B] int64: each request's grid size (rows, codes per row)
+    grid_codes_per_row: np.ndarray | None = None
 
     @classmethod
     def build(
@@ -59,7 +61,9 @@ class FreshTokens:
         row_width: Sequence[int | None] | None = None,
         grid: StreamGrid | None = None,
         stream_start: Sequence[int] | None = None,
+        grids: Sequence[StreamGrid] | None = None,
     ) -> "FreshTokens":
+        """`grids`: each request's grid (its size; the ids are `grid`'s), None: `grid` for all."""
         lists = [v for v in vocabularies if not isinstance(v, range)]
         start, size, offset = [], [], 0
         for v in vocabularies:
@@ -82,6 +86,10 @@ class FreshTokens:
             vocab_ids=np.array([t for v in lists for t in v], dtype=np.int64),
             grid=grid,
             stream_start=None if grid is None else np.asarray(stream_start, dtype=np.int64),
+            grid_rows=None if grid is None else np.array([g.rows for g in grids or [grid] * len(init)], dtype=np.int64),
+            grid_codes_per_row=None if grid is None else np.array(
+                [g.codes_per_row for g in grids or [grid] * len(init)], dtype=np.int64
+            ),
         )
 
 
@@ -134,7 +142,7 @@ def fill_fresh_tokens(
     token = np.where((init != INIT_RANDOM) & (copied >= 0), copied, random_token)
     if fresh.grid is not None:
         grid = fresh.grid
-        must = grid.slot_tokens(fresh.stream_start[req] + c + slot)
+        must = grid.slot_tokens(fresh.stream_start[req] + c + slot, fresh.grid_rows[req], fresh.grid_codes_per_row[req])
         not_code = (token < grid.code_start) | (token >= grid.code_stop)
         token = np.where(must >= 0, must, np.where((must == CODE) & not_code, random_token, token))
     next_tokens[is_fresh] = token[is_fresh]

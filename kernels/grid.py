@@ -8,12 +8,14 @@ followed by an end-of-row token where the model has one, then closing tokens in 
 (Emu3 and the bundled digit model; Janus has no end-of-row or closing tokens in its logits.)
 Stream index g counts generated tokens from 0.  `slot_tokens` says what g may hold; the model
 masks its logits with it (`guidance.cfg`) and fresh drafts follow it (`fresh`), so both read
-this one definition.
+this one definition.  Where each request chooses its image's size (Emu3), one grid holds the
+model's ids and the size comes per request (`slot_tokens`' rows and codes_per_row); `resized`
+is that request's grid.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -57,34 +59,43 @@ class StreamGrid:
         ids = ((self.end_of_row,) if self.end_of_row is not None else ()) + self.closing
         return tuple(dict.fromkeys(ids))
 
+    def resized(self, rows: int, codes_per_row: int) -> "StreamGrid":
+        return replace(self, rows=rows, codes_per_row=codes_per_row)
+
     @property
     def max_token_id(self) -> int:
         return max(self.code_stop - 1, *self.forced_ids)
 
-    def slot_tokens(self, index: np.ndarray) -> np.ndarray:
-        """Stream indices (any shape, int) -> the one token each must be (>= 0), CODE or FREE."""
+    def slot_tokens(self, index: np.ndarray, rows=None, codes_per_row=None) -> np.ndarray:
+        """Stream indices (any shape, int) -> the one token each must be (>= 0), CODE or FREE.
+
+        `rows`, `codes_per_row`: per index (broadcast with it), for grids whose size each request
+        chooses (Emu3's); None: this grid's."""
         index = np.asarray(index, dtype=np.int64)
-        body = self.rows * self.row_width
+        rows = self.rows if rows is None else np.asarray(rows, dtype=np.int64)
+        per_row = self.codes_per_row if codes_per_row is None else np.asarray(codes_per_row, dtype=np.int64)
+        width = per_row + (self.end_of_row is not None)
+        body = rows * width
         out = np.full(index.shape, FREE, dtype=np.int64)
         in_body = (index >= 0) & (index < body)
         out[in_body] = CODE
         if self.end_of_row is not None:
-            out[in_body & (index % self.row_width == self.codes_per_row)] = self.end_of_row
+            out[in_body & (index % np.maximum(width, 1) == per_row)] = self.end_of_row
         if self.closing:
-            tail = (index >= body) & (index < self.length)
-            out[tail] = np.asarray(self.closing, dtype=np.int64)[index[tail] - body]
+            tail = (index >= body) & (index < body + len(self.closing))
+            out[tail] = np.asarray(self.closing, dtype=np.int64)[np.broadcast_to(index - body, index.shape)[tail]]
         return out
 
-    def holds(self, index: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    def holds(self, index: np.ndarray, tokens: np.ndarray, rows=None, codes_per_row=None) -> np.ndarray:
         """Whether each token may stand at its stream index (same shapes)."""
-        must, tokens = self.slot_tokens(index), np.asarray(tokens)
+        must, tokens = self.slot_tokens(index, rows, codes_per_row), np.asarray(tokens)
         is_code = (tokens >= self.code_start) & (tokens < self.code_stop)
         return np.where(must >= 0, tokens == must, (must == FREE) | is_code)
 
-    def slot_classes(self, index: np.ndarray) -> np.ndarray:
+    def slot_classes(self, index: np.ndarray, rows=None, codes_per_row=None) -> np.ndarray:
         """Stream indices -> rows of `forbidden_masks`: 0 anything (FREE), 1 a code, 2 + i the
-        i-th of `forced_ids`."""
-        slot = self.slot_tokens(index)
+        i-th of `forced_ids` (the same classes for every size of the grid)."""
+        slot = self.slot_tokens(index, rows, codes_per_row)
         classes = np.where(slot == FREE, 0, 1)
         for i, token in enumerate(self.forced_ids):
             classes[slot == token] = 2 + i

@@ -170,6 +170,28 @@ def test_seed_zero_and_guidance_scale_zero_are_used(client):
     assert zero.data[0].b64_json != guided.data[0].b64_json  # scale 0 (the unconditional model) is applied
 
 
+def test_negative_prompt_is_the_unconditional_context(client):
+    """The negative prompt goes through the family's prompt template: the prompt itself as the
+    negative prompt makes guidance a no-op (l_u = l_c), so the image equals scale 1's; another
+    class's gives another image than the folder's rule."""
+    kw = dict(model=MODEL, prompt="a handwritten 3")
+    itself = client.images.generate(**kw, extra_body={"seed": 7, "negative_prompt": "a handwritten 3"})
+    unguided = client.images.generate(**kw, extra_body={"seed": 7, "guidance_scale": 1})
+    other = client.images.generate(**kw, extra_body={"seed": 7, "negative_prompt": "a handwritten 5"})
+    rule = client.images.generate(**kw, extra_body={"seed": 7})
+    assert itself.data[0].b64_json == unguided.data[0].b64_json
+    assert len({other.data[0].b64_json, rule.data[0].b64_json, unguided.data[0].b64_json}) == 3
+
+
+@pytest.mark.parametrize("negative", ["", "a red fox", 5, ["a handwritten 5"]])
+def test_a_bad_negative_prompt_is_a_400_naming_it(client, negative):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model=MODEL, prompt="a handwritten 1", extra_body={"negative_prompt": negative})
+    assert e.value.status_code == 400 and e.value.body["param"] == "negative_prompt"
+
+
 def test_32_concurrent_requests_with_disconnecting_clients(server, client):
     """One in ten clients hangs up early; the others complete, the server stays healthy and no
     request is left in the engine."""

@@ -18,6 +18,9 @@ general plugins load in every vLLM process, and installing this one must never b
   config hooks.
 - `input_processor` (vllm/v1/engine/input_processor.py): every request checked (prompt ids,
   context, guidance and SJD++ options, sampling options of image models): HTTP 400s.
+- `scheduler` (vllm/v1/core/sched/scheduler.py): not a patch but a subclass, `PairedScheduler`,
+  which guided models run with (`SchedulerConfig.scheduler_cls`): requests with a negative
+  prompt of another length and their companions, kept in step.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ one.  A seed names one image: the same PNG with SJD++ drafting or disabled (`sjd
 a server without `--speculative-config`, at any load (the position-keyed race, engine/race_sampler.py).
 
 Beyond OpenAI's parameters, the body (`extra_body` in the openai client) takes `guidance_scale`,
+`negative_prompt` (text, in the family's prompt template: the unconditional context of guidance),
 `seed`, `temperature`, `top_k`, `top_p`, any `sjdpp_*` per-request option and `sjdpp_disable`.
 Each image in the response carries `sjdpp`: its seed, tokens, forward passes and tokens per pass.
 With `stream: true` and `partial_images: N` the answer is server-sent events as OpenAI sends them:
@@ -37,7 +38,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from vllm.exceptions import VLLMClientError
 
 from ..config import REQUEST_PREFIX
-from ..guidance.cfg import SCALE_KEY
+from ..guidance.cfg import NEGATIVE_PROMPT_KEY, SCALE_KEY
 
 NAME = "sjdpp_images"
 ROUTE = "/v1/images/generations"
@@ -106,8 +107,11 @@ class ImageRequest:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise BadRequest(f"'{key}' must be a number, got {value!r}", key)
         self.extra_args = {k: v for k, v in body.items() if k.startswith(REQUEST_PREFIX) or k == SCALE_KEY}
+        self.negative_prompt = body.get("negative_prompt")
+        if self.negative_prompt is not None and (not isinstance(self.negative_prompt, str) or not self.negative_prompt.strip()):
+            raise BadRequest("'negative_prompt' must be a non-empty string", "negative_prompt")
         known = {"prompt", "model", "n", "size", "response_format", "output_format", "stream", "partial_images",
-                 "seed", *SAMPLING_KEYS, *IGNORED_KEYS, *self.extra_args}
+                 "seed", "negative_prompt", *SAMPLING_KEYS, *IGNORED_KEYS, *self.extra_args}
         unknown = sorted(set(body) - known)
         if unknown:
             raise BadRequest(f"unknown parameter(s) {unknown}", unknown[0])
@@ -179,6 +183,14 @@ class ImageService:
             return error_response(str(e), e.param)
         except ValueError as e:
             return error_response(str(e), "prompt")
+        if request.negative_prompt is not None:
+            # The family's prompt around the negative text, as transformers builds Emu3's and
+            # Janus's negative prompts; of another length it runs paired (guidance.pairing).
+            try:
+                negative_ids = await asyncio.to_thread(self.family.prompt_ids, request.negative_prompt)
+            except ValueError as e:
+                return error_response(str(e), "negative_prompt")
+            request.extra_args[NEGATIVE_PROMPT_KEY] = negative_ids
         # Every image gets a seed, reported with it: any image can be made again.
         first = secrets.randbelow(MAX_SEED) if request.seed is None else request.seed
         seeds = [first + i for i in range(request.n)]
@@ -264,6 +276,11 @@ def engine_error_param(error: Exception, request: ImageRequest) -> str | None:
     the one the engine names if the body has it, else the sent field that the error's message
     names first (the message without the engine's "(parameter=..., value=...)" suffix, and
     without the list of known options an unknown one is answered with)."""
+    param = _engine_error_field(error, request)
+    return "negative_prompt" if param == NEGATIVE_PROMPT_KEY else param
+
+
+def _engine_error_field(error: Exception, request: ImageRequest) -> str | None:
     param = getattr(error, "parameter", None)
     sent = [*request.sampling, *request.extra_args]
     if param in sent:
