@@ -16,6 +16,7 @@ for a removed request (finished, aborted): a request id that a client reuses sta
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import numpy as np
 from vllm.logger import init_logger
 
 from ..config import ADDITIONAL_CONFIG_KEY, AUTO, AUTO_FALLBACK_BUDGET, SJDPPConfig
-from ..families import logits_size, stream_grid
+from ..families import family_of, logits_size, stream_grid
 from .batch_requests import BatchRequests
 from .goodput import GoodputController
 from .jacobi_state import JacobiStates, RequestState, Window
@@ -160,7 +161,11 @@ class SJDPPRuntime:
         self.goodput = GoodputController(self.config.num_speculative_tokens)
         self.stats = StepStats(lambda: f"; {self.goodput.summary()}" if self.config.draft_token_budget == AUTO else "")
         self.guard = DraftGuard(vocab_size)
-        self.grid = stream_grid(vllm_config.model_config)  # fresh drafts follow it, as the model's logits do
+        # Fresh drafts follow each request's grid, as the model's logits do.
+        self.grid = stream_grid(vllm_config.model_config)
+        self._request_grid = functools.partial(family_of(vllm_config.model_config.hf_config).request_grid,
+                                               vllm_config.model_config.hf_config)
+        self._grids: dict[str, Any] = {}
         self.fallbacks = StepFallbacks()
         # Every worker runs this step; timings differ between them, windows must not.
         self.adaptive = runner.parallel_config.world_size == 1
@@ -179,8 +184,26 @@ class SJDPPRuntime:
         """Change the server's draft-token budget while it runs (in-process benchmarks, tests)."""
         self.states.config = dataclasses.replace(self.states.config, draft_token_budget=budget)
 
+    def request_grids(self, num_reqs: int) -> list | None:
+        """The grid of each running request's image, in batch order (None: the model has none).
+        A prompt that names none (a guidance companion's negative prompt) gets the model's."""
+        if self.grid is None:
+            return None
+        out = []
+        for req_id in self.runner.input_batch.req_ids[:num_reqs]:
+            grid = self._grids.get(req_id)
+            if grid is None:
+                try:
+                    grid = self._request_grid(self.runner.requests[req_id].prompt_token_ids, self.grid)
+                except ValueError:
+                    grid = self.grid
+                self._grids[req_id] = grid
+            out.append(grid)
+        return out
+
     def release(self, req_id: str) -> None:
         """Forget a request (vLLM removed it: finished or aborted)."""
+        self._grids.pop(req_id, None)
         self.states.release(req_id)
         self.batch.forget(req_id)
         self.goodput.forget(req_id)

@@ -127,13 +127,17 @@ class SJDPPSampler(RejectionSampler):
             draft_prob_rows=np.maximum(rows, 0),
             gumbel=np.array([s.noise_key is not None for s in states]),
         )
+        grids = self.runtime.request_grids(num_reqs)
+        # A request's image rows are its grid's, where the model has one (Emu3: a size per request).
+        widths = [c.row_width for c in configs] if grids is None else [g.row_width for g in grids]
         fresh = FreshTokens.build(
             [c.init for c in configs],
             [s.fresh_vocab or range(1) for s in states],  # plain requests draw no fresh tokens
-            self.runtime.history(start, max(c.row_width or 1 for c in configs)),
-            [c.row_width for c in configs],
+            self.runtime.history(start, max(w or 1 for w in widths)),
+            widths,
             self.runtime.grid,
             np.asarray(start) - self.runner.input_batch.num_prompt_tokens[:num_reqs],
+            grids,
         )
         noise = StepNoise.sample_per_request(
             [n + 1 for n in counts], next_len, probs.shape[1], sampling_metadata.generators, device, keys

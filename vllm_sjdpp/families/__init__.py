@@ -16,9 +16,10 @@ from typing import Any
 
 from .base import ImageFamily
 from .digits import DigitsFamily
+from .emu3 import Emu3Family
 from .janus import JanusFamily
 
-FAMILIES: tuple[type[ImageFamily], ...] = (JanusFamily, DigitsFamily)
+FAMILIES: tuple[type[ImageFamily], ...] = (JanusFamily, Emu3Family, DigitsFamily)
 
 
 def family_of(hf_config: Any) -> type[ImageFamily]:

@@ -105,9 +105,32 @@ class ImageFamily:
             raise ValueError(f"config.json {GRID_KEY!r} = {spec!r}: {e}") from None
 
     @classmethod
+    def request_grid(cls, hf_config: Any, prompt: list[int], grid=None):
+        """The grid of the image a request's prompt asks for (`grid`: the model's, if known);
+        a family whose size each request chooses reads it from the prompt (ValueError naming
+        what is wrong).  Here: the model's."""
+        return grid if grid is not None else cls.stream_grid(hf_config)
+
+    @classmethod
+    def default_guidance_scale(cls) -> float:
+        """The guidance scale when generation_config.json names none (1: no guidance)."""
+        return 1.0
+
+    @classmethod
+    def default_sampling(cls) -> dict[str, Any]:
+        """Sampling defaults the family's authors use, where generation_config.json is silent."""
+        return {}
+
+    @classmethod
     def image_tokens(cls, hf_config: Any) -> int | None:
         """Generated tokens per image (a request's max_tokens, with ignore_eos); None: no images."""
         return None
+
+    @classmethod
+    def request_image_tokens(cls, hf_config: Any, prompt: list[int]) -> int | None:
+        """Generated tokens of the image a prompt asks for (ValueError naming what is wrong with
+        the prompt); here every image's."""
+        return cls.image_tokens(hf_config)
 
     # Client side ---------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ another length (Emu3's, Lumina-mGPT's) runs as a sequence of its own, paired wit
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -60,9 +61,10 @@ def served_rule(model_config: Any) -> UnconditionalRule | None:
 
 
 def default_scale(model_config: Any) -> float:
-    """generation_config.json's `guidance_scale` (transformers' name), else 1 (no guidance)."""
+    """generation_config.json's `guidance_scale` (transformers' name), else the family's (1: no
+    guidance)."""
     value = model_config.try_get_generation_config().get(SCALE_KEY)
-    return 1.0 if value is None else float(value)
+    return family_of(model_config.hf_config).default_guidance_scale() if value is None else float(value)
 
 
 def _invalid(key: str, value: Any, allowed: str) -> ValueError:
@@ -113,6 +115,7 @@ class RequestGuidance:
     override: np.ndarray
     partner: str | None = None
     companion: bool = False
+    grid: Any = None  # the grid of its image (`kernels.grid.StreamGrid`), where the model has one
 
 
 class GuidanceBatch:
@@ -136,7 +139,8 @@ class GuidanceBatch:
     """
 
     def __init__(
-        self, rule: UnconditionalRule, scale_default: float, vocab_size: int, size: int, device, grid=None
+        self, rule: UnconditionalRule, scale_default: float, vocab_size: int, size: int, device, grid=None,
+        request_grid=None,
     ):
         if size > MAX_BATCH_TOKENS:
             raise ValueError(f"--max-num-batched-tokens {size}: guided models take at most {MAX_BATCH_TOKENS}")
@@ -150,6 +154,7 @@ class GuidanceBatch:
         self.has_partners = False
         self.mirrors: list[tuple[int, int]] = []  # (request row, companion row) in the batch
         self.grid = grid
+        self.request_grid = request_grid  # prompt -> its image's grid (a family's `request_grid`)
         if grid is not None:
             self.token_class = torch.zeros(size, dtype=torch.long, device=device)
             self.forbidden = torch.from_numpy(grid.forbidden_masks(vocab_size)).to(device)
@@ -159,6 +164,7 @@ class GuidanceBatch:
         """The inputs of a guided model that vLLM builds with `vllm_config` (ValueError naming
         what the folder lacks, or a batch past MAX_BATCH_TOKENS)."""
         model_config = vllm_config.model_config
+        hf_config = model_config.hf_config
         return cls(
             served_rule(model_config),
             default_scale(model_config),
@@ -166,6 +172,7 @@ class GuidanceBatch:
             vllm_config.scheduler_config.max_num_batched_tokens,
             device,
             stream_grid(model_config),
+            functools.partial(family_of(hf_config).request_grid, hf_config),
         )
 
     def forget(self, req_id: str) -> None:
@@ -177,15 +184,16 @@ class GuidanceBatch:
         if state is None:
             guided = companion_of(extra_args)
             own = np.asarray(prompt, dtype=np.int64)  # a paired sequence's second branch repeats it
-            if guided is not None:
-                state = RequestGuidance(1.0, own, partner=guided, companion=True)
+            if guided is not None:  # its rows are not sampled: any grid
+                state = RequestGuidance(1.0, own, partner=guided, companion=True, grid=self.grid)
             else:
                 # Checked when the request arrived (patches.input_processor); a failure here is a bug.
                 scale, negative = request_guidance(extra_args, prompt, self.rule, self.scale_default, self.vocab_size)
+                grid = None if self.grid is None else self.request_grid(prompt, self.grid)
                 if needs_companion(prompt, negative):
-                    state = RequestGuidance(scale, own, partner=req_id + COMPANION_SUFFIX)
+                    state = RequestGuidance(scale, own, partner=req_id + COMPANION_SUFFIX, grid=grid)
                 else:
-                    state = RequestGuidance(scale, np.asarray(negative, dtype=np.int64))
+                    state = RequestGuidance(scale, np.asarray(negative, dtype=np.int64), grid=grid)
             self.requests[req_id] = state
         return state
 
@@ -227,8 +235,12 @@ class GuidanceBatch:
             offset = np.arange(total) - np.repeat(starts[:-1], counts)
             index = np.full(num_tokens_padded, -1, dtype=np.int64)
             index[:total] = np.repeat(computed - batch.num_prompt_tokens[:num_reqs], counts) + offset + 1
+            rows, per_row = (
+                np.concatenate([np.repeat([getattr(s.grid, f) for s in states], counts), np.ones(num_tokens_padded - total, np.int64)])
+                for f in ("rows", "codes_per_row")
+            )
             self.token_class[:num_tokens_padded].copy_(
-                torch.from_numpy(self.grid.slot_classes(index)), non_blocking=True
+                torch.from_numpy(self.grid.slot_classes(index, rows, per_row)), non_blocking=True
             )
 
     def _pair(self, runner, states: list[RequestGuidance], starts: np.ndarray, computed: np.ndarray) -> None:

@@ -171,9 +171,10 @@ class BranchForward:
 class GuidedLlamaModel(BranchForward, LlamaModel):
     """vLLM's Llama stack (the checkpoint's `model.*`), compiled with the branches inside."""
 
-    def __init__(self, *, vllm_config, prefix: str = "", layer_type=GuidedLlamaDecoderLayer):
+    def __init__(self, *, vllm_config, prefix: str = "", layer_type=GuidedLlamaDecoderLayer, guidance_config=None):
+        """`guidance_config`: the engine's config, where `vllm_config` is its text model's (Emu3)."""
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
-        self.guidance = GuidanceBatch.for_model(vllm_config, self.embed_tokens.weight.device)
+        self.guidance = GuidanceBatch.for_model(guidance_config or vllm_config, self.embed_tokens.weight.device)
 
     def branch_stack(self):
         return functools.partial(LlamaModel.forward, self)

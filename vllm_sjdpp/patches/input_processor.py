@@ -30,7 +30,7 @@ class ModelFacts:
     rule: UnconditionalRule | None  # None: not served with guidance
     scale_default: float
     image_codes: int | None  # logits per position of an image model, None: the vocabulary
-    image_tokens: int | None
+    image_tokens: Any  # prompt -> generated tokens of its image (None: the model makes no images)
     vocab_size: int
     max_model_len: int
     sjdpp: SJDPPConfig | None  # the server's SJD++ options; None: not an SJD++ engine
@@ -53,7 +53,7 @@ class ModelFacts:
             rule=rule,
             scale_default=default_scale(model_config) if rule else 1.0,
             image_codes=family.image_vocab_size(hf_config),
-            image_tokens=family.image_tokens(hf_config),
+            image_tokens=functools.partial(family.request_image_tokens, hf_config),
             vocab_size=model_config.get_vocab_size(),
             max_model_len=model_config.max_model_len,
             sjdpp=SJDPPConfig.from_dict(options) if is_sjdpp(vllm_config.speculative_config) else None,
@@ -75,11 +75,15 @@ def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> N
         raise VLLMValidationError("a model served with guidance takes token-id or text prompts, not embeddings")
     if prompt is not None and any(not 0 <= t < facts.vocab_size for t in prompt):
         raise VLLMValidationError(f"prompt token ids must be in [0, {facts.vocab_size})", parameter="prompt")
-    if prompt is not None and facts.image_tokens is not None and len(prompt) + facts.image_tokens > facts.max_model_len:
+    try:
+        image_tokens = facts.image_tokens(prompt) if prompt is not None else None
+    except ValueError as e:
+        raise VLLMValidationError(str(e), parameter="prompt") from None
+    if image_tokens is not None and len(prompt) + image_tokens > facts.max_model_len:
         # vLLM would cut max_tokens to what fits: a partial image.
         raise VLLMValidationError(
             f"this model's maximum context length is {facts.max_model_len} tokens: the prompt "
-            f"({len(prompt)} tokens) and one image ({facts.image_tokens} tokens) do not fit", parameter="prompt",
+            f"({len(prompt)} tokens) and one image ({image_tokens} tokens) do not fit", parameter="prompt",
         )
     try:
         if facts.sjdpp is not None:
@@ -88,7 +92,7 @@ def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> N
                 config.check_model(*facts.limits, option_prefix=REQUEST_PREFIX)
         guidance = request_guidance(params.extra_args, prompt or [], facts.rule, facts.scale_default, facts.vocab_size)
         if guidance is not None and needs_companion(prompt, guidance[1]):
-            check_paired(facts, prompt, guidance[1], params)
+            check_paired(facts, prompt, guidance[1], params, image_tokens)
     except ValueError as e:
         raise VLLMValidationError(str(e), parameter="vllm_xargs", value=params.extra_args) from None
     if facts.image_codes is not None:
@@ -98,7 +102,7 @@ def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> N
             raise VLLMValidationError(str(e)) from None
 
 
-def check_paired(facts: ModelFacts, prompt: list[int], negative: list[int], params: Any) -> None:
+def check_paired(facts: ModelFacts, prompt: list[int], negative: list[int], params: Any, image_tokens: int | None) -> None:
     """A negative prompt of another length runs as a second sequence (`guidance.pairing`), which
     must fit the context as the prompt does.  Raises ValueError naming the option."""
     from ..guidance.cfg import NEGATIVE_PROMPT_KEY
@@ -114,7 +118,7 @@ def check_paired(facts: ModelFacts, prompt: list[int], negative: list[int], para
         raise refuse("it runs as a second sequence: --max-num-seqs must be at least 2")
     if params.prompt_logprobs is not None:
         raise refuse("prompt_logprobs are not available (the two contexts have no common prompt positions)")
-    generated = facts.image_tokens if facts.image_tokens is not None else (
+    generated = image_tokens if image_tokens is not None else (
         params.max_tokens if params.max_tokens is not None else facts.max_model_len - len(prompt)
     )
     if len(negative) + generated > facts.max_model_len:

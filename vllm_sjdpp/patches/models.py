@@ -1,4 +1,4 @@
-"""Patches of vllm/model_executor/models: the guided Llama and Janus are registered with vLLM's
+"""Patches of vllm/model_executor/models: the guided Llama, Janus and Emu3 are registered with vLLM's
 ModelRegistry (loaded from `vllm_sjdpp.guidance` only when a folder names them), and their config
 hooks (MODELS_CONFIG_MAP, run when vLLM builds a ModelConfig and a VllmConfig) check the folder
 whole, double the attention heads the engine sees, and refuse the parallel modes guidance cannot run."""
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 def guided_architectures() -> tuple[str, ...]:
     """The architectures `apply` registers (their families' names; no model is imported)."""
+    from ..families.emu3 import ARCHITECTURE as EMU3
     from ..families.janus import ARCHITECTURE as JANUS
     from ..families.rule import GUIDED_LLAMA
 
-    return GUIDED_LLAMA, JANUS
+    return GUIDED_LLAMA, JANUS, EMU3
 
 
 def apply() -> None:
@@ -21,6 +22,7 @@ def apply() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
+    from ..families.emu3 import ARCHITECTURE as EMU3
     from ..families.janus import ARCHITECTURE as JANUS
     from ..families.rule import GUIDED_LLAMA
 
@@ -28,6 +30,8 @@ def apply() -> None:
     # vLLM process loads this plugin.
     ModelRegistry.register_model(GUIDED_LLAMA, f"vllm_sjdpp.guidance.llama:{GUIDED_LLAMA}")
     ModelRegistry.register_model(JANUS, "vllm_sjdpp.guidance.janus:GuidedJanusForImageGeneration")
+    # vLLM 0.32 serves Emu3 through its Transformers backend, without images: replaced.
+    ModelRegistry.register_model(EMU3, "vllm_sjdpp.guidance.emu3:GuidedEmu3ForConditionalGeneration")
 
     def call(function: str):
         def hook(config):
@@ -48,3 +52,4 @@ def apply() -> None:
 
     MODELS_CONFIG_MAP[GUIDED_LLAMA] = config_hook("vllm_sjdpp.guidance.llama:guided_llama_config_hook")
     MODELS_CONFIG_MAP[JANUS] = config_hook("vllm_sjdpp.guidance.janus:janus_config_hook")
+    MODELS_CONFIG_MAP[EMU3] = config_hook("vllm_sjdpp.guidance.emu3:emu3_config_hook")
