@@ -84,6 +84,15 @@ def tiny_grid_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_emu3_path(tmp_path_factory):
+    """A tiny random Emu3 folder with Emu3-Gen's real ids and shapes (tests/tiny_emu3.py: text
+    vocabulary 184622, 32768 visual tokens, context 9216, 90 x 90 default grid), built once."""
+    from tiny_emu3 import build_tiny_emu3
+
+    return str(build_tiny_emu3(tmp_path_factory.mktemp("tiny-emu3")))
+
+
+@pytest.fixture(scope="session")
 def tiny_janus_path(tmp_path_factory):
     """A tiny random Janus folder (tests/tiny_janus.py), built once per session."""
     from tiny_janus import build_tiny_janus

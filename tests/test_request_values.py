@@ -20,6 +20,7 @@ from vllm.exceptions import VLLMValidationError
 
 from vllm_sjdpp.serving import client as image_client
 from vllm_sjdpp.config import SJDPPConfig
+from vllm_sjdpp.families.base import ImageFamily
 from vllm_sjdpp.families.rule import UnconditionalRule
 from vllm_sjdpp.guidance.cfg import request_guidance
 from vllm_sjdpp.serving.images_api import ROUTE, ImagesEndpoint, ImageService
@@ -33,14 +34,19 @@ RULE = UnconditionalRule(frozenset({0}), 47)
 VOCAB = 100
 
 
-class FakeFamily:
+class FakeFamily(ImageFamily):
+    """A family of one size (the base class's sizes and token counts), with no folder."""
+
     image_size = (32, 32)
     tokens_per_image = TOKENS
 
-    def prompt_ids(self, text: str) -> list[int]:
+    def __init__(self):
+        pass
+
+    def prompt_ids(self, text: str, size=None) -> list[int]:
         return list(PROMPT_IDS)
 
-    def to_image(self, tokens):
+    def to_image(self, tokens, size=None):
         return Image.new("L", self.image_size)
 
     to_partial_image = to_image

@@ -35,6 +35,9 @@ class ImageFamily:
     with its rule under config.json "sjdpp_guidance"); it cannot make images."""
 
     name: ClassVar[str] = "guided-llama"
+    # The negative prompt (text) a client sends when the user names none; None: the engine's
+    # unconditional rule.
+    default_negative_prompt: ClassVar[str | None] = None
 
     # Engine side ---------------------------------------------------------------------------
 
@@ -154,17 +157,31 @@ class ImageFamily:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(width, height) in pixels."""
+        """(width, height) in pixels: the default size."""
         raise NotImplementedError(f"{self.name} folders cannot make images")
 
-    def prompt_ids(self, text: str) -> list[int]:
+    def parse_size(self, size: str | None) -> tuple[int, int]:
+        """An images request's `size` ("WxH" or "auto", OpenAI's) -> (width, height) in pixels
+        (ValueError saying which sizes this family makes).  Here: the one size."""
+        width, height = self.image_size
+        if size not in (None, "auto", f"{width}x{height}"):
+            raise ValueError(f"size {size!r}: this model makes {width}x{height} images ('auto' or '{width}x{height}')")
+        return width, height
+
+    def tokens_for(self, size: tuple[int, int] | None = None) -> int:
+        """Generated tokens of an image of `size` (None: the default)."""
+        return self.tokens_per_image
+
+    # `size`, below: (width, height) in pixels, from `parse_size`; None: the default.
+
+    def prompt_ids(self, text: str, size: tuple[int, int] | None = None) -> list[int]:
         raise NotImplementedError(f"{self.name} folders cannot make images")
 
-    def to_image(self, tokens: list[int]):
+    def to_image(self, tokens: list[int], size: tuple[int, int] | None = None):
         """Generated tokens -> a PIL image."""
         raise NotImplementedError(f"{self.name} folders cannot make images")
 
-    def to_partial_image(self, tokens: list[int]):
+    def to_partial_image(self, tokens: list[int], size: tuple[int, int] | None = None):
         """The first tokens of an image -> a PIL image of its complete rows, the rest grey."""
         raise NotImplementedError(f"{self.name} folders cannot make images")
 

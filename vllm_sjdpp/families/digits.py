@@ -50,14 +50,14 @@ class DigitsFamily(ImageFamily):
 
         return Codebook.load(self.folder)
 
-    def prompt_ids(self, text: str) -> list[int]:
+    def prompt_ids(self, text: str, size: tuple[int, int] | None = None) -> list[int]:
         """The folder's tokenizer: "a handwritten 7" -> <bos> a handwritten 7 <boi>."""
         ids = self.tokenizer(text)["input_ids"]
         if self.tokenizer.unk_token_id in ids:
             raise ValueError(f"the digit model knows only 'a handwritten 0' ... 'a handwritten 9', got {text!r}")
         return ids
 
-    def to_partial_image(self, tokens: list[int]):
+    def to_partial_image(self, tokens: list[int], size: tuple[int, int] | None = None):
         import warnings
 
         from ..digits.tokens import EOL
@@ -69,7 +69,7 @@ class DigitsFamily(ImageFamily):
             image = self.to_image(tokens)
         return blank_below(image, rows * IMAGE_SIZE // GRID)
 
-    def to_image(self, tokens: list[int]):
+    def to_image(self, tokens: list[int], size: tuple[int, int] | None = None):
         """Best effort for a malformed stream (a warning); white digits on black, 32x32 grey."""
         import numpy as np
         from PIL import Image

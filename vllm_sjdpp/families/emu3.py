@@ -70,6 +70,7 @@ class EmptyPromptRule:
 
 class Emu3Family(ImageFamily):
     name = "emu3"
+    default_negative_prompt = NEGATIVE_PROMPT
 
     @classmethod
     def matches(cls, hf_config: Any) -> bool:
@@ -168,6 +169,19 @@ class Emu3Family(ImageFamily):
     def image_size(self) -> tuple[int, int]:
         side = default_side() * SPATIAL_FACTOR
         return side, side
+
+    def parse_size(self, size: str | None) -> tuple[int, int]:
+        """"WxH" in multiples of 8 px (a code each way), or "auto" (720x720)."""
+        if size in (None, "auto"):
+            return self.image_size
+        match = re.fullmatch(r"(\d+)x(\d+)", size) if isinstance(size, str) else None
+        if match is None or int(match[1]) % SPATIAL_FACTOR or int(match[2]) % SPATIAL_FACTOR or min(int(match[1]), int(match[2])) < SPATIAL_FACTOR:
+            raise ValueError(f"size {size!r}: Emu3 makes WxH images in multiples of {SPATIAL_FACTOR} px (or 'auto', {self.image_size[0]}x{self.image_size[1]})")
+        return int(match[1]), int(match[2])
+
+    def tokens_for(self, size: tuple[int, int] | None = None) -> int:
+        width, height = size or self.image_size
+        return (height // SPATIAL_FACTOR) * (width // SPATIAL_FACTOR + 1) + len(self.stream_grid(self.config).closing)
 
     def prompt_ids(self, text: str, size: tuple[int, int] | None = None) -> list[int]:
         """The processor's prompt for an image of `size` (width, height in px; multiples of 8)."""

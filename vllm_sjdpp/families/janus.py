@@ -126,7 +126,7 @@ class JanusFamily(ImageFamily):
         size = self.config.vision_config.image_size
         return (size, size) if isinstance(size, int) else tuple(size)
 
-    def prompt_ids(self, text: str) -> list[int]:
+    def prompt_ids(self, text: str, size: tuple[int, int] | None = None) -> list[int]:
         """As `JanusProcessor` prepares image generation: the chat template with a generation
         prompt, then the image-start token."""
         if not text or not text.strip():
@@ -156,14 +156,14 @@ class JanusFamily(ImageFamily):
             raise ValueError(f"{self.folder}: the VQ decoder's weights are missing: {sorted(info['missing_keys'])[:5]}")
         return decoder.eval()
 
-    def to_partial_image(self, tokens: list[int]):
+    def to_partial_image(self, tokens: list[int], size: tuple[int, int] | None = None):
         grid = self.grid(self.config)
         rows = min(len(tokens) // grid, grid)
         done = list(tokens[: rows * grid])
         image = self.to_image(done + [0] * (self.tokens_per_image - len(done)))
         return blank_below(image, rows * self.image_size[1] // grid)
 
-    def to_image(self, tokens: list[int]):
+    def to_image(self, tokens: list[int], size: tuple[int, int] | None = None):
         import torch
 
         if len(tokens) != self.tokens_per_image:

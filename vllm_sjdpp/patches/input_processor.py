@@ -63,8 +63,9 @@ class ModelFacts:
         )
 
 
-def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> None:
-    """Raise VLLMValidationError naming what is wrong with a request."""
+def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> list[int] | None:
+    """Raise VLLMValidationError naming what is wrong with a request; return its unconditional
+    prompt when it runs paired (another length than the prompt's), else None."""
     from vllm.exceptions import VLLMValidationError
 
     from ..families.base import check_sampling_for_image_codes
@@ -91,8 +92,9 @@ def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> N
             if config is not None:
                 config.check_model(*facts.limits, option_prefix=REQUEST_PREFIX)
         guidance = request_guidance(params.extra_args, prompt or [], facts.rule, facts.scale_default, facts.vocab_size)
-        if guidance is not None and needs_companion(prompt, guidance[1]):
-            check_paired(facts, prompt, guidance[1], params, image_tokens)
+        paired = guidance[1] if guidance is not None and needs_companion(prompt, guidance[1]) else None
+        if paired is not None:
+            check_paired(facts, prompt, paired, params, image_tokens)
     except ValueError as e:
         raise VLLMValidationError(str(e), parameter="vllm_xargs", value=params.extra_args) from None
     if facts.image_codes is not None:
@@ -100,6 +102,7 @@ def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> N
             check_sampling_for_image_codes(params, facts.image_codes)
         except ValueError as e:
             raise VLLMValidationError(str(e)) from None
+    return paired
 
 
 def check_paired(facts: ModelFacts, prompt: list[int], negative: list[int], params: Any, image_tokens: int | None) -> None:
@@ -144,7 +147,11 @@ def apply() -> None:
         facts = getattr(self, "_sjdpp_model_facts", None)
         if facts is None:
             facts = self._sjdpp_model_facts = ModelFacts.of(self.vllm_config)
-        check_request(facts, request.prompt_token_ids, params)
+        paired = check_request(facts, request.prompt_token_ids, params)
+        if paired is not None:
+            # A rule's unconditional prompt of another length (Emu3's) is written down here, once:
+            # the scheduler adds the companion from it, the runner pairs by it.
+            params.extra_args = {**(params.extra_args or {}), NEGATIVE_PROMPT_KEY: paired}
         negative = (params.extra_args or {}).get(NEGATIVE_PROMPT_KEY)
         if negative is not None:
             # The uncond branch's KV depends on it: blocks must not be shared with other

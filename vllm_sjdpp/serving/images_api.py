@@ -12,7 +12,8 @@ one.  A seed names one image: the same PNG with SJD++ drafting or disabled (`sjd
 a server without `--speculative-config`, at any load (the position-keyed race, engine/race_sampler.py).
 
 Beyond OpenAI's parameters, the body (`extra_body` in the openai client) takes `guidance_scale`,
-`negative_prompt` (text, in the family's prompt template: the unconditional context of guidance),
+`negative_prompt` (text, in the family's prompt template: the unconditional context of guidance;
+default: the family's documented one, Emu3's, else the engine's rule),
 `seed`, `temperature`, `top_k`, `top_p`, any `sjdpp_*` per-request option and `sjdpp_disable`.
 Each image in the response carries `sjdpp`: its seed, tokens, forward passes and tokens per pass.
 With `stream: true` and `partial_images: N` the answer is server-sent events as OpenAI sends them:
@@ -81,13 +82,12 @@ class ImageRequest:
         if model is not None and model not in served_names:
             raise BadRequest(f"model {model!r} is not served here; served: {served_names}", "model")
         self.n = self._int(body, "n", 1, 1, MAX_IMAGES)
-        width, height = family.image_size
         size = body.get("size")  # null is OpenAI's documented default, "auto"; "" is refused
-        if size is None:
-            size = "auto"
-        if size not in ("auto", f"{width}x{height}"):
-            raise BadRequest(f"size {size!r}: this model makes {width}x{height} images ('auto' or '{width}x{height}')", "size")
-        self.size = f"{width}x{height}"
+        try:
+            self.pixels = family.parse_size("auto" if size is None else size)
+        except ValueError as e:
+            raise BadRequest(str(e), "size") from None
+        self.size = "{}x{}".format(*self.pixels)
         if body.get("response_format", "b64_json") not in (None, "b64_json"):
             raise BadRequest("response_format: only 'b64_json' (images are not stored for URLs)", "response_format")
         if body.get("output_format", "png") not in (None, "png"):
@@ -140,7 +140,7 @@ class ImageService:
 
         return SamplingParams(
             **{**self.default_sampling, **request.sampling},
-            n=1, seed=seed, max_tokens=self.family.tokens_per_image, ignore_eos=True, detokenize=False,
+            n=1, seed=seed, max_tokens=self.family.tokens_for(request.pixels), ignore_eos=True, detokenize=False,
             extra_args=request.extra_args or None,
             output_kind=RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY,
         )
@@ -152,14 +152,14 @@ class ImageService:
         ):
             yield output
 
-    def image_entry(self, output, seed: int | None) -> tuple[dict, int]:
+    def image_entry(self, output, seed: int | None, size: tuple[int, int]) -> tuple[dict, int]:
         """One image of the response, and its tokens."""
         completion = output.outputs[0]
         tokens = list(completion.token_ids)
         metrics = completion.spec_decode_metrics
         accepted = sum(j * count for j, count in enumerate(metrics.histogram)) if metrics is not None else 0
         passes = len(tokens) - accepted  # each pass commits its accepted drafts and one token
-        image = self.family.to_image(tokens)
+        image = self.family.to_image(tokens, size)
         entry = {
             "b64_json": png_b64(image), "revised_prompt": None,
             "sjdpp": {"seed": seed, "tokens": len(tokens), "forward_passes": passes,
@@ -178,16 +178,17 @@ class ImageService:
     async def respond(self, body: Any, raw_request: Request):
         try:
             request = ImageRequest(body, self.family, self.served_names)
-            prompt_ids = await asyncio.to_thread(self.family.prompt_ids, request.prompt)
+            prompt_ids = await asyncio.to_thread(self.family.prompt_ids, request.prompt, request.pixels)
         except BadRequest as e:
             return error_response(str(e), e.param)
         except ValueError as e:
             return error_response(str(e), "prompt")
-        if request.negative_prompt is not None:
+        negative = request.negative_prompt if request.negative_prompt is not None else self.family.default_negative_prompt
+        if negative is not None:
             # The family's prompt around the negative text, as transformers builds Emu3's and
             # Janus's negative prompts; of another length it runs paired (guidance.pairing).
             try:
-                negative_ids = await asyncio.to_thread(self.family.prompt_ids, request.negative_prompt)
+                negative_ids = await asyncio.to_thread(self.family.prompt_ids, negative, request.pixels)
             except ValueError as e:
                 return error_response(str(e), "negative_prompt")
             request.extra_args[NEGATIVE_PROMPT_KEY] = negative_ids
@@ -204,7 +205,7 @@ class ImageService:
             final = None
             async for output in self.generate(request, prompt_ids, seeds[i], f"{request_id}-{i}"):
                 final = output
-            return await asyncio.to_thread(self.image_entry, final, seeds[i])
+            return await asyncio.to_thread(self.image_entry, final, seeds[i], request.pixels)
 
         work = asyncio.ensure_future(asyncio.gather(*(one(i) for i in range(request.n))))
         disconnect = asyncio.ensure_future(wait_for_disconnect(raw_request))
@@ -227,7 +228,7 @@ class ImageService:
         })
 
     async def stream(self, request, prompt_ids, seed, request_id):
-        total = self.family.tokens_per_image
+        total = self.family.tokens_for(request.pixels)
         # Partial image k is sent once k/(N+1) of the tokens are committed.
         marks = [total * (k + 1) // (request.partial_images + 1) for k in range(request.partial_images)]
         outputs = self.generate(request, prompt_ids, seed, request_id)
@@ -248,14 +249,14 @@ class ImageService:
                 while output is not None:
                     tokens = list(output.outputs[0].token_ids)
                     while sent < len(marks) and len(tokens) >= marks[sent]:
-                        image = await asyncio.to_thread(self.family.to_partial_image, tokens)
+                        image = await asyncio.to_thread(self.family.to_partial_image, tokens, request.pixels)
                         yield event("image_generation.partial_image", {
                             "b64_json": png_b64(image), "partial_image_index": sent, "size": request.size,
                             "output_format": "png", "sjdpp": {"tokens": len(tokens)},
                         })
                         sent += 1
                     if output.finished:
-                        entry, count = await asyncio.to_thread(self.image_entry, output, seed)
+                        entry, count = await asyncio.to_thread(self.image_entry, output, seed, request.pixels)
                         yield event("image_generation.completed", {
                             "b64_json": entry["b64_json"], "size": request.size, "output_format": "png",
                             "sjdpp": entry["sjdpp"], "usage": self.usage(len(prompt_ids), 1, count),
