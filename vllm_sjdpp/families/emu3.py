@@ -244,14 +244,16 @@ def default_side() -> int:
     return int(round(math.sqrt(DEFAULT_AREA) / SPATIAL_FACTOR))
 
 
-_WORDS: dict[int, dict[int, str]] = {}
+_WORDS: list[tuple[dict, dict[int, str]]] = []  # (vocabulary_map, its inverse), the last few
 
 
 def _words(hf_config: Any) -> dict[int, str]:
     """id -> token string of `vocabulary_map` (byte-level BPE: ASCII digits and '*' are themselves),
     built once per vocabulary."""
     vocabulary = hf_config.vocabulary_map
-    key = id(vocabulary)
-    if key not in _WORDS:
-        _WORDS[key] = {i: w for w, i in vocabulary.items()}
-    return _WORDS[key]
+    for known, words in _WORDS:
+        if known is vocabulary:
+            return words
+    words = {i: w for w, i in vocabulary.items()}
+    _WORDS[:] = [(vocabulary, words), *_WORDS[:3]]
+    return words

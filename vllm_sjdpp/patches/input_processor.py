@@ -37,6 +37,9 @@ class ModelFacts:
     limits: tuple[int, int, int | None]
     pairs: bool  # the scheduler pairs requests (negative prompts of another length)
     max_num_seqs: int
+    cache: Any  # vLLM's CacheConfig: its num_gpu_blocks is known once the engine runs
+    lookahead: int  # KV slots a sequence reserves past its tokens (speculative tokens)
+    engines: int  # data-parallel engines sharing cache.num_gpu_blocks
 
     @classmethod
     def of(cls, vllm_config: Any) -> "ModelFacts":
@@ -60,6 +63,9 @@ class ModelFacts:
             limits=model_limits(model_config),
             pairs=pairs_supported(vllm_config),
             max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+            cache=vllm_config.cache_config,
+            lookahead=getattr(vllm_config.speculative_config, "num_speculative_tokens", None) or 0,
+            engines=vllm_config.parallel_config.data_parallel_size,
         )
 
 
@@ -121,12 +127,18 @@ def check_paired(facts: ModelFacts, prompt: list[int], negative: list[int], para
         raise refuse("it runs as a second sequence: --max-num-seqs must be at least 2")
     if params.prompt_logprobs is not None:
         raise refuse("prompt_logprobs are not available (the two contexts have no common prompt positions)")
-    generated = image_tokens if image_tokens is not None else (
-        params.max_tokens if params.max_tokens is not None else facts.max_model_len - len(prompt)
-    )
+    generated = params.max_tokens if params.max_tokens is not None else facts.max_model_len - len(prompt)
+    if image_tokens is not None:
+        generated = max(generated, image_tokens)
     if len(negative) + generated > facts.max_model_len:
         raise refuse(f"it and the {generated} generated tokens exceed the maximum context length, "
                      f"{facts.max_model_len} (lower max_tokens or shorten it)")
+    # Both sequences must fit the KV cache at once, or the pair could never run.
+    blocks, size = (facts.cache.num_gpu_blocks or 0) // max(facts.engines, 1), facts.cache.block_size
+    needed = sum(-(-(n + generated + facts.lookahead) // size) for n in (len(prompt), len(negative)))
+    if blocks and needed > blocks:
+        raise refuse(f"the prompt's and its sequences need {needed} KV blocks together at full length; the KV "
+                     f"cache holds {blocks}")
 
 
 def apply() -> None:
@@ -134,6 +146,8 @@ def apply() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     from ..guidance.cfg import NEGATIVE_PROMPT_KEY
+    from vllm.exceptions import VLLMValidationError
+
     from ..guidance.pairing import needs_companion
 
     process_inputs = InputProcessor.process_inputs
@@ -148,6 +162,11 @@ def apply() -> None:
         if facts is None:
             facts = self._sjdpp_model_facts = ModelFacts.of(self.vllm_config)
         paired = check_request(facts, request.prompt_token_ids, params)
+        if paired is not None and getattr(request, "resumable", False):
+            raise VLLMValidationError(
+                "a negative prompt of another length runs as a second sequence, which streamed input would not extend",
+                parameter="vllm_xargs",
+            )
         if paired is not None:
             # A rule's unconditional prompt of another length (Emu3's) is written down here, once:
             # the scheduler adds the companion from it, the runner pairs by it.

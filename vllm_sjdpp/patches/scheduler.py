@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 
 from vllm.logger import init_logger
+from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request, RequestStatus
@@ -126,7 +127,7 @@ class PairedScheduler(Scheduler):
         output = super().schedule(*args, **kwargs)
         if self.partners:
             self._align_windows(output)
-            if not output.total_num_scheduled_tokens:
+            if not output.total_num_scheduled_tokens and self._pause_state == PauseState.UNPAUSED:
                 self._release_held_members()
         return output
 
@@ -199,13 +200,15 @@ class PairedScheduler(Scheduler):
         index = model_runner_output.req_id_to_index
         for req_id in sampling:
             request = self._alive(req_id)
+            pair = req_id if req_id not in self.companions else self.partners[req_id]
             if request is None or (sampled and sampled[index[req_id]]):
+                self.split_pairs.discard(pair)  # sampled with its partner
                 continue
             # Ran without its partner: the runner dropped its tokens; back to its last one.
             request.num_computed_tokens = request.num_tokens - 1
             request.is_prefill_chunk = True
             request.spec_token_ids = []
-            self.split_pairs.add(req_id if req_id not in self.companions else self.partners[req_id])
+            self.split_pairs.add(pair)
         self._end_with_partner(outputs)
         for client_outputs in outputs.values():
             client_outputs.outputs = [o for o in client_outputs.outputs if o.request_id not in self.companions]
