@@ -212,6 +212,17 @@ def test_bad_paired_requests_are_refused(guided_sjdpp, sampling, match):
     assert len(tokens(run(guided_sjdpp, [PROMPTS[0]], guided_params(3.0, NEGATIVES[1], max_tokens=3)))[0]) == 3
 
 
+def test_a_pair_the_kv_cache_cannot_hold_is_refused(tight):
+    """The 12-block cache holds either sequence at full length but not both: such a pair could
+    never run (each member would wait for the other's blocks), so it is a 400, and the engine
+    goes on serving."""
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="KV blocks"):
+        run(tight, [PROMPTS[0]], guided_params(3.0, NEGATIVES[1], temperature=0, max_tokens=240))
+    assert len(tokens(run(tight, [PROMPTS[0]], guided_params(3.0, NEGATIVES[1], temperature=0, max_tokens=100)))[0]) == 100
+
+
 # Sampled: per-position and adjacent-pair chi-square, Bonferroni over the comparisons.
 SAMPLES, LENGTH = 2000, 5
 SAMPLE_PROMPT, SAMPLE_NEGATIVE = [0, 5, 6, 7], [0, 3, 4, 11, 12, 13, 14]
