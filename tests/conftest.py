@@ -74,6 +74,17 @@ def tiny_guided_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hf_guided(tiny_guided_path):
+    """The tiny guided Llama's weights in transformers (`LlamaForCausalLM`), the guidance tests'
+    reference; no EOS (the engines run with ignore_eos)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_guided_path).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture(scope="session")
 def tiny_grid_path(tmp_path_factory):
     """The tiny guided Llama with a stream grid (tests/tiny_llama.py TINY_GRID_CONFIG), built once."""
     from tiny_llama import TINY_GRID_CONFIG

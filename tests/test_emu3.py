@@ -54,7 +54,7 @@ def docs_allowed_tokens(hf_model, width: int, height: int):
     vocab = hf_model.config.vocabulary_map
     eol, eof, eoi, eos = (vocab[t] for t in ("<|extra_200|>", "<|extra_201|>", "<|image end|>", "<|extra_204|>"))
     wrapper, pad = vocab["<|image token|>"], vocab["<|endoftext|>"]
-    visual = hf_model.vocabulary_mapping.image_tokens
+    visual = torch.tensor(hf_model.vocabulary_mapping.image_tokens)  # a tensor: indexing by a list of 32768 is slower
 
     def allowed(batch_id, input_ids):
         position = torch.nonzero(input_ids == wrapper, as_tuple=True)[0][0]
@@ -201,3 +201,57 @@ def test_bad_prompts_are_refused(emu3, prompt, match):
 
     with pytest.raises(VLLMValidationError, match=match):
         emu3.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=3), use_tqdm=False)
+
+
+# Sampled: 2000 streams of 5 tokens (3 x 3 codes: a row, its end of line, a code), per-position
+# and adjacent-pair chi-square, Bonferroni, against transformers' own sampling.
+SAMPLES, LENGTH, SAMPLE_SIZE = 2000, 5, (24, 24)
+
+
+@pytest.fixture(scope="module")
+def emu3_many(make_engine, tiny_emu3_path, emu3_sjdpp):
+    """SJD++ with room for many images at once (k = 3 keeps the step's vocabulary rows in memory)."""
+    spec = {"method": "sjdpp", "num_speculative_tokens": 3, "draft_token_budget": None}
+    return make_engine(tiny_emu3_path, speculative_config=spec, max_model_len=512, max_num_seqs=32,
+                       max_num_batched_tokens=160)
+
+
+def hf_samples(hf_model, prompt, negative, scale, samples=SAMPLES, chunk=100) -> np.ndarray:
+    # transformers' unbatched guidance computes the negative prompt's logits at every position:
+    # chunks keep that to [chunk, len(negative), 184622] floats.
+    torch.manual_seed(0)
+    allowed = docs_allowed_tokens(hf_model, SAMPLE_SIZE[0] // 8, SAMPLE_SIZE[1] // 8)
+    out = []
+    for _ in range(samples // chunk):
+        ids = hf_model.generate(
+            torch.tensor([prompt] * chunk), do_sample=True, temperature=1.0, top_k=0, max_new_tokens=LENGTH,
+            guidance_scale=scale, negative_prompt_ids=torch.tensor([negative] * chunk), prefix_allowed_tokens_fn=allowed,
+        )
+        out.append(ids[:, len(prompt):].numpy())
+    return np.concatenate(out)
+
+
+def test_sampling_matches_transformers(family, hf_model, emu3_many):
+    from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
+
+    def accepted() -> float:
+        return next(m.value for m in emu3_many.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens")
+
+    prompt = family.prompt_ids("a red cat", SAMPLE_SIZE)
+    negative = family.prompt_ids(SHORT_NEGATIVE, SAMPLE_SIZE)
+    before = accepted()
+    extra = {"guidance_scale": 3.0, "negative_prompt_token_ids": negative}
+    got = np.array(generate(emu3_many, [(prompt, LENGTH)] * SAMPLES, [extra] * SAMPLES, temperature=1.0))
+    assert accepted() > before  # drafts accepted
+    codes = lambda x: x - 151000  # noqa: E731  (ids past the visual range's start, for pair keys)
+    vocab = VOCAB_SIZE - 151000
+    pvalues = position_pair_pvalues(codes(got), codes(hf_samples(hf_model, prompt, negative, 3.0)), vocab)
+    assert min(pvalues) > ALPHA / len(pvalues)
+    # Broken variants (500 streams each): the conditional model alone, and the negative prompt
+    # padded to the prompt's length.
+    cond_only = hf_samples(hf_model, prompt, negative, 1.0, samples=SAMPLES // 4)
+    assert min(position_pair_pvalues(codes(got), codes(cond_only), vocab)) < BROKEN_ALPHA
+    pad = hf_model.config.vocabulary_map["<|endoftext|>"]
+    padded = {"guidance_scale": 3.0, "negative_prompt_token_ids": negative[:1] + [pad] * (len(prompt) - len(negative)) + negative[1:]}
+    broken = np.array(generate(emu3_many, [(prompt, LENGTH)] * (SAMPLES // 4), [padded] * (SAMPLES // 4), temperature=1.0))
+    assert min(position_pair_pvalues(codes(got), codes(broken), vocab)) < BROKEN_ALPHA

@@ -4,13 +4,12 @@ the body's `negative_prompt`; bad sizes, prompts and negative prompts are 400s n
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 
 import numpy as np
 import pytest
 
+from openai_images import client_for, png
 from tiny_llama import ENGINE_ENV
 from vllm_sjdpp.serving.server import vllm_server
 
@@ -28,17 +27,7 @@ def server(tiny_emu3_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-def png(b64: str):
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    assert image.format == "PNG"
-    return image
+    return client_for(server)
 
 
 def test_pngs_of_the_asked_size(client, tiny_emu3_path):

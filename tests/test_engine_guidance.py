@@ -36,15 +36,6 @@ def guided_sjdpp(make_engine, tiny_guided_path, plain_llama, guided):
     return make_engine(tiny_guided_path, speculative_config=SJDPP, **ENGINE)
 
 
-@pytest.fixture(scope="module")
-def hf_model(tiny_guided_path):
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(tiny_guided_path).eval()
-    model.generation_config.eos_token_id = None  # vLLM runs with ignore_eos
-    return model
-
-
 def test_engine_sees_twice_the_heads_and_half_the_kv_tokens(guided, plain_llama):
     """What attention backends and the KV cache read from the model config: both branches' heads.
     The same KV memory then holds half the tokens (vLLM's "KV cache size" log line)."""
@@ -94,9 +85,9 @@ def test_interleaved_heads_break_grouped_queries(guided, plain_llama, monkeypatc
 
 
 @pytest.mark.parametrize("scale", [1.5, 3.0])
-def test_greedy_equals_transformers(guided, guided_sjdpp, hf_model, scale):
-    expected = [hf_greedy(hf_model, p, scale) for p in PROMPTS]
-    assert expected != [hf_greedy(hf_model, p, 1.0) for p in PROMPTS]  # guidance changes the output
+def test_greedy_equals_transformers(guided, guided_sjdpp, hf_guided, scale):
+    expected = [hf_greedy(hf_guided, p, scale) for p in PROMPTS]
+    assert expected != [hf_greedy(hf_guided, p, 1.0) for p in PROMPTS]  # guidance changes the output
     greedy = params(temperature=0, max_tokens=12, extra_args={"guidance_scale": scale})
     assert tokens(run(guided, PROMPTS, greedy)) == expected
     assert tokens(run(guided_sjdpp, PROMPTS, greedy)) == expected
@@ -113,9 +104,9 @@ def vllm_samples(llm, scale, top_k) -> np.ndarray:
     return np.array(tokens(run(llm, [SAMPLE_PROMPT] * SAMPLES, sampling)))
 
 
-def hf_samples(hf_model, scale, top_k, seed=0) -> np.ndarray:
+def hf_samples(hf_guided, scale, top_k, seed=0) -> np.ndarray:
     torch.manual_seed(seed)
-    out = hf_model.generate(
+    out = hf_guided.generate(
         torch.tensor([SAMPLE_PROMPT] * SAMPLES), do_sample=True, temperature=1.0, top_k=max(top_k, 0),
         max_new_tokens=LENGTH, guidance_scale=scale,
         negative_prompt_ids=torch.tensor([uncond(SAMPLE_PROMPT)] * SAMPLES),
@@ -124,14 +115,14 @@ def hf_samples(hf_model, scale, top_k, seed=0) -> np.ndarray:
 
 
 @torch.no_grad()
-def topk_before_guidance_samples(hf_model, scale, top_k, seed=0) -> np.ndarray:
+def topk_before_guidance_samples(hf_guided, scale, top_k, seed=0) -> np.ndarray:
     """Broken variant: top-k applied to the cond logits before they are combined."""
     gen = torch.Generator().manual_seed(seed)
     cond = torch.tensor([SAMPLE_PROMPT] * SAMPLES)
     unc = torch.tensor([uncond(SAMPLE_PROMPT)] * SAMPLES)
     for _ in range(LENGTH):
-        lc = hf_model(cond).logits[:, -1].float()
-        lu = hf_model(unc).logits[:, -1].float()
+        lc = hf_guided(cond).logits[:, -1].float()
+        lu = hf_guided(unc).logits[:, -1].float()
         kth = lc.topk(top_k, -1).values[:, -1:]
         lc = lc.masked_fill(lc < kth, float("-inf"))
         nxt = torch.multinomial((lu + scale * (lc - lu)).softmax(-1), 1, generator=gen)
@@ -149,18 +140,18 @@ def differ(a, b) -> bool:
 
 
 @pytest.mark.parametrize("scale, top_k", [(1.5, -1), (1.5, 3), (3.0, -1), (3.0, 3)])
-def test_sampling_matches_plain_guided_and_transformers(guided, guided_sjdpp, hf_model, scale, top_k):
+def test_sampling_matches_plain_guided_and_transformers(guided, guided_sjdpp, hf_guided, scale, top_k):
     sjdpp = vllm_samples(guided_sjdpp, scale, top_k)
     assert same(sjdpp, vllm_samples(guided, scale, top_k))
-    reference = hf_samples(hf_model, scale, top_k)
+    reference = hf_samples(hf_guided, scale, top_k)
     assert same(sjdpp, reference)
     # Broken variants the same test must reject:
-    assert differ(sjdpp, hf_samples(hf_model, 1.0, top_k))  # verifying against the cond-only p
+    assert differ(sjdpp, hf_samples(hf_guided, 1.0, top_k))  # verifying against the cond-only p
     if top_k > 0:
-        assert differ(sjdpp, topk_before_guidance_samples(hf_model, scale, top_k))
+        assert differ(sjdpp, topk_before_guidance_samples(hf_guided, scale, top_k))
 
 
-def test_mixed_batch(guided_sjdpp, plain_llama, hf_model):
+def test_mixed_batch(guided_sjdpp, plain_llama, hf_guided):
     """Guided and unguided (scale 1) requests, n > 1, seeds, per-request windows and a plain
     (sjdpp_disable) request in one batch."""
     requests = [
@@ -174,16 +165,16 @@ def test_mixed_batch(guided_sjdpp, plain_llama, hf_model):
     prompts = [{"prompt_token_ids": p} for p, _ in requests]
     outs = guided_sjdpp.generate(prompts, [s for _, s in requests], use_tqdm=False)
     assert [len(c.token_ids) for o in outs for c in o.outputs] == [20, 20, 15, 15, 15, 17, 9, 25]
-    assert list(outs[0].outputs[0].token_ids) == hf_greedy(hf_model, PROMPTS[0], 3.0, n=20)
+    assert list(outs[0].outputs[0].token_ids) == hf_greedy(hf_guided, PROMPTS[0], 3.0, n=20)
     assert list(outs[1].outputs[0].token_ids) == tokens(run(plain_llama, [PROMPTS[1]], params(temperature=0, max_tokens=20)))[0]
-    assert list(outs[3].outputs[0].token_ids) == hf_greedy(hf_model, PROMPTS[3], 1.5, n=17)
-    assert list(outs[4].outputs[0].token_ids) == hf_greedy(hf_model, PROMPTS[0], 3.0, n=9)
+    assert list(outs[3].outputs[0].token_ids) == hf_greedy(hf_guided, PROMPTS[3], 1.5, n=17)
+    assert list(outs[4].outputs[0].token_ids) == hf_greedy(hf_guided, PROMPTS[0], 3.0, n=9)
     again = guided_sjdpp.generate(prompts, [s for _, s in requests], use_tqdm=False)
     for i in (2, 5):  # seeded requests repeat
         assert [list(c.token_ids) for c in again[i].outputs] == [list(c.token_ids) for c in outs[i].outputs]
 
 
-def test_prefix_caching_with_negative_prompts(guided_sjdpp, hf_model):
+def test_prefix_caching_with_negative_prompts(guided_sjdpp, hf_guided):
     """A repeated prompt hits the cache and repeats; the same prompt with another negative
     prompt must not reuse the first one's unconditional KV (cache_salt)."""
     block = guided_sjdpp.llm_engine.vllm_config.cache_config.block_size
@@ -191,11 +182,11 @@ def test_prefix_caching_with_negative_prompts(guided_sjdpp, hf_model):
     greedy = params(temperature=0, max_tokens=10, extra_args={"guidance_scale": 3.0})
     first, second = (run(guided_sjdpp, [prompt], greedy)[0] for _ in range(2))
     assert second.num_cached_tokens > 0
-    assert list(first.outputs[0].token_ids) == list(second.outputs[0].token_ids) == hf_greedy(hf_model, prompt, 3.0, n=10)
+    assert list(first.outputs[0].token_ids) == list(second.outputs[0].token_ids) == hf_greedy(hf_guided, prompt, 3.0, n=10)
     negative = [0] + [3] * (len(prompt) - 1)
     other = params(temperature=0, max_tokens=10, extra_args={"guidance_scale": 3.0, "negative_prompt_token_ids": negative})
     got = list(run(guided_sjdpp, [prompt], other)[0].outputs[0].token_ids)
-    assert got == hf_greedy(hf_model, prompt, 3.0, negative=negative, n=10)
+    assert got == hf_greedy(hf_guided, prompt, 3.0, negative=negative, n=10)
     assert got != list(first.outputs[0].token_ids)
 
 

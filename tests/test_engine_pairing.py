@@ -50,15 +50,6 @@ def guided_sjdpp(make_engine, tiny_guided_path, guided, tight):
     return make_engine(tiny_guided_path, speculative_config=SJDPP, **ENGINE)
 
 
-@pytest.fixture(scope="module")
-def hf_model(tiny_guided_path):
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(tiny_guided_path).eval()
-    model.generation_config.eos_token_id = None  # vLLM runs with ignore_eos
-    return model
-
-
 def test_engines_run_the_paired_scheduler(guided):
     from vllm_sjdpp.patches.scheduler import PairedScheduler
 
@@ -66,8 +57,8 @@ def test_engines_run_the_paired_scheduler(guided):
 
 
 @pytest.mark.parametrize("scale", [1.5, 3.0])
-def test_greedy_equals_transformers_unbatched_guidance(guided, guided_sjdpp, hf_model, scale):
-    expected = [hf_greedy(hf_model, p, scale, negative=n) for p, n in zip(PROMPTS, NEGATIVES)]
+def test_greedy_equals_transformers_unbatched_guidance(guided, guided_sjdpp, hf_guided, scale):
+    expected = [hf_greedy(hf_guided, p, scale, negative=n) for p, n in zip(PROMPTS, NEGATIVES)]
     sampling = [guided_params(scale, n, temperature=0, max_tokens=12) for n in NEGATIVES]
     assert tokens(run(guided, PROMPTS, sampling)) == expected
     assert tokens(run(guided_sjdpp, PROMPTS, sampling)) == expected
@@ -79,18 +70,18 @@ def test_greedy_equals_transformers_unbatched_guidance(guided, guided_sjdpp, hf_
     assert all(got[i] != expected[i] for i in shorter)
 
 
-def test_rows_without_their_companion_are_caught(guided_sjdpp, hf_model, monkeypatch):
+def test_rows_without_their_companion_are_caught(guided_sjdpp, hf_guided, monkeypatch):
     """Broken variant: the paired rows combined with their own sequence's second branch instead
     of the companion's rows (the conditional model alone)."""
     from vllm_sjdpp.guidance.cfg import GuidanceBatch
 
     monkeypatch.setattr(GuidanceBatch, "unconditional_rows", lambda self, rows, cond, uncond: uncond)
-    expected = [hf_greedy(hf_model, p, 3.0, negative=n) for p, n in zip(PROMPTS, NEGATIVES)]
+    expected = [hf_greedy(hf_guided, p, 3.0, negative=n) for p, n in zip(PROMPTS, NEGATIVES)]
     got = tokens(run(guided_sjdpp, PROMPTS, [guided_params(3.0, n, temperature=0, max_tokens=12) for n in NEGATIVES]))
     assert all(g != e for g, e in zip(got, expected))
 
 
-def test_chunked_prefill_preemption_and_split_pairs(tight, hf_model, monkeypatch):
+def test_chunked_prefill_preemption_and_split_pairs(tight, hf_guided, monkeypatch):
     """Long prompts and negative prompts prefilled in 16-token chunks, 12 requests in a KV cache
     that holds a few of them: requests are preempted, pairs are split by the budget and rolled
     back, and every output still equals transformers'.  A mixed batch: equal-length negative
@@ -125,7 +116,7 @@ def test_chunked_prefill_preemption_and_split_pairs(tight, hf_model, monkeypatch
         else params(temperature=0, max_tokens=40, extra_args={"guidance_scale": 3.0})
         for n in negatives
     ]
-    expected = [hf_greedy(hf_model, p, 3.0, negative=n, n=40) for p, n in zip(prompts, negatives)]
+    expected = [hf_greedy(hf_guided, p, 3.0, negative=n, n=40) for p, n in zip(prompts, negatives)]
     assert tokens(run(tight, prompts, sampling)) == expected
     assert preempted and split
     assert not scheduler.requests and not scheduler.partners  # every companion ended with its request
@@ -137,7 +128,7 @@ def test_chunked_prefill_preemption_and_split_pairs(tight, hf_model, monkeypatch
     assert sum(g != e for g, e in zip(got, expected)) >= 3
 
 
-def test_prefix_caching_shares_prompts_and_negative_prompts(guided_sjdpp, hf_model, monkeypatch):
+def test_prefix_caching_shares_prompts_and_negative_prompts(guided_sjdpp, hf_guided, monkeypatch):
     """Two requests sharing a negative prompt: the second's companion is served from the cache;
     two sharing a prompt with different negative prompts: the second's own sequence is.  Each
     still equals transformers (a block holds one branch's KV for whichever request uses it)."""
@@ -164,7 +155,7 @@ def test_prefix_caching_shares_prompts_and_negative_prompts(guided_sjdpp, hf_mod
     ]
     for prompt, negative in cases:
         out = run(guided_sjdpp, [prompt], guided_params(3.0, negative, temperature=0, max_tokens=10))[0]
-        assert list(out.outputs[0].token_ids) == hf_greedy(hf_model, prompt, 3.0, negative=negative, n=10)
+        assert list(out.outputs[0].token_ids) == hf_greedy(hf_guided, prompt, 3.0, negative=negative, n=10)
     companions = [r for r in hits if r.endswith("::uncond")]
     requests = [r for r in hits if not r.endswith("::uncond")]
     assert hits[companions[1]] >= block  # the shared negative prompt
@@ -228,9 +219,9 @@ SAMPLES, LENGTH = 2000, 5
 SAMPLE_PROMPT, SAMPLE_NEGATIVE = [0, 5, 6, 7], [0, 3, 4, 11, 12, 13, 14]
 
 
-def hf_samples(hf_model, scale, negative, seed=0) -> np.ndarray:
+def hf_samples(hf_guided, scale, negative, seed=0) -> np.ndarray:
     torch.manual_seed(seed)
-    out = hf_model.generate(
+    out = hf_guided.generate(
         torch.tensor([SAMPLE_PROMPT] * SAMPLES), do_sample=True, temperature=1.0, top_k=0, max_new_tokens=LENGTH,
         guidance_scale=scale, negative_prompt_ids=torch.tensor([negative] * SAMPLES),
     )
@@ -254,17 +245,17 @@ def drafting_everywhere(guided_sjdpp):
     runtime.set_draft_token_budget(budget)
 
 
-def test_sampling_matches_transformers(guided_sjdpp, hf_model, drafting_everywhere):
+def test_sampling_matches_transformers(guided_sjdpp, hf_guided, drafting_everywhere):
     before = accepted_drafts(guided_sjdpp)
     sampling = guided_params(3.0, SAMPLE_NEGATIVE, temperature=1.0, max_tokens=LENGTH)
     got = np.array(tokens(run(guided_sjdpp, [SAMPLE_PROMPT] * SAMPLES, sampling)))
     # Drafts accepted (the companions' are not counted): about one per 5-token sample.
     assert accepted_drafts(guided_sjdpp) - before > SAMPLES // 2
-    pvalues = position_pair_pvalues(got, hf_samples(hf_model, 3.0, SAMPLE_NEGATIVE), VOCAB)
+    pvalues = position_pair_pvalues(got, hf_samples(hf_guided, 3.0, SAMPLE_NEGATIVE), VOCAB)
     assert min(pvalues) > ALPHA / len(pvalues)
     # Broken variants: the negative prompt cut to the prompt's length (run in its sequence), and
     # the cond model alone.
     padded = SAMPLE_NEGATIVE[: len(SAMPLE_PROMPT)]
     broken = np.array(tokens(run(guided_sjdpp, [SAMPLE_PROMPT] * SAMPLES, guided_params(3.0, padded, temperature=1.0, max_tokens=LENGTH))))
     assert min(position_pair_pvalues(got, broken, VOCAB)) < BROKEN_ALPHA
-    assert min(position_pair_pvalues(got, hf_samples(hf_model, 1.0, SAMPLE_NEGATIVE), VOCAB)) < BROKEN_ALPHA
+    assert min(position_pair_pvalues(got, hf_samples(hf_guided, 1.0, SAMPLE_NEGATIVE), VOCAB)) < BROKEN_ALPHA

@@ -4,16 +4,15 @@ real openai client."""
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import contextlib
-import io
 import os
 
 import httpx
 import numpy as np
 import pytest
 
+from openai_images import client_for, png
 from tiny_llama import ENGINE_ENV
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH
 from vllm_sjdpp.digits.train import DEFAULT_OUT
@@ -43,17 +42,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-def png(b64: str):
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    assert image.format == "PNG"
-    return image
+    return client_for(server)
 
 
 def test_n_images_of_the_stated_size(client):
