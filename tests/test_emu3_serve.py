@@ -53,7 +53,7 @@ def test_the_documented_negative_prompt_is_the_default(client, tiny_emu3_path):
 @pytest.mark.parametrize("kw, param", [
     (dict(size="41x40"), "size"),
     (dict(size="0x0"), "size"),
-    (dict(size="800x800"), "prompt"),  # 100 x 100 codes: past the 512-token context
+    (dict(size="800x800"), "size"),  # 100 x 100 codes: past the 512-token context
     (dict(prompt=""), "prompt"),
     (dict(extra_body={"negative_prompt": ""}), "negative_prompt"),
 ])

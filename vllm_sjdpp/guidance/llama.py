@@ -39,15 +39,6 @@ def guided_llama_config_hook(model_config) -> None:
     double_heads(model_config)
 
 
-def guided_engine_config_hook(vllm_config) -> None:
-    """vLLM's per-architecture hook on the whole config: the parallel modes guidance refuses,
-    and the scheduler that pairs requests whose negative prompt has another length."""
-    from ..patches.scheduler import install
-
-    check_parallelism(vllm_config)
-    install(vllm_config)
-
-
 def check_parallelism(vllm_config) -> None:
     """Refuse, at start-up and naming the flag, the parallel modes a guided model cannot run:
     - --enable-dbo: dual-batch overlap splits a forward's tokens into micro-batches, while the

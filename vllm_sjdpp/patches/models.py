@@ -16,6 +16,17 @@ def guided_architectures() -> tuple[str, ...]:
     return GUIDED_LLAMA, JANUS, EMU3
 
 
+def guided_engine_hook(vllm_config) -> None:
+    """vLLM's per-architecture hook on the whole config of a guided model: the parallel modes
+    guidance refuses, and the scheduler that pairs requests whose negative prompt has another
+    length."""
+    from ..guidance.llama import check_parallelism
+    from .scheduler import install
+
+    check_parallelism(vllm_config)
+    install(vllm_config)
+
+
 def apply() -> None:
     # vllm/model_executor/models/config.py: MODELS_CONFIG_MAP, architecture -> a class whose
     # verify_and_update_model_config(model_config) ModelConfig.__post_init__ calls.
@@ -47,7 +58,7 @@ def apply() -> None:
         # and the scheduler that pairs requests.
         return type("GuidedConfig", (VerifyAndUpdateConfig,), {
             "verify_and_update_model_config": call(function),
-            "verify_and_update_config": call("vllm_sjdpp.guidance.llama:guided_engine_config_hook"),
+            "verify_and_update_config": call("vllm_sjdpp.patches.models:guided_engine_hook"),
         })
 
     MODELS_CONFIG_MAP[GUIDED_LLAMA] = config_hook("vllm_sjdpp.guidance.llama:guided_llama_config_hook")

@@ -83,6 +83,7 @@ class ImageRequest:
             raise BadRequest(f"model {model!r} is not served here; served: {served_names}", "model")
         self.n = self._int(body, "n", 1, 1, MAX_IMAGES)
         size = body.get("size")  # null is OpenAI's documented default, "auto"; "" is refused
+        self.size_chosen = size not in (None, "auto")
         try:
             self.pixels = family.parse_size("auto" if size is None else size)
         except ValueError as e:
@@ -278,6 +279,8 @@ def engine_error_param(error: Exception, request: ImageRequest) -> str | None:
     names first (the message without the engine's "(parameter=..., value=...)" suffix, and
     without the list of known options an unknown one is answered with)."""
     param = _engine_error_field(error, request)
+    if param == "prompt" and request.size_chosen and "one image" in str(error):
+        return "size"  # the engine's "the prompt and one image do not fit", for a size the client chose
     return "negative_prompt" if param == NEGATIVE_PROMPT_KEY else param
 
 
