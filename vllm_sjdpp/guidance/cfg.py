@@ -269,8 +269,9 @@ class GuidanceBatch:
             w = windows[i]
             partner[starts[i + 1] - w : starts[i + 1]] = np.arange(starts[j + 1] - w, starts[j + 1])
             self.mirrors.append((i, j))
+        joint = {companion for _, companion in self.mirrors}
         for j, state in enumerate(states):  # companions whose request does not sample with them
-            if state.companion and not discard[j] and j not in {m[1] for m in self.mirrors}:
+            if state.companion and not discard[j] and j not in joint:
                 alone.append(j)
         if alone:
             self._discard(runner, alone)
