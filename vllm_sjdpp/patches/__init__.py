@@ -14,6 +14,8 @@ general plugins load in every vLLM process, and installing this one must never b
   CPU seeded chunked prefill without the generator rewind CPU generators lack.
 - `gpu_worker` (vllm/v1/worker/gpu_worker.py, cpu_worker.py): KV sizing keeps the step's buffers.
 - `cpu_triton_utils` (vllm/utils/cpu_triton_utils.py, CPU only): the expand kernel's fix.
+- `model_config` (vllm/config/model.py, CPU only): a float32 checkpoint of a guided architecture
+  stays float32 on a CPU without native bf16 (`--dtype auto`).
 - `models` (vllm/model_executor/models): the guided Llama and Janus registered, with their
   config hooks.
 - `input_processor` (vllm/v1/engine/input_processor.py): every request checked (prompt ids,
@@ -59,7 +61,9 @@ def apply() -> None:
         return
     import vllm
 
-    from . import arg_utils, cpu_triton_utils, gpu_model_runner, gpu_worker, input_processor, internals, models
+    from . import (
+        arg_utils, cpu_triton_utils, gpu_model_runner, gpu_worker, input_processor, internals, model_config, models,
+    )
 
     _applied = True
     if not is_supported(vllm.__version__):
@@ -83,6 +87,7 @@ def apply() -> None:
     gpu_model_runner.apply(on_cpu=cpu)
     if cpu:
         cpu_triton_utils.apply()
+        model_config.apply()
     gpu_worker.apply()
     models.apply()
     input_processor.apply()

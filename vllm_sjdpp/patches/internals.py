@@ -106,6 +106,10 @@ CLASS_MEMBERS = (
     Member("vllm.v1.worker.gpu_worker:Worker", "determine_available_memory", ("self",)),
     Member("vllm.utils.cpu_triton_utils", "_expand_kernel_impl",
            ("output", "input_val", "cu_num_tokens", "replace_from", "replace_to"), cpu=True, optional=True),
+    # The dtype of float32 checkpoints on CPUs without native bf16 (patches.model_config).
+    Member("vllm.config.model", "_get_and_verify_dtype", ("model_id", "config", "dtype"), cpu=True),
+    Member("vllm.config.model:ModelArchConfigConvertorBase", "get_torch_dtype",
+           ("hf_config", "model_id", "revision", "config_format"), cpu=True),
     # Models and their configs (patches.models, guidance).
     Member("vllm.model_executor.models.config", "MODELS_CONFIG_MAP"),
     Member("vllm.model_executor.models.config:VerifyAndUpdateConfig", "verify_and_update_model_config", ("model_config",)),
