@@ -58,12 +58,16 @@ class SJDPPSampler(RejectionSampler):
         super().__init__(runner.sampler, runner.speculative_config, runner.device)
         self.runner = runner
         self.runtime = runtime
+        self.seed_probe = None  # set while the start-up seed probe runs (engine.seed_probe)
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata) -> SamplerOutput:
         input_batch = self.runner.input_batch
         num_reqs = len(metadata.num_draft_tokens)
         if num_reqs != input_batch.num_reqs:  # a warm-up call on a dummy batch
             return super().forward(metadata, draft_probs, logits, sampling_metadata)
+        if self.seed_probe is not None:
+            scheduled = np.diff(self.runner.query_start_loc.np[: num_reqs + 1])
+            self.seed_probe.record(input_batch, metadata, logits, scheduled)
 
         raw_logits = logits
         first_rows = None

@@ -12,7 +12,9 @@ general plugins load in every vLLM process, and installing this one must never b
   runtime, our sampler and drafter wiring, the one hook that forgets a removed request, the
   guidance inputs before each forward, the spec-decode metadata of steps without drafts, and on
   CPU seeded chunked prefill without the generator rewind CPU generators lack.
-- `gpu_worker` (vllm/v1/worker/gpu_worker.py, cpu_worker.py): KV sizing keeps the step's buffers.
+- `gpu_worker` (vllm/v1/worker/gpu_worker.py, cpu_worker.py): KV sizing keeps the step's buffers;
+  the seed probe's worker method.
+- `engine_core` (vllm/v1/engine/core.py): an SJD++ engine runs the seed probe once built.
 - `cpu_triton_utils` (vllm/utils/cpu_triton_utils.py, CPU only): the expand kernel's fix.
 - `model_config` (vllm/config/model.py, CPU only): a float32 checkpoint of a guided architecture
   stays float32 on a CPU without native bf16 (`--dtype auto`).
@@ -62,7 +64,8 @@ def apply() -> None:
     import vllm
 
     from . import (
-        arg_utils, cpu_triton_utils, gpu_model_runner, gpu_worker, input_processor, internals, model_config, models,
+        arg_utils, cpu_triton_utils, engine_core, gpu_model_runner, gpu_worker, input_processor, internals, model_config,
+        models,
     )
 
     _applied = True
@@ -89,5 +92,6 @@ def apply() -> None:
         cpu_triton_utils.apply()
         model_config.apply()
     gpu_worker.apply()
+    engine_core.apply()
     models.apply()
     input_processor.apply()

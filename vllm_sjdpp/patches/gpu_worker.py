@@ -1,5 +1,6 @@
 """Patches of vllm/v1/worker/gpu_worker.py and cpu_worker.py: the workers' KV sizing keeps the
-SJD++ step's buffers out of the KV cache."""
+SJD++ step's buffers out of the KV cache, and `Worker.sjdpp_seed_probe`, the method the seed
+probe calls through vLLM's collective_rpc (`patches.engine_core`, the images endpoint)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,23 @@ def step_reserve_bytes(vllm_config: Any) -> int:
     )
 
 
+def sjdpp_seed_probe(self, action: str) -> dict | None:
+    """`action`: "start" and "finish" bracket the probe's requests (finish returns the verdict);
+    "verdict" returns the one kept (None: not probed, or not an SJD++ engine)."""
+    from ..engine import seed_probe
+
+    runner = self.model_runner
+    if getattr(runner, "sjdpp", None) is None:
+        return None
+    if action == "start":
+        return seed_probe.start(runner)
+    if action == "finish":
+        return seed_probe.finish(runner)
+    if action == "verdict":
+        return getattr(runner, "sjdpp_seed_verdict", None)
+    raise ValueError(f"sjdpp_seed_probe: unknown action {action!r}")
+
+
 def apply() -> None:
     # vllm/v1/worker/gpu_worker.py and cpu_worker.py: determine_available_memory returns the
     # bytes the KV cache may take (after the profiling run on GPUs, VLLM_CPU_KVCACHE_SPACE on
@@ -37,6 +55,9 @@ def apply() -> None:
     # step's own buffers are reserved here explicitly.
     from vllm.v1.worker.gpu_worker import Worker
 
+    from ..engine.seed_probe import WORKER_METHOD
+
+    setattr(Worker, WORKER_METHOD, sjdpp_seed_probe)  # the CPU worker subclasses it
     classes = [Worker]
     try:
         from vllm.v1.worker.cpu_worker import CPUWorker

@@ -102,6 +102,17 @@ CLASS_MEMBERS = (
     Member("vllm.v1.engine:EngineCoreRequest", "prompt_token_ids"),
     Member("vllm.v1.engine:EngineCoreRequest", "sampling_params"),
     Member("vllm.v1.engine:EngineCoreRequest", "cache_salt"),
+    # The seed probe (patches.engine_core): requests of its own through the engine, once built.
+    *(Member("vllm.v1.engine.core:EngineCore", name, params) for name, params in (
+        ("__init__", ("self", "vllm_config")),
+        ("preprocess_add_request", ("self", "request")),
+        ("add_request", ("self", "request", "request_wave")),
+        ("post_step", ("self", "model_executed")),
+        ("abort_requests", ("self", "request_ids")),
+        ("reset_prefix_cache", ("self",)),
+        ("collective_rpc", ("self", "method", "timeout", "args")),
+    )),
+    Member("vllm.v1.engine.core:EngineCoreProc", "run_busy_loop", ("self",)),
     # Memory (patches.gpu_worker) and the CPU build's expand kernel (patches.cpu_triton_utils).
     Member("vllm.v1.worker.gpu_worker:Worker", "determine_available_memory", ("self",)),
     Member("vllm.utils.cpu_triton_utils", "_expand_kernel_impl",

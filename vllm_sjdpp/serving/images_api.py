@@ -9,13 +9,17 @@ The served folder's image family (`vllm_sjdpp.families`) turns the prompt into t
 generated tokens into PNGs, here in the API server; the engine samples the tokens, one request
 per image.  Image i of a request with `seed` s uses seed s + i; without a seed the server draws
 one.  A seed names one image: the same PNG with SJD++ drafting or disabled (`sjdpp_disable`), from
-a server without `--speculative-config`, at any load (the position-keyed race, engine/race_sampler.py).
+a server without `--speculative-config`, at any load (the position-keyed race, engine/race_sampler.py),
+on a server whose forward gives a position the same logits in a wide pass as in a narrow one: the
+start-up seed probe (engine/seed_probe.py) checks it and each image reports it (`seed_identical`).
 
 Beyond OpenAI's parameters, the body (`extra_body` in the openai client) takes `guidance_scale`,
 `negative_prompt` (text, in the family's prompt template: the unconditional context of guidance;
 default: the family's documented one, Emu3's, else the engine's rule),
 `seed`, `temperature`, `top_k`, `top_p`, any `sjdpp_*` per-request option and `sjdpp_disable`.
-Each image in the response carries `sjdpp`: its seed, tokens, forward passes and tokens per pass.
+Each image in the response carries `sjdpp`: its seed, tokens, forward passes, tokens per pass, and
+`seed_identical` (true: this seed gives this image with SJD++ on or off; false: the probe found
+logits that depend on the pass's shape, so it may not; null: not probed).
 With `stream: true` and `partial_images: N` the answer is server-sent events as OpenAI sends them:
 N `image_generation.partial_image` events, each a PNG of the rows committed so far (rows not
 generated yet are grey; SJD++ drafts are not shown: vLLM's output path carries committed tokens
@@ -130,11 +134,15 @@ class ImageRequest:
 class ImageService:
     """What the route does, given the engine and the served folder's family."""
 
-    def __init__(self, engine_client, family, served_names: list[str], default_sampling: dict):
+    def __init__(self, engine_client, family, served_names: list[str], default_sampling: dict,
+                 seed_identical: bool | None = None):
         self.engine = engine_client
         self.family = family
         self.served_names = served_names
         self.default_sampling = default_sampling
+        # The start-up seed probe's verdict (engine.seed_probe): whether a seed gives the same
+        # image with SJD++ on and off here; None where it was not probed.
+        self.seed_identical = seed_identical
 
     def sampling_params(self, request: ImageRequest, seed: int | None):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -164,7 +172,8 @@ class ImageService:
         entry = {
             "b64_json": png_b64(image), "revised_prompt": None,
             "sjdpp": {"seed": seed, "tokens": len(tokens), "forward_passes": passes,
-                      "tokens_per_pass": round(len(tokens) / max(passes, 1), 3)},
+                      "tokens_per_pass": round(len(tokens) / max(passes, 1), 3),
+                      "seed_identical": self.seed_identical},
         }
         return entry, len(tokens)
 
@@ -306,6 +315,18 @@ async def wait_for_disconnect(raw_request: Request) -> None:
             return
 
 
+async def seed_verdict(engine_client) -> bool | None:
+    """The engine's seed probe verdict (`identical`), from its workers; None where it has none."""
+    from ..engine.seed_probe import WORKER_METHOD
+
+    try:
+        verdicts = await engine_client.collective_rpc(WORKER_METHOD, args=("verdict",))
+    except Exception:  # an engine without the plugin's workers: nothing is known
+        return None
+    verdict = verdicts[0] if verdicts else None
+    return None if verdict is None else verdict["identical"]
+
+
 class ImagesEndpoint:
     """The `vllm.endpoint_plugins` entry point (a zero-argument factory)."""
 
@@ -333,4 +354,4 @@ class ImagesEndpoint:
         names = list(args.served_model_name or []) or [args.model]
         family = families.load(model_config.model)
         defaults = {k: v for k, v in model_config.get_diff_sampling_param().items() if k in SAMPLING_KEYS}
-        state.sjdpp_images = ImageService(engine_client, family, names, defaults)
+        state.sjdpp_images = ImageService(engine_client, family, names, defaults, await seed_verdict(engine_client))
