@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from vllm_sjdpp import machine
 from vllm_sjdpp.patches import model_config
 
 X86_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma f16c\n"
@@ -16,13 +17,13 @@ ARM_V82 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc3
 ARM_V86 = "processor\t: 0\nFeatures\t: fp asimd atomics sve sve2 bf16 i8mm\n"
 
 
-@pytest.mark.parametrize("machine, cpuinfo, native", [
+@pytest.mark.parametrize("arch, cpuinfo, native", [
     ("x86_64", X86_AVX2, False), ("x86_64", X86_BF16, True), ("x86_64", X86_AMX, True),
     ("aarch64", ARM_V82, False), ("aarch64", ARM_V86, True),
     ("x86_64", "", None), ("riscv64", X86_AVX2, None),
 ])
-def test_native_bf16_from_cpuinfo(machine, cpuinfo, native):
-    assert model_config.native_bf16(machine, model_config.cpu_features(cpuinfo)) is native
+def test_native_bf16_from_cpuinfo(arch, cpuinfo, native):
+    assert machine.native_bf16(arch, machine.cpu_features(cpuinfo)) is native
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def cpu_flags(monkeypatch):
     load_general_plugins()
 
     def set_native(native):
-        monkeypatch.setattr(model_config, "native_bf16", lambda: native)
+        monkeypatch.setattr(machine, "native_bf16", lambda: native)
 
     return set_native
 
@@ -77,6 +78,10 @@ def test_other_architectures_keep_vllms_choice(cpu_flags, tiny_llama_path, tiny_
     assert served_dtype(tiny_emu3_path) == torch.float32
     cpu_flags(True)
     assert served_dtype(tiny_janus_path) == torch.bfloat16
+
+
+def test_cpu_name():
+    assert machine.cpu_name("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t: avx2\n") == "AMD EPYC 7B13"
 
 
 def test_only_float32_checkpoints_change():

@@ -17,7 +17,7 @@ from openai_images import client_for
 from tiny_llama import ENGINE_ENV
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH
 from vllm_sjdpp.digits.train import DEFAULT_OUT
-from vllm_sjdpp.engine.seed_probe import WORKER_METHOD
+from vllm_sjdpp.config import SEED_PROBE_METHOD as WORKER_METHOD
 
 SJDPP = {"method": "sjdpp", "num_speculative_tokens": 8}
 

@@ -18,6 +18,9 @@ REQUEST_FIELDS = (
 )
 INIT_MODES = ("random", "left", "above")
 MAX_WINDOW = 64
+# The workers' method that runs and reports the start-up seed probe (engine.seed_probe), named
+# here for the engine's patches and the images endpoint alike (vLLM's collective_rpc).
+SEED_PROBE_METHOD = "sjdpp_seed_probe"
 AUTO = "auto"  # draft_token_budget chosen by the goodput controller (goodput.py)
 # Where windows cannot adapt (several workers must agree on every window), "auto" is this
 # fixed budget: the best fixed budget of the CPU sweep at 32-64 requests without guidance.

@@ -8,10 +8,14 @@ sjdpp_images`) and asks `POST /v1/images/generations` (the openai client's `imag
 "a handwritten 0" ... "a handwritten 9", digit d with seed S + d, decoded plainly (per-request
 `sjdpp_disable`) and with SJD++, both with classifier-free guidance (the model's default scale
 from its generation_config.json unless --guidance-scale is given): first one image at a time
-(latency), then all ten in flight (throughput, three rounds).  A seed names one image, so the two decodings
-give the same PNGs; the picture puts them one above the other (plain on top, SJD++ below).  Prints
+(latency), then all ten in flight (throughput, three rounds).  Then a second server with full
+windows (`draft_token_budget: null`) makes the ten images once more, one at a time: their step
+compression, which does not depend on the machine, and what a full pass costs here against a
+plain one.  A seed names one image, so the decodings give the same PNGs; the picture puts them one
+above the other (plain on top, SJD++ below).  Prints the CPU and the dtype the server ran in,
 forward passes per image (from the responses), latency, throughput and each ratio to plain
-decoding, all measured in this run, and stops the server.
+decoding, the drafts per pass the controller chose (vLLM's /metrics) and the seed probe's verdict,
+all measured in this run, and says so where drafting cannot pay on this machine.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Generation:
     forward_passes: int
     seconds: float  # the request's latency
     png: str  # as the server sent it (base64)
+    seed_identical: bool | None = None  # the server's seed probe verdict (images endpoint)
 
 
 def generate_digits(
@@ -74,7 +79,8 @@ def generate_digits(
         info = image.model_extra["sjdpp"]
         if progress is not None:
             progress.update(1)
-        return Generation(digit, grey, info["forward_passes"], time.perf_counter() - begin, image.b64_json)
+        return Generation(digit, grey, info["forward_passes"], time.perf_counter() - begin, image.b64_json,
+                          info.get("seed_identical"))
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
@@ -105,36 +111,105 @@ class Run:
         return len(gens) / wall
 
 
-def report(runs: list[Run], window: int) -> list[str]:
-    """What the demo prints: passes, latency at one image in flight, throughput at ten, each
-    against plain decoding, and why drafting pays or not at each load."""
-    lines = [f"{'load':<20} {'mode':<6} {'passes/image':>12} {'s/image':>8} {'images/s':>8}  same PNG as plain"]
-    for run in runs:
+@dataclass
+class Machine:
+    """What the numbers were measured on: the CPU and the dtype the server ran the model in."""
+
+    cpu: str
+    native_bf16: bool | None
+    dtype: str
+
+    def describe(self) -> str:
+        bf16 = {True: "native bf16", False: "no native bf16", None: "bf16 support unknown"}[self.native_bf16]
+        return f"{self.cpu} ({bf16}), the model in {self.dtype}"
+
+
+def report(runs: list[Run], full: Run, window: int, machine: Machine, drafts_per_pass: dict[int, float],
+           seed_identical: bool | None) -> list[str]:
+    """What the demo prints, every figure measured in this run: passes, latency at one image in
+    flight and throughput at ten against plain decoding under "auto"; the step compression of full
+    windows (a property of the model and the method, not of the machine) and what such a pass
+    cost here against a plain one; the drafts the controller chose; whether drafting can pay."""
+    lines = [f"measured on {machine.describe()}",
+             f"{'load':<20} {'mode':<12} {'passes/image':>12} {'s/image':>8} {'images/s':>8}  same PNG as plain"]
+    for run, label in ((runs[0], "SJD++ auto"), (runs[1], "SJD++ auto"), (full, f"SJD++ k={window}")):
         load = "1 image at a time" if run.concurrency == 1 else f"{run.concurrency} images in flight"
-        for name, gens, wall in (("plain", run.plain, run.plain_wall), ("SJD++", run.sjdpp, run.sjdpp_wall)):
-            same = f"{run.identical()}/{len(gens)}" if name == "SJD++" else ""
-            lines.append(f"{load:<20} {name:<6} {run.passes(gens):>12.1f} {run.latency(gens):>8.2f} "
+        rows = [(label, run.sjdpp, run.sjdpp_wall)]
+        if run is not full:
+            rows.insert(0, ("plain", run.plain, run.plain_wall))
+        for name, gens, wall in rows:
+            same = "" if name == "plain" else f"{sum(a.png == b.png for a, b in zip(run.plain, gens))}/{len(gens)}"
+            lines.append(f"{load:<20} {name:<12} {run.passes(gens):>12.1f} {run.latency(gens):>8.2f} "
                          f"{run.throughput(gens, wall):>8.2f}  {same}")
     one, many = runs
+    compression = full.passes(full.plain) / full.passes(full.sjdpp)
+    # seconds per pass, one image in flight: a drafted pass of up to k + 1 positions against a plain one
+    cost = (full.latency(full.sjdpp) / full.passes(full.sjdpp)) / (full.latency(full.plain) / full.passes(full.plain))
     fewer_one, fewer_many = one.passes(one.plain) / one.passes(one.sjdpp), many.passes(many.plain) / many.passes(many.sjdpp)
     faster_one = one.latency(one.plain) / one.latency(one.sjdpp)
     speed = many.throughput(many.sjdpp, many.sjdpp_wall) / many.throughput(many.plain, many.plain_wall)
     lines += [
-        f"1 image at a time: SJD++ {fewer_one:.2f}x fewer forward passes, {faster_one:.2f}x lower latency than plain decoding.",
-        f"  Why: one image leaves this machine idle in a pass, so a pass verifying a window of up to {window} drafts "
-        f"costs only {fewer_one / faster_one:.2f}x a plain one, and commits {fewer_one:.1f} tokens on average.",
-        f"{many.concurrency} images in flight: SJD++ {fewer_many:.2f}x fewer forward passes, "
-        f"{speed:.2f}x the throughput of plain decoding.",
-        f"  Why: {many.concurrency} guided images already fill a pass ({2 * many.concurrency} rows), so each drafted "
-        f"position costs about what it weighs and the goodput controller drafts "
-        f"{'little' if fewer_many < 1.5 else 'where acceptance pays'}; an SJD++ pass costs {fewer_many / speed:.2f}x a "
-        f"plain one (its drafts and the SJD++ step's own work) and saves {1 - 1 / fewer_many:.0%} of them.",
+        f"Full windows (k = {window}): {compression:.2f} tokens per pass, {compression:.2f}x fewer forward passes "
+        f"(the step compression: the model's and the method's, the same on any machine).",
+        f"  Here a pass verifying up to {window} drafts cost {cost:.2f}x a plain one, so full windows would give "
+        f"{compression / cost:.2f}x lower latency at one image.",
+        f'"auto", 1 image at a time: SJD++ {fewer_one:.2f}x fewer forward passes, {faster_one:.2f}x lower latency '
+        f"than plain decoding; the controller drafted {drafts_per_pass.get(1, 0.0):.1f} tokens per pass on average "
+        f"and committed {fewer_one:.2f}.",
+        f'"auto", {many.concurrency} images in flight: SJD++ {fewer_many:.2f}x fewer forward passes, {speed:.2f}x the '
+        f"throughput of plain decoding; the controller drafted {drafts_per_pass.get(many.concurrency, 0.0):.1f} "
+        f"tokens per request-pass.",
     ]
+    if cost >= compression:
+        lines.append(f"  Drafting cannot pay on this machine: a drafted pass costs {cost:.2f}x a plain one and commits "
+                     f"{compression:.2f} tokens, so the controller keeps windows short or drafts nothing.")
+    identical = all(a.png == b.png for run in (*runs, full) for a, b in zip(run.plain, run.sjdpp))
+    probe = {True: "the server's seed probe found a position's logits bit-identical in wide and narrow passes",
+             False: "the server's seed probe found logits that depend on the shape of the pass",
+             None: "the server did not probe its seeds"}[seed_identical]
+    lines.append(f"Same seed, same image with SJD++ on and off: {'every' if identical else 'NOT every'} image here; {probe}.")
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def spec_draft_tokens(base: str) -> float:
+    """vLLM's count of draft tokens verified so far (its Prometheus counter on /metrics)."""
+    import httpx
+
+    text = httpx.get(base + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:spec_decode_num_draft_tokens_total"))
+
+
+def served_dtype(log_path: Path) -> str:
+    """The dtype vLLM loaded the model in, from the server's log."""
+    import re
+
+    found = re.findall(r"dtype=torch\.(\w+)", log_path.read_text(errors="replace"))
+    return found[0] if found else "an unknown dtype"
+
+
+def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, float], bool | None]:
+    """Plain and SJD++ images at each (concurrency, rounds) of `loads`; the drafts per pass the
+    server verified for SJD++ at each load; the seed probe's verdict from the responses."""
     from tqdm import tqdm
+
+    runs, drafts, identical = [], {}, None
+    for concurrency, rounds in loads:
+        gens = {}
+        for name, plain in (("plain", True), ("SJD++", False)):
+            before = spec_draft_tokens(base)
+            with tqdm(total=10 * rounds, unit="image", desc=f"{name:>5}, {concurrency:>2} in flight") as bar:
+                gens[name] = generate_digits(base, str(model), plain, args.seed, concurrency, args.guidance_scale, bar, rounds)
+            if not plain:
+                passes = sum(g.forward_passes for g in gens[name][0])
+                drafts[concurrency] = (spec_draft_tokens(base) - before) / max(passes, 1)
+                identical = gens[name][0][0].seed_identical
+        runs.append(Run(concurrency, gens["plain"][0], gens["SJD++"][0], gens["plain"][1], gens["SJD++"][1]))
+    return runs, drafts, identical
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .. import machine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
@@ -147,25 +222,21 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.model / "config.json").exists():
         ap.error(f"no model at {args.model}")
 
-    log_path = Path(tempfile.mkdtemp(prefix="sjdpp-demo-")) / "vllm-serve.log"
-    print(f"starting VLLM_PLUGINS={PLUGINS} vllm serve {args.model.name} --speculative-config "
-          f"'{json.dumps(args.spec_config)}' (log: {log_path})")
-    serve_args = [
-        "--speculative-config", json.dumps(args.spec_config),
-        "--max-model-len", str(GENERATED_LENGTH + 64), "--max-num-seqs", "32",
-    ]
-    runs = []
-    with vllm_server(args.model, serve_args, log_path, env={"VLLM_PLUGINS": PLUGINS}) as base:
-        # Ten images at a time take about a second here: three rounds make the throughput less noisy.
-        for concurrency, rounds in ((1, 1), (10, 3)):
-            gens = {}
-            for name, plain in (("plain", True), ("SJD++", False)):
-                with tqdm(total=10 * rounds, unit="image", desc=f"{name:>5}, {concurrency:>2} in flight") as bar:
-                    gens[name] = generate_digits(
-                        base, str(args.model), plain, args.seed, concurrency, args.guidance_scale, bar, rounds
-                    )
-            runs.append(Run(concurrency, gens["plain"][0], gens["SJD++"][0], gens["plain"][1], gens["SJD++"][1]))
-    print("server stopped")
+    log_dir = Path(tempfile.mkdtemp(prefix="sjdpp-demo-"))
+    serve_args = ["--max-model-len", str(GENERATED_LENGTH + 64), "--max-num-seqs", "32"]
+    # The user's SJD++ options (the controller, "auto", by default), then full windows: their
+    # step compression, and what a full pass costs on this machine.
+    specs = (args.spec_config, {**args.spec_config, "draft_token_budget": None})
+    results = []
+    for spec, loads in zip(specs, (((1, 1), (10, 3)), ((1, 1),))):
+        log_path = log_dir / f"vllm-serve-{len(results)}.log"
+        print(f"starting VLLM_PLUGINS={PLUGINS} vllm serve {args.model.name} --speculative-config "
+              f"'{json.dumps(spec)}' (log: {log_path})")
+        with vllm_server(args.model, ["--speculative-config", json.dumps(spec), *serve_args], log_path,
+                         env={"VLLM_PLUGINS": PLUGINS}) as base:
+            results.append(measure(base, args.model, args, loads))
+        print("server stopped")
+    (runs, drafts, identical), (full, _, _) = results
 
     one = runs[0]
     to_png([g.image for g in one.plain + one.sjdpp], args.out, columns=10)
@@ -175,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out}: digits 0-9 with seeds {args.seed}-{args.seed + 9}, plain decoding (top row) and "
           f"SJD++ (bottom row), guidance scale {scale}")
     window = args.spec_config.get("num_speculative_tokens", SJDPPConfig().num_speculative_tokens)
-    print("\n".join(report(runs, window)))
+    measured_on = Machine(machine.cpu_name(), machine.native_bf16(), served_dtype(log_dir / "vllm-serve-0.log"))
+    print("\n".join(report(runs, full[0], window, measured_on, drafts, identical)))
 
 
 if __name__ == "__main__":

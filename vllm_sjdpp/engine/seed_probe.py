@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 PREFIX = "sjdpp-seed-probe:"
-WORKER_METHOD = "sjdpp_seed_probe"  # the workers' method (patches.gpu_worker), for collective_rpc
 PHASES = ("reference", "window", "batch")
 
 

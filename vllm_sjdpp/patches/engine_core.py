@@ -73,12 +73,13 @@ def probe_requests(vllm_config, prompt: list[int], k: int):
 
 def run_seed_probe(core) -> dict | None:
     """Run the probe on a built EngineCore; its verdict (None where it was not run)."""
-    from ..engine.seed_probe import WORKER_METHOD, Verdict
+    from ..config import SEED_PROBE_METHOD
+    from ..engine.seed_probe import Verdict
 
     vllm_config = core.vllm_config
     k = vllm_config.speculative_config.num_speculative_tokens
     phases, max_tokens = probe_requests(vllm_config, probe_prompt(vllm_config.model_config), k)
-    core.collective_rpc(WORKER_METHOD, args=("start",))
+    core.collective_rpc(SEED_PROBE_METHOD, args=("start",))
     try:
         for phase, requests in phases:
             for r in requests:
@@ -94,7 +95,7 @@ def run_seed_probe(core) -> dict | None:
                 core.abort_requests([r.request_id for r in requests])
                 raise RuntimeError(f"the probe's {phase} requests did not finish")
     finally:
-        verdict = core.collective_rpc(WORKER_METHOD, args=("finish",))[0]
+        verdict = core.collective_rpc(SEED_PROBE_METHOD, args=("finish",))[0]
         core.reset_prefix_cache()
     if verdict is not None:
         logger.info(Verdict(**verdict).describe())

@@ -55,9 +55,9 @@ def apply() -> None:
     # step's own buffers are reserved here explicitly.
     from vllm.v1.worker.gpu_worker import Worker
 
-    from ..engine.seed_probe import WORKER_METHOD
+    from ..config import SEED_PROBE_METHOD
 
-    setattr(Worker, WORKER_METHOD, sjdpp_seed_probe)  # the CPU worker subclasses it
+    setattr(Worker, SEED_PROBE_METHOD, sjdpp_seed_probe)  # the CPU worker subclasses it
     classes = [Worker]
     try:
         from vllm.v1.worker.cpu_worker import CPUWorker

@@ -20,41 +20,10 @@ import platform
 
 import torch
 
+from .. import machine
+from ..machine import ARM_BF16_FEATURES, X86_BF16_FLAGS
+
 logger = logging.getLogger("vllm.sjdpp")
-
-# /proc/cpuinfo feature names of the instructions that compute bf16 natively.
-X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-ARM_BF16_FEATURES = ("bf16",)
-
-
-def cpu_features(cpuinfo: str | None = None) -> set[str]:
-    """The CPU's feature flags ("flags" on x86, "Features" on aarch64) from /proc/cpuinfo's text;
-    empty where it cannot be read."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return set(value.split())
-    return set()
-
-
-def native_bf16(machine: str | None = None, features: set[str] | None = None) -> bool | None:
-    """Whether this CPU computes bf16 natively: True, False, or None where it cannot tell (another
-    architecture, or no /proc/cpuinfo: vLLM's own choice then stands)."""
-    machine = (machine or platform.machine()).lower()
-    features = cpu_features() if features is None else features
-    if not features:
-        return None
-    if machine in ("x86_64", "amd64", "i686", "i386"):
-        return any(f in features for f in X86_BF16_FLAGS)
-    if machine in ("aarch64", "arm64"):
-        return any(f in features for f in ARM_BF16_FEATURES)
-    return None
 
 
 def cpu_dtype(architectures, config_dtype: torch.dtype, chosen: torch.dtype, native: bool | None) -> torch.dtype:
@@ -88,7 +57,7 @@ def apply() -> None:
         config_dtype = model_module.ModelArchConfigConvertorBase.get_torch_dtype(
             config, model_id, revision=kwargs.get("revision"), config_format=kwargs.get("config_format", "hf")
         )
-        native = native_bf16()
+        native = machine.native_bf16()
         served = cpu_dtype(getattr(config, "architectures", None), config_dtype, chosen, native)
         if served != chosen:
             logger.info(

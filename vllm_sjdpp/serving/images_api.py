@@ -317,10 +317,10 @@ async def wait_for_disconnect(raw_request: Request) -> None:
 
 async def seed_verdict(engine_client) -> bool | None:
     """The engine's seed probe verdict (`identical`), from its workers; None where it has none."""
-    from ..engine.seed_probe import WORKER_METHOD
+    from ..config import SEED_PROBE_METHOD
 
     try:
-        verdicts = await engine_client.collective_rpc(WORKER_METHOD, args=("verdict",))
+        verdicts = await engine_client.collective_rpc(SEED_PROBE_METHOD, args=("verdict",))
     except Exception:  # an engine without the plugin's workers: nothing is known
         return None
     verdict = verdicts[0] if verdicts else None

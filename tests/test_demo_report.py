@@ -1,0 +1,48 @@
+"""The demo's report (vllm_sjdpp.digits.demo.report): every figure it prints comes from the runs it
+is given, and it says plainly where drafting cannot pay."""
+
+import numpy as np
+import pytest
+
+from vllm_sjdpp.digits.demo import Generation, Machine, Run, report
+
+
+def gens(passes: float, seconds: float, png: str = "a") -> list[Generation]:
+    return [Generation(d, np.zeros((2, 2)), passes, seconds, f"{png}{d}") for d in range(10)]
+
+
+def runs(full_pass_cost: float, full_passes: float = 91.0, auto_passes: float = 150.0, same: bool = True):
+    plain = gens(273, 0.9)  # 3.3 ms per pass
+    second = "a" if same else "b"
+    one = Run(1, plain, gens(auto_passes, 0.9 * auto_passes / 273 * 1.2, second), 9.0, 6.0)
+    many = Run(10, gens(273, 1.5), gens(260, 1.45), 4.5, 4.4)
+    full = Run(1, plain, gens(full_passes, 0.9 / 273 * full_pass_cost * full_passes), 9.0, 9.0)
+    return [one, many], full
+
+
+MACHINE = Machine("AMD EPYC 7B13", False, "float32")
+
+
+def test_figures_come_from_the_runs():
+    (one, many), full = runs(full_pass_cost=1.85)
+    text = "\n".join(report([one, many], full, 32, MACHINE, {1: 7.25, 10: 0.5}, True))
+    assert "AMD EPYC 7B13 (no native bf16), the model in float32" in text
+    assert "Full windows (k = 32): 3.00 tokens per pass, 3.00x fewer forward passes" in text
+    assert "cost 1.85x a plain one, so full windows would give 1.62x lower latency" in text
+    assert "1.82x fewer forward passes" in text and "drafted 7.2 tokens per pass" in text
+    assert "drafted 0.5 tokens per request-pass" in text
+    assert "cannot pay" not in text
+    assert "every image here; the server's seed probe found a position's logits bit-identical" in text
+
+
+@pytest.mark.parametrize("cost", [3.0, 4.8])
+def test_says_when_drafting_cannot_pay(cost):
+    (one, many), full = runs(full_pass_cost=cost)
+    text = "\n".join(report([one, many], full, 32, MACHINE, {1: 0.0, 10: 0.0}, False))
+    assert f"Drafting cannot pay on this machine: a drafted pass costs {cost:.2f}x a plain one and commits 3.00" in text
+    assert "logits that depend on the shape of the pass" in text
+
+
+def test_different_images_are_reported():
+    (one, many), full = runs(full_pass_cost=1.5, same=False)
+    assert "NOT every image here" in "\n".join(report([one, many], full, 32, MACHINE, {}, None))
