@@ -31,6 +31,7 @@ def test_defaults():
         ({"draft_token_budget": -1}, "draft_token_budget"),
         ({"draft_token_budget": 8.5}, "draft_token_budget"),
         ({"draft_token_budget": "fast"}, "draft_token_budget"),
+        ({"exact_seeds": "yes"}, "exact_seeds"),
         ({"window": 4}, "window"),
     ],
 )
@@ -72,6 +73,7 @@ def test_request_overrides():
         ({"sjdpp_disable": "yes"}, "sjdpp_disable"),
         ({"sjdpp_windw": 3}, "sjdpp_windw"),
         ({"sjdpp_draft_token_budget": 3}, "sjdpp_draft_token_budget"),  # server-wide only
+        ({"sjdpp_exact_seeds": True}, "sjdpp_exact_seeds"),  # server-wide only
     ],
 )
 def test_bad_request_overrides_name_the_key(extra, option):

@@ -69,6 +69,39 @@ def test_wide_passes_rounded_otherwise_are_caught(make_engine, tiny_grid_path, m
     assert any("depend on the shape of the pass" in r.getMessage() for r in caplog.records)
 
 
+def test_exact_seeds_serves_float32_and_refuses_a_shape_dependent_forward(make_engine, tiny_grid_path, monkeypatch):
+    """The switch: exact_seeds turns --dtype auto into float32 on a CPU, and a server whose probe
+    finds logits that depend on the pass's shape does not start, naming the option."""
+    from vllm_sjdpp.engine.runtime import runtime_of
+    from vllm_sjdpp.guidance.llama import GuidedLlamaForCausalLM
+
+    exact = {**SJDPP, "exact_seeds": True}
+    llm = make_engine(tiny_grid_path, speculative_config=exact, dtype="auto")
+    assert runtime_of(llm).runner.model_config.dtype == torch.float32
+    assert verdict_of(llm)["identical"] is True
+    del llm
+    monkeypatch.setattr(GuidedLlamaForCausalLM, "compute_logits", GuidedLlamaForCausalLM.compute_logits)
+    perturb_wide_passes()
+    with pytest.raises(Exception, match="exact_seeds"):
+        make_engine(tiny_grid_path, speculative_config=exact)
+    make_engine(tiny_grid_path, speculative_config=SJDPP)  # without the switch it serves, and says so
+
+
+def test_exact_seeds_options():
+    from vllm_sjdpp.patches.arg_utils import exact_seeds_dtype, use_batch_invariant_kernels
+
+    assert exact_seeds_dtype("auto", on_cpu=True) == "float32"
+    assert exact_seeds_dtype(torch.float32, on_cpu=True) == "float32"
+    assert exact_seeds_dtype("bfloat16", on_cpu=False) == "bfloat16"
+    with pytest.raises(ValueError, match="exact_seeds.*--dtype bfloat16"):
+        exact_seeds_dtype("bfloat16", on_cpu=True)
+    environ = {}
+    use_batch_invariant_kernels(environ)
+    assert environ == {"VLLM_BATCH_INVARIANT": "1"}
+    with pytest.raises(ValueError, match="VLLM_BATCH_INVARIANT"):
+        use_batch_invariant_kernels({"VLLM_BATCH_INVARIANT": "0"})
+
+
 def test_no_probe_without_sjdpp(make_engine, tiny_grid_path):
     assert verdict_of(make_engine(tiny_grid_path)) is None
 

@@ -70,6 +70,10 @@ class SJDPPConfig:
         measures (`goodput`). A number: the most draft tokens in one pass over all requests,
         windows shrinking evenly as the batch grows (`window_budget`). None: every request
         drafts its k. Server-wide only.
+    exact_seeds: make a seed name one image with SJD++ on or off wherever vLLM can: float32 on
+        a CPU (`--dtype auto` becomes float32; another --dtype is refused), vLLM's batch-invariant
+        kernels on a GPU (VLLM_BATCH_INVARIANT=1); and the server does not start unless its seed
+        probe finds a position's logits bit-identical in narrow and wide passes. Server-wide only.
     """
 
     num_speculative_tokens: int = 32
@@ -82,6 +86,7 @@ class SJDPPConfig:
     fresh_token_ids: tuple[int, ...] | None = None
     jacobi_start: int = 0
     draft_token_budget: int | str | None = AUTO
+    exact_seeds: bool = False
 
     def __post_init__(self) -> None:
         k = self.num_speculative_tokens
@@ -126,6 +131,8 @@ class SJDPPConfig:
             )
         if not _is_int(self.jacobi_start) or self.jacobi_start < 0:
             raise _invalid("jacobi_start", self.jacobi_start, "an integer >= 0")
+        if not isinstance(self.exact_seeds, bool):
+            raise _invalid("exact_seeds", self.exact_seeds, "true or false")
         b = self.draft_token_budget
         if b is not None and b != AUTO and (not _is_int(b) or b < 0):
             raise _invalid("draft_token_budget", b, f'"{AUTO}", null or an integer >= 0')

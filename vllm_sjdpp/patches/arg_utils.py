@@ -101,6 +101,28 @@ def sjdpp_speculative_config(
     return vllm_spec, options, config
 
 
+def exact_seeds_dtype(dtype: Any, on_cpu: bool) -> Any:
+    """--dtype under the SJD++ option exact_seeds: float32 on a CPU for "auto" (a float32 pass
+    rounds a position's logits the same in any pass shape on the CPUs measured; bf16 emulated on
+    AVX2 does not); another dtype there is refused.  Elsewhere unchanged."""
+    if not on_cpu:
+        return dtype
+    name = str(dtype).removeprefix("torch.").lower()
+    if name in ("auto", "float32", "float"):
+        return "float32"
+    raise ValueError(
+        f"SJD++ option 'exact_seeds': on a CPU a seed names one image in float32; --dtype {dtype} was given"
+    )
+
+
+def use_batch_invariant_kernels(environ: dict) -> None:
+    """exact_seeds on a GPU: vLLM's batch-invariant mode, in this process's environment (the
+    engine processes inherit it); refused if the user turned it off."""
+    if environ.get("VLLM_BATCH_INVARIANT", "1") == "0":
+        raise ValueError("SJD++ option 'exact_seeds' needs VLLM_BATCH_INVARIANT=1 on a GPU; it is set to 0")
+    environ["VLLM_BATCH_INVARIANT"] = "1"
+
+
 def is_sjdpp(speculative_config: Any) -> bool:
     return (
         speculative_config is not None
@@ -148,3 +170,24 @@ def apply(refuse_sjdpp: Callable[[], None] | None = None) -> None:
         return create_speculative_config(self, target_model_config, target_parallel_config)
 
     EngineArgs.create_speculative_config = create_sjdpp_speculative_config
+
+    create_model_config = EngineArgs.create_model_config
+
+    @functools.wraps(create_model_config)
+    def create_model_config_for_exact_seeds(self):
+        # Before the model config is built: exact_seeds chooses the dtype (and, on a GPU, the
+        # kernels) that the seed promise needs.
+        spec = self.speculative_config
+        if isinstance(spec, str):
+            spec = self.speculative_config = parse_speculative_config(spec)
+        if isinstance(spec, dict) and spec.get("method") == METHOD and spec.get("exact_seeds") is True:
+            import os
+
+            from vllm.platforms import current_platform
+
+            self.dtype = exact_seeds_dtype(self.dtype, current_platform.is_cpu())
+            if current_platform.is_cuda():
+                use_batch_invariant_kernels(os.environ)
+        return create_model_config(self)
+
+    EngineArgs.create_model_config = create_model_config_for_exact_seeds

@@ -4,7 +4,8 @@ compiled model and the SJD++ sampler it serves with, then its prefix cache is em
 line gives the verdict; the workers keep it (`Worker.sjdpp_seed_probe("verdict")`) for the images
 endpoint.
 
-SJDPP_SEED_PROBE=0 skips it (the verdict is then unknown).
+SJDPP_SEED_PROBE=0 skips it (the verdict is then unknown).  With the SJD++ option exact_seeds, a
+verdict other than "identical" stops the server at start-up.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import time
 
+from ..config import ADDITIONAL_CONFIG_KEY, SJDPPConfig
 from .arg_utils import is_sjdpp
 
 logger = logging.getLogger("vllm.sjdpp")
@@ -103,7 +105,8 @@ def run_seed_probe(core) -> dict | None:
 
 
 def probe_once(core) -> None:
-    """Run the probe on a built engine, once, where it applies; never raises."""
+    """Run the probe on a built engine, once, where it applies; raises only where exact_seeds
+    is set and the verdict is not "identical"."""
     if getattr(core, "_sjdpp_probed", False):
         return
     core._sjdpp_probed = True
@@ -115,9 +118,16 @@ def probe_once(core) -> None:
         logger.info("SJD++ seed probe: skipped (more than one worker or engine)")
         return
     try:
-        run_seed_probe(core)
+        verdict = run_seed_probe(core)
     except Exception:  # never keep a server from starting: the verdict stays unknown
         logger.warning("SJD++ seed probe failed; whether a seed names one image is unknown", exc_info=True)
+        verdict = None
+    options = SJDPPConfig.from_dict((vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {}))
+    if options.exact_seeds and (verdict is None or verdict["identical"] is not True):
+        raise RuntimeError(
+            "SJD++ option 'exact_seeds': this server's seed probe did not find a position's logits bit-identical "
+            f"in narrow and wide passes ({verdict}), so a seed may name another image with SJD++ on than off"
+        )
 
 
 def apply() -> None:
