@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from openai_images import client_for, png
-from tiny_llama import ENGINE_ENV
+from tiny_llama import ENGINE_ENV, SEED_PROBE_ON
 from vllm_sjdpp.serving.server import vllm_server
 
 
 @pytest.fixture(scope="module")
 def server(tiny_emu3_path, tmp_path_factory):
-    env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0", "VLLM_PLUGINS": "sjdpp,sjdpp_images"}
+    env = {**os.environ, **ENGINE_ENV, **SEED_PROBE_ON, "SJDPP_LOG_INTERVAL_S": "0", "VLLM_PLUGINS": "sjdpp,sjdpp_images"}
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None
     args = ["--speculative-config", '{"method": "sjdpp", "num_speculative_tokens": 8}', "--enforce-eager",
             "--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--dtype", "float32"]
@@ -35,6 +35,8 @@ def test_pngs_of_the_asked_size(client, tiny_emu3_path):
     images = [png(d.b64_json) for d in out.data]
     assert [i.size for i in images] == [(40, 32)] * 2 and out.size == "40x32"
     assert all(d.model_extra["sjdpp"]["tokens"] == 4 * 6 + 3 for d in out.data)  # 4 rows of 5 codes, closed
+    # The seed probe ran at Emu3-Gen's vocabulary, in float32: a seed names one image here.
+    assert all(d.model_extra["sjdpp"]["seed_identical"] is True for d in out.data)
 
 
 def test_the_documented_negative_prompt_is_the_default(client, tiny_emu3_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tiny_janus import SMALL
-from tiny_llama import ENGINE_ENV
+from tiny_llama import ENGINE_ENV, SEED_PROBE_ON
 from vllm_sjdpp.serving.server import vllm_server
 
 
@@ -28,7 +28,7 @@ def serve_args(janus_shape) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(janus_folder, janus_shape, tmp_path_factory):
-    env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0", "VLLM_PLUGINS": "sjdpp,sjdpp_images"}
+    env = {**os.environ, **ENGINE_ENV, **SEED_PROBE_ON, "SJDPP_LOG_INTERVAL_S": "0", "VLLM_PLUGINS": "sjdpp,sjdpp_images"}
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None  # the server runs as users run it
     log_path = tmp_path_factory.mktemp("serve-janus") / "server.log"
     with vllm_server(janus_folder, serve_args(janus_shape), log_path, env=env, timeout_s=240) as base:
@@ -108,3 +108,30 @@ def test_images_endpoint_makes_janus_pngs(server, janus_folder, janus_shape):
     codes = hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image", do_sample=False)[0]
     got = Image.open(io.BytesIO(base64.b64decode(greedy.data[0].b64_json)))
     assert got.tobytes() == family.to_image(codes.tolist()).tobytes()
+
+
+def torch_linear_rows_invariant(shapes: list[tuple[int, int]]) -> bool:
+    """Whether torch's float32 linear gives a row the same bits alone and among 16 others, at
+    each (in, out) shape, on this machine (MKL / oneDNN pick kernels by the row count)."""
+    gen = torch.Generator().manual_seed(0)
+    for k, n in shapes:
+        x, w = torch.randn(17, k, generator=gen), torch.randn(n, k, generator=gen)
+        if not torch.equal(torch.nn.functional.linear(x, w)[:1], torch.nn.functional.linear(x[:1], w)):
+            return False
+    return True
+
+
+def test_the_seed_probe_ran_at_the_folders_shapes(server, janus_folder):
+    """The start-up seed probe runs on Janus (text prompt, image codes, both branches) and reports
+    what this machine's kernels do: Janus's generation aligner and head are transformers' modules
+    (torch's linear), so a seed names one image only where torch's linear gives a row the same
+    bits in a one-row and a wide pass."""
+    from transformers import AutoConfig
+
+    from openai_images import client_for
+
+    vq = AutoConfig.from_pretrained(janus_folder).vq_config
+    shapes = [(vq.embed_dim, vq.projection_dim), (vq.image_token_embed_dim, vq.projection_dim),
+              (vq.projection_dim, vq.num_embeddings)]
+    out = client_for(server).images.generate(model=janus_folder, prompt="a small house", extra_body={"seed": 2})
+    assert out.data[0].model_extra["sjdpp"]["seed_identical"] is torch_linear_rows_invariant(shapes)

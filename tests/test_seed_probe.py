@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from openai_images import client_for
-from tiny_llama import ENGINE_ENV
+from tiny_llama import ENGINE_ENV, SEED_PROBE_ON
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH
 from vllm_sjdpp.digits.train import DEFAULT_OUT
 from vllm_sjdpp.config import SEED_PROBE_METHOD as WORKER_METHOD
@@ -36,6 +36,13 @@ def perturb_wide_passes() -> None:
         return logits
 
     GuidedLlamaForCausalLM.compute_logits = rounded_otherwise
+
+
+@pytest.fixture(autouse=True)
+def seed_probe_on(monkeypatch):
+    """The other tests' engines skip the probe (tiny_llama.ENGINE_ENV); these run it."""
+    for key, value in SEED_PROBE_ON.items():
+        monkeypatch.setenv(key, value)
 
 
 def verdict_of(llm) -> dict:
@@ -133,7 +140,7 @@ def test_images_report_whether_a_seed_names_one_image(tmp_path, monkeypatch, per
 
     if perturbed:
         monkeypatch.setattr(server, "VLLM_CLI", request.getfixturevalue("perturbed_cli"))
-    env = {**ENGINE_ENV, "VLLM_PLUGINS": "sjdpp,sjdpp_images"}
+    env = {**ENGINE_ENV, **SEED_PROBE_ON, "VLLM_PLUGINS": "sjdpp,sjdpp_images"}
     args = ["--speculative-config", "sjdpp", "--dtype", "float32", "--max-model-len", str(GENERATED_LENGTH + 64),
             "--max-num-seqs", "8", "--enforce-eager"]
     log = tmp_path / "server.log"

@@ -7,13 +7,18 @@ from pathlib import Path
 
 import torch
 
-# Engines in tests: in-process, small KV cache, nothing fetched.
+# Engines in tests: in-process, small KV cache, nothing fetched, no seed probe at start-up (its
+# own tests, and the Janus and Emu3 servers', turn it on: SEED_PROBE_ON).
 ENGINE_ENV = {
+    "SJDPP_SEED_PROBE": "0",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+SEED_PROBE_ON = {"SJDPP_SEED_PROBE": "1"}
 
 
 def set_engine_env() -> None:
