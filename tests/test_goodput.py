@@ -9,7 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllm_sjdpp.engine.goodput import EXPLORE_EVERY, EXPLORE_RUN, Acceptance, GoodputController, MeasuredCurve
+from vllm_sjdpp.engine.goodput import (
+    MAX_REMEASURE_EVERY,
+    MEASURED_WINDOWS,
+    SWITCH_MARGIN,
+    Acceptance,
+    GoodputController,
+    MeasuredCurve,
+    optimistic_concave,
+)
 
 
 class Clock:
@@ -65,26 +73,52 @@ def test_a_measured_curve_drops_hiccups_but_follows_a_new_level():
 
 def test_acceptance_is_measured_per_window_length():
     rng = np.random.default_rng(0)
-    acceptance = Acceptance()
+    acceptance = Acceptance(12)
     alpha = 0.7
     for _ in range(100):
         lengths = rng.integers(0, 9, size=32)
         accepted = np.minimum(rng.geometric(1 - alpha, size=32) - 1, lengths)  # P(>= j) = alpha^j
         acceptance.observe(lengths, accepted)
     exact = np.concatenate([[0.0], np.cumsum(alpha ** np.arange(1, 9))])
-    # About 200 windows count per length (forgetting), so the standard error is about 0.1.
-    assert acceptance.expected(8) == pytest.approx(exact, abs=0.3)
-    # Beyond the longest window measured, every further draft is assumed accepted (optimism).
-    assert acceptance.expected(12)[9:] == pytest.approx(acceptance.expected(8)[8] + np.arange(1, 5))
+    assert acceptance.first_draft() == pytest.approx(alpha, abs=0.02)
+    assert acceptance.expected()[:9] == pytest.approx(exact, abs=0.2)
+    # Beyond the longest window measured: the last segment of the curve, extended (the most a
+    # concave curve allows there), never more than every draft.
+    gain = acceptance.expected()
+    assert gain[9:] == pytest.approx(gain[8] + (gain[8] - gain[7]) * np.arange(1, 5))
+
+
+def test_a_gap_between_measured_lengths_is_not_interpolated_down():
+    """The digit model's A(1) = 0.31 and A(32) = 2.06 measured, nothing between: a concave curve
+    can give A(8) up to 2.06, the measured 1.22 among it; linearly it would read 0.74, and the
+    window of 8 would never be tried.  The estimate never exceeds L nor falls with L."""
+    gain = optimistic_concave(np.array([1, 32]), np.array([0.31, 2.06]), 32)
+    assert gain[8] >= 1.22 and gain[1] == 0.31 and gain[32] == 2.06
+    assert np.all(np.diff(gain) >= 0) and np.all(gain <= np.arange(33))
+    # Measured at 8 too: between 8 and 32 the curve may still bend (the segment from 1 to 8,
+    # extended), but no higher than A(32).
+    gain = optimistic_concave(np.array([1, 8, 32]), np.array([0.31, 1.22, 2.06]), 32)
+    assert gain[16] == pytest.approx(min(1.22 + 8 * (1.22 - 0.31) / 7, 2.06))
+
+
+def test_a_shorter_window_is_bounded_by_the_longer_ones_truncated():
+    """Windows of 32 that accepted X tell that a window of 8 on the same stream would have
+    accepted at most min(X, 8) (its drafts refined no more often): with only those measured,
+    A(8) is that mean, not the optimistic bound."""
+    acceptance = Acceptance(32)
+    rng = np.random.default_rng(0)
+    accepted = np.where(rng.random(400) < 0.3, rng.integers(1, 17, 400), 0)
+    acceptance.observe(np.full(400, 32), accepted)
+    assert acceptance.expected()[8] == pytest.approx(np.minimum(accepted, 8).mean(), rel=0.02)
+    assert acceptance.expected()[32] == pytest.approx(accepted.mean(), rel=0.02)
 
 
 def test_acceptance_counts_windows_as_a_run_of_them_refines_them():
     """Drafts beyond the last window's length plus one have not been refined by any pass; here
     they are never accepted, the refined ones with probability 0.9 each (geometric).  After a
-    run of full windows, every 8th window is a full one after windows of 4 (the controller's far
-    probe): A(32) stays what a run of full windows accepts, sum_j 0.9^j = 8.69 (tolerance 2,
-    about 3 standard errors of the ~200 windows the forgetting keeps); counting the probes would
-    pull it towards 3.7."""
+    run of full windows, every 8th window is a full one after windows of 4 (a probe): A(32)
+    stays what a run of full windows accepts, sum_j 0.9^j = 8.69 (tolerance 1, about 3
+    standard errors); counting the probes would pull it towards 3.7."""
     rng = np.random.default_rng(0)
     controller = GoodputController(32, clock=Clock())
     ids = [f"r{i}" for i in range(16)]
@@ -95,9 +129,31 @@ def test_acceptance_counts_windows_as_a_run_of_them_refines_them():
         controller.observe_step(16 * (length + 1), ids, True, [length] * 16, accepted)
         last = length
     steady = 0.9 * (1 - 0.9**32) / 0.1
-    gain = controller.acceptance.expected(32)
-    assert gain[32] == pytest.approx(steady, abs=2.0)
-    assert gain[4] == pytest.approx(0.9 * (1 - 0.9**4) / 0.1, abs=0.5)
+    gain = controller.acceptance.expected()
+    assert gain[32] == pytest.approx(steady, abs=1.0)
+    assert gain[4] == pytest.approx(0.9 * (1 - 0.9**4) / 0.1, abs=0.3)
+
+
+def test_windows_count_by_steps_not_by_their_own_tokens():
+    """Right after a change of length the requests that moved on fastest are those that just
+    accepted long runs, and their windows hold the least refined drafts.  Counting a request's
+    window once it has committed L tokens would count those first; counting after the same
+    number of steps for every request does not.  Here a window accepts all its drafts with
+    probability 1/2 if the request's last window accepted less than all (its drafts had time to
+    be refined), else none, and the length changes every 12 steps: steady, a window of L accepts
+    L/3 (all, none, and again, in the ratio 1 : 2)."""
+    controller = GoodputController(8, clock=Clock())
+    ids = [f"r{i}" for i in range(64)]
+    rng = np.random.default_rng(0)
+    last_full = np.zeros(64, dtype=bool)
+    for step in range(600):
+        length = 4 if step // 12 % 2 else 8
+        full = ~last_full & (rng.random(64) < 0.5)
+        controller.observe_step(64 * (length + 1), ids, True, [length] * 64, np.where(full, length, 0))
+        last_full = full
+    lengths, means = controller.acceptance.means()
+    assert list(lengths) == [4, 8]
+    assert means == pytest.approx([4 / 3, 8 / 3], rel=0.1)
 
 
 def drive(controller, clock, cost_of, accept_prob, batch, k, steps, rng):
@@ -138,7 +194,7 @@ def test_the_controller_finds_the_best_window(name, cost_of, batch):
         clock, rng = Clock(), np.random.default_rng(seed)
         controller = GoodputController(k, clock=clock)
         chosen = drive(controller, clock, cost_of, accept_prob, batch, k, 1500, rng)
-        settled = [c for i, c in enumerate(chosen[750:], 751) if i % EXPLORE_EVERY >= EXPLORE_RUN]
+        settled = chosen[750:]
         got = max(set(settled), key=settled.count)
         # Within 5% of the best goodput: the estimates are noisy and the optimum is often flat.
         assert goodput[got] >= 0.95 * goodput[best], (name, seed, got, best, goodput)
@@ -167,36 +223,44 @@ def test_a_pass_is_timed_after_one_of_its_kind():
     assert controller.cost.curve(batch, True)(16)[()] == pytest.approx(0.029, abs=5e-4)
 
 
-def test_explores_and_waits_for_measurements():
+def test_a_new_batch_size_is_probed_then_costs_are_re_timed():
+    """A batch size met first: no drafts, windows of one (until their acceptance is measured),
+    full windows, each until its pass is timed twice.  Then drafts that cost 9x to 65x (never
+    worth it) are not chosen, and every cap's pass is re-timed all the same (one pass each) at
+    least every MAX_REMEASURE_EVERY steps, for 3% of the time at most (here 2.1%)."""
     clock = Clock()
     controller = GoodputController(8, clock=clock)
-    # A batch size not measured yet is probed: no drafts, windows of one, full windows.
-    for lengths in ([0, 0], [1, 1], [8, 8]):
-        assert controller.windows([8, 8], []) == lengths
-        for _ in range(2):
-            clock.now += 0.01 * (2 + sum(lengths))
-            controller.observe_step(2 + sum(lengths), ["a", "b"], lengths[0] > 0, lengths, [0, 0])
-    for step in range(1, 3 * EXPLORE_EVERY):
-        drafted = step % 2
-        clock.now += 0.01 * (2 + 16 * drafted)  # drafts cost 9x: never worth it
-        controller.observe_step(2 + 16 * drafted, ["a", "b"], bool(drafted), [8 * drafted] * 2, [0, 0])
-    controller.steps = 0
-    chosen = [max(controller.windows([8, 8], [])) for _ in range(160 * EXPLORE_EVERY)]
-    exploring = [EXPLORE_EVERY <= step and step % EXPLORE_EVERY < EXPLORE_RUN for step in range(1, len(chosen) + 1)]
-    assert not any(c for c, e in zip(chosen, exploring) if not e)  # the choice: no drafts
-    # Exploring runs go round the whole range, and next to the choice (0, so 1); the full window,
-    # predicted at 9x the chosen pass, only once in these 5120 steps.
-    assert {c for c, e in zip(chosen, exploring) if e} == {0, 1, 2, 4, 8}
-    assert chosen.count(8) == EXPLORE_RUN
+    chosen, seconds, lengths = [], [], [0, 0]
+    for _ in range(12000):
+        next_lengths = controller.windows([8, 8], [])
+        chosen.append(next_lengths[0])
+        drafted = sum(lengths) > 0 or sum(next_lengths) > 0
+        seconds.append(0.01 * (2 + 8 * sum(lengths)))
+        clock.now += seconds[-1]
+        controller.observe_step(2 + sum(lengths), ["a", "b"], drafted, lengths, [0, 0])
+        lengths = next_lengths
+    assert chosen[:3] == [0, 0, 0]  # timed twice: the first windowless step has no step before it
+    full = chosen.index(8)
+    assert set(chosen[3:full]) == {1} and full - 3 >= MEASURED_WINDOWS / 2
+    assert chosen[full : full + 3] == [8, 8, 8]
+    settled = np.array(chosen[full + 3 :])
+    assert np.mean(settled == 0) > 0.99  # the choice: no drafts
+    for cap in (1, 2, 4):
+        probes = np.concatenate([[0], np.flatnonzero(settled == cap), [len(settled)]])
+        assert len(probes) >= 4 and np.diff(probes).max() <= MAX_REMEASURE_EVERY + 64, probes
+    assert sum(seconds[full + 4 :]) <= 1.03 * 0.02 * len(seconds[full + 4 :])
     assert controller.windows([0, 0], []) == [0, 0]
 
 
-def measured(cost_of) -> GoodputController:
-    """A controller that has measured `cost_of` at a few pass sizes and sees every draft accepted."""
+def measured(cost_of, batch: int = 1) -> GoodputController:
+    """A controller that has timed `cost_of` twice at every pass size up to 80 positions and
+    seen every draft accepted in 10 windows of each length."""
     controller = GoodputController(8, clock=Clock())
-    for n in (1, 2, 18, 34, 66):
-        controller.cost.observe(1, n, n > 1, cost_of(n))
-    controller.acceptance.observe(np.arange(1, 9), np.arange(1, 9))
+    for n in range(batch, 81):
+        for _ in range(2):
+            controller.cost.observe(batch, n, n > batch, cost_of(n))
+    for _ in range(10):
+        controller.acceptance.observe(np.arange(1, 9), np.arange(1, 9))
     return controller
 
 
@@ -211,10 +275,8 @@ def test_pinned_windows_count_in_the_cost():
 def test_pinned_windows_do_not_wait_for_a_windowless_step():
     """With a seeded request's window in every pass no step is windowless: the controller
     chooses from the drafted steps' cost alone instead of waiting for t_0 forever."""
-    controller = GoodputController(8, clock=Clock())
-    for n in (10, 18, 34, 66):
-        controller.cost.observe(2, n, True, 0.010)  # flat: drafts are free
-    controller.acceptance.observe(np.arange(1, 9), np.arange(1, 9))
+    controller = measured(lambda n: 0.010, batch=2)  # flat: drafts are free
+    controller.cost.curves = {key: c for key, c in controller.cost.curves.items() if key[1]}
     assert controller.windows([8], [8]) == [8]
 
 
@@ -259,11 +321,14 @@ def test_several_workers_get_the_fixed_fallback_budget(caplog):
         model_config = SimpleNamespace(
             hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 300, max_model_len=512
         )
+        plain = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None))
         runner = SimpleNamespace(
             vllm_config=SimpleNamespace(
                 additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 32}}, model_config=model_config
             ),
             model_config=model_config, parallel_config=SimpleNamespace(world_size=world_size),
+            input_batch=SimpleNamespace(req_ids=[f"r{i}" for i in range(64)]),
+            requests={f"r{i}": plain for i in range(64)},
         )
         return SJDPPRuntime(runner)
 
@@ -280,39 +345,60 @@ def test_several_workers_get_the_fixed_fallback_budget(caplog):
     assert single._share(wanted, unseeded) == [0] * 64 and asked
 
 
-@pytest.mark.parametrize("gain, drafts", [(1.02, False), (1.06, True)])
-def test_drafting_must_promise_a_margin_over_none(gain, drafts):
-    """Every window promises `gain` times the goodput of no drafts (each pass costs its
-    positions / gain, every draft accepted): within DRAFT_MARGIN (5%) of none, no drafts."""
-    from vllm_sjdpp.engine.goodput import DRAFT_MARGIN
+@pytest.mark.parametrize("current", [0, 8])
+@pytest.mark.parametrize("gain", [1.02, 1.08])
+def test_a_choice_changes_only_for_a_margin_either_way(current, gain):
+    """Every window promises `gain` times the goodput of no drafts, or no drafts that times the
+    goodput of any window: the choice moves only for more than SWITCH_MARGIN (5%) over the
+    current one, from no drafts to drafts as from drafts to none (no drafts is not where the
+    doubt goes)."""
+    assert 1.02 < 1 + SWITCH_MARGIN < 1.08
+    better = 8 if current == 0 else 0
+    ratio = gain if better else 1 / gain
 
-    assert 1.02 < DRAFT_MARGIN < 1.06
-    controller = measured(lambda n: 0.001 * (n if n == 1 else n / gain))
+    controller = measured(lambda n: 0.001 * (n if n == 1 else n / ratio))
+    controller.windows([8], [])  # the first choice at a batch size: the best, whatever the margin
+    controller.best = current
     goodput = controller.evaluate(np.array([8]), np.zeros(0, dtype=int))[0]
-    assert goodput[1:] / goodput[0] == pytest.approx(gain)
-    assert (controller.windows([8], [])[0] > 0) == drafts
-
-
-@pytest.mark.parametrize("realised, drafts", [(False, False), (True, True)])
-def test_drafting_that_realises_less_than_predicted_stops(realised, drafts):
-    """Windows whose lengths switch (8, 6, 8, ...) are left out of A(L), as a probe is; if their
-    passes commit nothing, drafted passes realise a ninth of the goodput the curves predict, and
-    the calibration turns a choice of 8 drafts (5x the goodput of none, predicted) into none.
-    Passes that commit what was predicted leave it at 8."""
-    clock = Clock()
-    cost_of = lambda n: 0.010 + 0.001 * n  # noqa: E731
-    controller = GoodputController(8, clock=clock)
-    for n in (1, 2, 18, 34, 66):
-        controller.cost.observe(1, n, n > 1, cost_of(n))
-    for _ in range(10):
-        controller.acceptance.observe(np.arange(1, 9), np.arange(1, 9))
-    assert controller.windows([8], []) == [8]
-    controller.observe_step(1, ["a"], True, [0], [0])
-    for step in range(40):
-        length = 8 if step % 2 else 6
-        clock.now += cost_of(1 + length)
-        controller.observe_step(1 + length, ["a"], True, [length], [length if realised else 0])
-    assert controller.acceptance.expected(8)[8] == pytest.approx(8)  # switching windows: not measured
-    assert (controller.calibration.factor(1) > 0.9) == realised
+    assert goodput[better] / goodput[current] == pytest.approx(gain)
     controller._next_choice = 0
-    assert (controller.windows([8], [])[0] > 0) == drafts
+    chosen = better if gain > 1 + SWITCH_MARGIN else current
+    assert (controller.windows([8], [])[0] > 0) == (chosen > 0)  # every window does as well
+
+
+def test_the_runtime_leaves_guidance_companions_out():
+    """A paired request's companion runs its request's drafts and takes its tokens: the runtime
+    gives it no window of its own, counts its positions in its request's windows (`copies`),
+    and leaves it out of the controller's requests and acceptance and of the statistics."""
+    from types import SimpleNamespace
+
+    from vllm_sjdpp.config import ADDITIONAL_CONFIG_KEY, AUTO, COMPANION_OF_KEY
+    from vllm_sjdpp.engine.runtime import SJDPPRuntime
+    from vllm_sjdpp.guidance.pairing import companion_id
+
+    model_config = SimpleNamespace(
+        hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 300, max_model_len=512
+    )
+    req_ids = ["a", companion_id("a"), "b"]
+    requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args={})) for r in req_ids}
+    requests[companion_id("a")].sampling_params.extra_args = {COMPANION_OF_KEY: "a"}
+    runner = SimpleNamespace(
+        vllm_config=SimpleNamespace(
+            additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 8, "draft_token_budget": AUTO}},
+            model_config=model_config,
+        ),
+        model_config=model_config, parallel_config=SimpleNamespace(world_size=1),
+        input_batch=SimpleNamespace(req_ids=req_ids), requests=requests,
+        query_start_loc=SimpleNamespace(np=np.array([0, 9, 18, 23])),
+    )
+    runtime = SJDPPRuntime(runner)
+    asked, observed = [], []
+    runtime.goodput = SimpleNamespace(
+        windows=lambda w, p, **kw: asked.append((w, p, kw)) or [5] * len(w),
+        observe_step=lambda *args: observed.append(args),
+    )
+    assert runtime._share([8, 0, 8], [False, False, False]) == [5, 0, 5]
+    assert asked == [([8, 8], [], {"copies": [2, 1], "pinned_copies": []})]
+    runtime._observe(True, [8, 8, 4], [3, 0, 1])
+    assert observed == [(23, ["a", "b"], True, [8, 4], [3, 1])]
+    assert (runtime.stats.request_steps, runtime.stats.committed, runtime.stats.drafts) == (2, 6, 12)

@@ -18,6 +18,9 @@ REQUEST_FIELDS = (
 )
 INIT_MODES = ("random", "left", "above")
 MAX_WINDOW = 64
+# In a guidance companion's SamplingParams.extra_args (guidance.pairing): the request whose
+# drafts it runs and whose tokens it takes; the engine leaves companions out of its statistics.
+COMPANION_OF_KEY = "guidance_companion_of"
 # The workers' method that runs and reports the start-up seed probe (engine.seed_probe), named
 # here for the engine's patches and the images endpoint alike (vLLM's collective_rpc).
 SEED_PROBE_METHOD = "sjdpp_seed_probe"

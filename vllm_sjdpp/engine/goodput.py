@@ -1,52 +1,89 @@
 """Goodput-adaptive windows (draft_token_budget="auto"): each pass gets the drafts that maximise
 the expected committed tokens per second, from what the engine measures while serving.
 
-- Pass cost: seconds per engine step as a function of the positions n in its pass (scheduled
-  tokens, prompt chunks included), timed between the ends of consecutive steps of the same
-  requests and the same kind (the interval holds the tail of the step before it; requests
-  arriving or leaving cost the same with or without drafts; and with none in common the
-  engine may have waited for work); a time 1.5x over its bucket's mean is a hiccup, dropped.
-  Two curves per batch size: t_0(n) for steps without drafts (they skip the SJD++ step proper)
-  and t_d(n) for steps with drafts.
-- Gain: A(L), the mean number of drafts accepted from a window of L drafts, measured per L (so
-  it includes what the length does to the next window's drafts: a short window refines fewer
-  positions ahead of it), from windows that follow a window of L - 1 to L + 1 drafts: what a
-  run of such windows accepts, which is what choosing L gets (a probe after short windows holds
-  drafts no pass has refined, a short window after long ones drafts refined many times).
+Who counts.  A request is a sequence whose tokens are delivered.  A guided request's companion
+(guidance/pairing.py: a sequence that runs its request's drafts at its own positions and samples
+nothing of its own) is none: the runtime leaves it out of the batch size, the committed tokens
+and the acceptance, and it counts only where it costs, in the positions of a pass (`copies`: the
+sequences that run a request's window, 2 for a paired request).
 
-Each curve is a set of forgetting averages per bucket of its argument, made non-decreasing
-(scipy's isotonic regression, weighted) and interpolated linearly; a cost beyond the largest
-measured n continues with the slope of the last two points (in proportion to n from a single
-point: the pessimistic guess), a gain beyond the longest measured window grows by one accepted
-draft per draft (the optimistic guess, so that longer windows get tried).  A batch
-size met for the first time is probed before anything is chosen for it: a step without drafts,
-one with windows of one draft, one with full windows (once per batch size, however dear).  For
-requests wanting windows w_i (and pinned requests whose windows are fixed, f_m), the cap c
-maximises
+Pass cost: seconds per engine step as a function of the positions n in its pass (every
+sequence's scheduled tokens, prompt chunks included), timed between the ends of consecutive
+steps of the same requests and the same kind (the interval holds the tail of the step before
+it; requests arriving or leaving cost the same with or without drafts; and with none in common
+the engine may have waited for work).  A time 1.5x over its bucket's mean is a hiccup, dropped,
+and one 1.5x under it restarts the bucket (what it held was a slow start).  Two curves per half
+octave of the batch size: t_0(n) for steps without drafts (they skip the SJD++ step proper) and
+t_d(n) for steps with drafts, each a forgetting average per quarter octave of n, made
+non-decreasing (scipy's isotonic regression, weighted) and interpolated linearly; beyond the
+largest n measured, the slope of the last two points (from one point: in proportion to n).
 
-    G(c) = [B + sum_i A(min(w_i, c)) + sum_m A(f_m)] / t(B + sum_i min(w_i, c) + sum_m f_m),
+Gain: A(L), the mean number of drafts accepted from a window of L drafts in a run of such
+windows, from steady windows only.  A draft is accepted more often the more passes have refined
+it; in a run of windows of L each draft enters the window at its end and is refined once per
+pass on its way down, while after a change of length the window holds drafts refined less (a
+longer window's new end) or more (a shorter one's).  So a window counts only when its request
+has verified windows of exactly L for L / s steps before it, s the recent mean tokens committed
+per request and step: by then its drafts have entered at the end of a window of L.  (Counted in
+steps, the same for every request: counting a request's own tokens would first count those that
+just accepted long runs, whose windows then hold the least refined drafts.)  Two measurements of
+each length (forgetting per window):
+- direct: the steady windows of L.  A window accepts nothing or a run of drafts (the digit
+  model's first draft is accepted about one time in three, whatever the length), so a mean is
+  noisy: it is taken as p * (drafts accepted per window accepting any), p the first draft's
+  acceptance over all steady windows;
+- truncated: min(X, L) over steady windows of longer lengths that accepted X.  The drafts of a
+  window of L are refined at least as often in a longer window, so this is an upper bound on
+  A(L) (in the simulated digit model 1.02-1.09x from windows up to a third longer, 1.22x from
+  32 to 8), and every verified window gives it for every shorter length on the same stream.
+The curve: the concave non-decreasing least-squares fit through (0, 0) to the direct means
+(each weighted by its windows accepting any, over L^2: a run's variance grows about as L^2
+while runs reach the window's end) at measured lengths; elsewhere the most any
+concave non-decreasing curve through the fit's vertices allows there (the lines through the
+neighbouring segments, the next vertex, and L), so that a length that might be best is tried,
+and a gap is never interpolated down (linearly, a concave curve is under-estimated: A(8) read
+0.74 between 1 and 32, where 1.22 was measured); then at most the truncated mean where that is
+measured, and at most L.  With nothing measured, A(L) = L.
 
-with t = t_0 when the pass has no drafts, provided it beats G(0) by DRAFT_MARGIN (else c = 0).
-Every EXPLORE_EVERY steps a short run of steps has its cap set instead of chosen: at no drafts
-(every other run), next to the last choice, or (every 8th run) going round 0, k, k/2, ..., 1, so
-that every part of the curves stays measured; a cap predicted to do far worse than the choice (a
-pass over twice as dear, or under 80% of its goodput) is tried only in one cycle of runs in
-four, so as not to pay often for it.
+For requests wanting windows w_i (and pinned requests whose windows are fixed, f_m), each run by
+c_i sequences, the cap k maximises
+
+    G(k) = [B + sum_i A(min(w_i, k)) + sum_m A(f_m)] / t(sum_i c_i (1 + min(w_i, k)) + sum_m c_m (1 + f_m)),
+
+with B the requests and t = t_0 when the pass has no drafts.  The choice is re-made every
+DECIDE_EVERY steps and changes only for SWITCH_MARGIN more goodput than the current choice's,
+whichever way (near break-even the estimates move by a few percent from one choice to the next,
+and each change of length restarts the runs that measure A; no drafts gets no other margin than
+any choice).  A batch size met for the first time is probed before anything is chosen for it: no
+drafts, windows of one draft (until their acceptance is measured: its slope bounds every longer
+window's), full windows, each until its pass is timed twice (a shape's first pass is often
+slow).  Afterwards the costs stay current: every PROBE_GAP steps one cap whose pass has not been
+timed for REMEASURE_EVERY steps (0, the powers of two, the choice's neighbours; 0 takes ZERO_RUN
+steps, any other cap one) is set instead of chosen, the longest untimed first, if its probe loses
+(its seconds beyond what its tokens are worth at the choice's goodput) at most its share of
+PROBE_BUDGET of the time since it was last timed, and in any case once MAX_REMEASURE_EVERY steps
+have passed; never while the choice's own acceptance is still being measured (a probe restarts
+the runs).  So a cheap length is re-timed every REMEASURE_EVERY steps, a dear one as often as its
+share allows but at least every MAX_REMEASURE_EVERY steps (a pass 30x the choice's then loses
+0.7% of the time), and a slow start is not remembered: a time 1.5x faster restarts a bucket.
 
 Why the output stays exact. Verification commits each token with the distribution p given
 everything fixed before the step's noise is drawn: the committed prefix, the drafts, their
 proposals, and how many there are. The window lengths here are a function of the batch and of
-past steps (their timings and acceptances, and the calibration made of both), all fixed before
-the noise of the pass that verifies them, so each committed token is distributed as plain
-sampling's given its prefix, and the whole stream as plain sampling's. What would break it is a
-length chosen after seeing the verifying pass's own noise (stopping a window once a draft is
-rejected, say), which this module cannot see. `tests/test_engine.py` runs the chi-square test
-against plain decoding with the controller on.
+past steps (their timings and acceptances), all fixed before the noise of the pass that verifies
+them, so each committed token is distributed as plain sampling's given its prefix, and the
+whole stream as plain sampling's. What would break it is a length chosen after seeing the
+verifying pass's own noise (stopping a window once a draft is rejected, say), which this module
+cannot see. `tests/test_engine.py` runs the chi-square test against plain decoding with the
+controller on.
 
 Nor does it change a seed's tokens under Gumbel-coupled verification (the default), which commits
 plain decoding's tokens for that seed whatever the windows.  Under the ratio test a seed's
 generator draws follow the window lengths (the same law, other samples), so there a seeded
 request is pinned to its own window (not adapted, not shared).
+
+`tests/test_goodput_sim.py` drives this controller in a simulated engine (`tests/sim_engine.py`)
+on five machines' pass costs.
 """
 
 from __future__ import annotations
@@ -55,22 +92,25 @@ import math
 import time
 
 import numpy as np
-from scipy.optimize import isotonic_regression
+from scipy.optimize import isotonic_regression, nnls
 
-EXPLORE_EVERY = 64  # steps between exploring runs
-EXPLORE_RUN = 3  # steps per exploring run: the second pass without drafts is the one timed
 DECIDE_EVERY = 4  # steps between choices of the cap (a choice takes some 100 us)
+SWITCH_MARGIN = 0.05  # a new choice must promise this much more goodput than the current one
+PROBE_GAP = 16  # steps between re-timing probes
+REMEASURE_EVERY = 256  # a cap's pass is re-timed when it has not been for this many steps ...
+PROBE_BUDGET = 0.01  # ... if its probe loses at most its share of this much of the time, ...
+MAX_REMEASURE_EVERY = 4096  # ... or when it has not been for this many
+STARTUP_STEPS = 12  # most steps given each probe of a batch size met first
+ZERO_RUN = 3  # steps of a probe without drafts: the third, after a windowless one, is timed
 MAX_STEP_GAP_S = 5.0  # a longer gap is a stall (a compile, a pause), not a pass
-# A pass over 1.5 times its kind's mean time is a hiccup (a collection, the OS, a shape's first
+# A pass over 1.5 times its bucket's mean time is a hiccup (a collection, the OS, a shape's first
 # pass), not its cost: passes without drafts are timed rarely, and one such among five would
 # set their curve.
 STEP_OUTLIER = 1.5
 OUTLIER_RUN = 3
-# Drafting is chosen only if it promises this much more goodput than no drafts.  Near break-even
-# the estimates move by a few percent from one choice to the next (t_0 at 8 digit images read
-# 4.1 to 4.9 ms over a minute) and would flip the choice at random; no drafts is the floor the
-# server must not fall below, so the doubt goes its way.
-DRAFT_MARGIN = 1.05
+MEASURED_WINDOWS = 8.0  # steady windows of a length before its acceptance counts as measured ...
+MEASURED_STARTS = 3.0  # ... of which at least this many accepted a draft
+ADVANCE_FORGET = 0.95  # per drafted step, for the mean tokens a request commits
 
 
 class MeasuredCurve:
@@ -85,13 +125,22 @@ class MeasuredCurve:
         self.outlier = outlier
         self._outliers = 0
         self.sums: dict[int, list[float]] = {}  # bucket: [weight, weight * x, weight * y]
+        self.stamps: dict[int, int] = {}  # bucket: the caller's step count when last measured
         self._keys: dict[float, int] = {}  # x: its bucket (positions repeat)
         self._points: tuple[np.ndarray, np.ndarray] | None = None
 
-    def observe(self, x: float, y: float) -> None:
+    def key(self, x: float) -> int:
         key = self._keys.get(x)
         if key is None:  # numpy costs more than the rest of a step's bookkeeping on one scalar
             key = self._keys[x] = int(self.bucket(np.array([x]))[0])
+        return key
+
+    def weight(self, x: float) -> float:
+        """The weight of x's bucket (about the measurements it holds)."""
+        return self.sums.get(self.key(x), (0.0,))[0]
+
+    def observe(self, x: float, y: float, when: int = 0) -> None:
+        key = self.key(x)
         s = self.sums.setdefault(key, [0.0, 0.0, 0.0])
         if self.outlier and s[0] > 0:
             mean = s[2] / s[0]
@@ -102,18 +151,9 @@ class MeasuredCurve:
                 s[0] = s[1] = s[2] = 0.0
         self._outliers = 0
         self._points = None
+        self.stamps[key] = when
         f = self.forget
         s[0], s[1], s[2] = f * s[0] + 1.0, f * s[1] + x, f * s[2] + y
-
-    def observe_many(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Several measurements at once (forgetting applied per bucket, once per measurement)."""
-        self._points = None
-        keys, inverse, counts = np.unique(self.bucket(x), return_inverse=True, return_counts=True)
-        sum_x, sum_y = np.bincount(inverse, x), np.bincount(inverse, y)
-        for key, count, sx, sy in zip(keys.tolist(), counts.tolist(), sum_x.tolist(), sum_y.tolist()):
-            s = self.sums.setdefault(key, [0.0, 0.0, 0.0])
-            f = self.forget**count
-            s[0], s[1], s[2] = f * s[0] + count, f * s[1] + sx, f * s[2] + sy
 
     def __bool__(self) -> bool:
         return bool(self.sums)
@@ -152,11 +192,11 @@ class PassCost:
     def __init__(self):
         self.curves: dict[tuple[int, bool], MeasuredCurve] = {}
 
-    def observe(self, batch: int, n: int, full_step: bool, seconds: float) -> None:
+    def observe(self, batch: int, n: int, full_step: bool, seconds: float, when: int = 0) -> None:
         key = (batch_bucket(batch), full_step)
         if key not in self.curves:
             self.curves[key] = MeasuredCurve(position_bucket, outlier=STEP_OUTLIER)
-        self.curves[key].observe(n, seconds)
+        self.curves[key].observe(n, seconds, when)
 
     def curve(self, batch: int, full_step: bool) -> MeasuredCurve | None:
         return self.curves.get((batch_bucket(batch), full_step))
@@ -167,91 +207,141 @@ class PassCost:
             seconds = np.where(full_step, seconds, self.curve(batch, False)(n))
         return seconds
 
+    def last_timed(self, batch: int, n: float, full_step: bool) -> int | None:
+        """The step count when a pass like this was last timed (None: never)."""
+        curve = self.curve(batch, full_step)
+        return None if curve is None else curve.stamps.get(curve.key(n))
+
 
 class Acceptance:
-    """A(L): drafts accepted from a window of L, per L; A(0) = 0."""
+    """A(L) from steady windows: direct and truncated means per L, and the curve made of them
+    (the module's docstring); A(0) = 0."""
 
-    def __init__(self):
-        self.curve = MeasuredCurve(lambda lengths: np.asarray(lengths, dtype=np.int64), forget=0.995)
+    def __init__(self, max_window: int, forget: float = 0.999):
+        self.max_window = max_window
+        self.forget = forget  # per window of a length (or longer, truncated): about 1000 count
+        # Per length, directly and truncated: [windows, windows accepting a draft, drafts accepted].
+        self.direct, self.cut = np.zeros((3, max_window + 1)), np.zeros((3, max_window + 1))
+        self.first = np.zeros(2)  # [windows, windows accepting their first draft]
+        self._expected: np.ndarray | None = None
 
     def observe(self, lengths, accepted) -> None:
-        if not any(lengths):
+        lengths, accepted = np.asarray(lengths, dtype=np.int64), np.asarray(accepted, dtype=float)
+        accepted, lengths = accepted[lengths > 0], lengths[lengths > 0]
+        if not len(lengths):
             return
-        lengths, accepted = np.asarray(lengths), np.asarray(accepted)
-        drafted = lengths > 0
-        for length in set(lengths[drafted].tolist()) - set(self.curve.sums):
-            # Optimism for a length seen first: one pseudo-window with every draft accepted, so
-            # that one unlucky window does not rule the length out before it is tried again.
-            self.curve.observe(length, length)
-        self.curve.observe_many(lengths[drafted], accepted[drafted])
+        started = accepted > 0
+        self.first = self.forget ** len(lengths) * self.first + (len(lengths), started.sum())
+        size = np.arange(self.max_window + 1)[None, :]
+        own = size == lengths[:, None]  # [window, L]
+        shorter = (size < lengths[:, None]) & (size > 0)
+        cut = np.minimum(accepted[:, None], size)
+        for sums, mask, x in ((self.direct, own, accepted[:, None]), (self.cut, shorter, cut)):
+            counts = mask.sum(0)
+            sums *= self.forget**counts
+            sums += (counts, (mask & started[:, None]).sum(0), np.where(mask, x, 0.0).sum(0))
+        self._expected = None
 
     def __bool__(self) -> bool:
-        return bool(self.curve)
+        return bool(len(self.estimates(self.direct)[0]))
 
-    def expected(self, max_window: int) -> np.ndarray:
-        """A(L) for L = 0 .. max_window.  Beyond the longest window measured, optimism again:
-        every further draft accepted, until such a window has been tried."""
-        lengths = np.arange(max_window + 1)
-        xs, ys = self.curve.points()
-        measured = np.interp(lengths, xs, ys) + np.maximum(lengths - xs[-1], 0)
-        return np.where(lengths == 0, 0.0, np.minimum(measured, lengths))
+    def first_draft(self) -> float:
+        """How often a window's first draft is accepted, over all steady windows."""
+        return self.first[1] / max(self.first[0], 1e-9)
+
+    def estimates(self, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The lengths measured (MEASURED_WINDOWS windows, MEASURED_STARTS of them accepting a
+        draft), their mean acceptance, and their windows accepting a draft."""
+        lengths = np.flatnonzero((sums[0, 1:] >= MEASURED_WINDOWS) & (sums[1, 1:] >= MEASURED_STARTS)) + 1
+        started, total = sums[1:, lengths]
+        return lengths, self.first_draft() * total / started, started
+
+    def means(self) -> tuple[np.ndarray, np.ndarray]:
+        """The lengths measured directly and their mean acceptance."""
+        return self.estimates(self.direct)[:2]
+
+    def expected(self) -> np.ndarray:
+        """A(L) for L = 0 .. max_window."""
+        if self._expected is None:
+            lengths, means, started = self.estimates(self.direct)
+            fit = concave_fit(lengths.astype(float), means, started / lengths**2) if len(lengths) else means
+            out = optimistic_concave(lengths, fit, self.max_window)
+            cut, bound, _ = self.estimates(self.cut)
+            out[cut] = np.minimum(out[cut], bound)
+            self._expected = out
+        return self._expected
 
 
-class Calibration:
-    """What drafted passes realise against what the curves predict for them, per half octave of
-    the batch size: (sum of committed tokens / sum of seconds) over (the same predicted), with
-    forgetting.  The curves describe runs of one window length; a choice that switches between
-    drafting and not (exploring, or near break-even) starts runs whose first windows hold drafts
-    no pass has refined.  At 8 digit images drafted passes realised 0.81 of the prediction, at
-    one image 1.00.  Drafted choices' goodput is scaled by the factor."""
+def concave_fit(xs: np.ndarray, ys: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The concave non-decreasing f with f(0) = 0 closest to the points (xs increasing, > 0) in
+    weighted least squares, at xs: f is a sum of hinges e_j * min(x, xs[j]) with e_j >= 0."""
+    basis = np.minimum(xs[:, None], xs[None, :])
+    root = np.sqrt(weights)
+    e, _ = nnls(basis * root[:, None], ys * root)
+    return basis @ e
 
-    MIN_WEIGHT = 8.0  # drafted passes observed before the factor counts
 
-    def __init__(self, forget: float = 0.98):
-        self.forget = forget
-        self.sums: dict[int, np.ndarray] = {}  # bucket: [weight, real tokens, real s, predicted tokens, predicted s]
-
-    def observe(self, batch: int, tokens: float, seconds: float, predicted_tokens: float, predicted_seconds: float) -> None:
-        s = self.sums.setdefault(batch_bucket(batch), np.zeros(5))
-        s *= self.forget
-        s += (1.0, tokens, seconds, predicted_tokens, predicted_seconds)
-
-    def factor(self, batch: int) -> float:
-        """Realised over predicted goodput, at most 1 (it corrects optimism, never adds to it);
-        1 until enough drafted passes have been seen."""
-        s = self.sums.get(batch_bucket(batch))
-        if s is None or s[0] < self.MIN_WEIGHT:
-            return 1.0
-        return min(1.0, (s[1] / s[2]) / (s[3] / s[4]))
+def optimistic_concave(lengths: np.ndarray, values: np.ndarray, max_window: int) -> np.ndarray:
+    """A(0 .. max_window): `values` (concave and non-decreasing in `lengths`, through (0, 0)) at
+    those lengths; elsewhere the most a concave non-decreasing curve through their vertices
+    allows; never over L."""
+    xs = np.concatenate([[0], lengths]).astype(float)
+    ys = np.concatenate([[0.0], values])
+    out = np.arange(max_window + 1, dtype=float)
+    out[lengths] = np.minimum(out[lengths], values)
+    slopes = np.diff(ys) / np.diff(xs)
+    # The vertices, where the slope falls: a point inside a straight segment is no constraint
+    # (taken as one, it would make that segment a bound on the gap after it).
+    keep = [0] + [i for i in range(1, len(xs) - 1) if slopes[i - 1] > slopes[i] + 1e-12] + [len(xs) - 1] * (len(xs) > 1)
+    vx, vy = xs[keep], ys[keep]
+    vs = np.diff(vy) / np.diff(vx)  # vs[i]: from vertex i to vertex i + 1
+    measured = set(lengths.tolist())
+    for L in range(1, max_window + 1):
+        if L in measured:
+            continue
+        i = int(np.searchsorted(vx, L, side="right")) - 1  # vx[i] < L
+        bound = math.inf
+        if i >= 1:  # the segment ending at vertex i, extended
+            bound = vy[i] + vs[i - 1] * (L - vx[i])
+        if i + 1 < len(vx):
+            bound = min(bound, vy[i + 1])  # non-decreasing
+            if i + 2 < len(vx):  # the segment after the next vertex, extended back
+                bound = min(bound, vy[i + 1] - vs[i + 1] * (vx[i + 1] - L))
+        out[L] = min(out[L], bound)
+    return out
 
 
 class GoodputController:
     """Window lengths for the next pass from the measured pass cost and acceptance."""
 
-    MEASURED_WINDOWS = 8.0  # windows of a length observed before its acceptance counts as measured
-
     def __init__(self, max_window: int, clock=time.perf_counter):
         self.max_window = max_window
         self.cost = PassCost()
-        self.acceptance = Acceptance()
-        self.calibration = Calibration()
+        self.acceptance = Acceptance(max_window)
         self.clock = clock
         self.steps = 0
-        self.best = max_window  # the last cap chosen
+        self.best = max_window  # the cap chosen
         self._next_choice, self._chosen_for = 0, -1
         self._last_end: float | None = None
         self._last_requests: frozenset = frozenset()
         self._last_full_step: bool | None = None
-        self._last_lengths: dict = {}  # request: the drafts it verified in its last step
+        self._runs: dict = {}  # request: [its window length, steps it verified windows of it]
+        self._advance = 1.0  # tokens committed per request and drafted step, recently
+        self._startup_steps: dict[int, list[int]] = {}  # batch bucket: steps given each probe
+        self._probe: list[int] = []  # caps set for the next steps (the rest of a run of 0)
+        self._next_probe = 0
+        self._start: float | None = None  # the time of the first choice
+        self._start_step = 0  # the step count then
 
     def forget(self, req_id: str) -> None:
         """vLLM removed the request: a new request reusing its id is not the same run."""
         self._last_requests = self._last_requests - {req_id}
-        self._last_lengths.pop(req_id, None)
+        self._runs.pop(req_id, None)
 
     def observe_step(self, positions: int, req_ids, full_step: bool, lengths, accepted) -> None:
-        """Called at the end of each step: the positions in its pass, the requests in it, whether
-        it ran the SJD++ step proper, and per request the drafts verified and accepted."""
+        """Called at the end of each step: the positions in its pass (every sequence's), the
+        requests in it (companions left out), whether it ran the SJD++ step proper, and per
+        request the drafts verified and accepted."""
         now = self.clock()
         requests = frozenset(req_ids)
         # The time between two step ends also holds the earlier step's tail (its tokens' output
@@ -262,104 +352,120 @@ class GoodputController:
         # dearer), and with none in common the engine may have waited for work.
         steady = full_step == self._last_full_step and requests == self._last_requests
         if steady and self._last_end is not None and now - self._last_end < MAX_STEP_GAP_S:
-            seconds = now - self._last_end
-            if any(lengths):
-                self._calibrate(len(requests), positions, seconds, lengths, accepted)
-            self.cost.observe(len(requests), positions, full_step, seconds)
+            self.cost.observe(len(requests), positions, full_step, now - self._last_end, self.steps)
         self._last_end, self._last_requests, self._last_full_step = now, requests, full_step
         if not any(lengths):  # nothing verified (most steps where drafting does not pay)
-            self._last_lengths = {}
+            self._runs = {}
             return
-        lengths, accepted = np.asarray(lengths), np.asarray(accepted)
-        previous = np.array([self._last_lengths.get(r, 0) for r in req_ids])
-        self._last_lengths = dict(zip(req_ids, lengths.tolist()))
-        # Only windows within a draft of their request's last count: what a run of windows of
-        # one length accepts is what choosing that length gets.  A longer window after short
-        # ones (a probe) holds drafts no pass has refined and accepts less; a shorter one after
-        # long ones holds drafts refined many times and accepts more.
-        steady = np.abs(previous - lengths) <= 1
-        self.acceptance.observe(lengths[steady], accepted[steady])
+        advance = self._advance
+        counted_lengths, counted, runs = [], [], {}
+        for req_id, length, a in zip(req_ids, lengths, accepted):
+            run = self._runs.get(req_id)
+            if run is None or run[0] != length:
+                run = [length, 0]
+            elif length and run[1] * advance >= length:  # steady: the module's docstring
+                counted_lengths.append(length)
+                counted.append(a)
+            run[1] += 1
+            runs[req_id] = run
+        self._runs = runs
+        self.acceptance.observe(counted_lengths, counted)
+        tokens = 1.0 + float(np.mean(accepted))
+        self._advance = ADVANCE_FORGET * advance + (1.0 - ADVANCE_FORGET) * tokens
 
-    def _calibrate(self, batch: int, positions: int, seconds: float, lengths, accepted) -> None:
-        """A drafted pass's committed tokens and time against the curves' prediction for its
-        windows, made before the pass is added to them."""
-        drafted = self.cost.curve(batch, True)
-        if not self.acceptance or drafted is None or len(drafted.sums) < 2:
-            return
-        # Only against measured acceptance: the optimism for lengths barely tried (exploration's
-        # prior) is meant not to be realised.
-        measured = self.acceptance.curve.sums
-        if any(measured.get(n, (0.0,))[0] < self.MEASURED_WINDOWS for n in set(lengths) if n):
-            return
-        predicted_tokens = batch + self.acceptance.expected(self.max_window)[np.asarray(lengths)].sum()
-        predicted_seconds = float(drafted(positions))
-        self.calibration.observe(batch, batch + sum(accepted), seconds, predicted_tokens, predicted_seconds)
-
-    def _worth_exploring(self, cap: int, wanted: np.ndarray, pinned: np.ndarray) -> bool:
-        """A cap predicted to do far worse than the best (a pass over twice as dear, or under
-        80% of its goodput) is tried in one cycle of exploring runs in four: what exploring
-        costs at the optimum is what drafting loses where drafting does not pay."""
-        if cap == self.best or self.steps // (8 * EXPLORE_EVERY) % 4 == 0:
-            return True
-        goodput, seconds = self.evaluate(wanted, pinned)
-        c, b = min(cap, wanted.max()), min(self.best, wanted.max())
-        return seconds[c] <= 2 * seconds[b] and goodput[c] >= 0.8 * goodput[b]
-
-    def exploring_cap(self) -> int | None:
-        """The cap if this step explores.  Every other run tries no drafts: passes without
-        drafts take another step path, timed only in such runs, and where drafting pays they
-        are rare.  Most others try a neighbour of the last best cap (+1, -1), where a kink in
-        the cost (a GPU's roofline) may hide between measured sizes; every 8th goes
-        round the whole range (0, k, k/2, ..., 1), so that a change in the hardware's load is
-        noticed."""
-        if self.steps < EXPLORE_EVERY or self.steps % EXPLORE_EVERY >= EXPLORE_RUN:
-            return None
-        run = self.steps // EXPLORE_EVERY
-        if run % 8 == 1:
-            caps = [0] + [self.max_window >> i for i in range(self.max_window.bit_length())]
-            return caps[run // 8 % len(caps)]
-        if run % 2 == 0:
-            return 0
-        return min(max(self.best + (1 if run % 4 == 3 else -1), 0), self.max_window)
-
-    def windows(self, wanted: list[int], pinned: list[int]) -> list[int]:
+    def windows(self, wanted: list[int], pinned: list[int], copies=None, pinned_copies=None) -> list[int]:
         """Lengths for the adaptable requests' next windows (each at most what it wants), given
-        the pinned requests' fixed lengths."""
+        the pinned requests' fixed lengths; `copies` (`pinned_copies`): the sequences that run
+        each one's window (default 1; 2 for a request with a guidance companion)."""
         self.steps += 1
         if not any(wanted):
             return list(wanted)
-        batch = len(wanted) + len(pinned)
-        # A batch size met for the first time is probed: no drafts (unless pinned windows make
-        # every step draft), windows of one, full windows.
-        if self.cost.curve(batch, False) is None and not any(pinned):
-            return [0] * len(wanted)
-        drafted = self.cost.curve(batch, True)
-        if drafted is None or not self.acceptance:
-            return [min(n, 1) for n in wanted]
-        if len(drafted.sums) < 2:
-            return list(wanted)
         w, p = np.asarray(wanted), np.asarray(pinned, dtype=int)
-        cap = self.exploring_cap()
-        if cap is not None and self._worth_exploring(cap, w, p):
+        c = np.ones(len(w)) if copies is None else np.asarray(copies, dtype=float)
+        pc = np.ones(len(p)) if pinned_copies is None else np.asarray(pinned_copies, dtype=float)
+        batch = len(w) + len(p)
+        cap = self._startup(batch, w, p, c, pc)
+        if cap is None:
+            cap = self._reprobe(batch, w, p, c, pc)
+        if cap is not None:
             return [min(n, cap) for n in wanted]
-        if self.steps >= self._next_choice or batch_bucket(batch) != self._chosen_for:
-            goodput = self.evaluate(w, p)[0]
+        if self._start is None:
+            self._start, self._start_step = self.clock(), self.steps
+        bucket = batch_bucket(batch)
+        if self.steps >= self._next_choice or bucket != self._chosen_for:
+            goodput = self.evaluate(w, p, c, pc)[0]
             best = int(np.argmax(goodput))
-            self.best = best if goodput[best] >= DRAFT_MARGIN * goodput[0] else 0
-            self._next_choice, self._chosen_for = self.steps + DECIDE_EVERY, batch_bucket(batch)
+            current = min(self.best, len(goodput) - 1)
+            if bucket != self._chosen_for or goodput[best] > (1 + SWITCH_MARGIN) * goodput[current]:
+                self.best = best
+            self._next_choice, self._chosen_for = self.steps + DECIDE_EVERY, bucket
         return [min(n, self.best) for n in wanted]
 
-    def evaluate(self, wanted: np.ndarray, pinned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Expected committed tokens per second, and seconds per pass, for each cap 0 .. max(wanted)."""
-        gain = self.acceptance.expected(self.max_window)
+    def _startup(self, batch: int, wanted: np.ndarray, pinned: np.ndarray, copies: np.ndarray,
+                 pinned_copies: np.ndarray) -> int | None:
+        """The cap of a probe of a batch size met for the first time, if one is due (the module's
+        docstring); each probe for at most STARTUP_STEPS steps."""
+        given = self._startup_steps.setdefault(batch_bucket(batch), [0, 0, 0])
+        full = int(wanted.max())
+        for stage, cap in enumerate((0, 1, full)):
+            if given[stage] >= STARTUP_STEPS or (cap == 0 and pinned.any()):
+                continue
+            curve = self.cost.curve(batch, bool(cap or pinned.any()))
+            positions = (np.minimum(wanted, cap) + 1) @ copies + (pinned + 1) @ pinned_copies
+            due = curve is None or curve.weight(positions) < 1.5  # timed twice
+            if due or (cap == 1 and self.acceptance.direct[0, 1] < MEASURED_WINDOWS):
+                given[stage] += 1
+                return cap
+            given[stage] = STARTUP_STEPS
+        return None
+
+    def _reprobe(self, batch: int, wanted: np.ndarray, pinned: np.ndarray, copies: np.ndarray,
+                 pinned_copies: np.ndarray) -> int | None:
+        """The cap of a re-timing probe this step, if one is due (the module's docstring)."""
+        if self._probe:
+            return self._probe.pop()
+        if self.steps < self._next_probe or self._start is None:
+            return None
+        if self.best and self.acceptance.direct[0, min(self.best, wanted.max())] < MEASURED_WINDOWS:
+            return None  # a probe would restart the runs measuring the choice
+        self._next_probe = self.steps + PROBE_GAP
+        goodput, seconds, positions = self.evaluate(wanted, pinned, copies, pinned_copies)
+        top = len(goodput) - 1
+        best = min(self.best, top)
+        caps = [c for c in {0, best - 1, best + 1} | {1 << i for i in range(top.bit_length())}
+                if 0 <= c <= top and c != best and not (c == 0 and pinned.any())]
+        step_seconds = (self.clock() - self._start) / max(self.steps - self._start_step, 1)
+        due = []
+        for cap in caps:
+            timed = self.cost.last_timed(batch, positions[cap], bool(cap or pinned.any()))
+            age = self.steps - max(self._start_step if timed is None else timed, self._start_step)
+            loss = (ZERO_RUN if cap == 0 else 1) * max(0.0, seconds[cap] * (1.0 - goodput[cap] / goodput[best]))
+            # Each cap's probes may lose PROBE_BUDGET / (the caps) of the time since it was timed.
+            affordable = PROBE_BUDGET / len(caps) * age * step_seconds >= loss
+            if age >= MAX_REMEASURE_EVERY or (age >= REMEASURE_EVERY and affordable):
+                due.append((age, cap))
+        if not due:
+            return None
+        cap = max(due)[1]
+        if cap == 0:
+            self._probe = [0] * (ZERO_RUN - 1)
+        return cap
+
+    def evaluate(self, wanted: np.ndarray, pinned: np.ndarray, copies: np.ndarray | None = None,
+                 pinned_copies: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Expected committed tokens per second, seconds per pass and positions per pass, for
+        each cap 0 .. max(wanted)."""
+        copies = np.ones(len(wanted)) if copies is None else copies
+        pinned_copies = np.ones(len(pinned)) if pinned_copies is None else pinned_copies
+        gain = self.acceptance.expected()
         caps = np.arange(wanted.max() + 1)
         lengths = np.minimum(wanted[None, :], caps[:, None])  # [cap, request]
         requests = len(wanted) + len(pinned)
         drafts = lengths.sum(1) + pinned.sum()
+        positions = (lengths + 1) @ copies + (pinned + 1) @ pinned_copies
         tokens = requests + gain[lengths].sum(1) + gain[pinned].sum()
-        seconds = self.cost.predict(requests, requests + drafts, drafts > 0)
-        goodput = tokens / np.maximum(seconds, 1e-9)
-        return np.where(drafts > 0, self.calibration.factor(requests) * goodput, goodput), seconds
+        seconds = self.cost.predict(requests, positions, drafts > 0)
+        return tokens / np.maximum(seconds, 1e-9), seconds, positions
 
     def summary(self) -> str:
         def curve(name, c):
@@ -370,8 +476,11 @@ class GoodputController:
             return f"{name}: " + ", ".join(f"{xs[i]:.0f}: {ys[i]:.2g}" for i in picks)
 
         batch = len(self._last_requests)
+        lengths, means = self.acceptance.means()
+        picks = np.unique(np.linspace(0, len(lengths) - 1, min(len(lengths), 5)).round().astype(int))
+        accepted = ", ".join(f"{lengths[i]}: {means[i]:.2g}" for i in picks) if len(lengths) else "not measured yet"
         return "; ".join([
             curve(f"pass s by positions at {batch} requests, no drafts", self.cost.curve(batch, False)),
             curve("with drafts", self.cost.curve(batch, True)),
-            curve("drafts accepted by window length", self.acceptance.curve if self.acceptance else None),
+            f"drafts accepted by window length: {accepted}; cap {self.best}",
         ])

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from vllm.logger import init_logger
 
-from ..config import ADDITIONAL_CONFIG_KEY, AUTO, AUTO_FALLBACK_BUDGET, SJDPPConfig
+from ..config import ADDITIONAL_CONFIG_KEY, AUTO, AUTO_FALLBACK_BUDGET, COMPANION_OF_KEY, SJDPPConfig
 from ..families import family_of, logits_size, stream_grid
 from .batch_requests import BatchRequests
 from .goodput import GoodputController
@@ -166,6 +166,7 @@ class SJDPPRuntime:
         self._request_grid = functools.partial(family_of(vllm_config.model_config.hf_config).request_grid,
                                                vllm_config.model_config.hf_config)
         self._grids: dict[str, Any] = {}
+        self._companion_of: dict[str, str | None] = {}  # request: the request it is a companion of
         self.fallbacks = StepFallbacks()
         # Every worker runs this step; timings differ between them, windows must not.
         self.adaptive = runner.parallel_config.world_size == 1
@@ -204,6 +205,7 @@ class SJDPPRuntime:
     def release(self, req_id: str) -> None:
         """Forget a request (vLLM removed it: finished or aborted)."""
         self._grids.pop(req_id, None)
+        self._companion_of.pop(req_id, None)
         self.states.release(req_id)
         self.batch.forget(req_id)
         self.goodput.forget(req_id)
@@ -237,18 +239,40 @@ class SJDPPRuntime:
 
     def _share(self, wanted: list[int], pinned: list[bool]) -> list[int]:
         """The next windows' lengths under the server's draft-token budget; pinned requests
-        (seeded ones verified by the ratio test) keep theirs under "auto"."""
+        (seeded ones verified by the ratio test) keep theirs under "auto", where a guidance
+        companion is no request of its own: it wants no window (it runs its request's), and
+        counts only in the positions of its request's (`copies`)."""
         budget = self.config.draft_token_budget
         if budget != AUTO:
             return share_draft_budget(wanted, budget)
         if not self.adaptive:
             return share_draft_budget(wanted, AUTO_FALLBACK_BUDGET)
-        if not any(pinned):
+        req_ids = self.runner.input_batch.req_ids[: len(wanted)]
+        companion_of = self._companions(req_ids)
+        if not any(pinned) and not any(companion_of):
             return self.goodput.windows(wanted, [])
-        adapted = iter(self.goodput.windows(
-            [w for w, s in zip(wanted, pinned) if not s], [w for w, s in zip(wanted, pinned) if s]
-        ))
-        return [w if s else next(adapted) for w, s in zip(wanted, pinned)]
+        copies = {r: 1 for r, c in zip(req_ids, companion_of) if c is None}
+        for c in companion_of:
+            if c in copies:
+                copies[c] += 1
+        real = [(r, w, s) for r, w, s, c in zip(req_ids, wanted, pinned, companion_of) if c is None]
+        extra = {}
+        if any(companion_of):
+            extra = dict(copies=[copies[r] for r, _, s in real if not s],
+                         pinned_copies=[copies[r] for r, _, s in real if s])
+        adapted = iter(self.goodput.windows([w for _, w, s in real if not s], [w for _, w, s in real if s], **extra))
+        return [0 if c is not None else w if s else next(adapted) for w, s, c in zip(wanted, pinned, companion_of)]
+
+    def _companions(self, req_ids) -> list[str | None]:
+        """Per request in batch order: the request it is the guidance companion of, or None."""
+        out = []
+        for req_id in req_ids:
+            if req_id not in self._companion_of:
+                params = self.runner.requests[req_id].sampling_params
+                args = params.extra_args if params is not None else None
+                self._companion_of[req_id] = (args or {}).get(COMPANION_OF_KEY)
+            out.append(self._companion_of[req_id])
+        return out
 
     def history(self, start: list[int], length: int) -> np.ndarray:
         """The last `length` committed tokens of each request, right-aligned; -1 at prompt
@@ -273,27 +297,33 @@ class SJDPPRuntime:
             state.window = Window(n0 + a + 1, tokens[offset : offset + n], rows[offset : offset + n], generation) if n else None
             offset += n
         self.states.advance()
-        num_reqs = len(plan.counts)
-        self.stats.add(num_reqs, sum(accepted) + num_reqs, sum(plan.counts), self.states)
-        self._observe(num_reqs, True, plan.counts, accepted)
+        self._observe(True, plan.counts, accepted)
 
     def close_windows(self, plan: StepPlan) -> None:
         """A windowless step's bookkeeping: one token per request, no window after it."""
         for state in plan.states:
             state.window = None
-        num_reqs = len(plan.counts)
-        self.stats.add(num_reqs, num_reqs, 0, self.states)
-        self._observe(num_reqs, False, plan.counts, plan.counts)
+        self._observe(False, plan.counts, plan.counts)
 
     def drop_windows(self, req_ids) -> None:
         self.states.drop_windows(req_ids)
 
-    def _observe(self, num_reqs: int, full_step: bool, lengths, accepted) -> None:
-        """The step's cost and acceptance, for the goodput controller."""
+    def _observe(self, full_step: bool, lengths, accepted) -> None:
+        """Count the step, per request its drafts verified and accepted: in the statistics and,
+        under "auto", for the goodput controller with the step's positions (every sequence's).
+        A guidance companion is left out of both: it commits its request's tokens, and its
+        drafts, its request's, are not verified against the distribution it takes tokens from."""
+        num_reqs = len(lengths)
+        req_ids = self.runner.input_batch.req_ids[:num_reqs]
+        companion_of = self._companions(req_ids)
+        if any(companion_of):
+            real = [i for i, c in enumerate(companion_of) if c is None]
+            req_ids = [req_ids[i] for i in real]
+            lengths, accepted = [lengths[i] for i in real], [accepted[i] for i in real]
+        self.stats.add(len(req_ids), sum(accepted) + len(req_ids), sum(lengths), self.states)
         if self.config.draft_token_budget != AUTO:
             return
         positions = int(self.runner.query_start_loc.np[num_reqs])
-        req_ids = self.runner.input_batch.req_ids[:num_reqs]
         self.goodput.observe_step(positions, req_ids, full_step, lengths, accepted)
 
     # What the proposer hands vLLM ----------------------------------------------------------------

@@ -27,8 +27,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-# In the companion's SamplingParams.extra_args: the request id of the request it guides.
-COMPANION_OF_KEY = "guidance_companion_of"
+# In the companion's SamplingParams.extra_args, COMPANION_OF_KEY: the request id of the request
+# it guides.
+from ..config import COMPANION_OF_KEY
+
 COMPANION_SUFFIX = "::uncond"
 
 

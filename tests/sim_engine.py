@@ -1,0 +1,265 @@
+"""A simulated SJD++ engine for the goodput controller: a fake clock, pass costs of measured
+machines, and acceptance that depends on how often a draft has been refined.
+
+Pass cost.  A pass of n positions (every sequence's rows: 1 + its drafts) costs
+
+    t(n) = T1 * (1 + beta * (n - 1)),   beta = (R - 1) / 32,
+
+so that at batch 1 a pass of 33 positions costs R times a pass of 1, and at batch 32 the cost
+grows with the total positions at the same per-position slope (T1 * beta).  Steps with and
+without drafts cost the same (the sim has one path).  Each pass is scaled by a seeded jitter
+(lognormal, 3%), and one pass in 100 is a hiccup (2x).  R per machine (`PROFILES`):
+- 1.85: the digit model on 2 CPU cores in fp32 (benchmarks/README.md, "Where a step's time goes
+  at batch 1": "the forward pass of 33 positions costs 1.85 times one of 1 on this CPU");
+- 2.05: another fp32 CPU's measurement, 4.8: bf16 emulated on an AVX2 CPU, 1.05: a GPU at
+  batch 1, 6.0: the heavy twin (issue 30's report, "about 2.0x", "4.8x", "about 1.05x", "about
+  6x"; for the twin bench_twin.py measured t_33 / t_1 = 163.2 / 23.0 = 7.1 in vLLM, from 33
+  separate sequences, which cost more than one sequence of 33 positions).
+
+Acceptance.  Each request decodes streams of IMAGE_TOKENS = 273 tokens (one digit image: 16 rows
+of 16 codes and <eol>, then <eoi>), one image after another.  A window's drafts are verified in
+order: the first is accepted with probability Q_FIRST (it was drafted after a token the last
+pass rejected), a later one, once all before it are, with probability
+
+    q(r) = Q_MAX - (Q_MAX - Q_FRESH) * exp(-r / TAU),
+
+r the number of passes that have computed its position (its refinements): a draft made past the
+last window is fresh (r = 0), the position right after that window was computed once (r = 1),
+and each pass a draft stays in the window adds one; a draft of a row's first code is accepted
+with probability Q_ROW (a run rarely crosses a row's end).  So a run of windows of L refines its
+drafts less the shorter L is, and a longer window after short ones holds fresh drafts.  Like
+Gumbel-coupled verification the randomness is keyed by stream position (one uniform per position
+and test), so a stream accepts alike under two window policies where its drafts are alike.
+
+The numbers are fitted to the digit model with full windows of k = 4, 8, 16, 32 (guided at scale
+3, coupled reuse, init "above", 100 images each; benchmarks/results/e2e.json, rows "SJD++ coupled
+init=above k=..."): Q_FIRST = 0.306 is the first draft's acceptance per pass there (0.304, 0.301,
+0.309, 0.310); Q_MAX, Q_FRESH, TAU and Q_ROW are least squares (Nelder-Mead) on the 60 per-slot
+acceptances per pass (accepted_by_position / passes, k = 4, 8, 16, 32) and, weakly, the drafts
+accepted per pass, 273 / passes - 1 = 0.790, 1.223, 1.880, 2.057.  The fit: q(0) = 0.00,
+q(1) = 0.83, q(2) = 0.91; per pass 0.80, 1.26, 1.82, 2.06 drafts accepted (`fitted_acceptance`,
+1000 images), and a window of 32 accepts nothing 70% of the time (measured: 1 - 0.310).
+
+Paired requests (`paired=True`): every request has a companion (guidance/pairing.py) that runs
+its request's drafts at its own positions, commits nothing of its own and is no request to the
+controller (the runtime leaves it out, and counts it in `copies`).  `companions_counted=True`
+feeds them in as the runtime did before: requests wanting no window, whose verified drafts (their
+request's) all fail.
+
+`run` drives a controller (or a fixed cap) in the runtime's order: choose the next windows
+(`windows`), pay for the pass, report it (`observe_step`); `fixed_goodputs` runs every fixed cap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+IMAGE_TOKENS = 273  # the digit model's generated stream: 16 x 16 codes, 16 <eol>, <eoi>
+WINDOW = 32  # k, the digit model's default
+T1 = 0.010  # seconds for a pass of one position
+JITTER = 0.03
+HICCUP_EVERY, HICCUP = 100, 2.0
+
+Q_FIRST = 0.306
+Q_MAX, Q_FRESH, TAU = 0.915, 0.0, 0.41
+ROW, Q_ROW = 17, 0.069  # an image row: 16 codes and <eol>; a draft of a row's first code
+
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    ratio: float  # t(33) / t(1) at batch 1
+
+    @property
+    def beta(self) -> float:
+        return (self.ratio - 1.0) / 32.0
+
+    def cost(self, positions) -> np.ndarray:
+        return T1 * (1.0 + self.beta * (np.asarray(positions, dtype=float) - 1.0))
+
+
+PROFILES = [
+    Profile("cpu-fp32", 1.85),
+    Profile("cpu-fp32-b", 2.05),
+    Profile("cpu-bf16-avx2", 4.8),
+    Profile("gpu", 1.05),
+    Profile("twin", 6.0),
+]
+
+
+def refined_acceptance(r: np.ndarray) -> np.ndarray:
+    return Q_MAX - (Q_MAX - Q_FRESH) * np.exp(-np.asarray(r, dtype=float) / TAU)
+
+
+@dataclass
+class Trace:
+    """Per step: positions in the pass, real tokens committed, the longest window handed out,
+    and the pass's seconds."""
+
+    positions: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+    caps: list = field(default_factory=list)
+    seconds: list = field(default_factory=list)
+
+    def goodput(self, start: int = 0, stop: int | None = None) -> float:
+        """Real tokens committed per second over steps start .. stop - 1."""
+        return float(np.sum(self.tokens[start:stop]) / np.sum(self.seconds[start:stop]))
+
+
+def jitter(seed: int, steps: int) -> np.ndarray:
+    """Each step's cost factor: lognormal (JITTER), one step in HICCUP_EVERY a hiccup."""
+    rng = np.random.default_rng(seed + 10_000)
+    factor = np.exp(rng.normal(0.0, JITTER, steps))
+    return np.where(rng.random(steps) < 1.0 / HICCUP_EVERY, HICCUP * factor, factor)
+
+
+class SimEngine:
+    """`len(streams)` real requests (plus as many companions if `paired`), each decoding images
+    of IMAGE_TOKENS one after the other, windows of at most `window` drafts.  A request's images
+    come from its stream (seeded by `seed` and the stream's number), so requests of the same
+    stream in two engines, or in one, decode the same images."""
+
+    def __init__(self, streams, seed: int, paired: bool = False, window: int = WINDOW,
+                 image_tokens: int = IMAGE_TOKENS):
+        batch = len(streams)
+        self.streams = list(streams)
+        self.batch, self.paired, self.window, self.image_tokens = batch, paired, window, image_tokens
+        self.rngs = [np.random.default_rng([seed, stream]) for stream in self.streams]
+        self.images = [0] * batch
+        self.ids = [""] * batch
+        self.generated = np.zeros(batch, dtype=np.int64)
+        # Refinements of each window draft (offset 0 .. window - 1) and the window's length.
+        self.refined = np.zeros((batch, window + 2), dtype=np.int64)
+        self.length = np.zeros(batch, dtype=np.int64)
+        # Position-keyed uniforms: the first-slot test and the later-slot test of each position.
+        self.u_first = np.zeros((batch, image_tokens + window + 2))
+        self.u_later = np.zeros((batch, image_tokens + window + 2))
+        for i in range(batch):
+            self._new_image(i)
+
+    def _new_image(self, i: int) -> None:
+        self.ids[i] = f"s{self.streams[i]}-img{self.images[i]}"
+        self.images[i] += 1
+        self.generated[i] = 0
+        self.length[i] = 0
+        self.refined[i] = 0
+        self.u_first[i] = self.rngs[i].random(self.u_first.shape[1])
+        self.u_later[i] = self.rngs[i].random(self.u_later.shape[1])
+
+    def wanted(self) -> np.ndarray:
+        """The runtime's `windows_wanted`: drafts the next pass may verify after this one commits."""
+        return np.minimum(self.window, np.maximum(self.image_tokens - self.generated - 2, 0))
+
+    def step(self, next_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Verify the current windows, commit, and set the next windows to `next_lengths` (cut
+        to what is left of each image, as the proposer does).  Per request: the drafts verified,
+        the drafts accepted, and the tokens committed (an image ends at its last token)."""
+        lengths = self.length.copy()
+        offsets = np.arange(self.window)
+        rows = np.arange(self.batch)[:, None]
+        at = self.generated[:, None] + offsets[None, :]  # stream position of each draft
+        first = self.u_first[rows, at] < Q_FIRST
+        q = np.where((at % ROW == 0) & (at > 0), Q_ROW, refined_acceptance(self.refined[:, : self.window]))
+        later = self.u_later[rows, at] < q
+        ok = np.where(offsets[None, :] == 0, first, later) & (offsets[None, :] < lengths[:, None])
+        accepted = np.cumprod(ok, axis=1).sum(1)
+        committed = np.minimum(accepted + 1, self.image_tokens - self.generated)
+        self.generated += accepted + 1
+        # The next window: a draft this pass computed is refined once more, the position after
+        # the window once, anything further is fresh.
+        shift = accepted + 1
+        new_offsets = offsets[None, :] + shift[:, None]  # old offset of each new offset
+        old = np.take_along_axis(self.refined, np.minimum(new_offsets, self.window + 1), axis=1)[:, : self.window]
+        refined = np.where(new_offsets < lengths[:, None], old + 1, np.where(new_offsets == lengths[:, None], 1, 0))
+        self.refined[:, : self.window] = refined
+        left = np.maximum(self.image_tokens - self.generated - 1, 0)
+        self.length = np.minimum(np.asarray(next_lengths, dtype=np.int64), left)
+        for i in np.flatnonzero(self.generated >= self.image_tokens):
+            self._new_image(i)
+        return lengths, accepted, committed
+
+
+def run(profile: Profile, batch: int, steps: int, seed: int, controller=None, cap: int | None = None,
+        paired: bool = False, companions_counted: bool = False, first_shape_slow: float = 1.0) -> Trace:
+    """Drive `controller` (a GoodputController on a `Clock`) or a fixed `cap` for `steps`
+    steps, in the runtime's order: choose the next windows, pay for the pass, report it.
+    `first_shape_slow`: the first pass of each number of positions costs that many times more
+    (a compile, a shape's first run)."""
+    engine = SimEngine(range(batch), seed, paired)
+    copies = 2 if paired else 1
+    factors = jitter(seed, steps)
+    trace = Trace()
+    seen: set[int] = set()
+    for step in range(steps):
+        wanted = engine.wanted()
+        if controller is None:
+            next_lengths = np.minimum(wanted, cap)
+        elif paired and companions_counted:  # the old runtime: companions are requests wanting none
+            next_lengths = np.asarray(controller.windows(list(wanted) + [0] * batch, [])[:batch])
+        elif paired:
+            next_lengths = np.asarray(controller.windows(list(wanted), [], copies=[2] * batch))
+        else:
+            next_lengths = np.asarray(controller.windows(list(wanted), []))
+        ids = list(engine.ids)
+        lengths, accepted, committed = engine.step(next_lengths)
+        positions = int(copies * np.sum(1 + lengths))
+        seconds = float(profile.cost(positions)) * factors[step]
+        if positions not in seen:
+            seen.add(positions)
+            seconds *= first_shape_slow
+        trace.positions.append(positions)
+        trace.tokens.append(int(committed.sum()))
+        trace.caps.append(int(np.max(next_lengths, initial=0)))
+        trace.seconds.append(seconds)
+        if controller is not None:
+            controller.clock.now += seconds
+            full_step = bool(lengths.any() or next_lengths.any())  # verified or made drafts
+            if paired and companions_counted:
+                # A companion verifies its request's drafts against its own logits and takes
+                # its request's tokens: to the old runtime, none of its drafts accepted.
+                controller.observe_step(positions, ids + [i + "::uncond" for i in ids], full_step,
+                                        list(lengths) * 2, list(accepted) + [0] * batch)
+            else:
+                controller.observe_step(positions, ids, full_step, list(lengths), list(accepted))
+    return trace
+
+
+def fixed_goodputs(batch: int, steps: int, seed: int, start: int, paired: bool = False) -> dict[str, np.ndarray]:
+    """Goodput over steps start .. steps - 1 with each fixed cap 0 .. WINDOW, per profile, on
+    `run`'s streams: one engine holds the batch once per cap (the windows and tokens do not
+    depend on the machine, so one run serves every profile)."""
+    caps = np.repeat(np.arange(WINDOW + 1), batch)
+    engine = SimEngine(np.tile(np.arange(batch), WINDOW + 1), seed, paired)
+    positions = np.zeros((steps, WINDOW + 1))
+    tokens = np.zeros(WINDOW + 1)
+    for step in range(steps):
+        lengths, _, committed = engine.step(np.minimum(engine.wanted(), caps))
+        positions[step] = (2 if paired else 1) * np.bincount(caps, 1 + lengths)
+        if step >= start:
+            tokens += np.bincount(caps, committed)
+    factors = jitter(seed, steps)[start:, None]
+    return {p.name: tokens / np.sum(p.cost(positions[start:]) * factors, axis=0) for p in PROFILES}
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fitted_acceptance(window: int, images: int = 200, seed: int = 0) -> float:
+    """Drafts accepted per pass over whole images with fixed windows of `window` (the sim's
+    analogue of the benchmark's 273 / passes - 1)."""
+    engine = SimEngine(range(images), seed)
+    passes = np.zeros(images, dtype=np.int64)
+    done = np.zeros(images, dtype=bool)
+    while not done.all():
+        engine.step(np.minimum(engine.wanted(), window))
+        passes += ~done
+        done |= engine.generated == 0  # a new image began: this one ended
+    return IMAGE_TOKENS / passes.mean() - 1

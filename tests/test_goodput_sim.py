@@ -1,0 +1,115 @@
+"""The goodput controller in a simulated engine (`sim_engine.py`): measured machines' pass costs
+and the digit model's acceptance, which depends on how often a draft has been refined.
+
+From a fresh controller, over one image's worth of steps (STEPS = 273: what one digit image
+takes without drafts), its goodput (real tokens committed per simulated second) over the second
+half of them (steps START .. STEPS - 1: the first half is for learning, the second what the
+first image's client sees from then on) is compared with the best fixed cap's over the same
+steps, each cap 0 .. 32 run on the same streams and costs; both are means over the same seeds.
+Scenarios: every machine profile at 1 request, at 32, and paired (16 requests, or 1, each with
+its guidance companion: half the batch never drafts and commits nothing of its own).
+
+At one request a length's acceptance is measured from one window per step, and a window accepts
+nothing two times in three or a run of up to 16 drafts: after 136 steps the mean of a length
+is known to about +-25%.  There the controller is held to 8% (`TOLERANCE`; it reaches 0.93 to
+1.02 of the best fixed window, the fp32 CPUs the least), everywhere else to 5%.
+
+Broken controllers must fall short where their bias matters: the old acceptance model (linear
+between measured lengths), and companions counted as requests (as the runtime did).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from sim_engine import PROFILES, WINDOW, Clock, fixed_goodputs, run
+
+from vllm_sjdpp.engine.goodput import REMEASURE_EVERY, Acceptance, GoodputController
+
+STEPS, START = 273, 137
+SEEDS = {1: 12, 32: 4, 16: 4}  # per number of requests: one request's streams vary most
+TOLERANCE = {1: 0.08, 32: 0.05, 16: 0.05}
+PROFILE = {p.name: p for p in PROFILES}
+SCENARIOS = [
+    (p.name, batch, paired) for batch, paired in ((1, False), (32, False), (16, True), (1, True)) for p in PROFILES
+]
+
+
+@functools.lru_cache(maxsize=None)
+def best_fixed(batch: int, paired: bool) -> dict[str, tuple[float, int]]:
+    """Per profile: the best fixed cap's goodput (mean over the seeds) and that cap."""
+    total = {p.name: np.zeros(WINDOW + 1) for p in PROFILES}
+    for seed in range(SEEDS[batch]):
+        for name, goodput in fixed_goodputs(batch, STEPS, seed, START, paired).items():
+            total[name] += goodput / SEEDS[batch]
+    return {name: (float(g.max()), int(g.argmax())) for name, g in total.items()}
+
+
+def controlled(profile: str, batch: int, paired: bool, make=GoodputController, companions_counted=False):
+    """The controller's goodput (mean over the seeds) and the cap it held most in each run."""
+    goodput, caps = [], []
+    for seed in range(SEEDS[batch]):
+        controller = make(WINDOW, clock=Clock())
+        trace = run(PROFILE[profile], batch, STEPS, seed, controller=controller, paired=paired,
+                    companions_counted=companions_counted)
+        goodput.append(trace.goodput(START))
+        caps.append(int(np.bincount(trace.caps[START:]).argmax()))
+    return float(np.mean(goodput)), caps
+
+
+@pytest.mark.parametrize("profile, batch, paired", SCENARIOS)
+def test_the_controller_is_within_reach_of_the_best_fixed_window(profile, batch, paired):
+    best, cap = best_fixed(batch, paired)[profile]
+    goodput, caps = controlled(profile, batch, paired)
+    assert goodput >= (1 - TOLERANCE[batch]) * best, (goodput / best, cap, caps)
+
+
+class LinearAcceptance(Acceptance):
+    """The old acceptance model: linear between the measured means, and beyond the longest one
+    every further draft accepted."""
+
+    def expected(self) -> np.ndarray:
+        lengths, means = self.means()
+        xs, ys = np.concatenate([[0], lengths]), np.concatenate([[0.0], means])
+        L = np.arange(self.max_window + 1)
+        return np.minimum(np.interp(L, xs, ys) + np.maximum(L - xs[-1], 0), L)
+
+
+def linear_controller(max_window: int, clock) -> GoodputController:
+    controller = GoodputController(max_window, clock=clock)
+    controller.acceptance = LinearAcceptance(max_window)
+    return controller
+
+
+@pytest.mark.parametrize("broken, profile, batch, paired", [
+    ("linear acceptance", "cpu-fp32", 1, False),  # mid-size windows under-estimated, never tried
+    ("linear acceptance", "gpu", 32, False),
+    # Half the windows accept nothing and the tokens double (drafting looks worse), the
+    # companions' drafts are missing from the positions (it looks cheaper): at 16 paired
+    # requests on the GPU it drafts too little.
+    ("companions counted", "gpu", 16, True),
+])
+def test_a_broken_controller_falls_short(broken, profile, batch, paired):
+    best, _ = best_fixed(batch, paired)[profile]
+    if broken == "linear acceptance":
+        goodput, caps = controlled(profile, batch, paired, make=linear_controller)
+    else:
+        goodput, caps = controlled(profile, batch, paired, companions_counted=True)
+    assert goodput < (1 - TOLERANCE[batch]) * best, (goodput / best, caps)
+
+
+def test_a_slow_start_is_re_timed():
+    """Every pass size's first pass costs 3x (a compile): the second timing of each probe
+    restarts its bucket, and re-timing follows the lengths not chosen.  After 2000 steps at one
+    request on the GPU profile (where every length is cheap) each power of two has been timed
+    in the last 2 * REMEASURE_EVERY steps, the drafted passes' curve is within 10% of the true
+    cost there, and the controller drafts long windows."""
+    profile = PROFILE["gpu"]
+    controller = GoodputController(WINDOW, clock=Clock())
+    trace = run(profile, 1, 2000, 0, controller=controller, first_shape_slow=3.0)
+    caps = np.array([1, 2, 4, 8, 16, 32])
+    assert all(controller.cost.last_timed(1, 1 + c, True) > controller.steps - 2 * REMEASURE_EVERY for c in caps)
+    assert controller.cost.curve(1, True)(1 + caps) == pytest.approx(profile.cost(1 + caps), rel=0.1)
+    assert np.median(trace.caps[1000:]) >= 16
