@@ -1,7 +1,7 @@
 """Digits 0 to 9 from the bundled model through `vllm serve --speculative-config sjdpp`.
 
     python -m vllm_sjdpp.digits.demo [--out digits.png] [--model DIR] [--spec-config JSON]
-                                     [--seed S] [--guidance-scale S]
+                                     [--seed S] [--guidance-scale S] [--dtype auto]
 
 Starts a vLLM server on loopback with SJD++ and the images endpoint (`VLLM_PLUGINS=sjdpp,
 sjdpp_images`) and asks `POST /v1/images/generations` (the openai client's `images.generate`) for
@@ -218,12 +218,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance-scale", type=float, default=None,
                     help="classifier-free guidance scale (default: the model's generation_config.json)")
+    ap.add_argument("--dtype", default="auto",
+                    help="the server's --dtype (default auto: float32 on a CPU without native bf16, else bf16)")
     args = ap.parse_args(argv)
     if not (args.model / "config.json").exists():
         ap.error(f"no model at {args.model}")
 
     log_dir = Path(tempfile.mkdtemp(prefix="sjdpp-demo-"))
-    serve_args = ["--max-model-len", str(GENERATED_LENGTH + 64), "--max-num-seqs", "32"]
+    serve_args = ["--max-model-len", str(GENERATED_LENGTH + 64), "--max-num-seqs", "32", "--dtype", args.dtype]
     # The user's SJD++ options (the controller, "auto", by default), then full windows: their
     # step compression, and what a full pass costs on this machine.
     specs = (args.spec_config, {**args.spec_config, "draft_token_budget": None})
