@@ -56,10 +56,11 @@ class Generation:
 
 def generate_digits(
     base: str, model: str, plain: bool, seed: int, concurrency: int, guidance_scale: float | None = None, progress=None,
-    rounds: int = 1,
+    rounds: int = 1, digits: int = 10,
 ) -> tuple[list[Generation], float]:
-    """One image request per digit (digit d with seed `seed + d`), `rounds` times over, with
-    `concurrency` in flight.  Returns the images in digit order and the wall seconds."""
+    """One image request per digit 0 .. `digits` - 1 (digit d with seed `seed + d`), `rounds`
+    times over, with `concurrency` in flight.  Returns the images in digit order and the wall
+    seconds."""
     from openai import OpenAI
     from PIL import Image
 
@@ -84,7 +85,7 @@ def generate_digits(
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        gens = list(pool.map(one, [d for _ in range(rounds) for d in range(10)]))
+        gens = list(pool.map(one, [d for _ in range(rounds) for d in range(digits)]))
     return gens, time.perf_counter() - start
 
 
@@ -194,6 +195,9 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
     from tqdm import tqdm
 
     runs, drafts, identical = [], {}, None
+    # One untimed image each way first: a fresh server's first passes compile and allocate.
+    for plain in (True, False):
+        generate_digits(base, str(model), plain, args.seed, 1, args.guidance_scale, digits=1)
     for concurrency, rounds in loads:
         gens = {}
         for name, plain in (("plain", True), ("SJD++", False)):

@@ -63,7 +63,8 @@ steps, any other cap one) is set instead of chosen, the longest untimed first, i
 (its seconds beyond what its tokens are worth at the choice's goodput) at most its share of
 PROBE_BUDGET of the time since it was last timed, and in any case once MAX_REMEASURE_EVERY steps
 have passed; never while the choice's own acceptance is still being measured (a probe restarts
-the runs).  So a cheap length is re-timed every REMEASURE_EVERY steps, a dear one as often as its
+the runs).  No drafts, the floor, is re-timed every REMEASURE_EVERY steps whatever its probe is
+predicted to lose.  So a cheap length is re-timed every REMEASURE_EVERY steps, a dear one as often as its
 share allows but at least every MAX_REMEASURE_EVERY steps (a pass 30x the choice's then loses
 0.7% of the time), and a slow start is not remembered: a time 1.5x faster restarts a bucket.
 
@@ -442,7 +443,10 @@ class GoodputController:
             loss = (ZERO_RUN if cap == 0 else 1) * max(0.0, seconds[cap] * (1.0 - goodput[cap] / goodput[best]))
             # Each cap's probes may lose PROBE_BUDGET / (the caps) of the time since it was timed.
             affordable = PROBE_BUDGET / len(caps) * age * step_seconds >= loss
-            if age >= MAX_REMEASURE_EVERY or (age >= REMEASURE_EVERY and affordable):
+            # No drafts is the floor: it is re-timed every REMEASURE_EVERY steps whatever it is
+            # predicted to lose (a t_0 read high, say from a batch's first passes, would else
+            # make its probes look dear, and never be read again).
+            if age >= MAX_REMEASURE_EVERY or (age >= REMEASURE_EVERY and (affordable or cap == 0)):
                 due.append((age, cap))
         if not due:
             return None
