@@ -4,7 +4,9 @@
 
 Serves the bundled digit model with `--speculative-config sjdpp` and the images endpoint, in
 turn: with vLLM's default compilation and CUDA graphs, with `--enforce-eager`, and with
-`--max-num-batched-tokens` 8 and 2048 (chunked prefill and small passes against large ones).
+`--max-num-batched-tokens` 8 and 2048 (chunked prefill and small passes against large ones);
+then without `--speculative-config`, which must stay on vLLM's V1 model runner (on CUDA its log
+says so) and give the same tokens for a seed.
 On each server:
 - greedy and seeded tokens of "a handwritten 0" ... "a handwritten 9" through the completions
   endpoint, with SJD++ and with `sjdpp_disable`: SJD++ must give plain decoding's tokens on every
@@ -27,19 +29,29 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, prompt_ids
 from vllm_sjdpp.digits.train import DEFAULT_OUT
 from vllm_sjdpp.serving.server import vllm_server
 
 MODEL = str(DEFAULT_OUT)
-BASE_ARGS = ["--speculative-config", "sjdpp", "--max-model-len", str(GENERATED_LENGTH + 64), "--max-num-seqs", "32"]
+BASE_ARGS = ["--max-model-len", str(GENERATED_LENGTH + 64), "--max-num-seqs", "32"]
+SJDPP = ["--speculative-config", "sjdpp"]
+NO_SJDPP = "no --speculative-config"
 SERVERS = {
-    "compiled + graphs": [],
-    "--enforce-eager": ["--enforce-eager"],
+    "compiled + graphs": SJDPP,
+    "--enforce-eager": SJDPP + ["--enforce-eager"],
     # vLLM wants max_num_batched_tokens >= max_num_seqs.
-    "--max-num-batched-tokens 8": ["--max-num-batched-tokens", "8", "--max-num-seqs", "8"],
-    "--max-num-batched-tokens 2048": ["--max-num-batched-tokens", "2048"],
+    "--max-num-batched-tokens 8": SJDPP + ["--max-num-batched-tokens", "8", "--max-num-seqs", "8"],
+    "--max-num-batched-tokens 2048": SJDPP + ["--max-num-batched-tokens", "2048"],
+    # A plain guided server: on CUDA vLLM would pick Model Runner V2 for it, which the plugin keeps
+    # it from (patches/vllm_config.py); its seeded tokens must be the SJD++ servers' (both of its
+    # "modes" decode plainly).
+    NO_SJDPP: [],
 }
+# What vLLM logs when it keeps a guided model on V1 where it would have picked V2 (CUDA only).
+KEPT_ON_V1 = "vllm-sjdpp's guided architecture"
 
 
 def completions_tokens(base: str, seed: int | None, plain: bool) -> list[list[int]]:
@@ -96,6 +108,8 @@ def main() -> int:
                     passes, latency, _ = timed_images(base, plain, 1, one_count)
                     _, _, throughput = timed_images(base, plain, 16, many_count)
                     rows.append((name, "plain" if plain else "SJD++", passes, latency, throughput))
+            if name == NO_SJDPP and torch.cuda.is_available() and KEPT_ON_V1 not in log.read_text(errors="replace"):
+                failures.append(f"{name}: the log does not say the guided model was kept on the V1 runner (log: {log})")
         except RuntimeError as e:  # a server that does not start: reported, the others still run
             failures.append(f"{name}: {str(e).splitlines()[0]} (log: {log})")
             print(f"  {failures[-1]}", flush=True)

@@ -15,6 +15,7 @@ general plugins load in every vLLM process, and installing this one must never b
 - `gpu_worker` (vllm/v1/worker/gpu_worker.py, cpu_worker.py): KV sizing keeps the step's buffers;
   the seed probe's worker method.
 - `engine_core` (vllm/v1/engine/core.py): an SJD++ engine runs the seed probe once built.
+- `vllm_config` (vllm/config/vllm.py): guided architectures never run on Model Runner V2.
 - `cpu_triton_utils` (vllm/utils/cpu_triton_utils.py, CPU only): the expand kernel's fix.
 - `model_config` (vllm/config/model.py, CPU only): a float32 checkpoint of a guided architecture
   stays float32 on a CPU without native bf16 (`--dtype auto`).
@@ -65,7 +66,7 @@ def apply() -> None:
 
     from . import (
         arg_utils, cpu_triton_utils, engine_core, gpu_model_runner, gpu_worker, input_processor, internals, model_config,
-        models,
+        models, vllm_config,
     )
 
     _applied = True
@@ -93,5 +94,6 @@ def apply() -> None:
         model_config.apply()
     gpu_worker.apply()
     engine_core.apply()
+    vllm_config.apply()
     models.apply()
     input_processor.apply()

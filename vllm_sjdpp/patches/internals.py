@@ -102,6 +102,9 @@ CLASS_MEMBERS = (
     Member("vllm.v1.engine:EngineCoreRequest", "prompt_token_ids"),
     Member("vllm.v1.engine:EngineCoreRequest", "sampling_params"),
     Member("vllm.v1.engine:EngineCoreRequest", "cache_salt"),
+    # Model Runner V2 kept from guided models (patches.vllm_config).
+    Member("vllm.config:VllmConfig", "_get_v2_model_runner_unsupported_features", ("self",)),
+    Member("vllm.config:VllmConfig", "use_v2_model_runner"),
     # The seed probe (patches.engine_core): requests of its own through the engine, once built.
     *(Member("vllm.v1.engine.core:EngineCore", name, params) for name, params in (
         ("__init__", ("self", "vllm_config")),

@@ -18,12 +18,14 @@ def guided_architectures() -> tuple[str, ...]:
 
 def guided_engine_hook(vllm_config) -> None:
     """vLLM's per-architecture hook on the whole config of a guided model: the parallel modes
-    guidance refuses, and the scheduler that pairs requests whose negative prompt has another
-    length."""
+    guidance refuses, Model Runner V2 refused, and the scheduler that pairs requests whose
+    negative prompt has another length."""
     from ..guidance.llama import check_parallelism
     from .scheduler import install
+    from .vllm_config import check_model_runner
 
     check_parallelism(vllm_config)
+    check_model_runner(vllm_config)
     install(vllm_config)
 
 
