@@ -402,3 +402,19 @@ def test_the_runtime_leaves_guidance_companions_out():
     runtime._observe(True, [8, 8, 4], [3, 0, 1])
     assert observed == [(23, ["a", "b"], True, [8, 4], [3, 1])]
     assert (runtime.stats.request_steps, runtime.stats.committed, runtime.stats.drafts) == (2, 6, 12)
+
+
+def test_no_timed_pass_keeps_the_choice_instead_of_failing():
+    """Requests that arrive or leave every step leave no pass timed (each step's interval follows
+    another batch): once the start-up probes give up, the controller keeps its choice; it used to
+    ask a missing cost curve and fail the step (a plain step, in the soak and preemption tests)."""
+    from vllm_sjdpp.engine.goodput import GoodputController
+
+    now = [0.0]
+    controller = GoodputController(8, clock=lambda: now[0])
+    for step in range(200):
+        lengths = controller.windows([8, 8], [])
+        assert all(0 <= n <= 8 for n in lengths)
+        now[0] += 0.01
+        controller.observe_step(2 + sum(lengths), [f"a{step}", f"b{step}"], any(lengths), lengths, [0, 0])
+    assert controller.cost.curve(2, False) is None or controller.cost.curve(2, True) is None

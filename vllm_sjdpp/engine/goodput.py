@@ -386,6 +386,10 @@ class GoodputController:
         pc = np.ones(len(p)) if pinned_copies is None else np.asarray(pinned_copies, dtype=float)
         batch = len(w) + len(p)
         cap = self._startup(batch, w, p, c, pc)
+        if cap is None and not self._measured(batch, p):
+            # The start-up probes gave up before timing a pass (requests kept arriving or
+            # leaving): nothing to choose from yet, so the choice stands.
+            return [min(n, self.best) for n in wanted]
         if cap is None:
             cap = self._reprobe(batch, w, p, c, pc)
         if cap is not None:
@@ -401,6 +405,11 @@ class GoodputController:
                 self.best = best
             self._next_choice, self._chosen_for = self.steps + DECIDE_EVERY, bucket
         return [min(n, self.best) for n in wanted]
+
+    def _measured(self, batch: int, pinned: np.ndarray) -> bool:
+        """Whether the curves a choice needs at this batch size hold a timed pass: with drafts,
+        and without (unless pinned windows make every pass draft)."""
+        return self.cost.curve(batch, True) is not None and (pinned.any() or self.cost.curve(batch, False) is not None)
 
     def _startup(self, batch: int, wanted: np.ndarray, pinned: np.ndarray, copies: np.ndarray,
                  pinned_copies: np.ndarray) -> int | None:

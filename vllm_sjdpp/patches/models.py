@@ -16,13 +16,28 @@ def guided_architectures() -> tuple[str, ...]:
     return GUIDED_LLAMA, JANUS, EMU3
 
 
+def guided_architecture(vllm_config) -> str | None:
+    """The guided architecture this plugin registers that `vllm_config`'s model names, if any."""
+    names = set(getattr(vllm_config.model_config, "architectures", None) or ()) & set(guided_architectures())
+    return min(names) if names else None
+
+
+def check_model_runner(vllm_config) -> None:
+    """Raise ValueError, naming the variable to set, where a guided model would run on Model Runner V2."""
+    architecture = guided_architecture(vllm_config)
+    if architecture is not None and vllm_config.use_v2_model_runner:
+        raise ValueError(
+            f"{architecture} (vllm-sjdpp) runs on vLLM's V1 model runner only (guidance, the image grid, paired "
+            "requests and seeds live there); this server would run on Model Runner V2: set VLLM_USE_V2_MODEL_RUNNER=0"
+        )
+
+
 def guided_engine_hook(vllm_config) -> None:
     """vLLM's per-architecture hook on the whole config of a guided model: the parallel modes
     guidance refuses, Model Runner V2 refused, and the scheduler that pairs requests whose
     negative prompt has another length."""
     from ..guidance.llama import check_parallelism
     from .scheduler import install
-    from .vllm_config import check_model_runner
 
     check_parallelism(vllm_config)
     check_model_runner(vllm_config)
