@@ -151,6 +151,12 @@ class SJDPPConfig:
             )
         return cls(**options)
 
+    @classmethod
+    def of_server(cls, vllm_config: Any) -> "SJDPPConfig":
+        """The server's options, as they travel to every process in
+        `VllmConfig.additional_config["sjdpp"]` (the defaults where none are there)."""
+        return cls.from_dict((vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {}))
+
     def for_request(self, extra_args: dict[str, Any] | None) -> "SJDPPConfig | None":
         """This server config with a request's overrides applied; None: decode it plainly.
 

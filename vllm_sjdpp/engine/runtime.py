@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from vllm.logger import init_logger
 
-from ..config import ADDITIONAL_CONFIG_KEY, AUTO, AUTO_FALLBACK_BUDGET, COMPANION_OF_KEY, SJDPPConfig
+from ..config import AUTO, AUTO_FALLBACK_BUDGET, COMPANION_OF_KEY, SJDPPConfig
 from ..families import family_of, logits_size, stream_grid
 from .batch_requests import BatchRequests
 from .goodput import GoodputController
@@ -153,10 +153,9 @@ class StepPlan:
 class SJDPPRuntime:
     def __init__(self, runner: Any):
         vllm_config = runner.vllm_config
-        options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
         vocab_size = logits_size(vllm_config.model_config)
         self.runner = runner
-        self.states = JacobiStates(SJDPPConfig.from_dict(options), vocab_size)
+        self.states = JacobiStates(SJDPPConfig.of_server(vllm_config), vocab_size)
         self.batch = BatchRequests(self.states, runner)
         self.goodput = GoodputController(self.config.num_speculative_tokens)
         self.stats = StepStats(lambda: f"; {self.goodput.summary()}" if self.config.draft_token_budget == AUTO else "")

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 
-from ..config import ADDITIONAL_CONFIG_KEY, SJDPPConfig
+from ..config import SJDPPConfig
 from .arg_utils import is_sjdpp
 
 logger = logging.getLogger("vllm.sjdpp")
@@ -122,7 +122,7 @@ def probe_once(core) -> None:
     except Exception:  # never keep a server from starting: the verdict stays unknown
         logger.warning("SJD++ seed probe failed; whether a seed names one image is unknown", exc_info=True)
         verdict = None
-    options = SJDPPConfig.from_dict((vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {}))
+    options = SJDPPConfig.of_server(vllm_config)
     if options.exact_seeds and (verdict is None or verdict["identical"] is not True):
         raise RuntimeError(
             "SJD++ option 'exact_seeds': this server's seed probe did not find a position's logits bit-identical "

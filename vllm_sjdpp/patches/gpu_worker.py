@@ -9,7 +9,7 @@ import functools
 import logging
 from typing import Any
 
-from ..config import ADDITIONAL_CONFIG_KEY, SJDPPConfig
+from ..config import SJDPPConfig
 from .arg_utils import is_sjdpp
 
 # Under "vllm." so that vLLM's logging configuration applies.
@@ -23,7 +23,7 @@ def step_reserve_bytes(vllm_config: Any) -> int:
 
     if not is_sjdpp(vllm_config.speculative_config):
         return 0
-    config = SJDPPConfig.from_dict((vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {}))
+    config = SJDPPConfig.of_server(vllm_config)
     scheduler = vllm_config.scheduler_config
     return step_memory_bytes(
         scheduler.max_num_seqs, scheduler.max_num_batched_tokens, config.num_speculative_tokens,

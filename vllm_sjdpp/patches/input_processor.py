@@ -18,7 +18,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ADDITIONAL_CONFIG_KEY, REQUEST_PREFIX, SJDPPConfig
+from ..config import REQUEST_PREFIX, SJDPPConfig
 from ..families.rule import UnconditionalRule
 from .arg_utils import is_sjdpp, model_limits
 
@@ -51,7 +51,6 @@ class ModelFacts:
         hf_config = model_config.hf_config
         family = family_of(hf_config)
         rule = served_rule(model_config)
-        options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
         return cls(
             rule=rule,
             scale_default=default_scale(model_config) if rule else 1.0,
@@ -59,7 +58,7 @@ class ModelFacts:
             image_tokens=functools.partial(family.request_image_tokens, hf_config),
             vocab_size=model_config.get_vocab_size(),
             max_model_len=model_config.max_model_len,
-            sjdpp=SJDPPConfig.from_dict(options) if is_sjdpp(vllm_config.speculative_config) else None,
+            sjdpp=SJDPPConfig.of_server(vllm_config) if is_sjdpp(vllm_config.speculative_config) else None,
             limits=model_limits(model_config),
             pairs=pairs_supported(vllm_config),
             max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
