@@ -18,8 +18,10 @@ row's 2^24-level uniforms are distinct functions of distinct tokens.  The logari
 and is rounded once to float32: backends whose float64 logs differ by an ulp still agree in
 float32 except where the exact value sits within 2^-52 of a float32 rounding midpoint.
 
-Implementations: `keyed_exponentials` (PyTorch, int64 arithmetic masked to 32 bits, any
-device), `keyed_exponentials_numpy` (the uint32 reference) and `noise_triton.keyed_exponentials_triton`
+Implementations: `keyed_exponentials_torch` (PyTorch, int64 arithmetic masked to 32 bits, any
+device; fused by TorchInductor for large blocks), `keyed_exponentials_numpy` (the uint32
+reference, also what small blocks on CPU use: some 20 operations over a few thousand elements
+cost 4-8x less in NumPy than in eager PyTorch) and `noise_triton.keyed_exponentials_triton`
 (CUDA).  They agree exactly (tests/test_position_noise.py).
 """
 
@@ -120,10 +122,14 @@ def keyed_exponentials_torch(a, b, vocab_size: int, device: torch.device | str =
 
 
 def keyed_exponentials(a, b, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The noise rows on `device`: Triton on CUDA, PyTorch elsewhere; the same values either way."""
+    """The noise rows on `device`: Triton on CUDA; on CPU NumPy below INDUCTOR_MIN_ELEMENTS
+    (33 x 274: 0.04 against 0.19 ms eager, 330 x 274: 0.25 against 2.0 ms, on 1 thread of the
+    2-core EPYC of benchmarks/README.md), PyTorch above and elsewhere; the same values either way."""
     device = torch.device(device)
     if device.type == "cuda":
         from .noise_triton import keyed_exponentials_triton
 
         return keyed_exponentials_triton(a, b, vocab_size, device)
+    if device.type == "cpu" and len(a) * vocab_size < INDUCTOR_MIN_ELEMENTS:
+        return torch.from_numpy(keyed_exponentials_numpy(np.asarray(a, dtype=np.uint32), np.asarray(b, dtype=np.uint32), vocab_size))
     return keyed_exponentials_torch(a, b, vocab_size, device)

@@ -6,8 +6,11 @@ Pass cost.  A pass of n positions (every sequence's rows: 1 + its drafts) costs
     t(n) = T1 * (1 + beta * (n - 1)),   beta = (R - 1) / 32,
 
 so that at batch 1 a pass of 33 positions costs R times a pass of 1, and at batch 32 the cost
-grows with the total positions at the same per-position slope (T1 * beta).  Steps with and
-without drafts cost the same (the sim has one path).  Each pass is scaled by a seeded jitter
+grows with the total positions at the same per-position slope (T1 * beta).  A profile may add
+an overhead to steps with drafts (the SJD++ step proper, O * T1) and a drift (the forward costs
+1 + D * f times more, f the batch's mean fraction of its images generated: attention reads
+longer contexts); the others' steps with and without drafts cost the same at every moment.
+Each pass is scaled by a seeded jitter
 (lognormal, 3%), and one pass in 100 is a hiccup (2x).  R per machine (`PROFILES`):
 - 1.85: the digit model on 2 CPU cores in fp32 (benchmarks/README.md, "Where a step's time goes
   at batch 1": "the forward pass of 33 positions costs 1.85 times one of 1 on this CPU");
@@ -72,17 +75,26 @@ ROW, Q_ROW = 17, 0.069  # an image row: 16 codes and <eol>; a draft of a row's f
 class Profile:
     name: str
     ratio: float  # t(33) / t(1) at batch 1
+    overhead: float = 0.0  # what a step with drafts costs more, in T1 (the SJD++ step proper)
+    drift: float = 0.0  # how much dearer a pass is at its requests' images' ends than at their starts
 
     @property
     def beta(self) -> float:
         return (self.ratio - 1.0) / 32.0
 
-    def cost(self, positions) -> np.ndarray:
-        return T1 * (1.0 + self.beta * (np.asarray(positions, dtype=float) - 1.0))
+    def cost(self, positions, full_step=False, progress=0.0) -> np.ndarray:
+        """Seconds of a pass of `positions`, with drafts or not, its requests `progress` (mean
+        fraction of their images generated) through their images."""
+        forward = 1.0 + self.beta * (np.asarray(positions, dtype=float) - 1.0)
+        return T1 * (forward * (1.0 + self.drift * np.asarray(progress)) + self.overhead * np.asarray(full_step))
 
 
 PROFILES = [
     Profile("cpu-fp32", 1.85),
+    # This CPU in float32, timed by the controller at batch 1 and 10 (issue 30): a step with
+    # drafts 1.5x one without at 2 positions, 0.09 ms per position more, 2.25 ms at 1; at 10
+    # requests a pass without drafts 2.5 ms at the images' first tokens, 3.6 ms at their last.
+    Profile("cpu-fp32-drift", 2.28, overhead=0.5, drift=0.45),
     Profile("cpu-fp32-b", 2.05),
     Profile("cpu-bf16-avx2", 4.8),
     Profile("gpu", 1.05),
@@ -204,9 +216,11 @@ def run(profile: Profile, batch: int, steps: int, seed: int, controller=None, ca
         else:
             next_lengths = np.asarray(controller.windows(list(wanted), []))
         ids = list(engine.ids)
+        progress = float(np.mean(engine.generated)) / engine.image_tokens
         lengths, accepted, committed = engine.step(next_lengths)
         positions = int(copies * np.sum(1 + lengths))
-        seconds = float(profile.cost(positions)) * factors[step]
+        full_step = bool(lengths.any() or next_lengths.any())  # verified or made drafts
+        seconds = float(profile.cost(positions, full_step, progress)) * factors[step]
         if positions not in seen:
             seen.add(positions)
             seconds *= first_shape_slow
@@ -216,7 +230,6 @@ def run(profile: Profile, batch: int, steps: int, seed: int, controller=None, ca
         trace.seconds.append(seconds)
         if controller is not None:
             controller.clock.now += seconds
-            full_step = bool(lengths.any() or next_lengths.any())  # verified or made drafts
             if paired and companions_counted:
                 # A companion verifies its request's drafts against its own logits and takes
                 # its request's tokens: to the old runtime, none of its drafts accepted.
@@ -233,15 +246,22 @@ def fixed_goodputs(batch: int, steps: int, seed: int, start: int, paired: bool =
     depend on the machine, so one run serves every profile)."""
     caps = np.repeat(np.arange(WINDOW + 1), batch)
     engine = SimEngine(np.tile(np.arange(batch), WINDOW + 1), seed, paired)
-    positions = np.zeros((steps, WINDOW + 1))
+    positions, progress = np.zeros((2, steps, WINDOW + 1))
+    full_step = np.zeros((steps, WINDOW + 1), dtype=bool)
     tokens = np.zeros(WINDOW + 1)
     for step in range(steps):
-        lengths, _, committed = engine.step(np.minimum(engine.wanted(), caps))
+        progress[step] = np.bincount(caps, engine.generated, WINDOW + 1) / batch / engine.image_tokens
+        next_lengths = np.minimum(engine.wanted(), caps)
+        lengths, _, committed = engine.step(next_lengths)
         positions[step] = (2 if paired else 1) * np.bincount(caps, 1 + lengths)
+        full_step[step] = np.bincount(caps, lengths + next_lengths, WINDOW + 1) > 0
         if step >= start:
             tokens += np.bincount(caps, committed)
     factors = jitter(seed, steps)[start:, None]
-    return {p.name: tokens / np.sum(p.cost(positions[start:]) * factors, axis=0) for p in PROFILES}
+    return {
+        p.name: tokens / np.sum(p.cost(positions[start:], full_step[start:], progress[start:]) * factors, axis=0)
+        for p in PROFILES
+    }
 
 
 class Clock:

@@ -39,6 +39,9 @@ def test_fused_torch_path_equals_eager():
     a, b = noise.row_keys(np.full(rows, noise.request_key(9), dtype=np.uint64), np.arange(rows))
     fused = noise.keyed_exponentials_torch(a, b, 1000)
     assert np.array_equal(fused.numpy(), noise.keyed_exponentials_numpy(a, b, 1000))
+    # The CPU dispatcher (NumPy below the threshold, fused PyTorch above) gives the same values.
+    assert np.array_equal(noise.keyed_exponentials(a, b, 1000).numpy(), fused.numpy())
+    assert np.array_equal(noise.keyed_exponentials(a[:7], b[:7], 1000).numpy(), fused[:7].numpy())
 
 
 def test_noise_is_exponential_and_independent_across_positions_and_keys():
