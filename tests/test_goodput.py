@@ -380,7 +380,9 @@ def test_the_runtime_leaves_guidance_companions_out():
         hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 300, max_model_len=512
     )
     req_ids = ["a", companion_id("a"), "b"]
-    requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args={})) for r in req_ids}
+    from vllm import SamplingParams
+
+    requests = {r: SimpleNamespace(sampling_params=SamplingParams(extra_args={})) for r in req_ids}
     requests[companion_id("a")].sampling_params.extra_args = {COMPANION_OF_KEY: "a"}
     runner = SimpleNamespace(
         vllm_config=SimpleNamespace(
@@ -397,6 +399,7 @@ def test_the_runtime_leaves_guidance_companions_out():
         windows=lambda w, p, **kw: asked.append((w, p, kw)) or [5] * len(w),
         observe_step=lambda *args: observed.append(args),
     )
+    runtime.batch.update(req_ids)  # as the step's plan does first
     assert runtime._share([8, 0, 8], [False, False, False]) == [5, 0, 5]
     assert asked == [([8, 8], [], {"copies": [2, 1], "pinned_copies": []})]
     runtime._observe(True, [8, 8, 4], [3, 0, 1])

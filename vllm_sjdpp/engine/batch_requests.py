@@ -1,7 +1,8 @@
 """The running batch's per-request facts in batch order, for the step's plan.
 
 A step's plan needs, per request, its Jacobi state and what bounds its next window (its SJD++
-options, max_tokens, whether its windows are pinned).  None of that changes while a request runs, so it is
+options, max_tokens, whether its windows are pinned), and which request a guidance companion
+runs for.  None of that changes while a request runs, so it is
 gathered once per batch composition into arrays, and each step computes the windows wanted with
 a few array operations instead of a Python loop over the requests (at 64 requests the loop took
 about 0.3 ms of a 12 ms digit-model step).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import COMPANION_OF_KEY
 from .jacobi_state import JacobiStates
 
 NO_LIMIT = np.iinfo(np.int64).max // 2
@@ -26,6 +28,8 @@ class BatchRequests:
         self.req_ids: tuple[str, ...] = ()
         self.request_states: list = []
         self.pinned: list[bool] = []
+        self.companion_of: list[str | None] = []  # per request: the request it is the companion of
+        self.has_companions = False
         self._window = self._jacobi_start = self._max_tokens = np.zeros(0, dtype=np.int64)
 
     def update(self, req_ids: list[str]) -> None:
@@ -46,6 +50,11 @@ class BatchRequests:
         # Seeded and verified by the ratio test: their draws, hence their tokens, follow the
         # window lengths, so these keep their full windows.
         self.pinned = [q.sampling_params.seed is not None and s.noise_key is None for q, s in zip(requests, self.request_states)]
+        self.companion_of = [
+            (q.sampling_params.extra_args or {}).get(COMPANION_OF_KEY) if q.sampling_params is not None else None
+            for q in requests
+        ]
+        self.has_companions = any(c is not None for c in self.companion_of)
 
     def forget(self, req_id: str) -> None:
         """A request is gone: rebuild at the next update, even if a new request reuses its id

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from vllm.logger import init_logger
 
-from ..config import AUTO, AUTO_FALLBACK_BUDGET, COMPANION_OF_KEY, SJDPPConfig
+from ..config import AUTO, AUTO_FALLBACK_BUDGET, SJDPPConfig
 from ..families import family_of, logits_size, stream_grid
 from .batch_requests import BatchRequests
 from .goodput import GoodputController
@@ -165,8 +165,10 @@ class SJDPPRuntime:
         self._request_grid = functools.partial(family_of(vllm_config.model_config.hf_config).request_grid,
                                                vllm_config.model_config.hf_config)
         self._grids: dict[str, Any] = {}
-        self._companion_of: dict[str, str | None] = {}  # request: the request it is a companion of
         self.fallbacks = StepFallbacks()
+        # Whether the last step left any window open: while none is (drafting does not pay), the
+        # proposer has nothing to read out.
+        self._windows_open = False
         # Every worker runs this step; timings differ between them, windows must not.
         self.adaptive = runner.parallel_config.world_size == 1
         if self.config.draft_token_budget == AUTO and not self.adaptive:
@@ -204,7 +206,6 @@ class SJDPPRuntime:
     def release(self, req_id: str) -> None:
         """Forget a request (vLLM removed it: finished or aborted)."""
         self._grids.pop(req_id, None)
-        self._companion_of.pop(req_id, None)
         self.states.release(req_id)
         self.batch.forget(req_id)
         self.goodput.forget(req_id)
@@ -246,10 +247,9 @@ class SJDPPRuntime:
             return share_draft_budget(wanted, budget)
         if not self.adaptive:
             return share_draft_budget(wanted, AUTO_FALLBACK_BUDGET)
-        req_ids = self.runner.input_batch.req_ids[: len(wanted)]
-        companion_of = self._companions(req_ids)
-        if not any(pinned) and not any(companion_of):
+        if not any(pinned) and not self.batch.has_companions:
             return self.goodput.windows(wanted, [])
+        req_ids, companion_of = self.batch.req_ids, self.batch.companion_of
         copies = {r: 1 for r, c in zip(req_ids, companion_of) if c is None}
         for c in companion_of:
             if c in copies:
@@ -261,17 +261,6 @@ class SJDPPRuntime:
                          pinned_copies=[copies[r] for r, _, s in real if s])
         adapted = iter(self.goodput.windows([w for _, w, s in real if not s], [w for _, w, s in real if s], **extra))
         return [0 if c is not None else w if s else next(adapted) for w, s, c in zip(wanted, pinned, companion_of)]
-
-    def _companions(self, req_ids) -> list[str | None]:
-        """Per request in batch order: the request it is the guidance companion of, or None."""
-        out = []
-        for req_id in req_ids:
-            if req_id not in self._companion_of:
-                params = self.runner.requests[req_id].sampling_params
-                args = params.extra_args if params is not None else None
-                self._companion_of[req_id] = (args or {}).get(COMPANION_OF_KEY)
-            out.append(self._companion_of[req_id])
-        return out
 
     def history(self, start: list[int], length: int) -> np.ndarray:
         """The last `length` committed tokens of each request, right-aligned; -1 at prompt
@@ -295,6 +284,7 @@ class SJDPPRuntime:
         for state, n0, n, a in zip(plan.states, plan.start, plan.next_len, accepted):
             state.window = Window(n0 + a + 1, tokens[offset : offset + n], rows[offset : offset + n], generation) if n else None
             offset += n
+        self._windows_open = any(plan.next_len)
         self.states.advance()
         self._observe(True, plan.counts, accepted)
 
@@ -302,6 +292,7 @@ class SJDPPRuntime:
         """A windowless step's bookkeeping: one token per request, no window after it."""
         for state in plan.states:
             state.window = None
+        self._windows_open = False
         self._observe(False, plan.counts, plan.counts)
 
     def drop_windows(self, req_ids) -> None:
@@ -313,10 +304,9 @@ class SJDPPRuntime:
         A guidance companion is left out of both: it commits its request's tokens, and its
         drafts, its request's, are not verified against the distribution it takes tokens from."""
         num_reqs = len(lengths)
-        req_ids = self.runner.input_batch.req_ids[:num_reqs]
-        companion_of = self._companions(req_ids)
-        if any(companion_of):
-            real = [i for i, c in enumerate(companion_of) if c is None]
+        req_ids = self.batch.req_ids  # the step's plan brought them up to date
+        if self.batch.has_companions:
+            real = [i for i, c in enumerate(self.batch.companion_of) if c is None]
             req_ids = [req_ids[i] for i in real]
             lengths, accepted = [lengths[i] for i in real], [accepted[i] for i in real]
         self.stats.add(len(req_ids), sum(accepted) + len(req_ids), sum(lengths), self.states)
@@ -332,6 +322,8 @@ class SJDPPRuntime:
         it follows what the request committed, trimmed to what it may still generate, through
         the guard."""
         req_ids = self.runner.input_batch.req_ids
+        if not self._windows_open:
+            return [[] for _ in req_ids]
         self.batch.update(req_ids)
         committed = np.asarray(num_tokens_no_spec[: len(req_ids)], dtype=np.int64)
         allowed = self.batch.drafts_allowed(committed, self.runner.input_batch.num_prompt_tokens[: len(req_ids)])
