@@ -1,7 +1,11 @@
-"""Guided architectures never run on vLLM's Model Runner V2 (patches.vllm_config), which this plugin
-does not patch.  On CPU, Triton has no backend and vLLM always picks V1, so these tests make vLLM
-believe Triton is there (`HAS_TRITON`), as on a CUDA machine, and read the choice from the config
-(no engine is built)."""
+"""A guided server's configuration as on a CUDA machine, read from the config (no engine is built).
+
+- Guided architectures never run on vLLM's Model Runner V2 (patches.vllm_config), which this plugin
+  does not patch.  On CPU, Triton has no backend and vLLM always picks V1, so these tests make vLLM
+  believe Triton is there (`HAS_TRITON`).
+- The paired scheduler (synchronous) only where pairs come or cost nothing (patches.scheduler
+  `install`); on CPU vLLM never schedules asynchronously, so these tests make the plugin believe
+  the platform does."""
 
 import pytest
 
@@ -19,7 +23,8 @@ def triton_present(monkeypatch):
 def engine_config(folder, **kwargs):
     from vllm.engine.arg_utils import EngineArgs
 
-    return EngineArgs(model=str(folder), skip_tokenizer_init=True, max_model_len=256, **kwargs).create_engine_config()
+    kwargs.setdefault("max_model_len", 256)
+    return EngineArgs(model=str(folder), skip_tokenizer_init=True, **kwargs).create_engine_config()
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +71,58 @@ def test_without_the_patch_a_plain_guided_server_is_refused_not_run_on_v2(triton
     with pytest.raises(Exception, match="would run on Model Runner V2: set VLLM_USE_V2_MODEL_RUNNER=0"):
         engine_config(digit_model)
     assert engine_config(digit_model, speculative_config="sjdpp").use_v2_model_runner is False
+
+
+@pytest.fixture
+def async_platform(monkeypatch):
+    from vllm.plugins import load_general_plugins
+
+    from vllm_sjdpp.patches import scheduler
+
+    load_general_plugins()
+    monkeypatch.setattr(scheduler, "platform_schedules_asynchronously", lambda: True)
+
+
+@pytest.mark.parametrize("options, paired", [
+    ({}, False),  # never pairs by its own rule: vLLM's scheduler, asynchronous where the platform is
+    ({"async_scheduling": False}, True),  # opted in to negative prompts of another length
+    ({"speculative_config": "sjdpp"}, True),  # synchronous anyway
+])
+def test_the_paired_scheduler_only_where_pairs_come_or_cost_nothing(async_platform, digit_model, options, paired):
+    from vllm_sjdpp.patches.scheduler import SCHEDULER_CLS, pairs_supported
+
+    config = engine_config(digit_model, **options)
+    assert pairs_supported(config) == paired
+    assert config.scheduler_config.scheduler_cls == (SCHEDULER_CLS if paired else None)
+
+
+def test_every_emu3_request_pairs_so_emu3_keeps_the_paired_scheduler(async_platform, tiny_janus_path, tiny_emu3_path):
+    from vllm_sjdpp.patches.scheduler import pairs_supported
+
+    assert pairs_supported(engine_config(tiny_emu3_path, max_num_seqs=8))
+    assert not pairs_supported(engine_config(tiny_janus_path, max_num_seqs=8))
+
+
+def test_on_cpu_guided_servers_pair(digit_model):
+    """The broken variant of the rule above on a platform without asynchronous scheduling: vLLM's
+    scheduler there would refuse negative prompts of another length for nothing."""
+    from vllm.plugins import load_general_plugins
+
+    from vllm_sjdpp.patches.scheduler import pairs_supported
+
+    load_general_plugins()
+    assert pairs_supported(engine_config(digit_model))
+
+
+def test_a_server_that_cannot_pair_refuses_a_negative_prompt_of_another_length(async_platform, digit_model):
+    from vllm_sjdpp.patches.input_processor import ModelFacts, check_request
+
+    from vllm import SamplingParams
+
+    from vllm_sjdpp.digits.tokens import GENERATED_LENGTH
+
+    facts = ModelFacts.of(engine_config(digit_model, max_model_len=GENERATED_LENGTH + 64))
+    prompt = [0, 1, 2, 3]
+    params = SamplingParams(max_tokens=4, extra_args={"negative_prompt_token_ids": [0, 1]})
+    with pytest.raises(Exception, match="negative_prompt_token_ids.*--no-async-scheduling"):
+        check_request(facts, prompt, params)

@@ -57,6 +57,7 @@ class EmptyPromptRule:
     the prompt (a paired request)."""
 
     image_start_id: int
+    pairs = True  # every request runs with its companion (`guidance.pairing`)
 
     def apply(self, prompt: list[int]) -> list[int]:
         if self.image_start_id not in prompt[1:]:

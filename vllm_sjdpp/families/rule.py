@@ -20,6 +20,7 @@ class UnconditionalRule:
 
     keep_token_ids: frozenset[int]
     pad_token_id: int
+    pairs = False  # the unconditional prompt never runs as a sequence of its own
 
     @classmethod
     def from_config(cls, options: Any) -> "UnconditionalRule":

@@ -120,8 +120,9 @@ def check_paired(facts: ModelFacts, prompt: list[int], negative: list[int], para
                           f"{len(prompt)}): {why}")
 
     if not facts.pairs:
-        raise refuse("a negative prompt of another length needs the paired scheduler, which runs without "
-                     "--async-scheduling and without --scheduler-cls")
+        raise refuse("a negative prompt of another length needs the paired scheduler, which this server "
+                     "does not run (it schedules asynchronously or has its own scheduler); start it with "
+                     "--no-async-scheduling and without --scheduler-cls")
     if facts.max_num_seqs < 2:
         raise refuse("it runs as a second sequence: --max-num-seqs must be at least 2")
     if params.prompt_logprobs is not None:

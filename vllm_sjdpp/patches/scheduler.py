@@ -37,13 +37,36 @@ SCHEDULER_CLS = "vllm_sjdpp.patches.scheduler.PairedScheduler"
 
 
 def install(vllm_config) -> None:
-    """Run guided models with the paired scheduler (synchronous: companions take their
-    request's tokens when its step returns).  A scheduler or asynchronous scheduling chosen on
-    the command line is kept; then negative prompts of another length are refused."""
+    """Run a guided model with the paired scheduler (synchronous: companions take their
+    request's tokens when its step returns) where pairs come or cost nothing:
+    - the family's own unconditional prompt has another length (Emu3: every request pairs);
+    - the server runs synchronously anyway: SJD++ or any other drafter with guidance, the CPU
+      platform (vLLM 0.32 schedules asynchronously on neither), or --no-async-scheduling given
+      (the way to opt in to negative prompts of another length elsewhere).
+    Elsewhere (Janus, guided Llamas and the digit model served without --speculative-config on a
+    GPU) vLLM's asynchronous scheduling stays on, which hides the host's work at small batch,
+    and a negative prompt of another length is refused with a 400 naming it.  A scheduler or
+    asynchronous scheduling chosen on the command line is kept (then such prompts are refused)."""
+    from ..guidance.cfg import served_rule
+
     scheduler = vllm_config.scheduler_config
-    if scheduler.scheduler_cls is None and not scheduler.async_scheduling:
+    if scheduler.scheduler_cls is not None or scheduler.async_scheduling:
+        return
+    rule = served_rule(vllm_config.model_config)
+    synchronous = (
+        scheduler.async_scheduling is False or vllm_config.speculative_config is not None
+        or not platform_schedules_asynchronously()
+    )
+    if synchronous or (rule is not None and rule.pairs):
         scheduler.async_scheduling = False
         scheduler.scheduler_cls = SCHEDULER_CLS
+
+
+def platform_schedules_asynchronously() -> bool:
+    """Whether vLLM may schedule asynchronously on this platform (0.32: not on CPU)."""
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
 
 
 def pairs_supported(vllm_config) -> bool:
