@@ -126,3 +126,40 @@ def test_a_server_that_cannot_pair_refuses_a_negative_prompt_of_another_length(a
     params = SamplingParams(max_tokens=4, extra_args={"negative_prompt_token_ids": [0, 1]})
     with pytest.raises(Exception, match="negative_prompt_token_ids.*--no-async-scheduling"):
         check_request(facts, prompt, params)
+
+
+@pytest.mark.parametrize("runner_class, refused", [("v2", True), ("v1", False)])
+def test_a_guided_model_on_another_runner_fails_at_start_up(digit_model, runner_class, refused):
+    """The live check behind the config rule: a worker that built Model Runner V2 for a guided
+    model fails naming the variable; V1 (here a subclass stands in, built without a device) passes."""
+    from types import SimpleNamespace
+
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_sjdpp.patches.gpu_worker import check_live_runner
+
+    load_general_plugins()
+    config = engine_config(digit_model)
+    runner = SimpleNamespace() if runner_class == "v2" else GPUModelRunner.__new__(GPUModelRunner)
+    if refused:
+        with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+            check_live_runner(config, runner)
+    else:
+        check_live_runner(config, runner)
+
+
+def test_the_worker_checks_the_runner_it_built(digit_model, monkeypatch):
+    """`Worker._make_model_runner` (patched): on a guided model, V2's runner class is refused."""
+    from types import SimpleNamespace
+
+    import vllm.v1.worker.gpu.model_runner as v2
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.worker.gpu_worker import Worker
+
+    load_general_plugins()
+    monkeypatch.setattr(v2, "GPUModelRunner", lambda *args: SimpleNamespace())
+    worker = SimpleNamespace(vllm_config=engine_config(digit_model), use_v2_model_runner=True, device="cpu")
+    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        Worker._make_model_runner(worker)
+    assert Worker._make_model_runner.__wrapped__(worker) is not None  # unpatched: it would run on V2

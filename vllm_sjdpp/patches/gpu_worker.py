@@ -1,6 +1,7 @@
 """Patches of vllm/v1/worker/gpu_worker.py and cpu_worker.py: the workers' KV sizing keeps the
-SJD++ step's buffers out of the KV cache, and `Worker.sjdpp_seed_probe`, the method the seed
-probe calls through vLLM's collective_rpc (`patches.engine_core`, the images endpoint)."""
+SJD++ step's buffers out of the KV cache, `Worker.sjdpp_seed_probe`, the method the seed
+probe calls through vLLM's collective_rpc (`patches.engine_core`, the images endpoint), and a
+guided model's runner checked to be the V1 runner the plugin patches (`check_live_runner`)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,23 @@ def sjdpp_seed_probe(self, action: str) -> dict | None:
     raise ValueError(f"sjdpp_seed_probe: unknown action {action!r}")
 
 
+def check_live_runner(vllm_config: Any, runner: Any) -> None:
+    """The runner a worker built for a guided model is vLLM's V1 runner (or a subclass), the one
+    `patches.gpu_model_runner` patches: the config-time rule (`patches.vllm_config`) keeps guided
+    models off Model Runner V2, and this is the start-up check that it did.  RuntimeError else."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from .models import guided_architecture
+
+    architecture = guided_architecture(vllm_config)
+    if architecture is not None and not isinstance(runner, GPUModelRunner):
+        raise RuntimeError(
+            f"{architecture} (vllm-sjdpp) got {type(runner).__module__}.{type(runner).__name__}, not the V1 model "
+            "runner it patches (guidance, the image grid, paired requests and seeds live there): set "
+            "VLLM_USE_V2_MODEL_RUNNER=0"
+        )
+
+
 def apply() -> None:
     # vllm/v1/worker/gpu_worker.py and cpu_worker.py: determine_available_memory returns the
     # bytes the KV cache may take (after the profiling run on GPUs, VLLM_CPU_KVCACHE_SPACE on
@@ -58,6 +76,15 @@ def apply() -> None:
     from ..config import SEED_PROBE_METHOD
 
     setattr(Worker, SEED_PROBE_METHOD, sjdpp_seed_probe)  # the CPU worker subclasses it
+    make_model_runner = Worker._make_model_runner  # the CPU worker builds its (V1) runner itself
+
+    @functools.wraps(make_model_runner)
+    def make_checked_model_runner(self):
+        runner = make_model_runner(self)
+        check_live_runner(self.vllm_config, runner)
+        return runner
+
+    Worker._make_model_runner = make_checked_model_runner
     classes = [Worker]
     try:
         from vllm.v1.worker.cpu_worker import CPUWorker

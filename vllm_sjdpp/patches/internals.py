@@ -118,6 +118,7 @@ CLASS_MEMBERS = (
     Member("vllm.v1.engine.core:EngineCoreProc", "run_busy_loop", ("self",)),
     # Memory (patches.gpu_worker) and the CPU build's expand kernel (patches.cpu_triton_utils).
     Member("vllm.v1.worker.gpu_worker:Worker", "determine_available_memory", ("self",)),
+    Member("vllm.v1.worker.gpu_worker:Worker", "_make_model_runner", ("self",)),
     Member("vllm.utils.cpu_triton_utils", "_expand_kernel_impl",
            ("output", "input_val", "cu_num_tokens", "replace_from", "replace_to"), cpu=True, optional=True),
     # The dtype of float32 checkpoints on CPUs without native bf16 (patches.model_config).
