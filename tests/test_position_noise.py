@@ -1,6 +1,6 @@
 """Position-keyed race noise (kernels/noise.py): one tensor for (key, position, token) on every
 backend, and Exp(1)-distributed.  The Triton kernel runs under the interpreter on CPU (conftest
-sets TRITON_INTERPRET=1); on a CUDA machine (benchmarks/cuda_check.sh) it runs on the GPU, with
+sets TRITON_INTERPRET=1); on a CUDA machine (benchmarks/device_check.sh) it runs on the GPU, with
 the GPU's float64 log, against the NumPy reference."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from vllm_sjdpp.kernels import noise
 from vllm_sjdpp.kernels.host import INDUCTOR_MIN_ELEMENTS
 from vllm_sjdpp.kernels.noise_triton import keyed_exponentials_triton
 
-# The Triton kernel on the GPU where there is one (benchmarks/cuda_check.sh), else interpreted.
+# The Triton kernel on the GPU where there is one (benchmarks/device_check.sh), else interpreted.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Seeds as users send them (0, small, past 32 bits, negative) at prompt-like positions.
