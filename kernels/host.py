@@ -13,7 +13,14 @@ makes two fetches and three sends (the drafts go up for p and q at them, and the
 the plan needs its settings and returns its draws).  `TRANSFERS` counts them (tests hold the step
 to this).  On CPU both are views, no copies, and are counted the same.  `host_array` reads an
 input that must already be on the host, and refuses a device tensor rather than sync silently.
-The noise is the caller's: its copies (the position keys of `noise.py`) are outside this count.
+The noise is the caller's: its copies (the position keys of `noise.py`) are outside this count,
+and go through `upload`, as do the engine's other per-step inputs.
+
+No crossing blocks the host but where the step reads: `send` and `upload` copy from pinned
+memory without blocking, and `fetch` copies into a pinned buffer it keeps (grown as needed) and
+waits on an event, an explicit wait that `torch.cuda.set_sync_debug_mode("error")` allows (a
+copy into pageable memory, `.cpu()`, is an implicit sync that it refuses;
+benchmarks/device_check.py runs the step under it).
 """
 
 from __future__ import annotations
@@ -42,20 +49,41 @@ def host_array(x) -> np.ndarray:
 FETCHABLE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.bool)
 
 
+_FETCH_BUFFERS: dict[torch.device, torch.Tensor] = {}  # per device: the pinned float64 landing buffer
+
+
+def _fetch_buffer(device: torch.device, n: int) -> torch.Tensor:
+    buffer = _FETCH_BUFFERS.get(device)
+    if buffer is None or buffer.numel() < n:
+        size = max(n, 2 * (0 if buffer is None else buffer.numel()), 4096)
+        buffer = _FETCH_BUFFERS[device] = torch.empty(size, dtype=torch.float64, pin_memory=True)
+    return buffer[:n]
+
+
 def fetch(*tensors: torch.Tensor) -> list[np.ndarray]:
     """Device tensors on the host, in one copy (a float64 carrier: exact for float32 values and
-    for integers below 2^53, such as token ids), each with its dtype and shape back.  Views on
-    CPU.  Dtypes: FETCHABLE (the step reads float32 probabilities and int64 tokens)."""
+    for integers below 2^53, such as token ids), each with its dtype and shape back, in arrays of
+    their own.  Views on CPU.  Dtypes: FETCHABLE (the step reads float32 probabilities and int64
+    tokens)."""
     TRANSFERS["fetch"] += 1
     if any(t.dtype not in FETCHABLE for t in tensors):
         raise TypeError(f"fetch carries {FETCHABLE}, got {[t.dtype for t in tensors]}")
     if all(t.device.type == "cpu" for t in tensors):
         return [t.detach().numpy() for t in tensors]
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).cpu().numpy()
+    packed = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    if packed.device.type == "cuda":
+        landing = _fetch_buffer(packed.device, packed.numel())
+        landing.copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(packed.device))
+        done.synchronize()
+        flat = landing.numpy()
+    else:
+        flat = packed.cpu().numpy()
     out, start = [], 0
     for t in tensors:
         dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
-        out.append(flat[start : start + t.numel()].astype(dtype).reshape(tuple(t.shape)))
+        out.append(flat[start : start + t.numel()].astype(dtype).reshape(tuple(t.shape)))  # a copy: the buffer is reused
         start += t.numel()
     return out
 
@@ -63,8 +91,15 @@ def fetch(*tensors: torch.Tensor) -> list[np.ndarray]:
 def send(*arrays: np.ndarray, device: torch.device) -> list[torch.Tensor]:
     """Host integer or bool arrays on `device`, in one copy (an int64 carrier, from pinned memory
     without blocking the host), each with its shape back, as bool or int64.  On CPU no copy but
-    the cast to int64."""
+    the cast to int64.  Counted in TRANSFERS."""
     TRANSFERS["send"] += 1
+    return upload(*arrays, device=device)
+
+
+def upload(*arrays, device: torch.device | str) -> list[torch.Tensor]:
+    """`send` for the caller's own inputs (noise keys, the runner's per-step indices), not
+    counted in TRANSFERS."""
+    device = torch.device(device)
     arrays = [np.asarray(a) for a in arrays]
     if any(a.dtype != bool and not np.issubdtype(a.dtype, np.integer) for a in arrays):
         raise TypeError(f"send carries integers and bools, got {[a.dtype for a in arrays]}")
@@ -79,3 +114,32 @@ def send(*arrays: np.ndarray, device: torch.device) -> list[torch.Tensor]:
         out.append(view != 0 if a.dtype == bool else view)
         start += a.size
     return out
+
+
+class PinnedStaging:
+    """Per-step inputs written into device buffers allocated once (an engine's guidance inputs).
+
+    On CUDA each buffer has a pinned host twin, reused: a write fills the twin and copies it
+    without blocking the host, after waiting for the previous copy out of that twin (an event,
+    long done by the next step: an explicit wait, which sync-debug mode allows; a copy from
+    pageable memory blocks the host until the device has it).  On CPU a plain copy."""
+
+    def __init__(self):
+        self._twins: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+
+    def write(self, dst: torch.Tensor, values: np.ndarray) -> None:
+        """dst[:len(values)] = values (a host array of dst's dtype)."""
+        n = len(values)
+        if dst.device.type != "cuda":
+            dst[:n].copy_(torch.from_numpy(np.ascontiguousarray(values)))
+            return
+        twin, done = self._twins.get(id(dst), (None, None))
+        if twin is None:
+            twin = torch.empty(dst.shape, dtype=dst.dtype, pin_memory=True)
+        elif done is not None:
+            done.synchronize()
+        twin.numpy()[:n] = values
+        dst[:n].copy_(twin[:n], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(dst.device))
+        self._twins[id(dst)] = (twin, done)

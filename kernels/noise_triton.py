@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import upload
+
 
 @triton.jit
 def _mix(x):
@@ -35,8 +37,7 @@ def _keyed_exponentials_kernel(a_ptr, b_ptr, out_ptr, out_stride, vocab_size, BL
 def keyed_exponentials_triton(a, b, vocab_size: int, device: torch.device | str) -> torch.Tensor:
     """Same contract as `noise.keyed_exponentials_torch`."""
     # int64 carriers: the uint32 words as non-negative values, which torch has no dtype for.
-    a_t = torch.as_tensor(np.asarray(a, dtype=np.int64), device=device)
-    b_t = torch.as_tensor(np.asarray(b, dtype=np.int64), device=device)
+    a_t, b_t = upload(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64), device=device)
     out = torch.empty(a_t.numel(), vocab_size, dtype=torch.float32, device=device)
     if a_t.numel():
         block = min(triton.next_power_of_2(vocab_size), 4096)

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from .fresh import FreshTokens, fill_fresh_tokens
-from .host import INDUCTOR_MIN_ELEMENTS, fetch, host_array, send
+from .host import INDUCTOR_MIN_ELEMENTS, fetch, host_array, send, upload
 from .noise import SALT_FRESH, keyed_exponentials, keyed_uniforms, request_key, row_keys
 
 REUSE_NONE, REUSE_COUPLED, REUSE_CONFIDENCE = 0, 1, 2
@@ -177,9 +177,10 @@ class StepNoise:
             else:
                 row_index = np.concatenate([np.arange(num_rows)[rows_of(i)] for i in requests])
                 slot_index = np.concatenate([np.arange(num_slots)[slots_of(i)] for i in requests])
-                race[torch.as_tensor(row_index, device=race.device)] = keyed
-                uniforms[torch.as_tensor(row_index, device=uniforms.device)] = 0.5  # Gumbel verification reads none
-                fresh[torch.as_tensor(slot_index, device=fresh.device)] = torch.from_numpy(keyed_fresh).to(fresh.device)
+                row_index_t, slot_index_t = upload(row_index, slot_index, device=race.device)
+                race[row_index_t] = keyed
+                uniforms[row_index_t] = 0.5  # Gumbel verification reads none
+                fresh[slot_index_t] = torch.from_numpy(keyed_fresh).to(fresh.device, non_blocking=True)
         return cls(uniforms, race, fresh)
 
 

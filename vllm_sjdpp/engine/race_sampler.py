@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p, sample_with_exponential_noise
 
+from ..kernels.host import upload
 from ..kernels.noise import keyed_exponentials, request_key, row_keys
 
 
@@ -55,7 +56,8 @@ class KeyedRaceTopKTopP(nn.Module):
         rows = sorted(keyed)
         keys = np.array([request_key(keyed[i][0]) for i in rows], dtype=np.uint64)
         positions = np.array([keyed[i][1] for i in rows], dtype=np.int64)
-        noise[torch.tensor(rows, device=probs.device)] = keyed_exponentials(
+        (rows_t,) = upload(np.array(rows, dtype=np.int64), device=probs.device)
+        noise[rows_t] = keyed_exponentials(
             *row_keys(keys, positions), probs.shape[1], probs.device
         )
         return sample_with_exponential_noise(probs, noise), processed

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..families import family_of, stream_grid
+from ..kernels.host import PinnedStaging
 from ..families.rule import UnconditionalRule
 from .pairing import COMPANION_SUFFIX, companion_of, needs_companion, stream_window
 
@@ -152,6 +153,7 @@ class GuidanceBatch:
         self.token_scale = torch.full((size,), scale_default, dtype=torch.float32, device=device)
         self.partner_token = torch.full((size,), -1, dtype=torch.long, device=device)
         self.has_partners = False
+        self.staging = PinnedStaging()  # the host side of the writes above, each step
         self.mirrors: list[tuple[int, int]] = []  # (request row, companion row) in the batch
         self.grid = grid
         self.request_grid = request_grid  # prompt -> its image's grid (a family's `request_grid`)
@@ -226,8 +228,8 @@ class GuidanceBatch:
                 first = int(computed[i])
                 n = min(int(counts[i]), len(negative) - first)
                 override[starts[i] : starts[i] + n] = negative[first : first + n]
-        self.uncond_override[:num_tokens_padded].copy_(torch.from_numpy(override), non_blocking=True)
-        self.token_scale[:num_tokens_padded].copy_(torch.from_numpy(scale), non_blocking=True)
+        self.staging.write(self.uncond_override, override)
+        self.staging.write(self.token_scale, scale)
         self._pair(runner, states, starts, computed)
         if self.grid is not None:
             # Token t sits at position computed + its offset in the request (vLLM's positions) and
@@ -239,9 +241,7 @@ class GuidanceBatch:
                 np.concatenate([np.repeat([getattr(s.grid, f) for s in states], counts), np.ones(num_tokens_padded - total, np.int64)])
                 for f in ("rows", "codes_per_row")
             )
-            self.token_class[:num_tokens_padded].copy_(
-                torch.from_numpy(self.grid.slot_classes(index, rows, per_row)), non_blocking=True
-            )
+            self.staging.write(self.token_class, self.grid.slot_classes(index, rows, per_row))
 
     def _pair(self, runner, states: list[RequestGuidance], starts: np.ndarray, computed: np.ndarray) -> None:
         """Pair the rows of the batch's paired requests (`partner_token`, `mirrors`), and discard
@@ -275,7 +275,7 @@ class GuidanceBatch:
                 alone.append(j)
         if alone:
             self._discard(runner, alone)
-        self.partner_token.copy_(torch.from_numpy(partner), non_blocking=True)
+        self.staging.write(self.partner_token, partner)
         self.has_partners = bool(self.mirrors)
 
     @staticmethod

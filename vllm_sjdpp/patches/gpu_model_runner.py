@@ -178,7 +178,10 @@ class MetadataWithoutDrafts:
     def __call__(self, cu_num_scheduled_tokens):
         from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
+        from ..kernels.host import upload
+
         n = len(cu_num_scheduled_tokens)
+        (logits_indices,) = upload(cu_num_scheduled_tokens - 1, device=self.device)
         return SpecDecodeMetadata(
             draft_token_ids=self.no_tokens,
             num_draft_tokens=[0] * n,
@@ -186,7 +189,7 @@ class MetadataWithoutDrafts:
             cu_num_sampled_tokens=self.rows[1 : n + 1],
             target_logits_indices=self.no_rows,
             bonus_logits_indices=self.rows[:n],
-            logits_indices=torch.from_numpy(cu_num_scheduled_tokens - 1).to(self.device),
+            logits_indices=logits_indices,
         )
 
 
