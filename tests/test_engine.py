@@ -142,11 +142,11 @@ def test_a_failing_step_falls_back_to_exact_plain_sampling(plain, plain_samples,
 def test_kv_cache_leaves_room_for_the_step(plain, sjdpp):
     """The step's worst-case buffers come out of the KV cache (1 GiB here): the SJD++ engine
     reports fewer blocks than the plain one, by the reserve."""
-    from vllm_sjdpp.patches.gpu_worker import step_reserve_bytes
+    from vllm_sjdpp.patches.gpu_worker import step_reserve
 
     config = sjdpp.llm_engine.vllm_config
-    reserve = step_reserve_bytes(config)
-    assert reserve > 0 and step_reserve_bytes(plain.llm_engine.vllm_config) == 0
+    reserve, _ = step_reserve(config)
+    assert reserve > 0 and step_reserve(plain.llm_engine.vllm_config) == (0, 0)
     plain_blocks, sjdpp_blocks = plain.llm_engine.vllm_config.cache_config.num_gpu_blocks, config.cache_config.num_gpu_blocks
     block_bytes = 2**30 / plain_blocks  # VLLM_CPU_KVCACHE_SPACE=1 (GiB)
     assert plain_blocks - sjdpp_blocks == pytest.approx(reserve / block_bytes, abs=1)
@@ -171,6 +171,24 @@ def test_draft_token_budget_shrinks_windows_and_stays_exact(plain, plain_samples
         assert accepted[0] > 0 and not any(accepted[4:]), accepted  # no window was longer than 4
     finally:
         runtime.set_draft_token_budget(default)
+
+
+def test_the_memory_cap_holds_a_pass_to_its_drafts(plain, sjdpp):
+    """`step_memory_gib`'s cap on a pass's drafts (engine/step_memory.py), set here to 2: no
+    window longer than 2 is verified whatever the budget, and the tokens stay plain decoding's."""
+    runtime = runtime_of(sjdpp)
+    default_cap, default_budget = runtime.max_drafts, runtime.config.draft_token_budget
+    runtime.max_drafts = 2
+    runtime.set_draft_token_budget(None)  # every window its k = 6, but for the cap
+    try:
+        before = accepted_per_position(sjdpp)
+        assert generate(sjdpp, PROMPTS, params(temperature=0, max_tokens=48)) == generate(
+            plain, PROMPTS, params(temperature=0, max_tokens=48))
+        accepted = [a - b for a, b in zip(accepted_per_position(sjdpp), before)]
+        assert accepted[0] > 0 and not any(accepted[2:]), accepted
+    finally:
+        runtime.max_drafts = default_cap
+        runtime.set_draft_token_budget(default_budget)
 
 
 def test_budget_zero_unseeded_is_plain_decoding(plain, plain_samples, sjdpp):

@@ -324,7 +324,8 @@ def test_several_workers_get_the_fixed_fallback_budget(caplog):
         plain = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None))
         runner = SimpleNamespace(
             vllm_config=SimpleNamespace(
-                additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 32}}, model_config=model_config
+                additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 32}}, model_config=model_config,
+                scheduler_config=SimpleNamespace(max_num_seqs=64),
             ),
             model_config=model_config, parallel_config=SimpleNamespace(world_size=world_size),
             input_batch=SimpleNamespace(req_ids=[f"r{i}" for i in range(64)]),
@@ -387,7 +388,7 @@ def test_the_runtime_leaves_guidance_companions_out():
     runner = SimpleNamespace(
         vllm_config=SimpleNamespace(
             additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 8, "draft_token_budget": AUTO}},
-            model_config=model_config,
+            model_config=model_config, scheduler_config=SimpleNamespace(max_num_seqs=64),
         ),
         model_config=model_config, parallel_config=SimpleNamespace(world_size=1),
         input_batch=SimpleNamespace(req_ids=req_ids), requests=requests,

@@ -125,7 +125,7 @@ def test_a_reused_request_id_starts_afresh():
     )
     runner = SimpleNamespace(
         vllm_config=SimpleNamespace(additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 8}},
-                                    model_config=model_config),
+                                    model_config=model_config, scheduler_config=SimpleNamespace(max_num_seqs=8)),
         model_config=model_config, parallel_config=SimpleNamespace(world_size=1),
         requests={"a": request(disable=True), "b": request()},
     )

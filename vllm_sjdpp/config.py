@@ -77,6 +77,10 @@ class SJDPPConfig:
         a CPU (`--dtype auto` becomes float32; another --dtype is refused), vLLM's batch-invariant
         kernels on a GPU (VLLM_BATCH_INVARIANT=1); and the server does not start unless its seed
         probe finds a position's logits bit-identical in narrow and wide passes. Server-wide only.
+    step_memory_gib: the most memory the SJD++ step may hold for its rows (a row over the
+        vocabulary per window position), kept out of the KV cache; at large vocabularies it caps
+        the drafts of one pass (`engine.step_memory`: Emu3 at 256 sequences, 60 drafts).
+        Server-wide only.
     """
 
     num_speculative_tokens: int = 32
@@ -90,6 +94,7 @@ class SJDPPConfig:
     jacobi_start: int = 0
     draft_token_budget: int | str | None = AUTO
     exact_seeds: bool = False
+    step_memory_gib: float = 2.0
 
     def __post_init__(self) -> None:
         k = self.num_speculative_tokens
@@ -136,6 +141,9 @@ class SJDPPConfig:
             raise _invalid("jacobi_start", self.jacobi_start, "an integer >= 0")
         if not isinstance(self.exact_seeds, bool):
             raise _invalid("exact_seeds", self.exact_seeds, "true or false")
+        m = self.step_memory_gib
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
+            raise _invalid("step_memory_gib", m, "a number of GiB > 0")
         b = self.draft_token_budget
         if b is not None and b != AUTO and (not _is_int(b) or b < 0):
             raise _invalid("draft_token_budget", b, f'"{AUTO}", null or an integer >= 0')

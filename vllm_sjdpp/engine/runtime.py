@@ -30,6 +30,7 @@ from ..families import family_of, logits_size, stream_grid
 from .batch_requests import BatchRequests
 from .goodput import GoodputController
 from .jacobi_state import JacobiStates, RequestState, Window
+from .step_memory import max_drafts
 from .window_budget import share_draft_budget
 
 # Under "vllm." so that vLLM's logging configuration (handlers, level) applies in every process.
@@ -158,6 +159,8 @@ class SJDPPRuntime:
         self.states = JacobiStates(SJDPPConfig.of_server(vllm_config), vocab_size)
         self.batch = BatchRequests(self.states, runner)
         self.goodput = GoodputController(self.config.num_speculative_tokens)
+        # The most drafts in one pass that the step's reserve holds (`step_memory`).
+        self.max_drafts = max_drafts(self.config.step_memory_gib, vllm_config.scheduler_config.max_num_seqs, vocab_size)
         self.stats = StepStats(lambda: f"; {self.goodput.summary()}" if self.config.draft_token_budget == AUTO else "")
         self.guard = DraftGuard(vocab_size)
         # Fresh drafts follow each request's grid, as the model's logits do.
@@ -235,7 +238,8 @@ class SJDPPRuntime:
             ]
         else:
             per_request, prob_rows = [[] for _ in counts], []
-        return StepPlan(counts, per_request, start, states, prob_rows, self._share(wanted.tolist(), batch.pinned))
+        next_len = share_draft_budget(self._share(wanted.tolist(), batch.pinned), self.max_drafts)
+        return StepPlan(counts, per_request, start, states, prob_rows, next_len)
 
     def _share(self, wanted: list[int], pinned: list[bool]) -> list[int]:
         """The next windows' lengths under the server's draft-token budget; pinned requests

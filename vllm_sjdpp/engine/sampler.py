@@ -23,21 +23,6 @@ from .runtime import SJDPPRuntime, StepPlan
 GREEDY_EPS = 1e-5  # vLLM's sampler treats temperature below this as greedy
 
 
-def step_memory_bytes(max_num_seqs: int, max_num_batched_tokens: int, k: int, budget: int | None, vocab: int) -> int:
-    """The most memory one SJD++ step holds beyond vLLM's own sampling, for vLLM's KV sizing.
-
-    Rows: every window position of every running request, at most max_num_batched_tokens.  Per
-    row, float32 over the vocabulary: the processed logits, the probabilities, the race noise,
-    a copy of the raw logits (when logprobs are asked for) and one temporary of the row pass.
-    Plus the two q-row buffers (drafts with a full proposal, at most the draft-token budget) and
-    each request's first row, kept for the fallback.
-    """
-    rows = min(max_num_seqs * (k + 1), max_num_batched_tokens)
-    cap = budget if isinstance(budget, int) else max_num_seqs * k  # "auto" may draft every window
-    drafts = min(max_num_seqs * k, max_num_batched_tokens, cap)
-    return 4 * vocab * (5 * rows + 2 * drafts + max_num_seqs)
-
-
 def first_rows_of(metadata, logits: torch.Tensor) -> torch.Tensor:
     """Each request's first row (its next token's distribution given what it committed), as a
     copy: later processing works on `logits` in place."""

@@ -17,19 +17,21 @@ from .arg_utils import is_sjdpp
 logger = logging.getLogger("vllm.sjdpp")
 
 
-def step_reserve_bytes(vllm_config: Any) -> int:
-    """What an SJD++ engine keeps out of the KV cache for its step (0 for any other engine)."""
-    from ..engine.sampler import step_memory_bytes
+def step_reserve(vllm_config: Any) -> tuple[int, int]:
+    """What an SJD++ engine keeps out of the KV cache for its step, in bytes, and the most drafts
+    a pass verifies within it ((0, 0) for any other engine)."""
+    from ..engine.step_memory import max_drafts, pass_drafts, step_memory_bytes
     from ..families import logits_size
 
     if not is_sjdpp(vllm_config.speculative_config):
-        return 0
+        return 0, 0
     config = SJDPPConfig.of_server(vllm_config)
     scheduler = vllm_config.scheduler_config
-    return step_memory_bytes(
-        scheduler.max_num_seqs, scheduler.max_num_batched_tokens, config.num_speculative_tokens,
-        config.draft_token_budget, logits_size(vllm_config.model_config),
-    )
+    vocab = logits_size(vllm_config.model_config)
+    cap = max_drafts(config.step_memory_gib, scheduler.max_num_seqs, vocab)
+    drafts = pass_drafts(scheduler.max_num_seqs, scheduler.max_num_batched_tokens, config.num_speculative_tokens,
+                         config.draft_token_budget, cap)
+    return step_memory_bytes(scheduler.max_num_seqs, scheduler.max_num_batched_tokens, drafts, vocab), drafts
 
 
 def sjdpp_seed_probe(self, action: str) -> dict | None:
@@ -100,11 +102,12 @@ def apply() -> None:
         @functools.wraps(original)
         def determine_available_memory(self, _original=original):
             available = _original(self)
-            reserve = step_reserve_bytes(self.vllm_config)
+            reserve, drafts = step_reserve(self.vllm_config)
             if reserve:
                 logger.info(
-                    "SJD++ keeps %.1f MiB out of the KV cache for its step (of %.1f MiB available)",
-                    reserve / 2**20, available / 2**20,
+                    "SJD++ keeps %.1f MiB out of the KV cache for its step (of %.1f MiB available): "
+                    "at most %d drafts in a pass (step_memory_gib %g)",
+                    reserve / 2**20, available / 2**20, drafts, SJDPPConfig.of_server(self.vllm_config).step_memory_gib,
                 )
                 if reserve >= available:
                     raise ValueError(
