@@ -109,6 +109,12 @@ def apply() -> None:
                     "at most %d drafts in a pass (step_memory_gib %g)",
                     reserve / 2**20, available / 2**20, drafts, SJDPPConfig.of_server(self.vllm_config).step_memory_gib,
                 )
+                if drafts == 0:
+                    logger.warning(
+                        "SJD++: step_memory_gib %g holds no draft at this vocabulary and --max-num-seqs %d: every "
+                        "pass decodes plainly; raise step_memory_gib or lower --max-num-seqs",
+                        SJDPPConfig.of_server(self.vllm_config).step_memory_gib, self.vllm_config.scheduler_config.max_num_seqs,
+                    )
                 if reserve >= available:
                     raise ValueError(
                         f"SJD++ needs {reserve / 2**20:.0f} MiB for its step, more than the "
