@@ -68,6 +68,15 @@ predicted to lose.  So a cheap length is re-timed every REMEASURE_EVERY steps, a
 share allows but at least every MAX_REMEASURE_EVERY steps (a pass 30x the choice's then loses
 0.7% of the time), and a slow start is not remembered: a time 1.5x faster restarts a bucket.
 
+Trials.  The model's estimates can be wrong where no estimate shows it: a pass's cost drifts
+through an image (at 10 digit images on 2 CPU cores a pass without drafts costs 2.5 ms at the
+images' first tokens and 3.6 ms at their last), so a t_0 timed at another moment misleads; a
+length's acceptance is optimistic until measured; a window restarted after a change of length
+accepts less.  At 10 images the model promised drafting 15-30% more than no drafts where it gave
+25% less.  So where the choice promises less than TRIAL_DOUBT more than no drafts, a `Trial`
+runs both, one after the other on the same requests, and what each commits per second decides,
+for TRIAL_EVERY steps (doubled each time a trial agrees with the last).
+
 Why the output stays exact. Verification commits each token with the distribution p given
 everything fixed before the step's noise is drawn: the committed prefix, the drafts, their
 proposals, and how many there are. The window lengths here are a function of the batch and of
@@ -91,6 +100,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import isotonic_regression, nnls
@@ -112,6 +122,14 @@ OUTLIER_RUN = 3
 MEASURED_WINDOWS = 8.0  # steady windows of a length before its acceptance counts as measured ...
 MEASURED_STARTS = 3.0  # ... of which at least this many accepted a draft
 ADVANCE_FORGET = 0.95  # per drafted step, for the mean tokens a request commits
+# Trials (`Trial`): where drafting promises less than TRIAL_DOUBT more than no drafts, the two
+# are run side by side, TRIAL_STEPS steps each, and what they commit per second decides.
+TRIAL_DOUBT = 0.3
+TRIAL_MIN_BATCH = 4  # below, 12 steps' acceptance is too noisy to compare (a window accepts
+# nothing two times in three, or a run of up to 16)
+TRIAL_STEPS = 12
+TRIAL_EVERY = 256  # steps a trial's verdict holds, doubled each time the next trial confirms it ...
+MAX_TRIAL_EVERY = 4096  # ... up to this
 
 
 class MeasuredCurve:
@@ -312,6 +330,65 @@ def optimistic_concave(lengths: np.ndarray, values: np.ndarray, max_window: int)
     return out
 
 
+class Trial:
+    """The chosen cap and no drafts run one after the other on the same requests, TRIAL_STEPS
+    counted steps each, and compared in what they commit per second.  The model's estimates
+    carry errors a comparison of estimates cannot see: a pass's cost drifts through an image
+    (attention reads growing contexts), so a t_0 timed at another moment misleads; a length's
+    acceptance is optimistic until measured; and the drafted steps' own losses (windows restarted
+    after a change) are in no estimate.  Two adjacent stretches share the moment and pay every
+    cost, so where the model is in doubt (drafting promises less than TRIAL_DOUBT more than no
+    drafts) they decide, for TRIAL_EVERY steps."""
+
+    def __init__(self, cap: int, requests: frozenset, warmup: int):
+        self.cap, self.requests = cap, requests
+        self.phase = 0  # 0: the cap, 1: no drafts
+        self.skip = warmup  # counted steps of this phase still to drop
+        self.counted = 0
+        self.sums = [[0.0, 0.0], [0.0, 0.0]]  # per phase: tokens, seconds
+
+    def cap_now(self) -> int:
+        return self.cap if self.phase == 0 else 0
+
+    def observe(self, drafted: bool, tokens: int, seconds: float) -> bool:
+        """A timed step of the trial's requests; True once both phases are counted."""
+        if drafted != (self.phase == 0):  # the step between the phases
+            return False
+        if self.skip:
+            self.skip -= 1
+            return False
+        self.sums[self.phase][0] += tokens
+        self.sums[self.phase][1] += seconds
+        self.counted += 1
+        if self.counted < TRIAL_STEPS:
+            return False
+        if self.phase == 1:
+            return True
+        self.phase, self.counted, self.skip = 1, 0, 0
+        return False
+
+    def drafting_wins(self) -> bool:
+        (t0, s0), (t1, s1) = self.sums
+        return t0 / max(s0, 1e-12) > t1 / max(s1, 1e-12)
+
+
+@dataclass
+class Verdict:
+    """What the trials of a batch size left: the longest cap that did not lose to no drafts
+    where a longer one did (`limit`; 0: even one draft lost; None: the model's choice won
+    outright), the step until which it holds, and for how long (`hold`: TRIAL_EVERY, doubled
+    each time trials end at the same limit, `held`).  A cap that loses is halved and tried again
+    at once; when a limit expires, twice it is tried (1 after 0), so the limit follows the
+    machine both ways."""
+
+    limit: int | None = None  # None: no limit (drafting won outright)
+    until: int = -1
+    hold: int = 0
+    held: int | None = -1  # the limit the last hold was set for (-1: none yet)
+    retry_up: bool = True
+    lost: bool = False  # a longer cap lost in the trials since the last hold
+
+
 class GoodputController:
     """Window lengths for the next pass from the measured pass cost and acceptance."""
 
@@ -333,6 +410,10 @@ class GoodputController:
         self._next_probe = 0
         self._start: float | None = None  # the time of the first choice
         self._start_step = 0  # the step count then
+        self._trial: Trial | None = None
+        self._handed = (-1, 0)  # the cap the choice last handed out, and the step it began
+        self._verdicts: dict[int, Verdict] = {}  # batch bucket: what its trials left
+        self._doubt: dict[int, bool] = {}  # batch bucket: the last choice's promise under TRIAL_DOUBT
 
     def forget(self, req_id: str) -> None:
         """vLLM removed the request: a new request reusing its id is not the same run."""
@@ -352,8 +433,16 @@ class GoodputController:
         # (they made the passes without drafts, often timed at a batch's start and end, look
         # dearer), and with none in common the engine may have waited for work.
         steady = full_step == self._last_full_step and requests == self._last_requests
-        if steady and self._last_end is not None and now - self._last_end < MAX_STEP_GAP_S:
+        timed = steady and self._last_end is not None and now - self._last_end < MAX_STEP_GAP_S
+        if timed:
             self.cost.observe(len(requests), positions, full_step, now - self._last_end, self.steps)
+        trial = self._trial
+        if trial is not None and requests != trial.requests:  # the batch changed: no comparison
+            self._trial = None
+        elif trial is not None and timed and trial.observe(any(lengths), len(requests) + int(sum(accepted)),
+                                                           now - self._last_end):
+            self._trial = None
+            self._verdict(batch_bucket(len(requests)), trial)
         self._last_end, self._last_requests, self._last_full_step = now, requests, full_step
         if not any(lengths):  # nothing verified (most steps where drafting does not pay)
             self._runs = {}
@@ -404,7 +493,53 @@ class GoodputController:
             if bucket != self._chosen_for or goodput[best] > (1 + SWITCH_MARGIN) * goodput[current]:
                 self.best = best
             self._next_choice, self._chosen_for = self.steps + DECIDE_EVERY, bucket
-        return [min(n, self.best) for n in wanted]
+            self._doubt[bucket] = goodput[min(self.best, len(goodput) - 1)] < (1 + TRIAL_DOUBT) * goodput[0]
+        cap = self._tried(bucket, batch, p)
+        if cap != self._handed[0]:
+            self._handed = (cap, self.steps)
+        return [min(n, cap) for n in wanted]
+
+    def _tried(self, bucket: int, batch: int, pinned: np.ndarray) -> int:
+        """The cap after trials (`Trial`): a trial's, else the model's choice within the limit the
+        trials left (`Verdict`) until it expires, then the next trial where the model is in doubt
+        or a limit stands: at twice the limit (the model's choice at most), 1 from a limit of 0."""
+        if self._trial is not None:
+            return self._trial.cap_now()
+        if not self.best or pinned.any() or batch < TRIAL_MIN_BATCH:
+            return self.best
+        verdict = self._verdicts.get(bucket)
+        limited = verdict is not None and verdict.limit is not None
+        if verdict is not None and self.steps < verdict.until:
+            return min(self.best, verdict.limit) if limited else self.best
+        if not limited and not self._doubt.get(bucket):
+            return self.best
+        if not limited:
+            cap = self.best
+        elif verdict.retry_up:  # a limit expired: look up
+            cap = min(self.best, max(2 * verdict.limit, 1))
+        else:  # halved after a loss
+            cap = min(self.best, verdict.limit)
+        # Windows that have not run at this cap for as long as the steady rule asks (the module
+        # docstring) hold drafts refined less than a steady window's: not counted.
+        warmup = int(math.ceil(cap / max(self._advance, 1.0))) + 1
+        steady = self._last_full_step and cap == self._handed[0] and self.steps - self._handed[1] >= warmup
+        self._trial = Trial(cap, self._last_requests, 0 if steady else warmup)
+        return cap
+
+    def _verdict(self, bucket: int, trial: Trial) -> None:
+        """What a finished trial leaves (`Verdict`)."""
+        verdict = self._verdicts.get(bucket) or Verdict()
+        won = trial.drafting_wins()
+        if not won and trial.cap > 1:  # halve it and try again at once
+            verdict.limit, verdict.until, verdict.retry_up, verdict.lost = trial.cap // 2, self.steps, False, True
+        else:
+            # A cap that won after a longer one lost is the limit; one that won outright leaves the
+            # model free (the trial says nothing against longer windows).
+            limit = 0 if not won else trial.cap if verdict.lost else None
+            verdict.hold = min(2 * verdict.hold, MAX_TRIAL_EVERY) if verdict.held == limit and verdict.hold else TRIAL_EVERY
+            verdict.limit = verdict.held = limit
+            verdict.until, verdict.retry_up, verdict.lost = self.steps + verdict.hold, True, False
+        self._verdicts[bucket] = verdict
 
     def _measured(self, batch: int, pinned: np.ndarray) -> bool:
         """Whether the curves a choice needs at this batch size hold a timed pass: with drafts,
