@@ -72,8 +72,10 @@ Trials.  The model's estimates can be wrong where no estimate shows it: a pass's
 through an image (at 10 digit images on 2 CPU cores a pass without drafts costs 2.5 ms at the
 images' first tokens and 3.6 ms at their last), so a t_0 timed at another moment misleads; a
 length's acceptance is optimistic until measured; a window restarted after a change of length
-accepts less.  At 10 images the model promised drafting 15-30% more than no drafts where it gave
-25% less.  So where the choice promises less than TRIAL_DOUBT more than no drafts, a `Trial`
+accepts less.  (At 10 digit images on 2 CPU cores, float32, the model promised drafting 15-30% more
+than no drafts, measured over whole rounds it gave 25% less; in trials, steady stretches of
+drafting gave 10-16% more: most of the loss is the rounds' ends, where images finish apart.)  So
+where the choice promises less than TRIAL_DOUBT more than no drafts, a `Trial`
 runs both, one after the other on the same requests, and what each commits per second decides,
 for TRIAL_EVERY steps (doubled each time a trial agrees with the last).
 
