@@ -345,7 +345,7 @@ class Trial:
     def __init__(self, cap: int, requests: frozenset, warmup: int):
         self.cap, self.requests = cap, requests
         self.phase = 0  # 0: the cap, 1: no drafts
-        self.skip = warmup  # counted steps of this phase still to drop
+        self.skip = warmup  # timed steps of the drafted phase still to drop (windows not yet steady)
         self.counted = 0
         self.sums = [[0.0, 0.0], [0.0, 0.0]]  # per phase: tokens, seconds
 
