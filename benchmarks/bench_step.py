@@ -35,24 +35,26 @@ PEAK_BANDWIDTH_GBS = {"H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350, "H200":
 
 
 def make_batch(batch: int, k: int, vocab: int, device: str, seed: int = 0):
+    """A step's inputs: the rows over the vocabulary (p, q, the noise) on `device`, the per-request
+    settings and drafts on the host, where the step's plan reads them."""
     g = torch.Generator(device=device).manual_seed(seed)
     rows = batch * (k + 1)
     p = torch.softmax(torch.randn(rows, vocab, device=device, generator=g) * 3, -1)
     q = torch.softmax(torch.randn(batch * k, vocab, device=device, generator=g) * 3, -1)
-    drafts = torch.multinomial(q, 1, generator=g).squeeze(1)
+    drafts = torch.multinomial(q, 1, generator=g).squeeze(1).cpu()
     step_batch = StepBatch(
-        cu_num_draft_tokens=torch.arange(1, batch + 1, device=device) * k,
+        cu_num_draft_tokens=torch.arange(1, batch + 1) * k,
         target_probs=p,
         draft_token_ids=drafts,
         draft_probs=q,
-        draft_is_onehot=(torch.arange(batch * k, device=device) % k) >= k // 2,
-        greedy=torch.zeros(batch, dtype=torch.bool, device=device),
-        reuse=torch.ones(batch, dtype=torch.long, device=device),
-        threshold=torch.full((batch,), 0.5, device=device),
-        next_window_len=torch.full((batch,), k, device=device),
+        draft_is_onehot=(torch.arange(batch * k) % k) >= k // 2,
+        greedy=torch.zeros(batch, dtype=torch.bool),
+        reuse=torch.ones(batch, dtype=torch.long),
+        threshold=torch.full((batch,), 0.5),
+        next_window_len=torch.full((batch,), k),
     )
     noise = StepNoise.sample(rows, vocab, batch * k, device=device, generator=g)
-    fresh = FreshTokens.build(["random"] * batch, [range(vocab)] * batch, torch.zeros(batch, 1, device=device))
+    fresh = FreshTokens.build(["random"] * batch, [range(vocab)] * batch, torch.zeros(batch, 1, dtype=torch.long))
     return step_batch, noise, fresh
 
 

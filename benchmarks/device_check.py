@@ -121,7 +121,8 @@ def check_noise(vocab: int, device: str) -> dict:
 
 def gumbel_coupled(step_batch, noise, k: int):
     """The same batch verified by Gumbel coupling: every request keyed, its rows racing
-    position-keyed noise (what a seeded request runs, and the default)."""
+    position-keyed noise (what a seeded request runs, and the default).  The noise is made here,
+    outside the sync-debug check: its key uploads are the caller's."""
     batch = step_batch.greedy.numel()
     rows = [k + 1] * batch
     slots = step_batch.next_window_len.tolist()
@@ -164,7 +165,7 @@ def check_sync_free(vocab: int) -> dict:
     try:
         sjdpp_step(step_batch, noise, fresh)
         return {"check": "sync_debug", "ok": True}
-    except RuntimeError as error:
+    except Exception as error:  # the sync error, or anything else that stops the step
         return {"check": "sync_debug", "ok": False, "error": str(error)[:500]}
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -14,13 +14,14 @@ the plan needs its settings and returns its draws).  `TRANSFERS` counts them (te
 to this).  On CPU both are views, no copies, and are counted the same.  `host_array` reads an
 input that must already be on the host, and refuses a device tensor rather than sync silently.
 The noise is the caller's: its copies (the position keys of `noise.py`) are outside this count,
-and go through `upload`, as do the engine's other per-step inputs.
+and go through `upload`, as do the race sampler's rows, a windowless step's logits indices and,
+through `PinnedStaging`, the guidance inputs.
 
 No crossing blocks the host but where the step reads: `send` and `upload` copy from pinned
 memory without blocking, and `fetch` copies into a pinned buffer it keeps (grown as needed) and
 waits on an event, an explicit wait that `torch.cuda.set_sync_debug_mode("error")` allows (a
 copy into pageable memory, `.cpu()`, is an implicit sync that it refuses;
-benchmarks/device_check.py runs the step under it).
+benchmarks/device_check.py runs the step under it, with its noise made before).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def upload(*arrays, device: torch.device | str) -> list[torch.Tensor]:
     device = torch.device(device)
     arrays = [np.asarray(a) for a in arrays]
     if any(a.dtype != bool and not np.issubdtype(a.dtype, np.integer) for a in arrays):
-        raise TypeError(f"send carries integers and bools, got {[a.dtype for a in arrays]}")
+        raise TypeError(f"upload carries integers and bools, got {[a.dtype for a in arrays]}")
     if device.type == "cpu":
         return [torch.from_numpy(np.ascontiguousarray(a if a.dtype == bool else a.astype(np.int64, copy=False)))
                 for a in arrays]
@@ -125,7 +126,8 @@ class PinnedStaging:
     pageable memory blocks the host until the device has it).  On CPU a plain copy."""
 
     def __init__(self):
-        self._twins: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        # id(buffer): (the buffer, kept so that its id stays its own; its twin; the last copy's event)
+        self._twins: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = {}
 
     def write(self, dst: torch.Tensor, values: np.ndarray) -> None:
         """dst[:len(values)] = values (a host array of dst's dtype)."""
@@ -133,7 +135,7 @@ class PinnedStaging:
         if dst.device.type != "cuda":
             dst[:n].copy_(torch.from_numpy(np.ascontiguousarray(values)))
             return
-        twin, done = self._twins.get(id(dst), (None, None))
+        _, twin, done = self._twins.get(id(dst), (None, None, None))
         if twin is None:
             twin = torch.empty(dst.shape, dtype=dst.dtype, pin_memory=True)
         elif done is not None:
@@ -142,4 +144,4 @@ class PinnedStaging:
         dst[:n].copy_(twin[:n], non_blocking=True)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(dst.device))
-        self._twins[id(dst)] = (twin, done)
+        self._twins[id(dst)] = (dst, twin, done)

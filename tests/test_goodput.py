@@ -319,7 +319,8 @@ def test_several_workers_get_the_fixed_fallback_budget(caplog):
     def runtime(world_size):
         """The runtime of a runner with `world_size` workers, serving k = 32 under "auto"."""
         model_config = SimpleNamespace(
-            hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 300, max_model_len=512
+            hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 300, max_model_len=512,
+            dtype=None,
         )
         plain = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None))
         runner = SimpleNamespace(
@@ -378,7 +379,8 @@ def test_the_runtime_leaves_guidance_companions_out():
     from vllm_sjdpp.guidance.pairing import companion_id
 
     model_config = SimpleNamespace(
-        hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 300, max_model_len=512
+        hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 300, max_model_len=512,
+            dtype=None,
     )
     req_ids = ["a", companion_id("a"), "b"]
     from vllm import SamplingParams

@@ -121,7 +121,7 @@ def test_a_reused_request_id_starts_afresh():
         return SimpleNamespace(sampling_params=SimpleNamespace(max_tokens=None, seed=None, extra_args=extra))
 
     model_config = SimpleNamespace(
-        hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 10, max_model_len=100
+        hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 10, max_model_len=100, dtype=None,
     )
     runner = SimpleNamespace(
         vllm_config=SimpleNamespace(additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 8}},

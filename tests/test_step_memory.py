@@ -54,7 +54,7 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def step_peak_bytes(vocab: int, requests: int, drafts: int, top_p: float = 0.9) -> int:
+def step_peak_bytes(vocab: int, requests: int, drafts: int, top_p: float = 0.9, dtype=torch.bfloat16) -> int:
     """The step's peak for `requests` requests verifying `drafts` drafts in all (shared evenly)."""
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
@@ -73,7 +73,7 @@ def step_peak_bytes(vocab: int, requests: int, drafts: int, top_p: float = 0.9) 
     meter = LiveBytes()
     with meter, torch.no_grad():
         states = torch.cat([torch.randn(rows, 2 * hidden), GuidanceBatch.index_columns(rows, torch.float32, "cpu")], -1)
-        head = lambda h: torch.randn(h.shape[0], vocab, dtype=torch.bfloat16)  # noqa: E731  the head's output
+        head = lambda h: torch.randn(h.shape[0], vocab, dtype=dtype)  # noqa: E731  the head's output
         logits = guided_logits(states, hidden, head, guidance)
         raw = logits.clone()  # noqa: F841  kept for logprobs
         processed = apply_top_k_top_p(logits.float(), torch.full((rows,), 2048), torch.full((rows,), top_p))
@@ -90,16 +90,19 @@ def step_peak_bytes(vocab: int, requests: int, drafts: int, top_p: float = 0.9) 
     return meter.peak + noise.exponentials.numel() * 4
 
 
-@pytest.mark.parametrize("vocab, requests, gib", [(EMU3_VOCAB, 2, 0.25), (JANUS_CODES, 16, 0.25)])
-def test_the_reserve_holds_the_step_at_real_vocabularies(vocab, requests, gib):
+@pytest.mark.parametrize("vocab, requests, gib, dtype", [
+    (EMU3_VOCAB, 2, 0.25, torch.bfloat16), (JANUS_CODES, 16, 0.25, torch.bfloat16),
+    (EMU3_VOCAB, 2, 0.25, torch.float32),  # a model served in float32 (a CPU without native bf16)
+])
+def test_the_reserve_holds_the_step_at_real_vocabularies(vocab, requests, gib, dtype):
     """The largest pass the budget allows (its drafts capped by `step_memory_gib`, here small to
     keep the test's memory low; the bytes per row element do not depend on the rows): measured
     peak <= reserve <= the budget.  The broken variant, the reserve before this (5 float32 rows
     per position), is short of the measured peak: it left out the sort and guidance's temporaries."""
-    drafts = pass_drafts(requests, 8192, 32, "auto", max_drafts(gib, requests, vocab))
+    drafts = pass_drafts(requests, 8192, 32, "auto", max_drafts(gib, requests, vocab, dtype))
     assert 0 < drafts < requests * 32  # the cap binds
-    peak = step_peak_bytes(vocab, requests, drafts)
-    reserve = step_memory_bytes(requests, 8192, drafts, vocab)
+    peak = step_peak_bytes(vocab, requests, drafts, dtype=dtype)
+    reserve = step_memory_bytes(requests, 8192, drafts, vocab, dtype)
     assert peak <= reserve <= gib * 2**30, (peak / reserve, reserve / 2**30)
     old_reserve = 4 * vocab * (5 * (requests + drafts) + 2 * drafts + requests)
     assert old_reserve < peak

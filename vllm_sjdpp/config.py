@@ -77,10 +77,10 @@ class SJDPPConfig:
         a CPU (`--dtype auto` becomes float32; another --dtype is refused), vLLM's batch-invariant
         kernels on a GPU (VLLM_BATCH_INVARIANT=1); and the server does not start unless its seed
         probe finds a position's logits bit-identical in narrow and wide passes. Server-wide only.
-    step_memory_gib: the most memory the SJD++ step may hold for its rows (a row over the
-        vocabulary per window position), kept out of the KV cache; at large vocabularies it caps
-        the drafts of one pass (`engine.step_memory`: Emu3 at 256 sequences, 60 drafts).
-        Server-wide only.
+    step_memory_gib: the memory the SJD++ step may hold for its rows (a row over the vocabulary
+        per window position), kept out of the KV cache; at large vocabularies it caps the drafts
+        of one pass (`engine.step_memory`: Emu3 at 256 sequences, 60 drafts), down to none (then
+        the reserve is one row per request, and the server warns). Server-wide only.
     """
 
     num_speculative_tokens: int = 32
@@ -142,7 +142,7 @@ class SJDPPConfig:
         if not isinstance(self.exact_seeds, bool):
             raise _invalid("exact_seeds", self.exact_seeds, "true or false")
         m = self.step_memory_gib
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float("inf"):
             raise _invalid("step_memory_gib", m, "a number of GiB > 0")
         b = self.draft_token_budget
         if b is not None and b != AUTO and (not _is_int(b) or b < 0):

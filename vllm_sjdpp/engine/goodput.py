@@ -387,8 +387,7 @@ class Verdict:
     until: int = -1
     hold: int = 0
     held: int | None = -1  # the limit the last hold was set for (-1: none yet)
-    retry_up: bool = True
-    lost: bool = False  # a longer cap lost in the trials since the last hold
+    lost: bool = False  # a longer cap lost in the trials since the last hold (then its half is tried next)
 
 
 class GoodputController:
@@ -413,7 +412,8 @@ class GoodputController:
         self._start: float | None = None  # the time of the first choice
         self._start_step = 0  # the step count then
         self._trial: Trial | None = None
-        self._handed = (-1, 0)  # the cap the choice last handed out, and the step it began
+        self._handed = (-1, 0)  # the cap last handed out, and the step it began
+        self._next_trial = 0  # no trial before this step (after one was cut short)
         self._verdicts: dict[int, Verdict] = {}  # batch bucket: what its trials left
         self._doubt: dict[int, bool] = {}  # batch bucket: the last choice's promise under TRIAL_DOUBT
 
@@ -441,6 +441,7 @@ class GoodputController:
         trial = self._trial
         if trial is not None and requests != trial.requests:  # the batch changed: no comparison
             self._trial = None
+            self._next_trial = self.steps + TRIAL_STEPS  # a batch that keeps changing is not tried each step
         elif trial is not None and timed and trial.observe(any(lengths), len(requests) + int(sum(accepted)),
                                                            now - self._last_end):
             self._trial = None
@@ -472,7 +473,13 @@ class GoodputController:
         self.steps += 1
         if not any(wanted):
             return list(wanted)
-        w, p = np.asarray(wanted), np.asarray(pinned, dtype=int)
+        cap = self._cap(np.asarray(wanted), np.asarray(pinned, dtype=int), copies, pinned_copies)
+        if cap != self._handed[0]:
+            self._handed = (cap, self.steps)
+        return [min(n, cap) for n in wanted]
+
+    def _cap(self, w: np.ndarray, p: np.ndarray, copies, pinned_copies) -> int:
+        """The cap for the next pass: a start-up or re-timing probe's, a trial's, or the choice."""
         c = np.ones(len(w)) if copies is None else np.asarray(copies, dtype=float)
         pc = np.ones(len(p)) if pinned_copies is None else np.asarray(pinned_copies, dtype=float)
         batch = len(w) + len(p)
@@ -480,11 +487,11 @@ class GoodputController:
         if cap is None and not self._measured(batch, p):
             # The start-up probes gave up before timing a pass (requests kept arriving or
             # leaving): nothing to choose from yet, so the choice stands.
-            return [min(n, self.best) for n in wanted]
-        if cap is None:
+            return self.best
+        if cap is None and self._trial is None:  # a probe inside a trial would skew it
             cap = self._reprobe(batch, w, p, c, pc)
         if cap is not None:
-            return [min(n, cap) for n in wanted]
+            return cap
         if self._start is None:
             self._start, self._start_step = self.clock(), self.steps
         bucket = batch_bucket(batch)
@@ -496,10 +503,7 @@ class GoodputController:
                 self.best = best
             self._next_choice, self._chosen_for = self.steps + DECIDE_EVERY, bucket
             self._doubt[bucket] = goodput[min(self.best, len(goodput) - 1)] < (1 + TRIAL_DOUBT) * goodput[0]
-        cap = self._tried(bucket, batch, p)
-        if cap != self._handed[0]:
-            self._handed = (cap, self.steps)
-        return [min(n, cap) for n in wanted]
+        return self._tried(bucket, batch, p)
 
     def _tried(self, bucket: int, batch: int, pinned: np.ndarray) -> int:
         """The cap after trials (`Trial`): a trial's, else the model's choice within the limit the
@@ -507,7 +511,7 @@ class GoodputController:
         or a limit stands: at twice the limit (the model's choice at most), 1 from a limit of 0."""
         if self._trial is not None:
             return self._trial.cap_now()
-        if not self.best or pinned.any() or batch < TRIAL_MIN_BATCH:
+        if not self.best or pinned.any() or batch < TRIAL_MIN_BATCH or self.steps < self._next_trial:
             return self.best
         verdict = self._verdicts.get(bucket)
         limited = verdict is not None and verdict.limit is not None
@@ -517,7 +521,7 @@ class GoodputController:
             return self.best
         if not limited:
             cap = self.best
-        elif verdict.retry_up:  # a limit expired: look up
+        elif not verdict.lost:  # a limit expired: look up
             cap = min(self.best, max(2 * verdict.limit, 1))
         else:  # halved after a loss
             cap = min(self.best, verdict.limit)
@@ -533,14 +537,14 @@ class GoodputController:
         verdict = self._verdicts.get(bucket) or Verdict()
         won = trial.drafting_wins()
         if not won and trial.cap > 1:  # halve it and try again at once
-            verdict.limit, verdict.until, verdict.retry_up, verdict.lost = trial.cap // 2, self.steps, False, True
+            verdict.limit, verdict.until, verdict.lost = trial.cap // 2, self.steps, True
         else:
             # A cap that won after a longer one lost is the limit; one that won outright leaves the
             # model free (the trial says nothing against longer windows).
             limit = 0 if not won else trial.cap if verdict.lost else None
             verdict.hold = min(2 * verdict.hold, MAX_TRIAL_EVERY) if verdict.held == limit and verdict.hold else TRIAL_EVERY
             verdict.limit = verdict.held = limit
-            verdict.until, verdict.retry_up, verdict.lost = self.steps + verdict.hold, True, False
+            verdict.until, verdict.lost = self.steps + verdict.hold, False
         self._verdicts[bucket] = verdict
 
     def _measured(self, batch: int, pinned: np.ndarray) -> bool:

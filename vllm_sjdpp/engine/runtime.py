@@ -160,7 +160,8 @@ class SJDPPRuntime:
         self.batch = BatchRequests(self.states, runner)
         self.goodput = GoodputController(self.config.num_speculative_tokens)
         # The most drafts in one pass that the step's reserve holds (`step_memory`).
-        self.max_drafts = max_drafts(self.config.step_memory_gib, vllm_config.scheduler_config.max_num_seqs, vocab_size)
+        self.max_drafts = max_drafts(self.config.step_memory_gib, vllm_config.scheduler_config.max_num_seqs, vocab_size,
+                                     vllm_config.model_config.dtype)
         self.stats = StepStats(lambda: f"; {self.goodput.summary()}" if self.config.draft_token_budget == AUTO else "")
         self.guard = DraftGuard(vocab_size)
         # Fresh drafts follow each request's grid, as the model's logits do.
@@ -238,7 +239,10 @@ class SJDPPRuntime:
             ]
         else:
             per_request, prob_rows = [[] for _ in counts], []
-        next_len = share_draft_budget(self._share(wanted.tolist(), batch.pinned), self.max_drafts)
+        # A companion runs its request's window (its rows go through the step as well): under
+        # companions, the memory cap counts each window twice.
+        cap = self.max_drafts // 2 if batch.has_companions else self.max_drafts
+        next_len = share_draft_budget(self._share(wanted.tolist(), batch.pinned), cap)
         return StepPlan(counts, per_request, start, states, prob_rows, next_len)
 
     def _share(self, wanted: list[int], pinned: list[bool]) -> list[int]:
@@ -260,7 +264,7 @@ class SJDPPRuntime:
                 copies[c] += 1
         real = [(r, w, s) for r, w, s, c in zip(req_ids, wanted, pinned, companion_of) if c is None]
         extra = {}
-        if any(companion_of):
+        if self.batch.has_companions:
             extra = dict(copies=[copies[r] for r, _, s in real if not s],
                          pinned_copies=[copies[r] for r, _, s in real if s])
         adapted = iter(self.goodput.windows([w for _, w, s in real if not s], [w for _, w, s in real if s], **extra))

@@ -24,15 +24,26 @@ every window of 32), 3046 for Janus; the controller's windows are shared out und
 
 from __future__ import annotations
 
-ROW_BYTES = 32
+ROW_BYTES = 32  # with the head's output in a 2-byte dtype; 4 more per element for float32 models
 Q_ROW_BYTES = 8  # per draft with a full proposal: the two q-row buffers, float32
 FIRST_ROW_BYTES = 4  # per request: its first row, kept for the fallback
 
 
-def max_drafts(step_memory_gib: float, max_num_seqs: int, vocab: int) -> int:
-    """The most drafts one pass may verify within `step_memory_gib` (>= 0)."""
+def row_bytes(dtype=None) -> int:
+    """ROW_BYTES for a model served in `dtype` (a torch dtype; None: a 2-byte one): the head's
+    output of both branches takes twice its element size."""
+    size = getattr(dtype, "itemsize", 2)
+    return ROW_BYTES + 2 * (size - 2)
+
+
+def max_drafts(step_memory_gib: float, max_num_seqs: int, vocab: int, dtype=None) -> int:
+    """The most drafts one pass may verify within `step_memory_gib` (>= 0).  Under the cap the
+    runtime shares a pass's drafts out evenly (`window_budget`), a seeded request's pinned window
+    too: where the cap binds, such a request's draws follow the load (the same law, other
+    samples)."""
     per_element = step_memory_gib * 2**30 / vocab
-    return max(int((per_element - (ROW_BYTES + FIRST_ROW_BYTES) * max_num_seqs) // (ROW_BYTES + Q_ROW_BYTES)), 0)
+    rows = row_bytes(dtype)
+    return max(int((per_element - (rows + FIRST_ROW_BYTES) * max_num_seqs) // (rows + Q_ROW_BYTES)), 0)
 
 
 def pass_drafts(max_num_seqs: int, max_num_batched_tokens: int, k: int, budget: int | str | None, cap: int) -> int:
@@ -42,8 +53,8 @@ def pass_drafts(max_num_seqs: int, max_num_batched_tokens: int, k: int, budget: 
     return min(drafts, budget) if isinstance(budget, int) else drafts
 
 
-def step_memory_bytes(max_num_seqs: int, max_num_batched_tokens: int, drafts: int, vocab: int) -> int:
+def step_memory_bytes(max_num_seqs: int, max_num_batched_tokens: int, drafts: int, vocab: int, dtype=None) -> int:
     """The reserve for a pass of `drafts` drafts over `max_num_seqs` requests (the module's
     formula)."""
     rows = min(max_num_seqs + drafts, max_num_batched_tokens)
-    return vocab * (ROW_BYTES * rows + Q_ROW_BYTES * drafts + FIRST_ROW_BYTES * max_num_seqs)
+    return vocab * (row_bytes(dtype) * rows + Q_ROW_BYTES * drafts + FIRST_ROW_BYTES * max_num_seqs)

@@ -28,10 +28,11 @@ def step_reserve(vllm_config: Any) -> tuple[int, int]:
     config = SJDPPConfig.of_server(vllm_config)
     scheduler = vllm_config.scheduler_config
     vocab = logits_size(vllm_config.model_config)
-    cap = max_drafts(config.step_memory_gib, scheduler.max_num_seqs, vocab)
+    dtype = vllm_config.model_config.dtype
+    cap = max_drafts(config.step_memory_gib, scheduler.max_num_seqs, vocab, dtype)
     drafts = pass_drafts(scheduler.max_num_seqs, scheduler.max_num_batched_tokens, config.num_speculative_tokens,
                          config.draft_token_budget, cap)
-    return step_memory_bytes(scheduler.max_num_seqs, scheduler.max_num_batched_tokens, drafts, vocab), drafts
+    return step_memory_bytes(scheduler.max_num_seqs, scheduler.max_num_batched_tokens, drafts, vocab, dtype), drafts
 
 
 def sjdpp_seed_probe(self, action: str) -> dict | None:

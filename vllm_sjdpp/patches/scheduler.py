@@ -40,9 +40,10 @@ def install(vllm_config) -> None:
     """Run a guided model with the paired scheduler (synchronous: companions take their
     request's tokens when its step returns) where pairs come or cost nothing:
     - the family's own unconditional prompt has another length (Emu3: every request pairs);
-    - the server runs synchronously anyway: SJD++ or any other drafter with guidance, the CPU
-      platform (vLLM 0.32 schedules asynchronously on neither), or --no-async-scheduling given
-      (the way to opt in to negative prompts of another length elsewhere).
+    - the server runs synchronously anyway: SJD++ (vLLM has no asynchronous scheduling for its
+      drafter), any other drafter with guidance (`guidance.llama.check_async_speculation`
+      refuses the combination), the CPU platform (vLLM 0.32 schedules synchronously there), or
+      --no-async-scheduling given (the way to opt in to negative prompts of another length).
     Elsewhere (Janus, guided Llamas and the digit model served without --speculative-config on a
     GPU) vLLM's asynchronous scheduling stays on, which hides the host's work at small batch,
     and a negative prompt of another length is refused with a 400 naming it.  A scheduler or
@@ -52,12 +53,11 @@ def install(vllm_config) -> None:
     scheduler = vllm_config.scheduler_config
     if scheduler.scheduler_cls is not None or scheduler.async_scheduling:
         return
-    rule = served_rule(vllm_config.model_config)
     synchronous = (
         scheduler.async_scheduling is False or vllm_config.speculative_config is not None
         or not platform_schedules_asynchronously()
     )
-    if synchronous or (rule is not None and rule.pairs):
+    if synchronous or getattr(served_rule(vllm_config.model_config), "pairs", False):
         scheduler.async_scheduling = False
         scheduler.scheduler_cls = SCHEDULER_CLS
 
