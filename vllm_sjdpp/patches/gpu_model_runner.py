@@ -181,8 +181,7 @@ class MetadataWithoutDrafts:
         from ..kernels.host import upload
 
         n = len(cu_num_scheduled_tokens)
-        (logits_indices,) = upload(cu_num_scheduled_tokens - 1, device=self.device)
-        logits_indices = logits_indices.to(torch.int32)  # vLLM's dtype for them
+        (logits_indices,) = upload(cu_num_scheduled_tokens - 1, device=self.device)  # int64, as vLLM's
         return SpecDecodeMetadata(
             draft_token_ids=self.no_tokens,
             num_draft_tokens=[0] * n,
