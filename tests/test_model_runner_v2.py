@@ -137,7 +137,7 @@ def test_a_guided_model_on_another_runner_fails_at_start_up(digit_model, runner_
     from vllm.plugins import load_general_plugins
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_sjdpp.patches.gpu_worker import check_live_runner
+    from vllm_sjdpp.patches.models import check_live_runner
 
     load_general_plugins()
     config = engine_config(digit_model)

@@ -334,13 +334,8 @@ def optimistic_concave(lengths: np.ndarray, values: np.ndarray, max_window: int)
 
 class Trial:
     """The chosen cap and no drafts run one after the other on the same requests, TRIAL_STEPS
-    counted steps each, and compared in what they commit per second.  The model's estimates
-    carry errors a comparison of estimates cannot see: a pass's cost drifts through an image
-    (attention reads growing contexts), so a t_0 timed at another moment misleads; a length's
-    acceptance is optimistic until measured; and the drafted steps' own losses (windows restarted
-    after a change) are in no estimate.  Two adjacent stretches share the moment and pay every
-    cost, so where the model is in doubt (drafting promises less than TRIAL_DOUBT more than no
-    drafts) they decide, for TRIAL_EVERY steps."""
+    counted steps each, and compared in what they commit per second (why: the module docstring,
+    "Trials")."""
 
     def __init__(self, cap: int, requests: frozenset, warmup: int):
         self.cap, self.requests = cap, requests

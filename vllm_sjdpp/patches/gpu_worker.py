@@ -1,7 +1,7 @@
 """Patches of vllm/v1/worker/gpu_worker.py and cpu_worker.py: the workers' KV sizing keeps the
 SJD++ step's buffers out of the KV cache, `Worker.sjdpp_seed_probe`, the method the seed
 probe calls through vLLM's collective_rpc (`patches.engine_core`, the images endpoint), and a
-guided model's runner checked to be the V1 runner the plugin patches (`check_live_runner`)."""
+guided model's runner checked to be the V1 runner the plugin patches (`models.check_live_runner`)."""
 
 from __future__ import annotations
 
@@ -52,23 +52,6 @@ def sjdpp_seed_probe(self, action: str) -> dict | None:
     raise ValueError(f"sjdpp_seed_probe: unknown action {action!r}")
 
 
-def check_live_runner(vllm_config: Any, runner: Any) -> None:
-    """The runner a worker built for a guided model is vLLM's V1 runner (or a subclass), the one
-    `patches.gpu_model_runner` patches: the config-time rule (`patches.vllm_config`) keeps guided
-    models off Model Runner V2, and this is the start-up check that it did.  RuntimeError else."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    from .models import guided_architecture
-
-    architecture = guided_architecture(vllm_config)
-    if architecture is not None and not isinstance(runner, GPUModelRunner):
-        raise RuntimeError(
-            f"{architecture} (vllm-sjdpp) got {type(runner).__module__}.{type(runner).__name__}, not the V1 model "
-            "runner it patches (guidance, the image grid, paired requests and seeds live there): set "
-            "VLLM_USE_V2_MODEL_RUNNER=0"
-        )
-
-
 def apply() -> None:
     # vllm/v1/worker/gpu_worker.py and cpu_worker.py: determine_available_memory returns the
     # bytes the KV cache may take (after the profiling run on GPUs, VLLM_CPU_KVCACHE_SPACE on
@@ -80,6 +63,8 @@ def apply() -> None:
 
     setattr(Worker, SEED_PROBE_METHOD, sjdpp_seed_probe)  # the CPU worker subclasses it
     make_model_runner = Worker._make_model_runner  # the CPU worker builds its (V1) runner itself
+
+    from .models import check_live_runner
 
     @functools.wraps(make_model_runner)
     def make_checked_model_runner(self):
@@ -105,16 +90,17 @@ def apply() -> None:
             available = _original(self)
             reserve, drafts = step_reserve(self.vllm_config)
             if reserve:
+                gib = SJDPPConfig.of_server(self.vllm_config).step_memory_gib
                 logger.info(
                     "SJD++ keeps %.1f MiB out of the KV cache for its step (of %.1f MiB available): "
                     "at most %d drafts in a pass (step_memory_gib %g)",
-                    reserve / 2**20, available / 2**20, drafts, SJDPPConfig.of_server(self.vllm_config).step_memory_gib,
+                    reserve / 2**20, available / 2**20, drafts, gib,
                 )
                 if drafts == 0:
                     logger.warning(
                         "SJD++: step_memory_gib %g holds no draft at this vocabulary and --max-num-seqs %d: every "
                         "pass decodes plainly; raise step_memory_gib or lower --max-num-seqs",
-                        SJDPPConfig.of_server(self.vllm_config).step_memory_gib, self.vllm_config.scheduler_config.max_num_seqs,
+                        gib, self.vllm_config.scheduler_config.max_num_seqs,
                     )
                 if reserve >= available:
                     raise ValueError(

@@ -22,13 +22,27 @@ def guided_architecture(vllm_config) -> str | None:
     return min(names) if names else None
 
 
+V1_ONLY = ("(vllm-sjdpp) runs on vLLM's V1 model runner only (guidance, the image grid, paired requests and "
+           "seeds live there)")
+USE_V1 = "set VLLM_USE_V2_MODEL_RUNNER=0"
+
+
 def check_model_runner(vllm_config) -> None:
     """Raise ValueError, naming the variable to set, where a guided model would run on Model Runner V2."""
     architecture = guided_architecture(vllm_config)
     if architecture is not None and vllm_config.use_v2_model_runner:
-        raise ValueError(
-            f"{architecture} (vllm-sjdpp) runs on vLLM's V1 model runner only (guidance, the image grid, paired "
-            "requests and seeds live there); this server would run on Model Runner V2: set VLLM_USE_V2_MODEL_RUNNER=0"
+        raise ValueError(f"{architecture} {V1_ONLY}; this server would run on Model Runner V2: {USE_V1}")
+
+
+def check_live_runner(vllm_config, runner) -> None:
+    """The same at start-up, on the runner a worker built: vLLM's V1 runner (or a subclass), the
+    one `patches.gpu_model_runner` patches.  RuntimeError else."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    architecture = guided_architecture(vllm_config)
+    if architecture is not None and not isinstance(runner, GPUModelRunner):
+        raise RuntimeError(
+            f"{architecture} {V1_ONLY}; the worker built {type(runner).__module__}.{type(runner).__name__}: {USE_V1}"
         )
 
 
