@@ -14,6 +14,10 @@ where vLLM decides it:
   CUDA graph replays the input addresses it was captured with.
 Each check has a broken variant that it rejects: the branches stacked before the compiled module
 (the design this replaced) and guidance inputs reallocated at each step.
+
+A restart is checked with Inductor (vLLM's AOT compile cache takes no "eager" artifacts): the
+engine started a second time over the same cache loads the compiled forward from it and gives
+the tokens of the first start and of an eager engine.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from guided_engine import ENGINE, params, run, tokens
+from guided_engine import ENGINE, assert_branch, branch_logprobs, params, run, tokens
 
 MAX_BATCH = 64  # below the long prompt: its prefill comes in chunks
 SJDPP = {"method": "sjdpp", "num_speculative_tokens": 6, "draft_token_budget": None}
@@ -62,6 +66,7 @@ def calls():
     from vllm.platforms.cpu import CpuPlatform
 
     record = GraphCalls()
+    record.backend = "eager"
     check_and_update = CpuPlatform.check_and_update_config.__func__
     piece_call = PiecewiseBackend.__call__
     graph_call = VllmSerializableFunction.__call__
@@ -71,7 +76,7 @@ def calls():
         check_and_update(cls, vllm_config)
         if mode == CompilationMode.VLLM_COMPILE:
             config = vllm_config.compilation_config
-            config.mode, config.backend, config.cudagraph_mode = mode, "eager", CUDAGraphMode.NONE
+            config.mode, config.backend, config.cudagraph_mode = mode, record.backend, CUDAGraphMode.NONE
             config.post_init_cudagraph_sizes()
 
     def recorded_piece(self, *args):
@@ -150,13 +155,17 @@ def test_compiled_tokens_equal_eager_and_plain_decoding(guided_sjdpp, guided_eag
 
 def test_guidance_inputs_reallocated_each_step_are_caught(guided_sjdpp, calls, monkeypatch):
     """Broken variant: guidance buffers replaced at each step (what `GuidanceBatch` did when a
-    batch outgrew them) move a graph input, which a CUDA graph replay would not see."""
+    batch outgrew them), the model's buffer with them, move a graph input, which a CUDA graph
+    replay would not see."""
+    from vllm_sjdpp.engine.runtime import runtime_of
     from vllm_sjdpp.guidance.cfg import GuidanceBatch
 
     prepare = GuidanceBatch.prepare
+    module = runtime_of(guided_sjdpp).runner.get_model().model
 
     def prepare_into_new_buffers(self, runner, num_tokens):
         self.uncond_override, self.token_scale = self.uncond_override.clone(), self.token_scale.clone()
+        module.uncond_override = self.uncond_override
         prepare(self, runner, num_tokens)
 
     monkeypatch.setattr(GuidanceBatch, "prepare", prepare_into_new_buffers)
@@ -174,7 +183,7 @@ def test_branches_stacked_before_the_compiled_module_fail_at_start_up(make_engin
     from vllm_sjdpp.guidance.llama import GuidedLlamaForCausalLM, GuidedLlamaModel, run_branches
 
     def stacked_outside(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        return run_branches(self.model, self.guidance, input_ids, positions, intermediate_tensors)
+        return run_branches(self.model, self.model.uncond_override, input_ids, positions, intermediate_tensors)
 
     monkeypatch.setattr(GuidedLlamaModel, "forward", LlamaModel.forward)
     monkeypatch.setattr(GuidedLlamaForCausalLM, "forward", stacked_outside)
@@ -210,3 +219,71 @@ def test_janus_compiles_in_batch_units_with_fixed_inputs(janus_sjdpp, calls):
     sizes = {size for size, _ in calls.pieces}
     assert len(sizes) > 1 and max(sizes) <= MAX_BATCH, sizes
     assert calls.moved_inputs() == []
+
+
+@pytest.fixture
+def inductor_compile_cache(calls, tmp_path, monkeypatch):
+    """Engines started in the test compile with Inductor into a compile cache of their own."""
+    import os
+
+    import vllm.envs as envs
+    from vllm.compilation.passes.utility.fix_functionalization import FixFunctionalizationPass
+
+    monkeypatch.setattr(calls, "backend", "inductor")
+    # It names CUDA-only ops (torch.ops._C.*_fp8_quant) on CPU; it only saves copies.
+    monkeypatch.setattr(FixFunctionalizationPass, "__call__", lambda self, graph: None)
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+    inductor_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # vLLM sets it for the process
+    if inductor_dir is None:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_dir)
+    envs.disable_envs_cache()  # an engine's start froze the environment it read
+    yield
+    envs.disable_envs_cache()
+
+
+def test_a_restart_loads_the_compiled_forward_and_gives_the_same_logits(
+    make_engine, tiny_guided_path, inductor_compile_cache, guided_eager
+):
+    """The guided Llama started twice over one compile cache: the second start loads vLLM's AOT
+    artifact instead of compiling, its forward reads the guidance inputs as the model's buffer,
+    which the guidance writes in place, and both starts give the eager engine's tokens and
+    guided logprobs (scale 3).  Broken variant, a third start: a buffer that is a copy of the
+    guidance's input (unguided logits) is caught."""
+    from vllm.compilation.counter import compilation_counter
+
+    from vllm_sjdpp.engine.runtime import runtime_of
+    from vllm_sjdpp.guidance.llama import BranchForward
+
+    def outputs(llm):
+        return generate(llm, disable=False), branch_logprobs(llm, PROMPTS, scales=[3.0] * len(PROMPTS))
+
+    def start():
+        """(AOT compiles, AOT loads) of a start, whether its buffer is the guidance's, its outputs."""
+        compiles, loads = compilation_counter.num_aot_compiles, compilation_counter.num_aot_artifacts_loaded
+        llm = compiled_engine(make_engine, tiny_guided_path, speculative_config=SJDPP, **ENGINE)
+        counts = compilation_counter.num_aot_compiles - compiles, compilation_counter.num_aot_artifacts_loaded - loads
+        model = runtime_of(llm).runner.get_model().model
+        shared = dict(model.named_buffers())["uncond_override"].data_ptr() == model.guidance.uncond_override.data_ptr()
+        return counts, shared, outputs(llm)
+
+    tokens, logprobs = outputs(guided_eager)
+    for expected_counts in [(1, 0), (0, 1)]:
+        counts, shared, (got_tokens, got_logprobs) = start()
+        assert counts == expected_counts and shared
+        assert got_tokens == tokens
+        assert_branch(got_logprobs, logprobs)
+
+    hold = BranchForward.hold_guidance
+
+    def hold_a_copy(self, guidance):
+        hold(self, guidance)
+        self.uncond_override = guidance.uncond_override.clone()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BranchForward, "hold_guidance", hold_a_copy)
+        counts, shared, (_, broken) = start()
+    assert counts == (0, 1) and not shared
+    with pytest.raises(AssertionError):
+        assert_branch(broken, logprobs)

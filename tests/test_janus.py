@@ -183,7 +183,7 @@ def test_image_codes_embedded_as_text_break_the_logits(janus, janus_shape, famil
     """Broken variant: every position embedded as text (the id space read without positions)."""
     from vllm_sjdpp.guidance.cfg import GuidanceBatch
 
-    monkeypatch.setattr(GuidanceBatch, "prompt_mask", lambda self, n: torch.ones(n, dtype=torch.bool))
+    monkeypatch.setattr(GuidanceBatch, "prompt_mask", staticmethod(lambda override, n: torch.ones(n, dtype=torch.bool)))
     prompts, tokens = logit_checks(janus_shape, prompts)
     (codes, got), = vllm_branch_logprobs(janus, janus_shape, prompts[:1], 1.0, tokens)
     assert np.abs(got - hf_branch_logprobs(hf, prompts[0], codes)).max() > 1e-2

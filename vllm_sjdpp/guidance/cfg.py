@@ -135,8 +135,9 @@ class GuidanceBatch:
     same place of the stream, whose logits are its unconditional ones (-1: none).
 
     All are allocated once, for the runner's largest batch (--max-num-batched-tokens), and only
-    written in place: uncond_override is an input of the compiled forward, and a CUDA graph
-    replays the addresses it was captured with (the others are read by compute_logits).
+    written in place: uncond_override is an input of the compiled forward (a buffer of its
+    module), and a CUDA graph replays the addresses it was captured with (the others are read
+    by compute_logits).
     """
 
     def __init__(
@@ -302,10 +303,12 @@ class GuidanceBatch:
             to_request, to_companion = zip(*self.mirrors)
             sampled_token_ids[list(to_companion)] = sampled_token_ids[list(to_request)]
 
-    def unconditional_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[T] token ids -> [T], the unconditional branch's ids (within a compiled forward)."""
-        torch._check(input_ids.shape[0] <= self.uncond_override.shape[0])  # for unbacked batch sizes
-        override = self.uncond_override[: input_ids.shape[0]]
+    @staticmethod
+    def unconditional_ids(uncond_override: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T], the unconditional branch's ids (within a compiled forward, which
+        holds `uncond_override` as a buffer: `guidance.llama.BranchForward`)."""
+        torch._check(input_ids.shape[0] <= uncond_override.shape[0])  # for unbacked batch sizes
+        override = uncond_override[: input_ids.shape[0]]
         return torch.where(override >= 0, override.to(input_ids.dtype), input_ids)
 
     @staticmethod
@@ -314,11 +317,12 @@ class GuidanceBatch:
         t = torch.arange(num_tokens, device=device)
         return torch.stack([t // INDEX_BASE, t % INDEX_BASE], dim=-1).to(dtype)
 
-    def prompt_mask(self, num_tokens: int) -> torch.Tensor:
+    @staticmethod
+    def prompt_mask(uncond_override: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Which of the batch's tokens are prompt tokens (the others are generated tokens and
         drafts): exactly those the unconditional branch may override."""
-        torch._check(num_tokens <= self.uncond_override.shape[0])
-        return self.uncond_override[:num_tokens] >= 0
+        torch._check(num_tokens <= uncond_override.shape[0])
+        return uncond_override[:num_tokens] >= 0
 
     def rows(self, index_columns: torch.Tensor) -> torch.Tensor:
         """Each row's token index in the batch, from the index columns that rode along with it."""

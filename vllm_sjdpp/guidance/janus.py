@@ -55,12 +55,12 @@ class JanusGenerationModel(BranchForward, nn.Module):
         self.generation_embeddings = nn.Embedding(vq.num_embeddings, vq.embed_dim)
         self.generation_aligner = JanusVQVAEAlignerMLP(vq)
         self.generation_head = JanusVQVAEHead(vq)
-        self.guidance = GuidanceBatch.for_model(vllm_config, self.generation_embeddings.weight.device)
+        self.hold_guidance(GuidanceBatch.for_model(vllm_config, self.generation_embeddings.weight.device))
 
     def branch_embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[2T] ids (cond rows, then uncond rows) -> embeddings: text for prompt positions, the
         aligned generation embedding for image codes."""
-        prompt = self.guidance.prompt_mask(ids.shape[0] // 2).repeat(2)
+        prompt = GuidanceBatch.prompt_mask(self.uncond_override, ids.shape[0] // 2).repeat(2)
         text = self.language_model.embed_input_ids(torch.where(prompt, ids, 0))
         codes = self.generation_embeddings(torch.where(prompt, 0, ids))
         image = self.generation_aligner(codes).to(text.dtype)

@@ -140,11 +140,19 @@ BATCH_DIMS = {"input_ids": {0: "b"}, "positions": {0: "b"}, "intermediate_tensor
 
 class BranchForward:
     """The forward of the module vLLM compiles in a guided model: it takes the batch's T tokens
-    and runs both branches, [T] ids -> [T, 2D + 2] (`run_branches`).  A subclass holds `guidance`
-    and gives `branch_stack()`, its Llama stack's forward, and `branch_embed`, None or a method
-    [2T] ids -> input embeddings."""
+    and runs both branches, [T] ids -> [T, 2D + 2] (`run_branches`).  A subclass calls
+    `hold_guidance` when built and gives `branch_stack()`, its Llama stack's forward, and
+    `branch_embed`, None or a method [2T] ids -> input embeddings."""
 
     branch_embed = None
+
+    def hold_guidance(self, guidance: GuidanceBatch) -> None:
+        """Keep `guidance`, and its input of the forward as a buffer of this module (not
+        persistent: no checkpoint has it).  The compiled forward then takes it as the module's
+        state, as it takes the weights, also when vLLM loads the forward from its AOT compile
+        cache at a later start; `guidance` writes the same storage in place each step."""
+        self.guidance = guidance
+        self.register_buffer("uncond_override", guidance.uncond_override, persistent=False)
 
     def forward(
         self,
@@ -154,7 +162,7 @@ class BranchForward:
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return run_branches(
-            self.branch_stack(), self.guidance, input_ids, positions, intermediate_tensors, self.branch_embed
+            self.branch_stack(), self.uncond_override, input_ids, positions, intermediate_tensors, self.branch_embed
         )
 
 
@@ -165,7 +173,7 @@ class GuidedLlamaModel(BranchForward, LlamaModel):
     def __init__(self, *, vllm_config, prefix: str = "", layer_type=GuidedLlamaDecoderLayer, guidance_config=None):
         """`guidance_config`: the engine's config, where `vllm_config` is its text model's (Emu3)."""
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
-        self.guidance = GuidanceBatch.for_model(guidance_config or vllm_config, self.embed_tokens.weight.device)
+        self.hold_guidance(GuidanceBatch.for_model(guidance_config or vllm_config, self.embed_tokens.weight.device))
 
     def branch_stack(self):
         return functools.partial(LlamaModel.forward, self)
@@ -191,7 +199,7 @@ class GuidedLlamaForCausalLM(LlamaForCausalLM):
 
 def run_branches(
     stack: Callable[..., torch.Tensor],
-    guidance: GuidanceBatch,
+    uncond_override: torch.Tensor,
     input_ids: torch.Tensor | None,
     positions: torch.Tensor,
     intermediate_tensors,
@@ -205,7 +213,7 @@ def run_branches(
     if input_ids is None:
         raise NotImplementedError("guided models take token ids, not prompt embeddings")
     num_tokens = input_ids.shape[0]
-    both = torch.cat([input_ids, guidance.unconditional_ids(input_ids)])
+    both = torch.cat([input_ids, GuidanceBatch.unconditional_ids(uncond_override, input_ids)])
     both_positions = torch.cat([positions, positions])
     if embed is None:
         hidden = stack(both, both_positions, intermediate_tensors, None)
