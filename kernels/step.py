@@ -286,6 +286,9 @@ def sjdpp_step(
     has_draft = local < num_drafts[req]
     draft_of_row = np.minimum(arange_rows - req, max(num_drafts_total - 1, 0))  # >= 0: req <= row
     if num_drafts_total:
+        # A negative draft is vLLM's placeholder (uniform-decode padding), not a token: its row
+        # verifies nothing and samples from p, as a row without a draft does.
+        has_draft &= drafts[draft_of_row] >= 0
         d = np.where(has_draft, drafts[draft_of_row], 0)
         onehot = host_array(batch.draft_is_onehot)[draft_of_row] | ~has_draft
     else:

@@ -110,6 +110,33 @@ def test_committed_tokens_follow_p(onehot_slots, step, broken):
         assert first > ALPHA and second > ALPHA, (first, second)
 
 
+@pytest.mark.parametrize("verification", ["ratio", "gumbel", "greedy"])
+def test_placeholder_drafts_are_never_accepted(verification):
+    """vLLM pads a batch's drafts with -1 placeholders (uniform decode); such a row verifies
+    nothing and samples from p.  Ratio rows read p and q at the draft, and -1 indexes the last
+    column: with p(V - 1) = 0.9 there, a placeholder taken for a token would be committed about
+    90% of the time (it was, before placeholders were ruled out)."""
+    k = 2
+    _, _, batch, noise, fresh = _replicated_window(k, (), "coupled", 0, seed=4)
+    p = batch.target_probs.view(N, k + 1, VOCAB)
+    p[:, 0] = 0.1 / (VOCAB - 1)
+    p[:, 0, VOCAB - 1] = 0.9
+    drafts = batch.draft_token_ids.view(N, k)
+    drafts[:, 0] = -1
+    if verification == "gumbel":
+        batch = dataclasses.replace(batch, gumbel=torch.ones(N, dtype=torch.bool))
+    elif verification == "greedy":
+        batch = dataclasses.replace(batch, greedy=torch.ones(N, dtype=torch.bool))
+    out = sjdpp_step(batch, noise, fresh)
+    assert (out.num_accepted == 0).all()
+    first = out.output_token_ids[:, 0]
+    assert (first >= 0).all()
+    if verification == "greedy":
+        assert (first == VOCAB - 1).all()
+    else:
+        assert goodness_of_fit(first, p[0, 0]) > ALPHA
+
+
 @pytest.mark.parametrize(
     "reuse, step, broken",
     [

@@ -48,17 +48,28 @@ def needs_companion(prompt: list[int] | None, negative: list[int] | None) -> boo
     return negative is not None and prompt is not None and len(negative) != len(prompt)
 
 
-def companion_params(params: Any, req_id: str, negative_key: str) -> Any:
-    """The companion's SamplingParams: the request's (the same stop conditions and length, so it
-    ends when the request does), without its negative prompt and log probabilities, decoded
-    plainly (its drafts are the request's), marked as the companion of `req_id`."""
+# What a companion does not take from its request: options that act on what a sequence samples
+# or reports (a companion's logits reach its request before any of them, and its samples are
+# replaced by the request's), state kept per request (grammars, logits processors reading
+# extra_args, KV transfers in extra_args), and log probabilities.
+COMPANION_DROPS = {
+    "structured_outputs": None, "logit_bias": None, "allowed_token_ids": None, "bad_words": None,
+    "_bad_words_token_ids": None, "logprobs": None, "prompt_logprobs": None, "logprob_token_ids": None,
+    "prompt_logprob_token_ids": None, "watermarking": None, "repetition_detection": None,
+    "thinking_token_budget": None, "trace_decode_token_ids": None,
+}
+
+
+def companion_params(params: Any, req_id: str) -> Any:
+    """The companion's SamplingParams: the request's stop conditions and length (so it ends when
+    the request does) and sampling (so the batch samples as it would without it), none of
+    COMPANION_DROPS, and extra_args of its own: marked as the companion of `req_id`, decoded
+    plainly (its drafts are the request's)."""
     companion = copy.copy(params)
-    args = {k: v for k, v in (params.extra_args or {}).items() if k != negative_key}
-    args[COMPANION_OF_KEY] = req_id
-    args["sjdpp_disable"] = True
-    companion.extra_args = args
-    companion.logprobs = None
-    companion.prompt_logprobs = None
+    for name, value in COMPANION_DROPS.items():
+        if hasattr(companion, name):
+            setattr(companion, name, value)
+    companion.extra_args = {COMPANION_OF_KEY: req_id, "sjdpp_disable": True}
     return companion
 
 

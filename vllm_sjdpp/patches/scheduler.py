@@ -91,7 +91,7 @@ class PairedScheduler(Scheduler):
         companion = Request(
             request_id=companion_id(request.request_id),
             prompt_token_ids=list(negative),
-            sampling_params=companion_params(params, request.request_id, NEGATIVE_PROMPT_KEY),
+            sampling_params=companion_params(params, request.request_id),
             pooling_params=None,
             client_index=request.client_index,
             arrival_time=request.arrival_time,
@@ -111,9 +111,10 @@ class PairedScheduler(Scheduler):
         if request_ids is not None:
             request_ids = set(request_ids)
             request_ids |= {self.partners[r] for r in request_ids if r in self.partners}
+        companions = set(self.companions)  # forgotten below once their pair has ended
         finished = super().finish_requests(request_ids, finished_status)
         self._forget_ended_pairs()
-        return [r for r in finished if r.request_id not in self.companions]
+        return [r for r in finished if r.request_id not in companions]
 
     def _alive(self, req_id: str) -> Request | None:
         request = self.requests.get(req_id)
@@ -216,8 +217,9 @@ class PairedScheduler(Scheduler):
             r for r in scheduler_output.num_scheduled_tokens
             if r in self.partners and (q := self._alive(r)) is not None and q.num_computed_tokens >= q.num_tokens
         ]
+        companions = set(self.companions)  # vLLM's error path may end (and forget) pairs below
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        if not self.partners:
+        if not companions and not self.partners:
             return outputs
         sampled = model_runner_output.sampled_token_ids
         index = model_runner_output.req_id_to_index
@@ -233,10 +235,11 @@ class PairedScheduler(Scheduler):
             request.spec_token_ids = []
             self.split_pairs.add(pair)
         self._end_with_partner(outputs)
+        companions |= self.companions
         for client_outputs in outputs.values():
-            client_outputs.outputs = [o for o in client_outputs.outputs if o.request_id not in self.companions]
+            client_outputs.outputs = [o for o in client_outputs.outputs if o.request_id not in companions]
             if client_outputs.finished_requests:
-                client_outputs.finished_requests -= self.companions
+                client_outputs.finished_requests -= companions
         self._forget_ended_pairs()
         return outputs
 
