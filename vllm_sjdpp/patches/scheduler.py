@@ -5,12 +5,17 @@ which the guided architectures' config hook sets (`install`).
 What it adds to vLLM's scheduling, each in the one method vLLM's own scheduler calls for it:
 - `add_request`: a request whose negative prompt has another length brings its companion.
 - `_reserve_prefill_lookahead` (every chunk of a running request passes through it): a running
-  member goes past its last committed token only when its partner is there too; before that
-  point each member prefills on its own, in chunks of any size.
+  member goes past its last committed token only when its partner is there too, and the pair's
+  windows come out of one token budget: the first member takes at most half of what is left, the
+  second at most the first's window, so that no member samples alone for want of budget; a
+  member being admitted stops short of that point unless its partner waits there; before it,
+  each member prefills on its own, in chunks of any size.
 - `schedule`: before vLLM's pass, each companion follows its request in the running queue (a
   pair that ran apart last step goes first); after it, the windows of a joint step are cut to
-  the shorter one (vLLM's budget or context limit may trim one member's drafts), and when
-  nothing could be scheduled, members held for a partner that cannot be admitted are preempted.
+  the shorter one (vLLM's context limit may trim one member's drafts), and members held for a
+  partner that cannot be admitted are preempted, each queued behind its partner: when nothing
+  could be scheduled, and at every step of a pause that lets running requests drain (vLLM admits
+  no one then, so a held member would never end and the pause never drain).
 - `update_from_output`: a member the runner discarded (it ran without its partner) is rolled back
   to its last committed token; a companion's outputs never leave the engine; when one member
   ends, so does the other.
@@ -24,6 +29,7 @@ import time
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.interface import PauseState
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request, RequestStatus
@@ -79,6 +85,10 @@ class PairedScheduler(Scheduler):
         self.partners: dict[str, str] = {}  # both ways: request <-> companion
         self.companions: set[str] = set()
         self.split_pairs: set[str] = set()  # requests whose pair ran apart last step
+        # In the step being scheduled: tokens handed out so far, and each paired member's window
+        # (rows at or past its last committed token; 0: held).
+        self._step_tokens = 0
+        self._step_windows: dict[str, int] = {}
 
     # Arrival and end ----------------------------------------------------------------------
 
@@ -135,24 +145,55 @@ class PairedScheduler(Scheduler):
         return request.status == RequestStatus.RUNNING and request.num_computed_tokens >= request.num_tokens - 1
 
     def _reserve_prefill_lookahead(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
-        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
-        partner_id = self.partners.get(request.request_id)
-        if partner_id is None or request.status != RequestStatus.RUNNING:
-            return num_new_tokens  # admission: its partner is admitted right after it, or the step is discarded
-        partner = self._alive(partner_id)
-        hold = request.num_tokens - 1
-        if num_computed_tokens + num_new_tokens > hold and (partner is None or not self._ready(partner)):
-            return max(hold - num_computed_tokens, 0)
+        num_new_tokens = self._paired_tokens(
+            request, num_computed_tokens, super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        )
+        self._step_tokens += num_new_tokens
         return num_new_tokens
+
+    def _paired_tokens(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        """What a member of a pair may run of the `num_new_tokens` vLLM offers it this step."""
+        partner_id = self.partners.get(request.request_id)
+        if partner_id is None:
+            return num_new_tokens
+        hold = request.num_tokens - 1
+        before = max(hold - num_computed_tokens, 0)  # prompt or chunk tokens before the window
+        window = num_computed_tokens + num_new_tokens - hold
+        if window <= 0:
+            return num_new_tokens
+        partner = self._alive(partner_id)
+        if request.status != RequestStatus.RUNNING:
+            # Admission (vLLM stops admitting at a 0): up to the hold point unless the partner
+            # waits there; with nothing before it, the step runs and is discarded if need be.
+            ready = partner is not None and self._ready(partner)
+            return num_new_tokens if ready or before == 0 else before
+        if partner is None or not self._ready(partner):
+            window = 0
+        elif partner_id in self._step_windows:  # the partner went first: as far as it went
+            window = min(window, self._step_windows[partner_id])
+        else:  # first of the pair: leave the partner as much
+            spec = self.vllm_config.speculative_config
+            draft_slots = spec.max_num_new_slots_for_drafting if spec is not None else 0
+            left = min(
+                self.max_num_scheduled_tokens,
+                self.scheduler_config.max_num_batched_tokens - 2 * draft_slots,  # an upper bound of vLLM's input budget
+            ) - self._step_tokens
+            window = min(window, (left - before) // 2)
+        window = max(window, 0)
+        self._step_windows[request.request_id] = window
+        return before + window
 
     def schedule(self, *args, **kwargs):
         if self.partners:
             self._order_pairs()
+        self._step_tokens = 0
+        self._step_windows.clear()
         output = super().schedule(*args, **kwargs)
         if self.partners:
             self._align_windows(output)
-            if not output.total_num_scheduled_tokens and self._pause_state == PauseState.UNPAUSED:
-                self._release_held_members()
+            stuck = not output.total_num_scheduled_tokens and self._pause_state == PauseState.UNPAUSED
+            if stuck or self._pause_state == PauseState.PAUSED_NEW:
+                self._release_held_members(output.num_scheduled_tokens)
         return output
 
     def _order_pairs(self) -> None:
@@ -171,15 +212,21 @@ class PairedScheduler(Scheduler):
                 group.append(self.requests[uncond])
         self.running = first + rest
 
-    def _release_held_members(self) -> None:
-        """Nothing could be scheduled: running members held for a partner that cannot be
-        admitted (no free blocks) would wait forever.  They are preempted, each queued behind its
-        partner, so that the partner is admitted first."""
+    def _release_held_members(self, scheduled: dict[str, int]) -> None:
+        """Running members held for a partner that is not admitted (no free blocks, or a pause)
+        would wait forever.  They are preempted, each queued behind its partner, so that the
+        partner is admitted first: at the queue's head, or, on a priority heap, sorting before
+        the member (its arrival time set just after the partner's; only the order reads it)."""
         now = time.monotonic()
         for request in list(self.running):
             partner = self._alive(self.partners.get(request.request_id, ""))
-            if partner is None or partner.status == RequestStatus.RUNNING or not self._ready(request):
+            if (
+                partner is None or partner.status == RequestStatus.RUNNING or not self._ready(request)
+                or request.request_id in scheduled
+            ):
                 continue
+            if self.policy == SchedulingPolicy.PRIORITY and not partner < request:
+                request.arrival_time = partner.arrival_time + 1e-6  # members share their priority
             self.running.remove(request)
             self._preempt_request(request, now)
             if partner in self.waiting:
