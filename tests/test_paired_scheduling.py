@@ -125,3 +125,56 @@ def test_a_released_member_queues_behind_its_partner_on_a_priority_heap(by_prior
     assert [v for k, v in done.items() if k.startswith("paired")] == [
         hf_greedy(hf_guided, PROMPT, 3.0, negative=NEGATIVE, n=20)
     ]
+
+
+@pytest.mark.parametrize("engine", ["tight_budget", "two_seqs"])
+def test_structured_outputs_are_refused_naming_the_field(request, engine):
+    """Neither guidance nor the SJD++ step holds tokens to a grammar: such a request, paired or
+    not, is refused with a 400 naming `structured_outputs` (before, a guided server answered 500
+    when a sampled token broke the grammar, and a paired request never ended), and the engine
+    goes on serving."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import StructuredOutputsParams
+
+    llm = request.getfixturevalue(engine)
+    for extra in ({"guidance_scale": 3.0}, {"guidance_scale": 3.0, "negative_prompt_token_ids": NEGATIVE}):
+        sampling = params(max_tokens=4, extra_args=extra, structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
+        with pytest.raises(VLLMValidationError, match="structured outputs") as refused:
+            run(llm, [PROMPT], sampling)
+        assert refused.value.parameter == "structured_outputs"
+    assert len(tokens(run(llm, [PROMPT], guided_params(max_tokens=4)))[0]) == 4
+
+
+def test_a_companion_takes_only_what_ends_it_with_its_request(two_seqs, hf_guided):
+    """Options that act on what a sequence samples, per-request state and extra_args stay with
+    the request: the companion has its stop conditions, not its allowed ids, bad words, bias or
+    custom arguments (which logits processors and KV transfers read)."""
+    from vllm_sjdpp.config import COMPANION_OF_KEY
+
+    engine = two_seqs.llm_engine
+    scheduler = scheduler_of(two_seqs)
+    sampling = guided_params(max_tokens=12, allowed_token_ids=list(range(48)), logit_bias={3: 0.0})
+    sampling.extra_args["kv_transfer_params"] = {"do_remote_prefill": False}
+    sampling.bad_words = ["x"]
+    engine.add_request("options", {"prompt_token_ids": PROMPT}, sampling)
+    (member,) = [r for r in scheduler.requests.values() if not r.request_id.endswith("::uncond")]
+    companion = scheduler.requests[member.request_id + "::uncond"].sampling_params
+    assert companion.extra_args == {COMPANION_OF_KEY: member.request_id, "sjdpp_disable": True}
+    assert (companion.allowed_token_ids, companion.logit_bias, companion.bad_words) == (None, None, None)
+    assert (companion.max_tokens, companion.ignore_eos, companion.stop_token_ids) == (12, True, member.sampling_params.stop_token_ids)
+    done = drive(two_seqs, lambda: not scheduler.requests)
+    assert list(done.values()) == [hf_greedy(hf_guided, PROMPT, 3.0, negative=NEGATIVE, n=12)]
+
+
+def test_no_companion_leaves_the_engine_when_everything_is_aborted(two_seqs):
+    """vLLM's shutdown path aborts every request and reports what it returns: companions are
+    not among them (they were forgotten before being filtered out)."""
+    from vllm.v1.request import RequestStatus
+
+    engine = two_seqs.llm_engine
+    scheduler = scheduler_of(two_seqs)
+    engine.add_request("aborted", {"prompt_token_ids": PROMPT}, guided_params(max_tokens=50))
+    engine.step()
+    ended = [r.request_id for r in scheduler.finish_requests(None, RequestStatus.FINISHED_ABORTED)]
+    assert len(ended) == 1 and not ended[0].endswith("::uncond")
+    assert not scheduler.requests and not scheduler.partners

@@ -3,7 +3,8 @@ and its SamplingParams into an `EngineCoreRequest` (`InputProcessor.process_inpu
 server or the offline engine); a `VLLMValidationError` there is answered with HTTP 400.
 
 Checked: prompt token ids inside the vocabulary (vLLM 0.32 does not check without a tokenizer,
-and the embedding lookup would kill the engine), an image model's prompt and image inside the
+and the embedding lookup would kill the engine), no structured outputs where guidance or SJD++
+runs (nothing there holds tokens to a grammar), an image model's prompt and image inside the
 context, guidance options against the prompt, no sampling option that addresses an image
 model's logits by text id, and a request's SJD++ options (`sjdpp_*` in extra_args) against the
 server's and the model's limits.  The facts come from the engine's own config (`self.vllm_config`),
@@ -110,6 +111,20 @@ def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> l
     return paired
 
 
+def check_structured_outputs(facts: ModelFacts, params: Any) -> None:
+    """Refuse structured outputs where guidance or SJD++ runs (VLLMValidationError naming the
+    field): neither the guided logits nor the SJD++ step are held to a grammar, so a token that
+    breaks it would end the request with an error, and a paired request would never end.
+    Checked before vLLM's own checks of the field, which would name something else."""
+    from vllm.exceptions import VLLMValidationError
+
+    if getattr(params, "structured_outputs", None) is not None and (facts.rule is not None or facts.sjdpp is not None):
+        raise VLLMValidationError(
+            "structured outputs (json, regex, choice, grammar, response_format) are not available on a server "
+            "running classifier-free guidance or --speculative-config sjdpp", parameter="structured_outputs",
+        )
+
+
 def check_paired(facts: ModelFacts, prompt: list[int], negative: list[int], params: Any, image_tokens: int | None) -> None:
     """A negative prompt of another length runs as a second sequence (`guidance.pairing`), which
     must fit the context as the prompt does.  Raises ValueError naming the option."""
@@ -154,13 +169,14 @@ def apply() -> None:
 
     @functools.wraps(process_inputs)
     def process_inputs_checking_requests(self, *args, **kwargs):
+        facts = getattr(self, "_sjdpp_model_facts", None)
+        if facts is None:
+            facts = self._sjdpp_model_facts = ModelFacts.of(self.vllm_config)
+        check_structured_outputs(facts, args[2] if len(args) > 2 else kwargs.get("params"))
         request = process_inputs(self, *args, **kwargs)
         params = request.sampling_params
         if not isinstance(params, SamplingParams):
             return request
-        facts = getattr(self, "_sjdpp_model_facts", None)
-        if facts is None:
-            facts = self._sjdpp_model_facts = ModelFacts.of(self.vllm_config)
         paired = check_request(facts, request.prompt_token_ids, params)
         if paired is not None and getattr(request, "resumable", False):
             raise VLLMValidationError(
