@@ -83,8 +83,8 @@ def test_rows_without_their_companion_are_caught(guided_sjdpp, hf_guided, monkey
 
 def test_chunked_prefill_preemption_and_split_pairs(tight, hf_guided, monkeypatch):
     """Long prompts and negative prompts prefilled in 16-token chunks, 12 requests in a KV cache
-    that holds a few of them: requests are preempted, pairs are split by the budget and rolled
-    back, and every output still equals transformers'.  A mixed batch: equal-length negative
+    that holds a few of them: requests are preempted, no pair runs apart, and every output still
+    equals transformers'.  A mixed batch: equal-length negative
     prompts and the rule's default run beside the paired requests."""
     from vllm_sjdpp.patches.scheduler import PairedScheduler
 
@@ -118,11 +118,29 @@ def test_chunked_prefill_preemption_and_split_pairs(tight, hf_guided, monkeypatc
     ]
     expected = [hf_greedy(hf_guided, p, 3.0, negative=n, n=40) for p, n in zip(prompts, negatives)]
     assert tokens(run(tight, prompts, sampling)) == expected
-    assert preempted and split
+    assert preempted and not split  # pairs share the budget: none ran apart
     assert not scheduler.requests and not scheduler.partners  # every companion ended with its request
-    # Broken variant: a member that runs without its partner keeps what it sampled.
+    # Where the budget splits pairs (each member takes what vLLM offers it, as before the pair
+    # shared it), the runner's discard and the rollback keep the outputs exact.  Broken variant:
+    # a member that runs without its partner keeps what it sampled.
+    from vllm.v1.request import RequestStatus
+
     from vllm_sjdpp.guidance.cfg import GuidanceBatch
 
+    def budget_splits_pairs(self, request, num_computed_tokens, num_new_tokens):
+        if request.request_id not in self.partners:
+            return num_new_tokens
+        partner = self._alive(self.partners[request.request_id])
+        hold = request.num_tokens - 1
+        if request.status == RequestStatus.RUNNING and num_computed_tokens + num_new_tokens > hold:
+            if partner is None or not self._ready(partner):
+                return max(hold - num_computed_tokens, 0)
+        return num_new_tokens
+
+    monkeypatch.setattr(PairedScheduler, "_paired_tokens", budget_splits_pairs)
+    split.clear()
+    assert tokens(run(tight, prompts, sampling)) == expected  # split, discarded, rolled back
+    assert split
     monkeypatch.setattr(GuidanceBatch, "_discard", staticmethod(lambda runner, rows: None))
     got = tokens(run(tight, prompts, sampling))
     assert sum(g != e for g, e in zip(got, expected)) >= 3
