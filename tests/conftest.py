@@ -95,6 +95,16 @@ def tiny_grid_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_lumina_path(tmp_path_factory):
+    """A tiny random Lumina-mGPT folder with Lumina-mGPT-7B-768's real ids and shapes
+    (tests/tiny_lumina.py: vocabulary 65536, 8192 codes at 4..8195, context 4096, 48 x 48 default
+    grid), built once."""
+    from tiny_lumina import build_tiny_lumina
+
+    return str(build_tiny_lumina(tmp_path_factory.mktemp("tiny-lumina")))
+
+
+@pytest.fixture(scope="session")
 def tiny_emu3_path(tmp_path_factory):
     """A tiny random Emu3 folder with Emu3-Gen's real ids and shapes (tests/tiny_emu3.py: text
     vocabulary 184622, 32768 visual tokens, context 9216, 90 x 90 default grid), built once."""

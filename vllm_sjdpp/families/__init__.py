@@ -18,8 +18,9 @@ from .base import ImageFamily
 from .digits import DigitsFamily
 from .emu3 import Emu3Family
 from .janus import JanusFamily
+from .lumina import LuminaFamily
 
-FAMILIES: tuple[type[ImageFamily], ...] = (JanusFamily, Emu3Family, DigitsFamily)
+FAMILIES: tuple[type[ImageFamily], ...] = (JanusFamily, Emu3Family, LuminaFamily, DigitsFamily)
 
 
 def family_of(hf_config: Any) -> type[ImageFamily]:

@@ -11,23 +11,13 @@ either transformers 5's (`model.text_model.*`, `lm_head.*`, `model.vqmodel.*`) o
 
 from __future__ import annotations
 
-from ..families.emu3 import Emu3Family
-from .llama import GuidedLlamaDecoderLayer, GuidedLlamaForCausalLM, GuidedLlamaModel, guided_llama_config_hook
+from .llama import GuidedLlamaDecoderLayer, GuidedLlamaForCausalLM, GuidedLlamaModel
 
 # checkpoint prefix -> vLLM's Llama prefix; None: not loaded.
 PREFIXES = (
     ("text_model.model.", "model."), ("model.text_model.", "model."), ("text_model.lm_head.", "lm_head."),
     ("vqmodel.", None), ("model.vqmodel.", None),
 )
-
-
-def emu3_config_hook(model_config) -> None:
-    """The guided Llama's hook (the folder checked, both branches' heads), and BAAI's sampling
-    defaults where generation_config.json is silent (top-k 2048)."""
-    guided_llama_config_hook(model_config)
-    given = model_config.try_get_generation_config()
-    defaults = {k: v for k, v in Emu3Family.default_sampling().items() if k not in given}
-    model_config.override_generation_config = {**defaults, **(model_config.override_generation_config or {})}
 
 
 def renamed(weights):

@@ -33,10 +33,16 @@ from .cfg import BRANCH_HEADS_ATTR, GuidanceBatch, combine
 
 def guided_llama_config_hook(model_config) -> None:
     """vLLM's per-architecture config hook: refuse a folder whose facts contradict each other
-    (naming the keys), then give the engine both branches' heads."""
+    (naming the keys), give the engine both branches' heads, and the family's sampling defaults
+    where generation_config.json is silent (Emu3's top-k 2048, Lumina-mGPT's 2000)."""
     hf_config = model_config.hf_config
-    family_of(hf_config).check(hf_config, model_config.try_get_generation_config())
+    family = family_of(hf_config)
+    given = model_config.try_get_generation_config()
+    family.check(hf_config, given)
     double_heads(model_config)
+    defaults = {k: v for k, v in family.default_sampling().items() if k not in given}
+    if defaults:
+        model_config.override_generation_config = {**defaults, **(model_config.override_generation_config or {})}
 
 
 def check_parallelism(vllm_config) -> None:
@@ -121,12 +127,18 @@ class GuidedLlamaAttention(LlamaAttention):
         # hidden_states: [2T, D], cond rows then uncond rows; positions: [2T].
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.rotary_emb(positions, *self.qk_norm(q, k))
         # [2T, n] -> [T, 2n]: each token's cond heads, then its uncond heads.
         q, k, v = (torch.cat(x.chunk(2), dim=-1) for x in (q, k, v))
         out = self.attn(q, k, v)
         output, _ = self.o_proj(torch.cat(out.chunk(2, dim=-1)))
         return output
+
+
+    def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys [2T, n] before the rotary embedding: as they are (Chameleon's are
+        normalized, `guidance.chameleon`)."""
+        return q, k
 
 
 class GuidedLlamaDecoderLayer(LlamaDecoderLayer):
@@ -186,8 +198,10 @@ class LlamaStack(LlamaModel):
 
 
 class GuidedLlamaForCausalLM(LlamaForCausalLM):
+    decoder_layer = GuidedLlamaDecoderLayer  # a subclass's layers (Chameleon's norm queries and keys)
+
     def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=GuidedLlamaDecoderLayer)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=self.decoder_layer)
         self.guidance = self.model.guidance
 
     def _init_model(self, vllm_config, prefix: str = "", layer_type=GuidedLlamaDecoderLayer):

@@ -1,4 +1,4 @@
-"""Patches of vllm/model_executor/models: the guided Llama, Janus and Emu3 are registered with vLLM's
+"""Patches of vllm/model_executor/models: the guided Llama, Janus, Emu3 and Chameleon are registered with vLLM's
 ModelRegistry (loaded from `vllm_sjdpp.guidance` only when a folder names them), and their config
 hooks (MODELS_CONFIG_MAP, run when vLLM builds a ModelConfig and a VllmConfig) check the folder
 whole, double the attention heads the engine sees, and refuse the parallel modes guidance cannot run."""
@@ -11,9 +11,10 @@ def guided_architectures() -> tuple[str, ...]:
     """The architectures `apply` registers (their families' names; no model is imported)."""
     from ..families.emu3 import ARCHITECTURE as EMU3
     from ..families.janus import ARCHITECTURE as JANUS
+    from ..families.lumina import ARCHITECTURES as CHAMELEON
     from ..families.rule import GUIDED_LLAMA
 
-    return GUIDED_LLAMA, JANUS, EMU3
+    return GUIDED_LLAMA, JANUS, EMU3, *CHAMELEON
 
 
 def guided_architecture(vllm_config) -> str | None:
@@ -66,6 +67,7 @@ def apply() -> None:
 
     from ..families.emu3 import ARCHITECTURE as EMU3
     from ..families.janus import ARCHITECTURE as JANUS
+    from ..families.lumina import ARCHITECTURES as CHAMELEON
     from ..families.rule import GUIDED_LLAMA
 
     # The models (and the hooks beside them) are imported only when a folder needs them: every
@@ -74,6 +76,9 @@ def apply() -> None:
     ModelRegistry.register_model(JANUS, "vllm_sjdpp.guidance.janus:GuidedJanusForImageGeneration")
     # vLLM 0.32 serves Emu3 through its Transformers backend, without images: replaced.
     ModelRegistry.register_model(EMU3, "vllm_sjdpp.guidance.emu3:GuidedEmu3ForConditionalGeneration")
+    # vLLM 0.28 removed Chameleon: Lumina-mGPT's and transformers' names.
+    for name in CHAMELEON:
+        ModelRegistry.register_model(name, "vllm_sjdpp.guidance.chameleon:GuidedChameleonForConditionalGeneration")
 
     def call(function: str):
         def hook(config):
@@ -94,4 +99,5 @@ def apply() -> None:
 
     MODELS_CONFIG_MAP[GUIDED_LLAMA] = config_hook("vllm_sjdpp.guidance.llama:guided_llama_config_hook")
     MODELS_CONFIG_MAP[JANUS] = config_hook("vllm_sjdpp.guidance.janus:janus_config_hook")
-    MODELS_CONFIG_MAP[EMU3] = config_hook("vllm_sjdpp.guidance.emu3:emu3_config_hook")
+    for name in (EMU3, *CHAMELEON):
+        MODELS_CONFIG_MAP[name] = config_hook("vllm_sjdpp.guidance.llama:guided_llama_config_hook")

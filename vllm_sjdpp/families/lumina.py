@@ -1,0 +1,223 @@
+"""Lumina-mGPT (Alpha-VLLM) and other Chameleon folders (`ChameleonXLLMXForConditionalGeneration`,
+`ChameleonForConditionalGeneration`), generating images.
+
+The stream, as Alpha-VLLM's code writes it (github.com/Alpha-VLLM/Lumina-mGPT:
+`lumina_mgpt/data/item_processor.py`, `inference_solver.py`):
+
+    <s> "Generate an image of {W}x{H} according to the following prompt:\\n{caption}" <eot>
+    <racm3:break> <size H> <size W>   H/16 rows of W/16 codes, each closed by <new line>   <eoss>
+
+where <eot> is the end of a turn (`<reserved08706>`, id 8710, also the generation's EOS), the
+size tokens count 32-px units (`<reserved{8800 + n:05d}>`), the codes are the `IMGIMG*` tokens
+(8192 of them, ids 4..8195) and <new line> is `<reserved08799>`.  Lumina-mGPT lets the model write
+the image header itself; here the prompt ends with it, so that each request chooses its size
+(`request_grid` reads it back), and ends with the image: 2353 generated tokens at 768x768 (48 x 49,
+then <eoss>; the turn's end that follows in Lumina-mGPT's stream is text, outside the grid).
+
+Guidance (classifier-free, on the raw logits, as `inference_solver.py`'s processor): the
+unconditional context is the stream from <racm3:break> on, without the text or <s>: another length
+than the prompt, so every request runs paired (`guidance.pairing`).  Defaults: scale 3.0 and image
+top-k 2000 (Lumina-mGPT's and the SJD papers'), where generation_config.json is silent.
+
+Every id comes from config.json's `vocabulary_map` (the tokenizer's vocabulary, as transformers'
+conversion writes it); a code's VQ index is read from its token's name, not its id.  Images are
+decoded by the user's Chameleon VQGAN (not yet: `to_image` raises).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from .base import ImageFamily
+
+ARCHITECTURES = ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration")
+SPECIAL = {
+    "image_start": "<racm3:break>", "image_end": "<eoss>", "end_of_row": "<reserved08799>",
+    "end_of_turn": "<reserved08706>", "size_zero": "<reserved08800>",
+}
+CODE_PREFIX = "IMGIMG"
+CODES = 8192
+PROMPT_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n{caption}"
+SIZE_UNIT = 32  # pixels per size token unit
+PIXELS_PER_CODE = 16
+STANDARD_SIDES = (512, 768, 1024)  # Lumina-mGPT's checkpoints
+DEFAULT_GUIDANCE_SCALE = 3.0
+DEFAULT_TOP_K = 2000
+
+
+def code_name(code: int) -> str:
+    """The token name of VQ code `code` (its digits as letters A-J, then a closing letter), the
+    inverse of transformers' `ChameleonImageVocabularyMapping.bpe2img`."""
+    return CODE_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+@dataclass(frozen=True)
+class ImageHeaderRule:
+    """The unconditional context as Lumina-mGPT's guidance builds it: the prompt from its last
+    <racm3:break> on (the image header), with positions from 0.  Another length than the prompt
+    (a paired request)."""
+
+    image_start_id: int
+    pairs = True
+
+    def apply(self, prompt: list[int]) -> list[int]:
+        if self.image_start_id not in prompt:
+            raise ValueError(
+                f"a Lumina-mGPT prompt must end with its image header (<racm3:break>, id {self.image_start_id}, then "
+                "the height and width size tokens)"
+            )
+        return prompt[len(prompt) - 1 - prompt[::-1].index(self.image_start_id):]
+
+
+class LuminaFamily(ImageFamily):
+    name = "lumina-mgpt"
+
+    @classmethod
+    def matches(cls, hf_config: Any) -> bool:
+        return any(a in ARCHITECTURES for a in (getattr(hf_config, "architectures", None) or []))
+
+    @classmethod
+    def ids(cls, hf_config: Any) -> dict[str, int]:
+        """The special ids and the codes' range ("code_start", "code_stop") from config.json
+        `vocabulary_map` (ValueError naming what is missing or out of place)."""
+        vocabulary = getattr(hf_config, "vocabulary_map", None)
+        if not isinstance(vocabulary, dict):
+            raise ValueError("Chameleon: config.json 'vocabulary_map' (the tokenizer's vocabulary) is missing")
+        lacking = [name for name in SPECIAL.values() if name not in vocabulary]
+        if lacking:
+            raise ValueError(f"Chameleon: config.json 'vocabulary_map' lacks {lacking}")
+        ids = {key: int(vocabulary[name]) for key, name in SPECIAL.items()}
+        codes = cls.code_of_id(hf_config)
+        if len(codes) != CODES:
+            raise ValueError(f"Chameleon: config.json 'vocabulary_map' has {len(codes)} {CODE_PREFIX}* tokens, not {CODES}")
+        ids["code_start"], ids["code_stop"] = min(codes), max(codes) + 1
+        if ids["code_stop"] - ids["code_start"] != CODES:
+            raise ValueError(f"Chameleon: the {CODE_PREFIX}* tokens of 'vocabulary_map' are not consecutive ids")
+        return ids
+
+    @classmethod
+    def code_of_id(cls, hf_config: Any) -> dict[int, int]:
+        """Token id -> VQ code, from the `IMGIMG*` names (transformers' `bpe2img`)."""
+        digits = str.maketrans({chr(ord("A") + i): str(i) for i in range(10)})
+        return {
+            int(i): int(name[len(CODE_PREFIX): -1].translate(digits))
+            for name, i in hf_config.vocabulary_map.items() if name.startswith(CODE_PREFIX)
+        }
+
+    @classmethod
+    def check(cls, hf_config: Any, generation_config: dict) -> None:
+        if getattr(hf_config, "swin_norm", False):
+            raise ValueError("Chameleon: config.json 'swin_norm' is true (Chameleon-34B's norm placement), which this "
+                             "plugin does not run")
+        ids = cls.ids(hf_config)
+        outside = {k: v for k, v in ids.items() if not 0 <= v < hf_config.vocab_size + (k == "code_stop")}
+        if outside:
+            raise ValueError(f"Chameleon: ids {outside} of 'vocabulary_map' outside the vocabulary (vocab_size={hf_config.vocab_size})")
+        cls.stream_grid(hf_config)  # the special ids apart from the codes
+
+    @classmethod
+    def unconditional_rule(cls, hf_config: Any, generation_config: dict) -> ImageHeaderRule:
+        return ImageHeaderRule(cls.ids(hf_config)["image_start"])
+
+    @classmethod
+    def default_guidance_scale(cls) -> float:
+        return DEFAULT_GUIDANCE_SCALE
+
+    @classmethod
+    def default_sampling(cls) -> dict[str, Any]:
+        return {"top_k": DEFAULT_TOP_K}
+
+    @classmethod
+    def default_side(cls, hf_config: Any) -> int:
+        """Pixels per side of the default image: the largest of Lumina-mGPT's sizes whose stream
+        (with a short prompt) fits the context."""
+        context = getattr(hf_config, "max_position_embeddings", 0)
+        fitting = [s for s in STANDARD_SIDES if stream_length(s, s) + 128 <= context]
+        return max(fitting, default=STANDARD_SIDES[0])
+
+    @classmethod
+    def stream_grid(cls, hf_config: Any):
+        """The grid at the default size; each request's own is `request_grid`."""
+        from ..kernels import StreamGrid
+
+        ids = cls.ids(hf_config)
+        side = cls.default_side(hf_config) // PIXELS_PER_CODE
+        return StreamGrid(ids["code_start"], ids["code_stop"], side, side, ids["end_of_row"], (ids["image_end"],))
+
+    @classmethod
+    def request_grid(cls, hf_config: Any, prompt: list[int], grid=None):
+        """The grid of the image a prompt asks for: its size tokens read from its header
+        (ValueError naming what is wrong)."""
+        grid = grid or cls.stream_grid(hf_config)
+        ids = cls.ids(hf_config)
+        header = ImageHeaderRule(ids["image_start"]).apply(prompt)
+        units = [t - ids["size_zero"] for t in header[1:]]
+        if len(units) != 2 or min(units) < 1 or max(units) > 256:
+            raise ValueError(
+                "a Lumina-mGPT prompt must end with <racm3:break> and two size tokens, height then width "
+                f"(<reserved{8800 + 1:05d}> and on: 32 px each)"
+            )
+        height, width = (u * SIZE_UNIT // PIXELS_PER_CODE for u in units)
+        return grid.resized(height, width)
+
+    @classmethod
+    def image_tokens(cls, hf_config: Any) -> int:
+        return cls.stream_grid(hf_config).length
+
+    @classmethod
+    def request_image_tokens(cls, hf_config: Any, prompt: list[int]) -> int:
+        return cls.request_grid(hf_config, prompt).length
+
+    # Client side ---------------------------------------------------------------------------
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.folder)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        side = self.default_side(self.config)
+        return side, side
+
+    def parse_size(self, size: str | None) -> tuple[int, int]:
+        """"WxH" in multiples of 32 px, or "auto" (the default square)."""
+        if size in (None, "auto"):
+            return self.image_size
+        match = re.fullmatch(r"(\d+)x(\d+)", size) if isinstance(size, str) else None
+        if match is None or int(match[1]) % SIZE_UNIT or int(match[2]) % SIZE_UNIT or min(int(match[1]), int(match[2])) < SIZE_UNIT:
+            raise ValueError(
+                f"size {size!r}: Lumina-mGPT makes WxH images in multiples of {SIZE_UNIT} px "
+                f"(or 'auto', {self.image_size[0]}x{self.image_size[1]})"
+            )
+        return int(match[1]), int(match[2])
+
+    def tokens_for(self, size: tuple[int, int] | None = None) -> int:
+        width, height = size or self.image_size
+        return stream_length(width, height)
+
+    def prompt_ids(self, text: str, size: tuple[int, int] | None = None) -> list[int]:
+        """Lumina-mGPT's prompt for an image of `size` (width, height in px; multiples of 32),
+        with its image header."""
+        width, height = size or self.image_size
+        if width % SIZE_UNIT or height % SIZE_UNIT or min(width, height) < SIZE_UNIT:
+            raise ValueError(f"Lumina-mGPT makes images in multiples of {SIZE_UNIT} px, got {width}x{height}")
+        ids = self.ids(self.config)
+        words = self.tokenizer.encode(PROMPT_TEMPLATE.format(width=width, height=height, caption=text), add_special_tokens=False)
+        bos = self.tokenizer.bos_token_id
+        header = [ids["image_start"], ids["size_zero"] + height // SIZE_UNIT, ids["size_zero"] + width // SIZE_UNIT]
+        return [bos, *words, ids["end_of_turn"], *header]
+
+    def to_image(self, tokens: list[int], size: tuple[int, int] | None = None):
+        raise NotImplementedError("Lumina-mGPT images need the Chameleon VQGAN decoder, not built yet")
+
+    to_partial_image = to_image
+
+
+def stream_length(width: int, height: int) -> int:
+    """Generated tokens of a WxH image: its rows of codes, each closed, then <eoss>."""
+    return (height // PIXELS_PER_CODE) * (width // PIXELS_PER_CODE + 1) + 1
