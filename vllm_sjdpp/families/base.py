@@ -177,6 +177,10 @@ class ImageFamily:
     def prompt_ids(self, text: str, size: tuple[int, int] | None = None) -> list[int]:
         raise NotImplementedError(f"{self.name} folders cannot make images")
 
+    def check_decoder(self) -> None:
+        """Raise ValueError naming what the image decoder lacks (files the user provides, where a
+        family ships none); here nothing."""
+
     def to_image(self, tokens: list[int], size: tuple[int, int] | None = None):
         """Generated tokens -> a PIL image."""
         raise NotImplementedError(f"{self.name} folders cannot make images")

@@ -21,17 +21,20 @@ top-k 2000 (Lumina-mGPT's and the SJD papers'), where generation_config.json is 
 
 Every id comes from config.json's `vocabulary_map` (the tokenizer's vocabulary, as transformers'
 conversion writes it); a code's VQ index is read from its token's name, not its id.  Images are
-decoded by the user's Chameleon VQGAN (not yet: `to_image` raises).
+decoded by the user's Chameleon VQGAN (`chameleon_vqgan`; `vqgan_folder` says where it is looked
+for), never bundled: without it token ids are served and images are refused (`check_decoder`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
-from .base import ImageFamily
+from .base import ImageFamily, blank_below
 
 ARCHITECTURES = ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration")
 SPECIAL = {
@@ -46,6 +49,7 @@ PIXELS_PER_CODE = 16
 STANDARD_SIDES = (512, 768, 1024)  # Lumina-mGPT's checkpoints
 DEFAULT_GUIDANCE_SCALE = 3.0
 DEFAULT_TOP_K = 2000
+VQGAN_ENV = "SJDPP_CHAMELEON_VQGAN"  # a folder holding the user's vqgan.yaml and vqgan.ckpt
 
 
 def code_name(code: int) -> str:
@@ -212,10 +216,59 @@ class LuminaFamily(ImageFamily):
         header = [ids["image_start"], ids["size_zero"] + height // SIZE_UNIT, ids["size_zero"] + width // SIZE_UNIT]
         return [bos, *words, ids["end_of_turn"], *header]
 
-    def to_image(self, tokens: list[int], size: tuple[int, int] | None = None):
-        raise NotImplementedError("Lumina-mGPT images need the Chameleon VQGAN decoder, not built yet")
+    @cached_property
+    def vqgan_folder(self) -> Path | None:
+        """Where the user's Chameleon VQGAN (vqgan.yaml, vqgan.ckpt) is: $SJDPP_CHAMELEON_VQGAN,
+        else the model folder, else its tokenizer/ (Lumina-mGPT's ckpts/chameleon/tokenizer/
+        layout); None if none holds both."""
+        from .chameleon_vqgan import CONFIG_FILE, WEIGHTS_FILE
 
-    to_partial_image = to_image
+        candidates = [Path(os.environ[VQGAN_ENV])] if os.environ.get(VQGAN_ENV) else [self.folder, self.folder / "tokenizer"]
+        return next((c for c in candidates if (c / CONFIG_FILE).is_file() and (c / WEIGHTS_FILE).is_file()), None)
+
+    def check_decoder(self) -> None:
+        from .chameleon_vqgan import CONFIG_FILE, WEIGHTS_FILE
+
+        if self.vqgan_folder is None:
+            where = os.environ.get(VQGAN_ENV) or f"{self.folder} or {self.folder / 'tokenizer'}"
+            raise ValueError(
+                f"Lumina-mGPT images are decoded by the Chameleon VQGAN, whose {CONFIG_FILE} and {WEIGHTS_FILE} "
+                f"(Meta's Chameleon release) are not in {where}: put them there or name their folder in "
+                f"${VQGAN_ENV}; token ids are served without them"
+            )
+
+    @cached_property
+    def vq(self):
+        from . import chameleon_vqgan
+
+        self.check_decoder()
+        return chameleon_vqgan.load(self.vqgan_folder)
+
+    def codes(self, tokens: list[int], rows: int, per_row: int):
+        """Generated tokens -> [rows, per_row] VQ codes (new lines dropped; codes read from the
+        tokens' names)."""
+        import numpy as np
+
+        table = np.zeros(self.config.vocab_size, dtype=np.int64)
+        for token, code in self.code_of_id(self.config).items():
+            table[token] = code
+        body = np.asarray(tokens[: rows * (per_row + 1)], dtype=np.int64).reshape(rows, per_row + 1)
+        return table[body[:, :per_row]]
+
+    def to_image(self, tokens: list[int], size: tuple[int, int] | None = None):
+        """Generated tokens (the whole stream) -> a PIL image through the user's VQGAN."""
+        from .chameleon_vqgan import decode
+
+        width, height = size or self.image_size
+        return decode(self.vq, self.codes(tokens, height // PIXELS_PER_CODE, width // PIXELS_PER_CODE))
+
+    def to_partial_image(self, tokens: list[int], size: tuple[int, int] | None = None):
+        width, height = size or self.image_size
+        per_row = width // PIXELS_PER_CODE
+        rows = len(tokens) // (per_row + 1)
+        first = self.ids(self.config)["code_start"]
+        pad = ([first] * per_row + [0]) * (height // PIXELS_PER_CODE - rows)
+        return blank_below(self.to_image(list(tokens[: rows * (per_row + 1)]) + pad, size), rows * PIXELS_PER_CODE)
 
 
 def stream_length(width: int, height: int) -> int:

@@ -187,6 +187,10 @@ class ImageService:
 
     async def respond(self, body: Any, raw_request: Request):
         try:
+            self.family.check_decoder()
+        except ValueError as e:
+            return error_response(str(e), "model")
+        try:
             request = ImageRequest(body, self.family, self.served_names)
             prompt_ids = await asyncio.to_thread(self.family.prompt_ids, request.prompt, request.pixels)
         except BadRequest as e:
