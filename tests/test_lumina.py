@@ -280,3 +280,22 @@ def test_the_images_endpoint_refuses_what_it_cannot_make(tiny_lumina_path, tmp_p
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == param and match in error["message"]
+
+
+def test_both_architecture_names_are_served_and_swin_norm_is_refused(family):
+    """Lumina-mGPT's architecture name and transformers' Chameleon name are one family, both
+    registered; Chameleon-34B's `swin_norm` is refused naming the key (the config hook runs the
+    family's check when vLLM builds the model config)."""
+    import copy
+
+    from vllm_sjdpp.families import family_of
+    from vllm_sjdpp.families.lumina import ARCHITECTURES, LuminaFamily
+    from vllm_sjdpp.patches.models import guided_architectures
+
+    config = copy.deepcopy(family.config)
+    for name in ARCHITECTURES:
+        config.architectures = [name]
+        assert family_of(config) is LuminaFamily and name in guided_architectures()
+    config.swin_norm = True
+    with pytest.raises(ValueError, match="'swin_norm'"):
+        LuminaFamily.check(config, {})
