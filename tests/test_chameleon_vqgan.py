@@ -23,27 +23,18 @@ N_EMBED, EMBED_DIM = 64, 4
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """taming's Encoder and Decoder with random weights (norms too), the codebook and 1x1 convs,
-    saved as vqgan.yaml + vqgan.ckpt in a folder; (folder, modules by name)."""
-    import yaml
-    from taming.modules.diffusionmodules.model import Decoder, Encoder
+    saved as vqgan.yaml + vqgan.ckpt (with a training part, not loaded) in a folder; (folder,
+    modules by name)."""
+    from tiny_lumina import save_vqgan, taming_vqgan
 
     torch.manual_seed(0)
-    modules = torch.nn.ModuleDict({
-        "encoder": Encoder(**DDCONFIG), "decoder": Decoder(**DDCONFIG),
-        "quant_conv": torch.nn.Conv2d(DDCONFIG["z_channels"], EMBED_DIM, 1),
-        "post_quant_conv": torch.nn.Conv2d(EMBED_DIM, DDCONFIG["z_channels"], 1),
-    })
-    modules["quantize"] = torch.nn.Module()
-    modules["quantize"].embedding = torch.nn.Embedding(N_EMBED, EMBED_DIM)
+    modules = taming_vqgan(DDCONFIG, N_EMBED, EMBED_DIM)
     with torch.no_grad():
         for name, p in modules.named_parameters():
             p.copy_(torch.randn_like(p) * (0.2 if p.dim() > 1 else 0.1) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    folder = tmp_path_factory.mktemp("vqgan")
-    state = {**modules.state_dict(), "loss.discriminator.weight": torch.zeros(1)}  # training parts, not loaded
-    torch.save({"state_dict": state, "global_step": 1}, folder / "vqgan.ckpt")
-    params = {"embed_dim": EMBED_DIM, "n_embed": N_EMBED, "ddconfig": DDCONFIG, "lossconfig": {"target": "x"}}
-    (folder / "vqgan.yaml").write_text(yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel", "params": params}}))
-    return folder, modules.eval()
+    folder = save_vqgan(tmp_path_factory.mktemp("vqgan"), modules, DDCONFIG, N_EMBED, EMBED_DIM,
+                        extra_state={"loss.discriminator.weight": torch.zeros(1)})
+    return folder, modules
 
 
 def test_decoding_equals_taming_transformers(reference):

@@ -12,48 +12,33 @@ The image processor normalises with mean = std = 0.5, BAAI's (the VQ decodes to 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from tiny_tokenizers import byte_tokens, write_byte_level_tokenizer
 
 VOCAB_SIZE, CODEBOOK, CONTEXT = 184622, 32768, 9216
 PAD, FIRST_EXTRA, IMAGE_TOKEN, FIRST_VISUAL = 151643, 151646, 151851, 151854
 
 
 def vocabulary() -> tuple[dict[str, int], dict[str, int]]:
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_chars = bytes_to_unicode()
-    vocab = {byte_chars[b]: b for b in range(256)}
     special = {"<|endoftext|>": PAD, "<|im_start|>": PAD + 1, "<|im_end|>": PAD + 2}
     special.update({f"<|extra_{i}|>": FIRST_EXTRA + i for i in range(1, 205)})
     special["<image>"] = FIRST_EXTRA  # transformers' name for <|extra_0|>
     special.update({"<|image token|>": IMAGE_TOKEN, "<|image start|>": IMAGE_TOKEN + 1, "<|image end|>": IMAGE_TOKEN + 2})
     special.update({f"<|visual token {i:06d}|>": FIRST_VISUAL + i for i in range(CODEBOOK)})
-    return {**vocab, **special}, special
+    return {**byte_tokens(0), **special}, special
 
 
 def write_tokenizer(out: Path) -> dict[str, int]:
     vocab, special = vocabulary()
-    added = [
-        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
-        for t, i in sorted(special.items(), key=lambda x: x[1])
-    ]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab, "merges": []},
-    }
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
-    (out / "tokenizer_config.json").write_text(json.dumps({
+    write_byte_level_tokenizer(out, vocab, special, {
         "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|extra_203|>", "eos_token": "<|extra_204|>",
         "pad_token": "<|endoftext|>",
         "extra_special_tokens": {
             "image_token": "<image>", "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
             "image_wrapper_token": "<|image token|>", "eof_token": "<|extra_201|>",
         },
-    }))
+    })
     return vocab
 
 

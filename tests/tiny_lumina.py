@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tiny_tokenizers import byte_tokens, write_byte_level_tokenizer
+
 VOCAB_SIZE, CODES, CONTEXT = 65536, 8192, 4096
 CODE_START, IMAGE_END, IMAGE_START = 4, 8196, 8197
 END_OF_TURN, END_OF_ROW, SIZE_ZERO = 8710, 8803, 8804
@@ -27,36 +29,20 @@ FIRST_BYTE = 10000
 
 
 def vocabulary() -> tuple[dict[str, int], dict[str, int]]:
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
     from vllm_sjdpp.families.lumina import code_name
 
-    byte_chars = bytes_to_unicode()
-    vocab = {byte_chars[b]: FIRST_BYTE + b for b in range(256)}
     special = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<eoss>": IMAGE_END, "<racm3:break>": IMAGE_START}
     special.update({f"<reserved{n:05d}>": n + 4 for n in range(8194, 8800 + 129)})
     codes = sorted(code_name(c) for c in range(CODES))
     special.update({name: CODE_START + i for i, name in enumerate(codes)})
-    return {**vocab, **special}, special
+    return {**byte_tokens(FIRST_BYTE), **special}, special
 
 
 def write_tokenizer(out: Path) -> dict[str, int]:
     vocab, special = vocabulary()
-    added = [
-        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
-        for t, i in sorted(special.items(), key=lambda x: x[1])
-    ]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab, "merges": []},
-    }
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
-    (out / "tokenizer_config.json").write_text(json.dumps({
+    write_byte_level_tokenizer(out, vocab, special, {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-    }))
+    })
     return vocab
 
 
@@ -100,21 +86,36 @@ VQGAN_DDCONFIG = dict(
 VQGAN_EMBED_DIM = 4
 
 
-def build_tiny_vqgan(out: Path, seed: int = 0) -> Path:
+def taming_vqgan(ddconfig: dict, n_embed: int, embed_dim: int):
+    """A VQGAN from taming-transformers' own modules, named as Meta's checkpoint names them:
+    `encoder`, `decoder`, `quant_conv`, `post_quant_conv`, `quantize.embedding` (a ModuleDict)."""
     import torch
-    import yaml
     from taming.modules.diffusionmodules.model import Decoder, Encoder
 
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     modules = torch.nn.ModuleDict({
-        "encoder": Encoder(**VQGAN_DDCONFIG), "decoder": Decoder(**VQGAN_DDCONFIG),
-        "quant_conv": torch.nn.Conv2d(VQGAN_DDCONFIG["z_channels"], VQGAN_EMBED_DIM, 1),
-        "post_quant_conv": torch.nn.Conv2d(VQGAN_EMBED_DIM, VQGAN_DDCONFIG["z_channels"], 1),
+        "encoder": Encoder(**ddconfig), "decoder": Decoder(**ddconfig),
+        "quant_conv": torch.nn.Conv2d(ddconfig["z_channels"], embed_dim, 1),
+        "post_quant_conv": torch.nn.Conv2d(embed_dim, ddconfig["z_channels"], 1),
     })
     modules["quantize"] = torch.nn.Module()
-    modules["quantize"].embedding = torch.nn.Embedding(CODES, VQGAN_EMBED_DIM)
-    torch.save({"state_dict": modules.state_dict()}, out / "vqgan.ckpt")
-    params = {"embed_dim": VQGAN_EMBED_DIM, "n_embed": CODES, "ddconfig": VQGAN_DDCONFIG}
+    modules["quantize"].embedding = torch.nn.Embedding(n_embed, embed_dim)
+    return modules.eval()
+
+
+def save_vqgan(out: Path, modules, ddconfig: dict, n_embed: int, embed_dim: int, extra_state=None) -> Path:
+    """vqgan.yaml and vqgan.ckpt (state_dict, plus `extra_state`) in Meta's layout."""
+    import torch
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {**modules.state_dict(), **(extra_state or {})}, "global_step": 1}, out / "vqgan.ckpt")
+    params = {"embed_dim": embed_dim, "n_embed": n_embed, "ddconfig": ddconfig, "lossconfig": {"target": "x"}}
     (out / "vqgan.yaml").write_text(yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel", "params": params}}))
     return out
+
+
+def build_tiny_vqgan(out: Path, seed: int = 0) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    return save_vqgan(out, taming_vqgan(VQGAN_DDCONFIG, CODES, VQGAN_EMBED_DIM), VQGAN_DDCONFIG, CODES, VQGAN_EMBED_DIM)

@@ -38,6 +38,8 @@ class ImageFamily:
     # The negative prompt (text) a client sends when the user names none; None: the engine's
     # unconditional rule.
     default_negative_prompt: ClassVar[str | None] = None
+    guidance_scale: ClassVar[float] = 1.0  # where generation_config.json names none
+    sampling: ClassVar[dict[str, Any]] = {}  # the authors' sampling, where generation_config.json is silent
 
     # Engine side ---------------------------------------------------------------------------
 
@@ -116,13 +118,15 @@ class ImageFamily:
 
     @classmethod
     def default_guidance_scale(cls) -> float:
-        """The guidance scale when generation_config.json names none (1: no guidance)."""
-        return 1.0
+        """The guidance scale when generation_config.json names none (`guidance_scale`; 1: no
+        guidance)."""
+        return cls.guidance_scale
 
     @classmethod
     def default_sampling(cls) -> dict[str, Any]:
-        """Sampling defaults the family's authors use, where generation_config.json is silent."""
-        return {}
+        """Sampling defaults the family's authors use, where generation_config.json is silent
+        (`sampling`)."""
+        return dict(cls.sampling)
 
     @classmethod
     def image_tokens(cls, hf_config: Any) -> int | None:
@@ -188,6 +192,14 @@ class ImageFamily:
     def to_partial_image(self, tokens: list[int], size: tuple[int, int] | None = None):
         """The first tokens of an image -> a PIL image of its complete rows, the rest grey."""
         raise NotImplementedError(f"{self.name} folders cannot make images")
+
+
+def check_vocabulary_ids(ids: dict[str, int], vocab_size: int, vocab_key: str, where: str) -> None:
+    """Ids a folder's `vocabulary_map` gives ({key: id}; "code_stop" is one past the last code)
+    must lie in the vocabulary the model embeds.  Raises ValueError naming them."""
+    outside = {k: v for k, v in ids.items() if not 0 <= v < vocab_size + (k == "code_stop")}
+    if outside:
+        raise ValueError(f"{where}: ids {outside} of 'vocabulary_map' outside the vocabulary ({vocab_key}={vocab_size})")
 
 
 def check_token_ids(ids: dict[str, list[int]], vocab_size: int | None, vocab_key: str, where: str) -> None:

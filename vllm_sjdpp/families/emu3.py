@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from .base import ImageFamily, blank_below
+from .base import ImageFamily, blank_below, check_vocabulary_ids
 
 ARCHITECTURE = "Emu3ForConditionalGeneration"
 SPECIAL = {
@@ -72,6 +72,8 @@ class EmptyPromptRule:
 class Emu3Family(ImageFamily):
     name = "emu3"
     default_negative_prompt = NEGATIVE_PROMPT
+    guidance_scale = DEFAULT_GUIDANCE_SCALE
+    sampling = {"top_k": DEFAULT_TOP_K}
 
     @classmethod
     def matches(cls, hf_config: Any) -> bool:
@@ -105,23 +107,12 @@ class Emu3Family(ImageFamily):
         text = getattr(hf_config, "text_config", None)
         if text is None:
             raise ValueError("Emu3: config.json 'text_config' is missing")
-        ids = cls.ids(hf_config)
-        outside = {k: v for k, v in ids.items() if not 0 <= v < text.vocab_size + (k == "code_stop")}
-        if outside:
-            raise ValueError(f"Emu3: ids {outside} of 'vocabulary_map' outside the text vocabulary (text_config.vocab_size={text.vocab_size})")
+        check_vocabulary_ids(cls.ids(hf_config), text.vocab_size, "text_config.vocab_size", "Emu3")
         cls.stream_grid(hf_config)  # the special ids apart from the codes
 
     @classmethod
     def unconditional_rule(cls, hf_config: Any, generation_config: dict) -> EmptyPromptRule:
         return EmptyPromptRule(cls.ids(hf_config)["image_start"])
-
-    @classmethod
-    def default_guidance_scale(cls) -> float:
-        return DEFAULT_GUIDANCE_SCALE
-
-    @classmethod
-    def default_sampling(cls) -> dict[str, Any]:
-        return {"top_k": DEFAULT_TOP_K}
 
     @classmethod
     def stream_grid(cls, hf_config: Any):

@@ -34,7 +34,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .base import ImageFamily, blank_below
+from .base import ImageFamily, blank_below, check_vocabulary_ids
 
 ARCHITECTURES = ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration")
 SPECIAL = {
@@ -78,6 +78,8 @@ class ImageHeaderRule:
 
 class LuminaFamily(ImageFamily):
     name = "lumina-mgpt"
+    guidance_scale = DEFAULT_GUIDANCE_SCALE
+    sampling = {"top_k": DEFAULT_TOP_K}
 
     @classmethod
     def matches(cls, hf_config: Any) -> bool:
@@ -116,23 +118,12 @@ class LuminaFamily(ImageFamily):
         if getattr(hf_config, "swin_norm", False):
             raise ValueError("Chameleon: config.json 'swin_norm' is true (Chameleon-34B's norm placement), which this "
                              "plugin does not run")
-        ids = cls.ids(hf_config)
-        outside = {k: v for k, v in ids.items() if not 0 <= v < hf_config.vocab_size + (k == "code_stop")}
-        if outside:
-            raise ValueError(f"Chameleon: ids {outside} of 'vocabulary_map' outside the vocabulary (vocab_size={hf_config.vocab_size})")
+        check_vocabulary_ids(cls.ids(hf_config), hf_config.vocab_size, "vocab_size", "Chameleon")
         cls.stream_grid(hf_config)  # the special ids apart from the codes
 
     @classmethod
     def unconditional_rule(cls, hf_config: Any, generation_config: dict) -> ImageHeaderRule:
         return ImageHeaderRule(cls.ids(hf_config)["image_start"])
-
-    @classmethod
-    def default_guidance_scale(cls) -> float:
-        return DEFAULT_GUIDANCE_SCALE
-
-    @classmethod
-    def default_sampling(cls) -> dict[str, Any]:
-        return {"top_k": DEFAULT_TOP_K}
 
     @classmethod
     def default_side(cls, hf_config: Any) -> int:
