@@ -194,6 +194,19 @@ class ImageFamily:
         raise NotImplementedError(f"{self.name} folders cannot make images")
 
 
+class RequestSizedFamily(ImageFamily):
+    """A family whose requests choose their image's size, read back from the prompt by
+    `request_grid`: an image's tokens are its grid's."""
+
+    @classmethod
+    def image_tokens(cls, hf_config: Any) -> int:
+        return cls.stream_grid(hf_config).length
+
+    @classmethod
+    def request_image_tokens(cls, hf_config: Any, prompt: list[int]) -> int:
+        return cls.request_grid(hf_config, prompt).length
+
+
 def check_vocabulary_ids(ids: dict[str, int], vocab_size: int, vocab_key: str, where: str) -> None:
     """Ids a folder's `vocabulary_map` gives ({key: id}; "code_stop" is one past the last code)
     must lie in the vocabulary the model embeds.  Raises ValueError naming them."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from .base import ImageFamily, blank_below, check_vocabulary_ids
+from .base import RequestSizedFamily, blank_below, check_vocabulary_ids
 
 ARCHITECTURE = "Emu3ForConditionalGeneration"
 SPECIAL = {
@@ -69,7 +69,7 @@ class EmptyPromptRule:
         return prompt[:1] + prompt[start:]
 
 
-class Emu3Family(ImageFamily):
+class Emu3Family(RequestSizedFamily):
     name = "emu3"
     default_negative_prompt = NEGATIVE_PROMPT
     guidance_scale = DEFAULT_GUIDANCE_SCALE
@@ -140,14 +140,6 @@ class Emu3Family(ImageFamily):
         if size is None or min(int(size[1]), int(size[2])) < 1:
             raise ValueError(f"an Emu3 prompt's image header must give its size as H*W codes, got {text!r}")
         return grid.resized(int(size[1]), int(size[2]))
-
-    @classmethod
-    def image_tokens(cls, hf_config: Any) -> int:
-        return cls.stream_grid(hf_config).length
-
-    @classmethod
-    def request_image_tokens(cls, hf_config: Any, prompt: list[int]) -> int:
-        return cls.request_grid(hf_config, prompt).length
 
     # Client side ---------------------------------------------------------------------------
 

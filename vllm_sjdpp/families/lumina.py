@@ -34,7 +34,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .base import ImageFamily, blank_below, check_vocabulary_ids
+from .base import RequestSizedFamily, blank_below, check_vocabulary_ids
 
 ARCHITECTURES = ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration")
 SPECIAL = {
@@ -76,7 +76,7 @@ class ImageHeaderRule:
         return prompt[len(prompt) - 1 - prompt[::-1].index(self.image_start_id):]
 
 
-class LuminaFamily(ImageFamily):
+class LuminaFamily(RequestSizedFamily):
     name = "lumina-mgpt"
     guidance_scale = DEFAULT_GUIDANCE_SCALE
     sampling = {"top_k": DEFAULT_TOP_K}
@@ -157,14 +157,6 @@ class LuminaFamily(ImageFamily):
             )
         height, width = (u * SIZE_UNIT // PIXELS_PER_CODE for u in units)
         return grid.resized(height, width)
-
-    @classmethod
-    def image_tokens(cls, hf_config: Any) -> int:
-        return cls.stream_grid(hf_config).length
-
-    @classmethod
-    def request_image_tokens(cls, hf_config: Any, prompt: list[int]) -> int:
-        return cls.request_grid(hf_config, prompt).length
 
     # Client side ---------------------------------------------------------------------------
 
