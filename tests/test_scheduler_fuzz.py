@@ -16,6 +16,7 @@ preempt.  Within a step bound:
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import pytest
@@ -73,11 +74,17 @@ scripts = st.builds(
 )
 
 
-@pytest.fixture(scope="module")
-def engines(make_engine, tiny_guided_path) -> dict:
-    """All of ENGINES, alive for the module (an engine let go may tear down vLLM's process-wide
-    state under the next one)."""
-    return {name: make_engine(tiny_guided_path, **ENGINE, **overrides) for name, overrides in ENGINES.items()}
+_ENGINES: dict = {}  # name -> engine, while this module runs (hypothesis never holds one)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engines(make_engine, tiny_guided_path):
+    """All of ENGINES, alive for the module, let go at its end and collected there: an engine
+    collected later, while another module's runs, tears down vLLM's process-wide state under it."""
+    _ENGINES.update({name: make_engine(tiny_guided_path, **ENGINE, **overrides) for name, overrides in ENGINES.items()})
+    yield
+    _ENGINES.clear()
+    gc.collect()
 
 
 def run_script(llm, script: Script) -> tuple[dict[int, list[int]], set[int], list[str]]:
@@ -133,8 +140,8 @@ def run_script(llm, script: Script) -> tuple[dict[int, list[int]], set[int], lis
 )
 @given(script=scripts)
 @pytest.mark.parametrize("name", list(ENGINES))
-def test_every_request_ends_and_its_blocks_return(engines, name, hf_guided, script):
-    engine = engines[name]
+def test_every_request_ends_and_its_blocks_return(name, hf_guided, script):
+    engine = _ENGINES[name]
     scheduler = engine.llm_engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
     free = pool.get_num_free_blocks()
