@@ -9,7 +9,9 @@ its image header, the family's rule) and the family's top-k, one engine with SJD
 windows: draft_token_budget null, the folder's defaults: fresh codes from the row above, each
 request's row width) and one without; passes per image are its tokens minus its accepted drafts
 (vLLM's per-request speculative metrics).  The seeded images of both engines must be the same
-tokens (the position-keyed race), which the script checks.  A random model's Jacobi trajectories
+tokens (the position-keyed race), which the script checks; each engine's wall time for the batch
+is measured after a warm-up, one engine after the other, with a third engine on the server's
+default windows ("auto": the goodput controller).  A random model's Jacobi trajectories
 say little about trained weights: this measures the path, not the speed-up a real checkpoint
 would get.
 """
@@ -21,6 +23,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}.items():
@@ -84,9 +87,18 @@ def main() -> None:
     prompts = [family.prompt_ids(t, size) for t in texts]
     negatives = [None if negative_text is None else family.prompt_ids(negative_text, size)] * args.images
     tokens = family.tokens_for(size)
-    plain = run(LLM(str(folder), **ENGINE), prompts, negatives, tokens, top_k)
-    spec = {"method": "sjdpp", "num_speculative_tokens": 16, "draft_token_budget": None}
-    sjdpp = run(LLM(str(folder), speculative_config=spec, **ENGINE), prompts, negatives, tokens, top_k)
+    full = {"method": "sjdpp", "num_speculative_tokens": 16, "draft_token_budget": None}
+    engines = {
+        "plain": LLM(str(folder), **ENGINE), "sjdpp": LLM(str(folder), speculative_config=full, **ENGINE),
+        "auto": LLM(str(folder), speculative_config={"method": "sjdpp"}, **ENGINE),  # the server's default
+    }
+    seconds, outputs = {}, {}
+    for name, llm in engines.items():
+        run(llm, prompts[:2], negatives[:2], tokens, top_k)  # warm-up
+        start = time.perf_counter()
+        outputs[name] = run(llm, prompts, negatives, tokens, top_k)
+        seconds[name] = time.perf_counter() - start
+    plain, sjdpp = outputs["plain"], outputs["sjdpp"]
     same = sum(a == b for (a, _), (b, _) in zip(plain, sjdpp))
     passes = sum(p for _, p in sjdpp) / args.images
     rule = family.unconditional_rule(family.config, {})
@@ -96,10 +108,14 @@ def main() -> None:
         "prompt_tokens": len(prompts[0]), "negative_prompt_tokens": negative_tokens,
         "plain_passes_per_image": sum(p for _, p in plain) / args.images,
         "sjdpp_passes_per_image": passes, "fewer_passes": tokens / passes, "identical_images": same,
+        # Wall time of the whole batch (max_num_seqs 4 in flight), each engine after a warm-up;
+        # "auto": the server's default windows (the goodput controller).
+        "seconds": seconds, "speedup": {k: seconds["plain"] / v for k, v in seconds.items()},
+        "auto_identical_images": sum(a == b for (a, _), (b, _) in zip(plain, outputs["auto"])),
     }
     print(f"{args.family}: {args.images} images of {args.size}x{args.size} px ({tokens} tokens): plain "
           f"{result['plain_passes_per_image']:.1f} passes, SJD++ {passes:.1f} ({tokens / passes:.2f}x fewer); "
-          f"{same}/{args.images} identical to plain")
+          f"{same}/{args.images} identical to plain; wall time " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
     print(f"wrote {out_path}")

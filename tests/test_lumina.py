@@ -181,8 +181,8 @@ SAMPLES, LENGTH, SAMPLE_SIZE = 2000, 5, (64, 64)
 @pytest.fixture(scope="module")
 def lumina_many(make_engine, tiny_lumina_path, lumina_sjdpp):
     spec = {"method": "sjdpp", "num_speculative_tokens": 3, "draft_token_budget": None}
-    return make_engine(tiny_lumina_path, speculative_config=spec, max_model_len=512, max_num_seqs=32,
-                       max_num_batched_tokens=160)
+    return make_engine(tiny_lumina_path, speculative_config=spec, max_model_len=512, max_num_seqs=64,
+                       max_num_batched_tokens=320)
 
 
 def hf_samples(model, prompt, scale, samples=SAMPLES, chunk=250):
