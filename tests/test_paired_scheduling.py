@@ -54,15 +54,20 @@ def discarded(monkeypatch) -> list[int]:
     return rows
 
 
-def test_a_pair_shares_the_token_budget_instead_of_running_apart(tight_budget, hf_guided, discarded):
-    """Each member takes half of what is left (the second no more than the first), and a member
-    being admitted stops before its last prompt token until its partner is there: no window is
-    computed and thrown away, and the output is transformers'.  Before, the
-    first member took the whole budget at every drafted step, and the second sampled nothing."""
+LONG_PROMPT = [0] + [5 + i % 30 for i in range(29)]
+
+
+@pytest.mark.parametrize("prompt, negative", [(PROMPT, NEGATIVE), (LONG_PROMPT, [0, 3])], ids=["short", "chunked"])
+def test_a_pair_shares_the_token_budget_instead_of_running_apart(tight_budget, hf_guided, discarded, prompt, negative):
+    """Each member takes half of what is left (the second no more than the first), a member
+    being admitted stops before its last prompt token, and a member whose prompt ends in chunks
+    meets its partner at the hold point: no window is computed and thrown away, and the output
+    is transformers'.  Before, the first member took the whole budget at every drafted step,
+    and the second sampled nothing (the "short" case: 35 rows discarded)."""
     scheduler = scheduler_of(tight_budget)
-    tight_budget.llm_engine.add_request("budget", {"prompt_token_ids": PROMPT}, guided_params(max_tokens=40))
+    tight_budget.llm_engine.add_request("budget", {"prompt_token_ids": prompt}, guided_params(negative, max_tokens=40))
     assert list(drive(tight_budget, lambda: not scheduler.requests).values()) == [
-        hf_greedy(hf_guided, PROMPT, 3.0, negative=NEGATIVE, n=40)
+        hf_greedy(hf_guided, prompt, 3.0, negative=negative, n=40)
     ]
     assert discarded == []
 

@@ -11,7 +11,7 @@ vqgan.yaml, `model.params` (taming's layout): `n_embed` codes of `embed_dim`, an
 training parts, `loss.*`, which are not loaded).  Loaded with `torch.load(weights_only=True)`.
 
 Decoding: codes [H, W] -> codebook vectors -> post_quant_conv -> decoder -> [3, 16H, 16W] in
-[-1, 1] -> 8-bit RGB (clamped, scaled, rounded), as Lumina-mGPT's `ImageTokenizer.pil_from_img_toks`.
+[-1, 1] -> 8-bit RGB (clamped, scaled, truncated), as Lumina-mGPT's `ImageTokenizer.pil_from_img_toks`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ def read_params(config_path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{config_path}: model.params lacks {lacking}")
     if dd.get("double_z"):
         raise ValueError(f"{config_path}: ddconfig.double_z is true, not a VQGAN's encoder")
+    # Variants of the architecture VQModel does not build: refused rather than decoded wrongly.
+    unsupported = {k: dd[k] for k, ok in (("attn_type", "vanilla"), ("tanh_out", False), ("give_pre_end", False),
+                                          ("resamp_with_conv", True)) if k in dd and dd[k] != ok}
+    if unsupported:
+        raise ValueError(f"{config_path}: ddconfig {unsupported} is not supported (diffusers' VQModel)")
     return params
 
 
@@ -132,5 +137,5 @@ def decode(model, codes) -> Any:
     with torch.no_grad():
         quant = model.quantize.get_codebook_entry(codes.flatten(), (1, height, width, model.config.vq_embed_dim))
         pixels = model.decode(quant, force_not_quantize=True).sample[0]
-    pixels = ((pixels.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pixels = ((pixels.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 0).numpy()  # truncated, as Lumina-mGPT
     return Image.fromarray(pixels, "RGB")

@@ -8,8 +8,8 @@ What it adds to vLLM's scheduling, each in the one method vLLM's own scheduler c
   member goes past its last committed token only when its partner is there too, and the pair's
   windows come out of one token budget: the first member takes at most half of what is left, the
   second at most the first's window, so that no member samples alone for want of budget; a
-  member being admitted stops short of that point unless its partner waits there; before it,
-  each member prefills on its own, in chunks of any size.
+  member being admitted stops short of that point (its partner joins it there next step);
+  before it, each member prefills on its own, in chunks of any size.
 - `schedule`: before vLLM's pass, each companion follows its request in the running queue (a
   pair that ran apart last step goes first); after it, the windows of a joint step are cut to
   the shorter one (vLLM's context limit may trim one member's drafts), and members held for a
@@ -35,7 +35,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request, RequestStatus
 
 from ..guidance.cfg import NEGATIVE_PROMPT_KEY
-from ..guidance.pairing import companion_id, companion_params, needs_companion
+from ..guidance.pairing import COMPANION_SUFFIX, companion_id, companion_params, needs_companion
 
 logger = init_logger("vllm.sjdpp")
 
@@ -85,9 +85,9 @@ class PairedScheduler(Scheduler):
         self.partners: dict[str, str] = {}  # both ways: request <-> companion
         self.companions: set[str] = set()
         self.split_pairs: set[str] = set()  # requests whose pair ran apart last step
-        # In the step being scheduled: tokens handed out so far, and each paired member's window
+        # In the step being scheduled: tokens and requests handed out so far, each paired member's window
         # (rows at or past its last committed token; 0: held).
-        self._step_tokens = 0
+        self._step_tokens = self._step_requests = 0
         self._step_windows: dict[str, int] = {}
 
     # Arrival and end ----------------------------------------------------------------------
@@ -148,7 +148,8 @@ class PairedScheduler(Scheduler):
         num_new_tokens = self._paired_tokens(
             request, num_computed_tokens, super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
         )
-        self._step_tokens += num_new_tokens
+        self._step_tokens += num_new_tokens  # an upper bound: an allocation may still fail
+        self._step_requests += num_new_tokens > 0
         return num_new_tokens
 
     def _paired_tokens(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
@@ -161,23 +162,23 @@ class PairedScheduler(Scheduler):
         window = num_computed_tokens + num_new_tokens - hold
         if window <= 0:
             return num_new_tokens
-        partner = self._alive(partner_id)
         if request.status != RequestStatus.RUNNING:
-            # Admission (vLLM stops admitting at a 0): up to the hold point unless the partner
-            # waits there; with nothing before it, the step runs and is discarded if need be.
-            ready = partner is not None and self._ready(partner)
-            return num_new_tokens if ready or before == 0 else before
-        if partner is None or not self._ready(partner):
-            window = 0
-        elif partner_id in self._step_windows:  # the partner went first: as far as it went
+            # Admission, after the running loop (a running partner got no window this step): up
+            # to the hold point; with nothing before it (vLLM stops admitting at a 0), the step
+            # runs and is discarded.
+            return before or num_new_tokens
+        partner = self._alive(partner_id)
+        if partner_id in self._step_windows:  # the partner went first: as far as it went
             window = min(window, self._step_windows[partner_id])
-        else:  # first of the pair: leave the partner as much
+        elif partner is None or not self._ready(partner):
+            window = 0
+        else:  # first of the pair: leave the partner as much, of both of vLLM's budgets
             spec = self.vllm_config.speculative_config
             draft_slots = spec.max_num_new_slots_for_drafting if spec is not None else 0
             left = min(
-                self.max_num_scheduled_tokens,
-                self.scheduler_config.max_num_batched_tokens - 2 * draft_slots,  # an upper bound of vLLM's input budget
-            ) - self._step_tokens
+                self.max_num_scheduled_tokens - self._step_tokens,
+                self.scheduler_config.max_num_batched_tokens - self._step_tokens - (self._step_requests + 2) * draft_slots,
+            )
             window = min(window, (left - before) // 2)
         window = max(window, 0)
         self._step_windows[request.request_id] = window
@@ -186,7 +187,7 @@ class PairedScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         if self.partners:
             self._order_pairs()
-        self._step_tokens = 0
+        self._step_tokens = self._step_requests = 0
         self._step_windows.clear()
         output = super().schedule(*args, **kwargs)
         if self.partners:
@@ -285,8 +286,10 @@ class PairedScheduler(Scheduler):
         companions |= self.companions
         for client_outputs in outputs.values():
             client_outputs.outputs = [o for o in client_outputs.outputs if o.request_id not in companions]
-            if client_outputs.finished_requests:
-                client_outputs.finished_requests -= companions
+            if client_outputs.finished_requests:  # vLLM reports a step's frees the step after: by suffix
+                client_outputs.finished_requests = {
+                    r for r in client_outputs.finished_requests if not r.endswith(COMPANION_SUFFIX)
+                }
         self._forget_ended_pairs()
         return outputs
 
