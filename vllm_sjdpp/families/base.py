@@ -14,6 +14,8 @@ it: spatial priors copy generated tokens only, never prompt ids.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
@@ -205,6 +207,24 @@ class RequestSizedFamily(ImageFamily):
     @classmethod
     def request_image_tokens(cls, hf_config: Any, prompt: list[int]) -> int:
         return cls.request_grid(hf_config, prompt).length
+
+
+def per_vocabulary(build: Callable[[dict], Any]) -> Callable[[Any], Any]:
+    """`build(vocabulary_map)` as a function of a config, built once per vocabulary (the last few
+    kept, by identity): a family reads its ids from a 65536- or 184622-entry map, per request."""
+    built: list[tuple[dict, Any]] = []
+
+    @functools.wraps(build)
+    def of(hf_config: Any) -> Any:
+        vocabulary = hf_config.vocabulary_map
+        for known, value in built:
+            if known is vocabulary:
+                return value
+        value = build(vocabulary)
+        built[:] = [(vocabulary, value), *built[:3]]
+        return value
+
+    return of
 
 
 def check_vocabulary_ids(ids: dict[str, int], vocab_size: int, vocab_key: str, where: str) -> None:

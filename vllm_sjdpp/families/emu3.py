@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from .base import RequestSizedFamily, blank_below, check_vocabulary_ids
+from .base import RequestSizedFamily, blank_below, check_vocabulary_ids, per_vocabulary
 
 ARCHITECTURE = "Emu3ForConditionalGeneration"
 SPECIAL = {
@@ -228,16 +228,10 @@ def default_side() -> int:
     return int(round(math.sqrt(DEFAULT_AREA) / SPATIAL_FACTOR))
 
 
-_WORDS: list[tuple[dict, dict[int, str]]] = []  # (vocabulary_map, its inverse), the last few
-
-
-def _words(hf_config: Any) -> dict[int, str]:
-    """id -> token string of `vocabulary_map` (byte-level BPE: ASCII digits and '*' are themselves),
-    built once per vocabulary."""
-    vocabulary = hf_config.vocabulary_map
-    for known, words in _WORDS:
-        if known is vocabulary:
-            return words
+@per_vocabulary
+def _words(vocabulary: dict[str, int]) -> dict[int, str]:
+    """id -> token string of `vocabulary_map` (byte-level BPE: ASCII digits and '*' are themselves)."""
+    return {i: w for w, i in vocabulary.items()}
     words = {i: w for w, i in vocabulary.items()}
     _WORDS[:] = [(vocabulary, words), *_WORDS[:3]]
     return words

@@ -34,7 +34,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .base import RequestSizedFamily, blank_below, check_vocabulary_ids
+from .base import RequestSizedFamily, blank_below, check_vocabulary_ids, per_vocabulary
 
 ARCHITECTURES = ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration")
 SPECIAL = {
@@ -89,29 +89,14 @@ class LuminaFamily(RequestSizedFamily):
     def ids(cls, hf_config: Any) -> dict[str, int]:
         """The special ids and the codes' range ("code_start", "code_stop") from config.json
         `vocabulary_map` (ValueError naming what is missing or out of place)."""
-        vocabulary = getattr(hf_config, "vocabulary_map", None)
-        if not isinstance(vocabulary, dict):
+        if not isinstance(getattr(hf_config, "vocabulary_map", None), dict):
             raise ValueError("Chameleon: config.json 'vocabulary_map' (the tokenizer's vocabulary) is missing")
-        lacking = [name for name in SPECIAL.values() if name not in vocabulary]
-        if lacking:
-            raise ValueError(f"Chameleon: config.json 'vocabulary_map' lacks {lacking}")
-        ids = {key: int(vocabulary[name]) for key, name in SPECIAL.items()}
-        codes = cls.code_of_id(hf_config)
-        if len(codes) != CODES:
-            raise ValueError(f"Chameleon: config.json 'vocabulary_map' has {len(codes)} {CODE_PREFIX}* tokens, not {CODES}")
-        ids["code_start"], ids["code_stop"] = min(codes), max(codes) + 1
-        if ids["code_stop"] - ids["code_start"] != CODES:
-            raise ValueError(f"Chameleon: the {CODE_PREFIX}* tokens of 'vocabulary_map' are not consecutive ids")
-        return ids
+        return dict(_ids(hf_config))
 
     @classmethod
     def code_of_id(cls, hf_config: Any) -> dict[int, int]:
         """Token id -> VQ code, from the `IMGIMG*` names (transformers' `bpe2img`)."""
-        digits = str.maketrans({chr(ord("A") + i): str(i) for i in range(10)})
-        return {
-            int(i): int(name[len(CODE_PREFIX): -1].translate(digits))
-            for name, i in hf_config.vocabulary_map.items() if name.startswith(CODE_PREFIX)
-        }
+        return _code_of_id(hf_config)
 
     @classmethod
     def check(cls, hf_config: Any, generation_config: dict) -> None:
@@ -232,11 +217,18 @@ class LuminaFamily(RequestSizedFamily):
         tokens' names)."""
         import numpy as np
 
+        body = np.asarray(tokens[: rows * (per_row + 1)], dtype=np.int64).reshape(rows, per_row + 1)
+        return self.code_table[body[:, :per_row]]
+
+    @cached_property
+    def code_table(self):
+        """[vocab_size] token id -> VQ code (0 off the codes)."""
+        import numpy as np
+
         table = np.zeros(self.config.vocab_size, dtype=np.int64)
         for token, code in self.code_of_id(self.config).items():
             table[token] = code
-        body = np.asarray(tokens[: rows * (per_row + 1)], dtype=np.int64).reshape(rows, per_row + 1)
-        return table[body[:, :per_row]]
+        return table
 
     def to_image(self, tokens: list[int], size: tuple[int, int] | None = None):
         """Generated tokens (the whole stream) -> a PIL image through the user's VQGAN."""
@@ -252,6 +244,27 @@ class LuminaFamily(RequestSizedFamily):
         first = self.ids(self.config)["code_start"]
         pad = ([first] * per_row + [0]) * (height // PIXELS_PER_CODE - rows)
         return blank_below(self.to_image(list(tokens[: rows * (per_row + 1)]) + pad, size), rows * PIXELS_PER_CODE)
+
+
+@per_vocabulary
+def _code_of_id(vocabulary: dict[str, int]) -> dict[int, int]:
+    digits = str.maketrans({chr(ord("A") + i): str(i) for i in range(10)})
+    return {int(i): int(name[len(CODE_PREFIX): -1].translate(digits)) for name, i in vocabulary.items() if name.startswith(CODE_PREFIX)}
+
+
+@per_vocabulary
+def _ids(vocabulary: dict[str, int]) -> dict[str, int]:
+    lacking = [name for name in SPECIAL.values() if name not in vocabulary]
+    if lacking:
+        raise ValueError(f"Chameleon: config.json 'vocabulary_map' lacks {lacking}")
+    ids = {key: int(vocabulary[name]) for key, name in SPECIAL.items()}
+    codes = _code_of_id.__wrapped__(vocabulary)
+    if len(codes) != CODES:
+        raise ValueError(f"Chameleon: config.json 'vocabulary_map' has {len(codes)} {CODE_PREFIX}* tokens, not {CODES}")
+    ids["code_start"], ids["code_stop"] = min(codes), max(codes) + 1
+    if ids["code_stop"] - ids["code_start"] != CODES:
+        raise ValueError(f"Chameleon: the {CODE_PREFIX}* tokens of 'vocabulary_map' are not consecutive ids")
+    return ids
 
 
 def stream_length(width: int, height: int) -> int:
