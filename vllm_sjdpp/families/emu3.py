@@ -232,6 +232,3 @@ def default_side() -> int:
 def _words(vocabulary: dict[str, int]) -> dict[int, str]:
     """id -> token string of `vocabulary_map` (byte-level BPE: ASCII digits and '*' are themselves)."""
     return {i: w for w, i in vocabulary.items()}
-    words = {i: w for w, i in vocabulary.items()}
-    _WORDS[:] = [(vocabulary, words), *_WORDS[:3]]
-    return words
