@@ -20,7 +20,9 @@ setup(
     package_dir={"vllm_sjdpp": "vllm_sjdpp", "vllm_sjdpp.kernels": "kernels"},
     install_requires=["torch", "numpy", "scipy>=1.12"],  # scipy: isotonic regression (goodput.py)
     entry_points={
-        "vllm.general_plugins": ["sjdpp = vllm_sjdpp.plugin:register"],
+        # sjdpp_images here too: VLLM_PLUGINS naming only the endpoint stops with the fix.
+        "vllm.general_plugins": ["sjdpp = vllm_sjdpp.plugin:register",
+                                 "sjdpp_images = vllm_sjdpp.plugin:require_engine_plugin"],
         # Opt-in, as vLLM loads endpoint plugins: VLLM_PLUGINS=sjdpp,sjdpp_images
         "vllm.endpoint_plugins": ["sjdpp_images = vllm_sjdpp.serving.images_api:ImagesEndpoint"],
     },

@@ -35,6 +35,7 @@ subprocess without that variable.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 import os
@@ -383,7 +384,15 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="python -m vllm_sjdpp.kernels.compile_check", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser().parse_args(argv)
     if _interpreted():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", MODULE], env=env).returncode

@@ -201,3 +201,17 @@ def test_32_concurrent_requests_with_disconnecting_clients(server, client):
     left = [line for line in metrics.splitlines()
             if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{"))]
     assert left and all(float(line.rsplit(" ", 1)[1]) == 0 for line in left), left
+
+
+def test_bench_measures_plain_against_sjdpp(server):
+    """`python -m vllm_sjdpp.bench` on this server: plain images take a pass per token, SJD++
+    fewer; every seed gives one PNG both ways (bench.summarize's own failure cases: test_cli)."""
+    from vllm_sjdpp import bench
+
+    record = bench.bench(server, {"prompt": "a handwritten 5", "size": SIZE}, images=2, in_flight=3, seed=40,
+                         progress=False)
+    s = record["summary"]
+    assert s["passes_per_image"]["plain"] == GENERATED_LENGTH and s["passes_per_image"]["sjdpp"] < GENERATED_LENGTH
+    assert (s["identical_pngs"], s["seeds_compared"]) == (3, 3)
+    assert len(record["latency_runs"]) == 4 and len(record["throughput_runs"]["sjdpp"]["runs"]) == 3
+    assert all(r["seconds"] > 0 for r in record["latency_runs"])

@@ -22,7 +22,7 @@ LAYERS = [
     ("guidance", ["vllm_sjdpp.guidance"]),
     ("engine", ["vllm_sjdpp.engine"]),
     ("serving", ["vllm_sjdpp.serving"]),
-    ("applications", ["vllm_sjdpp.digits"]),
+    ("applications", ["vllm_sjdpp.digits", "vllm_sjdpp.bench"]),
     ("patches", ["vllm_sjdpp.patches", "vllm_sjdpp.plugin", "vllm_sjdpp.cpu_alias", "vllm_sjdpp"]),
 ]
 # Prefixes that name one module only (the package's own __init__), not everything below it.

@@ -14,6 +14,7 @@ installs a one-line `.pth` file that imports this module at interpreter start; w
 
 from __future__ import annotations
 
+import argparse
 import email.message
 import importlib.metadata as metadata
 import sys
@@ -81,5 +82,15 @@ def install() -> Path:
     return pth
 
 
-if __name__ == "__main__":
+def parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="python -m vllm_sjdpp.cpu_alias", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser().parse_args(argv)
     print(f"installed {install()}")
+
+
+if __name__ == "__main__":
+    main()

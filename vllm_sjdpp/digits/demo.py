@@ -212,18 +212,25 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
     return runs, drafts, identical
 
 
-def main(argv: list[str] | None = None) -> None:
-    from .. import machine
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--out", type=Path, default=Path("digits.png"))
-    ap.add_argument("--spec-config", type=json.loads, default=DEFAULT_SPEC)
-    ap.add_argument("--seed", type=int, default=0)
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m vllm_sjdpp.digits.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_OUT, help="the digit model's folder (default: the bundled one)")
+    ap.add_argument("--out", type=Path, default=Path("digits.png"), help="the PNG of the images (default: %(default)s)")
+    ap.add_argument("--spec-config", type=json.loads, default=DEFAULT_SPEC,
+                    help="the server's --speculative-config, as JSON (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of digit 0 (digit d: seed + d; default: %(default)s)")
     ap.add_argument("--guidance-scale", type=float, default=None,
                     help="classifier-free guidance scale (default: the model's generation_config.json)")
     ap.add_argument("--dtype", default="auto",
                     help="the server's --dtype (default auto: float32 on a CPU without native bf16, else bf16)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .. import machine
+
+    ap = parser()
     args = ap.parse_args(argv)
     if not (args.model / "config.json").exists():
         ap.error(f"no model at {args.model}")

@@ -154,6 +154,19 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def parser(default_model: Path | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m vllm_sjdpp.digits.soak", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10, help="how long to keep the server busy (default: %(default)s)")
+    ap.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: %(default)s)")
+    ap.add_argument("--abort-fraction", type=float, default=0.1,
+                    help="share of requests the client abandons mid-way (default: %(default)s)")
+    ap.add_argument("--model", type=Path, default=default_model, help="the digit model's folder (default: the bundled one)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/soak"),
+                    help="results prefix: .json and .png are written (default: %(default)s)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
@@ -161,13 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     from vllm_sjdpp.digits.train import DEFAULT_OUT
     from vllm_sjdpp.serving.server import vllm_server
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=10)
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--abort-fraction", type=float, default=0.1)
-    ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/soak"))
-    args = ap.parse_args(argv)
+    args = parser(DEFAULT_OUT).parse_args(argv)
     log_path = Path(tempfile.mkdtemp(prefix="sjdpp-soak-")) / "vllm-serve.log"
     serve_args = ["--speculative-config", "sjdpp", "--max-model-len", str(GENERATED_LENGTH + 64),
                   "--max-num-seqs", str(args.concurrency)]

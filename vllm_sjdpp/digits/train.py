@@ -222,15 +222,21 @@ def plot_losses(losses, held_out: float, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--minutes", type=float, default=18.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=16)
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m vllm_sjdpp.digits.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the model folder to write (default: the bundled one)")
+    ap.add_argument("--minutes", type=float, default=18.0, help="training time budget (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: %(default)s)")
     ap.add_argument("--calibrate-only", action="store_true", help="only (re)write the sampling defaults of --out")
     ap.add_argument("--guidance-scale", type=float, help="only write this default guidance scale into --out")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
+    args = ap.parse_args(argv)
     if args.guidance_scale is not None:
         if args.guidance_scale < 0:
             ap.error("--guidance-scale must be >= 0")

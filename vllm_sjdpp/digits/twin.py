@@ -109,16 +109,21 @@ def parameters(folder: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m vllm_sjdpp.digits.twin", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", type=Path, default=DEFAULT_OUT, help="the digit model to widen (default: the bundled one)")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/digits-twin"), help="the twin's folder (default: %(default)s)")
+    ap.add_argument("--hidden", type=int, default=1024, help="hidden size (default: %(default)s)")
+    ap.add_argument("--layers", type=int, default=10, help="decoder layers (default: %(default)s)")
+    ap.add_argument("--intermediate", type=int, default=2816, help="MLP width (default: %(default)s)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the added weights (default: %(default)s)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--src", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--out", type=Path, default=Path("/tmp/digits-twin"))
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=10)
-    ap.add_argument("--intermediate", type=int, default=2816)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     out = widen(args.src, args.out, args.hidden, args.layers, args.intermediate, args.seed, getattr(torch, args.dtype))
     print(f"wrote {out}: {parameters(out) / 1e6:.1f} M parameters")
 

@@ -11,6 +11,8 @@ transformers.  Never the engine, guidance, serving or vLLM."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +30,52 @@ def family_of(hf_config: Any) -> type[ImageFamily]:
     return next((f for f in FAMILIES if f.matches(hf_config)), ImageFamily)
 
 
-def load(folder: str | Path) -> ImageFamily:
-    """The family of a model folder, ready to make prompts and images."""
+def resolve(folder: str | Path, revision: str | None = None) -> Path:
+    """A model folder: `folder` itself, or a hub id ("owner/name") looked up in the local Hugging
+    Face cache, offline (as `vllm serve` stores what it downloads).  Raises FileNotFoundError
+    naming where it looked and how to fetch the folder."""
+    path = Path(folder)
+    if path.is_dir() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(folder)):
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(folder), revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{folder}: neither a folder nor in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            f"download it first (hf download {folder})"
+        ) from None
+
+
+def foreign_format(folder: Path) -> str | None:
+    """Why a folder is in a format no family reads (a checkpoint's original release layout where
+    transformers has its own), naming the folder to use instead; None when it is not."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return next((why for why in (f.foreign_format(raw) for f in FAMILIES) if why), None)
+
+
+def load(folder: str | Path, revision: str | None = None) -> ImageFamily:
+    """The family of a model folder (or a hub id in the local cache, `resolve`), ready to make
+    prompts and images.  Raises FileNotFoundError (no such folder) or ValueError (a folder no
+    family reads, naming why)."""
     from transformers import AutoConfig
 
-    path = Path(folder)
+    path = resolve(folder, revision)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json (not a model folder)")
+        raise FileNotFoundError(f"{folder}: no config.json (not a model folder)")
+    why = foreign_format(path)
+    if why:
+        raise ValueError(f"{folder}: {why}")
     config = AutoConfig.from_pretrained(path)
     family = family_of(config)
     if family is ImageFamily:
         names = ", ".join(f.name for f in FAMILIES)
-        raise ValueError(f"{path}: architectures {config.architectures} belong to no image family ({names})")
+        raise ValueError(f"{folder}: architectures {config.architectures} belong to no image family ({names})")
     return family(path, config)
 
 

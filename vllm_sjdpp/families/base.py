@@ -50,6 +50,12 @@ class ImageFamily:
         return False
 
     @classmethod
+    def foreign_format(cls, raw_config: dict) -> str | None:
+        """Why a folder's config.json (as parsed JSON) is this family's checkpoint in a layout no
+        loader here reads, naming the folder to use instead; None otherwise."""
+        return None
+
+    @classmethod
     def check(cls, hf_config: Any, generation_config: dict) -> None:
         """Raise ValueError naming what a folder of this family lacks, or the keys whose values
         contradict each other (vLLM start-up): nothing a folder holds may fail a request later."""

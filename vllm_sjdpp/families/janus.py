@@ -21,6 +21,7 @@ from .base import ImageFamily, blank_below, check_token_ids
 from .rule import UnconditionalRule
 
 ARCHITECTURE = "JanusForConditionalGeneration"
+DEEPSEEK_MODEL_TYPE, DEEPSEEK_ARCHITECTURE = "multi_modality", "MultiModalityCausalLM"  # deepseek-ai/Janus-Pro-*
 
 
 def _require(value: Any, where: str) -> Any:
@@ -35,6 +36,18 @@ class JanusFamily(ImageFamily):
     @classmethod
     def matches(cls, hf_config: Any) -> bool:
         return ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
+
+    @classmethod
+    def foreign_format(cls, raw_config: dict) -> str | None:
+        # deepseek-ai's release (github.com/deepseek-ai/Janus): a model_type transformers has no
+        # class for, so AutoConfig asks to "upgrade Transformers".
+        if raw_config.get("model_type") == DEEPSEEK_MODEL_TYPE or DEEPSEEK_ARCHITECTURE in (raw_config.get("architectures") or []):
+            return (
+                f"the deepseek-ai Janus format (model_type {DEEPSEEK_MODEL_TYPE!r}, {DEEPSEEK_ARCHITECTURE}), which "
+                f"transformers does not read; use the transformers-format folder of the same weights, "
+                f"deepseek-community/Janus-Pro-7B or deepseek-community/Janus-Pro-1B"
+            )
+        return None
 
     @classmethod
     def check(cls, hf_config: Any, generation_config: dict) -> None:

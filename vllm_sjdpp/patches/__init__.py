@@ -7,7 +7,8 @@ the refusal of `sjdpp` (a clear message at start-up, naming the version or the i
 general plugins load in every vLLM process, and installing this one must never break plain vLLM.
 
 - `arg_utils` (vllm/engine/arg_utils.py): `--speculative-config sjdpp` and its options become
-  vLLM's model-free custom_class hook, checked against the model folder at start-up.
+  vLLM's model-free custom_class hook, checked against the model folder at start-up; a model
+  config that fails on a checkpoint layout no family reads names the folder to use instead.
 - `gpu_model_runner` (vllm/v1/worker/gpu_model_runner.py): the runner of an SJD++ engine gets its
   runtime, our sampler and drafter wiring, the one hook that forgets a removed request, the
   guidance inputs before each forward, the spec-decode metadata of steps without drafts, and on
@@ -23,6 +24,8 @@ general plugins load in every vLLM process, and installing this one must never b
   config hooks.
 - `input_processor` (vllm/v1/engine/input_processor.py): every request checked (prompt ids,
   context, guidance and SJD++ options, sampling options of image models): HTTP 400s.
+- `plugins` (vllm/plugins/__init__.py): where `VLLM_PLUGINS` leaves the images endpoint out,
+  its route answers a 404 naming the fix.
 - `scheduler` (vllm/v1/core/sched/scheduler.py): not a patch but a subclass, `PairedScheduler`,
   which guided models run with (`SchedulerConfig.scheduler_cls`): requests with a negative
   prompt of another length and their companions, kept in step.
@@ -66,7 +69,7 @@ def apply() -> None:
 
     from . import (
         arg_utils, cpu_triton_utils, engine_core, gpu_model_runner, gpu_worker, input_processor, internals, model_config,
-        models, vllm_config,
+        models, plugins, vllm_config,
     )
 
     _applied = True
@@ -97,3 +100,4 @@ def apply() -> None:
     vllm_config.apply()
     models.apply()
     input_processor.apply()
+    plugins.apply()

@@ -5,6 +5,10 @@ its own methods and fields.  Both the bare word and `{"method": "sjdpp", <SJD++ 
 become vLLM's model-free hook (method="custom_class", model=PROPOSER_PATH); the SJD++ options,
 with the model folder's defaults, travel to every process in `VllmConfig.additional_config
 ["sjdpp"]`, checked against the model at start-up.
+
+`EngineArgs.create_model_config` also names, where it fails on a checkpoint in a layout no
+family reads (deepseek-ai's Janus release: transformers' "upgrade Transformers"), the folder to
+use instead (`families.foreign_format`).
 """
 
 from __future__ import annotations
@@ -123,6 +127,17 @@ def use_batch_invariant_kernels(environ: dict) -> None:
     environ["VLLM_BATCH_INVARIANT"] = "1"
 
 
+def foreign_format_of(model: str, revision: str | None = None) -> str | None:
+    """Why the model folder (or cached hub id) is a checkpoint layout no family reads; None when
+    it is not, or cannot be found."""
+    from .. import families
+
+    try:
+        return families.foreign_format(families.resolve(model, revision))
+    except (OSError, ValueError):
+        return None
+
+
 def is_sjdpp(speculative_config: Any) -> bool:
     return (
         speculative_config is not None
@@ -174,6 +189,17 @@ def apply(refuse_sjdpp: Callable[[], None] | None = None) -> None:
     create_model_config = EngineArgs.create_model_config
 
     @functools.wraps(create_model_config)
+    def create_model_config_naming_foreign_formats(self):
+        try:
+            return create_model_config_for_exact_seeds(self)
+        except Exception as e:
+            # vLLM's own failure on a known checkpoint in its original layout is transformers'
+            # "upgrade Transformers"; the folder's config.json names the real cause.
+            why = foreign_format_of(self.model, getattr(self, "revision", None))
+            if why:
+                raise ValueError(f"{self.model}: {why}") from e
+            raise
+
     def create_model_config_for_exact_seeds(self):
         # Before the model config is built: exact_seeds chooses the dtype (and, on a GPU, the
         # kernels) that the seed promise needs.
@@ -190,4 +216,4 @@ def apply(refuse_sjdpp: Callable[[], None] | None = None) -> None:
                 use_batch_invariant_kernels(os.environ)
         return create_model_config(self)
 
-    EngineArgs.create_model_config = create_model_config_for_exact_seeds
+    EngineArgs.create_model_config = create_model_config_naming_foreign_formats

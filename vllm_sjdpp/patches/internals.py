@@ -95,8 +95,11 @@ CLASS_MEMBERS = (
     Member("vllm.engine.arg_utils:EngineArgs", "add_cli_args", ("parser",)),
     Member("vllm.engine.arg_utils:EngineArgs", "create_speculative_config",
            ("self", "target_model_config", "target_parallel_config")),
+    Member("vllm.engine.arg_utils:EngineArgs", "create_model_config", ("self",)),
     Member("vllm.engine.arg_utils:EngineArgs", "speculative_config"),
     Member("vllm.engine.arg_utils:EngineArgs", "additional_config"),
+    # The images route's stand-in (patches.plugins); attach_endpoint_plugins looks it up at each call.
+    Member("vllm.plugins", "load_endpoint_plugins", ("supported_tasks",)),
     # Requests (patches.input_processor).
     Member("vllm.v1.engine.input_processor:InputProcessor", "process_inputs", ("self", "request_id", "prompt", "params")),
     Member("vllm.v1.engine:EngineCoreRequest", "prompt_token_ids"),

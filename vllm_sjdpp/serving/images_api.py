@@ -32,6 +32,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import re
 import secrets
 import time
@@ -44,6 +45,8 @@ from vllm.exceptions import VLLMClientError
 
 from ..config import REQUEST_PREFIX
 from ..guidance.cfg import NEGATIVE_PROMPT_KEY, SCALE_KEY
+
+logger = logging.getLogger("vllm.sjdpp")
 
 NAME = "sjdpp_images"
 ROUTE = "/v1/images/generations"
@@ -340,9 +343,11 @@ class ImagesEndpoint:
     def attach_router(self, app: FastAPI) -> None:
         @app.post(ROUTE)
         async def create_image(raw_request: Request):
-            service: ImageService | None = getattr(raw_request.app.state, "sjdpp_images", None)
+            service: ImageService | str | None = getattr(raw_request.app.state, "sjdpp_images", None)
             if service is None:
                 return error_response("this server has no engine to make images", status=503)
+            if isinstance(service, str):  # the served folder is one no image family reads
+                return error_response(f"this server cannot make images: {service}", "model")
             try:
                 body = await raw_request.json()
             except ValueError:
@@ -356,6 +361,34 @@ class ImagesEndpoint:
             return
         model_config = engine_client.model_config
         names = list(args.served_model_name or []) or [args.model]
-        family = families.load(model_config.model)
+        try:
+            family = families.load(model_config.model, model_config.revision)
+        except Exception as e:  # the completions endpoint still serves the model
+            logger.warning("%s: POST %s answers 400: %s", NAME, ROUTE, e)
+            state.sjdpp_images = str(e)
+            return
         defaults = {k: v for k, v in model_config.get_diff_sampling_param().items() if k in SAMPLING_KEYS}
         state.sjdpp_images = ImageService(engine_client, family, names, defaults, await seed_verdict(engine_client))
+
+
+class MissingImagesEndpoint:
+    """Stands in for `ImagesEndpoint` where `VLLM_PLUGINS` keeps vLLM from loading it
+    (patches.plugins): the route answers 404 in OpenAI's error shape naming the fix, and an image
+    model's server says so at start-up, instead of a bare "Not Found"."""
+
+    name = f"{NAME}_missing"
+    required_tasks = None
+
+    def __init__(self, advice: str):
+        self.advice = advice
+
+    def attach_router(self, app: FastAPI) -> None:
+        @app.post(ROUTE)
+        async def images_endpoint_not_loaded(raw_request: Request):
+            return error_response(f"POST {ROUTE} is not served: {self.advice}", status=404)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        from ..families import ImageFamily, family_of
+
+        if engine_client is not None and family_of(engine_client.model_config.hf_config) is not ImageFamily:
+            logger.warning("POST %s is not served: %s", ROUTE, self.advice)

@@ -1,0 +1,173 @@
+"""The command lines a user runs: `--help` that helps and does nothing else, the client's options,
+progress and errors, and the bench's figures.  No model or server: the client talks to a stdlib
+HTTP server that speaks the completions API's streaming, the bench's arithmetic is checked on
+runs made up here (tests/test_images_api.py runs the bench against `vllm serve`)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from test_request_values import PROMPT_IDS, TOKENS, FakeFamily
+from vllm_sjdpp import bench
+from vllm_sjdpp.guidance.cfg import NEGATIVE_PROMPT_KEY, SCALE_KEY
+from vllm_sjdpp.serving import client as image_client
+
+# Every `python -m` entry point, and the function its run would start with (made to fail here,
+# so that a --help that runs anything is caught).
+CLIS = {
+    "vllm_sjdpp.cpu_alias": "install",
+    "vllm_sjdpp.kernels.compile_check": "coverage_errors",
+    "vllm_sjdpp.digits.demo": "measure",
+    "vllm_sjdpp.digits.soak": "soak",
+    "vllm_sjdpp.digits.train": "train",
+    "vllm_sjdpp.digits.twin": "widen",
+    "vllm_sjdpp.serving.client": "generate_images",
+    "vllm_sjdpp.bench": "bench",
+}
+
+
+@pytest.mark.parametrize("module", sorted(CLIS))
+def test_help_documents_every_option_and_does_nothing_else(module, monkeypatch, capsys):
+    mod = importlib.import_module(module)
+    work = CLIS[module]
+    assert hasattr(mod, work), f"{module}.{work}: the test's guard names no function"
+    monkeypatch.setattr(mod, work, lambda *a, **k: pytest.fail(f"--help ran {module}.{work}"))
+    for action in mod.parser()._actions:
+        assert action.help and action.help.strip(), f"{module}: {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: python -m {module}")
+
+
+# The client, against a fake completions server ------------------------------------------------
+
+class FakeCompletions(BaseHTTPRequestHandler):
+    """POST /v1/completions: streams each choice's tokens in chunks of 2 (vLLM's
+    `return_token_ids` deltas); a request with seed 13 gets a 400 in OpenAI's shape."""
+
+    bodies: list[dict] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeCompletions.bodies.append(body)
+        if body.get("seed") == 13:
+            error = {"error": {"message": "top_k must be -1 or at least 1", "type": "BadRequestError",
+                               "param": "top_k", "code": 400}}
+            data = json.dumps(error).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for index in range(body["n"]):
+            tokens = [100 * (index + 1) + t for t in range(body["max_tokens"])]
+            for start in range(0, len(tokens), 2):
+                last = start + 2 >= len(tokens)
+                choice = {"index": index, "text": "", "token_ids": tokens[start:start + 2],
+                          "finish_reason": "length" if last else None, "logprobs": None}
+                chunk = {"id": "c", "object": "text_completion", "created": 0, "model": body["model"], "choices": [choice]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+@contextlib.contextmanager
+def fake_server():
+    FakeCompletions.bodies = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeCompletions)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
+@pytest.fixture
+def family(monkeypatch):
+    fake = FakeFamily()
+    fake.default_negative_prompt = None
+    monkeypatch.setattr(image_client.families, "load", lambda folder: fake)
+    return fake
+
+
+def test_client_streams_every_choice_in_order(family):
+    with fake_server() as url:
+        images = image_client.generate_images(url, "m", "folder", ["a 1", "a 2"], n=2, seed=3, temperature=0.5,
+                                              top_k=None, progress=False)
+    assert [g.prompt for g in images] == ["a 1", "a 1", "a 2", "a 2"]
+    assert [g.token_ids for g in images[:2]] == [[100 + t for t in range(TOKENS)], [200 + t for t in range(TOKENS)]]
+    body = FakeCompletions.bodies[0]
+    assert body["stream"] is True and body["return_token_ids"] is True and body["temperature"] == 0.5
+    assert "top_k" not in body  # an option not given is the server's default, not null
+
+
+def test_client_options_reach_the_request(family, tmp_path):
+    with fake_server() as url:
+        image_client.main(["--url", url, "--model", "m", "--out", str(tmp_path / "x.png"), "--no-progress", "--size", "32x32",
+                           "--negative-prompt", "blurry", "--guidance-scale", "0", "--seed", "0", "--top-p", "0.9",
+                           "a 1"])
+    body = FakeCompletions.bodies[0]
+    assert body["seed"] == 0 and body["top_p"] == 0.9 and body["prompt"] == PROMPT_IDS
+    assert body["vllm_xargs"] == {SCALE_KEY: 0, NEGATIVE_PROMPT_KEY: PROMPT_IDS}
+
+
+def test_client_errors_are_one_line_without_a_traceback(family, capsys, tmp_path):
+    with fake_server() as url:
+        with pytest.raises(SystemExit) as refused:
+            image_client.main(["--url", url, "--model", "m", "--seed", "13", "--no-progress", "a 1"])
+    assert str(refused.value) == ("error: the server refused the request (400): top_k must be -1 or at least 1 "
+                                  "(parameter top_k)")
+    with pytest.raises(SystemExit) as size:
+        image_client.main(["--url", url, "--model", "m", "--size", "64x64", "--no-progress", "a 1"])
+    assert "size '64x64'" in str(size.value) and str(size.value).startswith("error: ")
+    with pytest.raises(SystemExit) as nobody:  # the fake server is gone
+        image_client.main(["--url", url, "--model", "m", "--no-progress", "a 1"])
+    assert str(nobody.value) == f"error: no server answers at {url} (is `vllm serve` running there?)"
+
+
+def test_client_refuses_a_folder_no_family_reads(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        image_client.main(["--url", "http://127.0.0.1:9", "--model", str(tmp_path), "--no-progress", "a 1"])
+    assert str(e.value) == f"error: {tmp_path}: no config.json (not a model folder)"
+
+
+# The bench's figures ------------------------------------------------------------------------
+
+def _run(mode, seed, seconds, passes, png="same", identical=True):
+    return bench.ImageRun(mode, seed, seconds, passes, 100, f"{png}-{seed}", identical)
+
+
+def test_bench_figures_from_its_runs():
+    latency = [_run("plain", 0, 2.0, 100), _run("sjdpp", 0, 1.0, 40), _run("sjdpp", 1, 1.2, 30),
+               _run("plain", 1, 2.2, 100), _run("plain", 2, 9.0, 100), _run("sjdpp", 2, 1.1, 50)]
+    batch = {"plain": ([_run("plain", s, 0, 100) for s in range(4)], 8.0),
+             "sjdpp": ([_run("sjdpp", s, 0, 40) for s in range(4)], 5.0)}
+    s = bench.summarize(latency, batch)
+    assert s["passes_per_image"] == {"plain": 100, "sjdpp": pytest.approx((40 + 30 + 50 + 160) / 7)}
+    assert s["latency_s"] == {"plain": 2.2, "sjdpp": 1.1} and s["lower_latency"] == pytest.approx(2.0)
+    assert s["throughput"] == pytest.approx((4 / 5) / (4 / 8))
+    assert (s["identical_pngs"], s["seeds_compared"], s["server_seed_identical"]) == (4, 4, True)
+    assert "| forward passes per image | 100.0 | 40.0 | 2.50x fewer |" in bench.table(s, 4)
+
+
+def test_bench_catches_a_seed_whose_png_changes_with_sjdpp():
+    latency = [_run("plain", 0, 1, 100), _run("sjdpp", 0, 1, 40, png="other"), _run("plain", 1, 1, 100),
+               _run("sjdpp", 1, 1, 40)]
+    batch = {"plain": ([_run("plain", 1, 0, 100)], 1.0), "sjdpp": ([_run("sjdpp", 1, 0, 40, png="again")], 1.0)}
+    s = bench.summarize(latency, batch)
+    # seed 0 differs across modes; seed 1's SJD++ PNG differs between its two runs
+    assert (s["identical_pngs"], s["seeds_compared"]) == (0, 2)

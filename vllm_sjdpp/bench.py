@@ -1,0 +1,201 @@
+"""Measure SJD++ on your own checkpoint: plain decoding against SJD++ on one running server.
+
+    VLLM_PLUGINS=sjdpp,sjdpp_images vllm serve FOLDER --speculative-config sjdpp &
+    python -m vllm_sjdpp.bench --url http://localhost:8000 --prompt "a red fox in snow" \\
+        [--images 4] [--in-flight 8] [--size auto] [--seed 0] [--json bench.json]
+
+Plain decoding is the same server with the per-request option `sjdpp_disable` (no drafts: one
+token per forward pass), so both run on one machine, one model and one load, side by side:
+- forward passes per image (from each image's `sjdpp.forward_passes`): a figure of the model
+  and its prompts, not of the hardware;
+- latency at one image: `--images` seeds, each made plainly and then with SJD++ (alternating,
+  so drift in the machine's speed falls on both), the median wall time of a request;
+- throughput at `--in-flight` images: that many requests at once (seeds seed..seed+N-1),
+  plainly and then with SJD++; images per second;
+- whether each seed gave the same PNG both ways: the promise the server's start-up probe
+  reports as `seed_identical` (true, false, or null where it did not probe).
+
+The table goes to stdout, the JSON (every request's timing, passes and PNG hash) to `--json`.
+Errors (a server that does not answer, a refused request) are one line on stderr, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROUTE = "/v1/images/generations"
+DEFAULT_PROMPT = "a red fox in the snow"
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass
+class ImageRun:
+    """One image request: its mode ("plain" or "sjdpp"), seed, wall time in seconds, forward
+    passes, tokens, and the SHA-256 of its PNG."""
+
+    mode: str
+    seed: int
+    seconds: float
+    forward_passes: int
+    tokens: int
+    png_sha256: str
+    seed_identical: bool | None
+
+
+def request_image(http, url: str, body: dict, mode: str, seed: int) -> ImageRun:
+    """POST one image (n=1) and time it; raises BenchError with the server's message."""
+    sent = {**body, "n": 1, "seed": seed, **({"sjdpp_disable": True} if mode == "plain" else {})}
+    start = time.perf_counter()
+    response = http.post(url.rstrip("/") + ROUTE, json=sent)
+    seconds = time.perf_counter() - start
+    if response.status_code != 200:
+        try:
+            error = response.json()["error"]
+            why = error["message"] + (f" (parameter {error['param']})" if error.get("param") else "")
+        except (ValueError, KeyError, TypeError):
+            why = response.text[:500]
+        raise BenchError(f"{response.status_code} from {ROUTE}: {why}")
+    image = response.json()["data"][0]
+    info = image["sjdpp"]
+    digest = hashlib.sha256(base64.b64decode(image["b64_json"])).hexdigest()
+    return ImageRun(mode, seed, seconds, info["forward_passes"], info["tokens"], digest, info.get("seed_identical"))
+
+
+def run_at_once(http, url: str, body: dict, mode: str, seeds: list[int]) -> tuple[list[ImageRun], float]:
+    """All `seeds` in flight at once: their runs and the wall time of the whole batch."""
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
+        runs = list(pool.map(lambda s: request_image(http, url, body, mode, s), seeds))
+    return runs, time.perf_counter() - start
+
+
+def summarize(latency: list[ImageRun], batch: dict[str, tuple[list[ImageRun], float]]) -> dict:
+    """The figures of a bench run (see the module docstring); ratios are SJD++ over plain, so
+    above 1 is better for passes saved, latency saved and throughput."""
+    def of(runs, mode):
+        return [r for r in runs if r.mode == mode]
+
+    every = latency + [r for runs, _ in batch.values() for r in runs]
+    passes = {m: statistics.mean(r.forward_passes for r in of(every, m)) for m in ("plain", "sjdpp")}
+    seconds = {m: statistics.median(r.seconds for r in of(latency, m)) for m in ("plain", "sjdpp")}
+    throughput = {m: len(runs) / wall for m, (runs, wall) in batch.items()}
+    pngs: dict[int, dict[str, str]] = {}
+    for r in every:
+        pngs.setdefault(r.seed, {}).setdefault(r.mode, r.png_sha256)
+        if pngs[r.seed][r.mode] != r.png_sha256:  # one seed, one mode, two PNGs: not even repeatable
+            pngs[r.seed][r.mode] = "differs between runs"
+    both = [p for p in pngs.values() if "plain" in p and "sjdpp" in p]
+    verdicts = {r.seed_identical for r in every}
+    return {
+        "passes_per_image": passes, "fewer_passes": passes["plain"] / passes["sjdpp"],
+        "latency_s": seconds, "lower_latency": seconds["plain"] / seconds["sjdpp"],
+        "images_per_s": throughput, "throughput": throughput["sjdpp"] / throughput["plain"],
+        "identical_pngs": sum(p["plain"] == p["sjdpp"] for p in both), "seeds_compared": len(both),
+        "server_seed_identical": verdicts.pop() if len(verdicts) == 1 else None,
+    }
+
+
+def table(summary: dict, in_flight: int) -> str:
+    s = summary
+    rows = [
+        ("forward passes per image", f"{s['passes_per_image']['plain']:.1f}", f"{s['passes_per_image']['sjdpp']:.1f}",
+         f"{s['fewer_passes']:.2f}x fewer"),
+        ("latency, 1 image (median s)", f"{s['latency_s']['plain']:.3f}", f"{s['latency_s']['sjdpp']:.3f}",
+         f"{s['lower_latency']:.2f}x lower"),
+        (f"throughput, {in_flight} in flight (images/s)", f"{s['images_per_s']['plain']:.3f}",
+         f"{s['images_per_s']['sjdpp']:.3f}", f"{s['throughput']:.2f}x"),
+    ]
+    lines = ["| | plain | SJD++ | SJD++ against plain |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines.append(f"\nsame PNG with SJD++ on and off: {s['identical_pngs']} of {s['seeds_compared']} seeds "
+                 f"(the server's seed probe: seed_identical = {json.dumps(s['server_seed_identical'])})")
+    return "\n".join(lines)
+
+
+def bench(url: str, body: dict, images: int, in_flight: int, seed: int, progress: bool | None = None) -> dict:
+    """Warm-up, latency and throughput runs against the server at `url`; the JSON record."""
+    import httpx
+    from tqdm import tqdm
+
+    total = 2 + 2 * images + 2 * in_flight
+    with httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=max(in_flight, 1) + 2)) as http, \
+            tqdm(total=total, unit="image", desc="bench", disable=None if progress is None else not progress) as bar:
+        for mode in ("plain", "sjdpp"):  # compiles, caches and the seed probe's verdict out of the timings
+            request_image(http, url, body, mode, seed)
+            bar.update()
+        latency = []
+        for i in range(images):
+            for mode in (("plain", "sjdpp") if i % 2 == 0 else ("sjdpp", "plain")):
+                latency.append(request_image(http, url, body, mode, seed + i))
+                bar.update()
+        batch = {}
+        for mode in ("plain", "sjdpp"):
+            batch[mode] = run_at_once(http, url, body, mode, [seed + i for i in range(in_flight)])
+            bar.update(in_flight)
+    return {
+        "url": url, "body": body, "images": images, "in_flight": in_flight, "seed": seed,
+        "summary": summarize(latency, batch),
+        "latency_runs": [asdict(r) for r in latency],
+        "throughput_runs": {m: {"wall_s": wall, "runs": [asdict(r) for r in runs]} for m, (runs, wall) in batch.items()},
+        "client": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+                   "command": " ".join(["python -m vllm_sjdpp.bench", *sys.argv[1:]])},
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m vllm_sjdpp.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://localhost:8000", help="the server's base URL (default: %(default)s)")
+    ap.add_argument("--model", default=None, help="the served model's name (default: the server's only one)")
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text prompt of every image (default: %(default)r)")
+    ap.add_argument("--images", type=int, default=4, help="seeds timed one at a time, each both ways (default: %(default)s)")
+    ap.add_argument("--in-flight", type=int, default=8, help="images in flight for throughput (default: %(default)s)")
+    ap.add_argument("--size", default=None, help="WxH, or auto (default: the model's)")
+    ap.add_argument("--seed", type=int, default=0, help="the first seed (default: %(default)s)")
+    ap.add_argument("--extra", type=json.loads, default={},
+                    help='more body fields as JSON, e.g. \'{"guidance_scale": 3}\' (default: none)')
+    ap.add_argument("--json", type=Path, default=None, help="write the record here (default: none)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.images < 1 or args.in_flight < 1:
+        ap.error("--images and --in-flight: at least 1")
+    if not isinstance(args.extra, dict):
+        ap.error("--extra: a JSON object")
+    body = {"prompt": args.prompt, **({"model": args.model} if args.model else {}),
+            **({"size": args.size} if args.size else {}), **args.extra}
+    import httpx
+
+    try:
+        record = bench(args.url, body, args.images, args.in_flight, args.seed, None if not args.no_progress else False)
+    except BenchError as e:
+        sys.exit(f"error: {e}")
+    except httpx.HTTPError as e:
+        sys.exit(f"error: no answer from {args.url} ({type(e).__name__}: {e}); is `vllm serve` running there, "
+                 f"with VLLM_PLUGINS=sjdpp,sjdpp_images?")
+    print(table(record["summary"], args.in_flight))
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
