@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
+from provenance import provenance  # noqa: E402
 
 from vllm_sjdpp.config import AUTO  # noqa: E402
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH  # noqa: E402
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/auto_digits"))
     args = ap.parse_args(argv)
+    started = provenance()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     engine = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False,
                   max_num_seqs=max(64, max(concurrencies)), dtype=args.dtype)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     for c in tqdm(concurrencies, desc="warm-up"):
         timed(sjdpp, c)
     result = {"model": str(args.model), "dtype": args.dtype, "window": WINDOW, "rounds": args.rounds,
-              "concurrency": {}}
+              "concurrency": {}, "provenance": started}
     for c in tqdm(concurrencies, desc="paired rounds"):
         log.take()
         rows: dict[str, list] = {"plain": [], "auto": [], "full": [], "none": []}  # tokens / s

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from provenance import provenance
+
 for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(key, value)
 
@@ -79,7 +81,9 @@ def generate(llm, mode: dict | None, digits: list[int], seed: int | None):
 
 
 def write_results(out: Path, result: dict, markdown, plot) -> None:
-    """<out>.json, <out>.md (the tables, also printed) and <out>.png."""
+    """<out>.json, <out>.md (the tables, also printed) and <out>.png.  The JSON carries the
+    result's "provenance" (this process's, unless the caller recorded it when the run began)."""
+    result.setdefault("provenance", provenance())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
@@ -270,6 +274,7 @@ def main() -> None:
                     help="a model folder in the digit model's format (e.g. one trained by vllm_sjdpp.digits.train)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e"))
     args = ap.parse_args()
+    started = provenance()
 
     def sjd(reuse, init="above", k=32):
         return {"sjdpp_reuse": reuse, "sjdpp_init": init, "sjdpp_num_speculative_tokens": k}
@@ -299,7 +304,8 @@ def main() -> None:
         r["pass_reduction_vs_plain"] = rows[0]["forward_passes_per_image"] / r["forward_passes_per_image"]
     sweep = budget_sweep(plain, sjdpp, sjd("coupled"), budgets, budget_concurrencies)
     sweep["mode"] = mode_name(sjd("coupled"))
-    results = {"model": str(args.model), "quick": args.quick, "modes": rows, "budget_sweep": sweep}
+    results = {"model": str(args.model), "quick": args.quick, "modes": rows, "budget_sweep": sweep,
+               "provenance": started}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     plot(results, args.out)

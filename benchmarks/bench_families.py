@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import provenance
+
 for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(key, value)
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -80,6 +82,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="default: benchmarks/results/<family>_passes.json")
     args = ap.parse_args()
     out_path = args.out or Path(f"benchmarks/results/{args.family}_passes.json")
+    started = provenance()
 
     folder, family, negative_text, top_k = tiny_folder(args.family)
     size = (args.size, args.size)
@@ -112,6 +115,7 @@ def main() -> None:
         # "auto": the server's default windows (the goodput controller).
         "seconds": seconds, "speedup": {k: seconds["plain"] / v for k, v in seconds.items()},
         "auto_identical_images": sum(a == b for (a, _), (b, _) in zip(plain, outputs["auto"])),
+        "provenance": started,
     }
     print(f"{args.family}: {args.images} images of {args.size}x{args.size} px ({tokens} tokens): plain "
           f"{result['plain_passes_per_image']:.1f} passes, SJD++ {passes:.1f} ({tokens / passes:.2f}x fewer); "

@@ -31,6 +31,8 @@ import statistics
 import time
 from pathlib import Path
 
+from provenance import provenance
+
 for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(key, value)
 
@@ -92,6 +94,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/guidance_cost.json"))
     args = ap.parse_args()
+    started = provenance()
 
     import tempfile
 
@@ -105,6 +108,7 @@ def main() -> None:
             "masked_proxy": kv_capacity_tokens(masked_proxy),
         },
         "batches": {},
+        "provenance": started,
     }
     guided_args = {"guidance_scale": 3.0}
     for batch in args.batches:

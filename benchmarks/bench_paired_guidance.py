@@ -23,6 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
+from provenance import provenance
+
 for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(key, value)
 
@@ -73,10 +75,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/paired_guidance.json"))
     args = ap.parse_args()
+    started = provenance()
 
     llm = LLM(str(args.model), dtype=args.dtype, **ENGINE)
     cache = llm.llm_engine.vllm_config.cache_config
-    results = {"model": str(args.model), "block_size": cache.block_size, "batches": {}}
+    results = {"model": str(args.model), "block_size": cache.block_size, "batches": {}, "provenance": started}
     for batch in args.batches:
         rounds = []
         for i in range(args.repeats + 1):  # the first round warms up

@@ -20,11 +20,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
+from provenance import provenance  # noqa: E402
 
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
 
-K = 8  # the peers' window; SJD++ runs its defaults (k = 32, budget 512)
+K = 8  # the peers' window; SJD++ runs its defaults (k = 32, draft_token_budget "auto")
 METHODS = {
     "SJD++": {"method": "sjdpp"},
     "ngram": {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 2, "prompt_lookup_max": 5},
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=20)
     ap.add_argument("--top-k", type=int, default=None, help="override the model's top-k (-1: off)")
     args = ap.parse_args(argv)
+    started = provenance()
     engine = dict(dtype="bfloat16", enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, max_num_seqs=64,
                   seed=0, disable_log_stats=False)
     if args.top_k is not None:
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         print(name, json.dumps(results[name]), flush=True)
         del llm
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    # One key per method, and "provenance" beside them.
+    args.out.with_suffix(".json").write_text(json.dumps({**results, "provenance": started}, indent=1))
     lines = ["| method | passes/image | latency x lower (batch 1) | "
              + " | ".join(f"images/s @{c} x plain" for c in CONCURRENCIES) + " |",
              "|---|---:|---:|" + "---:|" * len(CONCURRENCIES)]

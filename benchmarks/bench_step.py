@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from provenance import provenance
 from vllm_sjdpp.kernels import FreshTokens, StepBatch, StepNoise, sjdpp_step
 
 # Janus-Pro (1B and 7B): VQ codebook and text vocabulary.
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--janus", action="store_true", help="Janus-Pro's codebook against codes + text vocabulary")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    started = provenance()
     device = args.device
     k = 16
     if args.janus:
@@ -134,7 +136,7 @@ def main() -> None:
                   f"less time, softmax {full['softmax_ms'] / codes['softmax_ms']:.2f}x")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": name, "results": results}, indent=1))
+        args.out.write_text(json.dumps({"device": name, "results": results, "provenance": started}, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
+from provenance import provenance  # noqa: E402
 from vllm_sjdpp.digits import twin as heavy_twin  # noqa: E402
 
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH  # noqa: E402
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/twin"))
     ap.add_argument("--quick", action="store_true", help="2 images per window, concurrency 1 and 4")
     args = ap.parse_args(argv)
+    started = provenance()
     if not (args.twin / "model.safetensors").exists():
         heavy_twin.widen(DEFAULT_OUT, args.twin)
     repeats, concurrencies = (2, [1, 4]) if args.quick else (4, [1, 2, 4, 8, 16])
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     plain = LLM(str(args.twin), **engine)
     sjdpp = LLM(str(args.twin), speculative_config={"method": "sjdpp", "num_speculative_tokens": max(WINDOWS)}, **engine)
     result = {"model": str(args.twin), "parameters": heavy_twin.parameters(args.twin), "pass_cost_s": {}, "windows": {},
-              "throughput": {}}
+              "throughput": {}, "provenance": started}
     for n in tqdm([1] + [k + 1 for k in WINDOWS], desc="pass cost"):
         result["pass_cost_s"][n] = pass_cost(plain, n, seed=100)
     t1 = result["pass_cost_s"][1]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
+from provenance import provenance  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, prompt_ids  # noqa: E402
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=60)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/verification"))
     args = ap.parse_args()
+    started = provenance()
     from vllm import LLM
 
     from tiny_janus import SMALL, build_tiny_janus
@@ -85,7 +87,8 @@ def main() -> None:
     results["tiny Janus (small, guidance 2, k=6)"] = measure(llm, janus, SMALL.tokens)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(results, indent=1))
+    # One key per model, and "provenance" beside them.
+    Path(f"{args.out}.json").write_text(json.dumps({**results, "provenance": started}, indent=1))
     lines = [
         f"Passes per image, {args.images} seeded images per model and verification, full windows.",
         "",

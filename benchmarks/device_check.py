@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_step import PEAK_BANDWIDTH_GBS, bytes_moved, make_batch  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 from vllm_sjdpp.kernels import StepNoise, sjdpp_step  # noqa: E402
 from vllm_sjdpp.kernels.noise import keyed_exponentials_numpy, request_key, row_keys  # noqa: E402
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "device": torch.cuda.get_device_name() if CUDA else platform.processor() or platform.machine(),
         "cuda": CUDA, "torch": torch.__version__, "sizes": dataclasses.asdict(sizes),
+        "provenance": provenance(),
     }
     for name, part in (("kernels", part_kernels), ("step", part_step), ("pass_cost", part_pass_cost)):
         t0 = time.perf_counter()

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from provenance import provenance
+
 for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(key, value)
 
@@ -140,7 +142,8 @@ def markdown(results: dict) -> str:
 
 
 def write_reports(results: dict, out: Path) -> None:
-    """The JSON, the Markdown table and the plot beside it."""
+    """The JSON, the Markdown table and the plot beside it.  The JSON keeps the run's
+    "provenance" (--report-only neither adds nor replaces one: the numbers are the run's)."""
     for scale in results["scales"].values():
         scale["summary"] = summarise(scale["runs"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +171,7 @@ def main() -> None:
     if args.plain_runs < 2 or args.sjdpp_runs < 1 or args.per_digit < 1 or min(args.scales) < 0:
         ap.error("need --plain-runs >= 2 (their spread is the noise floor), --sjdpp-runs >= 1, --per-digit >= 1, scales >= 0")
 
+    started = provenance()
     judge = quality.judge()
     real, _ = quality.real_images(held_out=True)
     codebook = Codebook.load(args.model)  # the model's own image tokenizer
@@ -177,7 +181,8 @@ def main() -> None:
     # budget shared by 100 requests in flight cuts them (the output is exact either way).
     sjdpp = LLM(str(args.model), speculative_config={"method": "sjdpp", "draft_token_budget": None},
                 disable_log_stats=False, **engine)
-    results = {"classifier_held_out_accuracy": judge.held_out_accuracy, "per_digit": args.per_digit, "scales": {}}
+    results = {"classifier_held_out_accuracy": judge.held_out_accuracy, "per_digit": args.per_digit, "scales": {},
+               "provenance": started}
     print(f"classifier held-out accuracy on real digits: {judge.held_out_accuracy:.3f}")
     first_images = {}
     for scale in args.scales:

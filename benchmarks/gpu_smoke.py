@@ -17,8 +17,10 @@ On each server:
   rounds differently: on CPU 7/10 greedy and 0/10 seeded images matched);
 - forward passes per image (from the images endpoint's answers), latency one image at a time,
   and throughput with 16 images in flight, SJD++ against plain decoding.
-Prints one table and exits non-zero if any tokens differ.  Works on CPU too (slowly; there the
-"compiled" server is vLLM's CPU default, which traces once and captures no graphs).
+Prints one table, writes it with the failures and the run's provenance to summary.json beside
+the servers' logs (a temporary folder; the path is printed), and exits non-zero if any tokens
+differ.  Works on CPU too (slowly; there the "compiled" server is vLLM's CPU default, which
+traces once and captures no graphs).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from provenance import provenance
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, prompt_ids
 from vllm_sjdpp.digits.train import DEFAULT_OUT
 from vllm_sjdpp.serving.server import vllm_server
@@ -100,6 +103,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer timed images (a check, not a measurement)")
     args = ap.parse_args()
+    started = provenance()
     one_count, many_count = (3, 16) if args.quick else (10, 64)
     logs = Path(tempfile.mkdtemp(prefix="sjdpp-gpu-smoke-"))
     tokens, rows, failures, notes = {}, [], [], []
@@ -153,8 +157,9 @@ def main() -> int:
               f"{plain[3] / sjdpp[3]:.2f}x lower latency at 1, {sjdpp[4] / plain[4]:.2f}x throughput at 16")
     for note in notes:
         print(f"note: {note}")
-    summary = {"rows": rows, "failures": failures, "notes": notes}
+    summary = {"rows": rows, "failures": failures, "notes": notes, "provenance": started}
     (logs / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {logs / 'summary.json'}")
     if failures:
         print("\nFAILED:\n  " + "\n  ".join(failures))
         return 1

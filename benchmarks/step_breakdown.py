@@ -1,6 +1,7 @@
 """Where an engine step's time goes: plain decoding against SJD++, in milliseconds per step.
 
     python benchmarks/step_breakdown.py [--concurrency 1] [--budget null] [--seconds 15]
+                                        [--out benchmarks/results/step_breakdown.json]
 
 Two in-process engines, one after the other (plain, then SJD++ with k = 32 and the given
 draft-token budget: null for full windows, a number, or "auto"), each generating digit images
@@ -8,13 +9,15 @@ draft-token budget: null for full windows, a number, or "auto"), each generating
 and of the SJD++ sampler are wrapped with `perf_counter`; each row is the time spent inside one
 method divided by the engine steps, so nested rows add up within their parent.  Wrappers rather
 than a sampling profiler: py-spy, at 200 Hz on two cores, gave one of these methods 20 times the
-time the wrapper measures.
+time the wrapper measures.  Prints the table; writes it to <out>.md, and the milliseconds per step
+by method name with the run's provenance to <out> (JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_auto  # noqa: E402
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
+from provenance import provenance  # noqa: E402
 
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
@@ -130,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--budget", default="null", help='null (full windows), a number, or "auto"')
     ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/step_breakdown.json"))
     args = ap.parse_args(argv)
+    started = provenance()
     budget = None if args.budget == "null" else args.budget if args.budget == "auto" else int(args.budget)
 
     engine = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False,
@@ -142,8 +148,15 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = measure(llm, args.concurrency, args.seconds)
         del llm
     label = "full windows" if budget is None else f"budget {budget}"
+    table = markdown(results["plain"], results["sjdpp"], label)
     print(f"\n{args.concurrency} concurrent images, k = 32, {args.seconds:.0f} s each\n")
-    print(markdown(results["plain"], results["sjdpp"], label))
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"concurrency": args.concurrency, "budget": budget, "window": 32,
+                                    "seconds": args.seconds, "ms_per_step": results, "provenance": started},
+                                   indent=1))
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
