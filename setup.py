@@ -36,6 +36,6 @@ setup(
         "digits": ["scikit-learn", "scipy", "matplotlib", "pillow", "tqdm", "openai"],
         # image families' prompts and images on the client (transformers comes with vLLM;
         # diffusers runs Lumina-mGPT's VQGAN)
-        "images": ["pillow", "openai", "diffusers"],
+        "images": ["pillow", "openai", "diffusers", "tqdm"],
     },
 )

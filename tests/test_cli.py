@@ -50,7 +50,8 @@ def test_help_documents_every_option_and_does_nothing_else(module, monkeypatch, 
 
 class FakeCompletions(BaseHTTPRequestHandler):
     """POST /v1/completions: streams each choice's tokens in chunks of 2 (vLLM's
-    `return_token_ids` deltas); a request with seed 13 gets a 400 in OpenAI's shape."""
+    `return_token_ids` deltas); a request with seed 13 gets a 400 in OpenAI's shape, one with
+    seed 14 its refusal inside the stream, as vLLM answers a streamed request it refuses."""
 
     bodies: list[dict] = []
 
@@ -73,6 +74,11 @@ class FakeCompletions(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
+        if body.get("seed") == 14:  # vLLM refuses a streamed request inside the stream
+            error = {"error": {"message": "the prompt (76 tokens) and one image (16 tokens) do not fit",
+                               "type": "BadRequestError", "param": "prompt", "code": 400}}
+            self.wfile.write(f"data: {json.dumps(error)}\n\n".encode())
+            return
         for index in range(body["n"]):
             tokens = [100 * (index + 1) + t for t in range(body["max_tokens"])]
             for start in range(0, len(tokens), 2):
@@ -129,8 +135,12 @@ def test_client_errors_are_one_line_without_a_traceback(family, capsys, tmp_path
     with fake_server() as url:
         with pytest.raises(SystemExit) as refused:
             image_client.main(["--url", url, "--model", "m", "--seed", "13", "--no-progress", "a 1"])
+        with pytest.raises(SystemExit) as streamed:
+            image_client.main(["--url", url, "--model", "m", "--seed", "14", "--no-progress", "a 1"])
     assert str(refused.value) == ("error: the server refused the request (400): top_k must be -1 or at least 1 "
                                   "(parameter top_k)")
+    assert str(streamed.value) == ("error: the server refused the request: the prompt (76 tokens) and one image "
+                                   "(16 tokens) do not fit (parameter prompt)")
     with pytest.raises(SystemExit) as size:
         image_client.main(["--url", url, "--model", "m", "--size", "64x64", "--no-progress", "a 1"])
     assert "size '64x64'" in str(size.value) and str(size.value).startswith("error: ")

@@ -64,8 +64,9 @@ def generate_images(base_url: str, model: str, folder: str | Path, prompts: list
     """`n` images per prompt, all prompts in flight at once, in prompt order.
 
     size: "WxH" or "auto" (OpenAI's); progress: a bar over the tokens on stderr (None: only on
-    a terminal).  Raises the server's error (`openai.BadRequestError` naming the problem) for a
-    bad request, ValueError for a size the family does not make."""
+    a terminal).  Raises the server's error for a bad request, `openai.APIError` naming the
+    problem (vLLM answers a streamed request's refusal inside the stream, with status 200), and
+    ValueError for a size the family does not make."""
     from openai import OpenAI
     from tqdm import tqdm
 
@@ -154,10 +155,12 @@ def main(argv: list[str] | None = None) -> None:
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         )
         save_grid([g.image for g in images], args.out, columns=max(args.n, 1))
-    except openai.APIStatusError as e:
-        sys.exit(f"error: the server refused the request ({e.status_code}): {_server_message(e)}")
     except openai.APIConnectionError:
         sys.exit(f"error: no server answers at {args.url} (is `vllm serve` running there?)")
+    except openai.APIStatusError as e:
+        sys.exit(f"error: the server refused the request ({e.status_code}): {_server_message(e)}")
+    except openai.APIError as e:  # refused inside the stream (vLLM checks a streamed request there)
+        sys.exit(f"error: the server refused the request: {_server_message(e)}")
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {len(images)} images to {args.out}")
