@@ -87,7 +87,8 @@ def commit(repo: str | Path) -> str:
 
     try:
         head = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no")
+        # results written by earlier runs are outputs, not code
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("VLLM_SJDPP_COMMIT") or "unknown"
     return head + ("+dirty" if changed else "")

@@ -74,12 +74,16 @@ def test_the_commit_of_a_repository_and_dirty_when_a_tracked_file_changes(tmp_pa
     repo.mkdir()
     git(repo, "init", "-q")
     (repo / "a.txt").write_text("one\n")
-    git(repo, "add", "a.txt")
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    git(repo, "add", "a.txt", "benchmarks")
     git(repo, "commit", "-q", "-m", "first")
     head = git(repo, "rev-parse", "HEAD")
     assert prov.provenance(repo=repo)["commit"] == head
     (repo / "untracked.txt").write_text("not part of the commit\n")
     assert prov.provenance(repo=repo)["commit"] == head  # untracked files do not count
+    (repo / "benchmarks" / "results" / "r.json").write_text('{"an earlier run": 1}\n')
+    assert prov.provenance(repo=repo)["commit"] == head  # nor results written by earlier runs
     (repo / "a.txt").write_text("two\n")
     assert prov.provenance(repo=repo)["commit"] == head + "+dirty"
     git(repo, "commit", "-q", "-am", "second")
