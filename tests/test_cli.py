@@ -79,9 +79,9 @@ class FakeCompletions(BaseHTTPRequestHandler):
                                "type": "BadRequestError", "param": "prompt", "code": 400}}
             self.wfile.write(f"data: {json.dumps(error)}\n\n".encode())
             return
-        for index in range(body["n"]):
-            tokens = [100 * (index + 1) + t for t in range(body["max_tokens"])]
-            for start in range(0, len(tokens), 2):
+        for start in range(0, body["max_tokens"], 2):  # the choices interleaved, as vLLM streams them
+            for index in reversed(range(body["n"])):
+                tokens = [100 * (index + 1) + t for t in range(body["max_tokens"])]
                 last = start + 2 >= len(tokens)
                 choice = {"index": index, "text": "", "token_ids": tokens[start:start + 2],
                           "finish_reason": "length" if last else None, "logprobs": None}
@@ -176,8 +176,10 @@ def test_bench_figures_from_its_runs():
 
 def test_bench_catches_a_seed_whose_png_changes_with_sjdpp():
     latency = [_run("plain", 0, 1, 100), _run("sjdpp", 0, 1, 40, png="other"), _run("plain", 1, 1, 100),
-               _run("sjdpp", 1, 1, 40)]
-    batch = {"plain": ([_run("plain", 1, 0, 100)], 1.0), "sjdpp": ([_run("sjdpp", 1, 0, 40, png="again")], 1.0)}
+               _run("sjdpp", 1, 1, 40), _run("plain", 2, 1, 100), _run("sjdpp", 2, 1, 40)]
+    batch = {"plain": ([_run("plain", 1, 0, 100), _run("plain", 2, 0, 100, png="b")], 1.0),
+             "sjdpp": ([_run("sjdpp", 1, 0, 40, png="again"), _run("sjdpp", 2, 0, 40, png="c")], 1.0)}
     s = bench.summarize(latency, batch)
-    # seed 0 differs across modes; seed 1's SJD++ PNG differs between its two runs
-    assert (s["identical_pngs"], s["seeds_compared"]) == (0, 2)
+    # seed 0 differs across modes; seed 1's SJD++ PNG and both of seed 2's change in the batch
+    assert (s["identical_pngs"], s["seeds_compared"], s["unrepeatable_seeds"]) == (0, 1, 2)
+    assert "2 seed(s) gave two PNGs in one mode" in bench.table(s, 2)

@@ -50,7 +50,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     targets = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            candidates = [alias.name for alias in node.names]
+            imported = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".")
@@ -58,15 +58,15 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
-            candidates = [f"{module}.{alias.name}" for alias in node.names] + [module]
+            # each name: a submodule where there is one, else an attribute of the module
+            imported = [f"{module}.{alias.name}" for alias in node.names]
         else:
             continue
-        for candidate in candidates:
+        for candidate in imported:
             while candidate and candidate not in known:
                 candidate = candidate.rpartition(".")[0]
             if candidate and candidate != name:
                 targets.add(candidate)
-                break
     return targets
 
 

@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient
 
 from vllm_sjdpp import families
 from vllm_sjdpp.digits.train import DEFAULT_OUT
-from vllm_sjdpp.plugin import ENDPOINT_PLUGIN, PLUGINS_FIX, plugins_advice, require_engine_plugin
+from vllm_sjdpp.config import ENDPOINT_PLUGIN, PLUGINS_FIX, plugins_advice
+from vllm_sjdpp.plugin import require_engine_plugin
 from vllm_sjdpp.serving.images_api import ROUTE, ImagesEndpoint, MissingImagesEndpoint
 
 DEEPSEEK_CONFIG = {"model_type": "multi_modality", "architectures": ["MultiModalityCausalLM"],
@@ -79,6 +80,10 @@ def test_setup_registers_the_endpoint_name_as_a_general_plugin_too():
     points = ast.literal_eval(entry)
     assert f"{ENDPOINT_PLUGIN} = vllm_sjdpp.plugin:require_engine_plugin" in points["vllm.general_plugins"]
     assert any(p.startswith(f"{ENDPOINT_PLUGIN} = ") for p in points["vllm.endpoint_plugins"])
+    from importlib.metadata import entry_points  # and the install vLLM reads them from
+
+    installed = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert installed.get(ENDPOINT_PLUGIN) == "vllm_sjdpp.plugin:require_engine_plugin", "reinstall: pip install -e ."
 
 
 def _app_with_endpoint_plugins(monkeypatch, loaded: list) -> FastAPI:
@@ -103,6 +108,25 @@ def test_the_images_route_without_its_plugin_is_a_404_naming_the_fix(monkeypatch
     response = TestClient(app).post(ROUTE, json={"prompt": "a handwritten 3"})
     error = response.json()["error"]
     assert response.status_code == 404 and "does not name sjdpp_images" in error["message"] and PLUGINS_FIX in error["message"]
+
+
+def test_the_stand_in_never_shadows_another_plugins_images_route(monkeypatch):
+    """vLLM lets a later plugin's route replace an earlier one on the same path and method."""
+    class OtherImages:
+        name, required_tasks = "other_images", None
+
+        def attach_router(self, app):
+            @app.post(ROUTE)
+            async def other():
+                return {"from": "other"}
+
+        async def init_state(self, engine_client, state, args):
+            pass
+
+    monkeypatch.setenv("VLLM_PLUGINS", "sjdpp,other_images")
+    app = _app_with_endpoint_plugins(monkeypatch, [OtherImages()])
+    assert [type(p) for p in app.state.endpoint_plugins] == [MissingImagesEndpoint, OtherImages]
+    assert TestClient(app).post(ROUTE, json={}).json() == {"from": "other"}
 
 
 def test_the_images_route_with_its_plugin_is_the_plugins(monkeypatch):
@@ -168,6 +192,19 @@ def test_a_folder_path_is_never_taken_for_a_hub_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(DEFAULT_OUT, tmp_path / "local" / "digits")
     assert families.load("local/digits").folder.resolve() == tmp_path / "local" / "digits"
+    for missing in ("./missing", "../x/y", "local/missing"):  # a path, or a hub id no cache holds
+        with pytest.raises(FileNotFoundError, match="missing|x/y"):
+            families.load(missing)
+
+
+def test_a_hub_id_is_found_in_vllms_download_dir(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    _cache_with(tmp_path, "someone/digits", DEFAULT_OUT)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError):
+        families.load("someone/digits")
+    assert families.load("someone/digits", download_dir=str(tmp_path / "hub")).name == "digits"
 
 
 def test_the_deepseek_janus_format_is_named_with_the_folder_to_use(tmp_path):

@@ -13,7 +13,8 @@ token per forward pass), so both run on one machine, one model and one load, sid
 - throughput at `--in-flight` images: that many requests at once (seeds seed..seed+N-1),
   plainly and then with SJD++; images per second;
 - whether each seed gave the same PNG both ways: the promise the server's start-up probe
-  reports as `seed_identical` (true, false, or null where it did not probe).
+  reports as `seed_identical` (true, false, or null where it did not probe); a seed that gave
+  two PNGs in one mode (alone, then in the batch) is counted apart, compared with nothing.
 
 The table goes to stdout, the JSON (every request's timing, passes and PNG hash) to `--json`.
 Errors (a server that does not answer, a refused request) are one line on stderr, exit status 1.
@@ -27,6 +28,7 @@ import concurrent.futures
 import hashlib
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -93,18 +95,22 @@ def summarize(latency: list[ImageRun], batch: dict[str, tuple[list[ImageRun], fl
     passes = {m: statistics.mean(r.forward_passes for r in of(every, m)) for m in ("plain", "sjdpp")}
     seconds = {m: statistics.median(r.seconds for r in of(latency, m)) for m in ("plain", "sjdpp")}
     throughput = {m: len(runs) / wall for m, (runs, wall) in batch.items()}
-    pngs: dict[int, dict[str, str]] = {}
+    pngs: dict[int, dict[str, str | None]] = {}
     for r in every:
-        pngs.setdefault(r.seed, {}).setdefault(r.mode, r.png_sha256)
-        if pngs[r.seed][r.mode] != r.png_sha256:  # one seed, one mode, two PNGs: not even repeatable
-            pngs[r.seed][r.mode] = "differs between runs"
+        seen = pngs.setdefault(r.seed, {})
+        if r.mode not in seen:
+            seen[r.mode] = r.png_sha256
+        elif seen[r.mode] != r.png_sha256:
+            seen[r.mode] = None  # one seed, one mode, two PNGs: not repeatable, compared with nothing
     both = [p for p in pngs.values() if "plain" in p and "sjdpp" in p]
+    repeatable = [p for p in both if p["plain"] is not None and p["sjdpp"] is not None]
     verdicts = {r.seed_identical for r in every}
     return {
         "passes_per_image": passes, "fewer_passes": passes["plain"] / passes["sjdpp"],
         "latency_s": seconds, "lower_latency": seconds["plain"] / seconds["sjdpp"],
         "images_per_s": throughput, "throughput": throughput["sjdpp"] / throughput["plain"],
-        "identical_pngs": sum(p["plain"] == p["sjdpp"] for p in both), "seeds_compared": len(both),
+        "identical_pngs": sum(p["plain"] == p["sjdpp"] for p in repeatable), "seeds_compared": len(repeatable),
+        "unrepeatable_seeds": len(both) - len(repeatable),
         "server_seed_identical": verdicts.pop() if len(verdicts) == 1 else None,
     }
 
@@ -123,6 +129,9 @@ def table(summary: dict, in_flight: int) -> str:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     lines.append(f"\nsame PNG with SJD++ on and off: {s['identical_pngs']} of {s['seeds_compared']} seeds "
                  f"(the server's seed probe: seed_identical = {json.dumps(s['server_seed_identical'])})")
+    if s["unrepeatable_seeds"]:
+        lines.append(f"{s['unrepeatable_seeds']} seed(s) gave two PNGs in one mode (alone and in a batch): "
+                     f"this server's images depend on the batch")
     return "\n".join(lines)
 
 
@@ -152,7 +161,7 @@ def bench(url: str, body: dict, images: int, in_flight: int, seed: int, progress
         "latency_runs": [asdict(r) for r in latency],
         "throughput_runs": {m: {"wall_s": wall, "runs": [asdict(r) for r in runs]} for m, (runs, wall) in batch.items()},
         "client": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-                   "command": " ".join(["python -m vllm_sjdpp.bench", *sys.argv[1:]])},
+                   "command": shlex.join(["python", "-m", "vllm_sjdpp.bench", *sys.argv[1:]])},
     }
 
 

@@ -25,6 +25,10 @@ COMPANION_OF_KEY = "guidance_companion_of"
 # here for the engine's patches and the images endpoint alike (vLLM's collective_rpc).
 SEED_PROBE_METHOD = "sjdpp_seed_probe"
 AUTO = "auto"  # draft_token_budget chosen by the goodput controller (goodput.py)
+# vLLM's plugin names of this package (setup.py's entry points): the engine side and the images
+# endpoint; serving images takes both in VLLM_PLUGINS, which vLLM matches exactly.
+ENGINE_PLUGIN, ENDPOINT_PLUGIN = "sjdpp", "sjdpp_images"
+PLUGINS_FIX = f"VLLM_PLUGINS={ENGINE_PLUGIN},{ENDPOINT_PLUGIN}"
 # Where windows cannot adapt (several workers must agree on every window), "auto" is this
 # fixed budget: the best fixed budget of the CPU sweep at 32-64 requests without guidance.
 AUTO_FALLBACK_BUDGET = 512
@@ -229,3 +233,23 @@ class SJDPPConfig:
                 raise _invalid("fresh_token_range", self.fresh_token_range, f"hi <= {vocab_size}")
             return range(lo, hi)
         return range(vocab_size)
+
+
+def plugins_advice(value: str | None) -> str | None:
+    """What keeps the images endpoint from being served under `VLLM_PLUGINS=value` (None:
+    unset), with the fix; None when nothing does."""
+    if value is None:
+        return (f"VLLM_PLUGINS is not set, and vLLM loads endpoint plugins only when it names them: "
+                f"start the server with {PLUGINS_FIX}")
+    names = value.split(",")
+    ours = (ENGINE_PLUGIN, ENDPOINT_PLUGIN)
+    near = [n for n in names if n not in ours and n.strip().lower() in ours]
+    if near:
+        return (f"VLLM_PLUGINS={value!r}: vLLM matches plugin names exactly, and {near} matches none; "
+                f"write {PLUGINS_FIX} (comma-separated, no spaces)")
+    if ENDPOINT_PLUGIN in names and ENGINE_PLUGIN not in names:
+        return (f"VLLM_PLUGINS={value!r} names {ENDPOINT_PLUGIN} without {ENGINE_PLUGIN}, the engine side it "
+                f"serves with: {PLUGINS_FIX}")
+    if ENDPOINT_PLUGIN not in names:
+        return f"VLLM_PLUGINS={value!r} does not name {ENDPOINT_PLUGIN}: start the server with {PLUGINS_FIX}"
+    return None

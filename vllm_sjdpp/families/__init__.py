@@ -30,23 +30,27 @@ def family_of(hf_config: Any) -> type[ImageFamily]:
     return next((f for f in FAMILIES if f.matches(hf_config)), ImageFamily)
 
 
-def resolve(folder: str | Path, revision: str | None = None) -> Path:
-    """A model folder: `folder` itself, or a hub id ("owner/name") looked up in the local Hugging
-    Face cache, offline (as `vllm serve` stores what it downloads).  Raises FileNotFoundError
-    naming where it looked and how to fetch the folder."""
+def resolve(folder: str | Path, revision: str | None = None, download_dir: str | None = None) -> Path:
+    """A model folder: `folder` itself, or a hub id ("owner/name") looked up offline in
+    `download_dir` (vLLM's --download-dir) and the local Hugging Face cache, where `vllm serve`
+    stores what it downloads.  Raises FileNotFoundError naming where it looked and how to fetch
+    the folder."""
     path = Path(folder)
-    if path.is_dir() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(folder)):
+    if path.is_dir() or not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(folder)):
         return path
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    try:
-        return Path(snapshot_download(str(folder), revision=revision, local_files_only=True))
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"{folder}: neither a folder nor in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
-            f"download it first (hf download {folder})"
-        ) from None
+    caches = [c for c in (download_dir, constants.HF_HUB_CACHE) if c]
+    for cache in caches:
+        try:
+            return Path(snapshot_download(str(folder), revision=revision, cache_dir=cache, local_files_only=True))
+        except (LocalEntryNotFoundError, HFValidationError):
+            continue
+    raise FileNotFoundError(
+        f"{folder}: neither a folder nor in the local Hugging Face cache ({', '.join(map(str, caches))}); "
+        f"download it first (hf download {folder})"
+    )
 
 
 def foreign_format(folder: Path) -> str | None:
@@ -59,13 +63,13 @@ def foreign_format(folder: Path) -> str | None:
     return next((why for why in (f.foreign_format(raw) for f in FAMILIES) if why), None)
 
 
-def load(folder: str | Path, revision: str | None = None) -> ImageFamily:
+def load(folder: str | Path, revision: str | None = None, download_dir: str | None = None) -> ImageFamily:
     """The family of a model folder (or a hub id in the local cache, `resolve`), ready to make
     prompts and images.  Raises FileNotFoundError (no such folder) or ValueError (a folder no
     family reads, naming why)."""
     from transformers import AutoConfig
 
-    path = resolve(folder, revision)
+    path = resolve(folder, revision, download_dir)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json (not a model folder)")
     why = foreign_format(path)

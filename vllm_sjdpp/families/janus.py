@@ -44,7 +44,7 @@ class JanusFamily(ImageFamily):
         if raw_config.get("model_type") == DEEPSEEK_MODEL_TYPE or DEEPSEEK_ARCHITECTURE in (raw_config.get("architectures") or []):
             return (
                 f"the deepseek-ai Janus format (model_type {DEEPSEEK_MODEL_TYPE!r}, {DEEPSEEK_ARCHITECTURE}), which "
-                f"transformers does not read; use the transformers-format folder of the same weights, "
+                f"transformers does not read; use a transformers-format Janus folder, such as "
                 f"deepseek-community/Janus-Pro-7B or deepseek-community/Janus-Pro-1B"
             )
         return None

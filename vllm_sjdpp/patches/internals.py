@@ -99,7 +99,7 @@ CLASS_MEMBERS = (
     Member("vllm.engine.arg_utils:EngineArgs", "speculative_config"),
     Member("vllm.engine.arg_utils:EngineArgs", "additional_config"),
     # The images route's stand-in (patches.plugins); attach_endpoint_plugins looks it up at each call.
-    Member("vllm.plugins", "load_endpoint_plugins", ("supported_tasks",)),
+    Member("vllm.plugins", "load_endpoint_plugins", ("supported_tasks",), optional=True),
     # Requests (patches.input_processor).
     Member("vllm.v1.engine.input_processor:InputProcessor", "process_inputs", ("self", "request_id", "prompt", "params")),
     Member("vllm.v1.engine:EngineCoreRequest", "prompt_token_ids"),

@@ -95,10 +95,14 @@ def generate_images(base_url: str, model: str, folder: str | Path, prompts: list
                                    f"(finish reason {finish.get(i)!r})")
         return [GeneratedImage(text, ids, family.to_image(ids, pixels)) for _, ids in sorted(streamed.items())]
 
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(len(prompts), 16)))
     try:
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(prompts), 16))) as pool:
-            return [image for images in pool.map(one, prompts) for image in images]
+        return [image for images in pool.map(one, prompts) for image in images]
+    except BaseException:
+        client.close()  # the other prompts' streams end now, not when their images are done
+        raise
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
 
 

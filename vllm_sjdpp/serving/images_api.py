@@ -43,12 +43,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from vllm.exceptions import VLLMClientError
 
-from ..config import REQUEST_PREFIX
+from ..config import ENDPOINT_PLUGIN, REQUEST_PREFIX
 from ..guidance.cfg import NEGATIVE_PROMPT_KEY, SCALE_KEY
 
 logger = logging.getLogger("vllm.sjdpp")
 
-NAME = "sjdpp_images"
+NAME = ENDPOINT_PLUGIN
 ROUTE = "/v1/images/generations"
 MAX_IMAGES = 10  # OpenAI's limit on n
 MAX_SEED = 2**63 - MAX_IMAGES  # image i of a request uses seed + i
@@ -361,9 +361,10 @@ class ImagesEndpoint:
             return
         model_config = engine_client.model_config
         names = list(args.served_model_name or []) or [args.model]
+        load_config = getattr(getattr(engine_client, "vllm_config", None), "load_config", None)
         try:
-            family = families.load(model_config.model, model_config.revision)
-        except Exception as e:  # the completions endpoint still serves the model
+            family = families.load(model_config.model, model_config.revision, getattr(load_config, "download_dir", None))
+        except (OSError, ValueError) as e:  # the completions endpoint still serves the model
             logger.warning("%s: POST %s answers 400: %s", NAME, ROUTE, e)
             state.sjdpp_images = str(e)
             return
