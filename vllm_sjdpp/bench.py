@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROUTE = "/v1/images/generations"
+from .config import IMAGES_ROUTE as ROUTE
+from .serving.client import error_text
 DEFAULT_PROMPT = "a red fox in the snow"
 
 
@@ -66,9 +67,8 @@ def request_image(http, url: str, body: dict, mode: str, seed: int) -> ImageRun:
     seconds = time.perf_counter() - start
     if response.status_code != 200:
         try:
-            error = response.json()["error"]
-            why = error["message"] + (f" (parameter {error['param']})" if error.get("param") else "")
-        except (ValueError, KeyError, TypeError):
+            why = error_text(response.json()["error"], response.text[:500])
+        except (ValueError, KeyError, TypeError, AttributeError):
             why = response.text[:500]
         raise BenchError(f"{response.status_code} from {ROUTE}: {why}")
     image = response.json()["data"][0]

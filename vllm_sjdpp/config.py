@@ -29,6 +29,7 @@ AUTO = "auto"  # draft_token_budget chosen by the goodput controller (goodput.py
 # endpoint; serving images takes both in VLLM_PLUGINS, which vLLM matches exactly.
 ENGINE_PLUGIN, ENDPOINT_PLUGIN = "sjdpp", "sjdpp_images"
 PLUGINS_FIX = f"VLLM_PLUGINS={ENGINE_PLUGIN},{ENDPOINT_PLUGIN}"
+IMAGES_ROUTE = "/v1/images/generations"  # the endpoint's route (OpenAI's Images API)
 # Where windows cannot adapt (several workers must agree on every window), "auto" is this
 # fixed budget: the best fixed budget of the CPU sweep at 32-64 requests without guidance.
 AUTO_FALLBACK_BUDGET = 512

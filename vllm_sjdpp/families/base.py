@@ -189,6 +189,13 @@ class ImageFamily:
     def prompt_ids(self, text: str, size: tuple[int, int] | None = None) -> list[int]:
         raise NotImplementedError(f"{self.name} folders cannot make images")
 
+    def negative_prompt_ids(self, text: str | None, size: tuple[int, int] | None = None) -> list[int] | None:
+        """The unconditional context of guidance: `text` (None: the family's documented negative
+        prompt) inside the family's prompt, as transformers builds Emu3's and Janus's negative
+        prompts; None where neither is given (the engine's rule).  ValueError as `prompt_ids`."""
+        text = self.default_negative_prompt if text is None else text
+        return None if text is None else self.prompt_ids(text, size)
+
     def check_decoder(self) -> None:
         """Raise ValueError naming what the image decoder lacks (files the user provides, where a
         family ships none); here nothing."""

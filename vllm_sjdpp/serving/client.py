@@ -47,9 +47,9 @@ def completion_request(family: families.ImageFamily, text: str, n: int = 1, seed
     extra = dict(xargs or {})
     if guidance_scale is not None:
         extra[SCALE_KEY] = guidance_scale
-    negative = negative_prompt if negative_prompt is not None else family.default_negative_prompt
-    if negative is not None:
-        extra[NEGATIVE_PROMPT_KEY] = family.prompt_ids(negative, size)
+    negative_ids = family.negative_prompt_ids(negative_prompt, size)
+    if negative_ids is not None:
+        extra[NEGATIVE_PROMPT_KEY] = negative_ids
     return dict(
         prompt=family.prompt_ids(text, size), n=n, max_tokens=family.tokens_for(size), seed=seed,
         extra_body={"return_token_ids": True, "ignore_eos": True, "vllm_xargs": extra,
@@ -170,12 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {len(images)} images to {args.out}")
 
 
+def error_text(error: dict, fallback: str) -> str:
+    """An error object in OpenAI's shape ({"message", "param", ...}) as one line: its message
+    (`fallback` without one) and the parameter it names."""
+    message = error.get("message") or fallback
+    return f"{message} (parameter {error['param']})" if error.get("param") else message
+
+
 def _server_message(error) -> str:
     body = error.body if isinstance(error.body, dict) else {}
-    detail = body["error"] if isinstance(body.get("error"), dict) else body
-    message = detail.get("message") or str(error)
-    param = detail.get("param")
-    return f"{message} (parameter {param})" if param else message
+    return error_text(body["error"] if isinstance(body.get("error"), dict) else body, str(error))
 
 
 if __name__ == "__main__":

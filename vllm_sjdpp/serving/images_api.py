@@ -43,13 +43,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from vllm.exceptions import VLLMClientError
 
-from ..config import ENDPOINT_PLUGIN, REQUEST_PREFIX
+from ..config import ENDPOINT_PLUGIN, IMAGES_ROUTE, REQUEST_PREFIX
 from ..guidance.cfg import NEGATIVE_PROMPT_KEY, SCALE_KEY
 
 logger = logging.getLogger("vllm.sjdpp")
 
 NAME = ENDPOINT_PLUGIN
-ROUTE = "/v1/images/generations"
+ROUTE = IMAGES_ROUTE
 MAX_IMAGES = 10  # OpenAI's limit on n
 MAX_SEED = 2**63 - MAX_IMAGES  # image i of a request uses seed + i
 MAX_PARTIAL_IMAGES = 3  # and on partial_images
@@ -200,14 +200,12 @@ class ImageService:
             return error_response(str(e), e.param)
         except ValueError as e:
             return error_response(str(e), "prompt")
-        negative = request.negative_prompt if request.negative_prompt is not None else self.family.default_negative_prompt
-        if negative is not None:
-            # The family's prompt around the negative text, as transformers builds Emu3's and
-            # Janus's negative prompts; of another length it runs paired (guidance.pairing).
-            try:
-                negative_ids = await asyncio.to_thread(self.family.prompt_ids, negative, request.pixels)
-            except ValueError as e:
-                return error_response(str(e), "negative_prompt")
+        # Of another length than the prompt, it runs paired (guidance.pairing).
+        try:
+            negative_ids = await asyncio.to_thread(self.family.negative_prompt_ids, request.negative_prompt, request.pixels)
+        except ValueError as e:
+            return error_response(str(e), "negative_prompt")
+        if negative_ids is not None:
             request.extra_args[NEGATIVE_PROMPT_KEY] = negative_ids
         # Every image gets a seed, reported with it: any image can be made again.
         first = secrets.randbelow(MAX_SEED) if request.seed is None else request.seed
