@@ -110,22 +110,33 @@ def test_images_endpoint_makes_janus_pngs(server, janus_folder, janus_shape):
     assert got.tobytes() == family.to_image(codes.tolist()).tobytes()
 
 
-def torch_linear_rows_invariant(shapes: list[tuple[int, int]]) -> bool:
-    """Whether torch's float32 linear gives a row the same bits alone and among 16 others, at
-    each (in, out) shape, on this machine (MKL / oneDNN pick kernels by the row count)."""
+def rows_invariant(linear, shapes: list[tuple[int, int]]) -> bool:
+    """Whether `linear(x, w)` gives a row the same bits alone and among 16 others at each
+    (in, out) shape, in float32 on this machine."""
     gen = torch.Generator().manual_seed(0)
     for k, n in shapes:
         x, w = torch.randn(17, k, generator=gen), torch.randn(n, k, generator=gen)
-        if not torch.equal(torch.nn.functional.linear(x, w)[:1], torch.nn.functional.linear(x[:1], w)):
+        if not torch.equal(linear(x, w)[:1], linear(x[:1], w)):
             return False
     return True
 
 
+def vllm_cpu_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """vLLM's CPU GEMM for an unquantized linear layer of weight `w` (what its linear layers run)."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(w, requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    return layer.cpu_linear(x, w, None)
+
+
 def test_the_seed_probe_ran_at_the_folders_shapes(server, janus_folder):
     """The start-up seed probe runs on Janus (text prompt, image codes, both branches) and reports
-    what this machine's kernels do: Janus's generation aligner and head are transformers' modules
-    (torch's linear), so a seed names one image only where torch's linear gives a row the same
-    bits in a one-row and a wide pass."""
+    what this machine's kernels do: Janus's generation aligner and head are vLLM's linear layers, as
+    the Llama's are, so a seed names one image where vLLM's GEMM gives a row the same bits in a
+    one-row and a wide pass.  On a machine where torch's own float32 linear does not (MKL / oneDNN
+    pick kernels by the row count: this CPU), transformers' modules would have broken the promise."""
     from transformers import AutoConfig
 
     from openai_images import client_for
@@ -134,4 +145,4 @@ def test_the_seed_probe_ran_at_the_folders_shapes(server, janus_folder):
     shapes = [(vq.embed_dim, vq.projection_dim), (vq.image_token_embed_dim, vq.projection_dim),
               (vq.projection_dim, vq.num_embeddings)]
     out = client_for(server).images.generate(model=janus_folder, prompt="a small house", extra_body={"seed": 2})
-    assert out.data[0].model_extra["sjdpp"]["seed_identical"] is torch_linear_rows_invariant(shapes)
+    assert out.data[0].model_extra["sjdpp"]["seed_identical"] is rows_invariant(vllm_cpu_linear, shapes)

@@ -5,7 +5,10 @@ Only the image-generation path of Janus is built: the Llama (with both guidance 
 `GuidedLlamaForCausalLM`), the generation embeddings and aligner that embed image codes, and the
 generation head whose logits cover the codebook.  The vision encoder, its aligner, the VQ model
 and the text head are not loaded (the VQ decoder runs where images are made, `families.janus`).
-The small generation modules are transformers' own classes.
+The generation aligner and head are vLLM's linear layers with the checkpoint's names, as the
+Llama's are: on the CPU vLLM's GEMM gives a row the same bits whatever the number of rows beside
+it, which torch's float32 linear (MKL / oneDNN chosen by the row count) does not, and the seed
+promise rests on that (`engine.seed_probe`).
 
 Prompt positions are embedded as text, later positions as image codes (see `families.janus` for
 the id space): the model learns which is which from the guidance inputs the model runner fills
@@ -19,8 +22,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.janus.modeling_janus import JanusVQVAEAlignerMLP, JanusVQVAEHead
+from transformers.activations import ACT2FN
 from vllm.compilation.decorators import support_torch_compile
+from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.models.utils import AutoWeightsLoader
 
 from ..families import family_of
@@ -39,6 +43,42 @@ def janus_config_hook(model_config) -> None:
     double_heads(model_config)
 
 
+class GenerationAligner(nn.Module):
+    """transformers' `JanusVQVAEAlignerMLP` (the same weights and names) in vLLM's layers:
+    [N, embed_dim] code embeddings -> [N, projection_dim], the Llama's hidden size."""
+
+    def __init__(self, vq, prefix: str = ""):
+        super().__init__()
+        self.fc1 = ReplicatedLinear(vq.embed_dim, vq.projection_dim, bias=True, prefix=f"{prefix}.fc1")
+        self.hidden_layers = nn.ModuleList(
+            ReplicatedLinear(vq.projection_dim, vq.projection_dim, bias=True, prefix=f"{prefix}.hidden_layers.{i}")
+            for i in range(vq.num_hidden_layers - 1)
+        )
+        self.activation_fn = ACT2FN[vq.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states, _ = self.fc1(hidden_states)
+        for layer in self.hidden_layers:
+            hidden_states, _ = layer(self.activation_fn(hidden_states))
+        return hidden_states
+
+
+class GenerationHead(nn.Module):
+    """transformers' `JanusVQVAEHead` (the same weights and names) in vLLM's layers:
+    [N, image_token_embed_dim] hidden states -> [N, num_embeddings] logits over the codebook."""
+
+    def __init__(self, vq, prefix: str = ""):
+        super().__init__()
+        self.proj_out = ReplicatedLinear(vq.image_token_embed_dim, vq.projection_dim, bias=True, prefix=f"{prefix}.proj_out")
+        self.activation_fn = ACT2FN[vq.hidden_act]
+        self.vision_head = ReplicatedLinear(vq.projection_dim, vq.num_embeddings, bias=True, prefix=f"{prefix}.vision_head")
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states, _ = self.proj_out(hidden_states)
+        hidden_states, _ = self.vision_head(self.activation_fn(hidden_states))
+        return hidden_states
+
+
 @support_torch_compile(dynamic_arg_dims=BATCH_DIMS)
 class JanusGenerationModel(BranchForward, nn.Module):
     """`model.*` of the checkpoint, the parts that generate images (the names are the checkpoint's),
@@ -53,8 +93,8 @@ class JanusGenerationModel(BranchForward, nn.Module):
         )
         vq = config.vq_config
         self.generation_embeddings = nn.Embedding(vq.num_embeddings, vq.embed_dim)
-        self.generation_aligner = JanusVQVAEAlignerMLP(vq)
-        self.generation_head = JanusVQVAEHead(vq)
+        self.generation_aligner = GenerationAligner(vq, prefix=f"{prefix}.generation_aligner")
+        self.generation_head = GenerationHead(vq, prefix=f"{prefix}.generation_head")
         self.hold_guidance(GuidanceBatch.for_model(vllm_config, self.generation_embeddings.weight.device))
 
     def branch_embed(self, ids: torch.Tensor) -> torch.Tensor:
