@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
-from provenance import provenance  # noqa: E402
+from vllm_sjdpp.provenance import provenance  # noqa: E402
 
 from vllm_sjdpp.config import AUTO  # noqa: E402
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH  # noqa: E402

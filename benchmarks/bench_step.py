@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from provenance import provenance
+from vllm_sjdpp.provenance import provenance
 from vllm_sjdpp.kernels import FreshTokens, StepBatch, StepNoise, sjdpp_step
 
 # Janus-Pro (1B and 7B): VQ codebook and text vocabulary.

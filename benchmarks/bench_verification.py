@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
-from provenance import provenance  # noqa: E402
+from vllm_sjdpp.provenance import provenance  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, prompt_ids  # noqa: E402

@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     import numpy as np
 
-    from provenance import provenance
+    from vllm_sjdpp.provenance import provenance
 
     started = provenance()
     sys.path.insert(0, str(ROOT / "tests"))

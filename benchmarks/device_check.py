@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_step import PEAK_BANDWIDTH_GBS, bytes_moved, make_batch  # noqa: E402
-from provenance import provenance  # noqa: E402
+from vllm_sjdpp.provenance import provenance  # noqa: E402
 
 from vllm_sjdpp.kernels import StepNoise, sjdpp_step  # noqa: E402
 from vllm_sjdpp.kernels.noise import keyed_exponentials_numpy, request_key, row_keys  # noqa: E402

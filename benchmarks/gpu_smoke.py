@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from provenance import provenance
+from vllm_sjdpp.provenance import provenance
 from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, prompt_ids
 from vllm_sjdpp.digits.train import DEFAULT_OUT
 from vllm_sjdpp.serving.server import vllm_server

@@ -1,4 +1,4 @@
-"""benchmarks/provenance.py: what every benchmark's JSON records about its run (command, commit,
+"""`vllm_sjdpp.provenance`: what every benchmark's JSON records about its run (command, commit,
 machine, libraries), and that every benchmark writing JSON records it."""
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+import vllm_sjdpp.provenance as prov
 
-import provenance as prov  # noqa: E402
+ROOT = Path(__file__).parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+# What writes JSON results besides benchmarks/: the user's bench and the digit model's soak.
+PACKAGE_WRITERS = [ROOT / "vllm_sjdpp/bench.py", ROOT / "vllm_sjdpp/digits/soak.py"]
 
 KEYS = {"command", "commit", "cpu", "cpu_flags", "cpus", "gpu", "date", "versions"}
 
@@ -133,16 +135,17 @@ def test_a_missing_library_is_none(monkeypatch):
 
 
 def test_the_module_imports_nothing_from_vllm():
-    """device_check.py imports it where vLLM is not installed.  (The venv's .pth files import
-    parts of vllm_sjdpp at start-up: only what `import provenance` adds counts.)"""
-    code = ("import sys; before = set(sys.modules); sys.path.insert(0, sys.argv[1]); import provenance; "
+    """device_check.py imports it where vLLM is not installed.  Run without the venv's .pth files
+    (`-S`: they import parts of vllm_sjdpp at start-up), the package from the checkout."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); before = set(sys.modules); import vllm_sjdpp.provenance; "
             "added = sorted(set(sys.modules) - before); "
-            "assert not [m for m in added if m.split('.')[0] in ('vllm', 'vllm_sjdpp', 'torch')], added")
-    subprocess.run([sys.executable, "-c", code, str(BENCHMARKS)], check=True)
+            "assert not [m for m in added if m.split('.')[0] in ('vllm', 'torch')], added")
+    subprocess.run([sys.executable, "-S", "-c", code, str(ROOT)], check=True)
 
 
 def test_every_benchmark_that_writes_json_records_provenance():
     writers = [p for p in sorted(BENCHMARKS.glob("*.py")) if re.search(r"\bjson\.dumps?\(", p.read_text())]
     assert len(writers) >= 10, writers  # the scan finds the benchmarks
+    writers += PACKAGE_WRITERS
     missing = [p.name for p in writers if not re.search(r"\bprovenance\(", p.read_text())]  # a call, not a mention
-    assert not missing, f"write a top-level 'provenance' (benchmarks/provenance.py) into these JSON results: {missing}"
+    assert not missing, f"write a top-level 'provenance' (vllm_sjdpp.provenance) into these JSON results: {missing}"

@@ -215,3 +215,4 @@ def test_bench_measures_plain_against_sjdpp(server):
     assert (s["identical_pngs"], s["seeds_compared"]) == (3, 3)
     assert len(record["latency_runs"]) == 4 and len(record["throughput_runs"]["sjdpp"]["runs"]) == 3
     assert all(r["seconds"] > 0 for r in record["latency_runs"])
+    assert record["provenance"]["cpu"] and record["provenance"]["versions"]["vllm_sjdpp"]

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # family), its training, quality and demo scripts with the applications on top.
 LAYERS = [
     ("kernels", ["vllm_sjdpp.kernels"]),
-    ("config", ["vllm_sjdpp.config", "vllm_sjdpp.machine"]),
+    ("config", ["vllm_sjdpp.config", "vllm_sjdpp.machine", "vllm_sjdpp.provenance"]),
     ("families", ["vllm_sjdpp.families", "vllm_sjdpp.digits.vq", "vllm_sjdpp.digits.tokens", "vllm_sjdpp.digits.data"]),
     ("guidance", ["vllm_sjdpp.guidance"]),
     ("engine", ["vllm_sjdpp.engine"]),

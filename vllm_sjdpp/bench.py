@@ -27,13 +27,10 @@ import base64
 import concurrent.futures
 import hashlib
 import json
-import platform
-import shlex
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import IMAGES_ROUTE as ROUTE
@@ -140,6 +137,9 @@ def bench(url: str, body: dict, images: int, in_flight: int, seed: int, progress
     import httpx
     from tqdm import tqdm
 
+    from .provenance import provenance
+
+    started = provenance()
     total = 2 + 2 * images + 2 * in_flight
     with httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=max(in_flight, 1) + 2)) as http, \
             tqdm(total=total, unit="image", desc="bench", disable=None if progress is None else not progress) as bar:
@@ -160,8 +160,7 @@ def bench(url: str, body: dict, images: int, in_flight: int, seed: int, progress
         "summary": summarize(latency, batch),
         "latency_runs": [asdict(r) for r in latency],
         "throughput_runs": {m: {"wall_s": wall, "runs": [asdict(r) for r in runs]} for m, (runs, wall) in batch.items()},
-        "client": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-                   "command": shlex.join(["python", "-m", "vllm_sjdpp.bench", *sys.argv[1:]])},
+        "provenance": started,  # the client's machine: the server's may be another
     }
 
 

@@ -172,9 +172,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, prompt_ids
     from vllm_sjdpp.digits.train import DEFAULT_OUT
+    from vllm_sjdpp.provenance import provenance
     from vllm_sjdpp.serving.server import vllm_server
 
     args = parser(DEFAULT_OUT).parse_args(argv)
+    started = provenance()
     log_path = Path(tempfile.mkdtemp(prefix="sjdpp-soak-")) / "vllm-serve.log"
     serve_args = ["--speculative-config", "sjdpp", "--max-model-len", str(GENERATED_LENGTH + 64),
                   "--max-num-seqs", str(args.concurrency)]
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             result = soak(base, str(args.model), log_path, args.minutes, args.concurrency, args.abort_fraction,
                           prompt_ids(7), GENERATED_LENGTH, progress=bar)
     result["verdict"] = verdict(result)
+    result["provenance"] = started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))

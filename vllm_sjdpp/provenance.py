@@ -1,7 +1,8 @@
 """Where a benchmark result came from: the command, the code, the machine and the libraries.
 
-Every script in benchmarks/ that writes a JSON result puts `provenance()` under the result's
-top-level "provenance" key (tests/test_bench_provenance.py checks that each one does):
+Every script that writes a JSON result (benchmarks/, `python -m vllm_sjdpp.bench`, the digit
+model's soak) puts `provenance()` under the result's top-level "provenance" key
+(tests/test_bench_provenance.py checks that each one does):
 
     {"command": ".venv/bin/python benchmarks/bench_auto.py --rounds 5",
      "commit": "48b8a83...+dirty", "cpu": "AMD EPYC ...", "cpu_flags": ["avx2", "avx512f", ...],
@@ -11,9 +12,9 @@ top-level "provenance" key (tests/test_bench_provenance.py checks that each one 
 - command: the command line as it was run (`sys.orig_argv`: the interpreter, `-m module` or the
   script's path, the arguments), after the environment variables that change what a run
   measures (`COMMAND_ENV`) where they are set;
-- commit: `git rev-parse HEAD` of the repository, with "+dirty" when `git status` shows changes
-  to tracked files (untracked files do not count); where git cannot tell (no git, or a copy of
-  the tree without .git) the environment's VLLM_SJDPP_COMMIT, else "unknown";
+- commit: `git rev-parse HEAD` of the repository this package sits in, with "+dirty" when `git status` shows changes
+  to tracked files (untracked files do not count); where git cannot tell (no git, a copy of the
+  tree without .git, an installed wheel) the environment's VLLM_SJDPP_COMMIT, else "unknown";
 - cpu: /proc/cpuinfo's "model name" (else lscpu's, else `platform.processor()`), cpu_flags the
   ones of `FLAGS` it lists (x86 "flags", aarch64 "Features"), cpus the cores this process may use;
 - gpu: torch's name for CUDA device 0, None without CUDA;
@@ -22,7 +23,7 @@ top-level "provenance" key (tests/test_bench_provenance.py checks that each one 
   machine that has only torch, triton and transformers).
 
 Imports nothing from vLLM (benchmarks/device_check.py runs where vLLM is not installed), and torch
-only inside `gpu()`.
+only inside `gpu()`.  `python -m vllm_sjdpp.provenance` prints this machine's.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def commit(repo: str | Path) -> str:
 def cpu(cpuinfo: str | Path | None = None) -> tuple[str, list[str]]:
     """(model name, the flags of FLAGS present) from /proc/cpuinfo's text (`vllm_sjdpp.machine`
     reads it, as the server's dtype choice does)."""
-    from vllm_sjdpp import machine
+    from . import machine
 
     if cpuinfo is None:
         text = machine.read_cpuinfo()
