@@ -3,8 +3,11 @@
     python benchmarks/bench_e2e.py [--quick] [--model DIR] [--out benchmarks/results/e2e]
 
 One in-process engine without speculation (the baseline) and one with `sjdpp`; the SJD++ modes
-(reuse, init, window k) are chosen per request, so every mode runs on the same engine, model and
-prompts. For each mode:
+are chosen per request, so every mode runs on the same engine, model and prompts: the default
+verification (Gumbel coupling) at each init and window k, and the ratio test (speculative
+sampling's min(1, p/q)) with each reuse of old drafts, where SJD (no reuse) and SJD++ differ (under
+the coupling a draft is kept exactly when it wins the race, so reuse has nothing to choose).  For
+each mode:
 - forward passes per image (each pass commits its accepted drafts plus one token, so
   passes = tokens - accepted drafts, from vLLM's own spec-decode counters),
 - latency per image at batch 1,
@@ -47,8 +50,11 @@ MAX_WINDOW = 32
 def mode_name(mode: dict | None) -> str:
     if mode is None:
         return "plain"
-    label = "SJD" if mode["sjdpp_reuse"] == "none" else f"SJD++ {mode['sjdpp_reuse']}"
-    return f"{label} init={mode['sjdpp_init']} k={mode['sjdpp_num_speculative_tokens']}"
+    window = f"init={mode['sjdpp_init']} k={mode['sjdpp_num_speculative_tokens']}"
+    if mode["sjdpp_verification"] == "gumbel":
+        return f"SJD++ {window}"
+    label = "SJD (ratio test)" if mode["sjdpp_reuse"] == "none" else f"SJD++ ratio test, {mode['sjdpp_reuse']} reuse"
+    return f"{label} {window}"
 
 
 def counters(llm) -> tuple[float, list[float]]:
@@ -276,16 +282,21 @@ def main() -> None:
     args = ap.parse_args()
     started = provenance()
 
-    def sjd(reuse, init="above", k=32):
-        return {"sjdpp_reuse": reuse, "sjdpp_init": init, "sjdpp_num_speculative_tokens": k}
+    def sjd(init="above", k=32, ratio_reuse=None):
+        """Per-request options: the default verification, or the ratio test with `ratio_reuse`."""
+        mode = {"sjdpp_init": init, "sjdpp_num_speculative_tokens": k, "sjdpp_verification": "gumbel"}
+        if ratio_reuse is not None:
+            mode.update(sjdpp_verification="ratio", sjdpp_reuse=ratio_reuse)
+        return mode
 
     if args.quick:
-        modes = [None, sjd("none"), sjd("coupled")]
+        modes = [None, sjd(), sjd(ratio_reuse="none"), sjd(ratio_reuse="coupled")]
         concurrencies, per_digit = [1, 8], 2
         budgets, budget_concurrencies, latency_repeats = [None, 512], [32], 3
     else:
-        modes = [None] + [sjd(r, i) for r in ("none", "coupled", "confidence") for i in ("random", "left", "above")]
-        modes += [sjd("coupled", "above", k) for k in (4, 8, 16)]
+        modes = [None] + [sjd(i) for i in ("random", "left", "above")]
+        modes += [sjd(ratio_reuse=r) for r in ("none", "coupled", "confidence")]
+        modes += [sjd(k=k) for k in (4, 8, 16)]
         concurrencies, per_digit = [1, 8, 32, 64], 10
         budgets, budget_concurrencies, latency_repeats = [None, 1024, 512, 256, 128, 64, 0], [8, 32, 64], 10
     engine = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False, max_num_seqs=64)
@@ -302,8 +313,8 @@ def main() -> None:
         rows.append(measure(llm, plain, mode, concurrencies, per_digit, judge, real, latency_repeats, codebook))
     for r in rows:
         r["pass_reduction_vs_plain"] = rows[0]["forward_passes_per_image"] / r["forward_passes_per_image"]
-    sweep = budget_sweep(plain, sjdpp, sjd("coupled"), budgets, budget_concurrencies)
-    sweep["mode"] = mode_name(sjd("coupled"))
+    sweep = budget_sweep(plain, sjdpp, sjd(), budgets, budget_concurrencies)
+    sweep["mode"] = mode_name(sjd())
     results = {"model": str(args.model), "quick": args.quick, "modes": rows, "budget_sweep": sweep,
                "provenance": started}
     args.out.parent.mkdir(parents=True, exist_ok=True)
