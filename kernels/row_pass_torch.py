@@ -54,6 +54,38 @@ def _inductor_kernels() -> tuple:
     return _compiled
 
 
+def compile_inductor(vocab: int, device: torch.device | str = "cpu") -> None:
+    """Compile the fused functions now, for float32 probabilities over `vocab` tokens, at the
+    shapes a step meets (one row and several: dynamic shapes treat a size of 1 apart), so that the
+    first large step does not wait for the compiler (about 2 s on two CPU cores).  Raises what
+    TorchInductor raises where it cannot compile (no C++ compiler), after which `row_pass_inductor`
+    runs the eager functions."""
+    try:
+        _compile_at_step_shapes(vocab, device)
+    except Exception:
+        global _compiled
+        _compiled = _EAGER
+        raise
+
+
+def _compile_at_step_shapes(vocab: int, device) -> None:
+    # Each function runs on h = 1 and h = 2 rows (dynamic shapes treat a size of 1 apart), and no
+    # two sizes agree where a step's need not (Dynamo would guard on that equality): p rows,
+    # q rows, next-window rows and the rows visited all differ, and p is not q.
+    gen = torch.Generator(device=device).manual_seed(0)
+    for h in (1, 2):
+        n = 2 * h  # rows visited: the first h race against a q row, the others against p
+        p = torch.rand(n + 5, vocab, generator=gen, device=device).softmax(-1)
+        q = torch.rand(n + 3, vocab, generator=gen, device=device).softmax(-1)
+        rows = torch.arange(n, device=device)
+        row_pass_inductor(
+            target_probs=p, draft_probs=q, exponentials=torch.rand(n + 5, vocab, generator=gen, device=device) + 0.5,
+            rows=rows, subtract_draft_row=torch.where(rows < h, rows, -1), subtract_onehot=rows,
+            draw=torch.ones(n, dtype=torch.bool, device=device), q_dest=torch.where(rows < h, rows, -1),
+            next_probs=torch.empty(n + 1, vocab, device=device),
+        )
+
+
 def row_pass_torch(
     target_probs: torch.Tensor,  # [R, V]
     draft_probs: torch.Tensor | None,  # [T, V]

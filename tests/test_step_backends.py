@@ -169,3 +169,61 @@ def test_the_step_crosses_the_host_device_boundary_as_budgeted(gumbel, crossings
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="host array"):
             sjdpp_step(dataclasses.replace(batch, greedy=batch.greedy.cuda()), noise, fresh)
+
+
+def _graphs_compiled_by_steps(cases) -> int:
+    """Dynamo graphs compiled while the fused (Inductor) row pass runs `cases` (float32)."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    for name in cases:
+        sjdpp_step(*_case(*CASES[name], torch.float32, 0), backend="inductor")
+    return counters["stats"]["unique_graphs"] - before
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the fused PyTorch row pass is the CPU's")
+def test_a_server_compiles_the_row_pass_before_its_first_step(monkeypatch):
+    """`compile_inductor`, which an SJD++ engine on a CPU runs while it starts
+    (`engine.runtime.compile_step`), compiles the fused row pass at every shape a step meets: steps
+    of one row and of many at other vocabularies compile nothing afterwards.  Without it (the
+    broken variant: a fresh process's first step) the first steps compile."""
+    from vllm_sjdpp.kernels import row_pass_torch
+
+    cases = ["k1-random", "k64-two-blocks", "mixed", "all-greedy"]
+    monkeypatch.setattr(row_pass_torch, "_compiled", None)
+    torch._dynamo.reset()
+    assert _graphs_compiled_by_steps(cases) > 0
+    monkeypatch.setattr(row_pass_torch, "_compiled", None)
+    torch._dynamo.reset()
+    row_pass_torch.compile_inductor(4096)
+    assert _graphs_compiled_by_steps(cases) == 0
+
+
+def test_a_cpu_that_cannot_compile_runs_the_row_pass_eagerly(monkeypatch, caplog):
+    """Where TorchInductor cannot compile (no C++ compiler), the engine still starts, says so
+    once, and its steps run the eager functions; a model whose steps never reach Inductor's size
+    compiles nothing."""
+    import logging
+    from types import SimpleNamespace
+
+    from vllm_sjdpp.kernels import row_pass_torch
+    from vllm_sjdpp.engine.runtime import compile_step
+
+    def no_compiler(vocab, device):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(row_pass_torch, "_compiled", None)
+    monkeypatch.setattr(row_pass_torch, "_compile_at_step_shapes", no_compiler)
+    runner = SimpleNamespace(device=torch.device("cpu"), scheduler_config=SimpleNamespace(max_num_seqs=64))
+    compile_step(runner, vocab_size=48, window=32)  # 64 x 33 x 48 probabilities: below Inductor's size
+    assert row_pass_torch._compiled is None
+    logging.getLogger("vllm.sjdpp").addHandler(caplog.handler)
+    try:
+        compile_step(runner, vocab_size=16384, window=32)
+    finally:
+        logging.getLogger("vllm.sjdpp").removeHandler(caplog.handler)
+    assert row_pass_torch._compiled is row_pass_torch._EAGER
+    assert any("cannot compile" in r.getMessage() and "no C++ compiler" in r.getMessage() for r in caplog.records)
+    batch, noise, fresh = _case(*CASES["mixed"], torch.float32, 0)
+    out = sjdpp_step(batch, noise, fresh, backend="inductor")
+    assert torch.equal(out.output_token_ids, sjdpp_step(batch, noise, fresh, backend="torch").output_token_ids)
