@@ -120,6 +120,20 @@ def keyed_exponentials_torch(a, b, vocab_size: int, device: torch.device | str =
     return _fused(a_t, b_t, vocab_size)
 
 
+def compile_keyed_exponentials(vocab_size: int, device: torch.device | str = "cpu") -> None:
+    """Compile the fused noise now (it is compiled on its first call above INDUCTOR_MIN_ELEMENTS),
+    at two row counts past that size (dynamic shapes).  Raises what TorchInductor raises where it
+    cannot compile, after which the noise is computed eagerly (the same values)."""
+    global _fused
+    rows = max(2, -(-INDUCTOR_MIN_ELEMENTS // vocab_size))
+    try:
+        for r in (rows, rows + 1):
+            keyed_exponentials_torch(np.arange(r), np.arange(r) + 7, vocab_size, device)
+    except Exception:
+        _fused = _exponentials_torch
+        raise
+
+
 def keyed_exponentials(a, b, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The noise rows on `device`: Triton on CUDA; on CPU NumPy below INDUCTOR_MIN_ELEMENTS
     (33 x 274: 0.04 against 0.19 ms eager, 330 x 274: 0.25 against 2.0 ms, on 1 thread of the

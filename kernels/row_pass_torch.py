@@ -1,7 +1,8 @@
 """The row pass in PyTorch, vectorised over rows: what vLLM's CPU backend runs.
 
 Eager (`row_pass_torch`) or fused by TorchInductor (`row_pass_inductor`): the same functions,
-compiled on first use into one C++ loop each, which makes the pass memory-bound like a softmax.
+compiled into one C++ loop each (while an SJD++ server starts: `compile_inductor`; else on first
+use), which makes the pass memory-bound like a softmax.
 
 For each selected target row:
     w = max(0, p - s)      s = the draft's q row, one-hot(token), or 0
@@ -47,7 +48,8 @@ _compiled: tuple | None = None
 
 
 def _inductor_kernels() -> tuple:
-    """The same functions fused by TorchInductor into one C++ loop each (compiled on first use)."""
+    """The same functions fused by TorchInductor into one C++ loop each (each shape compiled on
+    its first call: `compile_inductor` makes those calls ahead)."""
     global _compiled
     if _compiled is None:
         _compiled = tuple(torch.compile(fn, dynamic=True) for fn in _EAGER)
@@ -56,8 +58,8 @@ def _inductor_kernels() -> tuple:
 
 def compile_inductor(vocab: int, device: torch.device | str = "cpu") -> None:
     """Compile the fused functions now, for float32 probabilities over `vocab` tokens, at the
-    shapes a step meets (one row and several: dynamic shapes treat a size of 1 apart), so that the
-    first large step does not wait for the compiler (about 2 s on two CPU cores).  Raises what
+    shapes a step meets (one row and several: dynamic shapes treat a size of 1 apart), so that no
+    step waits for the compiler (about 4 s on two CPU cores, once per process).  Raises what
     TorchInductor raises where it cannot compile (no C++ compiler), after which `row_pass_inductor`
     runs the eager functions."""
     try:
@@ -71,9 +73,20 @@ def compile_inductor(vocab: int, device: torch.device | str = "cpu") -> None:
 def _compile_at_step_shapes(vocab: int, device) -> None:
     # Each function runs on h = 1 and h = 2 rows (dynamic shapes treat a size of 1 apart), and no
     # two sizes agree where a step's need not (Dynamo would guard on that equality): p rows,
-    # q rows, next-window rows and the rows visited all differ, and p is not q.
+    # q rows, next-window rows and the rows visited all differ, and p is not q.  Then the race
+    # over every row of p that Gumbel-coupled steps run (`kernels.step`: as many rows visited as
+    # p has, no q, no next window).
     gen = torch.Generator(device=device).manual_seed(0)
-    for h in (1, 2):
+    for r in (1, 3):
+        p = torch.rand(r, vocab, generator=gen, device=device).softmax(-1)
+        rows = torch.arange(r, device=device)
+        none = torch.full_like(rows, -1)
+        row_pass_inductor(
+            target_probs=p, draft_probs=None, exponentials=torch.rand(r, vocab, generator=gen, device=device) + 0.5,
+            rows=rows, subtract_draft_row=none, subtract_onehot=none, draw=torch.ones_like(rows, dtype=torch.bool),
+            q_dest=none, next_probs=p[:0],
+        )
+    for h, next_rows in ((1, 3), (2, 5), (1, 1)):  # a window of one next row as well
         n = 2 * h  # rows visited: the first h race against a q row, the others against p
         p = torch.rand(n + 5, vocab, generator=gen, device=device).softmax(-1)
         q = torch.rand(n + 3, vocab, generator=gen, device=device).softmax(-1)
@@ -82,7 +95,7 @@ def _compile_at_step_shapes(vocab: int, device) -> None:
             target_probs=p, draft_probs=q, exponentials=torch.rand(n + 5, vocab, generator=gen, device=device) + 0.5,
             rows=rows, subtract_draft_row=torch.where(rows < h, rows, -1), subtract_onehot=rows,
             draw=torch.ones(n, dtype=torch.bool, device=device), q_dest=torch.where(rows < h, rows, -1),
-            next_probs=torch.empty(n + 1, vocab, device=device),
+            next_probs=torch.empty(next_rows, vocab, device=device),
         )
 
 

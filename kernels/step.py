@@ -245,6 +245,24 @@ def _row_pass(backend: str | None, device: torch.device, num_elements: int) -> R
     raise ValueError(f"unknown step backend {backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
+def compile_cpu_step(vocab_size: int, device: torch.device | str = "cpu") -> None:
+    """Compile what a CPU step fuses with TorchInductor (the row pass and the keyed noise) at the
+    shapes a step meets, so that no step waits for the compiler.  Raises what TorchInductor
+    raises where it cannot compile (the first error, after trying both); what failed then runs
+    eagerly."""
+    from .noise import compile_keyed_exponentials
+    from .row_pass_torch import compile_inductor
+
+    errors = []
+    for compile_now in (compile_inductor, compile_keyed_exponentials):
+        try:
+            compile_now(vocab_size, device)
+        except Exception as error:  # noqa: BLE001 -- re-raised below, after the other one
+            errors.append(error)
+    if errors:
+        raise errors[0]
+
+
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return np.cumsum(x) - x
 

@@ -50,14 +50,20 @@ def _engines_without_whole_heap_collections():
     frozen once, here, and vLLM's freeze and unfreeze are left out, so an engine's own objects stay
     in the young generations and are collected when the test drops it
     (`tests/test_folder_fuzz.py` checks that resident memory comes back).  Servers the tests start
-    in a child process (`vllm serve`) run as users run them."""
+    in a child process (`vllm serve`) run as users run them.  Without vLLM (the kernel tests on a
+    device machine) nothing to do."""
     import gc
     import importlib
     import types
 
-    # What an engine's start imports, imported now to be frozen with the rest.
-    for name in ("vllm.entrypoints.llm", "vllm.v1.engine.llm_engine", "vllm.v1.worker.cpu_worker",
-                 "vllm.v1.worker.cpu_model_runner", "vllm.v1.executor.uniproc_executor",
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return
+    # What an engine's start imports, imported now to be frozen with the rest (the CPU worker's
+    # modules only on the CPU platform: importing them rebinds torch.cuda's streams and events).
+    cpu = ("vllm.v1.worker.cpu_worker", "vllm.v1.worker.cpu_model_runner") if current_platform.is_cpu() else ()
+    for name in ("vllm.entrypoints.llm", "vllm.v1.engine.llm_engine", *cpu, "vllm.v1.executor.uniproc_executor",
                  "vllm.model_executor.models.llama", "vllm_sjdpp.patches"):
         importlib.import_module(name)
     # The modules that freeze and unfreeze (vLLM 0.32).

@@ -138,11 +138,22 @@ def test_the_seed_probe_ran_at_the_folders_shapes(server, janus_folder):
     one-row and a wide pass.  On a machine where torch's own float32 linear does not (MKL / oneDNN
     pick kernels by the row count: this CPU), transformers' modules would have broken the promise."""
     from transformers import AutoConfig
+    from vllm.platforms import current_platform
 
     from openai_images import client_for
 
-    vq = AutoConfig.from_pretrained(janus_folder).vq_config
-    shapes = [(vq.embed_dim, vq.projection_dim), (vq.image_token_embed_dim, vq.projection_dim),
-              (vq.projection_dim, vq.num_embeddings)]
+    if not current_platform.is_cpu():
+        pytest.skip("the expected verdict is computed with vLLM's CPU GEMM")
+    config = AutoConfig.from_pretrained(janus_folder)
+    vq, text = config.vq_config, config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    shapes = [  # (in, out) of every linear layer: the generation aligner and head, the Llama's
+        (vq.embed_dim, vq.projection_dim), (vq.projection_dim, vq.projection_dim),
+        (vq.image_token_embed_dim, vq.projection_dim), (vq.projection_dim, vq.num_embeddings),
+        (text.hidden_size, (text.num_attention_heads + 2 * kv_heads) * head_dim),
+        (text.num_attention_heads * head_dim, text.hidden_size),
+        (text.hidden_size, 2 * text.intermediate_size), (text.intermediate_size, text.hidden_size),
+    ]
     out = client_for(server).images.generate(model=janus_folder, prompt="a small house", extra_body={"seed": 2})
     assert out.data[0].model_extra["sjdpp"]["seed_identical"] is rows_invariant(vllm_cpu_linear, shapes)

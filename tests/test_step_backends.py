@@ -171,32 +171,40 @@ def test_the_step_crosses_the_host_device_boundary_as_budgeted(gumbel, crossings
             sjdpp_step(dataclasses.replace(batch, greedy=batch.greedy.cuda()), noise, fresh)
 
 
-def _graphs_compiled_by_steps(cases) -> int:
-    """Dynamo graphs compiled while the fused (Inductor) row pass runs `cases` (float32)."""
-    from torch._dynamo.utils import counters
-
-    before = counters["stats"]["unique_graphs"]
-    for name in cases:
-        sjdpp_step(*_case(*CASES[name], torch.float32, 0), backend="inductor")
-    return counters["stats"]["unique_graphs"] - before
+GRAPHS_COMPILED_BY_STEPS = """
+import sys, torch
+from torch._dynamo.utils import counters
+sys.path.insert(0, sys.argv[1])
+import test_step_backends as t
+from vllm_sjdpp.kernels.step import compile_cpu_step
+if sys.argv[2] == "warm":
+    compile_cpu_step(4096)
+before = counters["stats"]["unique_graphs"]
+for name in ("k1-random", "k64-two-blocks", "mixed", "all-greedy"):
+    for gumbel in ("none", "all", "mixed"):  # the ratio test, Gumbel coupling, both
+        t.sjdpp_step(*t._case(*t.CASES[name], torch.float32, 0, gumbel), backend="inductor")
+print(counters["stats"]["unique_graphs"] - before)
+"""
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the fused PyTorch row pass is the CPU's")
-def test_a_server_compiles_the_row_pass_before_its_first_step(monkeypatch):
-    """`compile_inductor`, which an SJD++ engine on a CPU runs while it starts
-    (`engine.runtime.compile_step`), compiles the fused row pass at every shape a step meets: steps
-    of one row and of many at other vocabularies compile nothing afterwards.  Without it (the
-    broken variant: a fresh process's first step) the first steps compile."""
-    from vllm_sjdpp.kernels import row_pass_torch
+def test_a_server_compiles_the_row_pass_before_its_first_step():
+    """`compile_cpu_step`, which an SJD++ engine on a CPU runs while it starts
+    (`engine.runtime.compile_step`), compiles the fused row pass and noise at every shape a step meets: in a
+    fresh process, steps of one row and of many, under the ratio test and Gumbel coupling, at
+    other vocabularies, compile no Dynamo graph afterwards.  Without it (the broken variant: a
+    fresh process's first steps) they compile."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    cases = ["k1-random", "k64-two-blocks", "mixed", "all-greedy"]
-    monkeypatch.setattr(row_pass_torch, "_compiled", None)
-    torch._dynamo.reset()
-    assert _graphs_compiled_by_steps(cases) > 0
-    monkeypatch.setattr(row_pass_torch, "_compiled", None)
-    torch._dynamo.reset()
-    row_pass_torch.compile_inductor(4096)
-    assert _graphs_compiled_by_steps(cases) == 0
+    def graphs(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", GRAPHS_COMPILED_BY_STEPS, str(Path(__file__).parent), mode],
+                             capture_output=True, text=True, timeout=600, check=True)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    assert graphs("cold") > 0
+    assert graphs("warm") == 0
 
 
 def test_a_cpu_that_cannot_compile_runs_the_row_pass_eagerly(monkeypatch, caplog):
@@ -206,15 +214,18 @@ def test_a_cpu_that_cannot_compile_runs_the_row_pass_eagerly(monkeypatch, caplog
     import logging
     from types import SimpleNamespace
 
-    from vllm_sjdpp.kernels import row_pass_torch
+    pytest.importorskip("vllm")  # the engine's side; device_check.sh runs this file without vLLM
     from vllm_sjdpp.engine.runtime import compile_step
+    from vllm_sjdpp.kernels import row_pass_torch
 
     def no_compiler(vocab, device):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(row_pass_torch, "_compiled", None)
     monkeypatch.setattr(row_pass_torch, "_compile_at_step_shapes", no_compiler)
-    runner = SimpleNamespace(device=torch.device("cpu"), scheduler_config=SimpleNamespace(max_num_seqs=64))
+    monkeypatch.delenv("SJDPP_STEP_BACKEND", raising=False)
+    runner = SimpleNamespace(device=torch.device("cpu"),
+                             vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=64)))
     compile_step(runner, vocab_size=48, window=32)  # 64 x 33 x 48 probabilities: below Inductor's size
     assert row_pass_torch._compiled is None
     logging.getLogger("vllm.sjdpp").addHandler(caplog.handler)
