@@ -16,7 +16,8 @@ token per forward pass), so both run on one machine, one model and one load, sid
   reports as `seed_identical` (true, false, or null where it did not probe); a seed that gave
   two PNGs in one mode (alone, then in the batch) is counted apart, compared with nothing.
 
-The table goes to stdout, the JSON (every request's timing, passes and PNG hash) to `--json`.
+The table goes to stdout, the JSON (every request's timing, passes and PNG hash, and the
+client's provenance: `vllm_sjdpp.provenance`) to `--json`.
 Errors (a server that does not answer, a refused request) are one line on stderr, exit status 1.
 """
 
