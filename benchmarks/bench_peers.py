@@ -8,9 +8,10 @@ One in-process engine per method (bf16, the digit model's guided defaults): forw
 image (tokens - accepted drafts; SJD++ with full windows, budget null, so that the count does not
 depend on what the goodput controller makes of this machine), latency at batch 1, and images/s
 at 1, 8 and 32 concurrent requests under each method's defaults, each timed right after plain
-decoding of the same prompts and seeds (paired ratios, the median of 3 rounds), after one untimed batch at each
-concurrency on every engine, plain's included (SJD++'s goodput controller learns the machine on its first requests: a fresh engine's
-first batch of 32 ran at 0.31x plain, the next two at 0.95x and 0.81x).
+decoding of the same prompts and seeds (paired ratios, the median of 3 rounds), after one
+untimed batch at each concurrency on every engine, plain's included (SJD++'s goodput controller
+learns the machine on its first requests: a fresh engine's first batch of 32 ran at 0.31x plain,
+the next two at 0.95x and 0.81x).
 """
 
 from __future__ import annotations
@@ -39,13 +40,18 @@ CONCURRENCIES = (1, 8, 32)
 ROUNDS = 3
 
 
+def warm_up(llm) -> None:
+    """One untimed batch at each concurrency: what a server has seen before the timed requests."""
+    for c in CONCURRENCIES:
+        bench_e2e.generate(llm, None, [i % 10 for i in range(c)], seed=300)
+
+
 def measure(plain, llm, images: int) -> dict:
     digits = [i % 10 for i in range(images)]
     with bench_e2e.draft_token_budget(llm, None):  # SJD++'s full windows; a peer's engine: no-op
         tokens, _, accepted, _ = bench_e2e.generate(llm, None, digits, seed=0)
     n = sum(map(len, tokens))
-    for c in CONCURRENCIES:  # untimed: what a server has seen before these requests
-        bench_e2e.generate(llm, None, [i % 10 for i in range(c)], seed=300)
+    warm_up(llm)
     latency, plain_latency = [], []
     for d in range(3):
         plain_latency.append(bench_e2e.generate(plain, None, [d], 100 + d)[1])
@@ -75,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.top_k is not None:
         engine["override_generation_config"] = {"top_k": args.top_k}
     plain = LLM(str(args.model), **engine)
-    for c in CONCURRENCIES:  # untimed, as each method's engine below: both sides of a ratio warm
-        bench_e2e.generate(plain, None, [i % 10 for i in range(c)], seed=300)
+    warm_up(plain)  # as each method's engine below: both sides of a ratio warm
     results = {}
     for name, spec in METHODS.items():
         try:

@@ -223,13 +223,20 @@ RowPass = Callable[..., torch.Tensor]
 BACKENDS = ("torch", "inductor", "triton")
 
 
+def default_backend(device: torch.device, num_elements: int) -> str:
+    """The row pass a step of `num_elements` probabilities on `device` runs unless told
+    otherwise: SJDPP_STEP_BACKEND where set, else Triton on CUDA, TorchInductor's fused PyTorch
+    from INDUCTOR_MIN_ELEMENTS up, eager PyTorch below."""
+    return os.environ.get("SJDPP_STEP_BACKEND") or (
+        "triton" if device.type == "cuda"
+        else "inductor" if num_elements >= INDUCTOR_MIN_ELEMENTS
+        else "torch"
+    )
+
+
 def _row_pass(backend: str | None, device: torch.device, num_elements: int) -> RowPass:
     if backend is None:
-        backend = os.environ.get("SJDPP_STEP_BACKEND") or (
-            "triton" if device.type == "cuda"
-            else "inductor" if num_elements >= INDUCTOR_MIN_ELEMENTS
-            else "torch"
-        )
+        backend = default_backend(device, num_elements)
     if backend == "torch":
         from .row_pass_torch import row_pass_torch
 

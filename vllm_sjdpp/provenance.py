@@ -12,9 +12,10 @@ model's soak) puts `provenance()` under the result's top-level "provenance" key
 - command: the command line as it was run (`sys.orig_argv`: the interpreter, `-m module` or the
   script's path, the arguments), after the environment variables that change what a run
   measures (`COMMAND_ENV`) where they are set;
-- commit: `git rev-parse HEAD` of the repository this package sits in, with "+dirty" when `git status` shows changes
-  to tracked files (untracked files do not count); where git cannot tell (no git, a copy of the
-  tree without .git, an installed wheel) the environment's VLLM_SJDPP_COMMIT, else "unknown";
+- commit: `git rev-parse HEAD` of the repository this package sits in, with "+dirty" when
+  `git status` shows changes to tracked files (untracked files do not count); where git cannot
+  tell (no git, a copy of the tree without .git, an installed wheel) the environment's
+  VLLM_SJDPP_COMMIT, else "unknown";
 - cpu: /proc/cpuinfo's "model name" (else lscpu's, else `platform.processor()`), cpu_flags the
   ones of `FLAGS` it lists (x86 "flags", aarch64 "Features"), cpus the cores this process may use;
 - gpu: torch's name for CUDA device 0, None without CUDA;

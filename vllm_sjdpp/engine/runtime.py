@@ -27,8 +27,7 @@ from vllm.logger import init_logger
 
 from ..config import AUTO, AUTO_FALLBACK_BUDGET, SJDPPConfig
 from ..families import family_of, logits_size, stream_grid
-from ..kernels.host import INDUCTOR_MIN_ELEMENTS
-from ..kernels.step import compile_cpu_step
+from ..kernels.step import compile_cpu_step, default_backend
 from .batch_requests import BatchRequests
 from .goodput import GoodputController
 from .jacobi_state import JacobiStates, RequestState, Window
@@ -137,25 +136,27 @@ class StepFallbacks:
 
 
 def compile_step(runner: Any, vocab_size: int, window: int) -> None:
-    """Where the step will run TorchInductor's fused row pass and noise (a CPU, steps of at least
-    INDUCTOR_MIN_ELEMENTS probabilities; `kernels.step`), compile them while the server starts
+    """Where the step will run TorchInductor's fused row pass and noise (a CPU whose largest step,
+    every sequence with a full window, reaches it: `kernels.step.default_backend`), compile them
+    while the server starts
     instead of in the first large step, which a fresh server's first requests waited for (2.1 s
     of the first step with full windows at 32 digit images; compiling every shape at start-up
     takes about 4 s on 2 cores).  Where TorchInductor cannot compile here, the step runs the eager
     functions, said once at start-up."""
     device = getattr(runner, "device", None)
-    if device is None or device.type != "cpu" or os.environ.get("SJDPP_STEP_BACKEND", "inductor") != "inductor":
+    if device is None or device.type != "cpu":
         return
-    if runner.vllm_config.scheduler_config.max_num_seqs * (window + 1) * vocab_size < INDUCTOR_MIN_ELEMENTS:
+    largest = runner.vllm_config.scheduler_config.max_num_seqs * (window + 1) * vocab_size
+    if default_backend(device, largest) != "inductor":
         return
     start = time.perf_counter()
     try:
         compile_cpu_step(vocab_size, device)
     except Exception as error:  # a CPU without a C++ compiler still serves, at the eager speed
-        logger.warning("SJD++: TorchInductor cannot compile the step's row pass here (%s: %s); it runs eagerly",
+        logger.warning("SJD++: TorchInductor cannot compile the step's fused kernels here (%s: %s); they run eagerly",
                        type(error).__name__, error)
         return
-    logger.info("SJD++: the step's row pass compiled for the CPU in %.1f s", time.perf_counter() - start)
+    logger.info("SJD++: the step's fused kernels compiled for the CPU in %.1f s", time.perf_counter() - start)
 
 
 @dataclass
