@@ -1,17 +1,22 @@
-"""What an unconditional context of another length costs: paired requests (`guidance.pairing`)
-against the equal-length path, on one guided engine.
+"""What guidance costs with an unconditional context of another length: paired requests
+(`guidance.pairing`) against the equal-length path, in both guidance layouts (`guidance.cfg`).
 
     python benchmarks/bench_paired_guidance.py [--model FOLDER] [--repeats 3] [--out benchmarks/results/paired_guidance.json]
 
-The same requests either way: the digit model's class prompts (`<bos> a handwritten D <boi>`),
-guided at scale 3, plain decoding, whole images (273 tokens, one pass each), at batch 1 and 32.
-- equal: the folder's rule, `<bos> <pad> <pad> <pad> <boi>` (the prompt's length: one sequence,
-  both branches in its pass);
+The same requests every way: the digit model's class prompts (`<bos> a handwritten D <boi>`),
+guided at scale 3, plain decoding, whole images (273 tokens, one pass each), at batch 1 and 32,
+on two engines over the same folder:
+- stacked (the digit model's default): both branches in each sequence, twice the KV heads;
+- paired (`--hf-overrides '{"sjdpp_guidance_layout": "paired"}'`, Emu3's and Lumina-mGPT's
+  default): one branch per sequence, every guided request a pair.
+and two kinds of unconditional context:
+- equal: the folder's rule, `<bos> <pad> <pad> <pad> <boi>` (the prompt's length);
 - paired: `<bos> <boi>` as the negative prompt (Lumina-mGPT's kind of context, from the image
-  start on: two sequences per image, each run with both branches).
-Every timing of a round is taken back to back; the ratio of the medians is reported.  KV per
-image: the engine's KV blocks in use, divided by the images, once every image of a batch holds
-200 generated tokens (read from the scheduler's block pool).
+  start on).
+The baseline is stacked/equal, guidance as it runs at equal lengths.  Every timing of a round is
+taken back to back; the ratio of the medians is reported.  KV per image: the engine's KV blocks
+in use once every image of a batch holds 200 generated tokens (read from the scheduler's block
+pool), divided by the images, and those blocks' bytes (the layouts' blocks differ in size).
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPAC
 from vllm_sjdpp.digits.tokens import BOI, BOS, GENERATED_LENGTH, prompt_ids  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
 
-ENGINE = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, max_num_seqs=64)
-PATHS = {"equal": {"guidance_scale": 3.0}, "paired": {"guidance_scale": 3.0, "negative_prompt_token_ids": [BOS, BOI]}}
+ENGINE = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, max_num_seqs=64, block_size=32)
+LAYOUTS = {"stacked": {}, "paired": {"hf_overrides": {"sjdpp_guidance_layout": "paired"}}}
+CONTEXTS = {"equal": {"guidance_scale": 3.0}, "paired": {"guidance_scale": 3.0, "negative_prompt_token_ids": [BOS, BOI]}}
+CASES = [(layout, context) for layout in LAYOUTS for context in CONTEXTS]
+BASELINE = ("stacked", "equal")
 
 
 def sampling(extra_args: dict, max_tokens: int = GENERATED_LENGTH):
@@ -65,6 +73,12 @@ def kv_blocks_per_image(llm, batch: int, extra_args: dict, generated: int = 200)
     return held / batch
 
 
+def kv_bytes_per_block(llm) -> int:
+    """Bytes of one KV block across the model's layers."""
+    config = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
+    return sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in config.kv_cache_groups)
+
+
 def main() -> None:
     from vllm import LLM
 
@@ -77,27 +91,36 @@ def main() -> None:
     args = ap.parse_args()
     started = provenance()
 
-    llm = LLM(str(args.model), dtype=args.dtype, **ENGINE)
-    cache = llm.llm_engine.vllm_config.cache_config
-    results = {"model": str(args.model), "block_size": cache.block_size, "batches": {}, "provenance": started}
+    engines = {layout: LLM(str(args.model), dtype=args.dtype, **ENGINE, **kw) for layout, kw in LAYOUTS.items()}
+    block_bytes = {layout: kv_bytes_per_block(llm) for layout, llm in engines.items()}
+    results = {
+        "model": str(args.model), "block_size": ENGINE["block_size"], "kv_bytes_per_block": block_bytes,
+        "baseline": "/".join(BASELINE), "batches": {}, "provenance": started,
+    }
     for batch in args.batches:
         rounds = []
         for i in range(args.repeats + 1):  # the first round warms up
-            r = {path: timed(llm, batch, extra) for path, extra in PATHS.items()}
+            r = {f"{lay}/{ctx}": timed(engines[lay], batch, CONTEXTS[ctx]) for lay, ctx in CASES}
             if i:
                 rounds.append(r)
-        median = {k: statistics.median(r[k] for r in rounds) for k in PATHS}
-        kv = {path: kv_blocks_per_image(llm, batch, extra) for path, extra in PATHS.items()}
-        ms = {k: 1e3 * v / GENERATED_LENGTH for k, v in median.items()}
-        results["batches"][str(batch)] = {
-            **{f"{k}_ms_per_pass": v for k, v in ms.items()},
-            "paired_over_equal": median["paired"] / median["equal"],
-            **{f"{k}_kv_blocks_per_image": v for k, v in kv.items()},
-            "rounds_s": rounds,
-        }
-        print(f"batch {batch:>3}: equal {ms['equal']:.2f} ms/pass, paired {ms['paired']:.2f} "
-              f"({median['paired'] / median['equal']:.2f}x); KV blocks per image at 200 tokens: "
-              f"equal {kv['equal']:.1f}, paired {kv['paired']:.1f} (median of {args.repeats} rounds)")
+        row = {"rounds_s": rounds}
+        base = "/".join(BASELINE)
+        for lay, ctx in CASES:
+            case = f"{lay}/{ctx}"
+            blocks = kv_blocks_per_image(engines[lay], batch, CONTEXTS[ctx])
+            row[case] = {
+                "ms_per_pass": 1e3 * statistics.median(r[case] for r in rounds) / GENERATED_LENGTH,
+                "kv_blocks_per_image": blocks,
+                "kv_bytes_per_image": blocks * block_bytes[lay],
+            }
+        for lay, ctx in CASES:
+            case = row[f"{lay}/{ctx}"]
+            case["time_over_baseline"] = case["ms_per_pass"] / row[base]["ms_per_pass"]
+            case["kv_over_baseline"] = case["kv_bytes_per_image"] / row[base]["kv_bytes_per_image"]
+            print(f"batch {batch:>3} {lay:>7} layout, {ctx:>6} context: {case['ms_per_pass']:.2f} ms/pass "
+                  f"({case['time_over_baseline']:.2f}x), KV {case['kv_bytes_per_image'] / 2**10:.0f} KiB per image "
+                  f"({case['kv_over_baseline']:.2f}x; {case['kv_blocks_per_image']:.2f} blocks)")
+        results["batches"][str(batch)] = row
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")

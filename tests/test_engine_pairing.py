@@ -2,10 +2,13 @@
 unbatched guidance, which runs the negative prompt with its own cache at its own length.
 
 Engines on the tiny guided Llama (grouped queries):
-- `guided`: guidance, no speculation;
+- `guided`: guidance, no speculation, both branches in each sequence (the folder's "stacked"
+  layout: each member of a pair runs both);
 - `tight`: guidance and SJD++ with a 16-token budget per step (prompts prefill in chunks, pairs
-  are split by the budget) and a KV cache of 12 blocks of 32 tokens (requests are preempted);
-- `guided_sjdpp`: guidance and SJD++ (created last: metrics are read from the newest engine).
+  are split by the budget) and a KV cache of 12 blocks of 32 tokens (requests are preempted), one
+  branch per sequence (the "paired" layout, Emu3's and Lumina-mGPT's);
+- `guided_sjdpp`: guidance and SJD++, paired layout (created last: metrics are read from the
+  newest engine).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from stats import ALPHA, BROKEN_ALPHA, position_pair_pvalues
 from tiny_llama import GUIDED_PAD
 
 SJDPP = {"method": "sjdpp", "num_speculative_tokens": 6}
+PAIRED_LAYOUT = {"hf_overrides": {"sjdpp_guidance_layout": "paired"}}
 PROMPTS = [[0, 5, 6, 7, 8], [0, 9, 10], [0, 20, 21, 22, 23, 24, 25], [0, 30]]
 # Shorter and longer than their prompts.
 NEGATIVES = [[0, 3], [0, 3, 4, 11, 12, 13, 14], [0, 40, 41], [0, 2, 2, 2, 2, 2]]
@@ -41,19 +45,41 @@ def guided(make_engine, tiny_guided_path):
 def tight(make_engine, tiny_guided_path, guided):
     return make_engine(
         tiny_guided_path, speculative_config=SJDPP, max_num_batched_tokens=16, num_gpu_blocks_override=12,
-        block_size=32, **ENGINE,
+        block_size=32, **PAIRED_LAYOUT, **ENGINE,
     )
 
 
 @pytest.fixture(scope="module")
 def guided_sjdpp(make_engine, tiny_guided_path, guided, tight):
-    return make_engine(tiny_guided_path, speculative_config=SJDPP, **ENGINE)
+    return make_engine(tiny_guided_path, speculative_config=SJDPP, **PAIRED_LAYOUT, **ENGINE)
 
 
 def test_engines_run_the_paired_scheduler(guided):
     from vllm_sjdpp.patches.scheduler import PairedScheduler
 
     assert isinstance(scheduler_of(guided), PairedScheduler)
+
+
+def kv_heads(llm) -> int:
+    return scheduler_of(llm).kv_cache_config.kv_cache_groups[0].kv_cache_spec.num_kv_heads
+
+
+def test_the_paired_layout_runs_one_branch_per_sequence(guided, guided_sjdpp, hf_guided, monkeypatch):
+    """One branch per sequence: the checkpoint's KV heads (the stacked layout holds twice as many),
+    and every guided request pairs, its equal-length negative prompt (the folder's rule) too,
+    giving transformers' guidance; at scale 1 nothing pairs (the conditional model alone)."""
+    from vllm_sjdpp.patches import scheduler as scheduler_module
+
+    assert kv_heads(guided) == 2 * kv_heads(guided_sjdpp) == 2 * hf_guided.config.num_key_value_heads
+    companions = []
+    companion_id = scheduler_module.companion_id
+    monkeypatch.setattr(scheduler_module, "companion_id", lambda r: companions.append(r) or companion_id(r))
+    for scale in (3.0, 1.0):
+        expected = [hf_greedy(hf_guided, p, scale) for p in PROMPTS]
+        sampling = params(temperature=0, max_tokens=12, extra_args={"guidance_scale": scale})
+        companions.clear()
+        assert tokens(run(guided_sjdpp, PROMPTS, sampling)) == expected
+        assert len(companions) == (len(PROMPTS) if scale != 1 else 0)
 
 
 @pytest.mark.parametrize("scale", [1.5, 3.0])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_sjdpp.families.rule import UnconditionalRule
-from vllm_sjdpp.guidance.cfg import MAX_BATCH_TOKENS, GuidanceBatch, combine, request_guidance, served_rule
+from vllm_sjdpp.guidance.cfg import MAX_BATCH_TOKENS, GuidanceBatch, ServedGuidance, combine, request_guidance, served_rule
 
 RULE = UnconditionalRule(frozenset({0, 9}), pad_token_id=7)
 PROMPT = [0, 3, 4, 9]
@@ -55,7 +55,7 @@ def test_guidance_on_unguided_model_is_refused():
 def every_row_finds_its_scale(dtype) -> bool:
     """A full batch's index columns in the model dtype, gathered in any order (as vLLM gathers
     rows for sampling and logprobs): does `row_scales` give each row its own token's scale?"""
-    batch = GuidanceBatch(RULE, 1.0, 10, MAX_BATCH_TOKENS, "cpu")
+    batch = GuidanceBatch(ServedGuidance(RULE, 1.0, 10), MAX_BATCH_TOKENS, "cpu")
     batch.token_scale.copy_(torch.arange(MAX_BATCH_TOKENS, dtype=torch.float32))  # scale t at token t
     index = GuidanceBatch.index_columns(MAX_BATCH_TOKENS, dtype, "cpu")
     rows = torch.randperm(MAX_BATCH_TOKENS, generator=torch.Generator().manual_seed(0))
@@ -110,6 +110,40 @@ def test_config_hook_doubles_heads_once():
     assert served_rule(config) == UnconditionalRule(frozenset({0}), 7)
     with pytest.raises(ValueError, match="sjdpp_guidance"):
         guided_llama_config_hook(_model_config(None))  # a guided architecture without its rule
+
+
+def test_config_hook_keeps_the_heads_in_the_paired_layout():
+    """One branch per sequence: the checkpoint's heads, marked as guided, in the layout asked."""
+    from vllm_sjdpp.guidance.cfg import LAYOUT_ATTR, ServedGuidance
+    from vllm_sjdpp.guidance.llama import guided_llama_config_hook
+
+    config = _model_config({"keep_token_ids": [0], "pad_token_id": 7})
+    config.hf_config.sjdpp_guidance_layout = "paired"
+    config.get_vocab_size = lambda: 48
+    guided_llama_config_hook(config)
+    assert config.model_arch_config is None  # nothing doubled: vLLM's own view stands
+    assert (config.hf_text_config.num_attention_heads, config.hf_text_config.num_key_value_heads) == (4, 2)
+    assert getattr(config.hf_text_config, LAYOUT_ATTR) == "paired"
+    assert ServedGuidance.of(config) == ServedGuidance(UnconditionalRule(frozenset({0}), 7), 1.0, 48, one_branch=True)
+    bad = _model_config({"keep_token_ids": [0], "pad_token_id": 7})
+    bad.hf_config.sjdpp_guidance_layout = "both"
+    with pytest.raises(ValueError, match="'sjdpp_guidance_layout': got 'both'"):
+        guided_llama_config_hook(bad)
+
+
+@pytest.mark.parametrize("one_branch, scale, negative, paired", [
+    (False, 3.0, [0, 7, 7], False),  # the prompt's length: its own sequence's second branch
+    (False, 3.0, [0, 7], True),  # another length: a sequence of its own
+    (False, 1.0, [0, 7], True),
+    (True, 3.0, [0, 7, 7], True),  # one branch per sequence: every guided request pairs
+    (True, 0.0, [0, 7], True),  # the unconditional model alone still needs its context
+    (True, 1.0, [0, 7], False),  # the conditional model alone
+])
+def test_which_requests_pair(one_branch, scale, negative, paired):
+    served = ServedGuidance(RULE, 3.0, 10, one_branch)
+    args = {"guidance_scale": scale, "negative_prompt_token_ids": negative}
+    assert (served.companion_prompt(args, [0, 5, 6]) == negative) is paired
+    assert served.companion_prompt(args, [0, 5, 6]) in (None, negative)
 
 
 @pytest.mark.parametrize("rule, message", [

@@ -59,13 +59,13 @@ def step_peak_bytes(vocab: int, requests: int, drafts: int, top_p: float = 0.9, 
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
     from vllm_sjdpp.families.rule import UnconditionalRule
-    from vllm_sjdpp.guidance.cfg import GuidanceBatch
+    from vllm_sjdpp.guidance.cfg import GuidanceBatch, ServedGuidance
     from vllm_sjdpp.guidance.llama import guided_logits
     from vllm_sjdpp.kernels import FreshTokens, StepBatch, StepNoise, sjdpp_step
 
     counts = np.full(requests, drafts // requests) + (np.arange(requests) < drafts % requests)
     rows, hidden = requests + drafts, 8
-    guidance = GuidanceBatch(UnconditionalRule(frozenset(), 0), 3.0, vocab, rows, "cpu")
+    guidance = GuidanceBatch(ServedGuidance(UnconditionalRule(frozenset(), 0), 3.0, vocab), rows, "cpu")
     keys = {i: (i, 10) for i in range(requests)}
     noise = StepNoise.sample_per_request((counts + 1).tolist(), counts.tolist(), vocab, {}, "cpu", keys=keys)
     fresh = FreshTokens.build(["random"] * requests, [range(vocab)] * requests, np.zeros((requests, 1), np.int64))

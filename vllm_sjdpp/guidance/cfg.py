@@ -14,8 +14,15 @@ Per request (`SamplingParams.extra_args`, OpenAI `vllm_xargs`): `guidance_scale`
 conditional model alone, 0: the unconditional one; default from generation_config.json) and
 `negative_prompt_token_ids` (default: the model's unconditional rule applied to the prompt).
 An unconditional prompt of the prompt's length runs in the prompt's sequence, as above; one of
-another length (Emu3's, Lumina-mGPT's) runs as a sequence of its own, paired with the request's
-(`pairing`), and the rows P samples combine with its partner's rows instead.
+another length runs as a sequence of its own, paired with the request's (`pairing`), and the
+rows P samples combine with its partner's rows instead.
+
+That is the "stacked" layout.  Where the family's unconditional prompt has another length than
+the prompt (Emu3's, Lumina-mGPT's: every request pairs), a server runs the "paired" layout
+instead: one branch per sequence.  The engine sees the checkpoint's own heads, each sequence
+runs its own tokens once, and every guided request (scale != 1) runs as a pair, whatever the
+length of its negative prompt: 2 rows per position and 2 sequences of KV per image, what
+guidance costs.  config.json's (or --hf-overrides') `sjdpp_guidance_layout` chooses either.
 """
 
 from __future__ import annotations
@@ -45,6 +52,11 @@ MAX_BATCH_TOKENS = INDEX_BASE**2
 # Set on the text config by a guided architecture's config hook (the branches' own head counts):
 # what marks a model that vLLM runs with guidance, whatever its config.json holds besides.
 BRANCH_HEADS_ATTR = "guidance_branch_heads"
+# The layout chosen (config.json or --hf-overrides, top level), and where the hook writes it (the
+# text config, which travels to the workers with the heads).
+LAYOUT_KEY = "sjdpp_guidance_layout"
+LAYOUT_ATTR = "guidance_layout"
+STACKED, PAIRED = "stacked", "paired"
 
 
 def unconditional_rule(model_config: Any) -> UnconditionalRule:
@@ -59,6 +71,19 @@ def served_rule(model_config: Any) -> UnconditionalRule | None:
     if getattr(model_config.hf_text_config, BRANCH_HEADS_ATTR, None) is None:
         return None
     return unconditional_rule(model_config)
+
+
+def chosen_layout(model_config: Any) -> str:
+    """The layout a guided folder runs in: `LAYOUT_KEY` where the config gives it, else "paired"
+    where the family's unconditional prompt has another length than the prompt (every request
+    pairs), else "stacked".  Raises ValueError naming the key."""
+    given = getattr(model_config.hf_config, LAYOUT_KEY, None)
+    if given is None:
+        return PAIRED if unconditional_rule(model_config).pairs else STACKED
+    if given not in (STACKED, PAIRED):
+        raise ValueError(f"config {LAYOUT_KEY!r}: got {given!r}; allowed: {STACKED!r} (both branches in a "
+                         f"sequence) or {PAIRED!r} (one branch per sequence)")
+    return given
 
 
 def default_scale(model_config: Any) -> float:
@@ -106,6 +131,37 @@ def request_guidance(
 
 
 @dataclass(frozen=True)
+class ServedGuidance:
+    """How a server guides its requests: the folder's rule and default scale, the vocabulary the
+    options are checked against, and whether each sequence runs one branch (`PAIRED`)."""
+
+    rule: UnconditionalRule
+    scale_default: float
+    vocab_size: int
+    one_branch: bool = False
+
+    @classmethod
+    def of(cls, model_config: Any) -> ServedGuidance | None:
+        """None for a model vLLM does not serve with guidance."""
+        rule = served_rule(model_config)
+        if rule is None:
+            return None
+        one_branch = getattr(model_config.hf_text_config, LAYOUT_ATTR, STACKED) == PAIRED
+        return cls(rule, default_scale(model_config), model_config.get_vocab_size(), one_branch)
+
+    def resolve(self, extra_args: dict | None, prompt: list[int]) -> tuple[float, list[int]]:
+        """(scale, unconditional prompt) of a request (`request_guidance`; ValueError naming the
+        option)."""
+        return request_guidance(extra_args, prompt, self.rule, self.scale_default, self.vocab_size)
+
+    def companion_prompt(self, extra_args: dict | None, prompt: list[int]) -> list[int] | None:
+        """The prompt of the sequence that pairs with a request's (`pairing`); None: it runs alone.
+        The one decision the input checks, the scheduler and the model runner all read."""
+        scale, negative = self.resolve(extra_args, prompt)
+        return negative if needs_companion(prompt, negative, scale, self.one_branch) else None
+
+
+@dataclass(frozen=True)
 class RequestGuidance:
     """How a request in the batch is guided: its scale, the prompt its own sequence's second
     branch runs, and the request whose rows pair with its rows (`pairing`; None: not paired).
@@ -140,15 +196,12 @@ class GuidanceBatch:
     by compute_logits).
     """
 
-    def __init__(
-        self, rule: UnconditionalRule, scale_default: float, vocab_size: int, size: int, device, grid=None,
-        request_grid=None,
-    ):
+    def __init__(self, served: ServedGuidance, size: int, device, grid=None, request_grid=None):
         if size > MAX_BATCH_TOKENS:
             raise ValueError(f"--max-num-batched-tokens {size}: guided models take at most {MAX_BATCH_TOKENS}")
-        self.rule = rule
+        self.served = served
+        scale_default = served.scale_default
         self.scale_default = scale_default
-        self.vocab_size = vocab_size
         self.requests: dict[str, RequestGuidance] = {}
         self.uncond_override = torch.full((size,), -1, dtype=torch.long, device=device)
         self.token_scale = torch.full((size,), scale_default, dtype=torch.float32, device=device)
@@ -160,7 +213,7 @@ class GuidanceBatch:
         self.request_grid = request_grid  # prompt -> its image's grid (a family's `request_grid`)
         if grid is not None:
             self.token_class = torch.zeros(size, dtype=torch.long, device=device)
-            self.forbidden = torch.from_numpy(grid.forbidden_masks(vocab_size)).to(device)
+            self.forbidden = torch.from_numpy(grid.forbidden_masks(served.vocab_size)).to(device)
 
     @classmethod
     def for_model(cls, vllm_config: Any, device) -> GuidanceBatch:
@@ -169,9 +222,7 @@ class GuidanceBatch:
         model_config = vllm_config.model_config
         hf_config = model_config.hf_config
         return cls(
-            served_rule(model_config),
-            default_scale(model_config),
-            model_config.get_vocab_size(),
+            ServedGuidance.of(model_config),
             vllm_config.scheduler_config.max_num_batched_tokens,
             device,
             stream_grid(model_config),
@@ -191,12 +242,12 @@ class GuidanceBatch:
                 state = RequestGuidance(1.0, own, partner=guided, companion=True, grid=self.grid)
             else:
                 # Checked when the request arrived (patches.input_processor); a failure here is a bug.
-                scale, negative = request_guidance(extra_args, prompt, self.rule, self.scale_default, self.vocab_size)
+                scale, negative = self.served.resolve(extra_args, prompt)
                 grid = None if self.grid is None else self.request_grid(prompt, self.grid)
-                if needs_companion(prompt, negative):
-                    state = RequestGuidance(scale, own, partner=req_id + COMPANION_SUFFIX, grid=grid)
-                else:
-                    state = RequestGuidance(scale, np.asarray(negative, dtype=np.int64), grid=grid)
+                paired = self.served.companion_prompt(extra_args, prompt) is not None
+                # One branch per sequence: the override only marks the prompt's tokens (Janus embeds by it).
+                override = own if paired or self.served.one_branch else np.asarray(negative, dtype=np.int64)
+                state = RequestGuidance(scale, override, partner=req_id + COMPANION_SUFFIX if paired else None, grid=grid)
             self.requests[req_id] = state
         return state
 

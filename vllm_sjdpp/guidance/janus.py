@@ -30,7 +30,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader
 from ..families import family_of
 from ..families.janus import JanusFamily
 from .cfg import GuidanceBatch
-from .llama import BATCH_DIMS, BranchForward, GuidedLlamaDecoderLayer, LlamaStack, double_heads, guided_logits
+from .llama import BATCH_DIMS, BranchForward, GuidedLlamaDecoderLayer, LlamaStack, apply_layout, guided_logits
 
 # Weights of the checkpoint that image generation does not use.
 UNUSED_PREFIXES = ["model.vision_model.", "model.aligner.", "model.vqmodel.", "lm_head."]
@@ -38,9 +38,9 @@ UNUSED_PREFIXES = ["model.vision_model.", "model.aligner.", "model.vqmodel.", "l
 
 def janus_config_hook(model_config) -> None:
     """vLLM's per-architecture config hook: refuse a folder that is not a Janus image generator
-    (naming what it lacks), then give the engine both branches' heads."""
+    (naming what it lacks), then give the engine the heads of its guidance layout."""
     JanusFamily.check(model_config.hf_config, model_config.try_get_generation_config())
-    double_heads(model_config)
+    apply_layout(model_config)
 
 
 class GenerationAligner(nn.Module):
@@ -98,9 +98,9 @@ class JanusGenerationModel(BranchForward, nn.Module):
         self.hold_guidance(GuidanceBatch.for_model(vllm_config, self.generation_embeddings.weight.device))
 
     def branch_embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """[2T] ids (cond rows, then uncond rows) -> embeddings: text for prompt positions, the
-        aligned generation embedding for image codes."""
-        prompt = GuidanceBatch.prompt_mask(self.uncond_override, ids.shape[0] // 2).repeat(2)
+        """[branches * T] ids (cond rows, then uncond rows) -> embeddings: text for prompt
+        positions, the aligned generation embedding for image codes."""
+        prompt = GuidanceBatch.prompt_mask(self.uncond_override, ids.shape[0] // self.branches).repeat(self.branches)
         text = self.language_model.embed_input_ids(torch.where(prompt, ids, 0))
         codes = self.generation_embeddings(torch.where(prompt, 0, ids))
         image = self.generation_aligner(codes).to(text.dtype)

@@ -3,12 +3,14 @@
 config.json names this architecture and holds the unconditional rule under "sjdpp_guidance";
 the weights are an ordinary Llama's (transformers loads the folder as `LlamaForCausalLM`).
 
-The engine sees a model with twice the attention and KV heads (`double_heads`, run when vLLM
-builds the model config), so the KV cache pages, the attention backends and their metadata all
-size themselves for both branches.  Inside, the dense layers run the two branches as one stack
-of 2T rows (cond rows, then uncond rows); attention regroups them into T rows of 2H heads,
-[cond heads | uncond heads], so that with grouped queries every query head still reads its own
-branch's KV heads (interleaving them would not).
+In the "stacked" layout (`cfg`) the engine sees a model with twice the attention and KV heads
+(`apply_layout`, run when vLLM builds the model config), so the KV cache pages, the attention
+backends and their metadata all size themselves for both branches.  Inside, the dense layers run
+the two branches as one stack of 2T rows (cond rows, then uncond rows); attention regroups them
+into T rows of 2H heads, [cond heads | uncond heads], so that with grouped queries every query
+head still reads its own branch's KV heads (interleaving them would not).  In the "paired"
+layout the engine sees the checkpoint's heads and each sequence runs its T rows once: the
+guidance is all in compute_logits, which combines each row with its companion's.
 
 The branches are stacked inside the module vLLM compiles (`GuidedLlamaModel`, or the module that
 holds a `LlamaStack`): its inputs are the runner's T-row ids and positions and the guidance
@@ -28,18 +30,19 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.sequence import IntermediateTensors
 
 from ..families import family_of
-from .cfg import BRANCH_HEADS_ATTR, GuidanceBatch, combine
+from .cfg import BRANCH_HEADS_ATTR, LAYOUT_ATTR, PAIRED, STACKED, GuidanceBatch, chosen_layout, combine
 
 
 def guided_llama_config_hook(model_config) -> None:
     """vLLM's per-architecture config hook: refuse a folder whose facts contradict each other
-    (naming the keys), give the engine both branches' heads, and the family's sampling defaults
-    where generation_config.json is silent (Emu3's top-k 2048, Lumina-mGPT's 2000)."""
+    (naming the keys), give the engine the heads of its guidance layout, and the family's
+    sampling defaults where generation_config.json is silent (Emu3's top-k 2048, Lumina-mGPT's
+    2000)."""
     hf_config = model_config.hf_config
     family = family_of(hf_config)
     given = model_config.try_get_generation_config()
     family.check(hf_config, given)
-    double_heads(model_config)
+    apply_layout(model_config)
     defaults = {k: v for k, v in family.default_sampling().items() if k not in given}
     if defaults:
         model_config.override_generation_config = {**defaults, **(model_config.override_generation_config or {})}
@@ -51,9 +54,10 @@ def check_parallelism(vllm_config) -> None:
       guidance inputs (`cfg.GuidanceBatch`) describe the whole batch from token 0;
     - --pipeline-parallel-size > 1: the branches are stacked before the first layer and combined
       after the last, ends that no single pipeline stage holds;
-    - --tensor-parallel-size above the checkpoint's KV heads: a rank's attention holds half of the
-      doubled heads' KV for each branch (`GuidedLlamaAttention`), whole heads only while every rank
-      has at least one KV head of each branch; past that vLLM replicates KV heads.
+    - --tensor-parallel-size above the checkpoint's KV heads, in the stacked layout: a rank's
+      attention holds half of the doubled heads' KV for each branch (`GuidedLlamaAttention`),
+      whole heads only while every rank has at least one KV head of each branch; past that vLLM
+      replicates KV heads.
     Raises ValueError."""
     parallel = vllm_config.parallel_config
     arch = vllm_config.model_config.architecture
@@ -68,7 +72,7 @@ def check_parallelism(vllm_config) -> None:
     _, kv_heads = getattr(text, BRANCH_HEADS_ATTR, None) or (
         text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     )
-    if parallel.tensor_parallel_size > kv_heads:
+    if getattr(text, LAYOUT_ATTR, STACKED) == STACKED and parallel.tensor_parallel_size > kv_heads:
         raise ValueError(
             f"--tensor-parallel-size {parallel.tensor_parallel_size}: {arch} has {kv_heads} KV heads per guidance "
             f"branch, and guidance needs every rank to hold whole KV heads of both branches: at most {kv_heads}"
@@ -87,28 +91,37 @@ def check_async_speculation(vllm_config) -> None:
         )
 
 
-def double_heads(model_config) -> None:
-    """The engine's view of the model has 2H heads.
+def apply_layout(model_config) -> None:
+    """Mark the model as served with guidance, in the layout its config chooses
+    (`cfg.chosen_layout`; ValueError naming the key): the engine's view of the model has 2H heads
+    in the stacked layout, the checkpoint's H in the paired one.
 
-    Idempotent (the config travels to worker processes already doubled).
+    Idempotent (the config travels to worker processes already set).
     """
     text = model_config.hf_text_config
     if getattr(text, BRANCH_HEADS_ATTR, None) is not None:
         return
+    layout = chosen_layout(model_config)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     text.head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     setattr(text, BRANCH_HEADS_ATTR, (heads, kv_heads))
-    text.num_attention_heads, text.num_key_value_heads = 2 * heads, 2 * kv_heads
-    model_config.model_arch_config = model_config.get_model_arch_config()
+    setattr(text, LAYOUT_ATTR, layout)
+    if layout == STACKED:
+        text.num_attention_heads, text.num_key_value_heads = 2 * heads, 2 * kv_heads
+        model_config.model_arch_config = model_config.get_model_arch_config()
 
 
 class GuidedLlamaAttention(LlamaAttention):
-    """Built with the doubled head counts (so its `attn` has 2H query and 2H_kv KV heads), then
-    given projections of one branch's size, the checkpoint's."""
+    """Stacked layout: built with the doubled head counts (so its `attn` has 2H query and 2H_kv
+    KV heads), then given projections of one branch's size, the checkpoint's.  Paired layout:
+    vLLM's Llama attention, with the checkpoint's heads."""
 
     def __init__(self, config, hidden_size: int, num_heads: int, num_kv_heads: int, **kwargs):
         super().__init__(config, hidden_size, num_heads, num_kv_heads, **kwargs)
+        self.stacked = getattr(config, LAYOUT_ATTR, STACKED) == STACKED
+        if not self.stacked:
+            return
         heads, kv_heads = getattr(config, BRANCH_HEADS_ATTR)
         prefix, quant_config = kwargs.get("prefix", ""), kwargs.get("quant_config")
         self.qkv_proj = QKVParallelLinear(
@@ -124,14 +137,16 @@ class GuidedLlamaAttention(LlamaAttention):
         self.kv_size //= 2
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        # hidden_states: [2T, D], cond rows then uncond rows; positions: [2T].
+        # hidden_states: [2T, D] stacked (cond rows, then uncond rows), [T, D] paired; positions alike.
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, *self.qk_norm(q, k))
-        # [2T, n] -> [T, 2n]: each token's cond heads, then its uncond heads.
-        q, k, v = (torch.cat(x.chunk(2), dim=-1) for x in (q, k, v))
+        if self.stacked:  # [2T, n] -> [T, 2n]: each token's cond heads, then its uncond heads.
+            q, k, v = (torch.cat(x.chunk(2), dim=-1) for x in (q, k, v))
         out = self.attn(q, k, v)
-        output, _ = self.o_proj(torch.cat(out.chunk(2, dim=-1)))
+        if self.stacked:
+            out = torch.cat(out.chunk(2, dim=-1))
+        output, _ = self.o_proj(out)
         return output
 
 
@@ -152,9 +167,9 @@ BATCH_DIMS = {"input_ids": {0: "b"}, "positions": {0: "b"}, "intermediate_tensor
 
 class BranchForward:
     """The forward of the module vLLM compiles in a guided model: it takes the batch's T tokens
-    and runs both branches, [T] ids -> [T, 2D + 2] (`run_branches`).  A subclass calls
+    and runs its branches, [T] ids -> [T, branches * D + 2] (`run_branches`).  A subclass calls
     `hold_guidance` when built and gives `branch_stack()`, its Llama stack's forward, and
-    `branch_embed`, None or a method [2T] ids -> input embeddings."""
+    `branch_embed`, None or a method [branches * T] ids -> input embeddings."""
 
     branch_embed = None
 
@@ -164,6 +179,7 @@ class BranchForward:
         state, as it takes the weights, also when vLLM loads the forward from its AOT compile
         cache at a later start; `guidance` writes the same storage in place each step."""
         self.guidance = guidance
+        self.branches = 1 if guidance.served.one_branch else 2
         self.register_buffer("uncond_override", guidance.uncond_override, persistent=False)
 
     def forward(
@@ -174,7 +190,8 @@ class BranchForward:
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return run_branches(
-            self.branch_stack(), self.uncond_override, input_ids, positions, intermediate_tensors, self.branch_embed
+            self.branch_stack(), self.uncond_override, input_ids, positions, intermediate_tensors, self.branch_embed,
+            self.branches,
         )
 
 
@@ -218,34 +235,40 @@ def run_branches(
     positions: torch.Tensor,
     intermediate_tensors,
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    branches: int = 2,
 ) -> torch.Tensor:
-    """Both branches of T tokens through a Llama stack built of `GuidedLlamaDecoderLayer`s:
-    [T, 2D + 2] = cond hidden states | uncond hidden states | each row's index in the batch.
+    """The branches of T tokens through a Llama stack built of `GuidedLlamaDecoderLayer`s: with 2
+    (stacked), [T, 2D + 2] = cond hidden states | uncond hidden states | each row's index in the
+    batch; with 1 (paired), [T, D + 2] = each sequence's own hidden states | the index.
 
-    stack: a LlamaModel's forward (ids, positions, intermediate tensors, embeddings) -> [2T, D];
-    embed: token ids [2T] (cond, then uncond) -> input embeddings; None: the stack's own."""
+    stack: a LlamaModel's forward (ids, positions, intermediate tensors, embeddings) -> [branches * T, D];
+    embed: token ids [branches * T] (cond, then uncond) -> input embeddings; None: the stack's own."""
     if input_ids is None:
         raise NotImplementedError("guided models take token ids, not prompt embeddings")
     num_tokens = input_ids.shape[0]
-    both = torch.cat([input_ids, GuidanceBatch.unconditional_ids(uncond_override, input_ids)])
-    both_positions = torch.cat([positions, positions])
-    if embed is None:
-        hidden = stack(both, both_positions, intermediate_tensors, None)
+    if branches == 2:
+        ids = torch.cat([input_ids, GuidanceBatch.unconditional_ids(uncond_override, input_ids)])
+        positions = torch.cat([positions, positions])
     else:
-        hidden = stack(None, both_positions, intermediate_tensors, embed(both))
-    cond, uncond = hidden.chunk(2)
+        ids = input_ids
+    if embed is None:
+        hidden = stack(ids, positions, intermediate_tensors, None)
+    else:
+        hidden = stack(None, positions, intermediate_tensors, embed(ids))
     index = GuidanceBatch.index_columns(num_tokens, hidden.dtype, hidden.device)
-    return torch.cat([cond, uncond, index], dim=-1)
+    return torch.cat([*hidden.chunk(branches), index], dim=-1)
 
 
 def guided_logits(hidden_states: torch.Tensor, hidden_size: int, head, guidance: GuidanceBatch) -> torch.Tensor | None:
     """`run_branches`' rows -> guided logits, each row at its request's scale, then held to the
     stream's grid; `head` maps hidden states to logits (None on a tensor-parallel rank that does
-    not gather)."""
-    cond, uncond, index = hidden_states.split([hidden_size, hidden_size, 2], dim=-1)
-    logits = head(torch.cat([cond, uncond]))
+    not gather).  One branch per sequence: a row's unconditional logits are its companion's, and
+    a row without one (scale 1, a companion's own, a prompt's) is combined with itself."""
+    branches = 1 if guidance.served.one_branch else 2
+    *hidden, index = hidden_states.split([hidden_size] * branches + [2], dim=-1)
+    logits = head(torch.cat(hidden))
     if logits is None:
         return None
-    cond_logits, uncond_logits = logits.chunk(2)
+    cond_logits, uncond_logits = (logits, logits) if branches == 1 else logits.chunk(2)
     uncond_logits = guidance.unconditional_rows(guidance.rows(index), cond_logits, uncond_logits)
     return guidance.constrain(combine(cond_logits, uncond_logits, guidance.row_scales(index)), index)

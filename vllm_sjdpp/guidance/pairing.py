@@ -17,9 +17,13 @@ A step is joint when both members are in the batch and both reach the end of wha
 (the row that samples).  The scheduler never lets a member alone past that point on purpose;
 when the token budget or a preemption splits a pair anyway, the member that ran alone is
 discarded by the runner (its sampled tokens dropped, as vLLM drops a partial prefill's) and the
-scheduler rolls it back.  Both sequences keep their own paged KV (each run with no unconditional
-override: one branch of each is not used), so a negative prompt shared by many requests is
-cached once, whatever their prompts.
+scheduler rolls it back.  Both sequences keep their own paged KV, so a negative prompt shared by
+many requests is cached once, whatever their prompts.
+
+With both branches in a sequence (the "stacked" layout of `cfg`), each member still runs both,
+one of them unread: a paired image costs twice what guidance costs.  With one branch per
+sequence (the "paired" layout, Emu3's and Lumina-mGPT's default), each member runs its own
+tokens once, and every guided request pairs: a pair costs what guidance costs.
 """
 
 from __future__ import annotations
@@ -43,9 +47,13 @@ def companion_of(extra_args: dict | None) -> str | None:
     return (extra_args or {}).get(COMPANION_OF_KEY)
 
 
-def needs_companion(prompt: list[int] | None, negative: list[int] | None) -> bool:
-    """Whether an unconditional prompt runs as a sequence of its own."""
-    return negative is not None and prompt is not None and len(negative) != len(prompt)
+def needs_companion(prompt: list[int] | None, negative: list[int] | None, scale: float, one_branch: bool) -> bool:
+    """Whether an unconditional prompt runs as a sequence of its own: with both branches in a
+    sequence, when it has another length than the prompt; with one branch per sequence, whenever
+    the request is guided (scale 1 is the conditional model alone)."""
+    if negative is None or prompt is None:
+        return False
+    return scale != 1 if one_branch else len(negative) != len(prompt)
 
 
 # What a companion does not take from its request: options that act on what a sequence samples

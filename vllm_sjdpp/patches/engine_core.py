@@ -41,18 +41,22 @@ def probe_requests(vllm_config, prompt: list[int], k: int):
 
     from ..engine.seed_probe import probe_request_id
     from ..families import family_of
-    from ..guidance.cfg import NEGATIVE_PROMPT_KEY, served_rule
+    from ..guidance.cfg import NEGATIVE_PROMPT_KEY, SCALE_KEY, ServedGuidance
 
     model_config = vllm_config.model_config
     image = family_of(model_config.hf_config).image_tokens(model_config.hf_config)
     room = model_config.max_model_len - len(prompt) - 1
     max_tokens = max(1, min(k + REFERENCE_TOKENS, room, image or room))
     guidance = {}
-    rule = served_rule(model_config)
-    if rule is not None:
+    served = ServedGuidance.of(model_config)
+    if served is not None and served.one_branch:
+        # One branch per sequence: a sequence's rows are the plain model's, whether or not a
+        # companion's rows are combined with them (and a server with its own scheduler pairs nothing).
+        guidance = {SCALE_KEY: 1.0}
+    elif served is not None:
         # The rule's unconditional prompt where it has the prompt's length (another length would
-        # pair the request, which only the API's input processing sets up): both branches run.
-        negative = rule.apply(prompt)
+        # pair the request, which a server with its own scheduler cannot run): both branches run.
+        negative = served.rule.apply(prompt)
         guidance = {NEGATIVE_PROMPT_KEY: negative if len(negative) == len(prompt) else list(prompt)}
 
     def request(phase: str, index: int, plain: bool):

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import REQUEST_PREFIX, SJDPPConfig
-from ..families.rule import UnconditionalRule
 from .arg_utils import is_sjdpp, model_limits
 
 
@@ -28,8 +27,7 @@ from .arg_utils import is_sjdpp, model_limits
 class ModelFacts:
     """What a request is checked against, read once from the engine's config."""
 
-    rule: UnconditionalRule | None  # None: not served with guidance
-    scale_default: float
+    guidance: Any  # `guidance.cfg.ServedGuidance`; None: not served with guidance
     image_codes: int | None  # logits per position of an image model, None: the vocabulary
     image_tokens: Any  # prompt -> generated tokens of its image (None: the model makes no images)
     vocab_size: int
@@ -45,16 +43,14 @@ class ModelFacts:
     @classmethod
     def of(cls, vllm_config: Any) -> "ModelFacts":
         from ..families import family_of
-        from ..guidance.cfg import default_scale, served_rule
+        from ..guidance.cfg import ServedGuidance
         from .scheduler import pairs_supported
 
         model_config = vllm_config.model_config
         hf_config = model_config.hf_config
         family = family_of(hf_config)
-        rule = served_rule(model_config)
         return cls(
-            rule=rule,
-            scale_default=default_scale(model_config) if rule else 1.0,
+            guidance=ServedGuidance.of(model_config),
             image_codes=family.image_vocab_size(hf_config),
             image_tokens=functools.partial(family.request_image_tokens, hf_config),
             vocab_size=model_config.get_vocab_size(),
@@ -71,14 +67,13 @@ class ModelFacts:
 
 def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> list[int] | None:
     """Raise VLLMValidationError naming what is wrong with a request; return its unconditional
-    prompt when it runs paired (another length than the prompt's), else None."""
+    prompt when it runs paired (`ServedGuidance.companion_prompt`), else None."""
     from vllm.exceptions import VLLMValidationError
 
     from ..families.base import check_sampling_for_image_codes
     from ..guidance.cfg import request_guidance
-    from ..guidance.pairing import needs_companion
 
-    if prompt is None and facts.rule is not None:
+    if prompt is None and facts.guidance is not None:
         raise VLLMValidationError("a model served with guidance takes token-id or text prompts, not embeddings")
     if prompt is not None and any(not 0 <= t < facts.vocab_size for t in prompt):
         raise VLLMValidationError(f"prompt token ids must be in [0, {facts.vocab_size})", parameter="prompt")
@@ -97,8 +92,11 @@ def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> l
             config = facts.sjdpp.for_request(params.extra_args)
             if config is not None:
                 config.check_model(*facts.limits, option_prefix=REQUEST_PREFIX)
-        guidance = request_guidance(params.extra_args, prompt or [], facts.rule, facts.scale_default, facts.vocab_size)
-        paired = guidance[1] if guidance is not None and needs_companion(prompt, guidance[1]) else None
+        if facts.guidance is None:
+            request_guidance(params.extra_args, prompt or [], None, 1.0, facts.vocab_size)  # refuses its options
+            paired = None
+        else:
+            paired = facts.guidance.companion_prompt(params.extra_args, prompt or [])
         if paired is not None:
             check_paired(facts, prompt, paired, params, image_tokens)
     except ValueError as e:
@@ -118,7 +116,7 @@ def check_structured_outputs(facts: ModelFacts, params: Any) -> None:
     Checked before vLLM's own checks of the field, which would name something else."""
     from vllm.exceptions import VLLMValidationError
 
-    if getattr(params, "structured_outputs", None) is not None and (facts.rule is not None or facts.sjdpp is not None):
+    if getattr(params, "structured_outputs", None) is not None and (facts.guidance is not None or facts.sjdpp is not None):
         raise VLLMValidationError(
             "structured outputs (json, regex, choice, grammar, response_format) are not available on a server "
             "running classifier-free guidance or --speculative-config sjdpp", parameter="structured_outputs",
@@ -126,7 +124,7 @@ def check_structured_outputs(facts: ModelFacts, params: Any) -> None:
 
 
 def check_paired(facts: ModelFacts, prompt: list[int], negative: list[int], params: Any, image_tokens: int | None) -> None:
-    """A negative prompt of another length runs as a second sequence (`guidance.pairing`), which
+    """A paired request's negative prompt runs as a second sequence (`guidance.pairing`), which
     must fit the context as the prompt does.  Raises ValueError naming the option."""
     from ..guidance.cfg import NEGATIVE_PROMPT_KEY
 
@@ -135,7 +133,7 @@ def check_paired(facts: ModelFacts, prompt: list[int], negative: list[int], para
                           f"{len(prompt)}): {why}")
 
     if not facts.pairs:
-        raise refuse("a negative prompt of another length needs the paired scheduler, which this server "
+        raise refuse("it runs as a second sequence, which needs the paired scheduler, which this server "
                      "does not run (it schedules asynchronously or has its own scheduler); start it with "
                      "--no-async-scheduling and without --scheduler-cls")
     if facts.max_num_seqs < 2:
@@ -163,8 +161,6 @@ def apply() -> None:
     from ..guidance.cfg import NEGATIVE_PROMPT_KEY
     from vllm.exceptions import VLLMValidationError
 
-    from ..guidance.pairing import needs_companion
-
     process_inputs = InputProcessor.process_inputs
 
     @functools.wraps(process_inputs)
@@ -180,20 +176,19 @@ def apply() -> None:
         paired = check_request(facts, request.prompt_token_ids, params)
         if paired is not None and getattr(request, "resumable", False):
             raise VLLMValidationError(
-                "a negative prompt of another length runs as a second sequence, which streamed input would not extend",
+                "a paired request's negative prompt runs as a second sequence, which streamed input would not extend",
                 parameter="vllm_xargs",
             )
-        if paired is not None:
-            # A rule's unconditional prompt of another length (Emu3's) is written down here, once:
-            # the scheduler adds the companion from it, the runner pairs by it.
-            params.extra_args = {**(params.extra_args or {}), NEGATIVE_PROMPT_KEY: paired}
-        negative = (params.extra_args or {}).get(NEGATIVE_PROMPT_KEY)
-        if negative is not None:
-            # The uncond branch's KV depends on it: blocks must not be shared with other
-            # negative prompts (vLLM hashes the salt into the first block).  A paired request's
-            # sequences (its own and its companion's) repeat their prompt in that branch: one
-            # salt for all of them, so that prompts and negative prompts are cached across requests.
-            key = "paired" if needs_companion(request.prompt_token_ids, negative) else list(negative)
+        guidance = facts.guidance
+        extra_args = params.extra_args or {}
+        if guidance is not None and not guidance.one_branch and (paired is not None or NEGATIVE_PROMPT_KEY in extra_args):
+            # Both branches in a sequence: the uncond branch's KV depends on the negative prompt,
+            # so blocks must not be shared with other negative prompts (vLLM hashes the salt into
+            # the first block; the rule's own prompt is a per-token function of the prompt and
+            # needs none).  A paired request's sequences (its own and its companion's) repeat their
+            # prompt in that branch: one salt for all of them, so that prompts and negative prompts
+            # are cached across requests.  With one branch per sequence, KV is the tokens' alone.
+            key = "paired" if paired is not None else list(extra_args[NEGATIVE_PROMPT_KEY])
             request.cache_salt = hashlib.sha256(repr((request.cache_salt, key)).encode()).hexdigest()
         return request
 

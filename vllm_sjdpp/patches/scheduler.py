@@ -3,7 +3,7 @@ pairs of `guidance.pairing` together; vLLM takes it through `SchedulerConfig.sch
 which the guided architectures' config hook sets (`install`).
 
 What it adds to vLLM's scheduling, each in the one method vLLM's own scheduler calls for it:
-- `add_request`: a request whose negative prompt has another length brings its companion.
+- `add_request`: a paired request (`ServedGuidance.companion_prompt`) brings its companion.
 - `_reserve_prefill_lookahead` (every chunk of a running request passes through it): a running
   member goes past its last committed token only when its partner is there too, and the pair's
   windows come out of one token budget: the first member takes at most half of what is left, the
@@ -34,8 +34,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request, RequestStatus
 
-from ..guidance.cfg import NEGATIVE_PROMPT_KEY
-from ..guidance.pairing import COMPANION_SUFFIX, companion_id, companion_params, needs_companion
+from ..guidance.cfg import ServedGuidance
+from ..guidance.pairing import COMPANION_SUFFIX, companion_id, companion_of, companion_params
 
 logger = init_logger("vllm.sjdpp")
 
@@ -45,7 +45,8 @@ SCHEDULER_CLS = "vllm_sjdpp.patches.scheduler.PairedScheduler"
 def install(vllm_config) -> None:
     """Run a guided model with the paired scheduler (synchronous: companions take their
     request's tokens when its step returns) where pairs come or cost nothing:
-    - the family's own unconditional prompt has another length (Emu3: every request pairs);
+    - the model runs one guidance branch per sequence (`guidance.cfg`'s paired layout, Emu3's and
+      Lumina-mGPT's: every guided request pairs);
     - the server runs synchronously anyway: SJD++ (vLLM has no asynchronous scheduling for its
       drafter), any other drafter with guidance (`guidance.llama.check_async_speculation`
       refuses the combination), the CPU platform (vLLM 0.32 schedules synchronously there), or
@@ -54,8 +55,6 @@ def install(vllm_config) -> None:
     GPU) vLLM's asynchronous scheduling stays on, which hides the host's work at small batch,
     and a negative prompt of another length is refused with a 400 naming it.  A scheduler or
     asynchronous scheduling chosen on the command line is kept (then such prompts are refused)."""
-    from ..guidance.cfg import served_rule
-
     scheduler = vllm_config.scheduler_config
     if scheduler.scheduler_cls is not None or scheduler.async_scheduling:
         return
@@ -63,7 +62,7 @@ def install(vllm_config) -> None:
         scheduler.async_scheduling is False or vllm_config.speculative_config is not None
         or not platform_schedules_asynchronously()
     )
-    if synchronous or getattr(served_rule(vllm_config.model_config), "pairs", False):
+    if synchronous or getattr(ServedGuidance.of(vllm_config.model_config), "one_branch", False):
         scheduler.async_scheduling = False
         scheduler.scheduler_cls = SCHEDULER_CLS
 
@@ -82,6 +81,7 @@ def pairs_supported(vllm_config) -> bool:
 class PairedScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.guidance = ServedGuidance.of(self.vllm_config.model_config)
         self.partners: dict[str, str] = {}  # both ways: request <-> companion
         self.companions: set[str] = set()
         self.split_pairs: set[str] = set()  # requests whose pair ran apart last step
@@ -95,8 +95,10 @@ class PairedScheduler(Scheduler):
     def add_request(self, request: Request) -> None:
         super().add_request(request)
         params = request.sampling_params
-        negative = (params.extra_args or {}).get(NEGATIVE_PROMPT_KEY) if params is not None else None
-        if not needs_companion(request.prompt_token_ids, negative) or request.request_id in self.partners:
+        if self.guidance is None or params is None or companion_of(params.extra_args) or request.request_id in self.partners:
+            return
+        negative = self.guidance.companion_prompt(params.extra_args, request.prompt_token_ids)
+        if negative is None:
             return
         companion = Request(
             request_id=companion_id(request.request_id),
