@@ -284,7 +284,11 @@ class PairedScheduler(Scheduler):
             request.is_prefill_chunk = True
             request.spec_token_ids = []
             self.split_pairs.add(pair)
-        self._end_with_partner(outputs)
+        # vLLM notes every request it frees (stopped, aborted, failed) there until the next step's
+        # output: a pair can only have ended if a member is among them.
+        ended = bool(self.finished_req_ids & self.partners.keys())
+        if ended:
+            self._end_with_partner(outputs)
         companions |= self.companions
         for client_outputs in outputs.values():
             client_outputs.outputs = [o for o in client_outputs.outputs if o.request_id not in companions]
@@ -292,7 +296,8 @@ class PairedScheduler(Scheduler):
                 client_outputs.finished_requests = {
                     r for r in client_outputs.finished_requests if not r.endswith(COMPANION_SUFFIX)
                 }
-        self._forget_ended_pairs()
+        if ended:
+            self._forget_ended_pairs()
         return outputs
 
     def _end_with_partner(self, outputs) -> None:
