@@ -1,7 +1,7 @@
 """What guidance costs with an unconditional context of another length: paired requests
 (`guidance.pairing`) against the equal-length path, in both guidance layouts (`guidance.cfg`).
 
-    python benchmarks/bench_paired_guidance.py [--model FOLDER] [--repeats 3] [--out benchmarks/results/paired_guidance.json]
+    python benchmarks/bench_paired_guidance.py [--model FOLDER] [--repeats 7] [--out benchmarks/results/paired_guidance.json]
 
 The same requests every way: the digit model's class prompts (`<bos> a handwritten D <boi>`),
 guided at scale 3, plain decoding, whole images (273 tokens, one pass each), at batch 1 and 32,
@@ -14,7 +14,8 @@ and two kinds of unconditional context:
 - paired: `<bos> <boi>` as the negative prompt (Lumina-mGPT's kind of context, from the image
   start on).
 The baseline is stacked/equal, guidance as it runs at equal lengths.  Every timing of a round is
-taken back to back; the ratio of the medians is reported.  KV per image: the engine's KV blocks
+taken back to back (in reverse order every other round); a case's time over the baseline is the
+median over rounds of its ratio within the round (timings on a shared CPU drift between rounds).  KV per image: the engine's KV blocks
 in use once every image of a batch holds 200 generated tokens (read from the scheduler's block
 pool), divided by the images, and those blocks' bytes (the layouts' blocks differ in size).
 """
@@ -83,7 +84,7 @@ def main() -> None:
     from vllm import LLM
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
     ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--dtype", default="auto")
@@ -100,7 +101,8 @@ def main() -> None:
     for batch in args.batches:
         rounds = []
         for i in range(args.repeats + 1):  # the first round warms up
-            r = {f"{lay}/{ctx}": timed(engines[lay], batch, CONTEXTS[ctx]) for lay, ctx in CASES}
+            order = CASES if i % 2 else CASES[::-1]  # no case always first after the one before
+            r = {f"{lay}/{ctx}": timed(engines[lay], batch, CONTEXTS[ctx]) for lay, ctx in order}
             if i:
                 rounds.append(r)
         row = {"rounds_s": rounds}
@@ -115,7 +117,7 @@ def main() -> None:
             }
         for lay, ctx in CASES:
             case = row[f"{lay}/{ctx}"]
-            case["time_over_baseline"] = case["ms_per_pass"] / row[base]["ms_per_pass"]
+            case["time_over_baseline"] = statistics.median(r[f"{lay}/{ctx}"] / r[base] for r in rounds)
             case["kv_over_baseline"] = case["kv_bytes_per_image"] / row[base]["kv_bytes_per_image"]
             print(f"batch {batch:>3} {lay:>7} layout, {ctx:>6} context: {case['ms_per_pass']:.2f} ms/pass "
                   f"({case['time_over_baseline']:.2f}x), KV {case['kv_bytes_per_image'] / 2**10:.0f} KiB per image "

@@ -412,3 +412,21 @@ def test_guard_cuts_windows_of_a_prior_that_copies_prompt_ids(boi_past_the_codes
     codes = np.array(run(llm, prompts, [params(janus_shape.tokens, temperature=1.0, seed=i) for i in range(len(prompts))]))
     assert codes.shape == (len(prompts), janus_shape.tokens) and codes.max() < janus_shape.codes
     assert guard.cut > cut
+
+
+def test_paired_layout_greedy_equals_transformers(make_engine, janus_folder, janus_shape, hf, prompts, monkeypatch):
+    """One guidance branch per sequence (not Janus's default), under SJD++: each member of a pair
+    embeds its prompt as text and its codes through the aligner, as the stacked layout does.
+    Last in the module: the engine started here becomes the one metrics are read from."""
+    prompts = prompts if janus_shape is SMALL else prompts[:2]
+    llm = make_engine(
+        janus_folder, speculative_config=SJDPP, hf_overrides={"sjdpp_guidance_layout": "paired"}, **engine_args(janus_shape)
+    )
+    greedy = params(janus_shape.tokens, temperature=0, extra_args={"guidance_scale": 4.0})
+    expected = hf_image_generate(hf, prompts, 4.0, do_sample=False)
+    assert run(llm, prompts, greedy) == expected
+    # Broken variant: the pairs' rows combined with their own logits (the conditional model alone).
+    from vllm_sjdpp.guidance.cfg import GuidanceBatch
+
+    monkeypatch.setattr(GuidanceBatch, "unconditional_rows", lambda self, rows, cond, uncond: uncond)
+    assert run(llm, prompts, greedy) != expected
