@@ -1,23 +1,25 @@
 """What guidance costs with an unconditional context of another length: paired requests
 (`guidance.pairing`) against the equal-length path, in both guidance layouts (`guidance.cfg`).
 
-    python benchmarks/bench_paired_guidance.py [--model FOLDER] [--repeats 7] [--out benchmarks/results/paired_guidance.json]
+    python benchmarks/bench_paired_guidance.py [--model FOLDER | --family emu3] [--repeats 7] [--out FILE]
 
-The same requests every way: the digit model's class prompts (`<bos> a handwritten D <boi>`),
-guided at scale 3, plain decoding, whole images (273 tokens, one pass each), at batch 1 and 32,
-on two engines over the same folder:
+Two engines over the same folder:
 - stacked (the digit model's default): both branches in each sequence, twice the KV heads;
 - paired (`--hf-overrides '{"sjdpp_guidance_layout": "paired"}'`, Emu3's and Lumina-mGPT's
-  default): one branch per sequence, every guided request a pair.
-and two kinds of unconditional context:
-- equal: the folder's rule, `<bos> <pad> <pad> <pad> <boi>` (the prompt's length);
-- paired: `<bos> <boi>` as the negative prompt (Lumina-mGPT's kind of context, from the image
-  start on).
+  default): one branch per sequence, every guided request a pair;
+and two kinds of unconditional context, guided at scale 3, plain decoding of whole images, at
+batch 1 and 32:
+- digit model (or its twin): its class prompts (`<bos> a handwritten D <boi>`, 273 tokens per
+  image); equal, the folder's rule (`<bos> <pad> <pad> <pad> <boi>`, the prompt's length);
+  paired, `<bos> <boi>` as the negative prompt (Lumina-mGPT's kind of context);
+- Emu3 (`--family emu3`): the tiny real-shaped folder (Emu3-Gen's vocabulary of 184622, random
+  weights), 64 px images and BAAI's negative prompt; equal, a context of the prompt's length.
 The baseline is stacked/equal, guidance as it runs at equal lengths.  Every timing of a round is
 taken back to back (in reverse order every other round); a case's time over the baseline is the
-median over rounds of its ratio within the round (timings on a shared CPU drift between rounds).  KV per image: the engine's KV blocks
-in use once every image of a batch holds 200 generated tokens (read from the scheduler's block
-pool), divided by the images, and those blocks' bytes (the layouts' blocks differ in size).
+median over rounds of its ratio within the round (timings on a shared CPU drift between rounds).
+KV per image: the engine's KV blocks in use once every image of a batch holds most of its tokens
+(digits: 200), read from the scheduler's block pool, divided by the images, and those blocks'
+bytes (a stacked block holds twice the heads of a paired one).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_sjdpp.provenance import provenance
@@ -37,32 +40,91 @@ for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPAC
 from vllm_sjdpp.digits.tokens import BOI, BOS, GENERATED_LENGTH, prompt_ids  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
 
-ENGINE = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, max_num_seqs=64, block_size=32)
-LAYOUTS = {"stacked": {}, "paired": {"hf_overrides": {"sjdpp_guidance_layout": "paired"}}}
-CONTEXTS = {"equal": {"guidance_scale": 3.0}, "paired": {"guidance_scale": 3.0, "negative_prompt_token_ids": [BOS, BOI]}}
+LAYOUTS = {"stacked": {"hf_overrides": {"sjdpp_guidance_layout": "stacked"}},
+           "paired": {"hf_overrides": {"sjdpp_guidance_layout": "paired"}}}
+CONTEXTS = ("equal", "paired")
 CASES = [(layout, context) for layout in LAYOUTS for context in CONTEXTS]
 BASELINE = ("stacked", "equal")
 
 
-def sampling(extra_args: dict, max_tokens: int = GENERATED_LENGTH):
+@dataclass
+class Workload:
+    """A folder, its engine options, 10 prompts, each context's extra_args, the tokens of an image,
+    its top-k, and where KV is read."""
+
+    folder: Path
+    engine: dict
+    prompts: list[list[int]]
+    contexts: dict[str, dict]
+    tokens: int
+    top_k: int
+    kv_at: int  # generated tokens per image when the KV in use is read
+
+
+def digits(folder: Path) -> Workload:
+    return Workload(
+        folder, dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, max_num_seqs=64, block_size=32),
+        [prompt_ids(d) for d in range(10)],
+        {"equal": {"guidance_scale": 3.0}, "paired": {"guidance_scale": 3.0, "negative_prompt_token_ids": [BOS, BOI]}},
+        GENERATED_LENGTH, 10, 200,
+    )
+
+
+def emu3(size: int = 64) -> Workload:
+    """The tiny real-shaped Emu3 folder (tests/tiny_emu3.py: Emu3-Gen's vocabulary of 184622,
+    random weights), images of size x size px, its top-k: paired, BAAI's negative prompt; equal,
+    a context of the prompt's length (the prompt's own ids: the cost, not the image, is measured)."""
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from tiny_emu3 import build_tiny_emu3
+
+    from vllm_sjdpp.families.emu3 import DEFAULT_TOP_K, NEGATIVE_PROMPT, Emu3Family
+
+    folder = build_tiny_emu3(Path(tempfile.mkdtemp()) / "emu3")
+    family, shape = Emu3Family(folder), (size, size)
+    texts = ["a red fox in the snow", "two boats at dawn", "a tree on a hill", "a city at night", "a cat"]
+    prompts = [family.prompt_ids(texts[i % len(texts)] + " " * (i // len(texts)), shape) for i in range(10)]
+    negative = family.prompt_ids(NEGATIVE_PROMPT, shape)
+    tokens = family.tokens_for(shape)
+    engine = dict(skip_tokenizer_init=True, enforce_eager=True, dtype="float32", seed=0, max_num_seqs=64,
+                  block_size=32, max_model_len=max(map(len, prompts + [negative])) + tokens + 32)
+    return Workload(folder, engine, prompts, {"equal": {"guidance_scale": 3.0, "same_length": True},
+                                              "paired": {"guidance_scale": 3.0, "negative_prompt_token_ids": negative}},
+                    tokens, DEFAULT_TOP_K, tokens - 8)
+
+
+def extra_args(work: Workload, context: str, prompt: list[int]) -> dict:
+    args = dict(work.contexts[context])
+    if args.pop("same_length", False):
+        args["negative_prompt_token_ids"] = list(prompt)
+    return args
+
+
+def sampling(work: Workload, context: str, prompt: list[int], max_tokens: int | None = None):
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=1.0, top_k=10, max_tokens=max_tokens, ignore_eos=True, extra_args=extra_args)
+    return SamplingParams(temperature=1.0, top_k=work.top_k, max_tokens=max_tokens or work.tokens, ignore_eos=True,
+                          detokenize=False, extra_args=extra_args(work, context, prompt))
 
 
-def timed(llm, batch: int, extra_args: dict) -> float:
-    prompts = [{"prompt_token_ids": prompt_ids(i % 10)} for i in range(batch)]
+def timed(llm, work: Workload, batch: int, context: str) -> float:
+    prompts = [work.prompts[i % len(work.prompts)] for i in range(batch)]
+    params = [sampling(work, context, p) for p in prompts]
     start = time.perf_counter()
-    llm.generate(prompts, sampling(extra_args), use_tqdm=False)
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return time.perf_counter() - start
 
 
-def kv_blocks_per_image(llm, batch: int, extra_args: dict, generated: int = 200) -> float:
-    """KV blocks in use per image once each holds `generated` tokens."""
+def kv_blocks_per_image(llm, work: Workload, batch: int, context: str) -> float:
+    """KV blocks in use per image once each holds `work.kv_at` generated tokens."""
     engine = llm.llm_engine
     pool = engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    generated = work.kv_at
     for i in range(batch):
-        engine.add_request(f"kv-{i}", {"prompt_token_ids": prompt_ids(i % 10)}, sampling(extra_args, generated + 1))
+        prompt = work.prompts[i % len(work.prompts)]
+        engine.add_request(f"kv-{i}", {"prompt_token_ids": prompt}, sampling(work, context, prompt, generated + 1))
     held = 0
     for _ in range(10 * generated):
         outputs = engine.step()
@@ -86,32 +148,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
-    ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--model", type=Path, default=DEFAULT_OUT, help="a digit-model folder (the model or its twin)")
+    ap.add_argument("--family", choices=["digits", "emu3"], default="digits",
+                    help="emu3: the tiny real-shaped Emu3 folder (--model unused), 64 px images")
+    ap.add_argument("--dtype", default="auto", help="digits only (the Emu3 folder runs in float32)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/paired_guidance.json"))
     args = ap.parse_args()
     started = provenance()
 
-    engines = {layout: LLM(str(args.model), dtype=args.dtype, **ENGINE, **kw) for layout, kw in LAYOUTS.items()}
+    work = emu3() if args.family == "emu3" else digits(args.model)
+    if args.family == "digits":
+        work.engine["dtype"] = args.dtype
+    engines = {layout: LLM(str(work.folder), **work.engine, **kw) for layout, kw in LAYOUTS.items()}
     block_bytes = {layout: kv_bytes_per_block(llm) for layout, llm in engines.items()}
     results = {
-        "model": str(args.model), "block_size": ENGINE["block_size"], "kv_bytes_per_block": block_bytes,
+        "model": args.family if args.family != "digits" else str(args.model), "tokens_per_image": work.tokens,
+        "block_size": work.engine["block_size"], "kv_bytes_per_block": block_bytes,
         "baseline": "/".join(BASELINE), "batches": {}, "provenance": started,
     }
     for batch in args.batches:
         rounds = []
         for i in range(args.repeats + 1):  # the first round warms up
             order = CASES if i % 2 else CASES[::-1]  # no case always first after the one before
-            r = {f"{lay}/{ctx}": timed(engines[lay], batch, CONTEXTS[ctx]) for lay, ctx in order}
+            r = {f"{lay}/{ctx}": timed(engines[lay], work, batch, ctx) for lay, ctx in order}
             if i:
                 rounds.append(r)
         row = {"rounds_s": rounds}
         base = "/".join(BASELINE)
         for lay, ctx in CASES:
             case = f"{lay}/{ctx}"
-            blocks = kv_blocks_per_image(engines[lay], batch, CONTEXTS[ctx])
+            blocks = kv_blocks_per_image(engines[lay], work, batch, ctx)
             row[case] = {
-                "ms_per_pass": 1e3 * statistics.median(r[case] for r in rounds) / GENERATED_LENGTH,
+                "ms_per_pass": 1e3 * statistics.median(r[case] for r in rounds) / work.tokens,
                 "kv_blocks_per_image": blocks,
                 "kv_bytes_per_image": blocks * block_bytes[lay],
             }

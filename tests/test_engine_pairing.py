@@ -247,6 +247,18 @@ def test_bad_paired_requests_are_refused(guided_sjdpp, sampling, match):
     assert len(tokens(run(guided_sjdpp, [PROMPTS[0]], guided_params(3.0, NEGATIVES[1], max_tokens=3)))[0]) == 3
 
 
+def test_the_companion_key_is_refused_as_a_request_option(guided_sjdpp):
+    """Only the scheduler marks companions: a request marked so would be taken for a companion
+    whose request never comes (its tokens discarded every step, never finished)."""
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_sjdpp.config import COMPANION_OF_KEY
+
+    with pytest.raises(VLLMValidationError, match=COMPANION_OF_KEY):
+        run(guided_sjdpp, [PROMPTS[0]], params(max_tokens=3, extra_args={COMPANION_OF_KEY: "x"}))
+    assert len(tokens(run(guided_sjdpp, [PROMPTS[0]], params(max_tokens=3)))[0]) == 3
+
+
 def test_a_pair_the_kv_cache_cannot_hold_is_refused(tight):
     """The 12-block cache holds either sequence at full length but not both: such a pair could
     never run (each member would wait for the other's blocks), so it is a 400, and the engine

@@ -103,6 +103,23 @@ def test_every_emu3_request_pairs_so_emu3_keeps_the_paired_scheduler(async_platf
     assert not pairs_supported(engine_config(tiny_janus_path, max_num_seqs=8))
 
 
+@pytest.mark.parametrize("options, given", [
+    ({"async_scheduling": True}, "--async-scheduling"),
+    ({"scheduler_cls": "vllm.v1.core.sched.scheduler.Scheduler"}, "--scheduler-cls"),
+])
+def test_the_paired_layout_without_the_paired_scheduler_is_refused_at_start_up(tiny_emu3_path, digit_model, options, given):
+    """Every guided request pairs in the paired layout (Emu3's default; the digit model's when
+    asked): a scheduler that cannot pair would refuse them all, so the server does not start."""
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    paired = {"hf_overrides": {"sjdpp_guidance_layout": "paired"}}
+    for folder, extra in ((tiny_emu3_path, {"max_num_seqs": 8}), (digit_model, paired)):
+        with pytest.raises(ValueError, match=f"{given}.*sjdpp_guidance_layout 'paired'"):
+            engine_config(folder, **extra, **options)
+    engine_config(digit_model, **options)  # the stacked layout keeps the user's scheduling
+
+
 def test_on_cpu_guided_servers_pair(digit_model):
     """The broken variant of the rule above on a platform without asynchronous scheduling: vLLM's
     scheduler there would refuse negative prompts of another length for nothing."""

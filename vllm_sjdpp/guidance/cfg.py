@@ -1,6 +1,6 @@
-"""Classifier-free guidance inside vLLM: one sequence, two branches, one pass.
+"""Classifier-free guidance inside vLLM: two branches, in one sequence or one each.
 
-A guided model runs each sequence as two branches: the conditional one on the sequence's own
+In the "stacked" layout a guided model runs each sequence as two branches: the conditional one on the sequence's own
 tokens, the unconditional one on the same tokens with the prompt replaced by the unconditional
 prompt (the same length and positions; generated tokens and SJD++ drafts are shared).  Both
 branches keep their keys and values in the sequence's own paged blocks as twice the KV heads
@@ -164,9 +164,11 @@ class ServedGuidance:
 @dataclass(frozen=True)
 class RequestGuidance:
     """How a request in the batch is guided: its scale, the prompt its own sequence's second
-    branch runs, and the request whose rows pair with its rows (`pairing`; None: not paired).
-    A paired sequence's second branch repeats its own prompt (and goes unused); a companion's
-    rows serve as its request's unconditional rows and are combined at scale 1 (never sampled)."""
+    branch runs (in the paired layout: its own prompt, which marks the prompt's tokens), and the
+    request whose rows pair with its rows (`pairing`; None: not paired).  A paired sequence's
+    second branch repeats its own prompt (and goes unused); a companion's rows serve as its
+    request's unconditional rows and are combined at scale 1 (its samples are replaced by its
+    request's, `mirror_samples`)."""
 
     scale: float
     override: np.ndarray
@@ -181,7 +183,8 @@ class GuidanceBatch:
     its compute_logits.
 
     uncond_override[t]: the unconditional branch's token at t, or -1 for the cond token (drafts
-    and generated tokens are shared; on the async path vLLM fills those on the device).
+    and generated tokens are shared; on the async path vLLM fills those on the device); in the
+    paired layout the sequence's own prompt token (it only marks the prompt's tokens).
     token_scale[t]: the guidance scale of t's request.
     token_class[t]: where the model's stream has a grid (`kernels.grid.StreamGrid`), the slot
     class of the position row t predicts (the one after t), whose row of `forbidden` says which

@@ -151,7 +151,7 @@ class GuidedLlamaAttention(LlamaAttention):
 
 
     def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries and keys [2T, n] before the rotary embedding: as they are (Chameleon's are
+        """Queries and keys [branches * T, n] before the rotary embedding: as they are (Chameleon's are
         normalized, `guidance.chameleon`)."""
         return q, k
 

@@ -1,8 +1,9 @@
-"""Paired requests: guidance with an unconditional context of another length than the prompt.
+"""Paired requests: guidance with an unconditional context in a sequence of its own.
 
-A guided sequence runs both branches at the same positions (`cfg`), so its unconditional prompt
+A stacked sequence runs both branches at the same positions (`cfg`), so its unconditional prompt
 must have the prompt's length.  A request whose negative prompt has another length (Emu3's
-documented one, any user's) runs as two sequences instead: the request P, and a companion U
+documented one, any user's), and in the paired layout every guided request, runs as two
+sequences instead: the request P, and a companion U
 whose prompt is the negative prompt.  The scheduler (`patches.scheduler.PairedScheduler`) adds
 U with P, keeps them in step and ends them together; the model runner combines, at every row P
 samples, P's conditional logits with U's logits at the same place in the generated stream:

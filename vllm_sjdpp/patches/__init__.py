@@ -27,8 +27,8 @@ general plugins load in every vLLM process, and installing this one must never b
 - `plugins` (vllm/plugins/__init__.py): where `VLLM_PLUGINS` leaves the images endpoint out,
   its route answers a 404 naming the fix.
 - `scheduler` (vllm/v1/core/sched/scheduler.py): not a patch but a subclass, `PairedScheduler`,
-  which guided models run with (`SchedulerConfig.scheduler_cls`): requests with a negative
-  prompt of another length and their companions, kept in step.
+  which guided models run with (`SchedulerConfig.scheduler_cls`): paired requests
+  (`guidance.pairing`) and their companions, kept in step.
 """
 
 from __future__ import annotations

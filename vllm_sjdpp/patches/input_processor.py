@@ -34,7 +34,7 @@ class ModelFacts:
     max_model_len: int
     sjdpp: SJDPPConfig | None  # the server's SJD++ options; None: not an SJD++ engine
     limits: tuple[int, int, int | None]
-    pairs: bool  # the scheduler pairs requests (negative prompts of another length)
+    pairs: bool  # the scheduler pairs requests (`guidance.pairing`)
     max_num_seqs: int
     cache: Any  # vLLM's CacheConfig: its num_gpu_blocks is known once the engine runs
     lookahead: int  # KV slots a sequence reserves past its tokens (speculative tokens)
@@ -73,6 +73,13 @@ def check_request(facts: ModelFacts, prompt: list[int] | None, params: Any) -> l
     from ..families.base import check_sampling_for_image_codes
     from ..guidance.cfg import request_guidance
 
+    from ..config import COMPANION_OF_KEY
+
+    if COMPANION_OF_KEY in (params.extra_args or {}):
+        # Only the scheduler writes it (on the companions it makes): a request carrying it would
+        # be taken for a companion whose request never comes, and never end.
+        raise VLLMValidationError(f"{COMPANION_OF_KEY!r} is the engine's own key, not a request option",
+                                  parameter="vllm_xargs")
     if prompt is None and facts.guidance is not None:
         raise VLLMValidationError("a model served with guidance takes token-id or text prompts, not embeddings")
     if prompt is not None and any(not 0 <= t < facts.vocab_size for t in prompt):
@@ -139,7 +146,8 @@ def check_paired(facts: ModelFacts, prompt: list[int], negative: list[int], para
     if facts.max_num_seqs < 2:
         raise refuse("it runs as a second sequence: --max-num-seqs must be at least 2")
     if params.prompt_logprobs is not None:
-        raise refuse("prompt_logprobs are not available (the two contexts have no common prompt positions)")
+        raise refuse("prompt_logprobs are not available on a paired request (its prompt's logits are combined "
+                     "with no row of the other sequence's prompt)")
     generated = params.max_tokens if params.max_tokens is not None else facts.max_model_len - len(prompt)
     if image_tokens is not None:
         generated = max(generated, image_tokens)

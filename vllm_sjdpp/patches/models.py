@@ -49,14 +49,16 @@ def check_live_runner(vllm_config, runner) -> None:
 
 def guided_engine_hook(vllm_config) -> None:
     """vLLM's per-architecture hook on the whole config of a guided model: the parallel modes
-    guidance refuses, Model Runner V2 refused, and the scheduler that pairs requests whose
-    negative prompt has another length."""
+    guidance refuses, Model Runner V2 refused, and the scheduler that pairs requests
+    (`guidance.pairing`), which the paired layout cannot run without (ValueError naming the
+    options)."""
     from ..guidance.llama import check_parallelism
-    from .scheduler import install
+    from .scheduler import check_paired_layout, install
 
     check_parallelism(vllm_config)
     check_model_runner(vllm_config)
     install(vllm_config)
+    check_paired_layout(vllm_config)
 
 
 def apply() -> None:

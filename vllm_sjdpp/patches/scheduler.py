@@ -51,10 +51,11 @@ def install(vllm_config) -> None:
       drafter), any other drafter with guidance (`guidance.llama.check_async_speculation`
       refuses the combination), the CPU platform (vLLM 0.32 schedules synchronously there), or
       --no-async-scheduling given (the way to opt in to negative prompts of another length).
-    Elsewhere (Janus, guided Llamas and the digit model served without --speculative-config on a
-    GPU) vLLM's asynchronous scheduling stays on, which hides the host's work at small batch,
-    and a negative prompt of another length is refused with a 400 naming it.  A scheduler or
-    asynchronous scheduling chosen on the command line is kept (then such prompts are refused)."""
+    Elsewhere (the stacked layout: Janus, guided Llamas and the digit model by default, served
+    without --speculative-config on a GPU) vLLM's asynchronous scheduling stays on, which hides
+    the host's work at small batch, and a negative prompt of another length is refused with a 400
+    naming it.  A scheduler or asynchronous scheduling chosen on the command line is kept (then
+    such prompts are refused; the paired layout refuses to start, `check_paired_layout`)."""
     scheduler = vllm_config.scheduler_config
     if scheduler.scheduler_cls is not None or scheduler.async_scheduling:
         return
@@ -65,6 +66,24 @@ def install(vllm_config) -> None:
     if synchronous or getattr(ServedGuidance.of(vllm_config.model_config), "one_branch", False):
         scheduler.async_scheduling = False
         scheduler.scheduler_cls = SCHEDULER_CLS
+
+
+def check_paired_layout(vllm_config) -> None:
+    """In the paired layout every guided request runs as a pair: a scheduler or asynchronous
+    scheduling chosen on the command line, which would leave the paired scheduler out, would leave
+    every such request refused.  Raises ValueError naming both."""
+    from ..guidance.cfg import LAYOUT_KEY
+
+    served = ServedGuidance.of(vllm_config.model_config)
+    if served is None or not served.one_branch or pairs_supported(vllm_config):
+        return
+    scheduler = vllm_config.scheduler_config
+    given = "--async-scheduling" if scheduler.async_scheduling else f"--scheduler-cls {scheduler.scheduler_cls}"
+    raise ValueError(
+        f"{given}: {vllm_config.model_config.architecture} runs guidance with one branch per sequence "
+        f"({LAYOUT_KEY} 'paired'), which needs the paired scheduler, synchronous; leave {given.split()[0]} out, "
+        f"or serve it with --hf-overrides '{{\"{LAYOUT_KEY}\": \"stacked\"}}'"
+    )
 
 
 def platform_schedules_asynchronously() -> bool:

@@ -200,7 +200,7 @@ class ImageService:
             return error_response(str(e), e.param)
         except ValueError as e:
             return error_response(str(e), "prompt")
-        # Of another length than the prompt, it runs paired (guidance.pairing).
+        # Of another length than the prompt (or on a paired-layout server), it runs paired (guidance.pairing).
         try:
             negative_ids = await asyncio.to_thread(self.family.negative_prompt_ids, request.negative_prompt, request.pixels)
         except ValueError as e:
