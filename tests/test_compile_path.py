@@ -191,6 +191,24 @@ def test_branches_stacked_before_the_compiled_module_fail_at_start_up(make_engin
         compiled_engine(make_engine, tiny_guided_path, **ENGINE)
 
 
+def test_the_paired_layout_compiles_in_batch_units_with_fixed_inputs(make_engine, tiny_guided_path, hf_guided, calls):
+    """One branch per sequence: every guided request a pair, the pieces on the batch's T tokens,
+    inputs that never move, and transformers' guided greedy tokens."""
+    from guided_engine import hf_greedy
+
+    llm = compiled_engine(
+        make_engine, tiny_guided_path, speculative_config=SJDPP, hf_overrides={"sjdpp_guidance_layout": "paired"}, **ENGINE
+    )
+    calls.clear()
+    for disable in (False, True):
+        extra = {"guidance_scale": 3.0, "sjdpp_disable": disable}
+        got = tokens(run(llm, PROMPTS, [params(temperature=0, max_tokens=24, extra_args=extra) for _ in PROMPTS]))
+        assert got == [hf_greedy(hf_guided, p, 3.0, n=24) for p in PROMPTS]
+    assert calls.inputs, "no compiled graph ran"
+    assert_batch_units(calls)
+    assert calls.moved_inputs() == []
+
+
 @pytest.fixture(scope="module")
 def janus_sjdpp(make_engine, janus_pro_path, calls, guided_eager):
     from tiny_janus import JANUS_PRO
