@@ -13,7 +13,8 @@ batch 1 and 32:
   image); equal, the folder's rule (`<bos> <pad> <pad> <pad> <boi>`, the prompt's length);
   paired, `<bos> <boi>` as the negative prompt (Lumina-mGPT's kind of context);
 - Emu3 (`--family emu3`): the tiny real-shaped folder (Emu3-Gen's vocabulary of 184622, random
-  weights), 64 px images and BAAI's negative prompt; equal, a context of the prompt's length.
+  weights), 64 px images (75 tokens); paired, the family's rule (the empty prompt, 6 tokens
+  against the prompts' 27); equal, a context of the prompt's length.
 The baseline is stacked/equal, guidance as it runs at equal lengths.  Every timing of a round is
 taken back to back (in reverse order every other round); a case's time over the baseline is the
 median over rounds of its ratio within the round (timings on a shared CPU drift between rounds).
@@ -72,26 +73,27 @@ def digits(folder: Path) -> Workload:
 
 def emu3(size: int = 64) -> Workload:
     """The tiny real-shaped Emu3 folder (tests/tiny_emu3.py: Emu3-Gen's vocabulary of 184622,
-    random weights), images of size x size px, its top-k: paired, BAAI's negative prompt; equal,
-    a context of the prompt's length (the prompt's own ids: the cost, not the image, is measured)."""
+    random weights), images of size x size px, its top-k: paired, the family's rule (the empty
+    prompt: `<bos>` and the image header, what a token-id request gets by default; BAAI's
+    negative prompt, 203 tokens against the prompts' 27, would measure its own length); equal, a
+    context of the prompt's length (the prompt's own ids: the cost, not the image, is measured)."""
     import sys
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from tiny_emu3 import build_tiny_emu3
 
-    from vllm_sjdpp.families.emu3 import DEFAULT_TOP_K, NEGATIVE_PROMPT, Emu3Family
+    from vllm_sjdpp.families.emu3 import DEFAULT_TOP_K, Emu3Family
 
     folder = build_tiny_emu3(Path(tempfile.mkdtemp()) / "emu3")
     family, shape = Emu3Family(folder), (size, size)
     texts = ["a red fox in the snow", "two boats at dawn", "a tree on a hill", "a city at night", "a cat"]
     prompts = [family.prompt_ids(texts[i % len(texts)] + " " * (i // len(texts)), shape) for i in range(10)]
-    negative = family.prompt_ids(NEGATIVE_PROMPT, shape)
     tokens = family.tokens_for(shape)
     engine = dict(skip_tokenizer_init=True, enforce_eager=True, dtype="float32", seed=0, max_num_seqs=64,
-                  block_size=32, max_model_len=max(map(len, prompts + [negative])) + tokens + 32)
+                  block_size=32, max_model_len=max(map(len, prompts)) + tokens + 32)
     return Workload(folder, engine, prompts, {"equal": {"guidance_scale": 3.0, "same_length": True},
-                                              "paired": {"guidance_scale": 3.0, "negative_prompt_token_ids": negative}},
+                                              "paired": {"guidance_scale": 3.0}},
                     tokens, DEFAULT_TOP_K, tokens - 8)
 
 

@@ -101,7 +101,7 @@ def test_rows_without_their_companion_are_caught(guided_sjdpp, hf_guided, monkey
     of the companion's rows (the conditional model alone)."""
     from vllm_sjdpp.guidance.cfg import GuidanceBatch
 
-    monkeypatch.setattr(GuidanceBatch, "unconditional_rows", lambda self, rows, cond, uncond: uncond)
+    monkeypatch.setattr(GuidanceBatch, "partner_rows", lambda self, rows: (rows[:0], rows[:0]))
     expected = [hf_greedy(hf_guided, p, 3.0, negative=n) for p, n in zip(PROMPTS, NEGATIVES)]
     got = tokens(run(guided_sjdpp, PROMPTS, [guided_params(3.0, n, temperature=0, max_tokens=12) for n in NEGATIVES]))
     assert all(g != e for g, e in zip(got, expected))

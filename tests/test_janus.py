@@ -428,5 +428,5 @@ def test_paired_layout_greedy_equals_transformers(make_engine, janus_folder, jan
     # Broken variant: the pairs' rows combined with their own logits (the conditional model alone).
     from vllm_sjdpp.guidance.cfg import GuidanceBatch
 
-    monkeypatch.setattr(GuidanceBatch, "unconditional_rows", lambda self, rows, cond, uncond: uncond)
+    monkeypatch.setattr(GuidanceBatch, "partner_rows", lambda self, rows: (rows[:0], rows[:0]))
     assert run(llm, prompts, greedy) != expected

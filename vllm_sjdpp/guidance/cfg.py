@@ -339,17 +339,36 @@ class GuidanceBatch:
         runner.discard_request_mask.np[rows] = True
         runner.discard_request_mask.copy_to_gpu(runner.input_batch.num_reqs)
 
-    def unconditional_rows(self, rows: torch.Tensor, cond_logits: torch.Tensor, uncond_logits: torch.Tensor):
-        """[R, V] unconditional logits of R rows (`rows`: their token indices in the batch): a
-        paired request's rows take its companion's logits at the same place of the stream."""
-        if not self.has_partners:
-            return uncond_logits
+    def partner_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of R logits rows (`rows`: their token indices in the batch): [P] the rows a paired
+        request samples whose companion's row at the same place of the stream is among them, and
+        [P] the index of that row."""
         partner = self.partner_token[rows]
         row_of_token = torch.full_like(self.partner_token, -1)
         row_of_token[rows] = torch.arange(rows.numel(), device=rows.device)
         partner_row = row_of_token[partner.clamp(min=0)]
-        paired = (partner >= 0) & (partner_row >= 0)
-        return torch.where(paired[:, None], cond_logits[partner_row.clamp(min=0)], uncond_logits)
+        paired = ((partner >= 0) & (partner_row >= 0)).nonzero()[:, 0]
+        return paired, partner_row[paired]
+
+    def unconditional_rows(self, rows: torch.Tensor, cond_logits: torch.Tensor, uncond_logits: torch.Tensor):
+        """Stacked layout: [R, V] unconditional logits of R rows (`rows`: their token indices in
+        the batch), written in `uncond_logits`: a paired request's rows take its companion's
+        (conditional) logits at the same place of the stream."""
+        if self.has_partners:
+            paired, partner = self.partner_rows(rows)
+            uncond_logits[paired] = cond_logits[partner]
+        return uncond_logits
+
+    def guide_pairs(self, logits: torch.Tensor, index_columns: torch.Tensor) -> torch.Tensor:
+        """Paired layout: [R, V] logits (each sequence's own) -> float32 guided logits: each row a
+        paired request samples combined with its companion's row (`combine`); every other row
+        (a companion's, a prompt's, scale 1) as it is, what combining it with itself gives."""
+        guided = logits.float()
+        if self.has_partners:
+            rows = self.rows(index_columns)
+            paired, partner = self.partner_rows(rows)
+            guided[paired] = combine(guided[paired], guided[partner], self.token_scale[rows[paired]])
+        return guided
 
     def mirror_samples(self, sampled_token_ids: torch.Tensor) -> None:
         """[requests, rows] sampled tokens: each companion takes its request's (in place)."""
@@ -396,6 +415,7 @@ class GuidanceBatch:
 
 
 def combine(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """l_u + s (l_c - l_u), per row, in float32 (as transformers' processors work)."""
+    """l_u + s (l_c - l_u), per row, in float32 (as transformers' processors work), in one new
+    [R, V] tensor (at Emu3's vocabulary a row is 0.7 MB)."""
     lu = uncond_logits.float()
-    return lu + scale[:, None] * (cond_logits.float() - lu)
+    return (cond_logits.float() - lu).mul_(scale[:, None]).add_(lu)

@@ -262,13 +262,15 @@ def run_branches(
 def guided_logits(hidden_states: torch.Tensor, hidden_size: int, head, guidance: GuidanceBatch) -> torch.Tensor | None:
     """`run_branches`' rows -> guided logits, each row at its request's scale, then held to the
     stream's grid; `head` maps hidden states to logits (None on a tensor-parallel rank that does
-    not gather).  One branch per sequence: a row's unconditional logits are its companion's, and
-    a row without one (scale 1, a companion's own, a prompt's) is combined with itself."""
+    not gather).  One branch per sequence: a row's unconditional logits are its companion's
+    (`GuidanceBatch.guide_pairs`)."""
     branches = 1 if guidance.served.one_branch else 2
     *hidden, index = hidden_states.split([hidden_size] * branches + [2], dim=-1)
     logits = head(torch.cat(hidden))
     if logits is None:
         return None
-    cond_logits, uncond_logits = (logits, logits) if branches == 1 else logits.chunk(2)
+    if branches == 1:
+        return guidance.constrain(guidance.guide_pairs(logits, index), index)
+    cond_logits, uncond_logits = logits.chunk(2)
     uncond_logits = guidance.unconditional_rows(guidance.rows(index), cond_logits, uncond_logits)
     return guidance.constrain(combine(cond_logits, uncond_logits, guidance.row_scales(index)), index)
