@@ -103,3 +103,34 @@ def test_broken_noise_keys_are_caught(sjdpp, plain, monkeypatch, broken):
     got = seeded_outputs(sjdpp, SAMPLING["top-k"], {"sjdpp_num_speculative_tokens": 16})
     differ = sum(a != b for a, b in zip(got, plain["top-k"]))
     assert differ > 100, differ
+
+
+def test_rows_left_out_of_the_draw_keep_the_others_tokens():
+    """Guidance companions' rows are left out of the draw (their tokens are replaced by their
+    requests'): the other rows, seeded by key or by generator, draw what they draw with every
+    row in; the rows left out are 0 and never reach top-k."""
+    import torch
+    from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+
+    from vllm_sjdpp.engine.race_sampler import KeyedRaceTopKTopP
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    k = torch.full((6,), 5)
+    keyed = {0: (11, 3), 2: (12, 4), 5: (13, 7)}
+
+    def draw(left_out):
+        generators = {1: torch.Generator().manual_seed(1), 4: torch.Generator().manual_seed(4)}
+        sampler = KeyedRaceTopKTopP(TopKTopPSampler(), lambda n: keyed, lambda n: left_out)
+        rows = []
+        topk = torch.Tensor.topk
+        torch.Tensor.topk = lambda self, *a, **kw: rows.append(self.shape[0]) or topk(self, *a, **kw)
+        try:
+            return sampler(logits.clone(), generators, k, None)[0], rows
+        finally:
+            torch.Tensor.topk = topk
+
+    every, rows_every = draw([])
+    without, rows_without = draw([3])
+    kept = [0, 1, 2, 4, 5]
+    assert torch.equal(without[kept], every[kept]) and without[3] == 0
+    assert rows_every == [6] and rows_without == [5]

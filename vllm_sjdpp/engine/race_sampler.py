@@ -11,7 +11,10 @@ the same token for the same probabilities).  A step without keyed rows keeps vLL
 CPU, FlashInfer on CUDA).
 
 `install` puts it on a runner: every SJD++ runner, and the runners of the guided architectures
-this plugin registers; plain text models served without SJD++ keep vLLM's sampler.
+this plugin registers; plain text models served without SJD++ keep vLLM's sampler.  On a guided
+runner it also leaves out the rows of guidance companions, whose tokens are replaced by their
+requests' (`GuidanceBatch.mirror_samples`): at Emu3's vocabulary a row's top-k is most of its
+sampling cost, and in the paired layout half the rows are companions'.
 """
 
 from __future__ import annotations
@@ -28,15 +31,35 @@ from ..kernels.noise import keyed_exponentials, request_key, row_keys
 class KeyedRaceTopKTopP(nn.Module):
     """Stands in for `Sampler.topk_topp_sampler`: top-k / top-p, then the draw.
 
-    `keyed_rows(num_rows)` gives, for the seeded rows to race, {row: (key, position)}."""
+    `keyed_rows(num_rows)` gives, for the seeded rows to race, {row: (key, position)};
+    `unsampled_rows(num_rows)` the rows whose draw is thrown away (drawn as 0, at no cost)."""
 
-    def __init__(self, inner: nn.Module, keyed_rows):
+    def __init__(self, inner: nn.Module, keyed_rows, unsampled_rows=lambda num_rows: ()):
         super().__init__()
         self.inner = inner
         self.keyed_rows = keyed_rows
+        self.unsampled_rows = unsampled_rows
 
     def forward(self, logits, generators, k, p):
-        keyed = self.keyed_rows(logits.shape[0])
+        num_rows = logits.shape[0]
+        unsampled = self.unsampled_rows(num_rows)
+        if not unsampled or self.inner.logprobs_mode in ("processed_logits", "processed_logprobs"):
+            return self._draw(logits, generators, k, p, self.keyed_rows(num_rows))
+        drawn = np.setdiff1d(np.arange(num_rows), np.asarray(unsampled, dtype=np.int64))
+        if not drawn.size:
+            return torch.zeros(num_rows, dtype=torch.long, device=logits.device), None
+        index = {int(row): i for i, row in enumerate(drawn)}
+        (rows,) = upload(drawn, device=logits.device)
+        sampled, _ = self._draw(
+            logits[rows], {index[r]: g for r, g in generators.items() if r in index},
+            None if k is None else k[rows], None if p is None else p[rows],
+            {index[r]: v for r, v in self.keyed_rows(num_rows).items() if r in index},
+        )
+        out = torch.zeros(num_rows, dtype=sampled.dtype, device=sampled.device)
+        out[rows] = sampled
+        return out, None
+
+    def _draw(self, logits, generators, k, p, keyed):
         if not keyed:
             return self.inner(logits, generators, k, p)
         logits = apply_top_k_top_p(logits, k, p)
@@ -95,5 +118,11 @@ def install(runner) -> None:
         keys = ((i, noise_key_of(runner, r)) for i, r in enumerate(batch.req_ids[:num_rows]))
         return {i: (key, int(batch.num_tokens_no_spec[i])) for i, key in keys if key is not None}
 
-    runner.sampler.topk_topp_sampler = KeyedRaceTopKTopP(runner.sampler.topk_topp_sampler, keyed_rows)
+    def companion_rows(num_rows: int) -> list[int]:
+        guidance = getattr(runner.get_model(), "guidance", None)
+        if guidance is None or not guidance.mirrors or num_rows != runner.input_batch.num_reqs:
+            return []
+        return [companion for _, companion in guidance.mirrors]
+
+    runner.sampler.topk_topp_sampler = KeyedRaceTopKTopP(runner.sampler.topk_topp_sampler, keyed_rows, companion_rows)
     runner.sjdpp_race_sampler = True
