@@ -367,7 +367,8 @@ class GuidanceBatch:
         if self.has_partners:
             rows = self.rows(index_columns)
             paired, partner = self.partner_rows(rows)
-            guided[paired] = combine(guided[paired], guided[partner], self.token_scale[rows[paired]])
+            cond = guided[paired]
+            guided[paired] = combine(cond, guided[partner], self.token_scale[rows[paired]], out=cond)
         return guided
 
     def mirror_samples(self, sampled_token_ids: torch.Tensor) -> None:
@@ -414,8 +415,9 @@ class GuidanceBatch:
         return logits.masked_fill_(self.forbidden[self.token_class[self.rows(index_columns)]], float("-inf"))
 
 
-def combine(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def combine(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: torch.Tensor, out=None) -> torch.Tensor:
     """l_u + s (l_c - l_u), per row, in float32 (as transformers' processors work), in one new
-    [R, V] tensor (at Emu3's vocabulary a row is 0.7 MB)."""
+    [R, V] tensor (at Emu3's vocabulary a row is 0.7 MB), or in `out` (float32, of that shape;
+    `cond_logits` itself allowed)."""
     lu = uncond_logits.float()
-    return (cond_logits.float() - lu).mul_(scale[:, None]).add_(lu)
+    return torch.sub(cond_logits.float(), lu, out=out).mul_(scale[:, None]).add_(lu)
