@@ -10,33 +10,24 @@ with the model's limits, and the prompt's ids against the vocabulary.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tiny_llama import ENGINE_ENV
+from tiny_llama import SJDPP_SERVER_K, SJDPP_SERVER_MAX_MODEL_LEN
 from vllm_sjdpp.config import SJDPPConfig
-from vllm_sjdpp.serving.server import vllm_server
 
-VOCAB, MAX_MODEL_LEN, K = 48, 64, 6
-SERVE_ARGS = [
-    "--speculative-config", f'{{"method": "sjdpp", "num_speculative_tokens": {K}}}', "--skip-tokenizer-init",
-    "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--max-num-seqs", "64",
-]
+VOCAB = 48
+MAX_MODEL_LEN, K = SJDPP_SERVER_MAX_MODEL_LEN, SJDPP_SERVER_K
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_path, tmp_path_factory):
-    path = tiny_llama_path
-    env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0"}
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None
-    log_path = tmp_path_factory.mktemp("serve-fuzz") / "server.log"
-    with vllm_server(path, SERVE_ARGS, log_path, env=env, timeout_s=240) as base:
-        with httpx.Client(base_url=base, timeout=120) as client:
-            yield client, path
+def server(sjdpp_server):
+    base, path, _ = sjdpp_server  # conftest's: shared with tests/test_serve.py
+    with httpx.Client(base_url=base, timeout=120) as client:
+        yield client, path
 
 
 def mostly(valid, edges):

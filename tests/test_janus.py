@@ -417,8 +417,10 @@ def test_guard_cuts_windows_of_a_prior_that_copies_prompt_ids(boi_past_the_codes
 def test_paired_layout_greedy_equals_transformers(make_engine, janus_folder, janus_shape, hf, prompts, monkeypatch):
     """One guidance branch per sequence (not Janus's default), under SJD++: each member of a pair
     embeds its prompt as text and its codes through the aligner, as the stacked layout does.
-    Last in the module: the engine started here becomes the one metrics are read from."""
-    prompts = prompts if janus_shape is SMALL else prompts[:2]
+    Last in the module: the engine started here becomes the one metrics are read from.  On the
+    small folder only: the layout reads no shape."""
+    if janus_shape is not SMALL:
+        pytest.skip("the layout is checked on the small folder")
     llm = make_engine(
         janus_folder, speculative_config=SJDPP, hf_overrides={"sjdpp_guidance_layout": "paired"}, **engine_args(janus_shape)
     )

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tiny_llama import ENGINE_ENV
-from vllm_sjdpp.serving.server import VLLM_CLI, free_port, vllm_server
+from vllm_sjdpp.serving.server import VLLM_CLI, free_port
 
 SERVE_ARGS = ["--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "256", "--dtype", "float32"]
 
@@ -23,11 +23,8 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_path, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    args = ["--speculative-config", "sjdpp", "--max-num-seqs", "64", *SERVE_ARGS]
-    with vllm_server(tiny_llama_path, args, log_path, env=_env(), timeout_s=240) as base:
-        yield base, tiny_llama_path, log_path
+def server(sjdpp_server):
+    return sjdpp_server  # conftest's: shared with tests/test_fuzz_serve.py
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.sequence import IntermediateTensors
 
 from ..families import family_of
-from .cfg import BRANCH_HEADS_ATTR, LAYOUT_ATTR, PAIRED, STACKED, GuidanceBatch, chosen_layout, combine
+from .cfg import BRANCH_HEADS_ATTR, LAYOUT_ATTR, STACKED, GuidanceBatch, chosen_layout, combine
 
 
 def guided_llama_config_hook(model_config) -> None:
