@@ -109,27 +109,6 @@ def tiny_llama_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sjdpp_server(tiny_llama_path, tmp_path_factory):
-    """(base URL, model path, log path) of `vllm serve TINY_LLAMA --speculative-config sjdpp`
-    (k = SJDPP_SERVER_K, --max-model-len SJDPP_SERVER_MAX_MODEL_LEN, 64 sequences, the state
-    logged every step), in its own process as users run it, shared by tests/test_serve.py and
-    tests/test_fuzz_serve.py: up for the rest of the session once started."""
-    from tiny_llama import ENGINE_ENV, SJDPP_SERVER_K, SJDPP_SERVER_MAX_MODEL_LEN
-    from vllm_sjdpp.serving.server import vllm_server
-
-    env = {**os.environ, **ENGINE_ENV, "SJDPP_LOG_INTERVAL_S": "0"}
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None
-    args = [
-        "--speculative-config", f'{{"method": "sjdpp", "num_speculative_tokens": {SJDPP_SERVER_K}}}',
-        "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", str(SJDPP_SERVER_MAX_MODEL_LEN),
-        "--dtype", "float32", "--max-num-seqs", "64",
-    ]
-    log_path = tmp_path_factory.mktemp("sjdpp-server") / "server.log"
-    with vllm_server(tiny_llama_path, args, log_path, env=env, timeout_s=240) as base:
-        yield base, tiny_llama_path, log_path
-
-
-@pytest.fixture(scope="session")
 def tiny_guided_path(tmp_path_factory):
     """The tiny guided Llama (classifier-free guidance, the rule in tests/tiny_llama.py) with
     grouped queries (2 query heads, 1 KV head), built once per session."""

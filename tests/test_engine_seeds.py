@@ -105,29 +105,29 @@ def test_broken_noise_keys_are_caught(sjdpp, plain, monkeypatch, broken):
     assert differ > 100, differ
 
 
-def test_rows_left_out_of_the_draw_keep_the_others_tokens():
+def test_rows_left_out_of_the_draw_keep_the_others_tokens(monkeypatch):
     """Guidance companions' rows are left out of the draw (their tokens are replaced by their
     requests'): the other rows, seeded by key or by generator, draw what they draw with every
     row in; the rows left out are 0 and never reach top-k."""
     import torch
     from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
 
+    from vllm_sjdpp.engine import race_sampler
     from vllm_sjdpp.engine.race_sampler import KeyedRaceTopKTopP
 
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
     k = torch.full((6,), 5)
     keyed = {0: (11, 3), 2: (12, 4), 5: (13, 7)}
 
+    top_k_top_p = race_sampler.apply_top_k_top_p
+    rows = []
+    monkeypatch.setattr(race_sampler, "apply_top_k_top_p", lambda x, *a: rows.append(x.shape[0]) or top_k_top_p(x, *a))
+
     def draw(left_out):
         generators = {1: torch.Generator().manual_seed(1), 4: torch.Generator().manual_seed(4)}
         sampler = KeyedRaceTopKTopP(TopKTopPSampler(), lambda n: keyed, lambda n: left_out)
-        rows = []
-        topk = torch.Tensor.topk
-        torch.Tensor.topk = lambda self, *a, **kw: rows.append(self.shape[0]) or topk(self, *a, **kw)
-        try:
-            return sampler(logits.clone(), generators, k, None)[0], rows
-        finally:
-            torch.Tensor.topk = topk
+        rows.clear()
+        return sampler(logits.clone(), generators, k, None)[0], list(rows)
 
     every, rows_every = draw([])
     without, rows_without = draw([3])

@@ -19,7 +19,7 @@ ENGINE_ENV = {
 
 
 SEED_PROBE_ON = {"SJDPP_SEED_PROBE": "1"}
-# The tiny Llama's SJD++ server shared by the serving tests (conftest's `sjdpp_server`).
+# The tiny Llama's SJD++ server shared by the serving tests (tests/serving/conftest.py).
 SJDPP_SERVER_K, SJDPP_SERVER_MAX_MODEL_LEN = 6, 64
 
 

@@ -13,8 +13,10 @@ CPU, FlashInfer on CUDA).
 `install` puts it on a runner: every SJD++ runner, and the runners of the guided architectures
 this plugin registers; plain text models served without SJD++ keep vLLM's sampler.  On a guided
 runner it also leaves out the rows of guidance companions, whose tokens are replaced by their
-requests' (`GuidanceBatch.mirror_samples`): at Emu3's vocabulary a row's top-k is most of its
-sampling cost, and in the paired layout half the rows are companions'.
+requests' (`GuidanceBatch.mirror_samples`), where the sampler gets one row per request (plain
+decoding, windowless SJD++ steps, the fallback, vLLM's bonus rows): at Emu3's vocabulary a row's
+top-k is most of its sampling cost, and in the paired layout half the rows are companions'.  An
+SJD++ window's rows go through the step, companions' included.
 """
 
 from __future__ import annotations

@@ -167,8 +167,8 @@ class RequestGuidance:
     branch runs (in the paired layout: its own prompt, which marks the prompt's tokens), and the
     request whose rows pair with its rows (`pairing`; None: not paired).  A paired sequence's
     second branch repeats its own prompt (and goes unused); a companion's rows serve as its
-    request's unconditional rows and are combined at scale 1 (its samples are replaced by its
-    request's, `mirror_samples`)."""
+    request's unconditional rows, and are combined at scale 1 (stacked) or left as they are
+    (paired); its samples are replaced by its request's (`mirror_samples`)."""
 
     scale: float
     override: np.ndarray
@@ -342,7 +342,8 @@ class GuidanceBatch:
     def partner_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Of R logits rows (`rows`: their token indices in the batch): [P] the rows a paired
         request samples whose companion's row at the same place of the stream is among them, and
-        [P] the index of that row."""
+        [P] the index of that row.  (A device sync where pairs are in the batch: the paired
+        scheduler that makes them runs synchronously anyway.)"""
         partner = self.partner_token[rows]
         row_of_token = torch.full_like(self.partner_token, -1)
         row_of_token[rows] = torch.arange(rows.numel(), device=rows.device)

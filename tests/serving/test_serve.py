@@ -24,7 +24,7 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(sjdpp_server):
-    return sjdpp_server  # conftest's: shared with tests/test_fuzz_serve.py
+    return sjdpp_server  # this package's, shared with test_fuzz_serve.py
 
 
 @pytest.fixture(scope="module")

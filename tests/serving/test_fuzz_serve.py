@@ -25,7 +25,7 @@ MAX_MODEL_LEN, K = SJDPP_SERVER_MAX_MODEL_LEN, SJDPP_SERVER_K
 
 @pytest.fixture(scope="module")
 def server(sjdpp_server):
-    base, path, _ = sjdpp_server  # conftest's: shared with tests/test_serve.py
+    base, path, _ = sjdpp_server  # this package's, shared with test_serve.py
     with httpx.Client(base_url=base, timeout=120) as client:
         yield client, path
 

@@ -1,0 +1,1 @@
+"""Tests of `vllm serve` with SJD++ on the tiny Llama, sharing one server (`conftest.py`)."""
