@@ -33,7 +33,7 @@ def test_guidance_defaults_come_from_the_model_folder(engines):
     _, sjdpp = engines
     model = runtime_of(sjdpp).runner.get_model()
     expected = json.loads((DEFAULT_OUT / "generation_config.json").read_text())["guidance_scale"]
-    assert model.guidance.scale_default == expected > 1
+    assert model.guidance.served.scale_default == expected > 1
 
 
 def test_guidance_makes_the_prompted_digit(engines):

@@ -4,8 +4,9 @@ pass's drafts that holds it to the server's `step_memory_gib` at large vocabular
 vLLM's profile run samples one row per request; an SJD++ pass samples every window position,
 each a row over the vocabulary V, so the step's rows are reserved here.  ROW_BYTES per row
 element: the guided head's output of both branches in the model's dtype (4 bytes in bfloat16;
-one branch in the paired layout, so the reserve is an upper bound there) and guidance's float32 temporaries, gone before sampling; then the guided logits, a copy of them
-where logprobs are asked for, vLLM's top-k / top-p (top-p sorts: float32 values and int64
+one branch in the paired layout, so the reserve is an upper bound there) and guidance's float32
+temporaries, gone before sampling; then the guided logits, a copy of them where logprobs are
+asked for, vLLM's top-k / top-p (top-p sorts: float32 values and int64
 indices), the probabilities and the race noise (the Triton kernel writes its output only).  Per
 draft with a full proposal, the two q-row buffers (Q_ROW_BYTES), and per request its first row
 kept for the fallback.  `tests/test_step_memory.py` counts every tensor of the step's own code

@@ -1,8 +1,8 @@
 """Classifier-free guidance inside vLLM: two branches, in one sequence or one each.
 
-In the "stacked" layout a guided model runs each sequence as two branches: the conditional one on the sequence's own
-tokens, the unconditional one on the same tokens with the prompt replaced by the unconditional
-prompt (the same length and positions; generated tokens and SJD++ drafts are shared).  Both
+In the "stacked" layout a guided model runs each sequence as two branches: the conditional one
+on the sequence's own tokens, the unconditional one on the same tokens with the prompt replaced
+by the unconditional prompt (the same length and positions; generated tokens and SJD++ drafts are shared).  Both
 branches keep their keys and values in the sequence's own paged blocks as twice the KV heads
 (cond heads, then uncond heads), so vLLM's scheduler, block tables, chunked prefill, preemption
 and prefix caching see one ordinary sequence.  The logits are combined before any sampler sees
@@ -203,11 +203,10 @@ class GuidanceBatch:
         if size > MAX_BATCH_TOKENS:
             raise ValueError(f"--max-num-batched-tokens {size}: guided models take at most {MAX_BATCH_TOKENS}")
         self.served = served
-        scale_default = served.scale_default
-        self.scale_default = scale_default
+        self.branches = 1 if served.one_branch else 2  # branches each sequence runs
         self.requests: dict[str, RequestGuidance] = {}
         self.uncond_override = torch.full((size,), -1, dtype=torch.long, device=device)
-        self.token_scale = torch.full((size,), scale_default, dtype=torch.float32, device=device)
+        self.token_scale = torch.full((size,), served.scale_default, dtype=torch.float32, device=device)
         self.partner_token = torch.full((size,), -1, dtype=torch.long, device=device)
         self.has_partners = False
         self.staging = PinnedStaging()  # the host side of the writes above, each step
@@ -247,7 +246,7 @@ class GuidanceBatch:
                 # Checked when the request arrived (patches.input_processor); a failure here is a bug.
                 scale, negative = self.served.resolve(extra_args, prompt)
                 grid = None if self.grid is None else self.request_grid(prompt, self.grid)
-                paired = self.served.companion_prompt(extra_args, prompt) is not None
+                paired = needs_companion(prompt, negative, scale, self.served.one_branch)
                 # One branch per sequence: the override only marks the prompt's tokens (Janus embeds by it).
                 override = own if paired or self.served.one_branch else np.asarray(negative, dtype=np.int64)
                 state = RequestGuidance(scale, override, partner=req_id + COMPANION_SUFFIX if paired else None, grid=grid)
@@ -273,7 +272,7 @@ class GuidanceBatch:
         starts = runner.query_start_loc.np[: num_reqs + 1]
         counts = np.diff(starts)
         total = int(starts[-1])
-        scale = np.full(num_tokens_padded, self.scale_default, dtype=np.float32)
+        scale = np.full(num_tokens_padded, self.served.scale_default, dtype=np.float32)
         scale[:total] = np.repeat(np.array([s.scale for s in states], dtype=np.float32), counts)
         override = np.full(num_tokens_padded, -1, dtype=np.int64)
         computed = batch.num_computed_tokens_cpu[:num_reqs]

@@ -151,8 +151,8 @@ class GuidedLlamaAttention(LlamaAttention):
 
 
     def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries and keys [branches * T, n] before the rotary embedding: as they are (Chameleon's are
-        normalized, `guidance.chameleon`)."""
+        """Queries and keys [branches * T, n] before the rotary embedding: as they are
+        (Chameleon's are normalized, `guidance.chameleon`)."""
         return q, k
 
 
@@ -179,7 +179,7 @@ class BranchForward:
         state, as it takes the weights, also when vLLM loads the forward from its AOT compile
         cache at a later start; `guidance` writes the same storage in place each step."""
         self.guidance = guidance
-        self.branches = 1 if guidance.served.one_branch else 2
+        self.branches = guidance.branches
         self.register_buffer("uncond_override", guidance.uncond_override, persistent=False)
 
     def forward(
@@ -264,7 +264,7 @@ def guided_logits(hidden_states: torch.Tensor, hidden_size: int, head, guidance:
     stream's grid; `head` maps hidden states to logits (None on a tensor-parallel rank that does
     not gather).  One branch per sequence: a row's unconditional logits are its companion's
     (`GuidanceBatch.guide_pairs`)."""
-    branches = 1 if guidance.served.one_branch else 2
+    branches = guidance.branches
     *hidden, index = hidden_states.split([hidden_size] * branches + [2], dim=-1)
     logits = head(torch.cat(hidden))
     if logits is None:
