@@ -254,8 +254,14 @@ def test_the_companion_key_is_refused_as_a_request_option(guided_sjdpp):
 
     from vllm_sjdpp.config import COMPANION_OF_KEY
 
-    with pytest.raises(VLLMValidationError, match=COMPANION_OF_KEY):
-        run(guided_sjdpp, [PROMPTS[0]], params(max_tokens=3, extra_args={COMPANION_OF_KEY: "x"}))
+    engine = guided_sjdpp.llm_engine
+    try:  # added, not generated: where it is let in, the test fails instead of waiting for it
+        with pytest.raises(VLLMValidationError, match=COMPANION_OF_KEY):
+            engine.add_request(
+                "companion-key", {"prompt_token_ids": PROMPTS[0]}, params(max_tokens=3, extra_args={COMPANION_OF_KEY: "x"})
+            )
+    finally:
+        engine.abort_request(["companion-key"])
     assert len(tokens(run(guided_sjdpp, [PROMPTS[0]], params(max_tokens=3)))[0]) == 3
 
 
