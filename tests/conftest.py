@@ -9,6 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from stall_guard import StallGuard  # noqa: E402
 from tiny_llama import build_tiny_llama, set_engine_env  # noqa: E402
 
 # In-process engines (tiny_llama.ENGINE_ENV): set before any test module imports vLLM.
@@ -92,12 +93,15 @@ def make_engine():
     """`make_engine(folder, **overrides)`: an in-process `vllm.LLM` on `folder` with
     ENGINE_DEFAULTS updated by `overrides`.  Modules keep their engines in module-scoped
     fixtures built with it (engines are not shared across modules: each holds its KV cache).
-    vLLM's metrics registry is per process: `llm.get_metrics()` reads the newest engine's."""
+    vLLM's metrics registry is per process: `llm.get_metrics()` reads the newest engine's.
+    Each engine's steps are bounded (tests/stall_guard.py): a livelock fails the test."""
 
     def make(folder, **overrides):
         from vllm import LLM
 
-        return LLM(str(folder), **{**ENGINE_DEFAULTS, **overrides})
+        llm = LLM(str(folder), **{**ENGINE_DEFAULTS, **overrides})
+        StallGuard(llm)
+        return llm
 
     return make
 

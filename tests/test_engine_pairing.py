@@ -265,6 +265,36 @@ def test_the_companion_key_is_refused_as_a_request_option(guided_sjdpp):
     assert len(tokens(run(guided_sjdpp, [PROMPTS[0]], params(max_tokens=3)))[0]) == 3
 
 
+def test_a_livelock_fails_within_the_suite_s_step_bound(guided_sjdpp, monkeypatch):
+    """The bound on every test engine (tests/stall_guard.py), on the livelock the companion key
+    made before it was refused: a request taken for a companion whose request never comes.
+    `LLM.generate` fails within STALL_STEPS steps instead of hanging, the stuck request is
+    aborted, and the engine serves on."""
+    from stall_guard import STALL_STEPS
+
+    from vllm_sjdpp.config import COMPANION_OF_KEY
+    from vllm_sjdpp.patches import input_processor
+
+    check = input_processor.check_request
+
+    def lets_the_key_in(facts, prompt, sampling):
+        key = sampling.extra_args.pop(COMPANION_OF_KEY)
+        try:
+            return check(facts, prompt, sampling)
+        finally:
+            sampling.extra_args[COMPANION_OF_KEY] = key
+
+    monkeypatch.setattr(input_processor, "check_request", lets_the_key_in)
+    engine = guided_sjdpp.llm_engine
+    steps, step = [], engine.step
+    monkeypatch.setattr(engine, "step", lambda: (steps.append(1), step())[1])
+    with pytest.raises(AssertionError, match=f"engine stalled: {STALL_STEPS} steps without progress"):
+        run(guided_sjdpp, [PROMPTS[0]], params(max_tokens=3, extra_args={COMPANION_OF_KEY: "x"}))
+    assert len(steps) <= STALL_STEPS + 5 and not engine.has_unfinished_requests()
+    monkeypatch.undo()
+    assert len(tokens(run(guided_sjdpp, [PROMPTS[0]], params(max_tokens=3)))[0]) == 3
+
+
 def test_a_pair_the_kv_cache_cannot_hold_is_refused(tight):
     """The 12-block cache holds either sequence at full length but not both: such a pair could
     never run (each member would wait for the other's blocks), so it is a 400, and the engine
