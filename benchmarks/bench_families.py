@@ -2,7 +2,7 @@
 (tests/tiny_emu3.py: Emu3-Gen's vocabulary, ids, codebook and grid) and Lumina-mGPT
 (tests/tiny_lumina.py: Lumina-mGPT-7B-768's), random weights, sharpened; both run paired.
 
-    python benchmarks/bench_families.py [--family emu3|lumina] [--images 16] [--size 64] [--out FILE]
+    python benchmarks/bench_families.py [--family emu3|lumina] [--images 16] [--size 64] [--rounds 3] [--out FILE]
 
 Seeded images of size x size px at scale 3 (Emu3: with its documented negative prompt; Lumina-mGPT:
 its image header, the family's rule) and the family's top-k, one engine with SJD++ (k = 16, full
@@ -10,9 +10,10 @@ windows: draft_token_budget null, the folder's defaults: fresh codes from the ro
 request's row width) and one without; passes per image are its tokens minus its accepted drafts
 (vLLM's per-request speculative metrics).  The seeded images of both engines must be the same
 tokens (the position-keyed race), which the script checks; each engine's wall time for the batch
-is measured after a warm-up, one engine after the other, with a third engine on the server's
-default windows ("auto": the goodput controller), timed on two batches in a row: the first pays
-for the controller's trials of drafted windows, the second is the settled server.  A random model's Jacobi trajectories
+is measured after a warm-up, with a third engine on the server's default windows ("auto": the
+goodput controller).  "auto"'s first batch pays for the controller's trials of drafted windows;
+then plain and the settled "auto" take turns for --rounds rounds (medians; one engine after the
+other instead measured the last one up to 1.75x slower, in a process holding three).  A random model's Jacobi trajectories
 say little about trained weights: this measures the path, not the speed-up a real checkpoint
 would get.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -80,6 +82,7 @@ def main() -> None:
     ap.add_argument("--family", choices=["emu3", "lumina"], default="emu3")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--size", type=int, default=64, help="pixels per side (Emu3: a multiple of 8; Lumina-mGPT: of 32)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of plain and the settled 'auto', one batch each")
     ap.add_argument("--out", type=Path, help="default: benchmarks/results/<family>_passes.json")
     args = ap.parse_args()
     out_path = args.out or Path(f"benchmarks/results/{args.family}_passes.json")
@@ -96,15 +99,21 @@ def main() -> None:
         "plain": LLM(str(folder), **ENGINE), "sjdpp": LLM(str(folder), speculative_config=full, **ENGINE),
         "auto": LLM(str(folder), speculative_config={"method": "sjdpp"}, **ENGINE),  # the server's default
     }
-    seconds, outputs = {}, {}
-    for name, llm in engines.items():
+    def timed(name: str) -> float:
+        start = time.perf_counter()
+        outputs[name] = run(engines[name], prompts, negatives, tokens, top_k)
+        return time.perf_counter() - start
+
+    outputs = {}
+    for llm in engines.values():
         run(llm, prompts[:2], negatives[:2], tokens, top_k)  # warm-up
-        # "auto" twice: its first batch pays for the controller's trials of drafted windows,
-        # which the second (the settled server) does not.
-        for label in (["auto_first_batch", "auto"] if name == "auto" else [name]):
-            start = time.perf_counter()
-            outputs[name] = run(llm, prompts, negatives, tokens, top_k)
-            seconds[label] = time.perf_counter() - start
+    # "auto"'s first batch pays for the controller's trials of drafted windows; then plain and
+    # the settled "auto" take turns, round by round, so drift on the machine hits both alike.
+    seconds = {"sjdpp": timed("sjdpp"), "auto_first_batch": timed("auto")}
+    rounds = [(timed("plain"), timed("auto")) for _ in range(args.rounds)]
+    seconds["plain"] = statistics.median(p for p, _ in rounds)
+    seconds["auto"] = statistics.median(a for _, a in rounds)
+    auto_over_plain = statistics.median(a / p for p, a in rounds)
     plain, sjdpp = outputs["plain"], outputs["sjdpp"]
     same = sum(a == b for (a, _), (b, _) in zip(plain, sjdpp))
     passes = sum(p for _, p in sjdpp) / args.images
@@ -116,15 +125,17 @@ def main() -> None:
         "plain_passes_per_image": sum(p for _, p in plain) / args.images,
         "sjdpp_passes_per_image": passes, "fewer_passes": tokens / passes, "identical_images": same,
         # Wall time of the whole batch (max_num_seqs 4 in flight), each engine after a warm-up;
-        # "auto": the server's default windows (the goodput controller), its second batch;
-        # "auto_first_batch": its first, with the controller's trials.
+        # "auto": the server's default windows (the goodput controller) once settled, and
+        # "plain": medians over the rounds; "auto_first_batch": with the controller's trials.
         "seconds": seconds, "speedup": {k: seconds["plain"] / v for k, v in seconds.items()},
+        "rounds": [{"plain": p, "auto": a} for p, a in rounds], "auto_over_plain_median": auto_over_plain,
         "auto_identical_images": sum(a == b for (a, _), (b, _) in zip(plain, outputs["auto"])),
         "provenance": started,
     }
     print(f"{args.family}: {args.images} images of {args.size}x{args.size} px ({tokens} tokens): plain "
           f"{result['plain_passes_per_image']:.1f} passes, SJD++ {passes:.1f} ({tokens / passes:.2f}x fewer); "
-          f"{same}/{args.images} identical to plain; wall time " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+          f"{same}/{args.images} identical to plain; wall time " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+          + f"; auto / plain {auto_over_plain:.2f}x (median of {args.rounds} rounds)")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
     print(f"wrote {out_path}")
