@@ -36,6 +36,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
+from stall_guard import StallGuard
 from tiny_janus import SPECIAL_TOKENS, JanusShape, build_tiny_janus
 from tiny_llama import build_tiny_llama, set_engine_env
 from vllm_sjdpp.engine.runtime import runtime_of
@@ -72,10 +73,12 @@ def mostly(valid, edge, one_in: int = 4):
 def start_engine(folder: Path, k: int, max_model_len: int):
     from vllm import LLM
 
-    return LLM(
+    llm = LLM(
         str(folder), skip_tokenizer_init=True, enforce_eager=True, max_model_len=max_model_len, dtype="float32",
         seed=0, speculative_config={"method": "sjdpp", "num_speculative_tokens": k, "draft_token_budget": None},
     )
+    StallGuard(llm)
+    return llm
 
 
 def check_refusal(family: str, error: Exception, broken: list[tuple[str, set[str]]]) -> None:
