@@ -2,7 +2,8 @@
 (tests/tiny_emu3.py: Emu3-Gen's vocabulary, ids, codebook and grid) and Lumina-mGPT
 (tests/tiny_lumina.py: Lumina-mGPT-7B-768's), random weights, sharpened; both run paired.
 
-    python benchmarks/bench_families.py [--family emu3|lumina] [--images 16] [--size 64] [--rounds 3] [--out FILE]
+    python benchmarks/bench_families.py [--family emu3|lumina] [--images 16] [--size 64] [--rounds 3]
+                                        [--out FILE]
 
 Seeded images of size x size px at scale 3 (Emu3: with its documented negative prompt; Lumina-mGPT:
 its image header, the family's rule) and the family's top-k, one engine with SJD++ (k = 16, full
@@ -12,10 +13,10 @@ request's row width) and one without; passes per image are its tokens minus its 
 tokens (the position-keyed race), which the script checks; each engine's wall time for the batch
 is measured after a warm-up, with a third engine on the server's default windows ("auto": the
 goodput controller).  "auto"'s first batch pays for the controller's trials of drafted windows;
-then plain and the settled "auto" take turns for --rounds rounds (medians; one engine after the
-other instead measured the last one up to 1.75x slower, in a process holding three).  A random model's Jacobi trajectories
-say little about trained weights: this measures the path, not the speed-up a real checkpoint
-would get.
+then plain and the settled "auto" take turns for --rounds rounds (medians: a single batch of
+each, minutes apart, scattered by 30% and more on a 2-core machine).  A random model's Jacobi
+trajectories say little about trained weights: this measures the path, not the speed-up a real
+checkpoint would get.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of plain and the settled 'auto', one batch each")
     ap.add_argument("--out", type=Path, help="default: benchmarks/results/<family>_passes.json")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     out_path = args.out or Path(f"benchmarks/results/{args.family}_passes.json")
     started = provenance()
 
@@ -99,43 +102,60 @@ def main() -> None:
         "plain": LLM(str(folder), **ENGINE), "sjdpp": LLM(str(folder), speculative_config=full, **ENGINE),
         "auto": LLM(str(folder), speculative_config={"method": "sjdpp"}, **ENGINE),  # the server's default
     }
-    def timed(name: str) -> float:
-        start = time.perf_counter()
-        outputs[name] = run(engines[name], prompts, negatives, tokens, top_k)
-        return time.perf_counter() - start
-
-    outputs = {}
     for llm in engines.values():
         run(llm, prompts[:2], negatives[:2], tokens, top_k)  # warm-up
+    batches: dict[str, list] = {"sjdpp": [], "auto_first_batch": [], "plain": [], "auto": []}
+
+    def timed(label: str) -> float:
+        start = time.perf_counter()
+        batches[label].append(run(engines[label.removesuffix("_first_batch")], prompts, negatives, tokens, top_k))
+        return time.perf_counter() - start
+
     # "auto"'s first batch pays for the controller's trials of drafted windows; then plain and
-    # the settled "auto" take turns, round by round, so drift on the machine hits both alike.
-    seconds = {"sjdpp": timed("sjdpp"), "auto_first_batch": timed("auto")}
-    rounds = [(timed("plain"), timed("auto")) for _ in range(args.rounds)]
-    seconds["plain"] = statistics.median(p for p, _ in rounds)
-    seconds["auto"] = statistics.median(a for _, a in rounds)
-    auto_over_plain = statistics.median(a / p for p, a in rounds)
-    plain, sjdpp = outputs["plain"], outputs["sjdpp"]
-    same = sum(a == b for (a, _), (b, _) in zip(plain, sjdpp))
-    passes = sum(p for _, p in sjdpp) / args.images
+    # the settled "auto" take turns, the one that goes first alternating, so drift hits both alike.
+    seconds = {"sjdpp": timed("sjdpp"), "auto_first_batch": timed("auto_first_batch")}
+    rounds = []
+    for r in range(args.rounds):
+        order = ("plain", "auto") if r % 2 == 0 else ("auto", "plain")
+        rounds.append(dict(zip(order, (timed(order[0]), timed(order[1])))))
+    seconds["plain"] = statistics.median(t["plain"] for t in rounds)
+    seconds["auto"] = statistics.median(t["auto"] for t in rounds)
+    auto_over_plain = statistics.median(t["auto"] / t["plain"] for t in rounds)
+    plain = batches["plain"][0]
+
+    def identical(label: str) -> int:
+        """Images whose tokens equal plain's in every batch of `label`."""
+        return sum(all(b[i][0] == plain[i][0] for b in batches[label]) for i in range(args.images))
+
+    def passes(label: str) -> float:
+        return statistics.mean(p for b in batches[label] for _, p in b)
+
     rule = family.unconditional_rule(family.config, {})
     negative_tokens = len(negatives[0]) if negatives[0] is not None else len(rule.apply(prompts[0]))
+    sjdpp_passes = passes("sjdpp")
     result = {
         "family": args.family, "size_px": args.size, "tokens_per_image": tokens, "images": args.images,
         "prompt_tokens": len(prompts[0]), "negative_prompt_tokens": negative_tokens,
-        "plain_passes_per_image": sum(p for _, p in plain) / args.images,
-        "sjdpp_passes_per_image": passes, "fewer_passes": tokens / passes, "identical_images": same,
-        # Wall time of the whole batch (max_num_seqs 4 in flight), each engine after a warm-up;
-        # "auto": the server's default windows (the goodput controller) once settled, and
-        # "plain": medians over the rounds; "auto_first_batch": with the controller's trials.
-        "seconds": seconds, "speedup": {k: seconds["plain"] / v for k, v in seconds.items()},
-        "rounds": [{"plain": p, "auto": a} for p, a in rounds], "auto_over_plain_median": auto_over_plain,
-        "auto_identical_images": sum(a == b for (a, _), (b, _) in zip(plain, outputs["auto"])),
+        "plain_passes_per_image": passes("plain"), "sjdpp_passes_per_image": sjdpp_passes,
+        "fewer_passes": tokens / sjdpp_passes, "identical_images": identical("sjdpp"),
+        # Wall time of the whole batch (max_num_seqs 4 in flight), each engine after a warm-up:
+        # "sjdpp" (full windows) and "auto_first_batch" (with the controller's trials) once,
+        # "plain" and the settled "auto" medians over the rounds; "auto_over_plain_median": the
+        # median of the rounds' ratios, what "speedup" gives for "auto".
+        "seconds": seconds,
+        "speedup": {**{k: seconds["plain"] / v for k, v in seconds.items()}, "auto": 1 / auto_over_plain},
+        "rounds": rounds, "auto_over_plain_median": auto_over_plain,
+        "auto_first_batch_passes_per_image": passes("auto_first_batch"), "auto_passes_per_image": passes("auto"),
+        "auto_identical_images": min(identical("auto_first_batch"), identical("auto")),
         "provenance": started,
     }
     print(f"{args.family}: {args.images} images of {args.size}x{args.size} px ({tokens} tokens): plain "
-          f"{result['plain_passes_per_image']:.1f} passes, SJD++ {passes:.1f} ({tokens / passes:.2f}x fewer); "
-          f"{same}/{args.images} identical to plain; wall time " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
-          + f"; auto / plain {auto_over_plain:.2f}x (median of {args.rounds} rounds)")
+          f"{result['plain_passes_per_image']:.1f} passes, SJD++ {sjdpp_passes:.1f} ({tokens / sjdpp_passes:.2f}x "
+          f"fewer); {result['identical_images']}/{args.images} identical to plain; wall time "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+          + f"; auto / plain {auto_over_plain:.2f}x (median of {args.rounds} rounds), its passes per image "
+          f"{result['auto_first_batch_passes_per_image']:.1f} (first batch) and {result['auto_passes_per_image']:.1f}, "
+          f"{result['auto_identical_images']}/{args.images} identical to plain in every batch")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
     print(f"wrote {out_path}")
