@@ -42,6 +42,8 @@ acceptances per pass (accepted_by_position / passes, k = 4, 8, 16, 32) and, weak
 accepted per pass, 273 / passes - 1 = 0.790, 1.223, 1.880, 2.057.  The fit: q(0) = 0.00,
 q(1) = 0.83, q(2) = 0.91; per pass 0.80, 1.26, 1.82, 2.06 drafts accepted (`fitted_acceptance`,
 1000 images), and a window of 32 accepts nothing 70% of the time (measured: 1 - 0.310).
+These are `DIGITS`; `RANDOM` (a `Drafts` of other constants) is a random-weight folder's, whose
+drafts are rarely accepted.
 
 Paired requests (`paired=True`): every request has a companion (guidance/pairing.py) that runs
 its request's drafts at its own positions, commits nothing of its own and is no request to the
@@ -102,8 +104,27 @@ PROFILES = [
 ]
 
 
-def refined_acceptance(r: np.ndarray) -> np.ndarray:
-    return Q_MAX - (Q_MAX - Q_FRESH) * np.exp(-np.asarray(r, dtype=float) / TAU)
+@dataclass(frozen=True)
+class Drafts:
+    """A model's draft acceptance: the first draft's, a later one's after r refinements
+    (q(r) above), and a row's first code's."""
+
+    name: str
+    q_first: float = Q_FIRST
+    q_max: float = Q_MAX
+    q_fresh: float = Q_FRESH
+    tau: float = TAU
+    q_row: float = Q_ROW
+
+    def refined(self, r: np.ndarray) -> np.ndarray:
+        return self.q_max - (self.q_max - self.q_fresh) * np.exp(-np.asarray(r, dtype=float) / self.tau)
+
+
+DIGITS = Drafts("digits")
+# The tiny random-weight folders (tests/tiny_emu3.py, tests/tiny_lumina.py) as their servers'
+# controllers measured them: a window's first draft accepted about one time in eight (0.12
+# drafts from windows of 1), hardly ever a run (0.21 from windows of 23, 0.23 from 11).
+RANDOM = Drafts("random", q_first=0.12, q_max=0.1, q_fresh=0.05, q_row=0.05)
 
 
 @dataclass
@@ -135,8 +156,9 @@ class SimEngine:
     stream in two engines, or in one, decode the same images."""
 
     def __init__(self, streams, seed: int, paired: bool = False, window: int = WINDOW,
-                 image_tokens: int = IMAGE_TOKENS):
+                 image_tokens: int = IMAGE_TOKENS, drafts: Drafts = DIGITS):
         batch = len(streams)
+        self.drafts = drafts
         self.streams = list(streams)
         self.batch, self.paired, self.window, self.image_tokens = batch, paired, window, image_tokens
         self.rngs = [np.random.default_rng([seed, stream]) for stream in self.streams]
@@ -173,8 +195,8 @@ class SimEngine:
         offsets = np.arange(self.window)
         rows = np.arange(self.batch)[:, None]
         at = self.generated[:, None] + offsets[None, :]  # stream position of each draft
-        first = self.u_first[rows, at] < Q_FIRST
-        q = np.where((at % ROW == 0) & (at > 0), Q_ROW, refined_acceptance(self.refined[:, : self.window]))
+        first = self.u_first[rows, at] < self.drafts.q_first
+        q = np.where((at % ROW == 0) & (at > 0), self.drafts.q_row, self.drafts.refined(self.refined[:, : self.window]))
         later = self.u_later[rows, at] < q
         ok = np.where(offsets[None, :] == 0, first, later) & (offsets[None, :] < lengths[:, None])
         accepted = np.cumprod(ok, axis=1).sum(1)
@@ -195,12 +217,13 @@ class SimEngine:
 
 
 def run(profile: Profile, batch: int, steps: int, seed: int, controller=None, cap: int | None = None,
-        paired: bool = False, companions_counted: bool = False, first_shape_slow: float = 1.0) -> Trace:
+        paired: bool = False, companions_counted: bool = False, first_shape_slow: float = 1.0,
+        drafts: Drafts = DIGITS) -> Trace:
     """Drive `controller` (a GoodputController on a `Clock`) or a fixed `cap` for `steps`
     steps, in the runtime's order: choose the next windows, pay for the pass, report it.
     `first_shape_slow`: the first pass of each number of positions costs that many times more
     (a compile, a shape's first run)."""
-    engine = SimEngine(range(batch), seed, paired)
+    engine = SimEngine(range(batch), seed, paired, drafts=drafts)
     copies = 2 if paired else 1
     factors = jitter(seed, steps)
     trace = Trace()

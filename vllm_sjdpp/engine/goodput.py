@@ -43,7 +43,12 @@ concave non-decreasing curve through the fit's vertices allows there (the lines 
 neighbouring segments, the next vertex, and L), so that a length that might be best is tried,
 and a gap is never interpolated down (linearly, a concave curve is under-estimated: A(8) read
 0.74 between 1 and 32, where 1.22 was measured); then at most the truncated mean where that is
-measured, and at most L.  With nothing measured, A(L) = L.
+measured, and at most L * p+, p+ an upper bound on the first draft's acceptance over all steady
+windows (a window accepts a run from its first draft, so A(L) <= L * p; the one-sided
+FIRST_DRAFT_CONFIDENCE Clopper-Pearson bound, since a length counts as measured only after
+MEASURED_STARTS of its windows accepted a draft, dozens of windows where drafts are rarely
+accepted: with A(L) = L meanwhile, a tiny random Emu3 folder's server kept drafting full windows
+at 31x a plain pass).  With nothing measured, A(L) = L.
 
 For requests wanting windows w_i (and pinned requests whose windows are fixed, f_m), each run by
 c_i sequences, the cap k maximises
@@ -106,6 +111,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import isotonic_regression, nnls
+from scipy.stats import beta
 
 DECIDE_EVERY = 4  # steps between choices of the cap (a choice takes some 100 us)
 SWITCH_MARGIN = 0.05  # a new choice must promise this much more goodput than the current one
@@ -123,6 +129,7 @@ STEP_OUTLIER = 1.5
 OUTLIER_RUN = 3
 MEASURED_WINDOWS = 8.0  # steady windows of a length before its acceptance counts as measured ...
 MEASURED_STARTS = 3.0  # ... of which at least this many accepted a draft
+FIRST_DRAFT_CONFIDENCE = 0.9  # of the bound on the first draft's acceptance that caps A(L) / L
 ADVANCE_FORGET = 0.95  # per drafted step, for the mean tokens a request commits
 # Trials (`Trial`): where drafting promises less than TRIAL_DOUBT more than no drafts, the two
 # are run side by side, TRIAL_STEPS steps each, and what they commit per second decides.
@@ -270,6 +277,18 @@ class Acceptance:
         """How often a window's first draft is accepted, over all steady windows."""
         return self.first[1] / max(self.first[0], 1e-9)
 
+    def first_draft_bound(self) -> float:
+        """An upper bound on how often a window's first draft is accepted: the one-sided
+        FIRST_DRAFT_CONFIDENCE Clopper-Pearson bound over all steady windows (1 before any).
+        A window accepts a run from its first draft, so A(L) <= L * p_first(L): every steady
+        window, whatever its length, bounds every length, long before a length is measured
+        (MEASURED_STARTS windows accepting a draft take dozens of windows where drafts are
+        rarely accepted)."""
+        windows, starts = self.first
+        if starts >= windows:
+            return 1.0
+        return float(beta.ppf(FIRST_DRAFT_CONFIDENCE, starts + 1, windows - starts))
+
     def estimates(self, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The lengths measured (MEASURED_WINDOWS windows, MEASURED_STARTS of them accepting a
         draft), their mean acceptance, and their windows accepting a draft."""
@@ -289,7 +308,7 @@ class Acceptance:
             out = optimistic_concave(lengths, fit, self.max_window)
             cut, bound, _ = self.estimates(self.cut)
             out[cut] = np.minimum(out[cut], bound)
-            self._expected = out
+            self._expected = np.minimum(out, self.first_draft_bound() * np.arange(self.max_window + 1))
         return self._expected
 
 
