@@ -12,9 +12,10 @@ request's row width) and one without; passes per image are its tokens minus its 
 (vLLM's per-request speculative metrics).  The seeded images of both engines must be the same
 tokens (the position-keyed race), which the script checks; each engine's wall time for the batch
 is measured after a warm-up, with a third engine on the server's default windows ("auto": the
-goodput controller).  "auto"'s first batch pays for the controller's trials of drafted windows;
-then plain and the settled "auto" take turns for --rounds rounds (medians: a single batch of
-each, minutes apart, scattered by 30% and more on a 2-core machine).  A random model's Jacobi
+goodput controller).  "auto"'s first batch pays for what the controller is still learning after
+the warm-up (its first choices of drafted windows); then plain and the settled "auto" take turns
+for --rounds rounds (medians: a single batch of each, minutes apart, scattered by 30% and more
+on a 2-core machine).  A random model's Jacobi
 trajectories say little about trained weights: this measures the path, not the speed-up a real
 checkpoint would get.
 """
@@ -111,7 +112,7 @@ def main() -> None:
         batches[label].append(run(engines[label.removesuffix("_first_batch")], prompts, negatives, tokens, top_k))
         return time.perf_counter() - start
 
-    # "auto"'s first batch pays for the controller's trials of drafted windows; then plain and
+    # "auto"'s first batch pays for what the controller is still learning; then plain and
     # the settled "auto" take turns, the one that goes first alternating, so drift hits both alike.
     seconds = {"sjdpp": timed("sjdpp"), "auto_first_batch": timed("auto_first_batch")}
     rounds = []
@@ -123,9 +124,10 @@ def main() -> None:
     auto_over_plain = statistics.median(t["auto"] / t["plain"] for t in rounds)
     plain = batches["plain"][0]
 
-    def identical(label: str) -> int:
-        """Images whose tokens equal plain's in every batch of `label`."""
-        return sum(all(b[i][0] == plain[i][0] for b in batches[label]) for i in range(args.images))
+    def identical(*labels: str) -> int:
+        """Images whose tokens equal plain's first batch's in every batch of `labels`."""
+        runs = [b for label in labels for b in batches[label]]
+        return sum(all(b[i][0] == plain[i][0] for b in runs) for i in range(args.images))
 
     def passes(label: str) -> float:
         return statistics.mean(p for b in batches[label] for _, p in b)
@@ -139,14 +141,14 @@ def main() -> None:
         "plain_passes_per_image": passes("plain"), "sjdpp_passes_per_image": sjdpp_passes,
         "fewer_passes": tokens / sjdpp_passes, "identical_images": identical("sjdpp"),
         # Wall time of the whole batch (max_num_seqs 4 in flight), each engine after a warm-up:
-        # "sjdpp" (full windows) and "auto_first_batch" (with the controller's trials) once,
+        # "sjdpp" (full windows) and "auto_first_batch" (the controller still learning) once,
         # "plain" and the settled "auto" medians over the rounds; "auto_over_plain_median": the
         # median of the rounds' ratios, what "speedup" gives for "auto".
         "seconds": seconds,
         "speedup": {**{k: seconds["plain"] / v for k, v in seconds.items()}, "auto": 1 / auto_over_plain},
         "rounds": rounds, "auto_over_plain_median": auto_over_plain,
         "auto_first_batch_passes_per_image": passes("auto_first_batch"), "auto_passes_per_image": passes("auto"),
-        "auto_identical_images": min(identical("auto_first_batch"), identical("auto")),
+        "auto_identical_images": identical("auto_first_batch", "auto"), "plain_repeated_images": identical("plain"),
         "provenance": started,
     }
     print(f"{args.family}: {args.images} images of {args.size}x{args.size} px ({tokens} tokens): plain "

@@ -123,8 +123,10 @@ class Drafts:
 DIGITS = Drafts("digits")
 # The tiny random-weight folders (tests/tiny_emu3.py, tests/tiny_lumina.py) as their servers'
 # controllers measured them: a window's first draft accepted about one time in eight (0.12
-# drafts from windows of 1), hardly ever a run (0.21 from windows of 23, 0.23 from 11).
-RANDOM = Drafts("random", q_first=0.12, q_max=0.1, q_fresh=0.05, q_row=0.05)
+# drafts from windows of 1), and about 0.2 drafts from longer windows (0.23 from 11, 0.21 from
+# 23): once the first is accepted, runs of 1.7-1.9 drafts.  q_max = 0.45 gives A(11) and A(23)
+# about 0.20 here.
+RANDOM = Drafts("random", q_first=0.12, q_max=0.45, q_fresh=0.05, q_row=0.05)
 
 
 @dataclass

@@ -124,7 +124,8 @@ def test_a_slow_start_is_re_timed():
 
 
 # A tiny random-weight folder served on this CPU in float32: the tiny Emu3 server's controller
-# timed a drafted pass of 132 positions at 31x a pass of 4 without drafts (0.34 against 0.011 s).
+# timed a drafted pass of 132 positions at 31x a pass of 4 without drafts (0.34 against 0.011 s);
+# a ratio of 26 at 33 positions gives t(132) / t(4) = 30.9 in the sim's linear cost.
 TINY_RANDOM = Profile("tiny-emu3-fp32", 26.0)
 RANDOM_SEEDS, RANDOM_FLOOR = 8, 0.6
 
@@ -141,16 +142,16 @@ def first_image_goodput(batch: int) -> float:
     return float(np.mean(ratios))
 
 
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, 2, 4])
 def test_rarely_accepted_drafts_are_given_up_within_the_first_image(batch, monkeypatch):
     """Drafts a random model rarely accepts, on a machine where a drafted pass is dear: no
     drafts is best, and the controller's start-up probes and first choices must not cost more
-    than 1 - RANDOM_FLOOR of the first image's goodput (measured: 0.74 of no drafts' at 1 and 4
-    requests; what is left is the start-up probe of full windows, timed twice).  Every steady
+    than 1 - RANDOM_FLOOR of the first image's goodput (measured: 0.74-0.75 of no drafts' at 1,
+    2 and 4 requests; what is left is the start-up probe of full windows, timed twice).  Every steady
     window bounds A(L) by L times its first draft's acceptance (`Acceptance.first_draft_bound`).
     Broken variant, the bound lifted: A(L) = L until a length has MEASURED_STARTS windows
     accepting a draft, which takes dozens of windows here, so the controller keeps drafting
-    long windows (0.13 and 0.45 of no drafts' goodput)."""
+    long windows (0.13, 0.24 and 0.45 of no drafts' goodput)."""
     assert first_image_goodput(batch) >= RANDOM_FLOOR
     monkeypatch.setattr(Acceptance, "first_draft_bound", lambda self: 1.0)
     assert first_image_goodput(batch) < RANDOM_FLOOR
