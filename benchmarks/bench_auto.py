@@ -2,7 +2,7 @@
 against full windows, on the digit model or its heavy twin, at each concurrency.
 
     python benchmarks/bench_auto.py [--model DIR] [--dtype bfloat16] [--concurrency 1,8,32,64]
-                                    [--rounds 3] [--out benchmarks/results/auto_digits]
+                                    [--rounds 3] [--sustained WAVES] [--out benchmarks/results/auto_digits]
 
 Two in-process engines: plain, and SJD++ with its defaults (k = 32, "auto").  The requests are
 unseeded, as the controller adapts only those (a seed pins its request's windows).  First one
@@ -15,6 +15,11 @@ is paired.  Reported per concurrency: median throughput ratios in generated toke
 (an unseeded image that draws its end token early is shorter: in images per second a round of
 short plain images made plain look up to 7% faster), plain's rate in 273-token images per second, the
 mean window the controller chose, and passes per image.  Writes <out>.json, <out>.md, <out>.png.
+
+A round's C images start together and the round ends with its last: SJD++'s images finish
+apart, so its round ends in a tail at low load (at 8 digit images, 24-45% of a round's time),
+while plain's images, all 273 tokens, end together.  `--sustained WAVES` measures a server under
+steady load instead: WAVES x C images a round, C in flight, a new one added as one ends.
 """
 
 from __future__ import annotations
@@ -60,12 +65,40 @@ class WindowLog:
         return mean
 
 
-def timed(llm, concurrency: int) -> tuple[float, float, int]:
+def timed(llm, concurrency: int, waves: int = 0) -> tuple[float, float, int]:
     """Wall seconds for `concurrency` unseeded images at once, forward passes per image, and the
-    tokens generated (an image that draws its end token early is shorter)."""
-    tokens, wall, accepted, _ = bench_e2e.generate(llm, None, [i % 10 for i in range(concurrency)], seed=None)
-    total = sum(map(len, tokens))
-    return wall, (total - accepted) / concurrency, total
+    tokens generated (an image that draws its end token early is shorter).  With `waves`,
+    sustained load instead: waves * concurrency images, `concurrency` in flight, a new image
+    added as soon as one ends (a batch of images that all start together ends in a tail at low
+    load where SJD++'s images finish apart, and plain's, all 273 tokens long, do not)."""
+    if not waves:
+        tokens, wall, accepted, _ = bench_e2e.generate(llm, None, [i % 10 for i in range(concurrency)], seed=None)
+        total = sum(map(len, tokens))
+        return wall, (total - accepted) / concurrency, total
+    from vllm.sampling_params import RequestOutputKind
+
+    engine, images = llm.llm_engine, waves * concurrency
+    params = llm.get_default_sampling_params().clone()
+    params.max_tokens, params.seed, params.output_kind = GENERATED_LENGTH, None, RequestOutputKind.FINAL_ONLY
+    accepted, _ = bench_e2e.counters(llm)
+    added = total = 0
+    start = time.perf_counter()
+
+    def add() -> None:
+        nonlocal added
+        engine.add_request(f"sustained-{added}", {"prompt_token_ids": bench_e2e.prompt_ids(added % 10)}, params.clone())
+        added += 1
+
+    for _ in range(concurrency):
+        add()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                total += len(out.outputs[0].token_ids)
+                if added < images:
+                    add()
+    wall = time.perf_counter() - start
+    return wall, (total - (bench_e2e.counters(llm)[0] - accepted)) / images, total
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sustained", type=int, default=0, metavar="WAVES",
+                    help="sustained load: WAVES x C images a round, C in flight, a new one as one ends "
+                         "(default 0: C images at once)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/auto_digits"))
     args = ap.parse_args(argv)
     started = provenance()
@@ -91,9 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     controller = runtime.goodput
     log = WindowLog(controller)
     for c in tqdm(concurrencies, desc="warm-up"):
-        timed(sjdpp, c)
+        timed(sjdpp, c, args.sustained)
     result = {"model": str(args.model), "dtype": args.dtype, "window": WINDOW, "rounds": args.rounds,
-              "concurrency": {}, "provenance": started}
+              "sustained_waves": args.sustained, "concurrency": {}, "provenance": started}
     for c in tqdm(concurrencies, desc="paired rounds"):
         log.take()
         rows: dict[str, list] = {"plain": [], "auto": [], "full": [], "none": []}  # tokens / s
@@ -103,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in rows:
                 budget = {"full": None, "none": 0}.get(name, AUTO)
                 with bench_e2e.draft_token_budget(sjdpp, budget):
-                    wall, p, tokens = timed(plain if name == "plain" else sjdpp, c)
+                    wall, p, tokens = timed(plain if name == "plain" else sjdpp, c, args.sustained)
                 rows[name].append(tokens / wall)
                 passes[name].append(p)
                 if name == "auto":
@@ -127,7 +163,9 @@ def markdown(result: dict) -> str:
     lines = [
         f"{result['model']} ({result['dtype']}), k = {result['window']}, median of {result['rounds']} paired rounds "
         "(x 8 / C below 8), "
-        f"{result['minutes']:.1f} min; controller: {result['controller']}",
+        + (f"sustained load ({result['sustained_waves']} x C images a round, C in flight), "
+           if result.get("sustained_waves") else "C images at once, ")
+        + f"{result['minutes']:.1f} min; controller: {result['controller']}",
         "",
         "| concurrent images | plain images/s (273 tokens) | auto x plain | full windows x plain | no drafts x plain "
         "| mean window (auto) | passes/image plain / auto / full |",
