@@ -48,7 +48,8 @@ class StallGuard:
         waiting_by_choice = scheduler.get_num_unfinished_requests() == 0
         self.idle = 0 if self.progress(scheduler.requests) or waiting_by_choice else self.idle + 1
         if self.idle >= self.limit:
-            stuck = {rid: (r.status.name, r.num_computed_tokens, r.num_output_tokens) for rid, r in scheduler.requests.items()}
+            stuck = {rid: (r.status.name, r.num_computed_tokens, r.num_output_tokens)
+                     for rid, r in scheduler.requests.items()}
             self.idle = 0
             # By the ids the test gave (a parallel-sampling parent takes its children along),
             # then whatever the scheduler still holds.
