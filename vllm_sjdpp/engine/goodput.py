@@ -82,7 +82,7 @@ accepts less.  (At 10 digit images on 2 CPU cores, float32, the model promised d
 than no drafts, measured over whole rounds it gave 25% less; in trials, steady stretches of
 drafting gave 10-16% more: most of the loss is the rounds' ends, where images finish apart.)  So
 where the choice promises less than TRIAL_DOUBT more than no drafts, a `Trial`
-runs both, one after the other on the same requests, and what each commits per second decides,
+runs both, one after the other at the same batch size, and what each commits per second decides,
 for TRIAL_EVERY steps (doubled each time a trial agrees with the last): drafting where it
 committed more at TRIAL_CONFIDENCE (Welch's one-sided test on the steps' rates), a shorter cap
 where it committed less, and no drafts where the trial cannot tell.
@@ -359,12 +359,15 @@ def optimistic_concave(lengths: np.ndarray, values: np.ndarray, max_window: int)
 
 
 class Trial:
-    """The chosen cap and no drafts run one after the other on the same requests, TRIAL_STEPS
-    counted steps each, and compared in what they commit per second (why: the module docstring,
-    "Trials")."""
+    """The chosen cap and no drafts run one after the other, TRIAL_STEPS counted steps each, and
+    compared in what they commit per second (why: the module docstring, "Trials").  Counted are
+    timed steps of `batch` requests: on a server under steady load a request ends and the next
+    arrives every few dozen steps, so a trial that needed the same requests throughout was
+    mostly cut short.  It is cut where the batch leaves its half octave, or by step `deadline`."""
 
-    def __init__(self, cap: int, requests: frozenset, warmup: int):
-        self.cap, self.requests = cap, requests
+    def __init__(self, cap: int, batch: int, warmup: int, started: int):
+        self.cap, self.batch = cap, batch
+        self.deadline = started + warmup + 4 * TRIAL_STEPS
         self.phase = 0  # 0: the cap, 1: no drafts
         self.skip = warmup  # timed steps of the drafted phase still to drop (windows not yet steady)
         self.counted = 0
@@ -474,11 +477,11 @@ class GoodputController:
         if timed:
             self.cost.observe(len(requests), positions, full_step, now - self._last_end, self.steps)
         trial = self._trial
-        if trial is not None and requests != trial.requests:  # the batch changed: no comparison
-            self._trial = None
+        if trial is not None and (batch_bucket(len(requests)) != batch_bucket(trial.batch) or self.steps > trial.deadline):
+            self._trial = None  # no comparison
             self._next_trial = self.steps + TRIAL_STEPS  # a batch that keeps changing is not tried each step
-        elif trial is not None and timed and trial.observe(any(lengths), len(requests) + int(sum(accepted)),
-                                                           now - self._last_end):
+        elif trial is not None and timed and len(requests) == trial.batch and trial.observe(
+                any(lengths), len(requests) + int(sum(accepted)), now - self._last_end):
             self._trial = None
             self._verdict(batch_bucket(len(requests)), trial)
         self._last_end, self._last_requests, self._last_full_step = now, requests, full_step
@@ -546,11 +549,12 @@ class GoodputController:
         or a limit stands: at twice the limit (the model's choice at most), 1 from a limit of 0."""
         if self._trial is not None:
             return self._trial.cap_now()
-        if not self.best or pinned.any() or batch < TRIAL_MIN_BATCH or self.steps < self._next_trial:
+        if not self.best or pinned.any() or batch < TRIAL_MIN_BATCH:
             return self.best
         verdict = self._verdicts.get(bucket)
         limited = verdict is not None and verdict.limit is not None
-        if verdict is not None and self.steps < verdict.until:
+        # After a trial was cut short, the last verdict's limit stands until the next one.
+        if self.steps < self._next_trial or (verdict is not None and self.steps < verdict.until):
             return min(self.best, verdict.limit) if limited else self.best
         if not limited and not self._doubt.get(bucket):
             return self.best
@@ -564,7 +568,7 @@ class GoodputController:
         # docstring) hold drafts refined less than a steady window's: not counted.
         warmup = int(math.ceil(cap / max(self._advance, 1.0))) + 1
         steady = self._last_full_step and cap == self._handed[0] and self.steps - self._handed[1] >= warmup
-        self._trial = Trial(cap, self._last_requests, 0 if steady else warmup)
+        self._trial = Trial(cap, batch, 0 if steady else warmup, self.steps)
         return cap
 
     def _verdict(self, bucket: int, trial: Trial) -> None:
