@@ -70,7 +70,9 @@ set instead of chosen, the longest untimed first, if its probe loses
 PROBE_BUDGET of the time since it was last timed, and in any case once MAX_REMEASURE_EVERY steps
 have passed; never while the choice's own acceptance is still being measured (a probe restarts
 the runs).  No drafts, the floor, is re-timed every REMEASURE_EVERY steps whatever its probe is
-predicted to lose.  So a cheap length is re-timed every REMEASURE_EVERY steps, a dear one as often as its
+predicted to lose.  These steps, and a trial verdict's hold below, count the steps run at the
+batch size's half octave: one a server passes through at a batch's start and end would else
+find its dear probes due again at every visit.  So a cheap length is re-timed every REMEASURE_EVERY steps, a dear one as often as its
 share allows but at least every MAX_REMEASURE_EVERY steps (a pass 30x the choice's then loses
 0.7% of the time), and a slow start is not remembered: a time 1.5x faster restarts a bucket.
 
@@ -240,7 +242,8 @@ class PassCost:
         return seconds
 
     def last_timed(self, batch: int, n: float, full_step: bool) -> int | None:
-        """The step count when a pass like this was last timed (None: never)."""
+        """The `when` a pass like this was last timed with (the controller: its steps at this batch
+        size; None: never)."""
         curve = self.curve(batch, full_step)
         return None if curve is None else curve.stamps.get(curve.key(n))
 
@@ -437,6 +440,10 @@ class GoodputController:
         self.acceptance = Acceptance(max_window)
         self.clock = clock
         self.steps = 0
+        # Steps run per half octave of the batch size: re-timing and trials' verdicts are paced
+        # by these (a batch size a server passes through now and then, at a batch's start and end,
+        # would else find every probe due and every verdict expired at each visit).
+        self._visits: dict[int, int] = {}
         self.best = max_window  # the cap chosen
         self._next_choice, self._chosen_for = 0, -1
         self._last_end: float | None = None
@@ -475,7 +482,8 @@ class GoodputController:
         steady = full_step == self._last_full_step and requests == self._last_requests
         timed = steady and self._last_end is not None and now - self._last_end < MAX_STEP_GAP_S
         if timed:
-            self.cost.observe(len(requests), positions, full_step, now - self._last_end, self.steps)
+            self.cost.observe(len(requests), positions, full_step, now - self._last_end,
+                              self._visits.get(batch_bucket(len(requests)), 0))
         trial = self._trial
         if trial is not None and (batch_bucket(len(requests)) != batch_bucket(trial.batch) or self.steps > trial.deadline):
             self._trial = None  # no comparison
@@ -509,6 +517,8 @@ class GoodputController:
         the pinned requests' fixed lengths; `copies` (`pinned_copies`): the sequences that run
         each one's window (default 1; 2 for a request with a guidance companion)."""
         self.steps += 1
+        bucket = batch_bucket(len(wanted) + len(pinned))
+        self._visits[bucket] = self._visits.get(bucket, 0) + 1
         if not any(wanted):
             return list(wanted)
         cap = self._cap(np.asarray(wanted), np.asarray(pinned, dtype=int), copies, pinned_copies)
@@ -554,7 +564,7 @@ class GoodputController:
         verdict = self._verdicts.get(bucket)
         limited = verdict is not None and verdict.limit is not None
         # After a trial was cut short, the last verdict's limit stands until the next one.
-        if self.steps < self._next_trial or (verdict is not None and self.steps < verdict.until):
+        if self.steps < self._next_trial or (verdict is not None and self._visits[bucket] < verdict.until):
             return min(self.best, verdict.limit) if limited else self.best
         if not limited and not self._doubt.get(bucket):
             return self.best
@@ -577,7 +587,7 @@ class GoodputController:
         outcome = trial.outcome()
         won = outcome > 0
         if outcome < 0 and trial.cap > 1:  # halve it and try again at once
-            verdict.limit, verdict.until, verdict.lost = trial.cap // 2, self.steps, True
+            verdict.limit, verdict.until, verdict.lost = trial.cap // 2, self._visits[bucket], True
         else:
             # Where the trial cannot tell, no drafts: it gains nothing the trial could see, and it
             # costs what the trial does not see (windows restarted, images finishing apart); a
@@ -587,7 +597,7 @@ class GoodputController:
             limit = 0 if not won else trial.cap if verdict.lost else None
             verdict.hold = min(2 * verdict.hold, MAX_TRIAL_EVERY) if verdict.held == limit and verdict.hold else TRIAL_EVERY
             verdict.limit = verdict.held = limit
-            verdict.until, verdict.lost = self.steps + verdict.hold, False
+            verdict.until, verdict.lost = self._visits[bucket] + verdict.hold, False
         self._verdicts[bucket] = verdict
 
     def _measured(self, batch: int, pinned: np.ndarray) -> bool:
@@ -633,10 +643,11 @@ class GoodputController:
         caps = [c for c in {0, best - 1, best + 1} | {1 << i for i in range(top.bit_length())}
                 if 0 <= c <= top and c != best and not (c == 0 and pinned.any())]
         step_seconds = (self.clock() - self._start) / max(self.steps - self._start_step, 1)
+        visits = self._visits[batch_bucket(batch)]
         due = []
         for cap in caps:
             timed = self.cost.last_timed(batch, positions[cap], bool(cap or pinned.any()))
-            age = self.steps - max(self._start_step if timed is None else timed, self._start_step)
+            age = visits - (0 if timed is None else timed)  # in steps at this batch size
             loss = (ZERO_RUN if cap == 0 else 1) * max(0.0, seconds[cap] * (1.0 - goodput[cap] / goodput[best]))
             # Each cap's probes may lose PROBE_BUDGET / (the caps) of the time since it was timed.
             affordable = PROBE_BUDGET / len(caps) * age * step_seconds >= loss
