@@ -440,9 +440,10 @@ class GoodputController:
         self.acceptance = Acceptance(max_window)
         self.clock = clock
         self.steps = 0
-        # Steps run per half octave of the batch size: re-timing and trials' verdicts are paced
-        # by these (a batch size a server passes through now and then, at a batch's start and end,
-        # would else find every probe due and every verdict expired at each visit).
+        # Steps run per half octave of the batch size after its start-up probes: re-timing and
+        # trials' verdicts are paced by these (a batch size a server passes through now and then,
+        # at a batch's start and end, would else find every probe due and every verdict expired
+        # at each visit).
         self._visits: dict[int, int] = {}
         self.best = max_window  # the cap chosen
         self._next_choice, self._chosen_for = 0, -1
@@ -517,8 +518,6 @@ class GoodputController:
         the pinned requests' fixed lengths; `copies` (`pinned_copies`): the sequences that run
         each one's window (default 1; 2 for a request with a guidance companion)."""
         self.steps += 1
-        bucket = batch_bucket(len(wanted) + len(pinned))
-        self._visits[bucket] = self._visits.get(bucket, 0) + 1
         if not any(wanted):
             return list(wanted)
         cap = self._cap(np.asarray(wanted), np.asarray(pinned, dtype=int), copies, pinned_copies)
@@ -532,6 +531,9 @@ class GoodputController:
         pc = np.ones(len(p)) if pinned_copies is None else np.asarray(pinned_copies, dtype=float)
         batch = len(w) + len(p)
         cap = self._startup(batch, w, p, c, pc)
+        if cap is None:
+            bucket = batch_bucket(batch)
+            self._visits[bucket] = self._visits.get(bucket, 0) + 1
         if cap is None and not self._measured(batch, p):
             # The start-up probes gave up before timing a pass (requests kept arriving or
             # leaving): nothing to choose from yet, so the choice stands.
