@@ -559,3 +559,27 @@ def test_a_batch_size_passed_through_now_and_then_is_re_timed_by_its_own_steps()
         controller.observe_step(batch + sum(lengths), ids, drafted, lengths, [0] * batch)
         lengths = next_lengths
     assert drafted_at_5 <= 20, drafted_at_5
+
+
+@pytest.mark.parametrize("gain_x", [0.85, 1.15])
+def test_a_batch_size_s_first_trial_starts_at_one_draft_and_climbs(monkeypatch, gain_x):
+    """Where the model is in doubt, trials start at one draft and double while drafting wins:
+    where every cap commits 0.85x no drafts' tokens per second (the model made 1.2x too kind),
+    every trial is at one draft (the model's choice, whose drafted phase costs most, is never
+    tried); where every cap commits 1.15x, the trials climb 1, 2, 4, ... and over steps
+    300-2000 at least 90% of the steps draft."""
+    caps = []
+    verdict = GoodputController._verdict
+
+    def recorded(self, bucket, trial):
+        caps.append(trial.cap)
+        verdict(self, bucket, trial)
+
+    monkeypatch.setattr(GoodputController, "_verdict", recorded)
+    gain = np.concatenate([[0.0], np.cumsum(0.55 ** np.arange(1, 9))])
+    windowless, _ = trials_run(lambda cap: 0.010 * (1 + gain[cap]) / gain_x, kindness=1.2 if gain_x < 1 else 1.0,
+                               steps=2000)
+    if gain_x < 1:
+        assert caps and set(caps) == {1}, caps
+    else:
+        assert caps[:3] == [1, 2, 4] and windowless <= 0.1, (caps, windowless)

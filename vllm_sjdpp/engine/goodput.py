@@ -139,7 +139,7 @@ ADVANCE_FORGET = 0.95  # per drafted step, for the mean tokens a request commits
 # Trials (`Trial`): where drafting promises less than TRIAL_DOUBT more than no drafts, the two
 # are run side by side, TRIAL_STEPS steps each, and what they commit per second decides.
 TRIAL_DOUBT = 0.3
-TRIAL_CONFIDENCE = 0.8  # of Welch's one-sided test a trial's verdict either way needs
+TRIAL_CONFIDENCE = 0.9  # of Welch's one-sided test a trial's verdict either way needs
 TRIAL_MIN_BATCH = 4  # below, 12 steps' acceptance is too noisy to compare (a window accepts
 # nothing two times in three, or a run of up to 16)
 TRIAL_STEPS = 12
@@ -368,8 +368,11 @@ class Trial:
     arrives every few dozen steps, so a trial that needed the same requests throughout was
     mostly cut short.  It is cut where the batch leaves its half octave, or by step `deadline`."""
 
-    def __init__(self, cap: int, batch: int, warmup: int, started: int):
+    def __init__(self, cap: int, batch: int, warmup: int, started: int, fallback: int | None = None,
+                 recheck: int | None = None):
         self.cap, self.batch = cap, batch
+        self.fallback = fallback  # climbing: the cap that just won, the limit if this one does not win
+        self.recheck = recheck  # looking up from a limit held a while: tried again if this does not win
         self.deadline = started + warmup + 4 * TRIAL_STEPS
         self.phase = 0  # 0: the cap, 1: no drafts
         self.skip = warmup  # timed steps of the drafted phase still to drop (windows not yet steady)
@@ -422,13 +425,17 @@ class Verdict:
     outright), the step until which it holds, and for how long (`hold`: TRIAL_EVERY, doubled
     each time trials end at the same limit, `held`).  A cap that loses is halved and tried again
     at once; when a limit expires, twice it is tried (1 after 0), so the limit follows the
-    machine both ways."""
+    machine both ways.  A batch size's first trial starts at one draft and climbs: a cap that
+    wins below the model's choice is doubled and tried at once, and the last that won is the
+    limit (where the model is in doubt, its choice's own drafted phase, at a large batch several
+    times a plain pass, is the dearest thing to try first)."""
 
     limit: int | None = None  # None: no limit (drafting won outright)
     until: int = -1
     hold: int = 0
     held: int | None = -1  # the limit the last hold was set for (-1: none yet)
     lost: bool = False  # a longer cap lost in the trials since the last hold (then its half is tried next)
+    fresh: bool = False  # the limit is a cap that has just won, climbing (then twice it is tried next)
 
 
 class GoodputController:
@@ -565,22 +572,29 @@ class GoodputController:
             return self.best
         verdict = self._verdicts.get(bucket)
         limited = verdict is not None and verdict.limit is not None
+        recheck = None
         # After a trial was cut short, the last verdict's limit stands until the next one.
         if self.steps < self._next_trial or (verdict is not None and self._visits[bucket] < verdict.until):
             return min(self.best, verdict.limit) if limited else self.best
         if not limited and not self._doubt.get(bucket):
             return self.best
-        if not limited:
-            cap = self.best
-        elif not verdict.lost:  # a limit expired: look up
+        if verdict is None:  # the first trial: one draft, climbing
+            cap, fallback = 1, 0
+        elif not limited:  # the model's choice won outright before
+            cap, fallback = self.best, None
+        elif not verdict.lost:  # a cap won while climbing, or a limit expired: look up
             cap = min(self.best, max(2 * verdict.limit, 1))
+            if verdict.fresh or not verdict.limit:
+                fallback = verdict.limit
+            else:  # a limit held a while is tried again if twice it does not win
+                fallback, recheck = None, verdict.limit
         else:  # halved after a loss
-            cap = min(self.best, verdict.limit)
+            cap, fallback = min(self.best, verdict.limit), None
         # Windows that have not run at this cap for as long as the steady rule asks (the module
         # docstring) hold drafts refined less than a steady window's: not counted.
         warmup = int(math.ceil(cap / max(self._advance, 1.0))) + 1
         steady = self._last_full_step and cap == self._handed[0] and self.steps - self._handed[1] >= warmup
-        self._trial = Trial(cap, batch, 0 if steady else warmup, self.steps)
+        self._trial = Trial(cap, batch, 0 if steady else warmup, self.steps, fallback, recheck)
         return cap
 
     def _verdict(self, bucket: int, trial: Trial) -> None:
@@ -588,15 +602,25 @@ class GoodputController:
         verdict = self._verdicts.get(bucket) or Verdict()
         outcome = trial.outcome()
         won = outcome > 0
-        if outcome < 0 and trial.cap > 1:  # halve it and try again at once
+        climbing = trial.fallback is not None
+        verdict.fresh = False
+        if won and (climbing or trial.recheck is not None) and trial.cap < self.best:  # twice as many at once
+            verdict.limit, verdict.until, verdict.lost, verdict.fresh = trial.cap, self._visits[bucket], False, True
+        elif not won and trial.recheck is not None:  # the limit itself again, at once
+            verdict.limit, verdict.until, verdict.lost = trial.recheck, self._visits[bucket], True
+        elif outcome < 0 and trial.cap > 1 and not climbing:  # halve it and try again at once
             verdict.limit, verdict.until, verdict.lost = trial.cap // 2, self._visits[bucket], True
         else:
-            # Where the trial cannot tell, no drafts: it gains nothing the trial could see, and it
-            # costs what the trial does not see (windows restarted, images finishing apart); a
-            # shorter cap, nearer break-even still, would not tell either.
-            # A cap that won after a longer one lost is the limit; one that won outright leaves the
-            # model free (the trial says nothing against longer windows).
-            limit = 0 if not won else trial.cap if verdict.lost else None
+            # Where the trial cannot tell, no drafts (climbing: the last cap that won): it gains
+            # nothing the trial could see, and it costs what the trial does not see (windows
+            # restarted, images finishing apart); a shorter cap, nearer break-even still, would
+            # not tell either.  A cap that won after a longer one lost is the limit; one that won
+            # at the model's choice leaves the model free (the trial says nothing against longer
+            # windows).
+            if won:
+                limit = trial.cap if verdict.lost else None
+            else:
+                limit = trial.fallback if climbing else 0
             verdict.hold = min(2 * verdict.hold, MAX_TRIAL_EVERY) if verdict.held == limit and verdict.hold else TRIAL_EVERY
             verdict.limit = verdict.held = limit
             verdict.until, verdict.lost = self._visits[bucket] + verdict.hold, False
