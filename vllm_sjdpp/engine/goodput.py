@@ -87,7 +87,8 @@ where the choice promises less than TRIAL_DOUBT more than no drafts, a `Trial`
 runs both, one after the other at the same batch size, and what each commits per second decides,
 for TRIAL_EVERY steps (doubled each time a trial agrees with the last): drafting where it
 committed more at TRIAL_CONFIDENCE (Welch's one-sided test on the steps' rates), a shorter cap
-where it committed less, and no drafts where the trial cannot tell.
+where it committed less, and no drafts where the trial cannot tell.  A batch size's first trial is
+at one draft and climbs (`Verdict`).
 
 Why the output stays exact. Verification commits each token with the distribution p given
 everything fixed before the step's noise is drawn: the committed prefix, the drafts, their
