@@ -514,7 +514,7 @@ def test_a_batch_size_met_later_is_probed_at_the_choice():
     """Once a choice is made, a batch size met for the first time has its longer drafted pass
     probed at that choice (at least 2), not at full windows: its cost extrapolates to longer
     windows, and a full pass of a large batch costs many plain ones (here 8 requests of 17
-    positions, 9x a pass without drafts).  Broken: the full windows probed as at the start."""
+    positions, 8x a pass without drafts).  Broken: the full windows probed as at the start."""
     clock, rng = Clock(), np.random.default_rng(0)
     controller = GoodputController(16, clock=clock)
     cost_of = lambda n: 0.020 + 0.002 * n  # noqa: E731
@@ -531,9 +531,9 @@ def test_a_trial_concludes_while_requests_come_and_go():
     next arrives two steps later) where drafting loses (0.85 of no drafts' goodput) and the model
     misjudges it: trials count the steps of their batch size whichever requests run them, so they
     conclude: over steps 300-3000 (3 seeds) at least 85% of the steps have no drafts (measured
-    0.93) and the goodput is within 7% of no drafts' (0.96).  (A trial that needed the same
-    requests throughout was cut at every arrival, and the model's choice drafted in between: no
-    step without drafts, 0.86 of the goodput.)"""
+    0.93) and the goodput is within 7% of no drafts' (0.96).  (At 241938f a trial needed the same
+    requests throughout and was cut at every arrival, and the model's choice drafted in between:
+    no step without drafts, 0.86 of the goodput.)"""
     runs = [trials_run(drafted_cost=0.0200, steps=3000, seed=seed, churn=20) for seed in range(3)]
     fraction, goodput = np.mean(runs, axis=0)
     assert fraction >= 0.85 and goodput >= 0.93 * 1000, runs
@@ -541,7 +541,7 @@ def test_a_trial_concludes_while_requests_come_and_go():
 
 def test_a_batch_size_passed_through_now_and_then_is_re_timed_by_its_own_steps():
     """A server at 10 requests passes through 5 for 6 steps every 400 (a batch's start or end).
-    Drafts never pay (a drafted pass costs 9x to 65x one without).  Re-timing and trials are
+    Drafts never pay (a drafted pass costs 13.5x to 97.5x one without).  Re-timing and trials are
     paced by the steps run at each batch size, so over 40,000 steps (600 at 5 requests) the
     controller drafts at 5 requests in its start-up probes and little else: at most 20 steps
     (measured 6).  (Paced by all steps, the dear caps were due again at every visit: 46.)"""
@@ -583,3 +583,19 @@ def test_a_batch_size_s_first_trial_starts_at_one_draft_and_climbs(monkeypatch, 
         assert caps and set(caps) == {1}, caps
     else:
         assert caps[:3] == [1, 2, 4] and windowless <= 0.1, (caps, windowless)
+
+
+@pytest.mark.parametrize("drafted, plain, outcome", [
+    ([2.0] * 12, [1.0] * 12, 1),  # no scatter: the means decide
+    ([1.0] * 12, [1.0] * 12, 0),
+    ([1.1, 0.9] * 6, [1.0] * 12, 0),  # equal means
+    ([1.9, 2.1] * 6, [1.0, 1.02] * 6, 1),
+    ([0.5, 0.7] * 6, [1.0, 1.02] * 6, -1),
+    ([0.1, 2.3] * 6, [1.0, 1.02] * 6, 0),  # 20% more on average, scattering from 0.1 to 2.3: cannot tell
+])
+def test_a_trial_s_outcome(drafted, plain, outcome):
+    from vllm_sjdpp.engine.goodput import Trial
+
+    trial = Trial(4, 10, 0, 0)
+    trial.rates = [drafted, plain]
+    assert trial.outcome() == outcome

@@ -72,9 +72,10 @@ have passed; never while the choice's own acceptance is still being measured (a 
 the runs).  No drafts, the floor, is re-timed every REMEASURE_EVERY steps whatever its probe is
 predicted to lose.  These steps, and a trial verdict's hold below, count the steps run at the
 batch size's half octave: one a server passes through at a batch's start and end would else
-find its dear probes due again at every visit.  So a cheap length is re-timed every REMEASURE_EVERY steps, a dear one as often as its
-share allows but at least every MAX_REMEASURE_EVERY steps (a pass 30x the choice's then loses
-0.7% of the time), and a slow start is not remembered: a time 1.5x faster restarts a bucket.
+find its dear probes due again at every visit.  So a cheap length is re-timed every
+REMEASURE_EVERY steps, a dear one as often as its share allows but at least every
+MAX_REMEASURE_EVERY steps (a pass 30x the choice's then loses 0.7% of the time), and a slow
+start is not remembered: a time 1.5x faster restarts a bucket.
 
 Trials.  The model's estimates can be wrong where no estimate shows it: a pass's cost drifts
 through an image (at 10 digit images on 2 CPU cores a pass without drafts costs 2.5 ms at the
@@ -87,8 +88,9 @@ where the choice promises less than TRIAL_DOUBT more than no drafts, a `Trial`
 runs both, one after the other at the same batch size, and what each commits per second decides,
 for TRIAL_EVERY steps (doubled each time a trial agrees with the last): drafting where it
 committed more at TRIAL_CONFIDENCE (Welch's one-sided test on the steps' rates), a shorter cap
-where it committed less, and no drafts where the trial cannot tell.  A batch size's first trial is
-at one draft and climbs (`Verdict`).
+where it committed less, and no drafts where the trial cannot tell; a batch size's first trial is
+at one draft and climbs while drafting wins, and then the last cap that won stands where the next
+does not (`Verdict`).
 
 Why the output stays exact. Verification commits each token with the distribution p given
 everything fixed before the step's noise is drawn: the committed prefix, the drafts, their
@@ -144,7 +146,7 @@ TRIAL_CONFIDENCE = 0.9  # of Welch's one-sided test a trial's verdict either way
 TRIAL_MIN_BATCH = 4  # below, 12 steps' acceptance is too noisy to compare (a window accepts
 # nothing two times in three, or a run of up to 16)
 TRIAL_STEPS = 12
-TRIAL_EVERY = 256  # steps a trial's verdict holds, doubled each time the next trial confirms it ...
+TRIAL_EVERY = 256  # steps (at its batch size) a verdict holds, doubled each time the next trial confirms it ...
 MAX_TRIAL_EVERY = 4096  # ... up to this
 
 
@@ -421,15 +423,18 @@ class Trial:
 
 @dataclass
 class Verdict:
-    """What the trials of a batch size left: the longest cap that did not lose to no drafts
-    where a longer one did (`limit`; 0: even one draft lost; None: the model's choice won
-    outright), the step until which it holds, and for how long (`hold`: TRIAL_EVERY, doubled
-    each time trials end at the same limit, `held`).  A cap that loses is halved and tried again
-    at once; when a limit expires, twice it is tried (1 after 0), so the limit follows the
-    machine both ways.  A batch size's first trial starts at one draft and climbs: a cap that
-    wins below the model's choice is doubled and tried at once, and the last that won is the
-    limit (where the model is in doubt, its choice's own drafted phase, at a large batch several
-    times a plain pass, is the dearest thing to try first)."""
+    """What the trials of a batch size left: the cap drafting is held to (`limit`: the last cap
+    that won where a longer one did not; 0: even one draft did not win, or a trial could not
+    tell; None: the model's choice won outright), the step (counted at this batch size) until
+    which it holds, and for how long (`hold`: TRIAL_EVERY, doubled each time trials end at the
+    same limit, `held`).  A cap that loses is halved and tried again at once.  A batch size's
+    first trial starts at one draft and climbs: a cap that wins below the model's choice is
+    doubled and tried at once, and the last that won is the limit (where the model is in doubt,
+    its choice's own drafted phase, at a large batch several times a plain pass, is the dearest
+    thing to try first).  When a limit expires, twice it is tried (1 after 0); where that does
+    not win, the limit itself is tried again at once, so a limit one lucky trial set does not
+    stand for good (that retry not winning leaves no drafts), and the limit follows the machine
+    both ways."""
 
     limit: int | None = None  # None: no limit (drafting won outright)
     until: int = -1
@@ -494,7 +499,9 @@ class GoodputController:
             self.cost.observe(len(requests), positions, full_step, now - self._last_end,
                               self._visits.get(batch_bucket(len(requests)), 0))
         trial = self._trial
-        if trial is not None and (batch_bucket(len(requests)) != batch_bucket(trial.batch) or self.steps > trial.deadline):
+        left = trial is not None and batch_bucket(len(requests)) != batch_bucket(trial.batch)
+        cut = left or (trial is not None and self.steps > trial.deadline)
+        if cut:
             self._trial = None  # no comparison
             self._next_trial = self.steps + TRIAL_STEPS  # a batch that keeps changing is not tried each step
         elif trial is not None and timed and len(requests) == trial.batch and trial.observe(
@@ -566,7 +573,8 @@ class GoodputController:
     def _tried(self, bucket: int, batch: int, pinned: np.ndarray) -> int:
         """The cap after trials (`Trial`): a trial's, else the model's choice within the limit the
         trials left (`Verdict`) until it expires, then the next trial where the model is in doubt
-        or a limit stands: at twice the limit (the model's choice at most), 1 from a limit of 0."""
+        or a limit stands: the first at one draft, then climbing or halving (`Verdict`), and after
+        a limit expired at twice the limit (the model's choice at most), 1 from a limit of 0."""
         if self._trial is not None:
             return self._trial.cap_now()
         if not self.best or pinned.any() or batch < TRIAL_MIN_BATCH:
@@ -574,9 +582,12 @@ class GoodputController:
         verdict = self._verdicts.get(bucket)
         limited = verdict is not None and verdict.limit is not None
         recheck = None
-        # After a trial was cut short, the last verdict's limit stands until the next one.
+        # After a trial was cut short, the last verdict's limit stands until the next one (before
+        # the first verdict, one draft: what the first trial would try).
         if self.steps < self._next_trial or (verdict is not None and self._visits[bucket] < verdict.until):
-            return min(self.best, verdict.limit) if limited else self.best
+            if limited:
+                return min(self.best, verdict.limit)
+            return self.best if verdict is not None else min(self.best, 1)
         if not limited and not self._doubt.get(bucket):
             return self.best
         if verdict is None:  # the first trial: one draft, climbing
