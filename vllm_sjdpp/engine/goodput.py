@@ -583,11 +583,11 @@ class GoodputController:
         limited = verdict is not None and verdict.limit is not None
         recheck = None
         # After a trial was cut short, the last verdict's limit stands until the next one (before
-        # the first verdict, one draft: what the first trial would try).
+        # the first verdict, where the model is in doubt, one draft: what the first trial tries).
         if self.steps < self._next_trial or (verdict is not None and self._visits[bucket] < verdict.until):
             if limited:
                 return min(self.best, verdict.limit)
-            return self.best if verdict is not None else min(self.best, 1)
+            return min(self.best, 1) if verdict is None and self._doubt.get(bucket) else self.best
         if not limited and not self._doubt.get(bucket):
             return self.best
         if verdict is None:  # the first trial: one draft, climbing
