@@ -495,19 +495,17 @@ class GoodputController:
         # dearer), and with none in common the engine may have waited for work.
         steady = full_step == self._last_full_step and requests == self._last_requests
         timed = steady and self._last_end is not None and now - self._last_end < MAX_STEP_GAP_S
+        bucket = batch_bucket(len(requests))
         if timed:
-            self.cost.observe(len(requests), positions, full_step, now - self._last_end,
-                              self._visits.get(batch_bucket(len(requests)), 0))
+            self.cost.observe(len(requests), positions, full_step, now - self._last_end, self._visits.get(bucket, 0))
         trial = self._trial
-        left = trial is not None and batch_bucket(len(requests)) != batch_bucket(trial.batch)
-        cut = left or (trial is not None and self.steps > trial.deadline)
-        if cut:
+        if trial is not None and (bucket != batch_bucket(trial.batch) or self.steps > trial.deadline):
             self._trial = None  # no comparison
             self._next_trial = self.steps + TRIAL_STEPS  # a batch that keeps changing is not tried each step
         elif trial is not None and timed and len(requests) == trial.batch and trial.observe(
                 any(lengths), len(requests) + int(sum(accepted)), now - self._last_end):
             self._trial = None
-            self._verdict(batch_bucket(len(requests)), trial)
+            self._verdict(bucket, trial)
         self._last_end, self._last_requests, self._last_full_step = now, requests, full_step
         if not any(lengths):  # nothing verified (most steps where drafting does not pay)
             self._runs = {}
