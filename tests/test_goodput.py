@@ -13,7 +13,9 @@ from vllm_sjdpp.engine.goodput import (
     MAX_REMEASURE_EVERY,
     MEASURED_WINDOWS,
     SWITCH_MARGIN,
+    TRIAL_MIN_BATCH,
     Acceptance,
+    batch_bucket,
     GoodputController,
     MeasuredCurve,
     optimistic_concave,
@@ -510,20 +512,37 @@ def test_a_trial_that_cannot_tell_leaves_no_drafts(monkeypatch, tested):
         assert windowless < 0.7, runs
 
 
-def test_a_batch_size_met_later_is_probed_at_the_choice():
-    """Once a choice is made, a batch size met for the first time has its longer drafted pass
-    probed at that choice (at least 2), not at full windows: its cost extrapolates to longer
-    windows, and a full pass of a large batch costs many plain ones (here 8 requests of 17
-    positions, 8x a pass without drafts).  Broken: the full windows probed as at the start."""
+def test_the_longer_start_up_probe_is_two_drafts_where_trials_can_climb():
+    """A batch size met for the first time has its longer drafted pass probed at two drafts from
+    TRIAL_MIN_BATCH requests on (a slope; trials climb from one draft, and a chosen cap is timed
+    as it runs), and below at the choice (no trials: the model alone must see a long pass).  A
+    full pass, or the choice's, of a large batch costs many plain ones: at 10 digit images on
+    2 CPU cores in float32, probing at batch 1's choice (up to 25 drafts, 5.4x a plain pass at
+    full windows) cost the first round of 30 images 12% of its time.  Here 8 requests of up to
+    17 positions cost 8x a pass without drafts.  Broken: the probe at the choice (as at f10e9af),
+    or at full windows (as before 241938f)."""
     clock, rng = Clock(), np.random.default_rng(0)
     controller = GoodputController(16, clock=clock)
-    cost_of = lambda n: 0.020 + 0.002 * n  # noqa: E731
-    drive(controller, clock, lambda n, d: cost_of(n), 0.8, 2, 16, 600, rng)
+    probes = []
+    startup = controller._startup
+
+    def recorded(batch, *args):
+        cap = startup(batch, *args)
+        if cap is not None:
+            probes.append((batch, cap))
+        return cap
+
+    controller._startup = recorded
+    cost_of = lambda n, d: 0.020 + 0.002 * n  # noqa: E731
+    drive(controller, clock, cost_of, 0.8, 2, 16, 600, rng)
     choice = controller.best
-    assert 2 <= choice < 16
-    chosen = drive(controller, clock, lambda n, d: cost_of(n), 0.8, 8, 16, 40, rng)
-    assert chosen[0] == 0 and 1 in chosen and choice in chosen, (choice, chosen)
-    assert max(chosen[: chosen.index(choice) + 2]) == choice, (choice, chosen)
+    assert 2 < choice < 16
+    for batch in (TRIAL_MIN_BATCH, 8, 3):
+        probes.clear()
+        drive(controller, clock, cost_of, 0.8, batch, 16, 40, rng)
+        longer = 2 if batch >= TRIAL_MIN_BATCH else max(2, choice)
+        assert {cap for _, cap in probes} == {0, 1, longer}, (batch, choice, probes)
+        choice = controller.best
 
 
 def test_a_trial_concludes_while_requests_come_and_go():

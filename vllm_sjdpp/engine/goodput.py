@@ -61,8 +61,10 @@ whichever way (near break-even the estimates move by a few percent from one choi
 and each change of length restarts the runs that measure A; no drafts gets no other margin than
 any choice).  A batch size met for the first time is probed before anything is chosen for it: no
 drafts, windows of one draft (until their acceptance is measured: its slope bounds every longer
-window's), and longer windows (full ones at the start, afterwards the choice, at least 2), each
-until its pass is timed twice (a shape's first pass is often slow).  Afterwards the costs stay
+window's), and longer windows, each until its pass is timed twice (a shape's first pass is often
+slow): from TRIAL_MIN_BATCH requests on, windows of 2 (a slope: trials climb from one draft, and a
+chosen cap is timed as it runs), below it full ones at the start and the choice afterwards (no
+trials there: the model alone must see a long pass).  Afterwards the costs stay
 current: every PROBE_GAP steps one cap whose pass has not been timed for REMEASURE_EVERY steps
 (0, the powers of two, the choice's neighbours; 0 takes ZERO_RUN steps, any other cap one) is
 set instead of chosen, the longest untimed first, if its probe loses
@@ -646,11 +648,12 @@ class GoodputController:
         """The cap of a probe of a batch size met for the first time, if one is due (the module's
         docstring); each probe for at most STARTUP_STEPS steps."""
         given = self._startup_steps.setdefault(batch_bucket(batch), [0, 0, 0])
-        # The second drafted length: full windows at first, afterwards the choice (at least 2, for a
-        # slope): longer windows are extrapolated from it, and a full pass of a large batch, which
-        # may take many steps to be timed twice while requests come and go, costs several plain
-        # ones (at 10 digit images on 2 CPU cores in float32, 5.4x).
-        longer = min(int(wanted.max()), max(2, self.best))
+        # The second drafted length, for a slope that longer windows are extrapolated from.  Where
+        # trials climb, 2: a long pass of a large batch, which may take many steps to be timed twice
+        # while requests come and go, costs several plain ones (at 10 digit images on 2 CPU cores
+        # in float32, 5.4x at full windows; probes at batch 1's choice cost the first round of 30
+        # images 12% of its time).  Below, full windows at first, afterwards the choice.
+        longer = min(int(wanted.max()), max(2, self.best) if batch < TRIAL_MIN_BATCH else 2)
         for stage, cap in enumerate((0, 1, longer)):
             if given[stage] >= STARTUP_STEPS or (cap == 0 and pinned.any()):
                 continue
