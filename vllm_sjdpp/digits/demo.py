@@ -8,7 +8,8 @@ sjdpp_images`) and asks `POST /v1/images/generations` (the openai client's `imag
 "a handwritten 0" ... "a handwritten 9", digit d with seed S + d, decoded plainly (per-request
 `sjdpp_disable`) and with SJD++, both with classifier-free guidance (the model's default scale
 from its generation_config.json unless --guidance-scale is given): first one image at a time
-(latency), then all ten in flight (throughput, three rounds).  Then a second server with full
+(latency), then all ten in flight (throughput: four rounds of the ten digits each way,
+alternating which decoding goes first, as the machine's speed drifts).  Then a second server with full
 windows (`draft_token_budget: null`) makes the ten images once more, one at a time: their step
 compression, which does not depend on the machine, and what a full pass costs here against a
 plain one.  A seed names one image, so the decodings give the same PNGs; the picture puts them one
@@ -56,10 +57,10 @@ class Generation:
 
 def generate_digits(
     base: str, model: str, plain: bool, seed: int, concurrency: int, guidance_scale: float | None = None, progress=None,
-    rounds: int = 1, digits: int = 10,
+    digits: int = 10,
 ) -> tuple[list[Generation], float]:
-    """One image request per digit 0 .. `digits` - 1 (digit d with seed `seed + d`), `rounds`
-    times over, with `concurrency` in flight.  Returns the images in digit order and the wall
+    """One image request per digit 0 .. `digits` - 1 (digit d with seed `seed + d`), with
+    `concurrency` in flight.  Returns the images in digit order and the wall
     seconds."""
     from openai import OpenAI
     from PIL import Image
@@ -85,7 +86,7 @@ def generate_digits(
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        gens = list(pool.map(one, [d for _ in range(rounds) for d in range(digits)]))
+        gens = list(pool.map(one, range(digits)))
     return gens, time.perf_counter() - start
 
 
@@ -191,7 +192,14 @@ def served_dtype(log_path: Path) -> str:
 
 def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, float], bool | None]:
     """Plain and SJD++ images at each (concurrency, rounds) of `loads`; the drafts per pass the
-    server verified for SJD++ at each load; the seed probe's verdict from the responses."""
+    server verified for SJD++ at each load; the seed probe's verdict from the responses.
+
+    A load's rounds alternate the two decodings, plain first in rounds 0, 3, 4, 7, ... and SJD++
+    first in the others (ABBA), and each decoding's throughput is its images over its rounds'
+    summed wall time: a 2-core machine's speed drifts by tens of percent from one minute to the
+    next (one round of ten digit images at ten in flight took 2.5 to 3.9 s, the same work each
+    time), so two decodings timed one after the other, all plain then all SJD++, compare two
+    moments of the machine as much as the two decodings."""
     from tqdm import tqdm
 
     runs, drafts, identical = [], {}, None
@@ -199,16 +207,20 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
     for plain in (True, False):
         generate_digits(base, str(model), plain, args.seed, 1, args.guidance_scale, digits=1)
     for concurrency, rounds in loads:
-        gens = {}
-        for name, plain in (("plain", True), ("SJD++", False)):
-            before = spec_draft_tokens(base)
-            with tqdm(total=10 * rounds, unit="image", desc=f"{name:>5}, {concurrency:>2} in flight") as bar:
-                gens[name] = generate_digits(base, str(model), plain, args.seed, concurrency, args.guidance_scale, bar, rounds)
-            if not plain:
-                passes = sum(g.forward_passes for g in gens[name][0])
-                drafts[concurrency] = (spec_draft_tokens(base) - before) / max(passes, 1)
-                identical = gens[name][0][0].seed_identical
-        runs.append(Run(concurrency, gens["plain"][0], gens["SJD++"][0], gens["plain"][1], gens["SJD++"][1]))
+        gens, walls, drafted, passes = {True: [], False: []}, {True: 0.0, False: 0.0}, 0.0, 0
+        with tqdm(total=2 * 10 * rounds, unit="image", desc=f"plain and SJD++, {concurrency:>2} in flight") as bar:
+            for r in range(rounds):
+                for plain in (True, False) if r % 4 in (0, 3) else (False, True):
+                    before = spec_draft_tokens(base)
+                    images, wall = generate_digits(base, str(model), plain, args.seed, concurrency, args.guidance_scale, bar)
+                    gens[plain] += images
+                    walls[plain] += wall
+                    if not plain:
+                        drafted += spec_draft_tokens(base) - before
+                        passes += sum(g.forward_passes for g in images)
+                        identical = images[0].seed_identical
+        drafts[concurrency] = drafted / max(passes, 1)
+        runs.append(Run(concurrency, gens[True], gens[False], walls[True], walls[False]))
     return runs, drafts, identical
 
 
@@ -241,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     # step compression, and what a full pass costs on this machine.
     specs = (args.spec_config, {**args.spec_config, "draft_token_budget": None})
     results = []
-    for spec, loads in zip(specs, (((1, 1), (10, 3)), ((1, 1),))):
+    for spec, loads in zip(specs, (((1, 1), (10, 4)), ((1, 1),))):
         log_path = log_dir / f"vllm-serve-{len(results)}.log"
         print(f"starting VLLM_PLUGINS={PLUGINS} vllm serve {args.model.name} --speculative-config "
               f"'{json.dumps(spec)}' (log: {log_path})")
