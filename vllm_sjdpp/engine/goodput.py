@@ -59,13 +59,17 @@ with B the requests and t = t_0 when the pass has no drafts.  The choice is re-m
 DECIDE_EVERY steps and changes only for SWITCH_MARGIN more goodput than the current choice's,
 whichever way (near break-even the estimates move by a few percent from one choice to the next,
 and each change of length restarts the runs that measure A; no drafts gets no other margin than
-any choice).  A batch size met for the first time is probed before anything is chosen for it: no
+any choice).  Weighing the caps takes about 0.1 ms, a fiftieth of a digit-model step at 10
+requests on 2 CPU cores, so where no drafts stand from TRIAL_MIN_BATCH requests on, the choice is
+re-made ever less often (the interval doubles up to MAX_DECIDE_EVERY), and not at all while the
+trials' verdict holds drafting to none.  A batch size met for the first time is probed before anything is chosen for it: no
 drafts, windows of one draft (until their acceptance is measured: its slope bounds every longer
 window's), and longer windows, each until its pass is timed twice (a shape's first pass is often
 slow): from TRIAL_MIN_BATCH requests on, windows of 2 (a slope: trials climb from one draft, and a
 chosen cap is timed as it runs), below it full ones at the start and the choice afterwards (no
 trials there: the model alone must see a long pass).  Afterwards the costs stay
-current: every PROBE_GAP steps one cap whose pass has not been timed for REMEASURE_EVERY steps
+current: every PROBE_GAP steps (up to MAX_PROBE_GAP while the caps due are too dear to probe)
+one cap whose pass has not been timed for REMEASURE_EVERY steps
 (0, the powers of two, the choice's neighbours; 0 takes ZERO_RUN steps, any other cap one) is
 set instead of chosen, the longest untimed first, if its probe loses
 (its seconds beyond what its tokens are worth at the choice's goodput) at most its share of
@@ -115,6 +119,7 @@ on five machines' pass costs.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -123,9 +128,11 @@ import numpy as np
 from scipy.optimize import isotonic_regression, nnls
 from scipy.special import betaincinv, stdtrit
 
-DECIDE_EVERY = 4  # steps between choices of the cap (a choice takes some 100 us)
+DECIDE_EVERY = 4  # steps between choices of the cap (a choice takes some 100 us), ...
+MAX_DECIDE_EVERY = 32  # ... doubled while the choice stays the same, up to this
 SWITCH_MARGIN = 0.05  # a new choice must promise this much more goodput than the current one
-PROBE_GAP = 16  # steps between re-timing probes
+PROBE_GAP = 16  # steps between looks for a re-timing probe due, ...
+MAX_PROBE_GAP = 128  # ... doubled while the caps due are all too dear, up to this
 REMEASURE_EVERY = 256  # a cap's pass is re-timed when it has not been for this many steps ...
 PROBE_BUDGET = 0.01  # ... if its probe loses at most its share of this much of the time, ...
 MAX_REMEASURE_EVERY = 4096  # ... or when it has not been for this many
@@ -217,6 +224,7 @@ def position_bucket(n: np.ndarray) -> np.ndarray:
     return np.floor(4 * np.log2(np.maximum(n, 1))).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=None)
 def batch_bucket(batch: int) -> int:
     """Half octaves of the batch size."""
     return int(2 * math.log2(max(batch, 1)))
@@ -461,7 +469,7 @@ class GoodputController:
         # at each visit).
         self._visits: dict[int, int] = {}
         self.best = max_window  # the cap chosen
-        self._next_choice, self._chosen_for = 0, -1
+        self._next_choice, self._chosen_for, self._decide_gap = 0, -1, DECIDE_EVERY
         self._last_end: float | None = None
         self._last_requests: frozenset = frozenset()
         self._last_full_step: bool | None = None
@@ -469,7 +477,7 @@ class GoodputController:
         self._advance = 1.0  # tokens committed per request and drafted step, recently
         self._startup_steps: dict[int, list[int]] = {}  # batch bucket: steps given each probe
         self._probe: list[int] = []  # caps set for the next steps (the rest of a run of 0)
-        self._next_probe = 0
+        self._next_probe, self._probe_gap = 0, PROBE_GAP
         self._start: float | None = None  # the time of the first choice
         self._start_step = 0  # the step count then
         self._trial: Trial | None = None
@@ -560,13 +568,21 @@ class GoodputController:
         if self._start is None:
             self._start, self._start_step = self.clock(), self.steps
         bucket = batch_bucket(batch)
+        verdict = self._verdicts.get(bucket)
+        if self._trial is None and verdict is not None and verdict.limit == 0 and not p.any() and self._holds(bucket, verdict):
+            # The trials' limit of no drafts stands: the choice would be capped to none, so it is
+            # not made (at 10 digit images on 2 CPU cores it took a tenth of the controller's time
+            # per step, 2% of a step's).  It is made afresh when the limit expires.
+            return 0
         if self.steps >= self._next_choice or bucket != self._chosen_for:
             goodput = self.evaluate(w, p, c, pc)[0]
             best = int(np.argmax(goodput))
             current = min(self.best, len(goodput) - 1)
-            if bucket != self._chosen_for or goodput[best] > (1 + SWITCH_MARGIN) * goodput[current]:
+            same = bucket == self._chosen_for and (best == current or goodput[best] <= (1 + SWITCH_MARGIN) * goodput[current])
+            if not same:
                 self.best = best
-            self._next_choice, self._chosen_for = self.steps + DECIDE_EVERY, bucket
+            self._decide_gap = min(2 * self._decide_gap, MAX_DECIDE_EVERY) if same and not self.best and batch >= TRIAL_MIN_BATCH else DECIDE_EVERY
+            self._next_choice, self._chosen_for = self.steps + self._decide_gap, bucket
             self._doubt[bucket] = goodput[min(self.best, len(goodput) - 1)] < (1 + TRIAL_DOUBT) * goodput[0]
         return self._tried(bucket, batch, p)
 
@@ -584,7 +600,7 @@ class GoodputController:
         recheck = None
         # After a trial was cut short, the last verdict's limit stands until the next one (before
         # the first verdict, where the model is in doubt, one draft: what the first trial tries).
-        if self.steps < self._next_trial or (verdict is not None and self._visits[bucket] < verdict.until):
+        if self._holds(bucket, verdict):
             if limited:
                 return min(self.best, verdict.limit)
             return min(self.best, 1) if verdict is None and self._doubt.get(bucket) else self.best
@@ -608,6 +624,11 @@ class GoodputController:
         steady = self._last_full_step and cap == self._handed[0] and self.steps - self._handed[1] >= warmup
         self._trial = Trial(cap, batch, 0 if steady else warmup, self.steps, fallback, recheck)
         return cap
+
+    def _holds(self, bucket: int, verdict: Verdict | None) -> bool:
+        """Whether the last verdict stands: its hold has not expired, or a trial was cut short
+        a moment ago."""
+        return self.steps < self._next_trial or (verdict is not None and self._visits[bucket] < verdict.until)
 
     def _verdict(self, bucket: int, trial: Trial) -> None:
         """What a finished trial leaves (`Verdict`)."""
@@ -676,17 +697,22 @@ class GoodputController:
         if self.best and self.acceptance.direct[0, min(self.best, wanted.max())] < MEASURED_WINDOWS:
             return None  # a probe would restart the runs measuring the choice
         self._next_probe = self.steps + PROBE_GAP
-        goodput, seconds, positions = self.evaluate(wanted, pinned, copies, pinned_copies)
-        top = len(goodput) - 1
+        positions = self._positions(wanted, pinned, copies, pinned_copies)[1]
+        top = len(positions) - 1
         best = min(self.best, top)
         caps = [c for c in {0, best - 1, best + 1} | {1 << i for i in range(top.bit_length())}
                 if 0 <= c <= top and c != best and not (c == 0 and pinned.any())]
-        step_seconds = (self.clock() - self._start) / max(self.steps - self._start_step, 1)
         visits = self._visits[batch_bucket(batch)]
-        due = []
+        ages = {}
         for cap in caps:
             timed = self.cost.last_timed(batch, positions[cap], bool(cap or pinned.any()))
-            age = visits - (0 if timed is None else timed)  # in steps at this batch size
+            ages[cap] = visits - (0 if timed is None else timed)  # in steps at this batch size
+        if max(ages.values(), default=0) < REMEASURE_EVERY:
+            return None  # nothing is old enough to be due: the model is not consulted (a tenth of a ms)
+        goodput, seconds, _ = self.evaluate(wanted, pinned, copies, pinned_copies)
+        step_seconds = (self.clock() - self._start) / max(self.steps - self._start_step, 1)
+        due = []
+        for cap, age in ages.items():
             loss = (ZERO_RUN if cap == 0 else 1) * max(0.0, seconds[cap] * (1.0 - goodput[cap] / goodput[best]))
             # Each cap's probes may lose PROBE_BUDGET / (the caps) of the time since it was timed.
             affordable = PROBE_BUDGET / len(caps) * age * step_seconds >= loss
@@ -696,7 +722,14 @@ class GoodputController:
             if age >= MAX_REMEASURE_EVERY or (age >= REMEASURE_EVERY and (affordable or cap == 0)):
                 due.append((age, cap))
         if not due:
+            # The old caps are dear: they become affordable as they age, so the next look waits
+            # longer (each look consults the model; a probe found a few dozen steps late costs
+            # nothing, as the budget only grows meanwhile), but not past MAX_REMEASURE_EVERY.
+            oldest = max(ages.values())
+            self._probe_gap = min(2 * self._probe_gap, MAX_PROBE_GAP, max(PROBE_GAP, MAX_REMEASURE_EVERY - oldest))
+            self._next_probe = self.steps + self._probe_gap
             return None
+        self._probe_gap = PROBE_GAP
         cap = max(due)[1]
         if cap == 0:
             self._probe = [0] * (ZERO_RUN - 1)
@@ -706,17 +739,23 @@ class GoodputController:
                  pinned_copies: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Expected committed tokens per second, seconds per pass and positions per pass, for
         each cap 0 .. max(wanted)."""
-        copies = np.ones(len(wanted)) if copies is None else copies
-        pinned_copies = np.ones(len(pinned)) if pinned_copies is None else pinned_copies
         gain = self.acceptance.expected()
-        caps = np.arange(wanted.max() + 1)
-        lengths = np.minimum(wanted[None, :], caps[:, None])  # [cap, request]
+        lengths, positions = self._positions(wanted, pinned, copies, pinned_copies)
         requests = len(wanted) + len(pinned)
         drafts = lengths.sum(1) + pinned.sum()
-        positions = (lengths + 1) @ copies + (pinned + 1) @ pinned_copies
         tokens = requests + gain[lengths].sum(1) + gain[pinned].sum()
         seconds = self.cost.predict(requests, positions, drafts > 0)
         return tokens / np.maximum(seconds, 1e-9), seconds, positions
+
+    @staticmethod
+    def _positions(wanted: np.ndarray, pinned: np.ndarray, copies: np.ndarray | None,
+                   pinned_copies: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Each request's window under each cap 0 .. max(wanted), [cap, request], and the
+        positions of each cap's pass."""
+        copies = np.ones(len(wanted)) if copies is None else copies
+        pinned_copies = np.ones(len(pinned)) if pinned_copies is None else pinned_copies
+        lengths = np.minimum(wanted[None, :], np.arange(wanted.max() + 1)[:, None])
+        return lengths, (lengths + 1) @ copies + (pinned + 1) @ pinned_copies
 
     def summary(self) -> str:
         def curve(name, c):
