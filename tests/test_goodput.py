@@ -607,6 +607,38 @@ def test_a_re_timing_probe_is_priced_at_a_plain_pass_s_tokens(monkeypatch):
     assert windowless >= 0.9 and len(probes) <= 70, (len(probes), windowless, goodput)
 
 
+def test_the_choice_reaches_at_most_twice_the_positions_timed():
+    """Six requests, steady for their start-up probes (10 steps: windows of 1 and 2 are timed,
+    passes of 12 and 18 positions, which cost the same), then churning: every step one request
+    leaves and another arrives, so no pass is timed again.  Beyond 20 positions a pass costs 2 ms more a
+    position (a roofline).  The model may extrapolate a drafted pass's cost only to twice the
+    positions timed at the batch size (a chosen cap is timed as it runs where the batch is
+    steady, so there the reach doubles each time): over 600 churning steps windows beyond 5
+    drafts (36 positions) only in re-timing probes, each cap's once per REMEASURE_EVERY steps
+    though untimed: at most 12 steps (measured 6).  Broken: extrapolating freely, windows of 16
+    (102 positions, 17x a plain pass) at nearly every step; an untimed probe due again at every
+    look (as at 06a3885), every 16 steps."""
+    clock, rng = Clock(), np.random.default_rng(0)
+    controller = GoodputController(16, clock=clock)
+    cost_of = lambda n: 0.010 + 0.002 * max(0, n - 20)  # noqa: E731
+    ids, lengths, given, arrived = [f"r{i}" for i in range(6)], [0] * 6, [], 6
+    for step in range(610):
+        if step >= 10:  # one request leaves, another takes its place
+            controller.forget(ids[0])
+            arrived += 1
+            ids, lengths = ids[1:] + [f"r{arrived}"], lengths[1:] + [0]
+        next_lengths = controller.windows([16] * 6, [])
+        if step >= 10:
+            given.append(max(next_lengths))
+        full_step = any(lengths) or any(next_lengths)
+        clock.now += cost_of(6 + sum(lengths))
+        accepted = [min(rng.geometric(0.2) - 1, n) for n in lengths]
+        controller.observe_step(6 + sum(lengths), ids, full_step, lengths, accepted)
+        lengths = next_lengths
+    wide = [(step, cap) for step, cap in enumerate(given) if cap > 5]
+    assert max(given) > 0 and len(wide) <= 12, wide
+
+
 def test_a_batch_filling_a_request_a_step_gets_no_long_windows_on_the_way():
     """Rounds of 10 requests arriving one a step (as over HTTP), 60 steps each, after batch 1
     chose long windows.  Between 4 and 7 requests the batch changes every step, so no pass there

@@ -55,7 +55,10 @@ c_i sequences, the cap k maximises
 
     G(k) = [B + sum_i A(min(w_i, k)) + sum_m A(f_m)] / t(sum_i c_i (1 + min(w_i, k)) + sum_m c_m (1 + f_m)),
 
-with B the requests and t = t_0 when the pass has no drafts.  The choice is re-made every
+with B the requests and t = t_0 when the pass has no drafts, over the caps whose pass has at
+most twice the positions of the longest drafted pass timed at the batch size (beyond them t is
+extrapolated; a chosen cap is timed as it runs, so where the batch is steady the reach doubles
+at each choice, and where it changes every step nothing extrapolated is run).  The choice is re-made every
 DECIDE_EVERY steps and changes only for SWITCH_MARGIN more goodput than the current choice's,
 whichever way (near break-even the estimates move by a few percent from one choice to the next,
 and each change of length restarts the runs that measure A; no drafts gets no other margin than
@@ -73,8 +76,8 @@ one cap whose pass has not been timed for REMEASURE_EVERY steps
 (0, the powers of two, the choice's neighbours; 0 takes ZERO_RUN steps, any other cap one) is
 set instead of chosen, the longest untimed first, if its probe loses
 (its seconds beyond what its tokens, one per request, are worth at the choice's goodput) at most its share of
-PROBE_BUDGET of the time since it was last timed, and in any case once MAX_REMEASURE_EVERY steps
-have passed; never while the choice's own acceptance is still being measured (a probe restarts
+PROBE_BUDGET of the time since it was last timed (or, untimed, probed: where requests come and go
+every step no probe is timed), and in any case once MAX_REMEASURE_EVERY steps have passed; never while the choice's own acceptance is still being measured (a probe restarts
 the runs).  No drafts, the floor, is re-timed every REMEASURE_EVERY steps whatever its probe is
 predicted to lose.  These steps, and a trial verdict's hold below, count the steps run at the
 batch size's half octave: one a server passes through at a batch's start and end would else
@@ -478,6 +481,7 @@ class GoodputController:
         self._startup_steps: dict[int, list[int]] = {}  # batch bucket: steps given each probe
         self._probe: list[int] = []  # caps set for the next steps (the rest of a run of 0)
         self._next_probe, self._probe_gap = 0, PROBE_GAP
+        self._probed: dict[tuple[int, int], int] = {}  # (batch bucket, cap): visits when last re-timed
         self._start: float | None = None  # the time of the first choice
         self._start_step = 0  # the step count then
         self._trial: Trial | None = None
@@ -578,7 +582,14 @@ class GoodputController:
             # per step, 2% of a step's).  It is made afresh when the limit expires.
             return 0
         if self.steps >= self._next_choice or bucket != self._chosen_for:
-            goodput = self.evaluate(w, p, c, pc)[0]
+            goodput, _, positions = self.evaluate(w, p, c, pc)
+            # No further than twice the positions of a drafted pass timed at this batch size:
+            # beyond them the cost is extrapolated, and a chosen cap is timed as it runs, so
+            # at a steady batch the reach doubles each time (a few steps); where the batch
+            # changes every step (filling a request a step) nothing is timed, and an
+            # extrapolation from passes of 14 and 21 positions had chosen 32 drafts at 6 requests.
+            reach = 2 * self.cost.curve(batch, True).points()[0].max()
+            goodput = np.where((positions <= reach) | (np.arange(len(goodput)) == 0), goodput, -np.inf)
             best = int(np.argmax(goodput))
             current = min(self.best, len(goodput) - 1)
             same = bucket == self._chosen_for and (best == current or goodput[best] <= (1 + SWITCH_MARGIN) * goodput[current])
@@ -705,11 +716,15 @@ class GoodputController:
         best = min(self.best, top)
         caps = [c for c in {0, best - 1, best + 1} | {1 << i for i in range(top.bit_length())}
                 if 0 <= c <= top and c != best and not (c == 0 and pinned.any())]
-        visits = self._visits[batch_bucket(batch)]
+        bucket = batch_bucket(batch)
+        visits = self._visits[bucket]
         ages = {}
         for cap in caps:
             timed = self.cost.last_timed(batch, positions[cap], bool(cap or pinned.any()))
-            ages[cap] = visits - (0 if timed is None else timed)  # in steps at this batch size
+            # In steps at this batch size, since the cap was timed or, untimed, last probed (where
+            # requests come and go every step no probe is timed, and one due again at every look
+            # would run a dear pass every PROBE_GAP steps).
+            ages[cap] = visits - max(0 if timed is None else timed, self._probed.get((bucket, cap), 0))
         if max(ages.values(), default=0) < REMEASURE_EVERY:
             return None  # nothing is old enough to be due: the model is not consulted (a tenth of a ms)
         goodput, seconds, _ = self.evaluate(wanted, pinned, copies, pinned_copies)
@@ -740,6 +755,7 @@ class GoodputController:
             return None
         self._probe_gap = PROBE_GAP
         cap = max(due)[1]
+        self._probed[bucket, cap] = visits
         if cap == 0:
             self._probe = [0] * (ZERO_RUN - 1)
         return cap
