@@ -68,7 +68,7 @@ re-made ever less often (the interval doubles up to MAX_DECIDE_EVERY), and not a
 trials' verdict holds drafting to none.  A batch size met for the first time is probed before anything is chosen for it: no
 drafts, windows of one draft (until their acceptance is measured: its slope bounds every longer
 window's), and longer windows, each until its pass is timed twice (a shape's first pass is often
-slow): from TRIAL_MIN_BATCH requests on, windows of 2 (a slope: trials climb from one draft, and a
+slow): from TRIAL_MIN_BATCH requests on, windows of 2 (a slope: trials climb from short windows, and a
 chosen cap is timed as it runs), below it full ones at the start and the choice afterwards (no
 trials there: the model alone must see a long pass).  Afterwards the costs stay
 current: every PROBE_GAP steps (up to MAX_PROBE_GAP while the caps due are too dear to probe)
@@ -98,8 +98,9 @@ runs both, one after the other at the same batch size, and what each commits per
 for TRIAL_EVERY steps (doubled each time a trial agrees with the last): drafting where it
 committed more at TRIAL_CONFIDENCE (Welch's one-sided test on the steps' rates), a shorter cap
 where it committed less, and no drafts where the trial cannot tell; a batch size's first trial is
-at one draft and climbs while drafting wins, and then the last cap that won stands where the next
-does not (`Verdict`).
+at the shortest window the model expects to beat no drafts (one draft, unless a drafted step's own
+cost makes one lose) and climbs while drafting wins, and then the last cap that won stands where
+the next does not (`Verdict`).
 
 Why the output stays exact. Verification commits each token with the distribution p given
 everything fixed before the step's noise is drawn: the committed prefix, the drafts, their
@@ -441,10 +442,12 @@ class Verdict:
     tell; None: the model's choice won outright), the step (counted at this batch size) until
     which it holds, and for how long (`hold`: TRIAL_EVERY, doubled each time trials end at the
     same limit, `held`).  A cap that loses is halved and tried again at once.  A batch size's
-    first trial starts at one draft and climbs: a cap that wins below the model's choice is
+    first trial starts at the shortest window the model expects to beat no drafts (one draft,
+    unless a drafted step's own cost makes one lose) and climbs: a cap that wins below the model's choice is
     doubled and tried at once, and the last that won is the limit (where the model is in doubt,
     its choice's own drafted phase, at a large batch several times a plain pass, is the dearest
-    thing to try first).  When a limit expires, twice it is tried (1 after 0); where that does
+    thing to try first).  When a limit expires, twice it is tried (that shortest window after
+    0); where that does
     not win, the limit itself is tried again at once, so a limit one lucky trial set does not
     stand for good (that retry not winning leaves no drafts), and the limit follows the machine
     both ways."""
@@ -489,6 +492,7 @@ class GoodputController:
         self._next_trial = 0  # no trial before this step (after one was cut short)
         self._verdicts: dict[int, Verdict] = {}  # batch bucket: what its trials left
         self._doubt: dict[int, bool] = {}  # batch bucket: the last choice's promise under TRIAL_DOUBT
+        self._climb_from: dict[int, int] = {}  # batch bucket: the shortest cap the model expects to win
 
     def forget(self, req_id: str) -> None:
         """vLLM removed the request: a new request reusing its id is not the same run."""
@@ -598,13 +602,22 @@ class GoodputController:
             self._decide_gap = min(2 * self._decide_gap, MAX_DECIDE_EVERY) if same and not self.best and batch >= TRIAL_MIN_BATCH else DECIDE_EVERY
             self._next_choice, self._chosen_for = self.steps + self._decide_gap, bucket
             self._doubt[bucket] = goodput[min(self.best, len(goodput) - 1)] < (1 + TRIAL_DOUBT) * goodput[0]
+            # Where climbing starts: the shortest window the model expects to beat no drafts.  A
+            # drafted step has a cost of its own (the SJD++ step), so one draft may lose where
+            # eight win: at 10 digit images in bf16 on 2 CPU cores, a pass of 1 draft cost 1.35x
+            # one without and committed 1.3x the tokens, one of 8 drafts 1.9x and 2.2x, and
+            # trials climbing from one draft never drafted.
+            beating = np.flatnonzero(goodput[1:] > goodput[0])
+            self._climb_from[bucket] = int(beating[0]) + 1 if len(beating) else 1
         return self._tried(bucket, batch, p)
 
     def _tried(self, bucket: int, batch: int, pinned: np.ndarray) -> int:
         """The cap after trials (`Trial`): a trial's, else the model's choice within the limit the
         trials left (`Verdict`) until it expires, then the next trial where the model is in doubt
-        or a limit stands: the first at one draft, then climbing or halving (`Verdict`), and after
-        a limit expired at twice the limit (the model's choice at most), 1 from a limit of 0."""
+        or a limit stands: the first at the shortest window the model expects to beat no drafts
+        (one draft, unless a drafted step's own cost makes one lose), then climbing or halving
+        (`Verdict`), and after a limit expired at twice the limit (the model's choice at most),
+        that shortest window from a limit of 0."""
         if self._trial is not None:
             return self._trial.cap_now()
         if not self.best or pinned.any() or batch < TRIAL_MIN_BATCH:
@@ -612,20 +625,21 @@ class GoodputController:
         verdict = self._verdicts.get(bucket)
         limited = verdict is not None and verdict.limit is not None
         recheck = None
+        start = min(self.best, self._climb_from.get(bucket, 1))
         # After a trial was cut short, the last verdict's limit stands until the next one (before
-        # the first verdict, where the model is in doubt, one draft: what the first trial tries).
+        # the first verdict, where the model is in doubt, what the first trial tries).
         if self._holds(bucket, verdict):
             if limited:
                 return min(self.best, verdict.limit)
-            return min(self.best, 1) if verdict is None and self._doubt.get(bucket) else self.best
+            return start if verdict is None and self._doubt.get(bucket) else self.best
         if not limited and not self._doubt.get(bucket):
             return self.best
-        if verdict is None:  # the first trial: one draft, climbing
-            cap, fallback = 1, 0
+        if verdict is None:  # the first trial: the shortest window expected to win, climbing
+            cap, fallback = start, 0
         elif not limited:  # the model's choice won outright before
             cap, fallback = self.best, None
         elif not verdict.lost:  # a cap won while climbing, or a limit expired: look up
-            cap = min(self.best, max(2 * verdict.limit, 1))
+            cap = min(self.best, max(2 * verdict.limit, start))
             if verdict.fresh or not verdict.limit:
                 fallback = verdict.limit
             else:  # a limit held a while is tried again if twice it does not win
