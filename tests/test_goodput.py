@@ -15,7 +15,6 @@ from vllm_sjdpp.engine.goodput import (
     SWITCH_MARGIN,
     TRIAL_MIN_BATCH,
     Acceptance,
-    batch_bucket,
     GoodputController,
     MeasuredCurve,
     optimistic_concave,
@@ -430,7 +429,7 @@ def test_no_timed_pass_keeps_the_choice_instead_of_failing():
 
 def trials_run(drafted_cost, kindness: float = 1.4, steps: int = 1500, seed: int = 0, churn: int = 0):
     """Ten requests wanting windows of 8, each draft accepted with probability 0.55
-    (A(8) = 1.16); a step costs 10 ms without drafts (1000 tokens/s), with drafts `drafted_cost`
+    (A(8) = 1.21); a step costs 10 ms without drafts (1000 tokens/s), with drafts `drafted_cost`
     seconds plus 0.1 ms a draft (or `drafted_cost(the longest window)`).
     The model is made `kindness` times too kind to drafting (as the real engine's was at 10 digit
     images on 2 CPU cores: a t_0 timed at another moment of the images, acceptance read
@@ -476,9 +475,9 @@ def test_no_drafts_that_stand_are_not_re_weighed_every_few_steps(monkeypatch, wh
     """Weighing the caps (`evaluate`: the model's goodput of every cap) takes about 0.1 ms, and at
     10 digit images on 2 CPU cores in float32 the controller's 0.1 ms a step was 2.4% of the
     step; where no drafts stand at TRIAL_MIN_BATCH requests or more it need not weigh every
-    DECIDE_EVERY steps.  Ten requests, 3000 steps after 300: where the model itself chooses no
-    drafts (a pass costs its positions, drafts are accepted 3 times in 10), and where the trials
-    hold no drafts against a model made too kind (`trials_run`, drafting at 0.85x), the caps are
+    DECIDE_EVERY steps.  Ten requests (`trials_run`), 3000 steps after 300: where the model itself
+    chooses no drafts (a drafted step costs 5x one without, the model not misled), and where the
+    trials hold no drafts against a model made too kind (drafting at 0.85x), the caps are
     weighed at most once per 12 steps (measured: once per 21 and per 39, with the same steps
     drafted); every 4 steps, and at the re-timing probes' look every 16 (as at e68a0ed), it was
     once per 3.2."""
@@ -542,7 +541,7 @@ def test_a_trial_that_cannot_tell_leaves_no_drafts(monkeypatch, tested):
 
 def test_the_longer_start_up_probe_is_two_drafts_where_trials_can_climb():
     """A batch size met for the first time has its longer drafted pass probed at two drafts from
-    TRIAL_MIN_BATCH requests on (a slope; trials climb from one draft, and a chosen cap is timed
+    TRIAL_MIN_BATCH requests on (a slope; trials climb from short windows, and a chosen cap is timed
     as it runs), and below at the choice (no trials: the model alone must see a long pass).  A
     full pass, or the choice's, of a large batch costs many plain ones: at 10 digit images on
     2 CPU cores in float32, probing at batch 1's choice (up to 25 drafts, 5.4x a plain pass at
@@ -645,7 +644,10 @@ def test_a_batch_filling_a_request_a_step_gets_no_long_windows_on_the_way():
     is ever timed and the start-up probes give up; drafting there is then in doubt, and a pass
     costs its positions.  From TRIAL_MIN_BATCH requests on such a batch size gets no drafts
     beyond its start-up probes (of at most 2): over 60 rounds, at most 2 drafts at 4-7 requests.
-    Broken: the choice made at another batch size stood (windows of 14 at every visit)."""
+    Then five requests hold steady, where drafting pays (a pass costs the same with drafts): the
+    batch size's probes start again within REMEASURE_EVERY steps, and over the last 400 of 800
+    steps at least half draft.  Broken: the choice made at another batch size stood (windows of 14
+    at every visit); the probes never started again (no drafts for good)."""
     clock, rng = Clock(), np.random.default_rng(0)
     controller = GoodputController(16, clock=clock)
     drive(controller, clock, lambda n, d: 0.010 + 0.0001 * n, 0.8, 1, 16, 300, rng)
@@ -670,6 +672,16 @@ def test_a_batch_filling_a_request_a_step_gets_no_long_windows_on_the_way():
             controller.forget(request)
         lengths = []
     assert max(given) <= 2, sorted(set(given))
+    ids, lengths, steady = [f"s{i}" for i in range(5)], [0] * 5, []
+    for step in range(800):
+        next_lengths = controller.windows([16] * 5, [])
+        steady.append(max(next_lengths))
+        full_step = any(lengths) or any(next_lengths)
+        clock.now += 0.005 * (1.1 if full_step else 1.0)
+        accepted = [min(rng.geometric(0.5) - 1, n) for n in lengths]
+        controller.observe_step(5 + sum(lengths), ids, full_step, lengths, accepted)
+        lengths = next_lengths
+    assert np.mean(np.array(steady[400:]) > 0) >= 0.5, steady[400:]
 
 
 def test_a_batch_size_passed_through_now_and_then_is_re_timed_by_its_own_steps():
@@ -714,13 +726,13 @@ def test_a_batch_size_s_first_trial_starts_at_the_shortest_winning_window_and_cl
     windowless, _ = trials_run(lambda cap: 0.010 * (1 + gain[cap]) / gain_x, kindness=1.2 if gain_x < 1 else 1.0,
                                steps=2000)
     if gain_x < 1:
-        assert caps[0] == 5 and set(caps[1:]) == {1}, caps
+        assert 1 < caps[0] < 8 and set(caps[1:]) == {1}, caps
     else:
         assert caps[:3] == [1, 2, 4] and windowless <= 0.1, (caps, windowless)
 
 
 def test_trials_skip_one_draft_where_a_drafted_step_s_own_cost_makes_it_lose():
-    """A drafted step costs 16 ms plus 0.2 ms a draft, one without 10 ms (the SJD++ step's own
+    """A drafted step costs 16 ms plus 0.2 ms a draft of its window, one without 10 ms (the SJD++ step's own
     cost: at 10 digit images in bf16 on 2 CPU cores, a pass of 1 draft cost 1.35x one without,
     8 drafts 1.9x); each draft is accepted with probability 0.55.  One draft commits 0.96x no
     drafts' tokens per second, 2 drafts 1.13x, 4 and 8 1.25x: the model is in doubt (under 1.3x),

@@ -484,7 +484,7 @@ class GoodputController:
         self._startup_steps: dict[int, list[int]] = {}  # batch bucket: steps given each probe
         self._probe: list[int] = []  # caps set for the next steps (the rest of a run of 0)
         self._next_probe, self._probe_gap = 0, PROBE_GAP
-        self._probed: dict[tuple[int, int], int] = {}  # (batch bucket, cap): visits when last re-timed
+        self._probed: dict[tuple[int, int], int] = {}  # (batch bucket, cap): visits when last probed for re-timing
         self._start: float | None = None  # the time of the first choice
         self._start_step = 0  # the step count then
         self._trial: Trial | None = None
@@ -570,7 +570,11 @@ class GoodputController:
             # leaving): nothing to choose from yet.  Below TRIAL_MIN_BATCH the choice stands;
             # from there on, where drafting is in doubt until measured, no drafts (a batch of 10
             # digit images filling one request a step passed through 4 to 7 requests with
-            # windows of 32, the choice at another batch size, in every round).
+            # windows of 32, the choice at another batch size, in every round).  Every
+            # REMEASURE_EVERY visits its probes start again: the batch may be steady by now.
+            bucket = batch_bucket(batch)
+            if self._visits[bucket] % REMEASURE_EVERY == 0:
+                self._startup_steps.pop(bucket, None)
             return self.best if batch < TRIAL_MIN_BATCH else 0
         if cap is None and self._trial is None:  # a probe inside a trial would skew it
             cap = self._reprobe(batch, w, p, c, pc)
@@ -582,8 +586,8 @@ class GoodputController:
         verdict = self._verdicts.get(bucket)
         if self._trial is None and verdict is not None and verdict.limit == 0 and not p.any() and self._holds(bucket, verdict):
             # The trials' limit of no drafts stands: the choice would be capped to none, so it is
-            # not made (at 10 digit images on 2 CPU cores it took a tenth of the controller's time
-            # per step, 2% of a step's).  It is made afresh when the limit expires.
+            # not made (a weighing takes about 0.1 ms, some 2% of a digit-model step at 10
+            # requests on 2 CPU cores).  It is made afresh when the limit expires.
             return 0
         if self.steps >= self._next_choice or bucket != self._chosen_for:
             goodput, _, positions = self.evaluate(w, p, c, pc)
