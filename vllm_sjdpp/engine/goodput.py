@@ -65,7 +65,8 @@ and each change of length restarts the runs that measure A; no drafts gets no ot
 any choice).  Weighing the caps takes about 0.1 ms, a fiftieth of a digit-model step at 10
 requests on 2 CPU cores, so where no drafts stand from TRIAL_MIN_BATCH requests on, the choice is
 re-made ever less often (the interval doubles up to MAX_DECIDE_EVERY), and not at all while the
-trials' verdict holds drafting to none.  A batch size met for the first time is probed before anything is chosen for it: no
+trials' verdict holds drafting to none.  A batch size met for the first time is probed before
+anything is chosen for it: no
 drafts, windows of one draft (until their acceptance is measured: its slope bounds every longer
 window's), and longer windows, each until its pass is timed twice (a shape's first pass is often
 slow): from TRIAL_MIN_BATCH requests on, windows of 2 (a slope: trials climb from short windows, and a
@@ -77,7 +78,8 @@ one cap whose pass has not been timed for REMEASURE_EVERY steps
 set instead of chosen, the longest untimed first, if its probe loses
 (its seconds beyond what its tokens, one per request, are worth at the choice's goodput) at most its share of
 PROBE_BUDGET of the time since it was last timed (or, untimed, probed: where requests come and go
-every step no probe is timed), and in any case once MAX_REMEASURE_EVERY steps have passed; never while the choice's own acceptance is still being measured (a probe restarts
+every step no probe is timed), and in any case once MAX_REMEASURE_EVERY steps have passed;
+never while the choice's own acceptance is still being measured (a probe restarts
 the runs).  No drafts, the floor, is re-timed every REMEASURE_EVERY steps whatever its probe is
 predicted to lose.  These steps, and a trial verdict's hold below, count the steps run at the
 batch size's half octave: one a server passes through at a batch's start and end would else
@@ -584,7 +586,8 @@ class GoodputController:
             self._start, self._start_step = self.clock(), self.steps
         bucket = batch_bucket(batch)
         verdict = self._verdicts.get(bucket)
-        if self._trial is None and verdict is not None and verdict.limit == 0 and not p.any() and self._holds(bucket, verdict):
+        held_at_none = verdict is not None and verdict.limit == 0 and self._holds(bucket, verdict)
+        if self._trial is None and held_at_none and not p.any():
             # The trials' limit of no drafts stands: the choice would be capped to none, so it is
             # not made (a weighing takes about 0.1 ms, some 2% of a digit-model step at 10
             # requests on 2 CPU cores).  It is made afresh when the limit expires.
@@ -600,10 +603,12 @@ class GoodputController:
             goodput = np.where((positions <= reach) | (np.arange(len(goodput)) == 0), goodput, -np.inf)
             best = int(np.argmax(goodput))
             current = min(self.best, len(goodput) - 1)
-            same = bucket == self._chosen_for and (best == current or goodput[best] <= (1 + SWITCH_MARGIN) * goodput[current])
+            same = bucket == self._chosen_for and (
+                best == current or goodput[best] <= (1 + SWITCH_MARGIN) * goodput[current])
             if not same:
                 self.best = best
-            self._decide_gap = min(2 * self._decide_gap, MAX_DECIDE_EVERY) if same and not self.best and batch >= TRIAL_MIN_BATCH else DECIDE_EVERY
+            settled_at_none = same and not self.best and batch >= TRIAL_MIN_BATCH
+            self._decide_gap = min(2 * self._decide_gap, MAX_DECIDE_EVERY) if settled_at_none else DECIDE_EVERY
             self._next_choice, self._chosen_for = self.steps + self._decide_gap, bucket
             self._doubt[bucket] = goodput[min(self.best, len(goodput) - 1)] < (1 + TRIAL_DOUBT) * goodput[0]
             # Where climbing starts: the shortest window the model expects to beat no drafts.  A
