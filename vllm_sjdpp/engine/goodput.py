@@ -563,9 +563,9 @@ class GoodputController:
         c = np.ones(len(w)) if copies is None else np.asarray(copies, dtype=float)
         pc = np.ones(len(p)) if pinned_copies is None else np.asarray(pinned_copies, dtype=float)
         batch = len(w) + len(p)
+        bucket = batch_bucket(batch)
         cap = self._startup(batch, w, p, c, pc)
         if cap is None:
-            bucket = batch_bucket(batch)
             self._visits[bucket] = self._visits.get(bucket, 0) + 1
         if cap is None and not self._measured(batch, p):
             # The start-up probes gave up before timing a pass (requests kept arriving or
@@ -574,7 +574,6 @@ class GoodputController:
             # digit images filling one request a step passed through 4 to 7 requests with
             # windows of 32, the choice at another batch size, in every round).  Every
             # REMEASURE_EVERY visits its probes start again: the batch may be steady by now.
-            bucket = batch_bucket(batch)
             if self._visits[bucket] % REMEASURE_EVERY == 0:
                 self._startup_steps.pop(bucket, None)
             return self.best if batch < TRIAL_MIN_BATCH else 0
@@ -584,7 +583,6 @@ class GoodputController:
             return cap
         if self._start is None:
             self._start, self._start_step = self.clock(), self.steps
-        bucket = batch_bucket(batch)
         verdict = self._verdicts.get(bucket)
         held_at_none = verdict is not None and verdict.limit == 0 and self._holds(bucket, verdict)
         if self._trial is None and held_at_none and not p.any():
@@ -751,7 +749,6 @@ class GoodputController:
         if max(ages.values(), default=0) < REMEASURE_EVERY:
             return None  # nothing is old enough to be due: the model is not consulted (a tenth of a ms)
         goodput, seconds, _ = self.evaluate(wanted, pinned, copies, pinned_copies)
-        requests = len(wanted) + len(pinned)
         step_seconds = (self.clock() - self._start) / max(self.steps - self._start_step, 1)
         due = []
         for cap, age in ages.items():
@@ -760,7 +757,7 @@ class GoodputController:
             # per request, not what a run of such windows does (with the latter, at 10 digit images
             # in float32 a pass of 32 drafts, 4x a plain one, looked nearly free, and every cap
             # was re-timed every 550 steps, 2% of the time).
-            loss = (ZERO_RUN if cap == 0 else 1) * max(0.0, seconds[cap] - requests / goodput[best])
+            loss = (ZERO_RUN if cap == 0 else 1) * max(0.0, seconds[cap] - batch / goodput[best])
             # Each cap's probes may lose PROBE_BUDGET / (the caps) of the time since it was timed.
             affordable = PROBE_BUDGET / len(caps) * age * step_seconds >= loss
             # No drafts is the floor: it is re-timed every REMEASURE_EVERY steps whatever it is
