@@ -183,3 +183,27 @@ def test_bench_catches_a_seed_whose_png_changes_with_sjdpp():
     # seed 0 differs across modes; seed 1's SJD++ PNG and both of seed 2's change in the batch
     assert (s["identical_pngs"], s["seeds_compared"], s["unrepeatable_seeds"]) == (0, 1, 2)
     assert "2 seed(s) gave two PNGs in one mode" in bench.table(s, 2)
+
+
+def test_bench_alternates_the_modes_abba_and_sums_each_mode_s_round_walls(monkeypatch):
+    """Throughput rounds go plain, SJD++ | SJD++, plain | SJD++, plain | plain, SJD++ (a drift
+    linear in time falls on both modes), and a mode's throughput is its images over its rounds'
+    summed walls.  Made-up rounds: the machine slows by 1 s a round, and SJD++ takes 3/4 of
+    plain's time; all plain, then all SJD++ would report 0.51x instead of the 1.33x ABBA gives."""
+    order, clock = [], iter(range(100))
+
+    def run_at_once(http, url, body, mode, seeds):
+        order.append(mode)
+        slow = 1.0 + next(clock)  # this round's machine speed: later rounds are slower
+        return [_run(mode, s, 0, 100 if mode == "plain" else 40) for s in seeds], slow * (1.0 if mode == "plain" else 0.75)
+
+    monkeypatch.setattr(bench, "run_at_once", run_at_once)
+    monkeypatch.setattr(bench, "request_image", lambda http, url, body, mode, seed: _run(mode, seed, 1.0, 100))
+    record = bench.bench("http://127.0.0.1:9", {"prompt": "x"}, images=1, in_flight=2, seed=0, rounds=4,
+                         progress=False)
+    assert order == ["plain", "sjdpp", "sjdpp", "plain", "sjdpp", "plain", "plain", "sjdpp"]
+    walls = record["throughput_runs"]
+    assert walls["plain"]["round_walls_s"] == [1, 4, 6, 7] and walls["sjdpp"]["round_walls_s"] == [1.5, 2.25, 3.75, 6]
+    assert record["summary"]["throughput"] == pytest.approx(18 / 13.5)
+    assert [bench.abba(r) for r in range(5)] == [("plain", "sjdpp"), ("sjdpp", "plain"), ("sjdpp", "plain"),
+                                                  ("plain", "sjdpp"), ("plain", "sjdpp")]

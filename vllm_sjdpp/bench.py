@@ -2,16 +2,19 @@
 
     VLLM_PLUGINS=sjdpp,sjdpp_images vllm serve FOLDER --speculative-config sjdpp &
     python -m vllm_sjdpp.bench --url http://localhost:8000 --prompt "a red fox in snow" \\
-        [--images 4] [--in-flight 8] [--size auto] [--seed 0] [--json bench.json]
+        [--images 4] [--in-flight 8] [--rounds 4] [--size auto] [--seed 0] [--json bench.json]
 
 Plain decoding is the same server with the per-request option `sjdpp_disable` (no drafts: one
 token per forward pass), so both run on one machine, one model and one load, side by side:
 - forward passes per image (from each image's `sjdpp.forward_passes`): a figure of the model
   and its prompts, not of the hardware;
-- latency at one image: `--images` seeds, each made plainly and then with SJD++ (alternating,
-  so drift in the machine's speed falls on both), the median wall time of a request;
-- throughput at `--in-flight` images: that many requests at once (seeds seed..seed+N-1),
-  plainly and then with SJD++; images per second;
+- latency at one image: `--images` seeds, each made both ways (which goes first alternates:
+  `abba`), the median wall time of a request;
+- throughput at `--in-flight` images: `--rounds` rounds of that many requests at once (seeds
+  seed..seed+N-1) each way, in the same alternating order; each mode's images over its rounds'
+  summed wall time, in images per second.  A machine's speed drifts between minutes (a 2-core
+  CPU's by tens of percent), so all plain and then all SJD++ would compare two moments of the
+  machine as much as the two decodings;
 - whether each seed gave the same PNG both ways: the promise the server's start-up probe
   reports as `seed_identical` (true, false, or null where it did not probe); a seed that gave
   two PNGs in one mode (alone, then in the batch) is counted apart, compared with nothing.
@@ -55,6 +58,13 @@ class ImageRun:
     tokens: int
     png_sha256: str
     seed_identical: bool | None
+
+
+def abba(r: int, first: str = "plain", second: str = "sjdpp") -> tuple[str, str]:
+    """The order of round `r`'s two modes: first, second in rounds 0, 3, 4, 7, ..., the other way
+    in rounds 1, 2, 5, 6, ... (ABBA), so that a drift linear in time over four rounds falls on
+    both modes alike."""
+    return (first, second) if r % 4 in (0, 3) else (second, first)
 
 
 def request_image(http, url: str, body: dict, mode: str, seed: int) -> ImageRun:
@@ -133,7 +143,8 @@ def table(summary: dict, in_flight: int) -> str:
     return "\n".join(lines)
 
 
-def bench(url: str, body: dict, images: int, in_flight: int, seed: int, progress: bool | None = None) -> dict:
+def bench(url: str, body: dict, images: int, in_flight: int, seed: int, rounds: int = 4,
+          progress: bool | None = None) -> dict:
     """Warm-up, latency and throughput runs against the server at `url`; the JSON record."""
     import httpx
     from tqdm import tqdm
@@ -141,7 +152,7 @@ def bench(url: str, body: dict, images: int, in_flight: int, seed: int, progress
     from .provenance import provenance
 
     started = provenance()
-    total = 2 + 2 * images + 2 * in_flight
+    total = 2 + 2 * images + 2 * in_flight * rounds
     with httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=max(in_flight, 1) + 2)) as http, \
             tqdm(total=total, unit="image", desc="bench", disable=None if progress is None else not progress) as bar:
         for mode in ("plain", "sjdpp"):  # compiles, caches and the seed probe's verdict out of the timings
@@ -149,18 +160,23 @@ def bench(url: str, body: dict, images: int, in_flight: int, seed: int, progress
             bar.update()
         latency = []
         for i in range(images):
-            for mode in (("plain", "sjdpp") if i % 2 == 0 else ("sjdpp", "plain")):
+            for mode in abba(i):
                 latency.append(request_image(http, url, body, mode, seed + i))
                 bar.update()
-        batch = {}
-        for mode in ("plain", "sjdpp"):
-            batch[mode] = run_at_once(http, url, body, mode, [seed + i for i in range(in_flight)])
-            bar.update(in_flight)
+        batch: dict[str, tuple[list[ImageRun], float]] = {"plain": ([], 0.0), "sjdpp": ([], 0.0)}
+        walls: dict[str, list[float]] = {"plain": [], "sjdpp": []}
+        for r in range(rounds):
+            for mode in abba(r):
+                runs, wall = run_at_once(http, url, body, mode, [seed + i for i in range(in_flight)])
+                batch[mode] = (batch[mode][0] + runs, batch[mode][1] + wall)
+                walls[mode].append(wall)
+                bar.update(in_flight)
     return {
-        "url": url, "body": body, "images": images, "in_flight": in_flight, "seed": seed,
+        "url": url, "body": body, "images": images, "in_flight": in_flight, "rounds": rounds, "seed": seed,
         "summary": summarize(latency, batch),
         "latency_runs": [asdict(r) for r in latency],
-        "throughput_runs": {m: {"wall_s": wall, "runs": [asdict(r) for r in runs]} for m, (runs, wall) in batch.items()},
+        "throughput_runs": {m: {"wall_s": wall, "round_walls_s": walls[m], "runs": [asdict(r) for r in runs]}
+                            for m, (runs, wall) in batch.items()},
         "provenance": started,  # the client's machine: the server's may be another
     }
 
@@ -173,6 +189,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text prompt of every image (default: %(default)r)")
     ap.add_argument("--images", type=int, default=4, help="seeds timed one at a time, each both ways (default: %(default)s)")
     ap.add_argument("--in-flight", type=int, default=8, help="images in flight for throughput (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="throughput rounds each way, in alternating order (default: %(default)s)")
     ap.add_argument("--size", default=None, help="WxH, or auto (default: the model's)")
     ap.add_argument("--seed", type=int, default=0, help="the first seed (default: %(default)s)")
     ap.add_argument("--extra", type=json.loads, default={},
@@ -185,8 +203,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     ap = parser()
     args = ap.parse_args(argv)
-    if args.images < 1 or args.in_flight < 1:
-        ap.error("--images and --in-flight: at least 1")
+    if args.images < 1 or args.in_flight < 1 or args.rounds < 1:
+        ap.error("--images, --in-flight and --rounds: at least 1")
     if not isinstance(args.extra, dict):
         ap.error("--extra: a JSON object")
     body = {"prompt": args.prompt, **({"model": args.model} if args.model else {}),
@@ -194,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     import httpx
 
     try:
-        record = bench(args.url, body, args.images, args.in_flight, args.seed, None if not args.no_progress else False)
+        record = bench(args.url, body, args.images, args.in_flight, args.seed, args.rounds,
+                       None if not args.no_progress else False)
     except BenchError as e:
         sys.exit(f"error: {e}")
     except httpx.HTTPError as e:

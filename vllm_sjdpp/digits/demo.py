@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bench import abba
 from ..config import SJDPPConfig
 from ..serving.server import vllm_server
 from .tokens import GENERATED_LENGTH, to_png
@@ -194,8 +195,8 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
     """Plain and SJD++ images at each (concurrency, rounds) of `loads`; the drafts per pass the
     server verified for SJD++ at each load; the seed probe's verdict from the responses.
 
-    A load's rounds alternate the two decodings, plain first in rounds 0, 3, 4, 7, ... and SJD++
-    first in the others (ABBA), and each decoding's throughput is its images over its rounds'
+    A load's rounds alternate the two decodings (`bench.abba`: plain first in rounds 0, 3, 4, 7,
+    ...), and each decoding's throughput is its images over its rounds'
     summed wall time: a 2-core machine's speed drifts by tens of percent from one minute to the
     next (on a 2-core Xeon, float32, one round of the ten digits at ten in flight took 1.3 to
     2.7 s, the same work each time, and single rounds' ratios scattered from 0.73x to 1.13x), so
@@ -211,7 +212,7 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
         gens, walls, drafted, passes = {True: [], False: []}, {True: 0.0, False: 0.0}, 0.0, 0
         with tqdm(total=2 * 10 * rounds, unit="image", desc=f"plain and SJD++, {concurrency:>2} in flight") as bar:
             for r in range(rounds):
-                for plain in (True, False) if r % 4 in (0, 3) else (False, True):
+                for plain in abba(r, True, False):
                     before = spec_draft_tokens(base)
                     images, wall = generate_digits(base, str(model), plain, args.seed, concurrency, args.guidance_scale, bar)
                     gens[plain] += images
