@@ -11,7 +11,10 @@ acceptance (a server would have done so on its first requests); then `rounds` ro
 8 / C below 8 concurrent images, whose few images vary more), each
 timing plain, "auto", full windows (budget null) and no drafts (budget 0: the spec path's floor)
 one after the other on the same prompts (the last three on the one SJD++ engine), so every ratio
-is paired.  Reported per concurrency: median throughput ratios in generated tokens per second
+is paired; the order changes from round to round (`vllm_sjdpp.bench.williams_order`: over four
+rounds each mode runs once in each place and after each other mode once; in one fixed order the
+last mode, no drafts, had always followed full windows, and the machine's drift fell on each
+mode differently).  Reported per concurrency: median throughput ratios in generated tokens per second
 (an unseeded image that draws its end token early is shorter: in images per second a round of
 short plain images made plain look up to 7% faster), plain's rate in 273-token images per second, the
 mean window the controller chose, and passes per image.  Writes <out>.json, <out>.md, <out>.png.
@@ -33,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
+from vllm_sjdpp.bench import williams_order  # noqa: E402
 from vllm_sjdpp.provenance import provenance  # noqa: E402
 
 from vllm_sjdpp.config import AUTO  # noqa: E402
@@ -135,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         rows: dict[str, list] = {"plain": [], "auto": [], "full": [], "none": []}  # tokens / s
         passes: dict[str, list] = {m: [] for m in rows}
         windows = []
-        for _ in range(args.rounds * max(1, 8 // c)):  # small batches: images vary, more rounds
-            for name in rows:
+        for r in range(args.rounds * max(1, 8 // c)):  # small batches: images vary, more rounds
+            for name in williams_order(r, tuple(rows)):
                 budget = {"full": None, "none": 0}.get(name, AUTO)
                 with bench_e2e.draft_token_budget(sjdpp, budget):
                     wall, p, tokens = timed(plain if name == "plain" else sjdpp, c, args.sustained)

@@ -207,3 +207,14 @@ def test_bench_alternates_the_modes_abba_and_sums_each_mode_s_round_walls(monkey
     assert record["summary"]["throughput"] == pytest.approx(18 / 13.5)
     assert [bench.abba(r) for r in range(5)] == [("plain", "sjdpp"), ("sjdpp", "plain"), ("sjdpp", "plain"),
                                                   ("plain", "sjdpp"), ("plain", "sjdpp")]
+
+
+def test_benchmark_rounds_are_balanced_over_places_and_predecessors():
+    """benchmarks/bench_auto.py's four modes: over four rounds each mode runs once in each place
+    and right after each other mode once (a Williams design)."""
+    modes = ("plain", "auto", "full", "none")
+    rounds = [bench.williams_order(r, modes) for r in range(4)]
+    assert all(sorted(row) == sorted(modes) for row in rounds)
+    assert all(sorted(row[i] for row in rounds) == sorted(modes) for i in range(4))
+    follows = [(row[i], row[i + 1]) for row in rounds for i in range(3)]
+    assert len(set(follows)) == len(follows) == 12

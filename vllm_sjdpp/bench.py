@@ -67,6 +67,16 @@ def abba(r: int, first: str = "plain", second: str = "sjdpp") -> tuple[str, str]
     return (first, second) if r % 4 in (0, 3) else (second, first)
 
 
+def williams_order(r: int, modes: tuple) -> tuple:
+    """The order of round `r`'s modes for three or more (a Williams design; two: `abba`): over
+    len(modes) rounds (an even number of modes) each mode runs once in each place and follows
+    each other mode once, so neither the machine's drift nor what ran just before a mode (a warm
+    or cold cache) favours one.  Row r is (0, 1, n-1, 2, n-2, ...) + r, mod n."""
+    n = len(modes)
+    first = [0] + [(i + 1) // 2 if i % 2 else n - i // 2 for i in range(1, n)]
+    return tuple(modes[(f + r) % n] for f in first)
+
+
 def request_image(http, url: str, body: dict, mode: str, seed: int) -> ImageRun:
     """POST one image (n=1) and time it; raises BenchError with the server's message."""
     sent = {**body, "n": 1, "seed": seed, **({"sjdpp_disable": True} if mode == "plain" else {})}
