@@ -72,21 +72,24 @@ window's), and longer windows, each until its pass is timed twice (a shape's fir
 slow): from TRIAL_MIN_BATCH requests on, windows of 2 (a slope: trials climb from short windows, and a
 chosen cap is timed as it runs), below it full ones at the start and the choice afterwards (no
 trials there: the model alone must see a long pass).  Afterwards the costs stay
-current: every PROBE_GAP steps (up to MAX_PROBE_GAP while the caps due are too dear to probe)
+current: every PROBE_GAP steps (up to MAX_PROBE_GAP while the caps are too dear to probe yet)
 one cap whose pass has not been timed for REMEASURE_EVERY steps
 (0, the powers of two, the choice's neighbours; 0 takes ZERO_RUN steps, any other cap one) is
 set instead of chosen, the longest untimed first, if its probe loses
 (its seconds beyond what its tokens, one per request, are worth at the choice's goodput) at most its share of
 PROBE_BUDGET of the time since it was last timed (or, untimed, probed: where requests come and go
-every step no probe is timed), and in any case once MAX_REMEASURE_EVERY steps have passed;
-never while the choice's own acceptance is still being measured (a probe restarts
+every step no probe is timed), and in any case once MAX_REMEASURE_EVERY steps have passed if a
+cost COST_DOUBT times lower would make it worth choosing; never while the choice's own acceptance is still being measured (a probe restarts
 the runs).  No drafts, the floor, is re-timed every REMEASURE_EVERY steps whatever its probe is
 predicted to lose.  These steps, and a trial verdict's hold below, count the steps run at the
 batch size's half octave: one a server passes through at a batch's start and end would else
 find its dear probes due again at every visit.  So a cheap length is re-timed every
-REMEASURE_EVERY steps, a dear one as often as its share allows but at least every
-MAX_REMEASURE_EVERY steps (a pass 30x the choice's then loses 0.7% of the time), and a slow
-start is not remembered: a time 1.5x faster restarts a bucket.
+REMEASURE_EVERY steps, a dear one as often as its share allows, and at least every
+MAX_REMEASURE_EVERY steps where a cost misread by COST_DOUBT could hide a better choice; one
+that loses even at half its cost is only re-timed within the budget (at 32 digit images on 2
+CPU cores the passes of 2 to 32 drafts per request cost 4x to 65x a plain one: forced every
+4096 steps, their probes took 3% of the time).  A slow start is not remembered: a time 1.5x
+faster restarts a bucket.
 
 Trials.  The model's estimates can be wrong where no estimate shows it: a pass's cost drifts
 through an image (at 10 digit images on 2 CPU cores a pass without drafts costs 2.5 ms at the
@@ -138,10 +141,11 @@ DECIDE_EVERY = 4  # steps between choices of the cap (a choice takes some 100 us
 MAX_DECIDE_EVERY = 32  # ... doubled while the choice stays the same, up to this
 SWITCH_MARGIN = 0.05  # a new choice must promise this much more goodput than the current one
 PROBE_GAP = 16  # steps between looks for a re-timing probe due, ...
-MAX_PROBE_GAP = 128  # ... doubled while the caps due are all too dear, up to this
+MAX_PROBE_GAP = 128  # ... or up to this many, while the caps are too dear to probe yet
 REMEASURE_EVERY = 256  # a cap's pass is re-timed when it has not been for this many steps ...
 PROBE_BUDGET = 0.01  # ... if its probe loses at most its share of this much of the time, ...
-MAX_REMEASURE_EVERY = 4096  # ... or when it has not been for this many
+MAX_REMEASURE_EVERY = 4096  # ... or when it has not been for this many, ...
+COST_DOUBT = 2.0  # ... if a cost this many times lower would make it worth choosing
 STARTUP_STEPS = 12  # most steps given each probe of a batch size met first
 ZERO_RUN = 3  # steps of a probe without drafts: the third, after a windowless one, is timed
 MAX_STEP_GAP_S = 5.0  # a longer gap is a stall (a compile, a pause), not a pass
@@ -485,7 +489,7 @@ class GoodputController:
         self._advance = 1.0  # tokens committed per request and drafted step, recently
         self._startup_steps: dict[int, list[int]] = {}  # batch bucket: steps given each probe
         self._probe: list[int] = []  # caps set for the next steps (the rest of a run of 0)
-        self._next_probe, self._probe_gap = 0, PROBE_GAP
+        self._next_probe = 0
         self._probed: dict[tuple[int, int], int] = {}  # (batch bucket, cap): visits when last probed for re-timing
         self._start: float | None = None  # the time of the first choice
         self._start_step = 0  # the step count then
@@ -750,7 +754,7 @@ class GoodputController:
             return None  # nothing is old enough to be due: the model is not consulted (a tenth of a ms)
         goodput, seconds, _ = self.evaluate(wanted, pinned, copies, pinned_copies)
         step_seconds = (self.clock() - self._start) / max(self.steps - self._start_step, 1)
-        due = []
+        due, waits = [], []
         for cap, age in ages.items():
             # A probe's windows are fresh, and a fresh window's drafts are rarely accepted (a
             # first draft one time in three, the rest far less): its pass commits about one token
@@ -759,21 +763,27 @@ class GoodputController:
             # was re-timed every 550 steps, 2% of the time).
             loss = (ZERO_RUN if cap == 0 else 1) * max(0.0, seconds[cap] - batch / goodput[best])
             # Each cap's probes may lose PROBE_BUDGET / (the caps) of the time since it was timed.
-            affordable = PROBE_BUDGET / len(caps) * age * step_seconds >= loss
+            affordable_at = loss / max(PROBE_BUDGET / len(caps) * step_seconds, 1e-12)
             # No drafts is the floor: it is re-timed every REMEASURE_EVERY steps whatever it is
             # predicted to lose (a t_0 read high, say from a batch's first passes, would else
-            # make its probes look dear, and never be read again).
-            if age >= MAX_REMEASURE_EVERY or (age >= REMEASURE_EVERY and (affordable or cap == 0)):
+            # make its probes look dear, and never be read again).  A cap that a cost misread by
+            # COST_DOUBT could make the choice is re-timed by MAX_REMEASURE_EVERY whatever its
+            # probe loses; one that would lose even so waits for its budget (at 32 digit images
+            # on 2 CPU cores, bf16, the forced probe of 32 drafts took 389 ms, 65 plain steps,
+            # every 4096 steps: with the other powers of two, 3% of the time).
+            due_at = max(REMEASURE_EVERY, 0 if cap == 0 else affordable_at)
+            if COST_DOUBT * goodput[cap] >= goodput[best]:
+                due_at = min(due_at, MAX_REMEASURE_EVERY)
+            if age >= due_at:
                 due.append((age, cap))
+            waits.append(due_at - age)
         if not due:
-            # The old caps are dear: they become affordable as they age, so the next look waits
-            # longer (each look consults the model; a probe found a few dozen steps late costs
-            # nothing, as the budget only grows meanwhile), but not past MAX_REMEASURE_EVERY.
-            oldest = max(ages.values())
-            self._probe_gap = min(2 * self._probe_gap, MAX_PROBE_GAP, max(PROBE_GAP, MAX_REMEASURE_EVERY - oldest))
-            self._next_probe = self.steps + self._probe_gap
+            # The old caps are dear: they become affordable as they age, so the next look is
+            # when the first is expected to be (each look consults the model; a probe found a
+            # few dozen steps late costs nothing, as the budget only grows meanwhile), at most
+            # MAX_PROBE_GAP steps away, as the prices change.
+            self._next_probe = self.steps + int(min(max(min(waits), PROBE_GAP), MAX_PROBE_GAP))
             return None
-        self._probe_gap = PROBE_GAP
         cap = max(due)[1]
         self._probed[bucket, cap] = visits
         if cap == 0:
