@@ -88,7 +88,7 @@ REMEASURE_EVERY steps, a dear one as often as its share allows, and at least eve
 MAX_REMEASURE_EVERY steps where a cost misread by COST_DOUBT could hide a better choice; one
 that loses even at half its cost is only re-timed within the budget (at 32 digit images on 2
 CPU cores the passes of 2 to 32 drafts per request cost 4x to 65x a plain one: forced every
-4096 steps, their probes took 3% of the time).  A slow start is not remembered: a time 1.5x
+4096 steps, their probes took about 3% of the time, from those costs).  A slow start is not remembered: a time 1.5x
 faster restarts a bucket.
 
 Trials.  The model's estimates can be wrong where no estimate shows it: a pass's cost drifts
@@ -770,7 +770,7 @@ class GoodputController:
             # COST_DOUBT could make the choice is re-timed by MAX_REMEASURE_EVERY whatever its
             # probe loses; one that would lose even so waits for its budget (at 32 digit images
             # on 2 CPU cores, bf16, the forced probe of 32 drafts took 389 ms, 65 plain steps,
-            # every 4096 steps: with the other powers of two, 3% of the time).
+            # every 4096 steps: with the other powers of two, about 3% of the time).
             due_at = max(REMEASURE_EVERY, 0 if cap == 0 else affordable_at)
             if COST_DOUBT * goodput[cap] >= goodput[best]:
                 due_at = min(due_at, MAX_REMEASURE_EVERY)
