@@ -205,10 +205,11 @@ def test_bad_prompts_are_refused(emu3, prompt, match):
 
 # Sampled: 1000 streams of 5 tokens (3 x 3 codes: a row, its end of line, a code), per-position
 # and adjacent-pair chi-square, Bonferroni, against 1000 of transformers' own.  Power, measured
-# with these seeds on the 2-core EPYC: each broken variant (250 streams) gives p < 1e-150 where
-# BROKEN_ALPHA asks 1e-6, and already 100 streams give p < 1e-90; the exact sampler's smallest p
-# is about 0.02 (0.035 at 2000 streams, which took 266 s here against 124 s).
-SAMPLES, LENGTH, SAMPLE_SIZE = 1000, 5, (24, 24)
+# with these seeds: each broken variant gives p < 1e-170 at 100 streams on the 2-core Xeon (p <
+# 1e-90 on the 2-core EPYC) where BROKEN_ALPHA asks 1e-6, so 100 streams each (the test took 125 s
+# there against 170 s with 250); the exact sampler's smallest p is about 0.02 (0.017 on the Xeon;
+# 0.035 at 2000 streams, which took 266 s on the EPYC against 124 s).
+SAMPLES, BROKEN_SAMPLES, LENGTH, SAMPLE_SIZE = 1000, 100, 5, (24, 24)
 
 
 @pytest.fixture(scope="module")
@@ -250,11 +251,11 @@ def test_sampling_matches_transformers(family, hf_model, emu3_many):
     vocab = VOCAB_SIZE - 151000
     pvalues = position_pair_pvalues(codes(got), codes(hf_samples(hf_model, prompt, negative, 3.0)), vocab)
     assert min(pvalues) > ALPHA / len(pvalues)
-    # Broken variants (500 streams each): the conditional model alone, and the negative prompt
-    # padded to the prompt's length.
-    cond_only = hf_samples(hf_model, prompt, negative, 1.0, samples=SAMPLES // 4)
+    # Broken variants (BROKEN_SAMPLES streams each): the conditional model alone, and the negative
+    # prompt padded to the prompt's length.
+    cond_only = hf_samples(hf_model, prompt, negative, 1.0, samples=BROKEN_SAMPLES)
     assert min(position_pair_pvalues(codes(got), codes(cond_only), vocab)) < BROKEN_ALPHA
     pad = hf_model.config.vocabulary_map["<|endoftext|>"]
     padded = {"guidance_scale": 3.0, "negative_prompt_token_ids": negative[:1] + [pad] * (len(prompt) - len(negative)) + negative[1:]}
-    broken = np.array(generate(emu3_many, [(prompt, LENGTH)] * (SAMPLES // 4), [padded] * (SAMPLES // 4), temperature=1.0))
+    broken = np.array(generate(emu3_many, [(prompt, LENGTH)] * BROKEN_SAMPLES, [padded] * BROKEN_SAMPLES, temperature=1.0))
     assert min(position_pair_pvalues(codes(got), codes(broken), vocab)) < BROKEN_ALPHA
