@@ -2,7 +2,7 @@
 against full windows, on the digit model or its heavy twin, at each concurrency.
 
     python benchmarks/bench_auto.py [--model DIR] [--dtype bfloat16] [--concurrency 1,8,32,64]
-                                    [--rounds 3] [--sustained WAVES] [--out benchmarks/results/auto_digits]
+                                    [--rounds 4] [--sustained WAVES] [--out benchmarks/results/auto_digits]
 
 Two in-process engines: plain, and SJD++ with its defaults (k = 32, "auto").  The requests are
 unseeded, as the controller adapts only those (a seed pins its request's windows).  First one
@@ -12,7 +12,8 @@ acceptance (a server would have done so on its first requests); then `rounds` ro
 timing plain, "auto", full windows (budget null) and no drafts (budget 0: the spec path's floor)
 one after the other on the same prompts (the last three on the one SJD++ engine), so every ratio
 is paired; the order changes from round to round (`vllm_sjdpp.bench.williams_order`: over four
-rounds each mode runs once in each place and after each other mode once; in one fixed order the
+rounds each mode runs once in each place and after each other mode once, so a multiple of four
+rounds is balanced; in one fixed order the
 last mode, no drafts, had always followed full windows, and the machine's drift fell on each
 mode differently).  Reported per concurrency: median throughput ratios in generated tokens per second
 (an unseeded image that draws its end token early is shorter: in images per second a round of
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--concurrency", default="1,8,32,64")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="paired rounds per concurrency, times 8 / C below 8 (the order balances over every 4)")
     ap.add_argument("--sustained", type=int, default=0, metavar="WAVES",
                     help="sustained load: WAVES x C images a round, C in flight, a new one as one ends "
                          "(default 0: C images at once)")

@@ -223,6 +223,7 @@ def emu3_many(make_engine, tiny_emu3_path, emu3_sjdpp):
 def hf_samples(hf_model, prompt, negative, scale, samples=SAMPLES, chunk=100) -> np.ndarray:
     # transformers' unbatched guidance computes the negative prompt's logits at every position:
     # chunks keep that to [chunk, len(negative), 184622] floats.
+    assert samples % chunk == 0, (samples, chunk)
     torch.manual_seed(0)
     allowed = docs_allowed_tokens(hf_model, SAMPLE_SIZE[0] // 8, SAMPLE_SIZE[1] // 8)
     out = []

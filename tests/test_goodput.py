@@ -243,8 +243,8 @@ def test_a_new_batch_size_is_probed_then_costs_are_re_timed():
     """A batch size met first: no drafts, windows of one (until their acceptance is measured),
     full windows, each until its pass is timed twice.  Then drafts that cost 9x to 65x (never
     worth it, even at half the cost) are not chosen, and their passes are re-timed all the same,
-    the dearer the rarer, within the probes' budget: 1% of the time (here 0.9%; forced every
-    MAX_REMEASURE_EVERY steps whatever they cost, as before, 2.1% over 12000 steps)."""
+    the dearer the rarer, within the probes' budget: 1% of the time (here 0.98%; the old rule,
+    which forced each cap every MAX_REMEASURE_EVERY steps whatever it cost, 2.8%)."""
     clock = Clock()
     controller = GoodputController(8, clock=clock)
     chosen, seconds = run_two_requests(controller, clock, 26000, 0.08)
@@ -256,16 +256,17 @@ def test_a_new_batch_size_is_probed_then_costs_are_re_timed():
     assert np.mean(settled == 0) > 0.99  # the choice: no drafts
     probes = [np.sum(settled == cap) for cap in (1, 2, 4, 8)]
     assert probes[0] >= 7 and probes[1] >= 3 and probes[2] >= 1 and probes[3] >= 1, probes
-    assert sum(seconds[full + 4 :]) <= 1.01 * 0.02 * len(seconds[full + 4 :])
+    assert sum(seconds[full + 4 :]) <= 1.015 * 0.02 * len(seconds[full + 4 :])
     assert controller.windows([0, 0], []) == [0, 0]
 
 
 def test_a_cap_a_misread_cost_could_make_the_choice_is_re_timed_at_a_bounded_interval(monkeypatch):
     """With no budget for probes, only the bound re-times: one draft, whose pass costs 1.8x a
     plain one (a cost read twice too high would hide that it could win), is re-timed at least
-    every MAX_REMEASURE_EVERY steps; four and eight drafts (4.2x and 7.4x: they lose even at half
-    that) are not re-timed by force (at 32 digit images on 2 CPU cores such a probe took as long
-    as 65 plain steps)."""
+    every MAX_REMEASURE_EVERY steps, and so is two (2.6x: the acceptance model, optimistic where
+    no window of two has been measured, puts it within COST_DOUBT of no drafts); four and eight
+    drafts (4.2x and 7.4x: they lose even at half that) are not re-timed by force (at 32 digit
+    images on 2 CPU cores such a probe took as long as 65 plain steps)."""
     import vllm_sjdpp.engine.goodput as goodput
 
     monkeypatch.setattr(goodput, "PROBE_BUDGET", 1e-9)
@@ -274,7 +275,7 @@ def test_a_cap_a_misread_cost_could_make_the_choice_is_re_timed_at_a_bounded_int
     settled = np.array(chosen[chosen.index(8) + 3 :])
     probes = np.concatenate([[0], np.flatnonzero(settled == 1), [len(settled)]])
     assert len(probes) >= 4 and np.diff(probes).max() <= MAX_REMEASURE_EVERY + 64, probes
-    assert not np.isin(settled, [4, 8]).any(), np.bincount(settled)
+    assert np.any(settled == 2) and not np.isin(settled, [4, 8]).any(), np.bincount(settled)
 
 
 def measured(cost_of, batch: int = 1) -> GoodputController:

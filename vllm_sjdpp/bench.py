@@ -6,8 +6,9 @@
 
 Plain decoding is the same server with the per-request option `sjdpp_disable` (no drafts: one
 token per forward pass), so both run on one machine, one model and one load, side by side:
-- forward passes per image (from each image's `sjdpp.forward_passes`): a figure of the model
-  and its prompts, not of the hardware;
+- forward passes per image (from each image's `sjdpp.forward_passes`), one at a time and in
+  flight (the controller drafts less under load): a figure of the model, its prompts and the
+  load, not of the hardware;
 - latency at one image: `--images` seeds, each made both ways (which goes first alternates:
   `abba`), the median wall time of a request;
 - throughput at `--in-flight` images: `--rounds` rounds of that many requests at once (seeds
@@ -36,6 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import IMAGES_ROUTE as ROUTE
 from .serving.client import error_text
@@ -60,7 +62,7 @@ class ImageRun:
     seed_identical: bool | None
 
 
-def abba(r: int, first: str = "plain", second: str = "sjdpp") -> tuple[str, str]:
+def abba(r: int, first: Any = "plain", second: Any = "sjdpp") -> tuple[Any, Any]:
     """The order of round `r`'s two modes: first, second in rounds 0, 3, 4, 7, ..., the other way
     in rounds 1, 2, 5, 6, ... (ABBA), so that a drift linear in time over four rounds falls on
     both modes alike."""
@@ -68,10 +70,11 @@ def abba(r: int, first: str = "plain", second: str = "sjdpp") -> tuple[str, str]
 
 
 def williams_order(r: int, modes: tuple) -> tuple:
-    """The order of round `r`'s modes for three or more (a Williams design; two: `abba`): over
-    len(modes) rounds (an even number of modes) each mode runs once in each place and follows
-    each other mode once, so neither the machine's drift nor what ran just before a mode (a warm
-    or cold cache) favours one.  Row r is (0, 1, n-1, 2, n-2, ...) + r, mod n."""
+    """The order of round `r`'s modes (a Williams design; for two, `abba`): over each len(modes)
+    rounds each mode runs once in each place and, for an even number of modes, right after each
+    other mode once, so neither the machine's drift nor what ran just before a mode (a warm or
+    cold cache) favours one; only whole cycles of len(modes) rounds are balanced.  Row r is
+    (0, 1, n-1, 2, n-2, ...) + r, mod n."""
     n = len(modes)
     first = [0] + [(i + 1) // 2 if i % 2 else n - i // 2 for i in range(1, n)]
     return tuple(modes[(f + r) % n] for f in first)
@@ -109,8 +112,10 @@ def summarize(latency: list[ImageRun], batch: dict[str, tuple[list[ImageRun], fl
     def of(runs, mode):
         return [r for r in runs if r.mode == mode]
 
-    every = latency + [r for runs, _ in batch.values() for r in runs]
-    passes = {m: statistics.mean(r.forward_passes for r in of(every, m)) for m in ("plain", "sjdpp")}
+    in_flight = [r for runs, _ in batch.values() for r in runs]
+    every = latency + in_flight
+    passes = {m: statistics.mean(r.forward_passes for r in of(latency, m)) for m in ("plain", "sjdpp")}
+    passes_in_flight = {m: statistics.mean(r.forward_passes for r in of(in_flight, m)) for m in ("plain", "sjdpp")}
     seconds = {m: statistics.median(r.seconds for r in of(latency, m)) for m in ("plain", "sjdpp")}
     throughput = {m: len(runs) / wall for m, (runs, wall) in batch.items()}
     pngs: dict[int, dict[str, str | None]] = {}
@@ -119,12 +124,14 @@ def summarize(latency: list[ImageRun], batch: dict[str, tuple[list[ImageRun], fl
         if r.mode not in seen:
             seen[r.mode] = r.png_sha256
         elif seen[r.mode] != r.png_sha256:
-            seen[r.mode] = None  # one seed, one mode, two PNGs: not repeatable, compared with nothing
+            seen[r.mode] = None  # one seed, one mode, two PNGs in two runs: not repeatable, compared with nothing
     both = [p for p in pngs.values() if "plain" in p and "sjdpp" in p]
     repeatable = [p for p in both if p["plain"] is not None and p["sjdpp"] is not None]
     verdicts = {r.seed_identical for r in every}
     return {
         "passes_per_image": passes, "fewer_passes": passes["plain"] / passes["sjdpp"],
+        "passes_per_image_in_flight": passes_in_flight,
+        "fewer_passes_in_flight": passes_in_flight["plain"] / passes_in_flight["sjdpp"],
         "latency_s": seconds, "lower_latency": seconds["plain"] / seconds["sjdpp"],
         "images_per_s": throughput, "throughput": throughput["sjdpp"] / throughput["plain"],
         "identical_pngs": sum(p["plain"] == p["sjdpp"] for p in repeatable), "seeds_compared": len(repeatable),
@@ -136,8 +143,10 @@ def summarize(latency: list[ImageRun], batch: dict[str, tuple[list[ImageRun], fl
 def table(summary: dict, in_flight: int) -> str:
     s = summary
     rows = [
-        ("forward passes per image", f"{s['passes_per_image']['plain']:.1f}", f"{s['passes_per_image']['sjdpp']:.1f}",
-         f"{s['fewer_passes']:.2f}x fewer"),
+        ("forward passes per image, 1 at a time", f"{s['passes_per_image']['plain']:.1f}",
+         f"{s['passes_per_image']['sjdpp']:.1f}", f"{s['fewer_passes']:.2f}x fewer"),
+        (f"forward passes per image, {in_flight} in flight", f"{s['passes_per_image_in_flight']['plain']:.1f}",
+         f"{s['passes_per_image_in_flight']['sjdpp']:.1f}", f"{s['fewer_passes_in_flight']:.2f}x fewer"),
         ("latency, 1 image (median s)", f"{s['latency_s']['plain']:.3f}", f"{s['latency_s']['sjdpp']:.3f}",
          f"{s['lower_latency']:.2f}x lower"),
         (f"throughput, {in_flight} in flight (images/s)", f"{s['images_per_s']['plain']:.3f}",
@@ -148,8 +157,8 @@ def table(summary: dict, in_flight: int) -> str:
     lines.append(f"\nsame PNG with SJD++ on and off: {s['identical_pngs']} of {s['seeds_compared']} seeds "
                  f"(the server's seed probe: seed_identical = {json.dumps(s['server_seed_identical'])})")
     if s["unrepeatable_seeds"]:
-        lines.append(f"{s['unrepeatable_seeds']} seed(s) gave two PNGs in one mode (alone and in a batch): "
-                     f"this server's images depend on the batch")
+        lines.append(f"{s['unrepeatable_seeds']} seed(s) gave two PNGs in one mode (in two of its runs, alone or in "
+                     f"a batch): this server's images depend on the batch")
     return "\n".join(lines)
 
 

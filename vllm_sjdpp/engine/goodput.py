@@ -79,8 +79,8 @@ set instead of chosen, the longest untimed first, if its probe loses
 (its seconds beyond what its tokens, one per request, are worth at the choice's goodput) at most its share of
 PROBE_BUDGET of the time since it was last timed (or, untimed, probed: where requests come and go
 every step no probe is timed), and in any case once MAX_REMEASURE_EVERY steps have passed if a
-cost COST_DOUBT times lower would make it worth choosing; never while the choice's own acceptance is still being measured (a probe restarts
-the runs).  No drafts, the floor, is re-timed every REMEASURE_EVERY steps whatever its probe is
+cost COST_DOUBT times lower would make it worth choosing; never while the choice's own
+acceptance is still being measured (a probe restarts the runs).  No drafts, the floor, is re-timed every REMEASURE_EVERY steps whatever its probe is
 predicted to lose.  These steps, and a trial verdict's hold below, count the steps run at the
 batch size's half octave: one a server passes through at a batch's start and end would else
 find its dear probes due again at every visit.  So a cheap length is re-timed every
@@ -88,8 +88,8 @@ REMEASURE_EVERY steps, a dear one as often as its share allows, and at least eve
 MAX_REMEASURE_EVERY steps where a cost misread by COST_DOUBT could hide a better choice; one
 that loses even at half its cost is only re-timed within the budget (at 32 digit images on 2
 CPU cores the passes of 2 to 32 drafts per request cost 4x to 65x a plain one: forced every
-4096 steps, their probes took about 3% of the time, from those costs).  A slow start is not remembered: a time 1.5x
-faster restarts a bucket.
+4096 steps, their probes took about 3% of the time, from those costs).  A slow start is not
+remembered: a time 1.5x faster restarts a bucket.
 
 Trials.  The model's estimates can be wrong where no estimate shows it: a pass's cost drifts
 through an image (at 10 digit images on 2 CPU cores a pass without drafts costs 2.5 ms at the
