@@ -260,6 +260,19 @@ def test_a_new_batch_size_is_probed_then_costs_are_re_timed():
     assert controller.windows([0, 0], []) == [0, 0]
 
 
+def test_an_idle_server_s_hour_does_not_make_dear_probes_affordable():
+    """The probes' budget is a share of the steps' time, not of the wall clock: after an hour
+    without requests, drafts that cost 33x and 65x a plain pass (four and eight) are re-timed no
+    sooner than their budget allows (12800 and 25600 steps here), where the wall clock since the
+    first choice had made both due at once and every 256 steps."""
+    clock = Clock()
+    controller = GoodputController(8, clock=clock)
+    run_two_requests(controller, clock, 3000, 0.08)
+    clock.now += 3600.0
+    chosen, _ = run_two_requests(controller, clock, 3000, 0.08)
+    assert not np.isin(chosen, [4, 8]).any(), np.bincount(chosen)
+
+
 def test_a_cap_a_misread_cost_could_make_the_choice_is_re_timed_at_a_bounded_interval(monkeypatch):
     """With no budget for probes, only the bound re-times: one draft, whose pass costs 1.8x a
     plain one (a cost read twice too high would hide that it could win), is re-timed at least

@@ -491,8 +491,7 @@ class GoodputController:
         self._probe: list[int] = []  # caps set for the next steps (the rest of a run of 0)
         self._next_probe = 0
         self._probed: dict[tuple[int, int], int] = {}  # (batch bucket, cap): visits when last probed for re-timing
-        self._start: float | None = None  # the time of the first choice
-        self._start_step = 0  # the step count then
+        self._chosen = False  # whether a choice has been made (no re-timing before it)
         self._trial: Trial | None = None
         self._handed = (-1, 0)  # the cap last handed out, and the step it began
         self._next_trial = 0  # no trial before this step (after one was cut short)
@@ -585,8 +584,7 @@ class GoodputController:
             cap = self._reprobe(batch, w, p, c, pc)
         if cap is not None:
             return cap
-        if self._start is None:
-            self._start, self._start_step = self.clock(), self.steps
+        self._chosen = True
         verdict = self._verdicts.get(bucket)
         held_at_none = verdict is not None and verdict.limit == 0 and self._holds(bucket, verdict)
         if self._trial is None and held_at_none and not p.any():
@@ -731,7 +729,7 @@ class GoodputController:
         """The cap of a re-timing probe this step, if one is due (the module's docstring)."""
         if self._probe:
             return self._probe.pop()
-        if self.steps < self._next_probe or self._start is None:
+        if self.steps < self._next_probe or not self._chosen:
             return None
         if self.best and self.acceptance.direct[0, min(self.best, wanted.max())] < MEASURED_WINDOWS:
             return None  # a probe would restart the runs measuring the choice
@@ -753,7 +751,10 @@ class GoodputController:
         if max(ages.values(), default=0) < REMEASURE_EVERY:
             return None  # nothing is old enough to be due: the model is not consulted (a tenth of a ms)
         goodput, seconds, _ = self.evaluate(wanted, pinned, copies, pinned_copies)
-        step_seconds = (self.clock() - self._start) / max(self.steps - self._start_step, 1)
+        # A step's time at this batch size under the choice, from the model (not the wall time
+        # since the first choice: that counts a server's idle minutes as steps' time, and after
+        # an idle hour every dear probe would look affordable).
+        step_seconds = seconds[best]
         due, waits = [], []
         for cap, age in ages.items():
             # A probe's windows are fresh, and a fresh window's drafts are rarely accepted (a
