@@ -13,9 +13,8 @@ timing plain, "auto", full windows (budget null) and no drafts (budget 0: the sp
 one after the other on the same prompts (the last three on the one SJD++ engine), so every ratio
 is paired; the order changes from round to round (`vllm_sjdpp.bench.williams_order`: over four
 rounds each mode runs once in each place and after each other mode once, so a multiple of four
-rounds is balanced; in one fixed order the
-last mode, no drafts, had always followed full windows, and the machine's drift fell on each
-mode differently).  Reported per concurrency: median throughput ratios in generated tokens per second
+rounds is balanced; in one fixed order the last mode, no drafts, had always followed full
+windows, and the machine's drift fell on each mode differently).  Reported per concurrency: median throughput ratios in generated tokens per second
 (an unseeded image that draws its end token early is shorter: in images per second a round of
 short plain images made plain look up to 7% faster), plain's rate in 273-token images per second, the
 mean window the controller chose, and passes per image.  Writes <out>.json, <out>.md, <out>.png.

@@ -18,7 +18,7 @@ token per forward pass), so both run on one machine, one model and one load, sid
   machine as much as the two decodings;
 - whether each seed gave the same PNG both ways: the promise the server's start-up probe
   reports as `seed_identical` (true, false, or null where it did not probe); a seed that gave
-  two PNGs in one mode (alone, then in the batch) is counted apart, compared with nothing.
+  two PNGs in two runs of one mode (alone or in a batch) is counted apart, compared with nothing.
 
 The table goes to stdout, the JSON (every request's timing, passes and PNG hash, and the
 client's provenance: `vllm_sjdpp.provenance`) to `--json`.
@@ -182,20 +182,20 @@ def bench(url: str, body: dict, images: int, in_flight: int, seed: int, rounds: 
             for mode in abba(i):
                 latency.append(request_image(http, url, body, mode, seed + i))
                 bar.update()
-        batch: dict[str, tuple[list[ImageRun], float]] = {"plain": ([], 0.0), "sjdpp": ([], 0.0)}
+        runs: dict[str, list[ImageRun]] = {"plain": [], "sjdpp": []}
         walls: dict[str, list[float]] = {"plain": [], "sjdpp": []}
         for r in range(rounds):
             for mode in abba(r):
-                runs, wall = run_at_once(http, url, body, mode, [seed + i for i in range(in_flight)])
-                batch[mode] = (batch[mode][0] + runs, batch[mode][1] + wall)
+                images_run, wall = run_at_once(http, url, body, mode, [seed + i for i in range(in_flight)])
+                runs[mode] += images_run
                 walls[mode].append(wall)
                 bar.update(in_flight)
     return {
         "url": url, "body": body, "images": images, "in_flight": in_flight, "rounds": rounds, "seed": seed,
-        "summary": summarize(latency, batch),
+        "summary": summarize(latency, {m: (runs[m], sum(walls[m])) for m in runs}),
         "latency_runs": [asdict(r) for r in latency],
-        "throughput_runs": {m: {"wall_s": wall, "round_walls_s": walls[m], "runs": [asdict(r) for r in runs]}
-                            for m, (runs, wall) in batch.items()},
+        "throughput_runs": {m: {"wall_s": sum(walls[m]), "round_walls_s": walls[m], "runs": [asdict(r) for r in runs[m]]}
+                            for m in runs},
         "provenance": started,  # the client's machine: the server's may be another
     }
 

@@ -66,13 +66,12 @@ any choice).  Weighing the caps takes about 0.1 ms, a fiftieth of a digit-model 
 requests on 2 CPU cores, so where no drafts stand from TRIAL_MIN_BATCH requests on, the choice is
 re-made ever less often (the interval doubles up to MAX_DECIDE_EVERY), and not at all while the
 trials' verdict holds drafting to none.  A batch size met for the first time is probed before
-anything is chosen for it: no
-drafts, windows of one draft (until their acceptance is measured: its slope bounds every longer
-window's), and longer windows, each until its pass is timed twice (a shape's first pass is often
-slow): from TRIAL_MIN_BATCH requests on, windows of 2 (a slope: trials climb from short windows, and a
-chosen cap is timed as it runs), below it full ones at the start and the choice afterwards (no
-trials there: the model alone must see a long pass).  Afterwards the costs stay
-current: every PROBE_GAP steps (up to MAX_PROBE_GAP while the caps are too dear to probe yet)
+anything is chosen for it: no drafts, windows of one draft (until their acceptance is measured:
+its slope bounds every longer window's), and longer windows, each until its pass is timed twice
+(a shape's first pass is often slow): from TRIAL_MIN_BATCH requests on, windows of 2 (a slope:
+trials climb from short windows, and a chosen cap is timed as it runs), below it full ones at the
+start and the choice afterwards (no trials there: the model alone must see a long pass).
+Afterwards the costs stay current: every PROBE_GAP steps (up to MAX_PROBE_GAP while the caps are too dear to probe yet)
 one cap whose pass has not been timed for REMEASURE_EVERY steps
 (0, the powers of two, the choice's neighbours; 0 takes ZERO_RUN steps, any other cap one) is
 set instead of chosen, the longest untimed first, if its probe loses
@@ -80,8 +79,8 @@ set instead of chosen, the longest untimed first, if its probe loses
 PROBE_BUDGET of the time since it was last timed (or, untimed, probed: where requests come and go
 every step no probe is timed), and in any case once MAX_REMEASURE_EVERY steps have passed if a
 cost COST_DOUBT times lower would make it worth choosing; never while the choice's own
-acceptance is still being measured (a probe restarts the runs).  No drafts, the floor, is re-timed every REMEASURE_EVERY steps whatever its probe is
-predicted to lose.  These steps, and a trial verdict's hold below, count the steps run at the
+acceptance is still being measured (a probe restarts the runs).  No drafts, the floor, is
+re-timed every REMEASURE_EVERY steps whatever its probe is predicted to lose.  These steps, and a trial verdict's hold below, count the steps run at the
 batch size's half octave: one a server passes through at a batch's start and end would else
 find its dear probes due again at every visit.  So a cheap length is re-timed every
 REMEASURE_EVERY steps, a dear one as often as its share allows, and at least every
