@@ -83,10 +83,27 @@ def test_acceptance_is_measured_per_window_length():
     exact = np.concatenate([[0.0], np.cumsum(alpha ** np.arange(1, 9))])
     assert acceptance.first_draft() == pytest.approx(alpha, abs=0.02)
     assert acceptance.expected()[:9] == pytest.approx(exact, abs=0.2)
-    # Beyond the longest window measured: the last segment of the curve, extended (the most a
-    # concave curve allows there), never more than every draft.
+    # Beyond the longest window measured: the chord from (0, 0) to it, extended (the most a
+    # concave curve through both allows there).
     gain = acceptance.expected()
-    assert gain[9:] == pytest.approx(gain[8] + (gain[8] - gain[7]) * np.arange(1, 5))
+    assert gain[9:] == pytest.approx(gain[8] * np.arange(9, 13) / 8)
+
+
+def test_beyond_the_longest_window_measured_a_flat_fit_is_not_extended_flat():
+    """Eight windows each of 1 and 2 drafts, which read A(2) below A(1): the concave fit is flat
+    from 1 to 2, and its last segment extended held every longer window to A(1) (a controller
+    then never drafted where windows of 8 committed 1.3x no drafts' tokens per second).  Beyond
+    the longest length measured the estimate is the chord from (0, 0) (here 0.6 a draft), up to
+    the first draft's bound."""
+    acceptance = Acceptance(8)
+    first = np.array([1, 1, 1, 1, 1, 0, 0, 0])  # 5 of 8 first drafts accepted
+    acceptance.observe(np.full(8, 1), first)
+    acceptance.observe(np.full(8, 2), first)  # and no second ones
+    gain = acceptance.expected()
+    assert gain[1] == gain[2] == pytest.approx(0.625)
+    bound = acceptance.first_draft_bound()
+    assert gain[3:] == pytest.approx(np.minimum(0.3125 * np.arange(3, 9), bound * np.arange(3, 9)))
+    assert gain[8] > 2 * gain[2]
 
 
 def test_a_gap_between_measured_lengths_is_not_interpolated_down():
@@ -558,12 +575,13 @@ def test_a_trial_overrules_a_model_that_misjudges_drafting(monkeypatch, trials):
 def test_a_trial_that_cannot_tell_leaves_no_drafts(monkeypatch, tested):
     """Drafting at break-even at every cap (a pass with windows of c costs 1 + A(c) passes
     without drafts), a drafted step's rate scattering by some 25% (a window accepts nothing or a
-    run): twelve steps of each cannot tell them apart, so the verdict is no drafts, which costs
-    nothing the trial cannot see (on a server it saves what the trial does not see: windows
-    restarted, images finishing apart).  Over steps 300-3000 (5 seeds) at least 85% of the steps
-    have no drafts (measured 0.96).  Broken: a verdict from the plain comparison of the means (a
-    coin toss here, each "drafting wins" then held for TRIAL_EVERY steps or more) drafts in far
-    more of them (measured: 0.15 of the steps without drafts)."""
+    run): twelve steps of each cannot tell them apart, so the verdict is no drafts (after one
+    step past the cap, climbing), which costs nothing the trial cannot see (on a server it saves
+    what the trial does not see: windows restarted, images finishing apart).  Over steps
+    300-3000 (5 seeds) at least 75% of the steps have no drafts (measured 0.85; 0.91 before
+    climbing trials stepped past a cap that cannot tell).  Broken: a verdict from the plain
+    comparison of the means (a coin toss here, each "drafting wins" then held for TRIAL_EVERY
+    steps or more) drafts in far more of them (measured: 0.42 of the steps without drafts)."""
     from vllm_sjdpp.engine.goodput import Trial
 
     if not tested:
@@ -572,9 +590,9 @@ def test_a_trial_that_cannot_tell_leaves_no_drafts(monkeypatch, tested):
     runs = [trials_run(lambda cap: 0.010 * (1 + gain[cap]), kindness=1.2, steps=3000, seed=seed) for seed in range(5)]
     windowless = np.mean([fraction for fraction, _ in runs])
     if tested:
-        assert windowless >= 0.85, runs
+        assert windowless >= 0.75, runs
     else:
-        assert windowless < 0.7, runs
+        assert windowless < 0.6, runs
 
 
 def test_the_longer_start_up_probe_is_two_drafts_where_trials_can_climb():
@@ -767,6 +785,45 @@ def test_a_batch_size_s_first_trial_starts_at_the_shortest_winning_window_and_cl
         assert 1 < caps[0] < 8 and set(caps[1:]) == {1}, caps
     else:
         assert caps[:3] == [1, 2, 4] and windowless <= 0.1, (caps, windowless)
+
+
+@pytest.mark.parametrize("unsure", [True, False])
+def test_climbing_trials_step_past_a_cap_that_cannot_tell(monkeypatch, unsure):
+    """Drafting pays more the longer the window: 2 drafts commit 1.02x no drafts' tokens per
+    second, 4 drafts 1.2x, 8 drafts 1.3x (one draft 0.9x, so trials start at 2).  Twelve steps of
+    2 drafts cannot be told from twelve without (a drafted step's rate scatters by some 13%), so
+    the first trial may not tell; the climb then steps past it once, to 4, which wins.  Over
+    steps 300-2000 of ten seeds, in the runs whose first trial could not tell (three), at most
+    20% of the steps are without drafts on average (measured: 4%), and each tried 4 drafts.
+    Broken (a cap that cannot tell ends the climb, as at 888bedd): no drafts held, at least 60%
+    of the steps (measured: 74%: 95% and 94%, and 35% in a run where a later trial of 2 won)."""
+    from vllm_sjdpp.engine.goodput import Trial
+
+    trials = []
+    verdict = GoodputController._verdict
+
+    def recorded(self, bucket, trial):
+        if not unsure:
+            trial.unsure = True  # every cap that cannot tell is the last step up
+        trials.append((trial.cap, trial.outcome()))
+        verdict(self, bucket, trial)
+
+    monkeypatch.setattr(GoodputController, "_verdict", recorded)
+    gain = np.concatenate([[0.0], np.cumsum(0.55 ** np.arange(1, 9))])
+    speed = np.array([1.0, 0.9, 1.02, 1.1, 1.2, 1.22, 1.25, 1.27, 1.3])  # x no drafts' tokens per second
+    untold = []
+    for seed in range(10):
+        trials.clear()
+        windowless, _ = trials_run(lambda cap: 0.010 * (1 + gain[cap]) / speed[cap], kindness=1.0, steps=2000,
+                                   seed=seed)
+        if trials and trials[0] == (2, 0):
+            untold.append((windowless, [cap for cap, _ in trials]))
+    assert untold, "no run's first trial failed to tell: the test tests nothing"
+    windowless = np.mean([fraction for fraction, _ in untold])
+    if unsure:
+        assert windowless <= 0.2 and all(4 in caps for _, caps in untold), untold
+    else:
+        assert windowless >= 0.6, untold
 
 
 def test_trials_skip_one_draft_where_a_drafted_step_s_own_cost_makes_it_lose():

@@ -38,9 +38,11 @@ each length (forgetting per window):
   32 to 8), and every verified window gives it for every shorter length on the same stream.
 The curve: the concave non-decreasing least-squares fit through (0, 0) to the direct means
 (each weighted by its windows accepting any, over L^2: a run's variance grows about as L^2
-while runs reach the window's end) at measured lengths; elsewhere the most any
+while runs reach the window's end) at measured lengths; between them the most any
 concave non-decreasing curve through the fit's vertices allows there (the lines through the
-neighbouring segments, the next vertex, and L), so that a length that might be best is tried,
+neighbouring segments, the next vertex, and L), and beyond the longest the most one through
+(0, 0) and the longest allows (the chord's slope: the fit's last segment is as noisy as its
+means, and a flat one would hold every longer window for good), so that a length that might be best is tried,
 and a gap is never interpolated down (linearly, a concave curve is under-estimated: A(8) read
 0.74 between 1 and 32, where 1.22 was measured); then at most the truncated mean where that is
 measured, and at most L * p+, p+ an upper bound on the first draft's acceptance over all steady
@@ -103,8 +105,8 @@ for TRIAL_EVERY steps (doubled each time a trial agrees with the last): drafting
 committed more at TRIAL_CONFIDENCE (Welch's one-sided test on the steps' rates), a shorter cap
 where it committed less, and no drafts where the trial cannot tell; a batch size's first trial is
 at the shortest window the model expects to beat no drafts (one draft, unless a drafted step's own
-cost makes one lose) and climbs while drafting wins, and then the last cap that won stands where
-the next does not (`Verdict`).
+cost makes one lose) and climbs while drafting wins (past a cap that cannot tell, once: twice it
+may), and then the last cap that won stands where the next does not (`Verdict`).
 
 Why the output stays exact. Verification commits each token with the distribution p given
 everything fixed before the step's noise is drawn: the committed prefix, the drafts, their
@@ -355,8 +357,9 @@ def concave_fit(xs: np.ndarray, ys: np.ndarray, weights: np.ndarray) -> np.ndarr
 
 def optimistic_concave(lengths: np.ndarray, values: np.ndarray, max_window: int) -> np.ndarray:
     """A(0 .. max_window): `values` (concave and non-decreasing in `lengths`, through (0, 0)) at
-    those lengths; elsewhere the most a concave non-decreasing curve through their vertices
-    allows; never over L."""
+    those lengths; between them the most a concave non-decreasing curve through their vertices
+    allows; beyond the longest, the most one through (0, 0) and it allows (its chord's slope);
+    never over L."""
     xs = np.concatenate([[0], lengths]).astype(float)
     ys = np.concatenate([[0.0], values])
     out = np.arange(max_window + 1, dtype=float)
@@ -373,7 +376,12 @@ def optimistic_concave(lengths: np.ndarray, values: np.ndarray, max_window: int)
             continue
         i = int(np.searchsorted(vx, L, side="right")) - 1  # vx[i] < L
         bound = math.inf
-        if i >= 1:  # the segment ending at vertex i, extended
+        if i == len(vx) - 1:
+            # Beyond the longest length measured, the chord from (0, 0): the fit's last segment
+            # is made of noisy means (after 8 windows of 1 and of 2 drafts, A(2) read below A(1)
+            # fits flat, and a flat last segment held every longer window to A(1) for good).
+            bound = vy[i] * L / vx[i]
+        elif i >= 1:  # the segment ending at vertex i, extended
             bound = vy[i] + vs[i - 1] * (L - vx[i])
         if i + 1 < len(vx):
             bound = min(bound, vy[i + 1])  # non-decreasing
@@ -391,10 +399,11 @@ class Trial:
     mostly cut short.  It is cut where the batch leaves its half octave, or by step `deadline`."""
 
     def __init__(self, cap: int, batch: int, warmup: int, started: int, fallback: int | None = None,
-                 recheck: int | None = None):
+                 recheck: int | None = None, unsure: bool = False):
         self.cap, self.batch = cap, batch
-        self.fallback = fallback  # climbing: the cap that just won, the limit if this one does not win
+        self.fallback = fallback  # climbing: the cap that last won, the limit if this one does not win
         self.recheck = recheck  # looking up from a limit held a while: tried again if this does not win
+        self.unsure = unsure  # climbing past a cap whose trial could not tell: the last step up
         self.deadline = started + warmup + 4 * TRIAL_STEPS
         self.phase = 0  # 0: the cap, 1: no drafts
         self.skip = warmup  # timed steps of the drafted phase still to drop (windows not yet steady)
@@ -448,14 +457,14 @@ class Verdict:
     which it holds, and for how long (`hold`: TRIAL_EVERY, doubled each time trials end at the
     same limit, `held`).  A cap that loses is halved and tried again at once.  A batch size's
     first trial starts at the shortest window the model expects to beat no drafts (one draft,
-    unless a drafted step's own cost makes one lose) and climbs: a cap that wins below the model's choice is
-    doubled and tried at once, and the last that won is the limit (where the model is in doubt,
-    its choice's own drafted phase, at a large batch several times a plain pass, is the dearest
-    thing to try first).  When a limit expires, twice it is tried (that shortest window after
-    0); where that does
-    not win, the limit itself is tried again at once, so a limit one lucky trial set does not
-    stand for good (that retry not winning leaves no drafts), and the limit follows the machine
-    both ways."""
+    unless a drafted step's own cost makes one lose) and climbs: a cap that wins below the
+    model's choice is doubled and tried at once (one that cannot tell too, once: `unsure`), and
+    the last that won is the limit (where the model is in doubt, its choice's own drafted phase,
+    at a large batch several times a plain pass, is the dearest thing to try first).  When a
+    limit expires, twice it is tried (that shortest window after 0); where that does not win,
+    the limit itself is tried again at once, so a limit one lucky trial set does not stand for
+    good (that retry not winning leaves no drafts), and the limit follows the machine both
+    ways."""
 
     limit: int | None = None  # None: no limit (drafting won outright)
     until: int = -1
@@ -463,6 +472,7 @@ class Verdict:
     held: int | None = -1  # the limit the last hold was set for (-1: none yet)
     lost: bool = False  # a longer cap lost in the trials since the last hold (then its half is tried next)
     fresh: bool = False  # the limit is a cap that has just won, climbing (then twice it is tried next)
+    unsure: int | None = None  # the limit is a cap whose trial could not tell, climbing: the cap that last won
 
 
 class GoodputController:
@@ -648,7 +658,9 @@ class GoodputController:
             cap, fallback = self.best, None
         elif not verdict.lost:  # a cap won while climbing, or a limit expired: look up
             cap = min(self.best, max(2 * verdict.limit, start))
-            if verdict.fresh or not verdict.limit:
+            if verdict.unsure is not None:  # past a cap that could not tell
+                fallback = verdict.unsure
+            elif verdict.fresh or not verdict.limit:
                 fallback = verdict.limit
             else:  # a limit held a while is tried again if twice it does not win
                 fallback, recheck = None, verdict.limit
@@ -658,7 +670,8 @@ class GoodputController:
         # docstring) hold drafts refined less than a steady window's: not counted.
         warmup = int(math.ceil(cap / max(self._advance, 1.0))) + 1
         steady = self._last_full_step and cap == self._handed[0] and self.steps - self._handed[1] >= warmup
-        self._trial = Trial(cap, batch, 0 if steady else warmup, self.steps, fallback, recheck)
+        self._trial = Trial(cap, batch, 0 if steady else warmup, self.steps, fallback, recheck,
+                            unsure=verdict is not None and verdict.unsure is not None)
         return cap
 
     def _holds(self, bucket: int, verdict: Verdict | None) -> bool:
@@ -672,9 +685,18 @@ class GoodputController:
         outcome = trial.outcome()
         won = outcome > 0
         climbing = trial.fallback is not None
-        verdict.fresh = False
+        verdict.fresh, verdict.unsure = False, None
         if won and (climbing or trial.recheck is not None) and trial.cap < self.best:  # twice as many at once
             verdict.limit, verdict.until, verdict.lost, verdict.fresh = trial.cap, self._visits[bucket], False, True
+        elif outcome == 0 and climbing and not trial.unsure and trial.cap < self.best:
+            # Climbing, a cap that cannot tell is stepped past once: below the model's choice the
+            # gain grows with the cap, and where drafting pays a trial of twice the cap tells it
+            # from no drafts (at 8 digit images in bf16 on 2 CPU cores, two drafts could not be
+            # told from none in 12 steps each, no drafts held for 256 steps at 0.90x plain where
+            # full windows gave 1.08x).  If twice the cap does not win either, the cap that last
+            # won is the limit.
+            verdict.limit, verdict.until, verdict.lost = trial.cap, self._visits[bucket], False
+            verdict.unsure = trial.fallback
         elif not won and trial.recheck is not None:  # the limit itself again, at once
             verdict.limit, verdict.until, verdict.lost = trial.recheck, self._visits[bucket], True
         elif outcome < 0 and trial.cap > 1 and not climbing:  # halve it and try again at once
