@@ -12,7 +12,14 @@ its guidance companion: half the batch never drafts and commits nothing of its o
 At one request a length's acceptance is measured from one window per step, and a window accepts
 nothing two times in three or a run of up to 16 drafts: after 136 steps the mean of a length
 is known to about +-25%.  There the controller is held to 8% (`TOLERANCE`; it reaches 0.93 to
-1.02 of the best fixed window, the fp32 CPUs the least), everywhere else to 5%.
+1.02 of the best fixed window, the fp32 CPUs the least), everywhere else to 5%.  What limits it
+is what those windows can tell: given the true A(L) (the sim's steady acceptance, 200 images a
+length) in place of its estimate, the same controller reaches 0.97 to 1.03 at one request on
+these seeds and on 24 others (a /tmp script, 2026-12-06); estimators tried in its place (a hazard
+pooled by distance from the window's end, one factored by offset and that distance, the direct
+means shrunk towards the truncated ones, an upper confidence bound on them, the truncated means
+alone) and other margins (SWITCH_MARGIN 0.02 and 0.1, DECIDE_EVERY 16, MEASURED_WINDOWS 16)
+reached 0.94 to 0.96 on average over the twelve scenarios, none above the estimator here.
 
 Broken controllers must fall short where their bias matters: the old acceptance model (linear
 between measured lengths), and companions counted as requests (as the runtime did).  And where
