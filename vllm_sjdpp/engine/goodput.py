@@ -105,8 +105,9 @@ for TRIAL_EVERY steps (doubled each time a trial agrees with the last): drafting
 committed more at TRIAL_CONFIDENCE (Welch's one-sided test on the steps' rates), a shorter cap
 where it committed less, and no drafts where the trial cannot tell; a batch size's first trial is
 at the shortest window the model expects to beat no drafts (one draft, unless a drafted step's own
-cost makes one lose) and climbs while drafting wins (past a cap that cannot tell, once: twice it
-may), and then the last cap that won stands where the next does not (`Verdict`).
+cost makes one lose) and climbs while drafting wins (and past a cap that cannot tell, where
+twice it may win, but not past two in a row), and then the last cap that won stands where the
+next does not (`Verdict`).
 
 Why the output stays exact. Verification commits each token with the distribution p given
 everything fixed before the step's noise is drawn: the committed prefix, the drafts, their
@@ -376,10 +377,11 @@ def optimistic_concave(lengths: np.ndarray, values: np.ndarray, max_window: int)
             continue
         i = int(np.searchsorted(vx, L, side="right")) - 1  # vx[i] < L
         bound = math.inf
-        if i == len(vx) - 1:
+        if 1 <= i == len(vx) - 1:
             # Beyond the longest length measured, the chord from (0, 0): the fit's last segment
-            # is made of noisy means (after 8 windows of 1 and of 2 drafts, A(2) read below A(1)
-            # fits flat, and a flat last segment held every longer window to A(1) for good).
+            # is made of noisy means (after 8 windows of 1 and of 2 drafts, an A(2) read no
+            # higher than A(1) fits flat, and a flat last segment held every longer window to
+            # A(1) for good).
             bound = vy[i] * L / vx[i]
         elif i >= 1:  # the segment ending at vertex i, extended
             bound = vy[i] + vs[i - 1] * (L - vx[i])
@@ -458,9 +460,10 @@ class Verdict:
     same limit, `held`).  A cap that loses is halved and tried again at once.  A batch size's
     first trial starts at the shortest window the model expects to beat no drafts (one draft,
     unless a drafted step's own cost makes one lose) and climbs: a cap that wins below the
-    model's choice is doubled and tried at once (one that cannot tell too, once: `unsure`), and
-    the last that won is the limit (where the model is in doubt, its choice's own drafted phase,
-    at a large batch several times a plain pass, is the dearest thing to try first).  When a
+    model's choice is doubled and tried at once (one that cannot tell too, not two in a row:
+    `unsure`), and the last that won is the limit (where the model is in doubt, its choice's own
+    drafted phase, at a large batch several times a plain pass, is the dearest thing to try
+    first).  When a
     limit expires, twice it is tried (that shortest window after 0); where that does not win,
     the limit itself is tried again at once, so a limit one lucky trial set does not stand for
     good (that retry not winning leaves no drafts), and the limit follows the machine both
@@ -647,8 +650,8 @@ class GoodputController:
         # After a trial was cut short, the last verdict's limit stands until the next one (before
         # the first verdict, where the model is in doubt, what the first trial tries).
         if self._holds(bucket, verdict):
-            if limited:
-                return min(self.best, verdict.limit)
+            if limited:  # past a cap that could not tell: the cap that last won
+                return min(self.best, verdict.limit if verdict.unsure is None else verdict.unsure)
             return start if verdict is None and self._doubt.get(bucket) else self.best
         if not limited and not self._doubt.get(bucket):
             return self.best
