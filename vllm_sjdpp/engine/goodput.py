@@ -42,9 +42,10 @@ while runs reach the window's end) at measured lengths; between them the most an
 concave non-decreasing curve through the fit's vertices allows there (the lines through the
 neighbouring segments, the next vertex, and L), and beyond the longest the most one through
 (0, 0) and the longest allows (the chord's slope: the fit's last segment is as noisy as its
-means, and a flat one would hold every longer window for good), so that a length that might be best is tried,
-and a gap is never interpolated down (linearly, a concave curve is under-estimated: A(8) read
-0.74 between 1 and 32, where 1.22 was measured); then at most the truncated mean where that is
+means, and a flat one would hold every longer window for good), so that a length that might be
+best is tried, and a gap is never interpolated down (linearly, a concave curve is
+under-estimated: A(8) read 0.74 between 1 and 32, where 1.22 was measured); then at most the
+truncated mean where that is
 measured, and at most L * p+, p+ an upper bound on the first draft's acceptance over all steady
 windows (a window accepts a run from its first draft, so A(L) <= L * p; the one-sided
 FIRST_DRAFT_CONFIDENCE Clopper-Pearson bound, since a length counts as measured only after
@@ -463,11 +464,10 @@ class Verdict:
     model's choice is doubled and tried at once (one that cannot tell too, not two in a row:
     `unsure`), and the last that won is the limit (where the model is in doubt, its choice's own
     drafted phase, at a large batch several times a plain pass, is the dearest thing to try
-    first).  When a
-    limit expires, twice it is tried (that shortest window after 0); where that does not win,
-    the limit itself is tried again at once, so a limit one lucky trial set does not stand for
-    good (that retry not winning leaves no drafts), and the limit follows the machine both
-    ways."""
+    first).  When a limit expires, twice it is tried (that shortest window after 0); where that
+    does not win, the limit itself is tried again at once, so a limit one lucky trial set does
+    not stand for good (that retry not winning leaves no drafts), and the limit follows the
+    machine both ways."""
 
     limit: int | None = None  # None: no limit (drafting won outright)
     until: int = -1
