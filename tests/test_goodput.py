@@ -797,14 +797,14 @@ def test_climbing_trials_step_past_a_cap_that_cannot_tell(monkeypatch, unsure):
     20% of the steps are without drafts on average (measured: 4%), and each tried 4 drafts.
     Broken (a cap that cannot tell ends the climb, as at 888bedd): no drafts held, at least 60%
     of the steps (measured: 74%: 95% and 94%, and 35% in a run where a later trial of 2 won)."""
-    from vllm_sjdpp.engine.goodput import Trial
+    from vllm_sjdpp.engine.goodput import Verdict
 
     trials = []
     verdict = GoodputController._verdict
 
     def recorded(self, bucket, trial):
-        if not unsure:
-            trial.unsure = True  # every cap that cannot tell is the last step up
+        if not unsure:  # every trial counts as a step past already: a cap that cannot tell ends the climb
+            self._verdicts.setdefault(bucket, Verdict()).unsure = trial.fallback
         trials.append((trial.cap, trial.outcome()))
         verdict(self, bucket, trial)
 

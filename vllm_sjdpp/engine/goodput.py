@@ -402,11 +402,10 @@ class Trial:
     mostly cut short.  It is cut where the batch leaves its half octave, or by step `deadline`."""
 
     def __init__(self, cap: int, batch: int, warmup: int, started: int, fallback: int | None = None,
-                 recheck: int | None = None, unsure: bool = False):
+                 recheck: int | None = None):
         self.cap, self.batch = cap, batch
         self.fallback = fallback  # climbing: the cap that last won, the limit if this one does not win
         self.recheck = recheck  # looking up from a limit held a while: tried again if this does not win
-        self.unsure = unsure  # climbing past a cap whose trial could not tell: the last step up
         self.deadline = started + warmup + 4 * TRIAL_STEPS
         self.phase = 0  # 0: the cap, 1: no drafts
         self.skip = warmup  # timed steps of the drafted phase still to drop (windows not yet steady)
@@ -673,8 +672,7 @@ class GoodputController:
         # docstring) hold drafts refined less than a steady window's: not counted.
         warmup = int(math.ceil(cap / max(self._advance, 1.0))) + 1
         steady = self._last_full_step and cap == self._handed[0] and self.steps - self._handed[1] >= warmup
-        self._trial = Trial(cap, batch, 0 if steady else warmup, self.steps, fallback, recheck,
-                            unsure=verdict is not None and verdict.unsure is not None)
+        self._trial = Trial(cap, batch, 0 if steady else warmup, self.steps, fallback, recheck)
         return cap
 
     def _holds(self, bucket: int, verdict: Verdict | None) -> bool:
@@ -688,10 +686,11 @@ class GoodputController:
         outcome = trial.outcome()
         won = outcome > 0
         climbing = trial.fallback is not None
+        stepped_past = verdict.unsure is not None  # this trial is the step past a cap that could not tell
         verdict.fresh, verdict.unsure = False, None
         if won and (climbing or trial.recheck is not None) and trial.cap < self.best:  # twice as many at once
             verdict.limit, verdict.until, verdict.lost, verdict.fresh = trial.cap, self._visits[bucket], False, True
-        elif outcome == 0 and climbing and not trial.unsure and trial.cap < self.best:
+        elif outcome == 0 and climbing and not stepped_past and trial.cap < self.best:
             # Climbing, a cap that cannot tell is stepped past once: below the model's choice the
             # gain grows with the cap, and where drafting pays a trial of twice the cap tells it
             # from no drafts (at 8 digit images in bf16 on 2 CPU cores, two drafts could not be
