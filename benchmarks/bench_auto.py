@@ -8,16 +8,17 @@ Two in-process engines: plain, and SJD++ with its defaults (k = 32, "auto").  Th
 unseeded, as the controller adapts only those (a seed pins its request's windows).  First one
 untimed round at every concurrency, in which the controller measures the pass cost and the
 acceptance (a server would have done so on its first requests); then `rounds` rounds (times
-8 / C below 8 concurrent images, whose few images vary more), each
-timing plain, "auto", full windows (budget null) and no drafts (budget 0: the spec path's floor)
-one after the other on the same prompts (the last three on the one SJD++ engine), so every ratio
-is paired; the order changes from round to round (`vllm_sjdpp.bench.williams_order`: over four
-rounds each mode runs once in each place and after each other mode once, so a multiple of four
-rounds is balanced; in one fixed order the last mode, no drafts, had always followed full
-windows, and the machine's drift fell on each mode differently).  Reported per concurrency: median throughput ratios in generated tokens per second
-(an unseeded image that draws its end token early is shorter: in images per second a round of
-short plain images made plain look up to 7% faster), plain's rate in 273-token images per second, the
-mean window the controller chose, and passes per image.  Writes <out>.json, <out>.md, <out>.png.
+8 / C below 8 concurrent images, whose few images vary more), each timing plain, "auto", full
+windows (budget null) and no drafts (budget 0: the spec path's floor) one after the other on the
+same prompts (the last three on the one SJD++ engine), so every ratio is paired; the order
+changes from round to round (`vllm_sjdpp.bench.williams_order`: over four rounds each mode runs
+once in each place and after each other mode once, so a multiple of four rounds is balanced; in
+one fixed order the last mode, no drafts, had always followed full windows, and the machine's
+drift fell on each mode differently).  Reported per concurrency: median throughput ratios in
+generated tokens per second (an unseeded image that draws its end token early is shorter: in
+images per second a round of short plain images made plain look up to 7% faster), plain's rate
+in 273-token images per second, the mean window the controller chose, and passes per image.
+Writes <out>.json, <out>.md, <out>.png.
 
 A round's C images start together and the round ends with its last: SJD++'s images finish
 apart, so its round ends in a tail at low load (at 8 digit images, 24-45% of a round's time),

@@ -196,11 +196,12 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
     server verified for SJD++ at each load; the seed probe's verdict from the responses.
 
     A load's rounds alternate the two decodings (`bench.abba`: plain first in rounds 0, 3, 4, 7,
-    ...), and each decoding's throughput is its images over its rounds' summed wall time: a 2-core machine's speed drifts by tens of percent from one minute to the
-    next (on a 2-core Xeon, float32, one round of the ten digits at ten in flight took 1.3 to
-    2.7 s, the same work each time, and single rounds' ratios scattered from 0.73x to 1.13x), so
-    two decodings timed one after the other, all plain then all SJD++, compare two moments of the
-    machine as much as the two decodings."""
+    ...), and each decoding's throughput is its images over its rounds' summed wall time: a
+    2-core machine's speed drifts by tens of percent from one minute to the next (on a 2-core
+    Xeon, float32, one round of the ten digits at ten in flight took 1.3 to 2.7 s, the same work
+    each time, and single rounds' ratios scattered from 0.73x to 1.13x), so two decodings timed
+    one after the other, all plain then all SJD++, compare two moments of the machine as much as
+    the two decodings."""
     from tqdm import tqdm
 
     runs, drafts, identical = [], {}, None

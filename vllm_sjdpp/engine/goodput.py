@@ -74,18 +74,19 @@ its slope bounds every longer window's), and longer windows, each until its pass
 (a shape's first pass is often slow): from TRIAL_MIN_BATCH requests on, windows of 2 (a slope:
 trials climb from short windows, and a chosen cap is timed as it runs), below it full ones at the
 start and the choice afterwards (no trials there: the model alone must see a long pass).
-Afterwards the costs stay current: every PROBE_GAP steps (up to MAX_PROBE_GAP while the caps are too dear to probe yet)
-one cap whose pass has not been timed for REMEASURE_EVERY steps
-(0, the powers of two, the choice's neighbours; 0 takes ZERO_RUN steps, any other cap one) is
-set instead of chosen, the longest untimed first, if its probe loses
-(its seconds beyond what its tokens, one per request, are worth at the choice's goodput) at most its share of
-PROBE_BUDGET of the time since it was last timed (or, untimed, probed: where requests come and go
-every step no probe is timed), and in any case once MAX_REMEASURE_EVERY steps have passed if a
-cost COST_DOUBT times lower would make it worth choosing; never while the choice's own
-acceptance is still being measured (a probe restarts the runs).  No drafts, the floor, is
-re-timed every REMEASURE_EVERY steps whatever its probe is predicted to lose.  These steps, and a trial verdict's hold below, count the steps run at the
-batch size's half octave: one a server passes through at a batch's start and end would else
-find its dear probes due again at every visit.  So a cheap length is re-timed every
+Afterwards the costs stay current: every PROBE_GAP steps (up to MAX_PROBE_GAP while the caps are
+too dear to probe yet) one cap whose pass has not been timed for REMEASURE_EVERY steps (0, the
+powers of two, the choice's neighbours; 0 takes ZERO_RUN steps, any other cap one) is set
+instead of chosen, the longest untimed first, if its probe loses (its seconds beyond what its
+tokens, one per request, are worth at the choice's goodput) at most its share of PROBE_BUDGET of
+the time since it was last timed (or, untimed, probed: where requests come and go every step no
+probe is timed), and in any case once MAX_REMEASURE_EVERY steps have passed if a cost COST_DOUBT
+times lower would make it worth choosing; never while the choice's own acceptance is still being
+measured (a probe restarts the runs).  No drafts, the floor, is re-timed every REMEASURE_EVERY
+steps whatever its probe is predicted to lose.  These steps, and a trial verdict's hold below,
+count the steps run at the batch size's half octave: one a server passes through at a batch's
+start and end would else find its dear probes due again at every visit.  So a cheap length is
+re-timed every
 REMEASURE_EVERY steps, a dear one as often as its share allows, and at least every
 MAX_REMEASURE_EVERY steps where a cost misread by COST_DOUBT could hide a better choice; one
 that loses even at half its cost is only re-timed within the budget (at 32 digit images on 2
