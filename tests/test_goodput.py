@@ -458,7 +458,7 @@ def test_the_runtime_leaves_guidance_companions_out():
         windows=lambda w, p, **kw: asked.append((w, p, kw)) or [5] * len(w),
         observe_step=lambda *args: observed.append(args),
     )
-    runtime.batch.update(req_ids)  # as the step's plan does first
+    runtime.batch.update(req_ids, [5, 5, 5])  # as the step's plan does first
     assert runtime._share([8, 0, 8], [False, False, False]) == [5, 0, 5]
     assert asked == [([8, 8], [], {"copies": [2, 1], "pinned_copies": []})]
     runtime._observe(True, [8, 8, 4], [3, 0, 1])

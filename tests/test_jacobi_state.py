@@ -75,16 +75,19 @@ def test_batch_requests_want_windows_within_their_bounds():
         "plain": request(disable=True),
         "ratio": request(seed=4, verification="ratio"),
     })
-    batch = BatchRequests(JacobiStates(SJDPPConfig(num_speculative_tokens=8), vocab_size=10), runner)
     ids = ["free", "late", "ending", "short", "plain"]
-    batch.update(ids)
     prompt = np.full(5, 10, dtype=np.int32)
     start = np.array([14, 13, 25, 40, 12], dtype=np.int32)  # generated: 4, 3, 15, 30, 2
     no_discard = np.zeros(5, dtype=bool)
 
+    def batch_of(req_ids, max_model_len=47):
+        runner.model_config.max_model_len = max_model_len
+        batch = BatchRequests(JacobiStates(SJDPPConfig(num_speculative_tokens=8), vocab_size=10), runner)
+        batch.update(req_ids, np.full(len(req_ids), 10))
+        return batch
+
     def wanted(start, max_model_len, discard=no_discard):
-        batch.max_model_len = max_model_len
-        return batch.windows_wanted(start, prompt, discard).tolist()
+        return batch_of(ids, max_model_len).windows_wanted(start, discard).tolist()
 
     # late: 3 + 1 < 5, no drafts yet; ending: 20 - 15 = 5 left, 5 - 2 = 3; max_model_len 47: short has
     # 7 left but k = 2 (at 43: 3 left, one draft); plain: never.
@@ -93,18 +96,21 @@ def test_batch_requests_want_windows_within_their_bounds():
     assert wanted(start, 45) == [8, 0, 3, 2, 0]
     assert wanted(start, 43) == [8, 0, 3, 1, 0]
     assert wanted(start, 47, np.array([1, 0, 0, 0, 0], dtype=bool)) == [0, 0, 3, 2, 0]
+    # Past the end: none, never fewer.
+    assert wanted(np.array([46, 45, 60, 50, 46], dtype=np.int32), 47) == [0, 0, 0, 0, 0]
     # What the proposer may hand out after a commit: one token fewer than are left.
-    batch.max_model_len = 43
-    assert batch.drafts_allowed(start, prompt).tolist() == [28, 29, 4, 2, 30]
+    batch = batch_of(ids, 43)
+    assert batch.drafts_allowed(start).tolist() == [28, 29, 4, 2, 30]
     # Only a seeded request verified by the ratio test keeps its full window under "auto".
-    batch.update(ids + ["ratio"])
+    batch = batch_of(ids)
+    batch.update(ids + ["ratio"], np.full(6, 10))
     assert batch.pinned == [False, False, False, False, False, True]
     assert batch.request_states[4].config is None
 
-    batch.update(["ratio"] + ids[::-1])  # vLLM reorders its batch
+    batch.update(["ratio"] + ids[::-1], np.full(6, 10))  # vLLM reorders its batch
     assert batch.pinned == [True, False, False, False, False, False]
-    batch.update(ids[::-1])
-    assert wanted(start[::-1], 47) == [0, 2, 3, 0, 8]
+    batch.update(ids[::-1], np.full(5, 10))
+    assert batch.windows_wanted(start[::-1], no_discard).tolist() == [0, 2, 3, 0, 8]
 
 
 def test_a_reused_request_id_starts_afresh():
@@ -131,14 +137,14 @@ def test_a_reused_request_id_starts_afresh():
     )
     runtime = SJDPPRuntime(runner)  # what vLLM's removed-request hook calls: runtime.release
     states, batch = runtime.states, runtime.batch
-    batch.update(["a", "b"])
+    batch.update(["a", "b"], [5, 5])
     assert batch.request_states[0].config is None
     runner.requests["a"] = request(num_speculative_tokens=3)  # the id reused, SJD++ this time
     runtime.release("a")
-    batch.update(["a", "b"])
+    batch.update(["a", "b"], [5, 5])
     assert batch.request_states[0].config.num_speculative_tokens == 3
     # Broken variant: without forget, the same batch key keeps the aborted request's facts.
     runner.requests["a"] = request(disable=True)
     states.release("a")
-    batch.update(["a", "b"])
+    batch.update(["a", "b"], [5, 5])
     assert batch.request_states[0].config.num_speculative_tokens == 3

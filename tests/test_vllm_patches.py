@@ -201,6 +201,7 @@ def _runner_for_spec_metadata():
         arange_np=np.arange(256, dtype=np.int64), _arange_scratch=np.empty(256, dtype=np.int64), device="cpu",
         max_num_reqs=16,
         input_ids=SimpleNamespace(gpu=torch.arange(100, 356, dtype=torch.int32)),
+        query_start_loc=SimpleNamespace(gpu=torch.full((17,), -7, dtype=torch.int32)),
     )
     runner._get_cumsum_and_arange = GPUModelRunner._get_cumsum_and_arange.__get__(runner)
     runner._calc_spec_decode_metadata = GPUModelRunner._calc_spec_decode_metadata.__get__(runner)
@@ -221,8 +222,13 @@ def test_spec_metadata_without_drafts_equals_vllms(scheduled):
     from vllm_sjdpp.patches.gpu_model_runner import _patch_spec_metadata_without_drafts
 
     _patch_spec_metadata_without_drafts(runner)
-    runner._calc_spec_decode_metadata(np.zeros(16, dtype=np.int32), np.arange(1, 17))  # a larger batch first
-    got = runner._calc_spec_decode_metadata(no_drafts, cu)
+
+    def prepared(num_draft_tokens, cu):  # _prepare_inputs fills query_start_loc before it asks
+        runner.query_start_loc.gpu[1 : len(cu) + 1] = torch.from_numpy(np.asarray(cu, dtype=np.int32))
+        return runner._calc_spec_decode_metadata(num_draft_tokens, cu)
+
+    prepared(np.zeros(16, dtype=np.int32), np.arange(1, 17))  # a larger batch first
+    got = prepared(no_drafts, cu)
     assert got.num_draft_tokens == expected.num_draft_tokens
     assert got.max_spec_len == expected.max_spec_len == 0
     for field in ("draft_token_ids", "cu_num_draft_tokens", "cu_num_sampled_tokens", "target_logits_indices",
@@ -232,6 +238,31 @@ def test_spec_metadata_without_drafts_equals_vllms(scheduled):
 
     drafts = np.array([min(n - 1, 3) for n in scheduled], dtype=np.int32)
     if drafts.any():
-        with_drafts = runner._calc_spec_decode_metadata(drafts, cu)
+        with_drafts = prepared(drafts, cu)
         assert with_drafts.num_draft_tokens == drafts.tolist()
         assert torch.equal(with_drafts.logits_indices, general(drafts, cu).logits_indices)
+
+
+@pytest.mark.parametrize("proposal", [[[], [], []], [[], [5, 6], []], [[4], [], [9, 9]]])
+def test_a_proposal_without_drafts_is_not_handed_to_the_scheduler(proposal):
+    """Steps where drafting does not pay hand the scheduler nothing (it would only set every
+    request's spec_token_ids to the [] that scheduling left there); one draft anywhere and
+    vLLM's handover is the same as without the patch."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_sjdpp.patches.gpu_model_runner import _patch_no_empty_draft_handover
+
+    req_ids = ["a", "b", "c"]
+    runner = SimpleNamespace(num_spec_tokens=4, _draft_token_req_ids=req_ids, _draft_token_ids=proposal,
+                             input_batch=SimpleNamespace(req_ids=req_ids))
+    runner._get_draft_token_ids_cpu = GPUModelRunner._get_draft_token_ids_cpu.__get__(runner)
+    runner.take_draft_token_ids = GPUModelRunner.take_draft_token_ids.__get__(runner)
+    vllms = runner.take_draft_token_ids()
+    _patch_no_empty_draft_handover(runner)
+    got = runner.take_draft_token_ids()
+    if any(proposal):
+        assert (got.req_ids, got.draft_token_ids) == (vllms.req_ids, vllms.draft_token_ids) == (req_ids, proposal)
+    else:
+        assert vllms is not None and got is None

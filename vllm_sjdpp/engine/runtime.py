@@ -247,11 +247,9 @@ class SJDPPRuntime:
         input_batch = self.runner.input_batch
         num_reqs = len(metadata.num_draft_tokens)
         batch = self.batch
-        batch.update(input_batch.req_ids[:num_reqs])
+        batch.update(input_batch.req_ids[:num_reqs], input_batch.num_prompt_tokens[:num_reqs])
         committed = input_batch.num_tokens_no_spec[:num_reqs]
-        wanted = batch.windows_wanted(
-            committed, input_batch.num_prompt_tokens[:num_reqs], self.runner.discard_request_mask.np[:num_reqs]
-        )
+        wanted = batch.windows_wanted(committed, self.runner.discard_request_mask.np[:num_reqs])
         counts = list(metadata.num_draft_tokens)
         start = committed.tolist()
         states = batch.request_states
@@ -358,9 +356,9 @@ class SJDPPRuntime:
         req_ids = self.runner.input_batch.req_ids
         if not self._windows_open:
             return [[] for _ in req_ids]
-        self.batch.update(req_ids)
+        self.batch.update(req_ids, self.runner.input_batch.num_prompt_tokens[: len(req_ids)])
         committed = np.asarray(num_tokens_no_spec[: len(req_ids)], dtype=np.int64)
-        allowed = self.batch.drafts_allowed(committed, self.runner.input_batch.num_prompt_tokens[: len(req_ids)])
+        allowed = self.batch.drafts_allowed(committed)
         drafts = []
         for req_id, state, start, most in zip(req_ids, self.batch.request_states, committed.tolist(), allowed.tolist()):
             window = state.window

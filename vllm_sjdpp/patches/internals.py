@@ -50,6 +50,7 @@ CLASS_MEMBERS = (
     Member(RUNNER, "_update_states", ("self", "scheduler_output")),
     Member("vllm.v1.worker.gpu_input_batch:CachedRequestState", "generator"),
     Member(RUNNER, "_calc_spec_decode_metadata", ("self", "num_draft_tokens", "cu_num_scheduled_tokens")),
+    Member(RUNNER, "take_draft_token_ids", ("self",)),
     Member(RUNNER, "_sample", ("self", "logits", "spec_decode_metadata")),
     Member(RUNNER, "_bookkeeping_sync", ("self", "scheduler_output", "sampler_output"), cpu=True),
     Member(RUNNER, "get_model", ("self",)),
@@ -153,7 +154,7 @@ CLASS_MEMBERS = (
 RUNNER_ATTRIBUTES = (
     "vllm_config", "model_config", "parallel_config", "speculative_config", "device", "max_num_reqs", "sampler",
     "drafter", "rejection_sampler", "requests", "input_batch", "input_ids.gpu", "query_start_loc.np",
-    "discard_request_mask.np",
+    "query_start_loc.gpu", "discard_request_mask.np", "_draft_token_ids",
 )
 INPUT_BATCH_ATTRIBUTES = (
     "req_ids", "num_reqs", "num_tokens_no_spec", "num_prompt_tokens", "token_ids_cpu", "generators",
