@@ -249,7 +249,6 @@ class SJDPPRuntime:
         batch = self.batch
         batch.update(input_batch.req_ids[:num_reqs], input_batch.num_prompt_tokens[:num_reqs])
         committed = input_batch.num_tokens_no_spec[:num_reqs]
-        wanted = batch.windows_wanted(committed, self.runner.discard_request_mask.np[:num_reqs])
         counts = list(metadata.num_draft_tokens)
         start = committed.tolist()
         states = batch.request_states
@@ -263,10 +262,14 @@ class SJDPPRuntime:
             ]
         else:
             per_request, prob_rows = [[] for _ in counts], []
-        # A companion runs its request's window (its rows go through the step as well): under
-        # companions, the memory cap counts each window twice.
-        cap = self.max_drafts // 2 if batch.has_companions else self.max_drafts
-        next_len = share_draft_budget(self._share(wanted.tolist(), batch.pinned), cap)
+        if self.config.draft_token_budget == 0:  # a server without drafts: none is wanted
+            next_len = [0] * num_reqs
+        else:
+            wanted = batch.windows_wanted(committed, self.runner.discard_request_mask.np[:num_reqs])
+            # A companion runs its request's window (its rows go through the step as well):
+            # under companions, the memory cap counts each window twice.
+            cap = self.max_drafts // 2 if batch.has_companions else self.max_drafts
+            next_len = share_draft_budget(self._share(wanted.tolist(), batch.pinned), cap)
         return StepPlan(counts, per_request, start, states, prob_rows, next_len)
 
     def _share(self, wanted: list[int], pinned: list[bool]) -> list[int]:
