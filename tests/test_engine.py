@@ -196,14 +196,17 @@ def test_budget_zero_unseeded_is_plain_decoding(plain, plain_samples, sjdpp):
     tokens under a repetition penalty, their logprobs and the sampled law equal plain's."""
     runtime = runtime_of(sjdpp)
     runtime.set_draft_token_budget(0)
+    drafts_before = runtime.stats.drafts
     try:
         greedy = params(temperature=0, max_tokens=24, repetition_penalty=1.3, logprobs=3)
         prompts = [{"prompt_token_ids": p} for p in PROMPTS]
         got = [o.outputs[0] for o in sjdpp.generate(prompts, greedy, use_tqdm=False)]
         expected = [o.outputs[0] for o in plain.generate(prompts, greedy, use_tqdm=False)]
         sampled = np.array(generate(sjdpp, [[2, 3, 4]] * SAMPLES, params(temperature=1.0, top_k=8, max_tokens=LENGTH)))
+        drafts_verified = runtime.stats.drafts - drafts_before
     finally:
         runtime.set_draft_token_budget(None)
+    assert drafts_verified == 0  # no window made, none verified
     assert [list(o.token_ids) for o in got] == [list(o.token_ids) for o in expected]
     for g, e in zip(got, expected):
         for step_g, step_e in zip(g.logprobs, e.logprobs):

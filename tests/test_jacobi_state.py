@@ -1,3 +1,4 @@
+import inspect
 """The Jacobi state trusts a window only as it was made, and gives memory back."""
 
 import torch
@@ -76,40 +77,41 @@ def test_batch_requests_want_windows_within_their_bounds():
         "ratio": request(seed=4, verification="ratio"),
     })
     ids = ["free", "late", "ending", "short", "plain"]
-    prompt = np.full(5, 10, dtype=np.int32)
-    start = np.array([14, 13, 25, 40, 12], dtype=np.int32)  # generated: 4, 3, 15, 30, 2
+    prompts = {"free": 10, "late": 7, "ending": 12, "short": 10, "plain": 9, "ratio": 10}
+    start = np.array([14, 10, 27, 40, 11], dtype=np.int32)  # generated: 4, 3, 15, 30, 2
     no_discard = np.zeros(5, dtype=bool)
 
     def batch_of(req_ids, max_model_len=47):
         runner.model_config.max_model_len = max_model_len
         batch = BatchRequests(JacobiStates(SJDPPConfig(num_speculative_tokens=8), vocab_size=10), runner)
-        batch.update(req_ids, np.full(len(req_ids), 10))
+        batch.update(req_ids, [prompts[r] for r in req_ids])
         return batch
 
     def wanted(start, max_model_len, discard=no_discard):
         return batch_of(ids, max_model_len).windows_wanted(start, discard).tolist()
 
-    # late: 3 + 1 < 5, no drafts yet; ending: 20 - 15 = 5 left, 5 - 2 = 3; max_model_len 47: short has
-    # 7 left but k = 2 (at 43: 3 left, one draft); plain: never.
+    # late: its 4th token committed by this pass, jacobi_start 5: no drafts yet; ending: 20 - 15 = 5
+    # left, 5 - 2 = 3; max_model_len 47: short has 7 left but k = 2 (at 43: 3 left, one draft);
+    # plain: never.
     assert wanted(start, 47) == [8, 0, 3, 2, 0]
     assert wanted(start + 1, 47) == [8, 8, 2, 2, 0]
     assert wanted(start, 45) == [8, 0, 3, 2, 0]
     assert wanted(start, 43) == [8, 0, 3, 1, 0]
     assert wanted(start, 47, np.array([1, 0, 0, 0, 0], dtype=bool)) == [0, 0, 3, 2, 0]
     # Past the end: none, never fewer.
-    assert wanted(np.array([46, 45, 60, 50, 46], dtype=np.int32), 47) == [0, 0, 0, 0, 0]
+    assert wanted(np.array([46, 45, 60, 46, 46], dtype=np.int32), 47) == [0, 0, 0, 0, 0]
     # What the proposer may hand out after a commit: one token fewer than are left.
     batch = batch_of(ids, 43)
-    assert batch.drafts_allowed(start).tolist() == [28, 29, 4, 2, 30]
+    assert batch.drafts_allowed(start).tolist() == [28, 32, 4, 2, 31]
     # Only a seeded request verified by the ratio test keeps its full window under "auto".
     batch = batch_of(ids)
-    batch.update(ids + ["ratio"], np.full(6, 10))
+    batch.update(ids + ["ratio"], [prompts[r] for r in ids + ["ratio"]])
     assert batch.pinned == [False, False, False, False, False, True]
     assert batch.request_states[4].config is None
 
-    batch.update(["ratio"] + ids[::-1], np.full(6, 10))  # vLLM reorders its batch
+    batch.update(["ratio"] + ids[::-1], [prompts[r] for r in ["ratio"] + ids[::-1]])  # vLLM reorders its batch
     assert batch.pinned == [True, False, False, False, False, False]
-    batch.update(ids[::-1], np.full(5, 10))
+    batch.update(ids[::-1], [prompts[r] for r in ids[::-1]])
     assert batch.windows_wanted(start[::-1], no_discard).tolist() == [0, 2, 3, 0, 8]
 
 
@@ -148,3 +150,58 @@ def test_a_reused_request_id_starts_afresh():
     states.release("a")
     batch.update(["a", "b"], [5, 5])
     assert batch.request_states[0].config.num_speculative_tokens == 3
+
+
+def test_a_streaming_session_s_new_turn_starts_afresh():
+    """vLLM's streaming input keeps a session's request id across turns, each with a new prompt
+    (the last turn's output included) and new options, updated in place
+    (`GPUModelRunner._update_streaming_request`) without the removed-request hook: the patched
+    update forgets the request first, so its next step reads the new turn's prompt length and
+    options.  Broken variant (vLLM's update alone): the first turn's stay."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_sjdpp.config import ADDITIONAL_CONFIG_KEY
+    from vllm_sjdpp.engine.runtime import SJDPPRuntime
+    from vllm_sjdpp.patches import internals
+
+    if not internals.available(internals.RUNNER, "_update_streaming_request"):
+        pytest.skip("this vLLM has no streaming input")
+    load_general_plugins()
+    patched = GPUModelRunner._update_streaming_request
+    vllms = inspect.unwrap(patched)
+    assert patched is not vllms
+
+    def params(**options):
+        return SimpleNamespace(max_tokens=None, seed=None, extra_args={f"sjdpp_{k}": v for k, v in options.items()})
+
+    def turn(prompt_len, **options):
+        return SimpleNamespace(prompt_token_ids=list(range(prompt_len)), mm_features=[], prompt_embeds=None,
+                               sampling_params=params(**options), pooling_params=None, block_ids=([0],),
+                               num_computed_tokens=0)
+
+    model_config = SimpleNamespace(
+        hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 10, max_model_len=100, dtype=None,
+    )
+    for update, forgotten in ((patched, True), (vllms, False)):
+        runner = SimpleNamespace(
+            vllm_config=SimpleNamespace(additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 8}},
+                                        model_config=model_config, scheduler_config=SimpleNamespace(max_num_seqs=8)),
+            model_config=model_config, parallel_config=SimpleNamespace(world_size=1), uses_mrope=False,
+            input_batch=SimpleNamespace(remove_request=lambda req_id: None),
+            late_interaction_runner=SimpleNamespace(register_request=lambda *args: None),
+            get_model=lambda: SimpleNamespace(),
+        )
+        runner.requests = {"s": SimpleNamespace(sampling_params=params(jacobi_start=4), output_token_ids=[])}
+        runner.sjdpp = runtime = SJDPPRuntime(runner)
+        runtime.batch.update(["s"], [6])
+        assert runtime.batch.windows_wanted(np.array([8]), np.zeros(1, dtype=bool)).tolist() == [0]  # 3rd token
+        update(runner, "s", turn(20, jacobi_start=4, num_speculative_tokens=5))
+        runtime.batch.update(["s"], [runner.requests["s"].num_prompt_tokens])
+        # The new turn's 2nd and 4th tokens: drafts from its 4th on, 5 of them (the first turn's
+        # facts: drafts from position 9, 8 of them).
+        wanted = [runtime.batch.windows_wanted(np.array([c]), np.zeros(1, dtype=bool)).tolist()[0] for c in (21, 23)]
+        assert wanted == ([0, 5] if forgotten else [8, 8]), (update, wanted)

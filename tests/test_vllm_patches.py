@@ -229,6 +229,9 @@ def test_spec_metadata_without_drafts_equals_vllms(scheduled):
 
     prepared(np.zeros(16, dtype=np.int32), np.arange(1, 17))  # a larger batch first
     got = prepared(no_drafts, cu)
+    again = prepared(no_drafts, cu + 3)  # the same batch size, the next step's positions
+    assert again.logits_indices.tolist() == (cu + 2).tolist()
+    got = prepared(no_drafts, cu)
     assert got.num_draft_tokens == expected.num_draft_tokens
     assert got.max_spec_len == expected.max_spec_len == 0
     for field in ("draft_token_ids", "cu_num_draft_tokens", "cu_num_sampled_tokens", "target_logits_indices",
@@ -243,11 +246,19 @@ def test_spec_metadata_without_drafts_equals_vllms(scheduled):
         assert torch.equal(with_drafts.logits_indices, general(drafts, cu).logits_indices)
 
 
-@pytest.mark.parametrize("proposal", [[[], [], []], [[], [5, 6], []], [[4], [], [9, 9]]])
-def test_a_proposal_without_drafts_is_not_handed_to_the_scheduler(proposal):
+@pytest.mark.parametrize("proposal, companions, handed", [
+    ([[], [], []], False, False),
+    ([[], [5, 6], []], False, True),
+    ([[4], [], [9, 9]], False, True),
+    ([[], [], []], True, True),  # PairedScheduler hands drafts to companions as well
+    ("tensor", False, True),  # vLLM's zeros when the input does not fit the drafter
+    (None, False, True),
+])
+def test_a_proposal_without_drafts_is_not_handed_to_the_scheduler(proposal, companions, handed):
     """Steps where drafting does not pay hand the scheduler nothing (it would only set every
-    request's spec_token_ids to the [] that scheduling left there); one draft anywhere and
-    vLLM's handover is the same as without the patch."""
+    request's spec_token_ids to the [] that scheduling left there); one draft anywhere, a
+    batch with guidance companions or a proposal that is not a list, and vLLM's handover is
+    the one without the patch."""
     from types import SimpleNamespace
 
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -255,14 +266,13 @@ def test_a_proposal_without_drafts_is_not_handed_to_the_scheduler(proposal):
     from vllm_sjdpp.patches.gpu_model_runner import _patch_no_empty_draft_handover
 
     req_ids = ["a", "b", "c"]
-    runner = SimpleNamespace(num_spec_tokens=4, _draft_token_req_ids=req_ids, _draft_token_ids=proposal,
-                             input_batch=SimpleNamespace(req_ids=req_ids))
-    runner._get_draft_token_ids_cpu = GPUModelRunner._get_draft_token_ids_cpu.__get__(runner)
-    runner.take_draft_token_ids = GPUModelRunner.take_draft_token_ids.__get__(runner)
-    vllms = runner.take_draft_token_ids()
+    if proposal == "tensor":
+        proposal = torch.zeros(1, dtype=torch.int32).expand(3, 4)
+    handed_over = []
+    runner = SimpleNamespace(_draft_token_ids=proposal, sjdpp=SimpleNamespace(batch=SimpleNamespace(has_companions=companions)))
+    runner.take_draft_token_ids = lambda: handed_over.append(runner._draft_token_ids) or "vLLM's handover"
     _patch_no_empty_draft_handover(runner)
     got = runner.take_draft_token_ids()
-    if any(proposal):
-        assert (got.req_ids, got.draft_token_ids) == (vllms.req_ids, vllms.draft_token_ids) == (req_ids, proposal)
-    else:
-        assert vllms is not None and got is None
+    assert (got == "vLLM's handover") == handed and len(handed_over) == int(handed)
+    if not handed:
+        assert got is None

@@ -6,7 +6,9 @@ runs for.  None of that changes while a request runs, so it is
 gathered once per batch composition into arrays, and each step computes the windows wanted with
 a few array operations instead of a Python loop over the requests (at 64 requests the loop took
 about 0.3 ms of a 12 ms digit-model step); the bounds that do not move while a request runs
-(where its drafting starts, where its sequence must end) are folded once per batch as well.
+(where its drafting starts, where its sequence must end) are folded once per batch as well.  A
+streaming session's new turn, which keeps its request id with a new prompt, is forgotten first
+(`patches.gpu_model_runner`), so its facts are gathered afresh.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class BatchRequests:
         configs = [s.config for s in self.request_states]
         # A request decoded plainly (no config) never wants drafts: a window of 0.
         self._window = np.array([c.num_speculative_tokens if c else 0 for c in configs], dtype=np.int64)
-        # The first committed length after which a request drafts (its jacobi_start-th generated
+        # The first committed length from which a request drafts (its jacobi_start-th generated
         # token is committed by the pass that verifies them), and the most tokens its sequence
         # may reach (max_tokens generated, the context).
         jacobi_start = np.array([c.jacobi_start if c else 0 for c in configs], dtype=np.int64)

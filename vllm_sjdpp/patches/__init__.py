@@ -10,9 +10,10 @@ general plugins load in every vLLM process, and installing this one must never b
   vLLM's model-free custom_class hook, checked against the model folder at start-up; a model
   config that fails on a checkpoint layout no family reads names the folder to use instead.
 - `gpu_model_runner` (vllm/v1/worker/gpu_model_runner.py): the runner of an SJD++ engine gets its
-  runtime, our sampler and drafter wiring, the one hook that forgets a removed request, the
-  guidance inputs before each forward, the spec-decode metadata of steps without drafts, and on
-  CPU seeded chunked prefill without the generator rewind CPU generators lack.
+  runtime, our sampler and drafter wiring, the hooks that forget a removed request or a
+  streaming session's last turn, the guidance inputs before each forward, the spec-decode
+  metadata of steps without drafts and no handover of a proposal without drafts, and on CPU
+  seeded chunked prefill without the generator rewind CPU generators lack.
 - `gpu_worker` (vllm/v1/worker/gpu_worker.py, cpu_worker.py): KV sizing keeps the step's buffers;
   the seed probe's worker method.
 - `engine_core` (vllm/v1/engine/core.py): an SJD++ engine runs the seed probe once built.

@@ -7,8 +7,9 @@ subclasses).
   proposal without drafts to the scheduler.  It, and any runner of a
   guided architecture this plugin registers, draws seeded rows by the position-keyed race
   (`engine.race_sampler`): one meaning of a seed, with SJD++ or without.
-- `_on_request_state_removed`, vLLM's hook for request-scoped caches: the one place where a
-  request's SJD++ state and guidance inputs are forgotten.
+- `_on_request_state_removed`, vLLM's hook for request-scoped caches, and
+  `_update_streaming_request`, a streaming session's new turn under the same request id (new
+  prompt, new options): where a request's SJD++ state and guidance inputs are forgotten.
 - `_update_states`: on runners with the race sampler, requests raced by position-keyed noise lose
   their generators (never drawn from), so vLLM has none to rewind after a partial prefill.
 - `_preprocess`: a guided model's per-token guidance inputs are filled before each forward
@@ -36,7 +37,7 @@ def apply(on_cpu: bool) -> None:
     from ..engine.runtime import SJDPPRuntime
     from ..engine.sampler import SJDPPSampler
     from ..guidance.llama import check_async_speculation
-    from .internals import check_race_sampler, check_runner, check_sampler
+    from .internals import RUNNER, available, check_race_sampler, check_runner, check_sampler
     from .models import guided_architectures
 
     init = GPUModelRunner.__init__
@@ -66,14 +67,19 @@ def apply(on_cpu: bool) -> None:
     @functools.wraps(removed)
     def release_request_state(self, req_id, req_state):
         removed(self, req_id, req_state)
-        runtime = getattr(self, "sjdpp", None)
-        if runtime is not None:
-            runtime.release(req_id)
-        guidance = getattr(self.get_model(), "guidance", None)
-        if guidance is not None:
-            guidance.forget(req_id)
+        _forget_request(self, req_id)
 
     GPUModelRunner._on_request_state_removed = release_request_state
+
+    if available(RUNNER, "_update_streaming_request"):
+        new_turn = GPUModelRunner._update_streaming_request
+
+        @functools.wraps(new_turn)
+        def update_streaming_request_afresh(self, req_id, *args, **kwargs):
+            _forget_request(self, req_id)
+            return new_turn(self, req_id, *args, **kwargs)
+
+        GPUModelRunner._update_streaming_request = update_streaming_request_afresh
 
     update_states = GPUModelRunner._update_states
 
@@ -88,6 +94,17 @@ def apply(on_cpu: bool) -> None:
     _patch_guidance_inputs()
     if on_cpu:
         _patch_cpu_seeded_chunked_prefill()
+
+
+def _forget_request(runner, req_id: str) -> None:
+    """Drop what SJD++ and guidance keep for a request: it is gone, or a streaming session's new
+    turn keeps its id with a new prompt and new options (vLLM's `_update_streaming_request`)."""
+    runtime = getattr(runner, "sjdpp", None)
+    if runtime is not None:
+        runtime.release(req_id)
+    guidance = getattr(runner.get_model(), "guidance", None)
+    if guidance is not None:
+        guidance.forget(req_id)
 
 
 def _patch_guidance_inputs() -> None:
@@ -227,13 +244,15 @@ def _patch_no_empty_draft_handover(runner) -> None:
     # take_draft_token_ids returns to Scheduler.update_draft_token_ids, a loop over the batch
     # that sets each request's spec_token_ids.  A proposal without drafts changes nothing there:
     # the scheduler empties a request's spec_token_ids when it schedules the request (and when it
-    # preempts it), and a request outside this step's batch is in neither handover.  Skipping it
-    # saves most steps where drafting does not pay a pass over the batch (about 1 us a request).
+    # preempts it).  Skipping it saves most steps where drafting does not pay a pass over the
+    # batch (about 1 us a request).  Not under guidance companions: `PairedScheduler` also hands
+    # a request's drafts to its companion, which may have sat the step out.
     take = runner.take_draft_token_ids
+    batch = runner.sjdpp.batch
 
     def take_draft_token_ids():
         drafts = runner._draft_token_ids
-        if isinstance(drafts, list) and not any(drafts):
+        if isinstance(drafts, list) and not batch.has_companions and not any(drafts):
             return None
         return take()
 

@@ -46,6 +46,7 @@ CLASS_MEMBERS = (
     # The model runner's methods the patches wrap or call (patches.gpu_model_runner).
     Member(RUNNER, "__init__", ("self", "vllm_config", "device")),
     Member(RUNNER, "_on_request_state_removed", ("self", "req_id", "req_state")),
+    Member(RUNNER, "_update_streaming_request", ("self", "req_id", "new_req_data"), optional=True),
     Member(RUNNER, "_preprocess", ("self", "scheduler_output", "num_input_tokens")),
     Member(RUNNER, "_update_states", ("self", "scheduler_output")),
     Member("vllm.v1.worker.gpu_input_batch:CachedRequestState", "generator"),
