@@ -246,6 +246,19 @@ def test_spec_metadata_without_drafts_equals_vllms(scheduled):
         assert torch.equal(with_drafts.logits_indices, general(drafts, cu).logits_indices)
 
 
+def test_vllm_fills_query_start_loc_before_it_asks_for_spec_metadata():
+    """`MetadataWithoutDrafts` takes the step's logits indices from `query_start_loc` on the
+    device, which vLLM's `_prepare_inputs` copies there before it asks for the spec-decode
+    metadata.  A vLLM that asked first would have the sampler read the previous step's rows
+    without any error, so the order is checked in its source."""
+    import inspect
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    source = inspect.getsource(inspect.unwrap(GPUModelRunner._prepare_inputs))
+    assert source.index("self.query_start_loc.copy_to_gpu()") < source.index("self._calc_spec_decode_metadata(")
+
+
 @pytest.mark.parametrize("proposal, companions, handed", [
     ([[], [], []], False, False),
     ([[], [5, 6], []], False, True),
