@@ -571,7 +571,7 @@ class GoodputController:
         self.steps += 1
         if not any(wanted):
             return list(wanted)
-        if not pinned and copies is None and self._holding_none(len(wanted)):
+        if len(pinned) == 0 and self._holding_none(len(wanted)):
             cap = 0
         else:
             cap = self._cap(np.asarray(wanted), np.asarray(pinned, dtype=int), copies, pinned_copies)
@@ -580,12 +580,14 @@ class GoodputController:
         return [min(n, cap) for n in wanted]
 
     def _holding_none(self, batch: int) -> bool:
-        """Whether `_cap` would give no drafts at this step, with no start-up probe, re-timing
-        probe or trial due: where the trials' limit of none stands, or the model's choice of none
-        stands until its next weighing (then it counts the visit, as `_cap` does).  The same
-        answer as `_cap`'s without its look at all that may be due, which took 46-68 us a step
-        at 10 digit images in float32 on 2 CPU cores held to AVX2 (some 1.2% of the time), where
-        drafting does not pay and most steps are such."""
+        """True only where `_cap` would give no drafts at this step and change nothing but the
+        visit count, which this then counts: no start-up probe, re-timing probe or trial is due,
+        and no drafts stand (the trials' limit of none, or the model's choice of none until its
+        next weighing); without pinned windows (guidance companions change nothing here: none of
+        this reads `copies`).  False leaves everything as it was, and `_cap` decides.  Where
+        drafting does not pay most steps are such, and `_cap`'s look at all that may be due took
+        46-68 us a step (10 digit images in float32, 2 CPU cores held to AVX2: some 1.2% of the
+        time)."""
         bucket = batch_bucket(batch)
         if self._trial is not None or self._probe or not self._chosen or self.steps >= self._next_probe:
             return False
