@@ -115,28 +115,37 @@ def test_batch_requests_want_windows_within_their_bounds():
     assert batch.windows_wanted(start[::-1], no_discard).tolist() == [0, 2, 3, 0, 8]
 
 
+def runtime_runner(**attributes):
+    """The model runner's attributes an `SJDPPRuntime` reads when built (a Llama of 10 tokens,
+    windows of 8), and `attributes`."""
+    from types import SimpleNamespace
+
+    from vllm_sjdpp.config import ADDITIONAL_CONFIG_KEY
+
+    model_config = SimpleNamespace(
+        hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 10, max_model_len=100,
+        dtype=None,
+    )
+    return SimpleNamespace(
+        vllm_config=SimpleNamespace(additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 8}},
+                                    model_config=model_config, scheduler_config=SimpleNamespace(max_num_seqs=8)),
+        model_config=model_config, parallel_config=SimpleNamespace(world_size=1), **attributes,
+    )
+
+
 def test_a_reused_request_id_starts_afresh():
     """vLLM removes a request (finished or aborted) and a client reuses its id in the same
     place of the batch: the runtime's release forgets every per-request fact, so the new
     request's options are its own, not the old one's."""
     from types import SimpleNamespace
 
-    from vllm_sjdpp.config import ADDITIONAL_CONFIG_KEY
     from vllm_sjdpp.engine.runtime import SJDPPRuntime
 
     def request(**options):
         extra = {f"sjdpp_{k}": v for k, v in options.items()}
         return SimpleNamespace(sampling_params=SimpleNamespace(max_tokens=None, seed=None, extra_args=extra))
 
-    model_config = SimpleNamespace(
-        hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 10, max_model_len=100, dtype=None,
-    )
-    runner = SimpleNamespace(
-        vllm_config=SimpleNamespace(additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 8}},
-                                    model_config=model_config, scheduler_config=SimpleNamespace(max_num_seqs=8)),
-        model_config=model_config, parallel_config=SimpleNamespace(world_size=1),
-        requests={"a": request(disable=True), "b": request()},
-    )
+    runner = runtime_runner(requests={"a": request(disable=True), "b": request()})
     runtime = SJDPPRuntime(runner)  # what vLLM's removed-request hook calls: runtime.release
     states, batch = runtime.states, runtime.batch
     batch.update(["a", "b"], [5, 5])
@@ -164,7 +173,6 @@ def test_a_streaming_session_s_new_turn_starts_afresh():
     from vllm.plugins import load_general_plugins
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_sjdpp.config import ADDITIONAL_CONFIG_KEY
     from vllm_sjdpp.engine.runtime import SJDPPRuntime
     from vllm_sjdpp.patches import internals
 
@@ -183,19 +191,13 @@ def test_a_streaming_session_s_new_turn_starts_afresh():
                                sampling_params=params(**options), pooling_params=None, block_ids=([0],),
                                num_computed_tokens=0)
 
-    model_config = SimpleNamespace(
-        hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), get_vocab_size=lambda: 10, max_model_len=100, dtype=None,
-    )
     for update, forgotten in ((patched, True), (vllms, False)):
-        runner = SimpleNamespace(
-            vllm_config=SimpleNamespace(additional_config={ADDITIONAL_CONFIG_KEY: {"num_speculative_tokens": 8}},
-                                        model_config=model_config, scheduler_config=SimpleNamespace(max_num_seqs=8)),
-            model_config=model_config, parallel_config=SimpleNamespace(world_size=1), uses_mrope=False,
-            input_batch=SimpleNamespace(remove_request=lambda req_id: None),
+        runner = runtime_runner(
+            requests={"s": SimpleNamespace(sampling_params=params(jacobi_start=4), output_token_ids=[])},
+            uses_mrope=False, input_batch=SimpleNamespace(remove_request=lambda req_id: None),
             late_interaction_runner=SimpleNamespace(register_request=lambda *args: None),
             get_model=lambda: SimpleNamespace(),
         )
-        runner.requests = {"s": SimpleNamespace(sampling_params=params(jacobi_start=4), output_token_ids=[])}
         runner.sjdpp = runtime = SJDPPRuntime(runner)
         runtime.batch.update(["s"], [6])
         assert runtime.batch.windows_wanted(np.array([8]), np.zeros(1, dtype=bool)).tolist() == [0]  # 3rd token

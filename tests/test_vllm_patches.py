@@ -282,7 +282,8 @@ def test_a_proposal_without_drafts_is_not_handed_to_the_scheduler(proposal, comp
     if proposal == "tensor":
         proposal = torch.zeros(1, dtype=torch.int32).expand(3, 4)
     handed_over = []
-    runner = SimpleNamespace(_draft_token_ids=proposal, sjdpp=SimpleNamespace(batch=SimpleNamespace(has_companions=companions)))
+    batch = SimpleNamespace(has_companions=companions)
+    runner = SimpleNamespace(_draft_token_ids=proposal, sjdpp=SimpleNamespace(batch=batch))
     runner.take_draft_token_ids = lambda: handed_over.append(runner._draft_token_ids) or "vLLM's handover"
     _patch_no_empty_draft_handover(runner)
     got = runner.take_draft_token_ids()

@@ -596,8 +596,8 @@ class GoodputController:
             return False
         visits = self._visits.get(bucket, 0) + 1
         verdict = self._verdicts.get(bucket)
-        # `_holds`, after this visit
-        limited = verdict is not None and verdict.limit == 0 and (self.steps < self._next_trial or visits < verdict.until)
+        holds = verdict is not None and (self.steps < self._next_trial or visits < verdict.until)  # `_holds`
+        limited = holds and verdict.limit == 0
         chosen = not self.best and self.steps < self._next_choice and bucket == self._chosen_for
         if not (limited or chosen):
             return False
