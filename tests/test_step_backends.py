@@ -179,10 +179,16 @@ import test_step_backends as t
 from vllm_sjdpp.kernels.step import compile_cpu_step
 if sys.argv[2] == "warm":
     compile_cpu_step(4096)
+elif sys.argv[2] == "warm-with-grad":  # broken: compiled outside the engine's inference mode
+    from vllm_sjdpp.kernels.noise import compile_keyed_exponentials
+    from vllm_sjdpp.kernels.row_pass_torch import compile_inductor
+    compile_inductor(4096)
+    compile_keyed_exponentials(4096)
 before = counters["stats"]["unique_graphs"]
-for name in ("k1-random", "k64-two-blocks", "mixed", "all-greedy"):
-    for gumbel in ("none", "all", "mixed"):  # the ratio test, Gumbel coupling, both
-        t.sjdpp_step(*t._case(*t.CASES[name], torch.float32, 0, gumbel), backend="inductor")
+with torch.inference_mode():  # as vLLM runs the step
+    for name in ("k1-random", "k64-two-blocks", "mixed", "all-greedy"):
+        for gumbel in ("none", "all", "mixed"):  # the ratio test, Gumbel coupling, both
+            t.sjdpp_step(*t._case(*t.CASES[name], torch.float32, 0, gumbel), backend="inductor")
 print(counters["stats"]["unique_graphs"] - before)
 """
 
@@ -192,8 +198,9 @@ def test_a_server_compiles_the_row_pass_before_its_first_step():
     """`compile_cpu_step`, which an SJD++ engine on a CPU runs while it starts
     (`engine.runtime.compile_step`), compiles the fused row pass and noise at every shape a step meets: in a
     fresh process, steps of one row and of many, under the ratio test and Gumbel coupling, at
-    other vocabularies, compile no Dynamo graph afterwards.  Without it (the broken variant: a
-    fresh process's first steps) they compile."""
+    other vocabularies, in inference mode as vLLM runs them, compile no Dynamo graph afterwards.
+    Broken variants: without it (a fresh process's first steps), and compiled outside inference
+    mode (Dynamo guards on the grad mode: as the engine did until 2026-12-06), they compile."""
     import subprocess
     import sys
     from pathlib import Path
@@ -204,6 +211,7 @@ def test_a_server_compiles_the_row_pass_before_its_first_step():
         return int(out.stdout.strip().splitlines()[-1])
 
     assert graphs("cold") > 0
+    assert graphs("warm-with-grad") > 0
     assert graphs("warm") == 0
 
 
