@@ -45,10 +45,9 @@ neighbouring segments, the next vertex, and L), and beyond the longest the most 
 means, and a flat one would hold every longer window for good), so that a length that might be
 best is tried, and a gap is never interpolated down (linearly, a concave curve is
 under-estimated: A(8) read 0.74 between 1 and 32, where 1.22 was measured); then at most the
-truncated mean where that is
-measured, and at most L * p+, p+ an upper bound on the first draft's acceptance over all steady
-windows (a window accepts a run from its first draft, so A(L) <= L * p; the one-sided
-FIRST_DRAFT_CONFIDENCE Clopper-Pearson bound, since a length counts as measured only after
+truncated mean where that is measured, and at most L * p+, p+ an upper bound on the first
+draft's acceptance over all steady windows (a window accepts a run from its first draft, so
+A(L) <= L * p; the one-sided FIRST_DRAFT_CONFIDENCE Clopper-Pearson bound, since a length counts as measured only after
 MEASURED_STARTS of its windows accepted a draft, dozens of windows where drafts are rarely
 accepted: with A(L) = L meanwhile, a tiny random Emu3 folder's server kept drafting full windows
 at 31x a plain pass).  With nothing measured, A(L) = L.
@@ -86,8 +85,7 @@ measured (a probe restarts the runs).  No drafts, the floor, is re-timed every R
 steps whatever its probe is predicted to lose.  These steps, and a trial verdict's hold below,
 count the steps run at the batch size's half octave: one a server passes through at a batch's
 start and end would else find its dear probes due again at every visit.  So a cheap length is
-re-timed every
-REMEASURE_EVERY steps, a dear one as often as its share allows, and at least every
+re-timed every REMEASURE_EVERY steps, a dear one as often as its share allows, and at least every
 MAX_REMEASURE_EVERY steps where a cost misread by COST_DOUBT could hide a better choice; one
 that loses even at half its cost is only re-timed within the budget (at 32 digit images on 2
 CPU cores the passes of 2 to 32 drafts per request cost 4x to 65x a plain one: forced every
@@ -596,8 +594,7 @@ class GoodputController:
             return False
         visits = self._visits.get(bucket, 0) + 1
         verdict = self._verdicts.get(bucket)
-        holds = verdict is not None and (self.steps < self._next_trial or visits < verdict.until)  # `_holds`
-        limited = holds and verdict.limit == 0
+        limited = verdict is not None and verdict.limit == 0 and self._holds(verdict, visits)
         chosen = not self.best and self.steps < self._next_choice and bucket == self._chosen_for
         if not (limited or chosen):
             return False
@@ -629,7 +626,7 @@ class GoodputController:
             return cap
         self._chosen = True
         verdict = self._verdicts.get(bucket)
-        held_at_none = verdict is not None and verdict.limit == 0 and self._holds(bucket, verdict)
+        held_at_none = verdict is not None and verdict.limit == 0 and self._holds(verdict, self._visits[bucket])
         if self._trial is None and held_at_none and not p.any():
             # The trials' limit of no drafts stands: the choice would be capped to none, so it is
             # not made (a weighing takes about 0.1 ms, some 2% of a digit-model step at 10
@@ -680,7 +677,7 @@ class GoodputController:
         start = min(self.best, self._climb_from.get(bucket, 1))
         # After a trial was cut short, the last verdict's limit stands until the next one (before
         # the first verdict, where the model is in doubt, what the first trial tries).
-        if self._holds(bucket, verdict):
+        if self._holds(verdict, self._visits[bucket]):
             if limited:  # past a cap that could not tell: the cap that last won
                 return min(self.best, verdict.limit if verdict.unsure is None else verdict.unsure)
             return start if verdict is None and self._doubt.get(bucket) else self.best
@@ -707,10 +704,10 @@ class GoodputController:
         self._trial = Trial(cap, batch, 0 if steady else warmup, self.steps, fallback, recheck)
         return cap
 
-    def _holds(self, bucket: int, verdict: Verdict | None) -> bool:
-        """Whether the last verdict stands: its hold has not expired, or a trial was cut short
-        a moment ago."""
-        return self.steps < self._next_trial or (verdict is not None and self._visits[bucket] < verdict.until)
+    def _holds(self, verdict: Verdict | None, visits: int) -> bool:
+        """Whether the last verdict stands at a batch size visited `visits` times (this step's
+        visit counted): its hold has not expired, or a trial was cut short a moment ago."""
+        return self.steps < self._next_trial or (verdict is not None and visits < verdict.until)
 
     def _verdict(self, bucket: int, trial: Trial) -> None:
         """What a finished trial leaves (`Verdict`)."""
