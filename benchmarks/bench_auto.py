@@ -2,7 +2,8 @@
 against full windows, on the digit model or its heavy twin, at each concurrency.
 
     python benchmarks/bench_auto.py [--model DIR] [--dtype bfloat16] [--concurrency 1,8,32,64]
-                                    [--rounds 4] [--sustained WAVES] [--out benchmarks/results/auto_digits]
+                                    [--rounds 4] [--sustained WAVES] [--budgets 20,40,80]
+                                    [--out benchmarks/results/auto_digits]
 
 Two in-process engines: plain, and SJD++ with its defaults (k = 32, "auto").  The requests are
 unseeded, as the controller adapts only those (a seed pins its request's windows).  First one
@@ -24,6 +25,11 @@ A round's C images start together and the round ends with its last: SJD++'s imag
 apart, so its round ends in a tail at low load (at 8 digit images, 24-45% of a round's time),
 while plain's images, all 273 tokens, end together.  `--sustained WAVES` measures a server under
 steady load instead: WAVES x C images a round, C in flight, a new one added as one ends.
+
+`--budgets N,M,...` adds fixed draft-token budgets (N drafts a pass over all requests, shared
+evenly: `draft_token_budget` N) as further modes on the SJD++ engine, to tell whether any fixed
+window beats no drafts where the controller does not (with six modes the order balances over
+every six rounds).
 """
 
 from __future__ import annotations
@@ -47,6 +53,30 @@ from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
 
 WINDOW = 32
 MODES = {"auto": '"auto"', "full": "full windows (budget null)", "none": "no drafts (budget 0)"}
+
+
+def parse_budgets(text: str) -> list[int]:
+    """`--budgets`: comma-separated draft-token budgets, each a whole number >= 1 (0 and null
+    are modes already); raises ValueError naming the option."""
+    try:
+        budgets = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        budgets = [0]
+    if any(b < 1 for b in budgets):
+        raise ValueError(f"--budgets {text!r}: whole numbers >= 1, comma-separated (0 and full windows run anyway)")
+    return sorted(set(budgets))
+
+
+def modes_of(budgets: list[int]) -> dict[str, str]:
+    """The SJD++ modes reported, with their labels: `MODES`, then one per fixed budget."""
+    return {**MODES, **{f"budget{b}": f"budget {b}" for b in budgets}}
+
+
+def budget_of(mode: str):
+    """The draft-token budget a mode runs the SJD++ engine with."""
+    if mode.startswith("budget"):
+        return int(mode.removeprefix("budget"))
+    return {"full": None, "none": 0}.get(mode, AUTO)
 
 
 class WindowLog:
@@ -115,12 +145,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--rounds", type=int, default=4,
-                    help="paired rounds per concurrency, times 8 / C below 8 (the order balances over every 4)")
+                    help="paired rounds per concurrency, times 8 / C below 8 (the order balances over every 4, "
+                         "every 4 + the budgets with --budgets)")
     ap.add_argument("--sustained", type=int, default=0, metavar="WAVES",
                     help="sustained load: WAVES x C images a round, C in flight, a new one as one ends "
                          "(default 0: C images at once)")
+    ap.add_argument("--budgets", default="", metavar="N,M,...",
+                    help="fixed draft-token budgets to time as well (each >= 1; default: none)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/auto_digits"))
     args = ap.parse_args(argv)
+    try:
+        modes = modes_of(parse_budgets(args.budgets))
+    except ValueError as error:
+        ap.error(str(error))
     started = provenance()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     engine = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False,
@@ -135,16 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     for c in tqdm(concurrencies, desc="warm-up"):
         timed(sjdpp, c, args.sustained)
     result = {"model": str(args.model), "dtype": args.dtype, "window": WINDOW, "rounds": args.rounds,
-              "sustained_waves": args.sustained, "concurrency": {}, "provenance": started}
+              "sustained_waves": args.sustained, "modes": modes, "concurrency": {}, "provenance": started}
     for c in tqdm(concurrencies, desc="paired rounds"):
         log.take()
-        rows: dict[str, list] = {"plain": [], "auto": [], "full": [], "none": []}  # tokens / s
+        rows: dict[str, list] = {"plain": [], **{m: [] for m in modes}}  # tokens / s
         passes: dict[str, list] = {m: [] for m in rows}
         windows = []
         for r in range(args.rounds * max(1, 8 // c)):  # small batches: images vary, more rounds
             for name in williams_order(r, tuple(rows)):
-                budget = {"full": None, "none": 0}.get(name, AUTO)
-                with bench_e2e.draft_token_budget(sjdpp, budget):
+                with bench_e2e.draft_token_budget(sjdpp, budget_of(name)):
                     wall, p, tokens = timed(plain if name == "plain" else sjdpp, c, args.sustained)
                 rows[name].append(tokens / wall)
                 passes[name].append(p)
@@ -155,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         result["concurrency"][c] = {
             "plain_images_per_s": float(np.median(plain_rate)) / GENERATED_LENGTH,
             **{f"{m}_tokens_per_s": float(np.median(rows[m])) for m in rows},
-            **{f"{m}_x_plain": float(np.median(np.array(rows[m]) / plain_rate)) for m in MODES},
-            **{f"{m}_x_plain_rounds": (np.array(rows[m]) / plain_rate).tolist() for m in MODES},
+            **{f"{m}_x_plain": float(np.median(np.array(rows[m]) / plain_rate)) for m in modes},
+            **{f"{m}_x_plain_rounds": (np.array(rows[m]) / plain_rate).tolist() for m in modes},
             **{f"{m}_passes_per_image": float(np.mean(passes[m])) for m in rows},
             "auto_mean_window": float(np.mean(windows)),
         }
@@ -166,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def markdown(result: dict) -> str:
+    extra = [m for m in result.get("modes", MODES) if m not in MODES]
     lines = [
         f"{result['model']} ({result['dtype']}), k = {result['window']}, median of {result['rounds']} paired rounds "
         "(x 8 / C below 8), "
@@ -174,13 +211,15 @@ def markdown(result: dict) -> str:
         + f"{result['minutes']:.1f} min; controller: {result['controller']}",
         "",
         "| concurrent images | plain images/s (273 tokens) | auto x plain | full windows x plain | no drafts x plain "
-        "| mean window (auto) | passes/image plain / auto / full |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        + "".join(f"| {result['modes'][m]} x plain " for m in extra)
+        + "| mean window (auto) | passes/image plain / auto / full |",
+        "|---:|---:|---:|---:|---:|" + "---:|" * len(extra) + "---:|---|",
     ]
     for c, r in result["concurrency"].items():
         lines.append(
             f"| {c} | {r['plain_images_per_s']:.3f} | {r['auto_x_plain']:.2f} | {r['full_x_plain']:.2f} | "
-            f"{r['none_x_plain']:.2f} | {r['auto_mean_window']:.1f} | {r['plain_passes_per_image']:.0f} / "
+            f"{r['none_x_plain']:.2f} | " + "".join(f"{r[m + '_x_plain']:.2f} | " for m in extra)
+            + f"{r['auto_mean_window']:.1f} | {r['plain_passes_per_image']:.0f} / "
             f"{r['auto_passes_per_image']:.0f} / {r['full_passes_per_image']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -195,7 +234,7 @@ def plot(result: dict, path: Path) -> None:
     cs = [int(c) for c in result["concurrency"]]
     rows = list(result["concurrency"].values())
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (m, label) in enumerate(MODES.items()):
+    for i, (m, label) in enumerate(result.get("modes", MODES).items()):
         for c, r in zip(cs, rows):
             a.scatter([c] * len(r[f"{m}_x_plain_rounds"]), r[f"{m}_x_plain_rounds"], s=8, color=f"C{i}")
         a.plot(cs, [r[f"{m}_x_plain"] for r in rows], "o-", label=label, color=f"C{i}")

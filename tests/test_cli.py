@@ -220,3 +220,17 @@ def test_benchmark_rounds_are_balanced_over_places_and_predecessors():
     assert all(sorted(row[i] for row in rounds) == sorted(modes) for i in range(4))
     follows = [(row[i], row[i + 1]) for row in rounds for i in range(3)]
     assert len(set(follows)) == len(follows) == 12
+
+
+
+def test_bench_auto_refuses_a_budget_that_is_not_a_whole_number_above_0():
+    """`benchmarks/bench_auto.py --budgets`: refused naming the option, before any engine is
+    built (a subprocess: the benchmark sets the engine's environment when imported)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_auto.py"
+    done = subprocess.run([sys.executable, str(script), "--budgets", "20,0"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "--budgets '20,0': whole numbers >= 1" in done.stderr, done.stderr[-2000:]
