@@ -26,10 +26,11 @@ apart, so its round ends in a tail at low load (at 8 digit images, 24-45% of a r
 while plain's images, all 273 tokens, end together.  `--sustained WAVES` measures a server under
 steady load instead: WAVES x C images a round, C in flight, a new one added as one ends.
 
-`--budgets N,M,...` adds fixed draft-token budgets (N drafts a pass over all requests, shared
-evenly: `draft_token_budget` N) as further modes on the SJD++ engine, to tell whether any fixed
-window beats no drafts where the controller does not (with six modes the order balances over
-every six rounds).
+`--budgets N,M,...` adds fixed draft-token budgets (`draft_token_budget` N: N drafts a pass,
+shared evenly by the requests running, so a request's window widens as others end) as further
+modes on the SJD++ engine, to tell whether any fixed budget beats no drafts where the controller
+does not.  With B budgets there are 4 + B modes, plain included: the places balance over every
+4 + B rounds, and what runs before each mode only where 4 + B is even.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
-from vllm_sjdpp.bench import williams_order  # noqa: E402
+from vllm_sjdpp.bench import draft_budgets, williams_order  # noqa: E402
 from vllm_sjdpp.provenance import provenance  # noqa: E402
 
 from vllm_sjdpp.config import AUTO  # noqa: E402
@@ -55,28 +56,17 @@ WINDOW = 32
 MODES = {"auto": '"auto"', "full": "full windows (budget null)", "none": "no drafts (budget 0)"}
 
 
-def parse_budgets(text: str) -> list[int]:
-    """`--budgets`: comma-separated draft-token budgets, each a whole number >= 1 (0 and null
-    are modes already); raises ValueError naming the option."""
-    try:
-        budgets = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        budgets = [0]
-    if any(b < 1 for b in budgets):
-        raise ValueError(f"--budgets {text!r}: whole numbers >= 1, comma-separated (0 and full windows run anyway)")
-    return sorted(set(budgets))
-
-
 def modes_of(budgets: list[int]) -> dict[str, str]:
     """The SJD++ modes reported, with their labels: `MODES`, then one per fixed budget."""
     return {**MODES, **{f"budget{b}": f"budget {b}" for b in budgets}}
 
 
 def budget_of(mode: str):
-    """The draft-token budget a mode runs the SJD++ engine with."""
+    """The draft-token budget a mode runs the SJD++ engine with (plain runs on the other engine;
+    the SJD++ engine keeps its default meanwhile)."""
     if mode.startswith("budget"):
         return int(mode.removeprefix("budget"))
-    return {"full": None, "none": 0}.get(mode, AUTO)
+    return {"plain": AUTO, "auto": AUTO, "full": None, "none": 0}[mode]
 
 
 class WindowLog:
@@ -155,9 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/auto_digits"))
     args = ap.parse_args(argv)
     try:
-        modes = modes_of(parse_budgets(args.budgets))
+        modes = modes_of(draft_budgets(args.budgets))
     except ValueError as error:
         ap.error(str(error))
+    if args.rounds % (len(modes) + 1):
+        print(f"bench_auto: --rounds {args.rounds} is no whole number of cycles of the {len(modes) + 1} modes' order; "
+              f"only cycles of {len(modes) + 1} rounds are balanced", file=sys.stderr)
     started = provenance()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     engine = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False,
@@ -212,7 +205,8 @@ def markdown(result: dict) -> str:
         "",
         "| concurrent images | plain images/s (273 tokens) | auto x plain | full windows x plain | no drafts x plain "
         + "".join(f"| {result['modes'][m]} x plain " for m in extra)
-        + "| mean window (auto) | passes/image plain / auto / full |",
+        + "| mean window (auto) | passes/image plain / auto / full" + "".join(f" / {result['modes'][m]}" for m in extra)
+        + " |",
         "|---:|---:|---:|---:|---:|" + "---:|" * len(extra) + "---:|---|",
     ]
     for c, r in result["concurrency"].items():
@@ -220,7 +214,8 @@ def markdown(result: dict) -> str:
             f"| {c} | {r['plain_images_per_s']:.3f} | {r['auto_x_plain']:.2f} | {r['full_x_plain']:.2f} | "
             f"{r['none_x_plain']:.2f} | " + "".join(f"{r[m + '_x_plain']:.2f} | " for m in extra)
             + f"{r['auto_mean_window']:.1f} | {r['plain_passes_per_image']:.0f} / "
-            f"{r['auto_passes_per_image']:.0f} / {r['full_passes_per_image']:.0f} |"
+            f"{r['auto_passes_per_image']:.0f} / {r['full_passes_per_image']:.0f}"
+            + "".join(f" / {r[m + '_passes_per_image']:.0f}" for m in extra) + " |"
         )
     return "\n".join(lines) + "\n"
 

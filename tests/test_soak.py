@@ -16,8 +16,8 @@ def test_short_soak(tiny_llama_path, tmp_path):
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None
     # oneDNN keeps a primitive per GEMM shape (each pass's number of positions), up to 1024: a
     # bounded rise of about 300 MiB in the worker, whose pace depends on which batch shapes the load
-    # happens to reach (it fell in the second half of a CI run).  Without it the worker's RSS moves
-    # by under 10 MiB in 45 s, so what the plugin or vLLM keeps per request stands out.
+    # happens to reach (it fell in the second half of a CI run).  With the cache off the worker's
+    # RSS moved by under 10 MiB in 46 s, so the verdict's bound is left to what grows per request.
     env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "0"
     args = ["--speculative-config", "sjdpp", "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "256",
             "--dtype", "float32", "--max-num-seqs", "16"]
@@ -35,15 +35,17 @@ def test_short_soak(tiny_llama_path, tmp_path):
     assert verdict["rss_bounded"], verdict
 
 
-def test_the_verdict_tells_a_late_rise_from_a_plateau():
-    """A rise of 200 MiB (over 5%) in the second half is unbounded; the same rise in the first
-    half, then flat, is bounded; jitter within 64 MiB is bounded."""
-    def result(rss):
-        return {"samples": [[2.0 * i, value, 1, 0.0] for i, value in enumerate(rss)], "concurrency": 1}
+def test_the_verdict_bounds_the_second_half_by_5_percent_or_64_mib():
+    """Bounded: the second half's peak at most 5% over the first half's, or 64 MiB where that is
+    more; a rise in the first half, then flat, is bounded."""
+    def bounded(first: float, second: float) -> bool:
+        samples = [first] * 5 + [second] * 5
+        result = {"samples": [[2.0 * i, v, 1, 0.0] for i, v in enumerate(samples)], "concurrency": 1}
+        return soak.verdict(result)["rss_bounded"]
 
-    flat, rise = [3000.0] * 10, [3000.0] * 5 + [3200.0] * 5
-    assert soak.verdict(result(flat))["rss_bounded"]
-    assert soak.verdict(result([3000.0] * 2 + [3200.0] * 8))["rss_bounded"]
-    assert soak.verdict(result([3000.0, 3060.0] * 5))["rss_bounded"]
-    assert not soak.verdict(result(rise))["rss_bounded"]
-    assert soak.verdict(result(rise))["rss_second_half_peak_mib"] == 3200.0
+    assert bounded(3000.0, 3150.0) and not bounded(3000.0, 3151.0)  # 5% of 3000 MiB
+    assert bounded(500.0, 564.0) and not bounded(500.0, 565.0)  # 64 MiB over 500
+    assert bounded(3000.0, 2900.0)
+    rise_then_flat = {"samples": [[2.0 * i, v, 1, 0.0] for i, v in enumerate([3000.0] * 2 + [3200.0] * 8)],
+                      "concurrency": 1}
+    assert soak.verdict(rise_then_flat)["rss_bounded"]

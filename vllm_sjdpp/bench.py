@@ -80,6 +80,20 @@ def williams_order(r: int, modes: tuple) -> tuple:
     return tuple(modes[(f + r) % n] for f in first)
 
 
+def draft_budgets(text: str) -> list[int]:
+    """`benchmarks/bench_auto.py --budgets`: comma-separated draft-token budgets (each a whole
+    number >= 1: no drafts and full windows are modes of their own), sorted, each once.  Raises
+    ValueError naming the option."""
+    try:
+        budgets = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        budgets = None
+    if budgets is None or any(b < 1 for b in budgets):
+        raise ValueError(f"--budgets {text!r}: whole numbers >= 1, comma-separated "
+                         "(no drafts and full windows run anyway)")
+    return budgets
+
+
 def request_image(http, url: str, body: dict, mode: str, seed: int) -> ImageRun:
     """POST one image (n=1) and time it; raises BenchError with the server's message."""
     sent = {**body, "n": 1, "seed": seed, **({"sjdpp_disable": True} if mode == "plain" else {})}
