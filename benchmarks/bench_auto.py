@@ -148,11 +148,15 @@ def main(argv: list[str] | None = None) -> None:
         modes = modes_of(draft_budgets(args.budgets))
     except ValueError as error:
         ap.error(str(error))
-    if args.rounds % (len(modes) + 1):
-        print(f"bench_auto: --rounds {args.rounds} is no whole number of cycles of the {len(modes) + 1} modes' order; "
-              f"only cycles of {len(modes) + 1} rounds are balanced", file=sys.stderr)
     started = provenance()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    cycle = len(modes) + 1  # plain's too
+    uneven = [c for c in concurrencies if args.rounds * max(1, 8 // c) % cycle]
+    if uneven or cycle % 2:
+        print(f"bench_auto: the order of {cycle} modes balances their places over every {cycle} rounds"
+              + (f" (not at {', '.join(map(str, uneven))} images)" if uneven else "")
+              + ("; with an odd number of modes what runs before each is not balanced" if cycle % 2 else ""),
+              file=sys.stderr)
     engine = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False,
                   max_num_seqs=max(64, max(concurrencies)), dtype=args.dtype)
     start = time.perf_counter()

@@ -16,7 +16,7 @@ def test_short_soak(tiny_llama_path, tmp_path):
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = None
     # oneDNN keeps a primitive per GEMM shape (each pass's number of positions), up to 1024: a
     # bounded rise of about 300 MiB in the worker, whose pace depends on which batch shapes the load
-    # happens to reach (it fell in the second half of a CI run).  With the cache off the worker's
+    # happens to reach (in one CI run it came in the second half).  With the cache off the worker's
     # RSS moved by under 10 MiB in 46 s, so the verdict's bound is left to what grows per request.
     env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "0"
     args = ["--speculative-config", "sjdpp", "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "256",
