@@ -38,14 +38,15 @@ def test_short_soak(tiny_llama_path, tmp_path):
 def test_the_verdict_bounds_the_second_half_by_5_percent_or_64_mib():
     """Bounded: the second half's peak at most 5% over the first half's, or 64 MiB where that is
     more; a rise in the first half, then flat, is bounded."""
-    def bounded(first: float, second: float) -> bool:
-        samples = [first] * 5 + [second] * 5
-        result = {"samples": [[2.0 * i, v, 1, 0.0] for i, v in enumerate(samples)], "concurrency": 1}
-        return soak.verdict(result)["rss_bounded"]
+    def bounded(rss: list[float]) -> bool:
+        """The verdict on RSS samples 2 s apart, one client."""
+        samples = [[2.0 * i, value, 1, 0.0] for i, value in enumerate(rss)]
+        return soak.verdict({"samples": samples, "concurrency": 1})["rss_bounded"]
 
-    assert bounded(3000.0, 3150.0) and not bounded(3000.0, 3151.0)  # 5% of 3000 MiB
-    assert bounded(500.0, 564.0) and not bounded(500.0, 565.0)  # 64 MiB over 500
-    assert bounded(3000.0, 2900.0)
-    rise_then_flat = {"samples": [[2.0 * i, v, 1, 0.0] for i, v in enumerate([3000.0] * 2 + [3200.0] * 8)],
-                      "concurrency": 1}
-    assert soak.verdict(rise_then_flat)["rss_bounded"]
+    def halves(first: float, second: float) -> list[float]:
+        return [first] * 5 + [second] * 5
+
+    assert bounded(halves(3000.0, 3150.0)) and not bounded(halves(3000.0, 3151.0))  # 5% of 3000 MiB
+    assert bounded(halves(500.0, 564.0)) and not bounded(halves(500.0, 565.0))  # 64 MiB over 500
+    assert bounded(halves(3000.0, 2900.0))
+    assert bounded([3000.0] * 2 + [3200.0] * 8)  # a rise in the first half, then flat

@@ -47,10 +47,10 @@ best is tried, and a gap is never interpolated down (linearly, a concave curve i
 under-estimated: A(8) read 0.74 between 1 and 32, where 1.22 was measured); then at most the
 truncated mean where that is measured, and at most L * p+, p+ an upper bound on the first
 draft's acceptance over all steady windows (a window accepts a run from its first draft, so
-A(L) <= L * p; the one-sided FIRST_DRAFT_CONFIDENCE Clopper-Pearson bound, since a length counts as measured only after
-MEASURED_STARTS of its windows accepted a draft, dozens of windows where drafts are rarely
-accepted: with A(L) = L meanwhile, a tiny random Emu3 folder's server kept drafting full windows
-at 31x a plain pass).  With nothing measured, A(L) = L.
+A(L) <= L * p; the one-sided FIRST_DRAFT_CONFIDENCE Clopper-Pearson bound, since a length
+counts as measured only after MEASURED_STARTS of its windows accepted a draft, dozens of windows
+where drafts are rarely accepted: with A(L) = L meanwhile, a tiny random Emu3 folder's server
+kept drafting full windows at 31x a plain pass).  With nothing measured, A(L) = L.
 
 For requests wanting windows w_i (and pinned requests whose windows are fixed, f_m), each run by
 c_i sequences, the cap k maximises
