@@ -216,6 +216,48 @@ def test_budget_zero_unseeded_is_plain_decoding(plain, plain_samples, sjdpp):
     assert min(pvalues) > ALPHA / len(pvalues), pvalues
 
 
+@pytest.mark.parametrize("broken", [False, True], ids=["", "windows-not-handed-over"])
+def test_a_step_without_drafts_takes_vllms_path_without_speculation(plain, sjdpp, monkeypatch, broken):
+    """A step that verifies no drafts runs as vLLM runs without a speculative config
+    (patches/gpu_model_runner.py): under a budget of 0, vLLM never builds spec-decode metadata nor
+    calls its drafter, while the SJD++ sampler still takes every step and the tokens are plain
+    decoding's.  Under full windows each request's first window is made in such a step (its
+    prefill verifies none) and must reach the next pass: drafts are verified, tokens unchanged.
+    Broken variant: the windows a step without drafts makes are not handed to the scheduler, so
+    no step ever has drafts."""
+    runtime = runtime_of(sjdpp)
+    runner = runtime.runner
+    calls = {"metadata": 0, "drafter": 0, "sampler": 0}
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(runner, "_calc_spec_decode_metadata", counted("metadata", runner._calc_spec_decode_metadata))
+    monkeypatch.setattr(runner, "propose_draft_token_ids", counted("drafter", runner.propose_draft_token_ids))
+    monkeypatch.setattr(runner.rejection_sampler, "forward", counted("sampler", runner.rejection_sampler.forward))
+    if broken:
+        real_propose = runner.drafter.propose
+        monkeypatch.setattr(runner.drafter, "propose", lambda *args, **kwargs: (
+            real_propose(*args, **kwargs) if calls["drafter"] else [[] for _ in runner.input_batch.req_ids]))
+    greedy = params(temperature=0, max_tokens=24)
+    expected = generate(plain, PROMPTS, greedy)
+    runtime.set_draft_token_budget(0)
+    try:
+        assert generate(sjdpp, PROMPTS, greedy) == expected
+    finally:
+        runtime.set_draft_token_budget(None)
+    assert calls["metadata"] == calls["drafter"] == 0 and calls["sampler"] >= 24, calls
+    drafts_before = runtime.stats.drafts
+    assert generate(sjdpp, PROMPTS, greedy) == expected
+    if broken:
+        assert runtime.stats.drafts == drafts_before and calls["metadata"] == 0, calls
+    else:
+        assert runtime.stats.drafts > drafts_before and calls["metadata"] > 0 and calls["drafter"] > 0, calls
+
+
 def test_goodput_controller_stays_exact(plain, plain_samples, sjdpp, monkeypatch):
     """draft_token_budget="auto": windows chosen by the goodput controller, here fed a synthetic
     pass cost (flat to 600 positions, then steep) so that its choices are reproducible and span

@@ -15,6 +15,9 @@ subclasses).
 - `_preprocess`: a guided model's per-token guidance inputs are filled before each forward
   (paired requests running without their partner are discarded there: `guidance.pairing`).
 - `_sample`: a guided request's companion takes the tokens its request sampled.
+- On the CPU platform only, on SJD++'s runners, `execute_model`, `_sample` and `sample_tokens`: a
+  step that verifies no drafts takes vLLM's path without a speculative config, but for the
+  sampling, SJD++'s, and the proposal (`_patch_windowless_steps_off_the_spec_path`).
 - On the CPU platform only, `_sample` and `_bookkeeping_sync`: a seeded request whose prompt is
   prefilled in chunks crashed the engine: for the token sampled and discarded after a partial
   prefill, `_bookkeeping_sync` rewinds the request's generator with `set_offset`, which CPU
@@ -57,8 +60,10 @@ def apply(on_cpu: bool) -> None:
             self.sjdpp = drafter.runtime = SJDPPRuntime(self)
             self.rejection_sampler = SJDPPSampler(self, self.sjdpp)
             check_sampler(self.rejection_sampler)
-            _patch_spec_metadata_without_drafts(self)
+            without_drafts = _patch_spec_metadata_without_drafts(self)
             _patch_no_empty_draft_handover(self)
+            if on_cpu and not self.use_async_scheduling:
+                _patch_windowless_steps_off_the_spec_path(self, without_drafts)
 
     GPUModelRunner.__init__ = init_with_sjdpp
 
@@ -204,8 +209,7 @@ class MetadataWithoutDrafts:
         self.no_tokens = torch.empty(0, dtype=token_dtype, device=device)
         self.by_size: dict[int, object] = {}
 
-    def __call__(self, cu_num_scheduled_tokens):
-        n = len(cu_num_scheduled_tokens)
+    def __call__(self, n: int):
         torch.sub(self.query_start_loc.gpu[1 : n + 1], 1, out=self.logits_indices[:n])
         metadata = self.by_size.get(n)
         if metadata is None:
@@ -234,9 +238,10 @@ def _patch_spec_metadata_without_drafts(runner) -> None:
     def calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens):
         if num_draft_tokens.any():
             return general(num_draft_tokens, cu_num_scheduled_tokens)
-        return without_drafts(cu_num_scheduled_tokens)
+        return without_drafts(len(cu_num_scheduled_tokens))
 
     runner._calc_spec_decode_metadata = calc_spec_decode_metadata
+    return without_drafts
 
 
 def _patch_no_empty_draft_handover(runner) -> None:
@@ -257,3 +262,53 @@ def _patch_no_empty_draft_handover(runner) -> None:
         return take()
 
     runner.take_draft_token_ids = take_draft_token_ids
+
+
+def _patch_windowless_steps_off_the_spec_path(runner, without_drafts: MetadataWithoutDrafts) -> None:
+    # vllm/v1/worker/gpu_model_runner.py: with a speculative config, every step takes the spec
+    # path: _prepare_inputs counts each request's drafts and builds their metadata,
+    # _build_attention_metadata builds the drafter's, _preprocess clamps placeholder ids, and
+    # sample_tokens asks the drafter, copies its drafts and finalizes the KV connector there.  A
+    # step that verifies no drafts needs none of it: it runs as vLLM runs without a speculative
+    # config (`runner.speculative_config` is None from execute_model to the end of
+    # sample_tokens), but for the sampling, which stays SJD++'s (the plan, the windows the next
+    # step verifies, the controller's timing), and the proposal, read from the runtime as the
+    # drafter would.  On the CPU platform, without async scheduling: on CUDA vLLM also picks its
+    # CUDA graphs and attention kernels by these flags, untested there.
+    spec_config = runner.speculative_config
+    execute, sample, sample_tokens = runner.execute_model, runner._sample, runner.sample_tokens
+    drafter = runner.drafter
+
+    def execute_model(scheduler_output, *args, **kwargs):
+        if scheduler_output.scheduled_spec_decode_tokens:
+            return execute(scheduler_output, *args, **kwargs)
+        runner.speculative_config = None
+        try:
+            out = execute(scheduler_output, *args, **kwargs)
+        except BaseException:
+            runner.speculative_config = spec_config
+            raise
+        if out is not None:  # no sample_tokens follows (nothing scheduled)
+            runner.speculative_config = spec_config
+        return out
+
+    def sample_off_the_spec_path(logits, spec_decode_metadata):
+        if spec_decode_metadata is None and runner.speculative_config is None:
+            spec_decode_metadata = without_drafts(runner.input_batch.num_reqs)
+        return sample(logits, spec_decode_metadata)
+
+    def sample_tokens_off_the_spec_path(grammar_output):
+        if runner.speculative_config is not None:
+            return sample_tokens(grammar_output)
+        try:
+            out = sample_tokens(grammar_output)
+        finally:
+            runner.speculative_config = spec_config
+        batch = runner.input_batch
+        runner._draft_token_ids = drafter.propose(None, batch.num_tokens_no_spec, batch.token_ids_cpu)
+        runner._draft_token_req_ids = batch.req_ids.copy()
+        return out
+
+    runner.execute_model = execute_model
+    runner._sample = sample_off_the_spec_path
+    runner.sample_tokens = sample_tokens_off_the_spec_path

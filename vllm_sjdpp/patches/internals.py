@@ -54,6 +54,8 @@ CLASS_MEMBERS = (
     Member(RUNNER, "take_draft_token_ids", ("self",)),
     Member(RUNNER, "_sample", ("self", "logits", "spec_decode_metadata")),
     Member(RUNNER, "_bookkeeping_sync", ("self", "scheduler_output", "sampler_output"), cpu=True),
+    Member(RUNNER, "execute_model", ("self", "scheduler_output"), cpu=True),
+    Member(RUNNER, "sample_tokens", ("self", "grammar_output"), cpu=True),
     Member(RUNNER, "get_model", ("self",)),
     Member("vllm.v1.worker.gpu_input_batch:CachedRequestState", "prompt_token_ids"),
     Member("vllm.v1.worker.gpu_input_batch:CachedRequestState", "sampling_params"),
@@ -155,7 +157,8 @@ CLASS_MEMBERS = (
 RUNNER_ATTRIBUTES = (
     "vllm_config", "model_config", "parallel_config", "speculative_config", "device", "max_num_reqs", "sampler",
     "drafter", "rejection_sampler", "requests", "input_batch", "input_ids.gpu", "query_start_loc.np",
-    "query_start_loc.gpu", "discard_request_mask.np", "_draft_token_ids",
+    "query_start_loc.gpu", "discard_request_mask.np", "_draft_token_ids", "_draft_token_req_ids",
+    "use_async_scheduling",
 )
 INPUT_BATCH_ATTRIBUTES = (
     "req_ids", "num_reqs", "num_tokens_no_spec", "num_prompt_tokens", "token_ids_cpu", "generators",
