@@ -100,7 +100,8 @@ accepts less.  (At 10 digit images on 2 CPU cores, float32, the model promised d
 than no drafts, measured over whole rounds it gave 25% less; in trials, steady stretches of
 drafting gave 10-16% more: most of the loss is the rounds' ends, where images finish apart.)  So
 where the choice promises less than TRIAL_DOUBT more than no drafts, a `Trial`
-runs both, one after the other at the same batch size, and what each commits per second decides,
+runs both at the same batch size, the cap between two halves without drafts (a pass's cost
+drifts as its images advance), and what each commits per second decides,
 for TRIAL_EVERY steps (doubled each time a trial agrees with the last): drafting where it
 committed more at TRIAL_CONFIDENCE (Welch's one-sided test on the steps' rates), a shorter cap
 where it committed less, and no drafts where the trial cannot tell; a batch size's first trial is
@@ -161,7 +162,7 @@ MEASURED_STARTS = 3.0  # ... of which at least this many accepted a draft
 FIRST_DRAFT_CONFIDENCE = 0.9  # of the bound on the first draft's acceptance that caps A(L) / L
 ADVANCE_FORGET = 0.95  # per drafted step, for the mean tokens a request commits
 # Trials (`Trial`): where drafting promises less than TRIAL_DOUBT more than no drafts, the two
-# are run side by side, TRIAL_STEPS steps each, and what they commit per second decides.
+# are run side by side, TRIAL_STEPS steps of each, and what they commit per second decides.
 TRIAL_DOUBT = 0.3
 TRIAL_CONFIDENCE = 0.9  # of Welch's one-sided test a trial's verdict either way needs
 TRIAL_MIN_BATCH = 4  # below, 12 steps' acceptance is too noisy to compare (a window accepts
@@ -397,11 +398,15 @@ def optimistic_concave(lengths: np.ndarray, values: np.ndarray, max_window: int)
 
 
 class Trial:
-    """The chosen cap and no drafts run one after the other, TRIAL_STEPS counted steps each, and
-    compared in what they commit per second (why: the module docstring, "Trials").  Counted are
-    timed steps of `batch` requests: on a server under steady load a request ends and the next
-    arrives every few dozen steps, so a trial that needed the same requests throughout was
-    mostly cut short.  It is cut where the batch leaves its half octave, or by step `deadline`."""
+    """No drafts, the chosen cap, and no drafts again: TRIAL_STEPS counted steps of the cap
+    between two halves of as many without drafts, compared in what they commit per second (why:
+    the module docstring, "Trials").  The cap sits between the halves so that a cost drifting
+    through the trial weighs on both sides alike: a pass grows dearer as its images advance (at 10
+    digit images on 2 CPU cores, float32 held to AVX2, 18% from an image's first steps to its
+    last), and a cap run first was compared with later, dearer passes.  Counted are timed steps
+    of `batch` requests: on a server under steady load a request ends and the next arrives every
+    few dozen steps, so a trial that needed the same requests throughout was mostly cut short.
+    It is cut where the batch leaves its half octave, or by step `deadline`."""
 
     def __init__(self, cap: int, batch: int, warmup: int, started: int, fallback: int | None = None,
                  recheck: int | None = None):
@@ -409,28 +414,30 @@ class Trial:
         self.fallback = fallback  # climbing: the cap that last won, the limit if this one does not win
         self.recheck = recheck  # looking up from a limit held a while: tried again if this does not win
         self.deadline = started + warmup + 4 * TRIAL_STEPS
-        self.phase = 0  # 0: the cap, 1: no drafts
-        self.skip = warmup  # timed steps of the drafted phase still to drop (windows not yet steady)
+        self.phase = 0  # 0: no drafts (the first half), 1: the cap, 2: no drafts (the second half)
+        self.warmup = warmup  # timed steps of the cap to drop (its windows not yet steady)
+        self.skip = 0
         self.counted = 0
-        self.rates: list[list[float]] = [[], []]  # per phase: tokens per second of each counted step
+        self.rates: list[list[float]] = [[], []]  # with drafts, without: tokens per second of each counted step
 
     def cap_now(self) -> int:
-        return self.cap if self.phase == 0 else 0
+        return self.cap if self.phase == 1 else 0
 
     def observe(self, drafted: bool, tokens: int, seconds: float) -> bool:
-        """A timed step of the trial's requests; True once both phases are counted."""
-        if drafted != (self.phase == 0):  # the step between the phases
+        """A timed step of the trial's requests; True once every phase is counted."""
+        if drafted != (self.phase == 1):  # a step between the phases
             return False
         if self.skip:
             self.skip -= 1
             return False
-        self.rates[self.phase].append(tokens / max(seconds, 1e-12))
+        self.rates[0 if self.phase == 1 else 1].append(tokens / max(seconds, 1e-12))
         self.counted += 1
-        if self.counted < TRIAL_STEPS:
+        if self.counted < (TRIAL_STEPS if self.phase == 1 else TRIAL_STEPS // 2):
             return False
-        if self.phase == 1:
+        if self.phase == 2:
             return True
-        self.phase, self.counted, self.skip = 1, 0, 0
+        self.phase, self.counted = self.phase + 1, 0
+        self.skip = self.warmup if self.phase == 1 else 0
         return False
 
     def outcome(self) -> int:
@@ -506,7 +513,6 @@ class GoodputController:
         self._probed: dict[tuple[int, int], int] = {}  # (batch bucket, cap): visits when last probed for re-timing
         self._chosen = False  # whether a choice has been made (no re-timing before it)
         self._trial: Trial | None = None
-        self._handed = (-1, 0)  # the cap last handed out, and the step it began
         self._next_trial = 0  # no trial before this step (after one was cut short)
         self._verdicts: dict[int, Verdict] = {}  # batch bucket: what its trials left
         self._doubt: dict[int, bool] = {}  # batch bucket: the last choice's promise under TRIAL_DOUBT
@@ -573,8 +579,6 @@ class GoodputController:
             cap = 0
         else:
             cap = self._cap(np.asarray(wanted), np.asarray(pinned, dtype=int), copies, pinned_copies)
-        if cap != self._handed[0]:
-            self._handed = (cap, self.steps)
         return [min(n, cap) for n in wanted]
 
     def _holding_none(self, batch: int) -> bool:
@@ -697,11 +701,11 @@ class GoodputController:
                 fallback, recheck = None, verdict.limit
         else:  # halved after a loss
             cap, fallback = min(self.best, verdict.limit), None
-        # Windows that have not run at this cap for as long as the steady rule asks (the module
-        # docstring) hold drafts refined less than a steady window's: not counted.
+        # The cap's windows start after the first half without drafts: until they have run as
+        # long as the steady rule asks (the module docstring), they hold drafts refined less than
+        # a steady window's, and are not counted.
         warmup = int(math.ceil(cap / max(self._advance, 1.0))) + 1
-        steady = self._last_full_step and cap == self._handed[0] and self.steps - self._handed[1] >= warmup
-        self._trial = Trial(cap, batch, 0 if steady else warmup, self.steps, fallback, recheck)
+        self._trial = Trial(cap, batch, warmup, self.steps, fallback, recheck)
         return cap
 
     def _holds(self, verdict: Verdict | None, visits: int) -> bool:
