@@ -578,11 +578,10 @@ def test_a_trial_that_cannot_tell_leaves_no_drafts(monkeypatch, tested):
     run): twelve steps of each cannot tell them apart, so the verdict is no drafts (after one
     step past the cap, climbing), which costs nothing the trial cannot see (on a server it saves
     what the trial does not see: windows restarted, images finishing apart).  Over steps
-    300-3000 (5 seeds) at least 75% of the steps have no drafts (measured 0.84; 0.91 before
-    climbing trials stepped past a cap that cannot tell).  Broken: a verdict from the plain
-    comparison of the means (a coin toss here, each "drafting wins" then held for TRIAL_EVERY
-    steps or more) drafts in far more of them (measured: 0.63 of the steps without drafts, 0.04
-    to 0.98 by seed; 0.42 before the trials ran the cap between two halves without drafts)."""
+    300-3000 (5 seeds) at least 90% of the steps have no drafts (measured 0.95: a climb's last
+    winner holds only once it wins again).  Broken: a verdict from the plain comparison of the
+    means (a coin toss here, each "drafting wins" then held for TRIAL_EVERY steps or more) drafts
+    in far more of them (measured: 0.76 of the steps without drafts, 0.07 to 0.98 by seed)."""
     from vllm_sjdpp.engine.goodput import Trial
 
     if not tested:
@@ -591,9 +590,9 @@ def test_a_trial_that_cannot_tell_leaves_no_drafts(monkeypatch, tested):
     runs = [trials_run(lambda cap: 0.010 * (1 + gain[cap]), kindness=1.2, steps=3000, seed=seed) for seed in range(5)]
     windowless = np.mean([fraction for fraction, _ in runs])
     if tested:
-        assert windowless >= 0.75, runs
+        assert windowless >= 0.9, runs
     else:
-        assert windowless < 0.7, runs
+        assert windowless < 0.85, runs
 
 
 def test_the_longer_start_up_probe_is_two_drafts_where_trials_can_climb():
