@@ -250,8 +250,10 @@ def test_a_step_without_drafts_takes_vllms_path_without_speculation(plain, sjdpp
     finally:
         runtime.set_draft_token_budget(None)
     assert calls["metadata"] == calls["drafter"] == 0 and calls["sampler"] >= 24, calls
+    assert runner.speculative_config is not None  # set aside for a step only
     drafts_before = runtime.stats.drafts
     assert generate(sjdpp, PROMPTS, greedy) == expected
+    assert runner.speculative_config is not None
     if broken:
         assert runtime.stats.drafts == drafts_before and calls["metadata"] == 0, calls
     else:

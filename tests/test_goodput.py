@@ -578,10 +578,10 @@ def test_a_trial_that_cannot_tell_leaves_no_drafts(monkeypatch, tested):
     run): twelve steps of each cannot tell them apart, so the verdict is no drafts (after one
     step past the cap, climbing), which costs nothing the trial cannot see (on a server it saves
     what the trial does not see: windows restarted, images finishing apart).  Over steps
-    300-3000 (5 seeds) at least 90% of the steps have no drafts (measured 0.95: a climb's last
+    300-3000 (5 seeds) at least 90% of the steps have no drafts (measured 0.93: a climb's last
     winner holds only once it wins again).  Broken: a verdict from the plain comparison of the
     means (a coin toss here, each "drafting wins" then held for TRIAL_EVERY steps or more) drafts
-    in far more of them (measured: 0.76 of the steps without drafts, 0.07 to 0.98 by seed)."""
+    in far more of them (measured: 0.53 of the steps without drafts, 0.03 to 0.98 by seed)."""
     from vllm_sjdpp.engine.goodput import Trial
 
     if not tested:
@@ -626,6 +626,32 @@ def test_the_longer_start_up_probe_is_two_drafts_where_trials_can_climb():
         longer = 2 if batch >= TRIAL_MIN_BATCH else max(2, choice)
         assert {cap for _, cap in probes} == {0, 1, longer}, (batch, choice, probes)
         choice = controller.best
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["", "first-step-drafts"])
+def test_a_trial_starts_without_drafts(monkeypatch, broken):
+    """A trial runs no drafts, the cap, then no drafts again (`Trial`): the step that starts one
+    hands out no drafts, and every trial (ten requests, `trials_run`) hands out its cap only
+    between its two halves.  Broken: the starting step hands out the cap (as at 0c403b2 and
+    4d49025), a drafted pass that the trial then drops and that restarts the windows."""
+    started, real = [], GoodputController._tried
+
+    def tried(self, *args):
+        before = self._trial
+        cap = real(self, *args)
+        if before is None and self._trial is not None:
+            if broken:  # the cap handed out at once
+                cap = self._trial.cap
+            started.append(cap)
+        return cap
+
+    monkeypatch.setattr(GoodputController, "_tried", tried)
+    trials_run(drafted_cost=0.0200, steps=1500)
+    assert started, "no trial ran"
+    if broken:
+        assert any(started)
+    else:
+        assert not any(started), started
 
 
 def test_a_trial_concludes_while_requests_come_and_go():
@@ -767,9 +793,11 @@ def test_a_batch_size_s_first_trial_starts_at_the_shortest_winning_window_and_cl
     """Where the model is in doubt, trials start at the shortest window it expects to beat no
     drafts and double while drafting wins: where every cap commits 0.85x no drafts' tokens per
     second (the model made 1.2x too kind), the first trial is at 5 drafts (the shortest the
-    model then expects to win, short of its choice of 8, whose drafted phase costs most) and
-    every later one at one draft, none climbing; where every cap commits 1.15x, the trials climb
-    1, 2, 4, ... and over steps 300-2000 at least 90% of the steps draft."""
+    model then expects to win, short of its choice of 8, whose drafted phase costs most), a
+    climb from it steps past once at most (where 5 cannot be told from none), and every later
+    trial is at one draft; where every cap commits 1.15x, the trials climb 1, 2, 4, ... and over
+    steps 300-2000 of 12 seeds at most 10% of the steps are without drafts (measured 0.07: a
+    trial that cannot tell holds no drafts for a while, 0.38 in one seed)."""
     caps = []
     verdict = GoodputController._verdict
 
@@ -779,12 +807,15 @@ def test_a_batch_size_s_first_trial_starts_at_the_shortest_winning_window_and_cl
 
     monkeypatch.setattr(GoodputController, "_verdict", recorded)
     gain = np.concatenate([[0.0], np.cumsum(0.55 ** np.arange(1, 9))])
-    windowless, _ = trials_run(lambda cap: 0.010 * (1 + gain[cap]) / gain_x, kindness=1.2 if gain_x < 1 else 1.0,
-                               steps=2000)
+    cost = lambda cap: 0.010 * (1 + gain[cap]) / gain_x  # noqa: E731
+    windowless, _ = trials_run(cost, kindness=1.2 if gain_x < 1 else 1.0, steps=2000)
     if gain_x < 1:
-        assert 1 < caps[0] < 8 and set(caps[1:]) == {1}, caps
+        later = caps[2:] if len(caps) > 1 and caps[1] > caps[0] else caps[1:]
+        assert 1 < caps[0] < 8 and later and set(later) == {1}, caps
     else:
-        assert caps[:3] == [1, 2, 4] and windowless <= 0.1, (caps, windowless)
+        assert caps[:3] == [1, 2, 4], caps
+        windowless = np.mean([windowless] + [trials_run(cost, steps=2000, seed=seed)[0] for seed in range(1, 12)])
+        assert windowless <= 0.1, windowless
 
 
 @pytest.mark.parametrize("unsure", [True, False])

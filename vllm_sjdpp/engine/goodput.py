@@ -107,8 +107,8 @@ committed more at TRIAL_CONFIDENCE (Welch's one-sided test on the steps' rates),
 where it committed less, and no drafts where the trial cannot tell; a batch size's first trial is
 at the shortest window the model expects to beat no drafts (one draft, unless a drafted step's own
 cost makes one lose) and climbs while drafting wins (and past a cap that cannot tell, where
-twice it may win, but not past two in a row), and then the last cap that won stands where the
-next does not (`Verdict`).
+twice it may win, but not past two in a row); where the climb ends, the last cap that won is
+tried again and stands only if it wins again (`Verdict`).
 
 Why the output stays exact. Verification commits each token with the distribution p given
 everything fixed before the step's noise is drawn: the committed prefix, the drafts, their
@@ -411,7 +411,7 @@ class Trial:
     def __init__(self, cap: int, batch: int, warmup: int, started: int, fallback: int | None = None,
                  recheck: int | None = None):
         self.cap, self.batch = cap, batch
-        self.fallback = fallback  # climbing: the cap that last won, the limit if this one does not win
+        self.fallback = fallback  # climbing: the cap that last won, tried again if this one does not win
         self.recheck = recheck  # looking up from a limit held a while: tried again if this does not win
         self.deadline = started + warmup + 4 * TRIAL_STEPS
         self.phase = 0  # 0: no drafts (the first half), 1: the cap, 2: no drafts (the second half)
@@ -470,9 +470,9 @@ class Verdict:
     first trial starts at the shortest window the model expects to beat no drafts (one draft,
     unless a drafted step's own cost makes one lose) and climbs: a cap that wins below the
     model's choice is doubled and tried at once (one that cannot tell too, not two in a row:
-    `unsure`), and the last that won is the limit (where the model is in doubt, its choice's own
-    drafted phase, at a large batch several times a plain pass, is the dearest thing to try
-    first).  When a limit expires, twice it is tried (that shortest window after 0); where that
+    `unsure`); where the climb ends, the last that won is tried again at once and is the limit
+    only if it wins again (where the model is in doubt, its choice's own drafted phase, at a
+    large batch several times a plain pass, is the dearest thing to try first).  When a limit expires, twice it is tried (that shortest window after 0); where that
     does not win, the limit itself is tried again at once, so a limit one lucky trial set does
     not stand for good (that retry not winning leaves no drafts), and the limit follows the
     machine both ways."""
@@ -706,7 +706,7 @@ class GoodputController:
         # a steady window's, and are not counted.
         warmup = int(math.ceil(cap / max(self._advance, 1.0))) + 1
         self._trial = Trial(cap, batch, warmup, self.steps, fallback, recheck)
-        return cap
+        return self._trial.cap_now()  # its first half: no drafts
 
     def _holds(self, verdict: Verdict | None, visits: int) -> bool:
         """Whether the last verdict stands at a batch size visited `visits` times (this step's
@@ -729,7 +729,7 @@ class GoodputController:
             # from no drafts (at 8 digit images in bf16 on 2 CPU cores, two drafts could not be
             # told from none in 12 steps each, no drafts held for 256 steps at 0.90x plain where
             # full windows gave 1.08x).  If twice the cap does not win either, the cap that last
-            # won is the limit.
+            # won is tried again (below).
             verdict.limit, verdict.until, verdict.lost = trial.cap, self._visits[bucket], False
             verdict.unsure = trial.fallback
         elif not won and trial.recheck is not None:  # the limit itself again, at once
@@ -743,8 +743,7 @@ class GoodputController:
             # windows of 8 won by 38%, and were held for rounds at 0.88x no drafts' throughput.
             verdict.limit, verdict.until, verdict.lost = trial.fallback, self._visits[bucket], True
         else:
-            # Where the trial cannot tell, no drafts (climbing: the last cap that won): it gains
-            # nothing the trial could see, and it costs what the trial does not see (windows
+            # Where the trial cannot tell, no drafts: it gains nothing the trial could see, and it costs what the trial does not see (windows
             # restarted, images finishing apart); a shorter cap, nearer break-even still, would
             # not tell either.  A cap that won after a longer one lost is the limit; one that won
             # at the model's choice leaves the model free (the trial says nothing against longer
@@ -752,7 +751,7 @@ class GoodputController:
             if won:
                 limit = trial.cap if verdict.lost else None
             else:
-                limit = trial.fallback if climbing else 0
+                limit = 0
             verdict.hold = min(2 * verdict.hold, MAX_TRIAL_EVERY) if verdict.held == limit and verdict.hold else TRIAL_EVERY
             verdict.limit = verdict.held = limit
             verdict.until, verdict.lost = self._visits[bucket] + verdict.hold, False

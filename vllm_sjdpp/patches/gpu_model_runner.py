@@ -62,7 +62,7 @@ def apply(on_cpu: bool) -> None:
             check_sampler(self.rejection_sampler)
             without_drafts = _patch_spec_metadata_without_drafts(self)
             _patch_no_empty_draft_handover(self)
-            if on_cpu and not self.use_async_scheduling:
+            if on_cpu and not self.use_async_scheduling and not self.model_config.is_hybrid:
                 _patch_windowless_steps_off_the_spec_path(self, without_drafts)
 
     GPUModelRunner.__init__ = init_with_sjdpp
@@ -192,7 +192,7 @@ class MetadataWithoutDrafts:
 
     The logits indices are the step's `query_start_loc` on the device less one, as vLLM's own
     path without a speculative config takes them (`_prepare_inputs` has copied it there before it
-    asks for this metadata), written into a buffer of vLLM's dtype for them under a speculative
+    asks for this metadata, or before `_sample` asks on a step off the speculative path), written into a buffer of vLLM's dtype for them under a speculative
     config (int64); everything else depends on the batch size alone, so one metadata object per
     batch size holds views of tensors made once (vLLM and the sampler only read them), and a step
     costs one device op and no host-to-device copy (building the metadata afresh each step took
@@ -273,8 +273,11 @@ def _patch_windowless_steps_off_the_spec_path(runner, without_drafts: MetadataWi
     # config (`runner.speculative_config` is None from execute_model to the end of
     # sample_tokens), but for the sampling, which stays SJD++'s (the plan, the windows the next
     # step verifies, the controller's timing), and the proposal, read from the runtime as the
-    # drafter would.  On the CPU platform, without async scheduling: on CUDA vLLM also picks its
-    # CUDA graphs and attention kernels by these flags, untested there.
+    # drafter would (without vLLM's batch-wide `_input_fits_in_drafter` check: the runtime trims
+    # each window to what its request may still generate).  On the CPU platform, without async
+    # scheduling, and not for hybrid models (`_update_states_after_model_execute` keeps their
+    # accepted-token counts only under a speculative config): on CUDA vLLM also picks its CUDA
+    # graphs and attention kernels by these flags, untested there.
     spec_config = runner.speculative_config
     execute, sample, sample_tokens = runner.execute_model, runner._sample, runner.sample_tokens
     drafter = runner.drafter

@@ -158,7 +158,7 @@ RUNNER_ATTRIBUTES = (
     "vllm_config", "model_config", "parallel_config", "speculative_config", "device", "max_num_reqs", "sampler",
     "drafter", "rejection_sampler", "requests", "input_batch", "input_ids.gpu", "query_start_loc.np",
     "query_start_loc.gpu", "discard_request_mask.np", "_draft_token_ids", "_draft_token_req_ids",
-    "use_async_scheduling",
+    "use_async_scheduling", "model_config.is_hybrid",
 )
 INPUT_BATCH_ATTRIBUTES = (
     "req_ids", "num_reqs", "num_tokens_no_spec", "num_prompt_tokens", "token_ids_cpu", "generators",
