@@ -10,7 +10,7 @@ unseeded, as the controller adapts only those (a seed pins its request's windows
 untimed round at every concurrency, in which the controller measures the pass cost and the
 acceptance (a server would have done so on its first requests); then `rounds` rounds (times
 8 / C below 8 concurrent images, whose few images vary more), each timing plain, "auto", full
-windows (budget null) and no drafts (budget 0: the spec path's floor) one after the other on the
+windows (budget null) and no drafts (budget 0: SJD++'s floor) one after the other on the
 same prompts (the last three on the one SJD++ engine), so every ratio is paired; the order
 changes from round to round (`vllm_sjdpp.bench.williams_order`: over four rounds each mode runs
 once in each place and after each other mode once, so a multiple of four rounds is balanced; in

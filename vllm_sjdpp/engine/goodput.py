@@ -93,8 +93,9 @@ CPU cores the passes of 2 to 32 drafts per request cost 4x to 65x a plain one: f
 remembered: a time 1.5x faster restarts a bucket.
 
 Trials.  The model's estimates can be wrong where no estimate shows it: a pass's cost drifts
-through an image (at 10 digit images on 2 CPU cores a pass without drafts costs 2.5 ms at the
-images' first tokens and 3.6 ms at their last), so a t_0 timed at another moment misleads; a
+through an image (at 10 digit images on 2 CPU cores a pass without drafts cost 2.5 ms at the
+images' first tokens and 3.6 ms at their last in one trace, 3.9 and 4.6 ms in float32 under the
+AVX2 cap in another), so a t_0 timed at another moment misleads; a
 length's acceptance is optimistic until measured; a window restarted after a change of length
 accepts less.  (At 10 digit images on 2 CPU cores, float32, the model promised drafting 15-30% more
 than no drafts, measured over whole rounds it gave 25% less; in trials, steady stretches of
