@@ -56,7 +56,16 @@ def test_the_seam_names_what_a_vllm_lacks(monkeypatch):
     assert internals.missing() == [f"{member}: its parameters are (self, request_id, state)"]
     monkeypatch.delattr(GPUModelRunner, "_on_request_state_removed")
     assert internals.missing() == [f"{member}: no '_on_request_state_removed'"]
-    runner = SimpleNamespace(**{a.split(".")[0]: SimpleNamespace(np=0, gpu=0) for a in internals.RUNNER_ATTRIBUTES})
+    runner = SimpleNamespace()
+    for attribute in internals.RUNNER_ATTRIBUTES:  # dotted names as nested objects
+        *path, leaf = attribute.split(".")
+        owner = runner
+        for name in path:
+            if not isinstance(getattr(owner, name, None), SimpleNamespace):
+                setattr(owner, name, SimpleNamespace())
+            owner = getattr(owner, name)
+        if not hasattr(owner, leaf):
+            setattr(owner, leaf, 0)
     runner.input_batch = SimpleNamespace(**{a: 0 for a in internals.INPUT_BATCH_ATTRIBUTES})
     internals.check_runner(runner)
     del runner.input_batch.num_prompt_tokens
