@@ -419,7 +419,8 @@ class Trial:
         self.warmup = warmup  # timed steps of the cap to drop (its windows not yet steady)
         self.skip = 0
         self.counted = 0
-        self.rates: list[list[float]] = [[], []]  # with drafts, without: tokens per second of each counted step
+        # With drafts, without: tokens per second of each counted step.
+        self.rates: list[list[float]] = [[], []]
 
     def cap_now(self) -> int:
         return self.cap if self.phase == 1 else 0
@@ -473,10 +474,10 @@ class Verdict:
     model's choice is doubled and tried at once (one that cannot tell too, not two in a row:
     `unsure`); where the climb ends, the last that won is tried again at once and is the limit
     only if it wins again (where the model is in doubt, its choice's own drafted phase, at a
-    large batch several times a plain pass, is the dearest thing to try first).  When a limit expires, twice it is tried (that shortest window after 0); where that
-    does not win, the limit itself is tried again at once, so a limit one lucky trial set does
-    not stand for good (that retry not winning leaves no drafts), and the limit follows the
-    machine both ways."""
+    large batch several times a plain pass, is the dearest thing to try first).  When a limit
+    expires, twice it is tried (that shortest window after 0); where that does not win, the limit
+    itself is tried again at once, so a limit one lucky trial set does not stand for good (that
+    retry not winning leaves no drafts), and the limit follows the machine both ways."""
 
     limit: int | None = None  # None: no limit (drafting won outright)
     until: int = -1
@@ -744,11 +745,11 @@ class GoodputController:
             # windows of 8 won by 38%, and were held for rounds at 0.88x no drafts' throughput.
             verdict.limit, verdict.until, verdict.lost = trial.fallback, self._visits[bucket], True
         else:
-            # Where the trial cannot tell, no drafts: it gains nothing the trial could see, and it costs what the trial does not see (windows
-            # restarted, images finishing apart); a shorter cap, nearer break-even still, would
-            # not tell either.  A cap that won after a longer one lost is the limit; one that won
-            # at the model's choice leaves the model free (the trial says nothing against longer
-            # windows).
+            # Where the trial cannot tell, no drafts: it gains nothing the trial could see, and it
+            # costs what the trial does not see (windows restarted, images finishing apart); a
+            # shorter cap, nearer break-even still, would not tell either.  A cap that won after a
+            # longer one lost is the limit; one that won at the model's choice leaves the model
+            # free (the trial says nothing against longer windows).
             if won:
                 limit = trial.cap if verdict.lost else None
             else:

@@ -192,12 +192,13 @@ class MetadataWithoutDrafts:
 
     The logits indices are the step's `query_start_loc` on the device less one, as vLLM's own
     path without a speculative config takes them (`_prepare_inputs` has copied it there before it
-    asks for this metadata, or before `_sample` asks on a step off the speculative path), written into a buffer of vLLM's dtype for them under a speculative
-    config (int64); everything else depends on the batch size alone, so one metadata object per
-    batch size holds views of tensors made once (vLLM and the sampler only read them), and a step
-    costs one device op and no host-to-device copy (building the metadata afresh each step took
-    48-55 us right after the forward pass against 29-30 us now, with the check for drafts: the
-    digit model at 1-32 requests on 2 CPU cores, 1-2% of a step).
+    asks for this metadata, or before `_sample` asks on a step off the speculative path), written
+    into a buffer of vLLM's dtype for them under a speculative config (int64); everything else
+    depends on the batch size alone, so one metadata object per batch size holds views of tensors
+    made once (vLLM and the sampler only read them), and a step costs one device op and no
+    host-to-device copy (building the metadata afresh each step took 48-55 us right after the
+    forward pass against 29-30 us now, with the check for drafts: the digit model at 1-32
+    requests on 2 CPU cores, 1-2% of a step).
     """
 
     def __init__(self, max_num_reqs: int, device, token_dtype: torch.dtype, query_start_loc):
