@@ -46,3 +46,44 @@ def test_says_when_drafting_cannot_pay(cost):
 def test_different_images_are_reported():
     (one, many), full = runs(full_pass_cost=1.5, same=False)
     assert "NOT every image here" in "\n".join(report([one, many], full, 32, MACHINE, {}, None))
+
+
+
+def rounds_of(request, count: int, concurrency: int) -> list:
+    """Broken load: rounds of `concurrency` requests, each round awaited whole."""
+    import concurrent.futures
+
+    out = []
+    for first in range(0, count, concurrency):
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            out += pool.map(request, range(first, min(first + concurrency, count)))
+    return out
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["in_flight", "rounds"])
+def test_ten_in_flight_means_a_new_request_as_one_ends(broken):
+    """`in_flight` keeps `concurrency` requests running until the last ones: request 10 starts as
+    soon as any of 0 .. 9 ends, not once all ten have (the demo's throughput load).  Requests take
+    50 ms, every tenth 150 ms, so a load in rounds of ten (the broken variant, `rounds_of`) starts
+    request 10 after 150 ms; the bound, 100 ms, leaves 50 ms for the threads' scheduling."""
+    import threading
+    import time
+
+    from vllm_sjdpp.digits.demo import in_flight
+
+    lock, running, most, starts = threading.Lock(), [0], [0], {}
+    begin = time.perf_counter()
+
+    def request(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            starts[i] = time.perf_counter() - begin
+        time.sleep(0.15 if i % 10 == 0 else 0.05)
+        with lock:
+            running[0] -= 1
+        return i
+
+    assert (rounds_of if broken else in_flight)(request, 30, 10) == list(range(30))
+    assert most[0] == 10
+    assert (starts[10] < 0.1) != broken, starts[10]

@@ -8,8 +8,9 @@ sjdpp_images`) and asks `POST /v1/images/generations` (the openai client's `imag
 "a handwritten 0" ... "a handwritten 9", digit d with seed S + d, decoded plainly (per-request
 `sjdpp_disable`) and with SJD++, both with classifier-free guidance (the model's default scale
 from its generation_config.json unless --guidance-scale is given): first one image at a time
-(latency), then all ten in flight (throughput: six rounds of the ten digits each way,
-alternating which decoding goes first, as the machine's speed drifts).  Then a second server with full
+(latency), then ten in flight (throughput: a new request as soon as one ends, as `vllm bench
+serve --max-concurrency 10` keeps them; two rounds of 30 images each way, image i digit i mod 10
+with seed S + i, alternating which decoding goes first, as the machine's speed drifts).  Then a second server with full
 windows (`draft_token_budget: null`) makes the ten images once more, one at a time: their step
 compression, which does not depend on the machine, and what a full pass costs here against a
 plain one.  A seed names one image, so the decodings give the same PNGs; the picture puts them one
@@ -58,10 +59,10 @@ class Generation:
 
 def generate_digits(
     base: str, model: str, plain: bool, seed: int, concurrency: int, guidance_scale: float | None = None, progress=None,
-    digits: int = 10,
+    images: int = 10,
 ) -> tuple[list[Generation], float]:
-    """One image request per digit 0 .. `digits` - 1 (digit d with seed `seed + d`), with
-    `concurrency` in flight.  Returns the images in digit order and the wall
+    """One image request each for i = 0 .. `images` - 1 (digit i mod 10 with seed `seed + i`),
+    `concurrency` in flight (`in_flight`).  Returns the images in that order and the wall
     seconds."""
     from openai import OpenAI
     from PIL import Image
@@ -71,11 +72,12 @@ def generate_digits(
     if guidance_scale is not None:
         extra["guidance_scale"] = guidance_scale
 
-    def one(digit: int) -> Generation:
+    def one(i: int) -> Generation:
         begin = time.perf_counter()
+        digit = i % 10
         out = client.images.generate(
             model=model, prompt=f"a handwritten {digit}", n=1, size=f"{IMAGE_SIZE}x{IMAGE_SIZE}",
-            response_format="b64_json", extra_body={**extra, "seed": seed + digit},
+            response_format="b64_json", extra_body={**extra, "seed": seed + i},
         )
         image = out.data[0]
         grey = np.asarray(Image.open(io.BytesIO(base64.b64decode(image.b64_json)))) / 255 * (GREY_LEVELS - 1)
@@ -86,9 +88,19 @@ def generate_digits(
                           info.get("seed_identical"))
 
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        gens = list(pool.map(one, range(digits)))
+    gens = in_flight(one, images, concurrency)
     return gens, time.perf_counter() - start
+
+
+def in_flight(request, count: int, concurrency: int) -> list:
+    """`request(i)` for i = 0 .. count - 1, `concurrency` at a time: the next starts as soon as one
+    ends, so the server holds `concurrency` requests until the last ones (what a throughput at that
+    many in flight means, as `vllm bench serve --max-concurrency` measures it).  Batches started
+    together and awaited together instead end in a tail at low load wherever their requests
+    finish apart (SJD++'s do, plain decoding's do not), which is `benchmarks/bench_auto.py`'s
+    "at once" load.  Returns the results in order."""
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(request, range(count)))
 
 
 @dataclass
@@ -192,8 +204,9 @@ def served_dtype(log_path: Path) -> str:
 
 
 def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, float], bool | None]:
-    """Plain and SJD++ images at each (concurrency, rounds) of `loads`; the drafts per pass the
-    server verified for SJD++ at each load; the seed probe's verdict from the responses.
+    """Plain and SJD++ images at each (concurrency, rounds, images a round) of `loads`; the drafts
+    per pass the server verified for SJD++ at each load; the seed probe's verdict from the
+    responses.
 
     A load's rounds alternate the two decodings (`bench.abba`: plain first in rounds 0, 3, 4, 7,
     ...), and each decoding's throughput is its images over its rounds' summed wall time: a
@@ -207,14 +220,15 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
     runs, drafts, identical = [], {}, None
     # One untimed image each way first: a fresh server's first passes compile and allocate.
     for plain in (True, False):
-        generate_digits(base, str(model), plain, args.seed, 1, args.guidance_scale, digits=1)
-    for concurrency, rounds in loads:
+        generate_digits(base, str(model), plain, args.seed, 1, args.guidance_scale, images=1)
+    for concurrency, rounds, count in loads:
         gens, walls, drafted, passes = {True: [], False: []}, {True: 0.0, False: 0.0}, 0.0, 0
-        with tqdm(total=2 * 10 * rounds, unit="image", desc=f"plain and SJD++, {concurrency:>2} in flight") as bar:
+        with tqdm(total=2 * count * rounds, unit="image", desc=f"plain and SJD++, {concurrency:>2} in flight") as bar:
             for r in range(rounds):
                 for plain in abba(r, True, False):
                     before = spec_draft_tokens(base)
-                    images, wall = generate_digits(base, str(model), plain, args.seed, concurrency, args.guidance_scale, bar)
+                    images, wall = generate_digits(base, str(model), plain, args.seed, concurrency, args.guidance_scale,
+                                                   bar, count)
                     gens[plain] += images
                     walls[plain] += wall
                     if not plain:
@@ -255,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     # step compression, and what a full pass costs on this machine.
     specs = (args.spec_config, {**args.spec_config, "draft_token_budget": None})
     results = []
-    for spec, loads in zip(specs, (((1, 1), (10, 6)), ((1, 1),))):
+    for spec, loads in zip(specs, (((1, 1, 10), (10, 2, 30)), ((1, 1, 10),))):
         log_path = log_dir / f"vllm-serve-{len(results)}.log"
         print(f"starting VLLM_PLUGINS={PLUGINS} vllm serve {args.model.name} --speculative-config "
               f"'{json.dumps(spec)}' (log: {log_path})")
