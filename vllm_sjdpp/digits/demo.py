@@ -4,20 +4,20 @@
                                      [--seed S] [--guidance-scale S] [--dtype auto]
 
 Starts a vLLM server on loopback with SJD++ and the images endpoint (`VLLM_PLUGINS=sjdpp,
-sjdpp_images`) and asks `POST /v1/images/generations` (the openai client's `images.generate`) for
-"a handwritten 0" ... "a handwritten 9", digit d with seed S + d, decoded plainly (per-request
-`sjdpp_disable`) and with SJD++, both with classifier-free guidance (the model's default scale
-from its generation_config.json unless --guidance-scale is given): first one image at a time
-(latency), then ten in flight (throughput: a new request as soon as one ends, as `vllm bench
-serve --max-concurrency 10` keeps them; two rounds of 30 images each way, image i digit i mod 10
-with seed S + i, alternating which decoding goes first, as the machine's speed drifts).  Then a second server with full
-windows (`draft_token_budget: null`) makes the ten images once more, one at a time: their step
-compression, which does not depend on the machine, and what a full pass costs here against a
-plain one.  A seed names one image, so the decodings give the same PNGs; the picture puts them one
-above the other (plain on top, SJD++ below).  Prints the CPU and the dtype the server ran in,
-forward passes per image (from the responses), latency, throughput and each ratio to plain
-decoding, the drafts per pass the controller chose (vLLM's /metrics) and the seed probe's verdict,
-all measured in this run, and says so where drafting cannot pay on this machine.
+sjdpp_images`) and asks `POST /v1/images/generations` (the openai client's `images.generate`) for "a
+handwritten 0" ... "a handwritten 9", decoded plainly (per-request `sjdpp_disable`) and with SJD++,
+both with classifier-free guidance (the model's default scale from its generation_config.json unless
+--guidance-scale is given), image i the digit i mod 10 with seed S + i: first one image at a time
+(latency: images 0 .. 9, each made both ways before the next), then ten in flight (throughput: a new
+request as soon as one ends, as `vllm bench serve --max-concurrency 10` keeps them; two rounds of 30
+images each way); each load's rounds alternate which decoding goes first, as the machine's speed
+drifts. Then a second server with full windows (`draft_token_budget: null`) makes the ten images
+once more, one at a time: their step compression, which does not depend on the machine, and what a
+full pass costs here against a plain one. A seed names one image, so the decodings give the same
+PNGs; the picture puts them one above the other (plain on top, SJD++ below). Prints the CPU and the
+dtype the server ran in, forward passes per image (from the responses), latency, throughput and each
+ratio to plain decoding, the drafts per pass the controller chose (vLLM's /metrics) and the seed
+probe's verdict, all measured in this run, and says so where drafting cannot pay on this machine.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ class Generation:
 
 def generate_digits(
     base: str, model: str, plain: bool, seed: int, concurrency: int, guidance_scale: float | None = None, progress=None,
-    images: int = 10,
+    images: int = 10, first: int = 0,
 ) -> tuple[list[Generation], float]:
-    """One image request each for i = 0 .. `images` - 1 (digit i mod 10 with seed `seed + i`),
-    `concurrency` in flight (`in_flight`).  Returns the images in that order and the wall
-    seconds."""
+    """One image request each for i = `first` .. `first` + `images` - 1 (digit i mod 10 with seed
+    `seed + i`), `concurrency` in flight (`in_flight`).  Returns the images in that order and the
+    wall seconds."""
     from openai import OpenAI
     from PIL import Image
 
@@ -88,7 +88,7 @@ def generate_digits(
                           info.get("seed_identical"))
 
     start = time.perf_counter()
-    gens = in_flight(one, images, concurrency)
+    gens = in_flight(lambda j: one(first + j), images, concurrency)
     return gens, time.perf_counter() - start
 
 
@@ -228,7 +228,7 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
                 for plain in abba(r, True, False):
                     before = spec_draft_tokens(base)
                     images, wall = generate_digits(base, str(model), plain, args.seed, concurrency, args.guidance_scale,
-                                                   bar, count)
+                                                   bar, count, first=r * count)
                     gens[plain] += images
                     walls[plain] += wall
                     if not plain:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     # step compression, and what a full pass costs on this machine.
     specs = (args.spec_config, {**args.spec_config, "draft_token_budget": None})
     results = []
-    for spec, loads in zip(specs, (((1, 1, 10), (10, 2, 30)), ((1, 1, 10),))):
+    for spec, loads in zip(specs, (((1, 10, 1), (10, 2, 30)), ((1, 10, 1),))):
         log_path = log_dir / f"vllm-serve-{len(results)}.log"
         print(f"starting VLLM_PLUGINS={PLUGINS} vllm serve {args.model.name} --speculative-config "
               f"'{json.dumps(spec)}' (log: {log_path})")
