@@ -1,10 +1,14 @@
 """The demo's report (vllm_sjdpp.digits.demo.report): every figure it prints comes from the runs it
 is given, and it says plainly where drafting cannot pay."""
 
+import concurrent.futures
+import threading
+import time
+
 import numpy as np
 import pytest
 
-from vllm_sjdpp.digits.demo import Generation, Machine, Run, report
+from vllm_sjdpp.digits.demo import Generation, Machine, Run, in_flight, report
 
 
 def gens(passes: float, seconds: float, png: str = "a") -> list[Generation]:
@@ -48,11 +52,8 @@ def test_different_images_are_reported():
     assert "NOT every image here" in "\n".join(report([one, many], full, 32, MACHINE, {}, None))
 
 
-
 def rounds_of(request, count: int, concurrency: int) -> list:
     """Broken load: rounds of `concurrency` requests, each round awaited whole."""
-    import concurrent.futures
-
     out = []
     for first in range(0, count, concurrency):
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
@@ -63,27 +64,27 @@ def rounds_of(request, count: int, concurrency: int) -> list:
 @pytest.mark.parametrize("broken", [False, True], ids=["in_flight", "rounds"])
 def test_ten_in_flight_means_a_new_request_as_one_ends(broken):
     """`in_flight` keeps `concurrency` requests running until the last ones: request 10 starts as
-    soon as any of 0 .. 9 ends, not once all ten have (the demo's throughput load).  Requests take
-    50 ms, every tenth 150 ms, so a load in rounds of ten (the broken variant, `rounds_of`) starts
-    request 10 after 150 ms; the bound, 100 ms, leaves 50 ms for the threads' scheduling."""
-    import threading
-    import time
-
-    from vllm_sjdpp.digits.demo import in_flight
-
-    lock, running, most, starts = threading.Lock(), [0], [0], {}
-    begin = time.perf_counter()
+    soon as any of 0 .. 9 ends, not once all ten have (the demo's throughput load).  Request 0
+    waits (at most 2 s) for request 10 to start, the others take 10 ms: with `in_flight` request
+    10 starts within milliseconds; a load in rounds of ten (the broken variant, `rounds_of`)
+    starts it only after request 0 has given up waiting."""
+    lock, running, most, started = threading.Lock(), [0], [0], threading.Event()
+    saw_request_10 = []
 
     def request(i):
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
-            starts[i] = time.perf_counter() - begin
-        time.sleep(0.15 if i % 10 == 0 else 0.05)
+        if i == 10:
+            started.set()
+        if i == 0:
+            saw_request_10.append(started.wait(timeout=2.0))
+        else:
+            time.sleep(0.01)
         with lock:
             running[0] -= 1
         return i
 
     assert (rounds_of if broken else in_flight)(request, 30, 10) == list(range(30))
     assert most[0] == 10
-    assert (starts[10] < 0.1) != broken, starts[10]
+    assert saw_request_10 == [not broken]

@@ -105,7 +105,7 @@ def in_flight(request, count: int, concurrency: int) -> list:
 
 @dataclass
 class Run:
-    """One load, plain decoding against SJD++ on the same ten seeds."""
+    """One load, plain decoding against SJD++ on the same images (digits and seeds), in order."""
 
     concurrency: int
     plain: list[Generation]
@@ -118,9 +118,6 @@ class Run:
 
     def latency(self, gens: list[Generation]) -> float:
         return sum(g.seconds for g in gens) / len(gens)
-
-    def identical(self) -> int:
-        return sum(a.png == b.png for a, b in zip(self.plain, self.sjdpp))
 
     def throughput(self, gens: list[Generation], wall: float) -> float:
         return len(gens) / wall
@@ -211,8 +208,8 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
     A load's rounds alternate the two decodings (`bench.abba`: plain first in rounds 0, 3, 4, 7,
     ...), and each decoding's throughput is its images over its rounds' summed wall time: a
     2-core machine's speed drifts by tens of percent from one minute to the next (on a 2-core
-    Xeon, float32, one round of the ten digits at ten in flight took 1.3 to 2.7 s, the same work
-    each time, and single rounds' ratios scattered from 0.73x to 1.13x), so two decodings timed
+    Xeon, float32, one round of ten digit images started together took 1.3 to 2.7 s, the same
+    work each time, and single rounds' ratios scattered from 0.73x to 1.13x), so two decodings timed
     one after the other, all plain then all SJD++, compare two moments of the machine as much as
     the two decodings."""
     from tqdm import tqdm
@@ -226,15 +223,15 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
         with tqdm(total=2 * count * rounds, unit="image", desc=f"plain and SJD++, {concurrency:>2} in flight") as bar:
             for r in range(rounds):
                 for plain in abba(r, True, False):
-                    before = spec_draft_tokens(base)
-                    images, wall = generate_digits(base, str(model), plain, args.seed, concurrency, args.guidance_scale,
-                                                   bar, count, first=r * count)
-                    gens[plain] += images
+                    before = None if plain else spec_draft_tokens(base)
+                    made, wall = generate_digits(base, str(model), plain, args.seed, concurrency, args.guidance_scale,
+                                                 progress=bar, images=count, first=r * count)
+                    gens[plain] += made
                     walls[plain] += wall
                     if not plain:
                         drafted += spec_draft_tokens(base) - before
-                        passes += sum(g.forward_passes for g in images)
-                        identical = images[0].seed_identical
+                        passes += sum(g.forward_passes for g in made)
+                        identical = made[0].seed_identical
         drafts[concurrency] = drafted / max(passes, 1)
         runs.append(Run(concurrency, gens[True], gens[False], walls[True], walls[False]))
     return runs, drafts, identical
@@ -247,7 +244,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=Path("digits.png"), help="the PNG of the images (default: %(default)s)")
     ap.add_argument("--spec-config", type=json.loads, default=DEFAULT_SPEC,
                     help="the server's --speculative-config, as JSON (default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of digit 0 (digit d: seed + d; default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of image 0 (image i, the digit i mod 10: seed + i; default: %(default)s)")
     ap.add_argument("--guidance-scale", type=float, default=None,
                     help="classifier-free guidance scale (default: the model's generation_config.json)")
     ap.add_argument("--dtype", default="auto",
