@@ -65,7 +65,7 @@ def rounds_of(request, count: int, concurrency: int) -> list:
 def test_ten_in_flight_means_a_new_request_as_one_ends(broken):
     """`in_flight` keeps `concurrency` requests running until the last ones: request 10 starts as
     soon as any of 0 .. 9 ends, not once all ten have (the demo's throughput load).  Request 0
-    waits (at most 2 s) for request 10 to start, the others take 10 ms: with `in_flight` request
+    waits (at most 1 s) for request 10 to start, the others take 10 ms: with `in_flight` request
     10 starts within milliseconds; a load in rounds of ten (the broken variant, `rounds_of`)
     starts it only after request 0 has given up waiting."""
     lock, running, most, started = threading.Lock(), [0], [0], threading.Event()
@@ -78,7 +78,7 @@ def test_ten_in_flight_means_a_new_request_as_one_ends(broken):
         if i == 10:
             started.set()
         if i == 0:
-            saw_request_10.append(started.wait(timeout=2.0))
+            saw_request_10.append(started.wait(timeout=1.0))
         else:
             time.sleep(0.01)
         with lock:
