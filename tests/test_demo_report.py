@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from vllm_sjdpp.digits.demo import Generation, Machine, Run, in_flight, report
+from vllm_sjdpp.bench import in_flight
+from vllm_sjdpp.digits.demo import Generation, Machine, Run, report
 
 
 def gens(passes: float, seconds: float, png: str = "a") -> list[Generation]:

@@ -120,6 +120,17 @@ def run_at_once(http, url: str, body: dict, mode: str, seeds: list[int]) -> tupl
     return runs, time.perf_counter() - start
 
 
+def in_flight(request, count: int, concurrency: int) -> list:
+    """`request(i)` for i = 0 .. count - 1, `concurrency` at a time: the next starts as soon as one
+    ends, so the server holds `concurrency` requests until the last ones (what a throughput at that
+    many in flight means, as `vllm bench serve --max-concurrency` measures it).  Batches started
+    together and awaited together instead end in a tail at low load wherever their requests
+    finish apart (SJD++'s do, plain decoding's do not), which is `run_at_once`'s load and
+    `benchmarks/bench_auto.py`'s default.  Returns the results in order."""
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(request, range(count)))
+
+
 def summarize(latency: list[ImageRun], batch: dict[str, tuple[list[ImageRun], float]]) -> dict:
     """The figures of a bench run (see the module docstring); ratios are SJD++ over plain, so
     above 1 is better for passes saved, latency saved and throughput."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import concurrent.futures
 import io
 import json
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bench import abba
+from ..bench import abba, in_flight
 from ..config import SJDPPConfig
 from ..serving.server import vllm_server
 from .tokens import GENERATED_LENGTH, to_png
@@ -58,16 +57,14 @@ class Generation:
 
 
 def generate_digits(
-    base: str, model: str, plain: bool, seed: int, concurrency: int, guidance_scale: float | None = None, progress=None,
+    client, model: str, plain: bool, seed: int, concurrency: int, guidance_scale: float | None = None, progress=None,
     images: int = 10, first: int = 0,
 ) -> tuple[list[Generation], float]:
     """One image request each for i = `first` .. `first` + `images` - 1 (digit i mod 10 with seed
-    `seed + i`), `concurrency` in flight (`in_flight`).  Returns the images in that order and the
-    wall seconds."""
-    from openai import OpenAI
+    `seed + i`) through `client` (an `openai.OpenAI` on the server), `concurrency` in flight
+    (`bench.in_flight`).  Returns the images in that order and the wall seconds."""
     from PIL import Image
 
-    client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
     extra = {"sjdpp_disable": plain}
     if guidance_scale is not None:
         extra["guidance_scale"] = guidance_scale
@@ -90,17 +87,6 @@ def generate_digits(
     start = time.perf_counter()
     gens = in_flight(lambda j: one(first + j), images, concurrency)
     return gens, time.perf_counter() - start
-
-
-def in_flight(request, count: int, concurrency: int) -> list:
-    """`request(i)` for i = 0 .. count - 1, `concurrency` at a time: the next starts as soon as one
-    ends, so the server holds `concurrency` requests until the last ones (what a throughput at that
-    many in flight means, as `vllm bench serve --max-concurrency` measures it).  Batches started
-    together and awaited together instead end in a tail at low load wherever their requests
-    finish apart (SJD++'s do, plain decoding's do not), which is `benchmarks/bench_auto.py`'s
-    "at once" load.  Returns the results in order."""
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(request, range(count)))
 
 
 @dataclass
@@ -212,19 +198,21 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
     work each time, and single rounds' ratios scattered from 0.73x to 1.13x), so two decodings timed
     one after the other, all plain then all SJD++, compare two moments of the machine as much as
     the two decodings."""
+    from openai import OpenAI
     from tqdm import tqdm
 
     runs, drafts, identical = [], {}, None
+    client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
     # One untimed image each way first: a fresh server's first passes compile and allocate.
     for plain in (True, False):
-        generate_digits(base, str(model), plain, args.seed, 1, args.guidance_scale, images=1)
+        generate_digits(client, str(model), plain, args.seed, 1, args.guidance_scale, images=1)
     for concurrency, rounds, count in loads:
         gens, walls, drafted, passes = {True: [], False: []}, {True: 0.0, False: 0.0}, 0.0, 0
         with tqdm(total=2 * count * rounds, unit="image", desc=f"plain and SJD++, {concurrency:>2} in flight") as bar:
             for r in range(rounds):
                 for plain in abba(r, True, False):
                     before = None if plain else spec_draft_tokens(base)
-                    made, wall = generate_digits(base, str(model), plain, args.seed, concurrency, args.guidance_scale,
+                    made, wall = generate_digits(client, str(model), plain, args.seed, concurrency, args.guidance_scale,
                                                  progress=bar, images=count, first=r * count)
                     gens[plain] += made
                     walls[plain] += wall
@@ -234,6 +222,7 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
                         identical = made[0].seed_identical
         drafts[concurrency] = drafted / max(passes, 1)
         runs.append(Run(concurrency, gens[True], gens[False], walls[True], walls[False]))
+    client.close()
     return runs, drafts, identical
 
 
