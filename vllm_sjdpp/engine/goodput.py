@@ -36,6 +36,11 @@ each length (forgetting per window):
   window of L are refined at least as often in a longer window, so this is an upper bound on
   A(L) (in the simulated digit model 1.02-1.09x from windows up to a third longer, 1.22x from
   32 to 8), and every verified window gives it for every shorter length on the same stream.
+A length counts as measured once steady windows of it ran in MEASURED_STEPS steps, MEASURED_STARTS
+of them accepting a draft: at a large batch one step holds dozens of windows of one moment of
+the images (at 32 simulated requests on a GPU's costs, windows of 32 counted from two steps read
+A(32) = 1.38 against 2.2 steady; it then bounded every shorter length, and the cap fell to 4
+for good where 13 was best).
 The curve: the concave non-decreasing least-squares fit through (0, 0) to the direct means
 (each weighted by its windows accepting any, over L^2: a run's variance grows about as L^2
 while runs reach the window's end) at measured lengths; between them the most any
@@ -158,8 +163,8 @@ MAX_STEP_GAP_S = 5.0  # a longer gap is a stall (a compile, a pause), not a pass
 # set their curve.
 STEP_OUTLIER = 1.5
 OUTLIER_RUN = 3
-MEASURED_WINDOWS = 8.0  # steady windows of a length before its acceptance counts as measured ...
-MEASURED_STARTS = 3.0  # ... of which at least this many accepted a draft
+MEASURED_STEPS = 8  # steps with steady windows of a length before its acceptance counts as measured ...
+MEASURED_STARTS = 3.0  # ... and windows of it that accepted a draft
 FIRST_DRAFT_CONFIDENCE = 0.9  # of the bound on the first draft's acceptance that caps A(L) / L
 ADVANCE_FORGET = 0.95  # per drafted step, for the mean tokens a request commits
 # Trials (`Trial`): where drafting promises less than TRIAL_DOUBT more than no drafts, the two
@@ -288,6 +293,8 @@ class Acceptance:
         # Per length, directly and truncated: [windows, windows accepting a draft, drafts accepted].
         self.direct, self.cut = np.zeros((3, max_window + 1)), np.zeros((3, max_window + 1))
         self.first = np.zeros(2)  # [windows, windows accepting their first draft]
+        # Per length, directly and truncated: the steps whose steady windows measured it.
+        self.steps = np.zeros((2, max_window + 1))
         self._expected: np.ndarray | None = None
 
     def observe(self, lengths, accepted) -> None:
@@ -296,6 +303,8 @@ class Acceptance:
         if not len(lengths):
             return
         started = accepted > 0
+        self.steps[0, np.unique(lengths)] += 1
+        self.steps[1, 1:int(lengths.max())] += 1
         self.first = self.forget ** len(lengths) * self.first + (len(lengths), started.sum())
         size = np.arange(self.max_window + 1)[None, :]
         own = size == lengths[:, None]  # [window, L]
@@ -330,11 +339,16 @@ class Acceptance:
         return float(betaincinv(starts + 1, windows - starts, FIRST_DRAFT_CONFIDENCE))
 
     def estimates(self, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The lengths measured (MEASURED_WINDOWS windows, MEASURED_STARTS of them accepting a
-        draft), their mean acceptance, and their windows accepting a draft."""
-        lengths = np.flatnonzero((sums[0, 1:] >= MEASURED_WINDOWS) & (sums[1, 1:] >= MEASURED_STARTS)) + 1
+        """The lengths measured (windows in MEASURED_STEPS steps, MEASURED_STARTS of them
+        accepting a draft), their mean acceptance, and their windows accepting a draft."""
+        steps = self.steps[0 if sums is self.direct else 1, 1:]
+        lengths = np.flatnonzero((steps >= MEASURED_STEPS) & (sums[1, 1:] >= MEASURED_STARTS)) + 1
         started, total = sums[1:, lengths]
         return lengths, self.first_draft() * total / started, started
+
+    def measured(self, length: int) -> bool:
+        """Whether the acceptance of windows of `length` counts as measured (`estimates`)."""
+        return self.steps[0, length] >= MEASURED_STEPS and self.direct[1, length] >= MEASURED_STARTS
 
     def means(self) -> tuple[np.ndarray, np.ndarray]:
         """The lengths measured directly and their mean acceptance."""
@@ -781,7 +795,7 @@ class GoodputController:
             curve = self.cost.curve(batch, bool(cap or pinned.any()))
             positions = (np.minimum(wanted, cap) + 1) @ copies + (pinned + 1) @ pinned_copies
             due = curve is None or curve.weight(positions) < 1.5  # timed twice
-            if due or (cap == 1 and self.acceptance.direct[0, 1] < MEASURED_WINDOWS):
+            if due or (cap == 1 and not self.acceptance.measured(1)):
                 given[stage] += 1
                 return cap
             given[stage] = STARTUP_STEPS
@@ -794,7 +808,7 @@ class GoodputController:
             return self._probe.pop()
         if self.steps < self._next_probe or not self._chosen:
             return None
-        if self.best and self.acceptance.direct[0, min(self.best, wanted.max())] < MEASURED_WINDOWS:
+        if self.best and not self.acceptance.measured(min(self.best, int(wanted.max()))):
             return None  # a probe would restart the runs measuring the choice
         self._next_probe = self.steps + PROBE_GAP
         positions = self._positions(wanted, pinned, copies, pinned_copies)[1]
