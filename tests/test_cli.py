@@ -194,12 +194,13 @@ def test_bench_alternates_the_modes_abba_and_sums_each_mode_s_round_walls(monkey
     plain's time; all plain, then all SJD++ would report 0.51x instead of the 1.33x ABBA gives."""
     order, clock = [], iter(range(100))
 
-    def run_at_once(http, url, body, mode, seeds):
+    def run_in_flight(http, url, body, mode, seeds, concurrency):
+        assert (len(seeds), concurrency) == (6, 2)  # three waves of two in flight
         order.append(mode)
         slow = 1.0 + next(clock)  # this round's machine speed: later rounds are slower
         return [_run(mode, s, 0, 100 if mode == "plain" else 40) for s in seeds], slow * (1.0 if mode == "plain" else 0.75)
 
-    monkeypatch.setattr(bench, "run_at_once", run_at_once)
+    monkeypatch.setattr(bench, "run_in_flight", run_in_flight)
     monkeypatch.setattr(bench, "request_image", lambda http, url, body, mode, seed: _run(mode, seed, 1.0, 100))
     record = bench.bench("http://127.0.0.1:9", {"prompt": "x"}, images=1, in_flight=2, seed=0, rounds=4,
                          progress=False)

@@ -212,7 +212,7 @@ def test_bench_measures_plain_against_sjdpp(server):
     from vllm_sjdpp import bench
 
     record = bench.bench(server, {"prompt": "a handwritten 5", "size": SIZE}, images=2, in_flight=3, seed=40,
-                         rounds=1, progress=False)
+                         rounds=1, progress=False, waves=1)
     s = record["summary"]
     assert s["passes_per_image"]["plain"] == GENERATED_LENGTH and s["passes_per_image"]["sjdpp"] < GENERATED_LENGTH
     assert (s["identical_pngs"], s["seeds_compared"]) == (3, 3)

@@ -2,7 +2,7 @@
 
     VLLM_PLUGINS=sjdpp,sjdpp_images vllm serve FOLDER --speculative-config sjdpp &
     python -m vllm_sjdpp.bench --url http://localhost:8000 --prompt "a red fox in snow" \\
-        [--images 4] [--in-flight 8] [--rounds 4] [--size auto] [--seed 0] [--json bench.json]
+        [--images 4] [--in-flight 8] [--waves 3] [--rounds 4] [--size auto] [--seed 0] [--json bench.json]
 
 Plain decoding is the same server with the per-request option `sjdpp_disable` (no drafts: one
 token per forward pass), so both run on one machine, one model and one load, side by side:
@@ -11,11 +11,14 @@ token per forward pass), so both run on one machine, one model and one load, sid
   load, not of the hardware;
 - latency at one image: `--images` seeds, each made both ways (which goes first alternates:
   `abba`), the median wall time of a request;
-- throughput at `--in-flight` images: `--rounds` rounds of that many requests at once (seeds
-  seed..seed+N-1) each way, in the same alternating order; each mode's images over its rounds'
-  summed wall time, in images per second.  A machine's speed drifts between minutes (a 2-core
-  CPU's by tens of percent), so all plain and then all SJD++ would compare two moments of the
-  machine as much as the two decodings;
+- throughput at `--in-flight` images: `--rounds` rounds each way, in the same alternating order,
+  of `--waves` x N requests (seeds seed..seed+W*N-1) with N in flight: a new request as soon as
+  one ends, as `vllm bench serve --max-concurrency N` keeps a server loaded (N requests started
+  together and awaited together would end in a tail at low load where SJD++'s images finish
+  apart and plain decoding's do not); each mode's images over its rounds' summed wall time, in
+  images per second.  A machine's speed drifts between minutes (a 2-core CPU's by tens of
+  percent), so all plain and then all SJD++ would compare two moments of the machine as much as
+  the two decodings;
 - whether each seed gave the same PNG both ways: the promise the server's start-up probe
   reports as `seed_identical` (true, false, or null where it did not probe); a seed that gave
   two PNGs in two runs of one mode (alone or in a batch) is counted apart, compared with nothing.
@@ -112,23 +115,22 @@ def request_image(http, url: str, body: dict, mode: str, seed: int) -> ImageRun:
     return ImageRun(mode, seed, seconds, info["forward_passes"], info["tokens"], digest, info.get("seed_identical"))
 
 
-def run_at_once(http, url: str, body: dict, mode: str, seeds: list[int]) -> tuple[list[ImageRun], float]:
-    """All `seeds` in flight at once: their runs and the wall time of the whole batch."""
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
-        runs = list(pool.map(lambda s: request_image(http, url, body, mode, s), seeds))
-    return runs, time.perf_counter() - start
-
-
 def in_flight(request, count: int, concurrency: int) -> list:
     """`request(i)` for i = 0 .. count - 1, `concurrency` at a time: the next starts as soon as one
     ends, so the server holds `concurrency` requests until the last ones (what a throughput at that
     many in flight means, as `vllm bench serve --max-concurrency` measures it).  Batches started
     together and awaited together instead end in a tail at low load wherever their requests
-    finish apart (SJD++'s do, plain decoding's do not), which is `run_at_once`'s load and
-    `benchmarks/bench_auto.py`'s default.  Returns the results in order."""
+    finish apart (SJD++'s do, plain decoding's do not), which is `benchmarks/bench_auto.py`'s
+    default load.  Returns the results in order."""
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(request, range(count)))
+
+
+def run_in_flight(http, url: str, body: dict, mode: str, seeds: list[int], concurrency: int) -> tuple[list[ImageRun], float]:
+    """One image per seed, `concurrency` in flight (`in_flight`): their runs and the wall seconds."""
+    start = time.perf_counter()
+    runs = in_flight(lambda i: request_image(http, url, body, mode, seeds[i]), len(seeds), concurrency)
+    return runs, time.perf_counter() - start
 
 
 def summarize(latency: list[ImageRun], batch: dict[str, tuple[list[ImageRun], float]]) -> dict:
@@ -188,7 +190,7 @@ def table(summary: dict, in_flight: int) -> str:
 
 
 def bench(url: str, body: dict, images: int, in_flight: int, seed: int, rounds: int = 4,
-          progress: bool | None = None) -> dict:
+          progress: bool | None = None, waves: int = 3) -> dict:
     """Warm-up, latency and throughput runs against the server at `url`; the JSON record."""
     import httpx
     from tqdm import tqdm
@@ -196,7 +198,7 @@ def bench(url: str, body: dict, images: int, in_flight: int, seed: int, rounds: 
     from .provenance import provenance
 
     started = provenance()
-    total = 2 + 2 * images + 2 * in_flight * rounds
+    total = 2 + 2 * images + 2 * waves * in_flight * rounds
     with httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=max(in_flight, 1) + 2)) as http, \
             tqdm(total=total, unit="image", desc="bench", disable=None if progress is None else not progress) as bar:
         for mode in ("plain", "sjdpp"):  # compiles, caches and the seed probe's verdict out of the timings
@@ -211,12 +213,14 @@ def bench(url: str, body: dict, images: int, in_flight: int, seed: int, rounds: 
         walls: dict[str, list[float]] = {"plain": [], "sjdpp": []}
         for r in range(rounds):
             for mode in abba(r):
-                images_run, wall = run_at_once(http, url, body, mode, [seed + i for i in range(in_flight)])
+                images_run, wall = run_in_flight(http, url, body, mode, [seed + i for i in range(waves * in_flight)],
+                                                 in_flight)
                 runs[mode] += images_run
                 walls[mode].append(wall)
-                bar.update(in_flight)
+                bar.update(waves * in_flight)
     return {
-        "url": url, "body": body, "images": images, "in_flight": in_flight, "rounds": rounds, "seed": seed,
+        "url": url, "body": body, "images": images, "in_flight": in_flight, "waves": waves, "rounds": rounds,
+        "seed": seed,
         "summary": summarize(latency, {m: (runs[m], sum(walls[m])) for m in runs}),
         "latency_runs": [asdict(r) for r in latency],
         "throughput_runs": {m: {"wall_s": sum(walls[m]), "round_walls_s": walls[m], "runs": [asdict(r) for r in runs[m]]}
@@ -233,6 +237,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text prompt of every image (default: %(default)r)")
     ap.add_argument("--images", type=int, default=4, help="seeds timed one at a time, each both ways (default: %(default)s)")
     ap.add_argument("--in-flight", type=int, default=8, help="images in flight for throughput (default: %(default)s)")
+    ap.add_argument("--waves", type=int, default=3,
+                    help="images a throughput round: WAVES x --in-flight, a new one as one ends (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=4,
                     help="throughput rounds each way, in alternating order (default: %(default)s)")
     ap.add_argument("--size", default=None, help="WxH, or auto (default: the model's)")
@@ -247,8 +253,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     ap = parser()
     args = ap.parse_args(argv)
-    if args.images < 1 or args.in_flight < 1 or args.rounds < 1:
-        ap.error("--images, --in-flight and --rounds: at least 1")
+    if args.images < 1 or args.in_flight < 1 or args.waves < 1 or args.rounds < 1:
+        ap.error("--images, --in-flight, --waves and --rounds: at least 1")
     if not isinstance(args.extra, dict):
         ap.error("--extra: a JSON object")
     body = {"prompt": args.prompt, **({"model": args.model} if args.model else {}),
@@ -257,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         record = bench(args.url, body, args.images, args.in_flight, args.seed, args.rounds,
-                       None if not args.no_progress else False)
+                       None if not args.no_progress else False, args.waves)
     except BenchError as e:
         sys.exit(f"error: {e}")
     except httpx.HTTPError as e:
