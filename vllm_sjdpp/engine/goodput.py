@@ -34,7 +34,7 @@ each length (forgetting per window):
   acceptance over all steady windows;
 - truncated: min(X, L) over steady windows of longer lengths that accepted X.  The drafts of a
   window of L are refined at least as often in a longer window, so this is an upper bound on
-  A(L) (in the simulated digit model 1.02-1.09x from windows up to a third longer, 1.22x from
+  A(L) (in the simulated digit model 1.06x from windows a third longer, 1.31x from
   32 to 8), and every verified window gives it for every shorter length on the same stream.
 A length counts as measured once steady windows of it ran in MEASURED_STEPS steps, MEASURED_STARTS
 of them accepting a draft: at a large batch one step holds dozens of windows of one moment of
