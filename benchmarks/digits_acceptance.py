@@ -53,7 +53,7 @@ def measure(windows: list[int], rounds: int, images: int, model: str = str(DEFAU
         for start, verified, taken, prompt in zip(plan.start, plan.counts, out.host.num_accepted.tolist(), prompts):
             generated = start - int(prompt)  # the window's first draft is this generated token
             for slot in range(min(verified, taken + 1)):  # tested: all before it accepted
-                column = (generated + slot) % (ROW_WIDTH)
+                column = (generated + slot) % ROW_WIDTH
                 tested[current[0], column, slot] += 1
                 accepted[current[0], column, slot] += slot < taken
         return record(plan, out)

@@ -10,17 +10,20 @@ Scenarios: every machine profile at 1 request, at 32, and paired (16 requests, o
 its guidance companion: half the batch never drafts and commits nothing of its own).
 
 At one request a length's acceptance is measured from one window per step, and a window accepts
-nothing two times in three or a run of up to 15 drafts: after 136 steps the mean of a length
-is known to about +-25%.  There the controller is held to 8% (`TOLERANCE`; it reaches 0.93 to
-1.01 of the best fixed window, the fp32 CPUs the least), everywhere else to 5% (0.97 to 1.01).  What limits it
-is what those windows can tell: with an earlier fit of the acceptance (a barrier at a row's
-first code), given the true A(L) in place of its estimate the same controller reached 0.97 to
-1.03 at one request on these seeds and on 24 others (a /tmp script, 2026-12-06); estimators
+nothing two times in three or a run of up to 15 drafts: after 136 steps the mean of a length is
+known to about +-25%. There the controller is held to 8% (`TOLERANCE`; it reaches 0.93 to 1.00
+of the best fixed window, the fp32 CPUs the least), everywhere else to 5% (0.97 to 1.01). What
+limits it is what those windows can tell: with an earlier fit of the acceptance (a barrier at a
+row's first code), given the true A(L) in place of its estimate the same controller reached 0.97
+to 1.03 at one request on these seeds and on 24 others (a /tmp script, 2026-12-06); estimators
 tried in its place (a hazard pooled by distance from the window's end, one factored by offset
 and that distance, the direct means shrunk towards the truncated ones, an upper confidence bound
 on them, the truncated means alone) and other margins (SWITCH_MARGIN 0.02 and 0.1, DECIDE_EVERY
-16, a length measured from 16 windows) reached 0.94 to 0.96 on average over the twelve scenarios, none above
-the estimator here.  The simulated acceptance is held to the digit model's measured one.
+16, a length measured from 16 windows) reached 0.94 to 0.96 on average over the twelve
+scenarios, none above the estimator here; on the refitted acceptance (2026-12-07) an upper
+confidence bound reached 0.87 to 0.95 at one request, and a per-slot hazard pooled over lengths
+with a factor for the distance from the window's end 0.85 to 0.90 (from windows of 8 it read
+A(32) 1.53 against 2.22). The simulated acceptance is held to the digit model's measured one.
 
 Broken controllers must fall short where their bias matters: the old acceptance model (linear
 between measured lengths), and companions counted as requests (as the runtime did).  And where
@@ -111,29 +114,46 @@ def test_a_broken_controller_falls_short(broken, profile, batch, paired):
 
 
 MEASURED = Path(__file__).parent.parent / "benchmarks" / "results" / "digits_acceptance.json"
-# A run stopped at a row's first code instead of at the slots below the token the last pass
-# sampled: it fits the drafts accepted per pass about as well.
+PER_PASS, FIRST_DRAFT, COLUMN = 0.07, 0.03, 0.06  # tolerances, absolute
+# The acceptance model before the refit: a run stopped at a row's first code (accepted 0.069),
+# fitted to benchmarks/results/e2e.json's drafts per pass alone (0.790, 1.223, 1.880, 2.057).
 ROW_BARRIER = Drafts("row barrier", first=(0.306,) * ROW, later=(0.069,) + (0.915,) * (ROW - 1), tau=0.41,
                      fresh=0.0, near=(), certain=())
 
 
-@pytest.mark.parametrize("drafts", [DIGITS, pytest.param(ROW_BARRIER, marks=pytest.mark.xfail(strict=True))],
-                         ids=lambda d: d.name)
-def test_the_simulated_digit_model_accepts_where_the_real_one_did(drafts):
-    """The simulated acceptance against the digit model's, full windows of k = 4, 8, 16, 32 (100
-    images each, benchmarks/digits_acceptance.py): drafts accepted per pass within 0.07 at every
-    k (the fit: 0.06 at most, at k = 4), and at k = 32 each column's later drafts within 0.06
-    (the fit: 0.05).  A barrier at a row's first code reads 0.17 low at k = 32, and 0.07 against
-    0.97 at that column."""
+def misses(drafts: Drafts) -> tuple[np.ndarray, np.ndarray, float]:
+    """Against benchmarks/results/digits_acceptance.json, full windows of each k measured there
+    (`acceptance_by_slot`, 100 images): per k the drafts accepted per pass and the first drafts'
+    acceptance, simulated minus measured; and at the longest k the largest miss over the image
+    columns of the later drafts' acceptance."""
     measured = json.loads(MEASURED.read_text())
     tested, accepted = np.array(measured["tested"], dtype=float), np.array(measured["accepted"], dtype=float)
+    per_pass, first = [], []
     for i, window in enumerate(measured["windows"]):
-        t, a, per_pass = acceptance_by_slot(drafts, window)
-        assert per_pass == pytest.approx(measured["drafts_per_pass"][i], abs=0.07), window
-    longest = len(measured["windows"]) - 1
-    real = accepted[longest, :, 1:].sum(1) / tested[longest, :, 1:].sum(1)
-    simulated = a[:, 1:].sum(1) / t[:, 1:].sum(1)
-    assert simulated == pytest.approx(real, abs=0.06)
+        t, a, drafts_per_pass = acceptance_by_slot(drafts, window)
+        per_pass.append(drafts_per_pass - measured["drafts_per_pass"][i])
+        first.append(a[:, 0].sum() / t[:, 0].sum() - accepted[i, :, 0].sum() / tested[i, :, 0].sum())
+    t, a, _ = acceptance_by_slot(drafts, measured["windows"][-1])
+    real = accepted[-1, :, 1:].sum(1) / tested[-1, :, 1:].sum(1)
+    return np.array(per_pass), np.array(first), float(np.abs(a[:, 1:].sum(1) / t[:, 1:].sum(1) - real).max())
+
+
+def test_the_simulated_digit_model_accepts_where_the_real_one_did():
+    """`DIGITS` against the digit model's acceptance, full windows of k = 4, 8, 16, 32: drafts
+    accepted per pass within PER_PASS at every k (the fit: 0.056 at most, at k = 4), the first
+    draft within FIRST_DRAFT (0.020), and at k = 32 every column's later drafts within COLUMN
+    (0.047)."""
+    per_pass, first, column = misses(DIGITS)
+    assert np.abs(per_pass).max() <= PER_PASS and np.abs(first).max() <= FIRST_DRAFT and column <= COLUMN, \
+        (per_pass, first, column)
+
+
+def test_the_row_barrier_fails_the_measurement():
+    """The model before the refit, held to the same tolerances: 0.11 too many drafts per pass at
+    k = 8, 0.17 too few at k = 32, and a row's first code accepted 0.07 where the model's later
+    drafts are accepted 0.97 (a miss of 0.90)."""
+    per_pass, _, column = misses(ROW_BARRIER)
+    assert np.abs(per_pass).max() > PER_PASS and column > COLUMN, (per_pass, column)
 
 
 def test_a_slow_start_is_re_timed():

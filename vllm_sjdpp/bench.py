@@ -11,11 +11,12 @@ token per forward pass), so both run on one machine, one model and one load, sid
   load, not of the hardware;
 - latency at one image: `--images` seeds, each made both ways (which goes first alternates:
   `abba`), the median wall time of a request;
-- throughput at `--in-flight` images: `--rounds` rounds each way, in the same alternating order,
-  of `--waves` x N requests (seeds seed..seed+W*N-1) with N in flight: a new request as soon as
-  one ends, as `vllm bench serve --max-concurrency N` keeps a server loaded (N requests started
-  together and awaited together would end in a tail at low load where SJD++'s images finish
-  apart and plain decoding's do not); each mode's images over its rounds' summed wall time, in
+- throughput at N = `--in-flight` images: `--rounds` rounds each way, in the same alternating
+  order, of W x N requests (W = `--waves`; seeds seed .. seed + W * N - 1) with N in flight: a
+  new request as soon as one ends, as `vllm bench serve --max-concurrency N` keeps a server
+  loaded.  N requests started together and awaited together end in a tail at low load where
+  SJD++'s images finish apart and plain decoding's do not; here only a round's last requests
+  drain so (about one wave in W); each mode's images over its rounds' summed wall time, in
   images per second.  A machine's speed drifts between minutes (a 2-core CPU's by tens of
   percent), so all plain and then all SJD++ would compare two moments of the machine as much as
   the two decodings;
@@ -262,8 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     import httpx
 
     try:
-        record = bench(args.url, body, args.images, args.in_flight, args.seed, args.rounds,
-                       None if not args.no_progress else False, args.waves)
+        record = bench(args.url, body, images=args.images, in_flight=args.in_flight, seed=args.seed,
+                       rounds=args.rounds, progress=None if not args.no_progress else False, waves=args.waves)
     except BenchError as e:
         sys.exit(f"error: {e}")
     except httpx.HTTPError as e:

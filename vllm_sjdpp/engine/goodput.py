@@ -294,7 +294,7 @@ class Acceptance:
         self.direct, self.cut = np.zeros((3, max_window + 1)), np.zeros((3, max_window + 1))
         self.first = np.zeros(2)  # [windows, windows accepting their first draft]
         # Per length, directly and truncated: the steps whose steady windows measured it.
-        self.steps = np.zeros((2, max_window + 1))
+        self.measuring_steps = np.zeros((2, max_window + 1))
         self._expected: np.ndarray | None = None
 
     def observe(self, lengths, accepted) -> None:
@@ -303,8 +303,8 @@ class Acceptance:
         if not len(lengths):
             return
         started = accepted > 0
-        self.steps[0, np.unique(lengths)] += 1
-        self.steps[1, 1:int(lengths.max())] += 1
+        self.measuring_steps[0, np.unique(lengths)] += 1
+        self.measuring_steps[1, 1:int(lengths.max())] += 1
         self.first = self.forget ** len(lengths) * self.first + (len(lengths), started.sum())
         size = np.arange(self.max_window + 1)[None, :]
         own = size == lengths[:, None]  # [window, L]
@@ -317,7 +317,7 @@ class Acceptance:
         self._expected = None
 
     def __bool__(self) -> bool:
-        return bool(len(self.estimates(self.direct)[0]))
+        return bool(len(self.estimates()[0]))
 
     def first_draft(self) -> float:
         """How often a window's first draft is accepted, over all steady windows."""
@@ -328,8 +328,8 @@ class Acceptance:
         FIRST_DRAFT_CONFIDENCE Clopper-Pearson bound over all steady windows (1 before any).
         A window accepts a run from its first draft, so A(L) <= L * p_first(L), and p_first is
         taken as one rate for every length: a first draft always follows a freshly sampled
-        token, however long its window (the digit model's: 0.304, 0.301, 0.309, 0.310 with full
-        windows of 4, 8, 16, 32).  So every steady window bounds every length, long before a
+        token, however long its window (the digit model's: 0.303, 0.289, 0.303, 0.318 with full
+        windows of 4, 8, 16, 32, benchmarks/results/digits_acceptance.json).  So every steady window bounds every length, long before a
         length is measured (MEASURED_STARTS windows accepting a draft take dozens of windows
         where drafts are rarely accepted)."""
         windows, starts = self.first
@@ -338,29 +338,30 @@ class Acceptance:
         # The quantile of Beta(starts + 1, windows - starts), scipy.stats.beta.ppf's, at 1/25 of its cost.
         return float(betaincinv(starts + 1, windows - starts, FIRST_DRAFT_CONFIDENCE))
 
-    def estimates(self, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def estimates(self, truncated: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The lengths measured (windows in MEASURED_STEPS steps, MEASURED_STARTS of them
-        accepting a draft), their mean acceptance, and their windows accepting a draft."""
-        steps = self.steps[0 if sums is self.direct else 1, 1:]
+        accepting a draft), directly or `truncated`, their mean acceptance, and their windows
+        accepting a draft."""
+        sums, steps = (self.cut if truncated else self.direct), self.measuring_steps[int(truncated), 1:]
         lengths = np.flatnonzero((steps >= MEASURED_STEPS) & (sums[1, 1:] >= MEASURED_STARTS)) + 1
         started, total = sums[1:, lengths]
         return lengths, self.first_draft() * total / started, started
 
     def measured(self, length: int) -> bool:
         """Whether the acceptance of windows of `length` counts as measured (`estimates`)."""
-        return self.steps[0, length] >= MEASURED_STEPS and self.direct[1, length] >= MEASURED_STARTS
+        return self.measuring_steps[0, length] >= MEASURED_STEPS and self.direct[1, length] >= MEASURED_STARTS
 
     def means(self) -> tuple[np.ndarray, np.ndarray]:
         """The lengths measured directly and their mean acceptance."""
-        return self.estimates(self.direct)[:2]
+        return self.estimates()[:2]
 
     def expected(self) -> np.ndarray:
         """A(L) for L = 0 .. max_window."""
         if self._expected is None:
-            lengths, means, started = self.estimates(self.direct)
+            lengths, means, started = self.estimates()
             fit = concave_fit(lengths.astype(float), means, started / lengths**2) if len(lengths) else means
             out = optimistic_concave(lengths, fit, self.max_window)
-            cut, bound, _ = self.estimates(self.cut)
+            cut, bound, _ = self.estimates(truncated=True)
             out[cut] = np.minimum(out[cut], bound)
             self._expected = np.minimum(out, self.first_draft_bound() * np.arange(self.max_window + 1))
         return self._expected
