@@ -48,7 +48,8 @@ drafts per pass (`acceptance_by_slot`, 100 images), and the measured columns at 
 0.05; it does not follow the measured dip at slots 12-14 (0.74-0.61 at k = 16, 0.1-0.19 higher
 here), nor the columns of short windows (calibrated at k = 32 only).  `test_goodput_sim.py`
 holds the fit to the measurements, and the model it replaced fails them: a barrier at a row's
-first code (accepted 0.069) fitted to drafts per pass alone, where the model accepts 0.97.
+first code (accepted 0.069) fitted to drafts per pass alone, where the digit model's later
+drafts are accepted 0.97 (measured).
 `RANDOM` (a `Drafts` of other constants)
 is a random-weight folder's, whose drafts are rarely accepted.
 

@@ -110,22 +110,24 @@ def test_beyond_the_longest_window_measured_a_flat_fit_is_not_extended_flat():
 
 @pytest.mark.parametrize("steps", [MEASURED_STEPS - 1, MEASURED_STEPS])
 def test_a_length_counts_as_measured_after_windows_in_several_steps(steps):
-    """32 requests' windows of 32, every one accepting 2 drafts: in MEASURED_STEPS - 1 steps (224
-    windows) A(32) is not measured yet, and neither is A(8) from their truncation (the estimate is
-    the first-draft bound's, 32 * p+); in MEASURED_STEPS steps both are.  Counted in windows, one
-    step of a large batch measured a length from one moment (the constant's comment)."""
+    """32 requests' windows of 32 a step, half accepting 16 drafts and half none: in
+    MEASURED_STEPS - 1 steps (224 windows) A(32) is not measured yet, nor A(8) from their
+    truncation, and A(32) is the first-draft bound's, 32 * p+; in MEASURED_STEPS steps both are:
+    A(32) = 8, and A(8) = 4, the truncated mean (the concave curve alone would allow 8).  Counted
+    in windows, one step of a large batch measured a length from one moment (the constant's
+    comment)."""
     acceptance = Acceptance(32)
     for _ in range(steps):
-        acceptance.observe(np.full(32, 32), np.full(32, 2))
+        acceptance.observe(np.full(32, 32), np.repeat([16, 0], 16))
     measured = steps >= MEASURED_STEPS
     assert acceptance.measured(32) == measured and bool(acceptance) == measured
     assert (32 in acceptance.means()[0]) == measured
     assert (8 in acceptance.estimates(truncated=True)[0]) == measured
     gain = acceptance.expected()
     if measured:
-        assert gain[32] == pytest.approx(2.0) and gain[8] == pytest.approx(2.0)
+        assert gain[32] == pytest.approx(8.0) and gain[8] == pytest.approx(4.0)
     else:
-        assert gain[32] == pytest.approx(32 * acceptance.first_draft_bound())
+        assert acceptance.first_draft_bound() < 1 and gain[32] == pytest.approx(32 * acceptance.first_draft_bound())
 
 
 def test_a_gap_between_measured_lengths_is_not_interpolated_down():

@@ -115,8 +115,9 @@ def test_a_broken_controller_falls_short(broken, profile, batch, paired):
 
 MEASURED = Path(__file__).parent.parent / "benchmarks" / "results" / "digits_acceptance.json"
 PER_PASS, FIRST_DRAFT, COLUMN = 0.07, 0.03, 0.06  # tolerances, absolute
-# The acceptance model before the refit: a run stopped at a row's first code (accepted 0.069),
-# fitted to benchmarks/results/e2e.json's drafts per pass alone (0.790, 1.223, 1.880, 2.057).
+# About the acceptance model before the refit: a run stopped at a row's first code (accepted
+# 0.069), fitted to drafts per pass alone (0.790, 1.223, 1.880, 2.057: benchmarks/results/e2e.json
+# at 698a729).
 ROW_BARRIER = Drafts("row barrier", first=(0.306,) * ROW, later=(0.069,) + (0.915,) * (ROW - 1), tau=0.41,
                      fresh=0.0, near=(), certain=())
 
@@ -129,11 +130,10 @@ def misses(drafts: Drafts) -> tuple[np.ndarray, np.ndarray, float]:
     measured = json.loads(MEASURED.read_text())
     tested, accepted = np.array(measured["tested"], dtype=float), np.array(measured["accepted"], dtype=float)
     per_pass, first = [], []
-    for i, window in enumerate(measured["windows"]):
+    for i, window in enumerate(measured["windows"]):  # the longest last: its t and a stay
         t, a, drafts_per_pass = acceptance_by_slot(drafts, window)
         per_pass.append(drafts_per_pass - measured["drafts_per_pass"][i])
         first.append(a[:, 0].sum() / t[:, 0].sum() - accepted[i, :, 0].sum() / tested[i, :, 0].sum())
-    t, a, _ = acceptance_by_slot(drafts, measured["windows"][-1])
     real = accepted[-1, :, 1:].sum(1) / tested[-1, :, 1:].sum(1)
     return np.array(per_pass), np.array(first), float(np.abs(a[:, 1:].sum(1) / t[:, 1:].sum(1) - real).max())
 
@@ -150,8 +150,8 @@ def test_the_simulated_digit_model_accepts_where_the_real_one_did():
 
 def test_the_row_barrier_fails_the_measurement():
     """The model before the refit, held to the same tolerances: 0.11 too many drafts per pass at
-    k = 8, 0.17 too few at k = 32, and a row's first code accepted 0.07 where the model's later
-    drafts are accepted 0.97 (a miss of 0.90)."""
+    k = 8, 0.17 too few at k = 32, and a row's first code accepted 0.07 where the digit model's
+    later drafts are accepted 0.97 (measured; a miss of 0.90)."""
     per_pass, _, column = misses(ROW_BARRIER)
     assert np.abs(per_pass).max() > PER_PASS and column > COLUMN, (per_pass, column)
 

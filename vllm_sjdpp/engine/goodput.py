@@ -329,9 +329,9 @@ class Acceptance:
         A window accepts a run from its first draft, so A(L) <= L * p_first(L), and p_first is
         taken as one rate for every length: a first draft always follows a freshly sampled
         token, however long its window (the digit model's: 0.303, 0.289, 0.303, 0.318 with full
-        windows of 4, 8, 16, 32, benchmarks/results/digits_acceptance.json).  So every steady window bounds every length, long before a
-        length is measured (MEASURED_STARTS windows accepting a draft take dozens of windows
-        where drafts are rarely accepted)."""
+        windows of 4, 8, 16, 32, benchmarks/results/digits_acceptance.json).  So every steady
+        window bounds every length, long before a length is measured (MEASURED_STARTS windows
+        accepting a draft take dozens of windows where drafts are rarely accepted)."""
         windows, starts = self.first
         if starts >= windows:
             return 1.0
