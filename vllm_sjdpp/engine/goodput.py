@@ -342,14 +342,20 @@ class Acceptance:
         """The lengths measured (windows in MEASURED_STEPS steps, MEASURED_STARTS of them
         accepting a draft), directly or `truncated`, their mean acceptance, and their windows
         accepting a draft."""
-        sums, steps = (self.cut if truncated else self.direct), self.measuring_steps[int(truncated), 1:]
-        lengths = np.flatnonzero((steps >= MEASURED_STEPS) & (sums[1, 1:] >= MEASURED_STARTS)) + 1
+        sums = self.cut if truncated else self.direct
+        lengths = np.flatnonzero(self._measured(truncated)[1:]) + 1
         started, total = sums[1:, lengths]
         return lengths, self.first_draft() * total / started, started
 
+    def _measured(self, truncated: bool = False) -> np.ndarray:
+        """Per length 0 .. max_window, directly or `truncated`: whether its acceptance counts as
+        measured (windows in MEASURED_STEPS steps, MEASURED_STARTS of them accepting a draft)."""
+        sums = self.cut if truncated else self.direct
+        return (self.measuring_steps[int(truncated)] >= MEASURED_STEPS) & (sums[1] >= MEASURED_STARTS)
+
     def measured(self, length: int) -> bool:
-        """Whether the acceptance of windows of `length` counts as measured (`estimates`)."""
-        return self.measuring_steps[0, length] >= MEASURED_STEPS and self.direct[1, length] >= MEASURED_STARTS
+        """Whether the acceptance of windows of `length` counts as measured directly."""
+        return bool(self._measured()[length])
 
     def means(self) -> tuple[np.ndarray, np.ndarray]:
         """The lengths measured directly and their mean acceptance."""
