@@ -205,10 +205,11 @@ def test_bad_prompts_are_refused(emu3, prompt, match):
 
 # Sampled: 1000 streams of 5 tokens (3 x 3 codes: a row, its end of line, a code), per-position
 # and adjacent-pair chi-square, Bonferroni, against 1000 of transformers' own.  Power, measured
-# with these seeds: each broken variant gives p < 1e-170 at 100 streams on the 2-core Xeon (p <
-# 1e-90 on the 2-core EPYC) where BROKEN_ALPHA asks 1e-6, so 100 streams each (the test took 125 s
-# there against 170 s with 250); the exact sampler's smallest p is about 0.02 (0.017 on the Xeon;
-# 0.035 at 2000 streams, which took 266 s on the EPYC against 124 s).
+# with these seeds: each broken variant gives p < 1e-170 at 100 streams on the 2-core Xeon and
+# the 2-core EPYC where BROKEN_ALPHA asks 1e-6, so 100 streams each (the test took 125 s there
+# against 170 s with 250); the exact sampler's smallest p is 0.15 (EPYC; 0.02 before the
+# reference drew by inverse CDF, `stats.inverse_cdf_multinomial`; 0.035 at 2000 streams, which
+# took 266 s against 124 s).
 SAMPLES, BROKEN_SAMPLES, LENGTH, SAMPLE_SIZE = 1000, 100, 5, (24, 24)
 
 
@@ -221,18 +222,21 @@ def emu3_many(make_engine, tiny_emu3_path, emu3_sjdpp):
 
 
 def hf_samples(hf_model, prompt, negative, scale, samples=SAMPLES, chunk=100) -> np.ndarray:
+    from stats import inverse_cdf_multinomial
+
     # transformers' unbatched guidance computes the negative prompt's logits at every position:
     # chunks keep that to [chunk, len(negative), 184622] floats.
     assert samples % chunk == 0, (samples, chunk)
     torch.manual_seed(0)
     allowed = docs_allowed_tokens(hf_model, SAMPLE_SIZE[0] // 8, SAMPLE_SIZE[1] // 8)
     out = []
-    for _ in range(samples // chunk):
-        ids = hf_model.generate(
-            torch.tensor([prompt] * chunk), do_sample=True, temperature=1.0, top_k=0, max_new_tokens=LENGTH,
-            guidance_scale=scale, negative_prompt_ids=torch.tensor([negative] * chunk), prefix_allowed_tokens_fn=allowed,
-        )
-        out.append(ids[:, len(prompt):].numpy())
+    with inverse_cdf_multinomial():
+        for _ in range(samples // chunk):
+            ids = hf_model.generate(
+                torch.tensor([prompt] * chunk), do_sample=True, temperature=1.0, top_k=0, max_new_tokens=LENGTH,
+                guidance_scale=scale, negative_prompt_ids=torch.tensor([negative] * chunk), prefix_allowed_tokens_fn=allowed,
+            )
+            out.append(ids[:, len(prompt):].numpy())
     return np.concatenate(out)
 
 

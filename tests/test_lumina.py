@@ -176,7 +176,8 @@ def test_bad_prompts_are_refused(lumina, prompt, match):
 # adjacent-pair chi-square, Bonferroni, against 1000 of transformers' own at Lumina-mGPT's image
 # top-k (2000, the engine's default from the family).  Power, measured with these seeds on the
 # 2-core EPYC: the broken variant (250 streams) gives p < 1e-250 where BROKEN_ALPHA asks 1e-6,
-# and 100 of its streams p < 1e-200; the exact sampler's smallest p is 0.24.
+# and 100 of its streams p < 1e-200; the exact sampler's smallest p is 0.76 (0.24 before the
+# reference drew by inverse CDF, `stats.inverse_cdf_multinomial`; 9e-256 for the broken variant).
 SAMPLES, LENGTH, SAMPLE_SIZE = 1000, 5, (64, 64)
 
 
@@ -190,16 +191,19 @@ def lumina_many(make_engine, tiny_lumina_path, lumina_sjdpp):
 def hf_samples(model, prompt, scale, samples=SAMPLES, chunk=250):
     import numpy as np
 
+    from stats import inverse_cdf_multinomial
+
     torch.manual_seed(0)
     header = prompt[len(prompt) - 1 - prompt[::-1].index(IMAGE_START):]
     allowed = lumina_allowed_tokens(SAMPLE_SIZE[0] // 16, SAMPLE_SIZE[1] // 16, len(prompt))
     out = []
-    for _ in range(samples // chunk):
-        ids = model.generate(
-            torch.tensor([prompt] * chunk), do_sample=True, temperature=1.0, top_k=2000, max_new_tokens=LENGTH,
-            guidance_scale=scale, negative_prompt_ids=torch.tensor([header] * chunk), prefix_allowed_tokens_fn=allowed,
-        )
-        out.append(ids[:, len(prompt):].numpy())
+    with inverse_cdf_multinomial():
+        for _ in range(samples // chunk):
+            ids = model.generate(
+                torch.tensor([prompt] * chunk), do_sample=True, temperature=1.0, top_k=2000, max_new_tokens=LENGTH,
+                guidance_scale=scale, negative_prompt_ids=torch.tensor([header] * chunk), prefix_allowed_tokens_fn=allowed,
+            )
+            out.append(ids[:, len(prompt):].numpy())
     return np.concatenate(out)
 
 
