@@ -41,13 +41,30 @@ def test_a_measured_curve_averages_interpolates_and_extrapolates():
 
 def test_a_measured_curve_never_falls():
     """Noise that makes a bigger pass look faster is pooled away (isotonic), and the cost
-    beyond the largest measurement does not fall either."""
+    beyond the largest measurement does not fall either: it rises at the chord's slope from
+    the smallest, (0.065 - 0.05) / 38 a position, the pooled last segment being flat."""
     curve = MeasuredCurve(lambda x: np.asarray(x, dtype=np.int64))
     for n, t in ((2, 0.05), (20, 0.09), (40, 0.04)):
         curve.observe(n, t)
     xs, ys = curve.points()
     assert list(xs) == [2, 20, 40] and np.all(np.diff(ys) >= 0)
-    assert curve(np.array([100.0]))[0] == pytest.approx(0.065)
+    assert curve(np.array([100.0]))[0] == pytest.approx(0.065 + 0.015 / 38 * 60)
+
+
+def test_a_flat_last_segment_is_not_extrapolated_flat():
+    """The pass costs a digit-model server read at 10 requests in float32 on 2 CPU cores (AVX2
+    cap): 5.6 ms at 10 positions, 6.9 at 20, 8.3 at 30 and at 50.  A window of 9 drafts each
+    (100 positions) is predicted at least at the chord's slope from 10 positions, 67.5 us a
+    position: 11.7 ms.  Broken (the last two points' slope alone, as before): 8.3 ms, a pass of
+    100 positions as cheap as one of 30, and the server chose windows of 9."""
+    curve = MeasuredCurve(lambda x: np.asarray(x, dtype=np.int64))
+    for n, ms in ((10, 5.6), (20, 6.9), (30, 8.3), (50, 8.3)):
+        curve.observe(n, ms)
+    assert curve(np.array([100.0]))[0] == pytest.approx(8.3 + (8.3 - 5.6) / 40 * 50)
+    steep = MeasuredCurve(lambda x: np.asarray(x, dtype=np.int64))
+    for n, ms in ((10, 5.6), (30, 5.8), (50, 8.3)):  # the last slope, steeper, stands
+        steep.observe(n, ms)
+    assert steep(np.array([100.0]))[0] == pytest.approx(8.3 + 2.5 / 20 * 50)
 
 
 def test_a_measured_curve_forgets():
