@@ -1,4 +1,5 @@
-"""Chi-square tests shared by the exactness tests."""
+"""Statistics shared by the exactness tests: chi-square tests, and the reference streams drawn
+with transformers' own `generate`."""
 
 from __future__ import annotations
 
@@ -94,3 +95,21 @@ def inverse_cdf_multinomial():
 
     with mock.patch("torch.multinomial", draw):
         yield
+
+
+def reference_samples(model, prompt: list[int], negative: list[int], samples: int, chunk: int,
+                      **generate_kwargs) -> np.ndarray:
+    """[samples, max_new_tokens] tokens after `prompt` from transformers' own guided `generate`
+    (`negative` as `negative_prompt_ids`, `do_sample=True`, the rest of `generate_kwargs` as
+    given), in chunks of `chunk` streams (unbatched guidance computes the negative prompt's
+    logits at every position: a chunk holds [chunk, len(negative), vocabulary] floats), torch
+    seeded 0 and drawing under `inverse_cdf_multinomial`."""
+    assert samples % chunk == 0, (samples, chunk)
+    torch.manual_seed(0)
+    out = []
+    with inverse_cdf_multinomial():
+        for _ in range(samples // chunk):
+            ids = model.generate(torch.tensor([prompt] * chunk), do_sample=True,
+                                 negative_prompt_ids=torch.tensor([negative] * chunk), **generate_kwargs)
+            out.append(ids[:, len(prompt):].numpy())
+    return np.concatenate(out)

@@ -221,23 +221,12 @@ def emu3_many(make_engine, tiny_emu3_path, emu3_sjdpp):
                        max_num_batched_tokens=160)
 
 
-def hf_samples(hf_model, prompt, negative, scale, samples=SAMPLES, chunk=100) -> np.ndarray:
-    from stats import inverse_cdf_multinomial
+def hf_samples(hf_model, prompt, negative, scale, samples=SAMPLES) -> np.ndarray:
+    from stats import reference_samples
 
-    # transformers' unbatched guidance computes the negative prompt's logits at every position:
-    # chunks keep that to [chunk, len(negative), 184622] floats.
-    assert samples % chunk == 0, (samples, chunk)
-    torch.manual_seed(0)
     allowed = docs_allowed_tokens(hf_model, SAMPLE_SIZE[0] // 8, SAMPLE_SIZE[1] // 8)
-    out = []
-    with inverse_cdf_multinomial():
-        for _ in range(samples // chunk):
-            ids = hf_model.generate(
-                torch.tensor([prompt] * chunk), do_sample=True, temperature=1.0, top_k=0, max_new_tokens=LENGTH,
-                guidance_scale=scale, negative_prompt_ids=torch.tensor([negative] * chunk), prefix_allowed_tokens_fn=allowed,
-            )
-            out.append(ids[:, len(prompt):].numpy())
-    return np.concatenate(out)
+    return reference_samples(hf_model, prompt, negative, samples, chunk=100, temperature=1.0, top_k=0,
+                             max_new_tokens=LENGTH, guidance_scale=scale, prefix_allowed_tokens_fn=allowed)
 
 
 def test_sampling_matches_transformers(family, hf_model, emu3_many):

@@ -188,23 +188,13 @@ def lumina_many(make_engine, tiny_lumina_path, lumina_sjdpp):
                        max_num_batched_tokens=320)
 
 
-def hf_samples(model, prompt, scale, samples=SAMPLES, chunk=250):
-    import numpy as np
+def hf_samples(model, prompt, scale, samples=SAMPLES):
+    from stats import reference_samples
 
-    from stats import inverse_cdf_multinomial
-
-    torch.manual_seed(0)
     header = prompt[len(prompt) - 1 - prompt[::-1].index(IMAGE_START):]
     allowed = lumina_allowed_tokens(SAMPLE_SIZE[0] // 16, SAMPLE_SIZE[1] // 16, len(prompt))
-    out = []
-    with inverse_cdf_multinomial():
-        for _ in range(samples // chunk):
-            ids = model.generate(
-                torch.tensor([prompt] * chunk), do_sample=True, temperature=1.0, top_k=2000, max_new_tokens=LENGTH,
-                guidance_scale=scale, negative_prompt_ids=torch.tensor([header] * chunk), prefix_allowed_tokens_fn=allowed,
-            )
-            out.append(ids[:, len(prompt):].numpy())
-    return np.concatenate(out)
+    return reference_samples(model, prompt, header, samples, chunk=250, temperature=1.0, top_k=2000,
+                             max_new_tokens=LENGTH, guidance_scale=scale, prefix_allowed_tokens_fn=allowed)
 
 
 def test_sampling_matches_transformers(family, unmasked, lumina_many):
