@@ -56,7 +56,8 @@ def test_a_flat_last_segment_is_not_extrapolated_flat():
     cap): 5.6 ms at 10 positions, 6.9 at 20, 8.3 at 30 and at 50.  A window of 9 drafts each
     (100 positions) is predicted at least at the chord's slope from 10 positions, 67.5 us a
     position: 11.7 ms.  Broken (the last two points' slope alone, as before): 8.3 ms, a pass of
-    100 positions as cheap as one of 30, and the server chose windows of 9."""
+    100 positions as cheap as one of 50, and the server chose windows of 9.  A curve pooled flat
+    throughout rises in proportion to the positions (broken, the chord alone: flat again)."""
     curve = MeasuredCurve(lambda x: np.asarray(x, dtype=np.int64))
     for n, ms in ((10, 5.6), (20, 6.9), (30, 8.3), (50, 8.3)):
         curve.observe(n, ms)

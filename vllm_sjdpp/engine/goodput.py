@@ -17,7 +17,7 @@ octave of the batch size: t_0(n) for steps without drafts (they skip the SJD++ s
 t_d(n) for steps with drafts, each a forgetting average per quarter octave of n, made
 non-decreasing (scipy's isotonic regression, weighted) and interpolated linearly; beyond the
 largest n measured, the steeper of the last two points' slope and the chord's from the smallest
-n (from one point: in proportion to n).
+n (where both are flat, and from one point: in proportion to n).
 
 Gain: A(L), the mean number of drafts accepted from a window of L drafts in a run of such
 windows, from steady windows only.  A draft is accepted more often the more passes have refined
@@ -232,16 +232,17 @@ class MeasuredCurve:
 
     def __call__(self, x) -> np.ndarray:
         """Interpolated; beyond the largest x, the last slope or the chord's from the smallest x,
-        whichever is steeper (from one point: in proportion to x, the pessimistic guess for a
-        cost).  The last two points alone are no slope: made non-decreasing, two noisy means
-        pool into a flat segment (at 10 digit images in float32 on 2 CPU cores, passes of 30
-        and 50 positions both read 8.3 ms, and 100 positions, extrapolated as free, were chosen)."""
+        whichever is steeper, and where both are flat (from one point too), in proportion to x:
+        the pessimistic guesses for a cost.  Made non-decreasing, noisy means pool into flat
+        segments, and a flat last one extended flat makes a longer pass look as cheap as the
+        longest timed (docs/design/controller.md, "What it chooses")."""
         xs, ys = self.points()
         x = np.asarray(x, dtype=float)
+        slope = 0.0
         if len(xs) > 1:
-            slope = max((ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9), (ys[-1] - ys[0]) / (xs[-1] - xs[0]))
-        else:
-            slope = ys[0] / max(xs[0], 1e-9)
+            slope = max((ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9), (ys[-1] - ys[0]) / max(xs[-1] - xs[0], 1e-9))
+        if slope <= 0.0:
+            slope = ys[-1] / max(xs[-1], 1e-9)
         return np.where(x > xs[-1], ys[-1] + slope * (x - xs[-1]), np.interp(x, xs, ys))
 
 
