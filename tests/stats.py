@@ -100,11 +100,13 @@ def inverse_cdf_multinomial():
 def reference_samples(model, prompt: list[int], negative: list[int], samples: int, chunk: int,
                       **generate_kwargs) -> np.ndarray:
     """[samples, tokens generated] after `prompt` from transformers' own guided `generate`
-    (`negative` as `negative_prompt_ids`, `do_sample=True`, the rest of `generate_kwargs`, such as
-    `max_new_tokens`, as given), in chunks of `chunk` streams (unbatched guidance computes the
-    negative prompt's logits at every position: a chunk holds [chunk, len(negative), vocabulary]
-    floats).  Seeds torch's global generator with 0 and draws under `inverse_cdf_multinomial`.
-    AssertionError where `chunk` does not divide `samples`."""
+    (`negative` as `negative_prompt_ids`, `do_sample=True`, the rest of `generate_kwargs` as
+    given: `guidance_scale`, without which `negative` is ignored, and `max_new_tokens`, which
+    every chunk must generate in full, as the chunks are concatenated), in chunks of `chunk`
+    streams (unbatched guidance computes the negative prompt's logits at every position: a chunk
+    holds [chunk, len(negative), vocabulary] floats).  Seeds torch's global generator with 0 and
+    draws under `inverse_cdf_multinomial`.  AssertionError where `chunk` does not divide
+    `samples`."""
     assert samples % chunk == 0, (samples, chunk)
     torch.manual_seed(0)
     out = []

@@ -66,6 +66,11 @@ def test_a_flat_last_segment_is_not_extrapolated_flat():
     for n, ms in ((10, 5.6), (30, 5.8), (50, 8.3)):  # the last slope, steeper, stands
         steep.observe(n, ms)
     assert steep(np.array([100.0]))[0] == pytest.approx(8.3 + 2.5 / 20 * 50)
+    flat = MeasuredCurve(lambda x: np.asarray(x, dtype=np.int64))
+    for n, ms in ((10, 9.0), (30, 7.0), (50, 8.0)):  # a slow first pass: pooled flat throughout
+        flat.observe(n, ms)
+    assert list(flat.points()[1]) == [8.0, 8.0, 8.0]
+    assert flat(np.array([100.0]))[0] == pytest.approx(16.0)
 
 
 def test_a_measured_curve_forgets():
