@@ -12,7 +12,6 @@ import pytest
 from vllm_sjdpp.engine.goodput import (
     MAX_REMEASURE_EVERY,
     MEASURED_STEPS,
-    MEASURED_WINDOWS,
     SWITCH_MARGIN,
     TRIAL_MIN_BATCH,
     Acceptance,
@@ -114,18 +113,18 @@ def test_acceptance_is_measured_per_window_length():
 
 
 def test_beyond_the_longest_window_measured_a_flat_fit_is_not_extended_flat():
-    """MEASURED_WINDOWS windows each of 1 and 2 drafts, which read A(2) no higher than A(1): the concave fit
+    """Eight windows each of 1 and 2 drafts, which read A(2) no higher than A(1): the concave fit
     is flat from 1 to 2, and its last segment extended held every longer window to A(1) (a
     controller then never drafted where windows of 8 committed 1.3x no drafts' tokens per
     second).  Beyond the longest length measured the estimate is the chord from (0, 0) (here
     0.31 a draft), up to the first draft's bound."""
     acceptance = Acceptance(8)
-    first = np.tile([1, 1, 1, 1, 1, 0, 0, 0], MEASURED_WINDOWS // 8)  # 5 in 8 first drafts accepted
+    first = np.array([1, 1, 1, 1, 1, 0, 0, 0])  # 5 of 8 first drafts accepted
     for length in (1, 2):  # and no second ones
         for a in first:  # one window a step, as at one request
             acceptance.observe([length], [a])
     gain = acceptance.expected()
-    # 5 in 8, but for forgetting (0.999 a window)
+    # 5 of 8, but for forgetting (0.999 a window)
     assert gain[1] == pytest.approx(0.625, abs=2e-3) and gain[2] == pytest.approx(gain[1])
     bound = acceptance.first_draft_bound()
     assert gain[3:] == pytest.approx(np.minimum(gain[2] / 2 * np.arange(3, 9), bound * np.arange(3, 9)))
@@ -152,27 +151,6 @@ def test_a_length_counts_as_measured_after_windows_in_several_steps(steps):
         assert gain[32] == pytest.approx(8.0) and gain[8] == pytest.approx(4.0)
     else:
         assert acceptance.first_draft_bound() < 1 and gain[32] == pytest.approx(32 * acceptance.first_draft_bound())
-
-
-@pytest.mark.parametrize("windows", [MEASURED_WINDOWS - 1, MEASURED_WINDOWS])
-def test_one_request_s_length_counts_as_measured_after_its_windows(windows):
-    """One request's windows of 8, one a step, every third accepting 6 drafts: in
-    MEASURED_WINDOWS - 1 steps A(8) is not measured yet (nor A(4) from their truncation) and reads
-    the first-draft bound's 8 * p+; in MEASURED_WINDOWS it is (11 of 32 accepted 6: 2.06).  A mean of 8 such windows is a guess (at one
-    request the simulated digit model's windows accept nothing two times in three, or a run of
-    up to 15): counted after 3 accepting a draft, the controller in `test_goodput_sim.py` reached
-    0.926, 0.924, 0.916 of the best fixed cap on the fp32 CPU profiles, after 32 windows 0.954,
-    0.948, 0.942 (seeds 48 to 95, which the test does not run)."""
-    acceptance = Acceptance(32)
-    for step in range(windows):
-        acceptance.observe([8], [6 if step % 3 == 0 else 0])
-    measured = windows >= MEASURED_WINDOWS
-    assert acceptance.measured(8) == measured and (4 in acceptance.estimates(truncated=True)[0]) == measured
-    gain = acceptance.expected()
-    if measured:
-        assert gain[8] == pytest.approx(6 * 11 / 32, abs=0.01)
-    else:
-        assert gain[8] == pytest.approx(8 * acceptance.first_draft_bound())
 
 
 def test_a_gap_between_measured_lengths_is_not_interpolated_down():
@@ -278,17 +256,14 @@ def best_cap(cost_of, accept_prob, batch, k):
 def test_the_controller_finds_the_best_window(name, cost_of, batch):
     k, accept_prob = 16, 0.8
     best, goodput = best_cap(cost_of, accept_prob, batch, k)
-    ratios = []
     for seed in range(3):
         clock, rng = Clock(), np.random.default_rng(seed)
         controller = GoodputController(k, clock=clock)
         chosen = drive(controller, clock, cost_of, accept_prob, batch, k, 1500, rng)
-        ratios.append(np.mean([goodput[c] for c in chosen[750:]]) / goodput[best])
-    # Within 5% of the best goodput over the seeds, and 10% in each: the estimates are noisy and
-    # the optimum is flat.  At one request a seed may settle 5-10% short (with drafted steps
-    # dearer, 3 seeds of 24, whether a length counts as measured after MEASURED_WINDOWS windows
-    # or after 3 accepting a draft; the mean over 24 seeds 0.967 and 0.968).
-    assert np.mean(ratios) >= 0.95 and min(ratios) >= 0.90, (name, ratios, best)
+        settled = chosen[750:]
+        got = max(set(settled), key=settled.count)
+        # Within 5% of the best goodput: the estimates are noisy and the optimum is often flat.
+        assert goodput[got] >= 0.95 * goodput[best], (name, seed, got, best, goodput)
 
 
 def test_a_pass_is_timed_after_one_of_its_kind():
@@ -383,12 +358,12 @@ def test_a_cap_a_misread_cost_could_make_the_choice_is_re_timed_at_a_bounded_int
 
 def measured(cost_of, batch: int = 1) -> GoodputController:
     """A controller that has timed `cost_of` twice at every pass size up to 80 positions and
-    seen every draft accepted in MEASURED_WINDOWS windows of each length."""
+    seen every draft accepted in 10 windows of each length."""
     controller = GoodputController(8, clock=Clock())
     for n in range(batch, 81):
         for _ in range(2):
             controller.cost.observe(batch, n, n > batch, cost_of(n))
-    for _ in range(max(MEASURED_WINDOWS, MEASURED_STEPS)):
+    for _ in range(10):
         controller.acceptance.observe(np.arange(1, 9), np.arange(1, 9))
     return controller
 

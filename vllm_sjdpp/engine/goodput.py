@@ -37,17 +37,11 @@ each length (forgetting per window):
   window of L are refined at least as often in a longer window, so this is an upper bound on
   A(L) (in the simulated digit model 1.06x from windows a third longer, 1.31x from
   32 to 8), and every verified window gives it for every shorter length on the same stream.
-A length counts as measured once steady windows of it ran in MEASURED_STEPS steps, MEASURED_WINDOWS
-of them, MEASURED_STARTS accepting a draft.  Steps: at a large batch one step holds dozens of
-windows of one moment of the images (at 32 simulated requests on a GPU's costs, windows of 32
-counted from two steps read A(32) = 1.38 against 2.2 steady; it then bounded every shorter
-length, and the cap fell to 4 for good where 13 was best).  Windows: at one request a window a
-step, and a mean of a few is a guess (the digit model's windows accept nothing two times in
-three, or a run of up to 15); until measured a length keeps its optimistic estimate, so the
-controller holds a length it tries for MEASURED_WINDOWS steps, and compares a few lengths well
-measured rather than many barely (in the simulated engine at one request, on the fp32 CPU
-profiles, 2 to 3 points of the best fixed cap's goodput nearer it than counted after 3
-accepting windows: `tests/test_goodput_sim.py`'s docstring).
+A length counts as measured once steady windows of it ran in MEASURED_STEPS steps, MEASURED_STARTS
+of them accepting a draft: at a large batch one step holds dozens of windows of one moment of
+the images (at 32 simulated requests on a GPU's costs, windows of 32 counted from two steps read
+A(32) = 1.38 against 2.2 steady; it then bounded every shorter length, and the cap fell to 4
+for good where 13 was best).
 The curve: the concave non-decreasing least-squares fit through (0, 0) to the direct means
 (each weighted by its windows accepting any, over L^2: a run's variance grows about as L^2
 while runs reach the window's end) at measured lengths; between them the most any
@@ -170,8 +164,7 @@ MAX_STEP_GAP_S = 5.0  # a longer gap is a stall (a compile, a pause), not a pass
 # set their curve.
 STEP_OUTLIER = 1.5
 OUTLIER_RUN = 3
-MEASURED_STEPS = 8  # steps with steady windows of a length before its acceptance counts as measured, ...
-MEASURED_WINDOWS = 32  # ... windows of it, ...
+MEASURED_STEPS = 8  # steps with steady windows of a length before its acceptance counts as measured ...
 MEASURED_STARTS = 3.0  # ... and windows of it that accepted a draft
 FIRST_DRAFT_CONFIDENCE = 0.9  # of the bound on the first draft's acceptance that caps A(L) / L
 ADVANCE_FORGET = 0.95  # per drafted step, for the mean tokens a request commits
@@ -308,9 +301,8 @@ class Acceptance:
         # Per length, directly and truncated: [windows, windows accepting a draft, drafts accepted].
         self.direct, self.cut = np.zeros((3, max_window + 1)), np.zeros((3, max_window + 1))
         self.first = np.zeros(2)  # [windows, windows accepting their first draft]
-        # Per length, directly and truncated: the steps whose steady windows measured it, and those
-        # windows (without forgetting: the measured rule counts them).
-        self.measuring_steps, self.measuring_windows = np.zeros((2, 2, max_window + 1))
+        # Per length, directly and truncated: the steps whose steady windows measured it.
+        self.measuring_steps = np.zeros((2, max_window + 1))
         self._expected: np.ndarray | None = None
 
     def observe(self, lengths, accepted) -> None:
@@ -326,10 +318,8 @@ class Acceptance:
         own = size == lengths[:, None]  # [window, L]
         shorter = (size < lengths[:, None]) & (size > 0)
         cut = np.minimum(accepted[:, None], size)
-        for measuring, sums, mask, x in ((self.measuring_windows[0], self.direct, own, accepted[:, None]),
-                                         (self.measuring_windows[1], self.cut, shorter, cut)):
+        for sums, mask, x in ((self.direct, own, accepted[:, None]), (self.cut, shorter, cut)):
             counts = mask.sum(0)
-            measuring += counts
             sums *= self.forget**counts
             sums += (counts, (mask & started[:, None]).sum(0), np.where(mask, x, 0.0).sum(0))
         self._expected = None
@@ -357,8 +347,9 @@ class Acceptance:
         return float(betaincinv(starts + 1, windows - starts, FIRST_DRAFT_CONFIDENCE))
 
     def estimates(self, truncated: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The lengths measured (`_measured`), directly or `truncated`, their mean acceptance, and
-        their windows accepting a draft."""
+        """The lengths measured (windows in MEASURED_STEPS steps, MEASURED_STARTS of them
+        accepting a draft), directly or `truncated`, their mean acceptance, and their windows
+        accepting a draft."""
         sums = self.cut if truncated else self.direct
         lengths = np.flatnonzero(self._measured(truncated)[1:]) + 1
         started, total = sums[1:, lengths]
@@ -366,11 +357,9 @@ class Acceptance:
 
     def _measured(self, truncated: bool = False) -> np.ndarray:
         """Per length 0 .. max_window, directly or `truncated`: whether its acceptance counts as
-        measured (MEASURED_WINDOWS windows in MEASURED_STEPS steps, MEASURED_STARTS of them
-        accepting a draft)."""
+        measured (windows in MEASURED_STEPS steps, MEASURED_STARTS of them accepting a draft)."""
         sums = self.cut if truncated else self.direct
-        return ((self.measuring_steps[int(truncated)] >= MEASURED_STEPS)
-                & (self.measuring_windows[int(truncated)] >= MEASURED_WINDOWS) & (sums[1] >= MEASURED_STARTS))
+        return (self.measuring_steps[int(truncated)] >= MEASURED_STEPS) & (sums[1] >= MEASURED_STARTS)
 
     def measured(self, length: int) -> bool:
         """Whether the acceptance of windows of `length` counts as measured directly."""
@@ -424,8 +413,9 @@ def optimistic_concave(lengths: np.ndarray, values: np.ndarray, max_window: int)
         bound = math.inf
         if 1 <= i == len(vx) - 1:
             # Beyond the longest length measured, the chord from (0, 0): the fit's last segment
-            # is made of noisy means (an A(2) read no higher than A(1) fits flat, and a flat last
-            # segment held every longer window to A(1) for good).
+            # is made of noisy means (after 8 windows of 1 and of 2 drafts, an A(2) read no
+            # higher than A(1) fits flat, and a flat last segment held every longer window to
+            # A(1) for good).
             bound = vy[i] * L / vx[i]
         elif i >= 1:  # the segment ending at vertex i, extended
             bound = vy[i] + vs[i - 1] * (L - vx[i])
