@@ -3,7 +3,8 @@ for full windows of several lengths.  The data the simulated engine's acceptance
 (tests/sim_engine.py, `fit_drafts`).
 
     python benchmarks/digits_acceptance.py [--windows 4,8,16,32] [--rounds 5] [--images 20]
-                                           [--dtype auto] [--out benchmarks/results/digits_acceptance]
+                                           [--dtype auto]
+                                           [--out benchmarks/results/digits_acceptance]
 
 One in-process SJD++ engine (the model's defaults: guidance at its scale, init "above", Gumbel
 coupling), every request's window fixed at k (`sjdpp_num_speculative_tokens`, no draft-token
@@ -15,7 +16,8 @@ pass, 273 / passes - 1 (each pass commits its accepted drafts and one token).
 Writes <out>.json, <out>.md and <out>.png (acceptance by slot per k, by column at the longest k).
 --dtype is the served dtype (vLLM's `dtype`; "auto": bf16 where the CPU computes it natively):
 acceptance depends on it, as the logits do (the README's demo in float32 under the AVX2 cap
-commits 3.43 tokens a pass with full windows of 32, in bf16 3.26).
+commits 3.43 tokens a pass with full windows of 32, in bf16 3.26: README.md's speed-up tables,
+6402111 and f63b954).
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def plot(result: dict, path: Path) -> None:
     right.set(xlabel="image column (16: <eol>)", ylabel="accepted", ylim=(0, 1.02),
               title=f"By column, k = {result['windows'][k]}")
     right.legend()
-    fig.suptitle("Digit model: where drafts are accepted")
+    served = f" ({result['dtype']})" if "dtype" in result else ""
+    fig.suptitle(f"Digit model: where drafts are accepted{served}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -49,7 +49,10 @@ drafts per pass (`acceptance_by_slot`, 100 images), and the measured columns at 
 here), nor the columns of short windows (calibrated at k = 32 only).  `test_goodput_sim.py`
 holds the fit to the measurements, and the model it replaced fails them: a barrier at a row's
 first code (accepted 0.069) fitted to drafts per pass alone, where the digit model's later
-drafts are accepted 0.97 (measured).
+drafts are accepted 0.97 (measured).  Those counts were served in bf16, and every profile uses
+them, though three are CPUs in float32, whose acceptance differs: `python tests/sim_engine.py
+--fit benchmarks/results/digits_acceptance_fp32.json` fits theirs (benchmarks/README.md, "Where
+the digit model's drafts are accepted", says what it would change).
 `RANDOM` (a `Drafts` of other constants)
 is a random-weight folder's, whose drafts are rarely accepted.
 
@@ -401,9 +404,9 @@ if __name__ == "__main__":
     from pathlib import Path
 
     results = Path(__file__).parent.parent / "benchmarks" / "results" / "digits_acceptance.json"
-    if sys.argv[1:] != ["--fit"]:
-        sys.exit(f"usage: python {Path(__file__).name} --fit   (fits DIGITS to {results})")
-    fit = fit_drafts(json.loads(results.read_text()))
+    if sys.argv[1:2] != ["--fit"] or len(sys.argv) > 3:
+        sys.exit(f"usage: python {Path(__file__).name} --fit [JSON]   (fits DIGITS to JSON; default {results})")
+    fit = fit_drafts(json.loads(Path(sys.argv[2] if len(sys.argv) > 2 else results).read_text()))
     print(f"FIRST = {tuple(round(float(q), 3) for q in fit.first)}")
     print(f"LATER = {tuple(round(float(q), 3) for q in fit.later)}")
     print(f"TAU, FRESH = {fit.tau:.3f}, {fit.fresh:.3f}")

@@ -34,20 +34,25 @@ At one request this engine does not predict what a change does in the real one. 
 counted as measured only after 32 of its windows (74370f5, reverted) brought the controller
 here 2 to 3 points nearer the best fixed cap on the fp32 profiles (seeds 48 to 95: 0.954, 0.948,
 0.942 against 0.926, 0.924, 0.916), and on a profile of the demo's measured costs (a drafted
-step 1.75x a plain one, 33 positions 2.7x) 0.972 against 0.936; in the README's demo under the
-AVX2 cap (float32, the 2-core EPYC) it drafted 9 tokens a pass instead of 16.5, and one image at
-a time came 1.33x and 1.34x faster than plain decoding against 1.49x without it in the same
-hour.  Without it the demo's ratio of "auto" to full windows at one image, each against its own
-server's plain images, was 0.91 to 1.09 (median 0.935, 9 runs): what this engine gives the fp32
-profiles.  In one server with full windows, per-request windows of 8, 12, 16, 24 and 32 drafts
-made one image 1.30x, 1.51x, 1.55x, 1.59x and 1.56x faster than plain (the same ten images,
-two rounds each): flatter beyond 16 than here, where on the demo's costs the best fixed cap is
-15 and 32 gives 0.92 of its goodput (the demo's ten images accept 2.43 drafts a full window,
-the 100 images the acceptance is fitted to 2.22).  Likewise a standing choice re-made ever less
-often below TRIAL_MIN_BATCH requests (as where no drafts stand), about 2 points nearer here on
-the fp32 profiles at one request (seeds 0 to 95) and at two (0 to 23): in the demo it drafted
-12.1 tokens a pass, not 14 to 18, and "auto" reached 0.89 and 0.96 of full windows at one image
-(2 runs).  Changes that explore less look better here and settle on shorter windows there.
+step 1.75x a plain one, 33 positions 2.7x; seeds 0 to 47) 0.972 against 0.936.  In the README's
+demo (`python -m vllm_sjdpp.digits.demo --dtype float32` under the AVX2 cap: ATEN_CPU_CAPABILITY,
+ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS set to AVX2; the 2-core EPYC, 2026-12-07) it
+drafted 9 tokens a pass instead of 16.5, and one image at a time came 1.33x and 1.34x faster
+than plain decoding, against 1.49x at 25f1943 (without it) in the same hour.  Without it, the
+demo's "auto" against its full windows at one image, each against its own server's plain
+images, was 0.91 to 1.09 (median 0.935; 9 runs at ccfeb80, 6402111 and 25f1943).  That is
+against full windows, not the best fixed cap: in one server with full windows (a `/tmp` script:
+the demo's ten images one at a time, two rounds, each request's `sjdpp_num_speculative_tokens`
+set) windows of 8, 12, 16, 24 and 32 drafts made one image 1.30x, 1.51x, 1.55x, 1.59x and 1.56x
+faster than plain, so there the best is 24 and full windows 0.98 of it; here, on the demo's
+costs, the best fixed cap is 15 and full windows give 0.92 of its goodput (seeds 0 to 47).  The
+demo's ten images in float32 accept 2.43 drafts a full window; the 100 images `DIGITS` is fitted
+to, 2.22 in bf16 and 2.34 in float32 (benchmarks/results/digits_acceptance_fp32.md).  Likewise,
+re-making a standing choice ever less often below TRIAL_MIN_BATCH requests (as is done where no
+drafts stand from TRIAL_MIN_BATCH on) came about 2 points nearer here on the fp32 profiles at
+one request (seeds 0 to 95) and at two (0 to 23); in the demo (the same command, 2 runs) it
+drafted 12.1 tokens a pass, not 14 to 18, and "auto" reached 0.89 and 0.96 of full windows at
+one image.  Changes that explore less look better here and settle on shorter windows there.
 
 Broken controllers must fall short where their bias matters: the old acceptance model (linear
 between measured lengths), and companions counted as requests (as the runtime did).  And where
