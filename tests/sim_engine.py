@@ -18,6 +18,12 @@ Each pass is scaled by a seeded jitter
   batch 1, 6.0: the heavy twin (issue 30's report, "about 2.0x", "4.8x", "about 1.05x", "about
   6x"; for the twin bench_twin.py measured t_33 / t_1 = 163.2 / 23.0 = 7.1 in vLLM, from 33
   separate sequences, which cost more than one sequence of 33 positions).
+A measured profile (`ONE_REQUEST_PROFILES`) reads its drafted passes' cost from
+benchmarks/pass_cost.py's JSON instead, interpolated between the window lengths measured there:
+"cpu-fp32-avx2", the README's demo machine (the digit model in float32 on 2 CPU cores held to
+AVX2, benchmarks/results/pass_cost_fp32_avx2.json): a drafted pass of 2 positions 1.38x a plain
+one, of 9 1.49x, 17 1.68x, 33 1.95x, a cost the linear form cannot take (a step with drafts pays
+the SJD++ step once, then little per position).  Measured at one request, it serves only there.
 
 Acceptance.  Each request decodes streams of IMAGE_TOKENS = 273 tokens (one digit image: 16 rows
 of 16 codes and <eol>, then <eoi>), one image after another.  A window's drafts are verified in
@@ -49,10 +55,12 @@ drafts per pass (`acceptance_by_slot`, 100 images), and the measured columns at 
 here), nor the columns of short windows (calibrated at k = 32 only).  `test_goodput_sim.py`
 holds the fit to the measurements, and the model it replaced fails them: a barrier at a row's
 first code (accepted 0.069) fitted to drafts per pass alone, where the digit model's later
-drafts are accepted 0.97 (measured).  Those counts were served in bf16, and every profile uses
-them, though three are CPUs in float32, whose acceptance differs: `python tests/sim_engine.py
---fit benchmarks/results/digits_acceptance_fp32.json` fits theirs (benchmarks/README.md, "Where
-the digit model's drafts are accepted", says what it would change).
+drafts are accepted 0.97 (measured).  Those counts were served in bf16.  `DIGITS_FP32` is the
+same fit to the digit model served in float32 (`python tests/sim_engine.py --fit
+benchmarks/results/digits_acceptance_fp32.json`; measured 0.808, 1.196, 1.898, 2.342 drafts per
+pass, fitted 0.714, 1.195, 1.954, 2.345): a profile accepts as its dtype does (`Profile.drafts`),
+the measured float32 profile so; the linear ones accept as `DIGITS`, though three are CPUs in
+float32 (test_goodput_sim.py says what float32's acceptance does to the controller there).
 `RANDOM` (a `Drafts` of other constants)
 is a random-weight folder's, whose drafts are rarely accepted.
 
@@ -69,7 +77,9 @@ request's) all fail.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -87,37 +97,6 @@ LATER = (1.0, 0.947, 0.977, 0.952, 0.912, 0.889, 0.853, 0.877, 0.845, 0.839, 0.7
          0.868, 0.952, 1.0)
 TAU, FRESH = 0.542, 0.309
 NEAR = ((1, 0.741), (15, 0.402), (16, 0.411), (17, 0.853))
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    ratio: float  # t(33) / t(1) at batch 1
-    overhead: float = 0.0  # what a step with drafts costs more, in T1 (the SJD++ step proper)
-    drift: float = 0.0  # how much dearer a pass is at its requests' images' ends than at their starts
-
-    @property
-    def beta(self) -> float:
-        return (self.ratio - 1.0) / 32.0
-
-    def cost(self, positions, full_step=False, progress=0.0) -> np.ndarray:
-        """Seconds of a pass of `positions`, with drafts or not, its requests `progress` (mean
-        fraction of their images generated) through their images."""
-        forward = 1.0 + self.beta * (np.asarray(positions, dtype=float) - 1.0)
-        return T1 * (forward * (1.0 + self.drift * np.asarray(progress)) + self.overhead * np.asarray(full_step))
-
-
-PROFILES = [
-    Profile("cpu-fp32", 1.85),
-    # This CPU in float32, timed by the controller at batch 1 and 10 (issue 30): a step with
-    # drafts 1.5x one without at 2 positions, 0.09 ms per position more, 2.25 ms at 1; at 10
-    # requests a pass without drafts 2.5 ms at the images' first tokens, 3.6 ms at their last.
-    Profile("cpu-fp32-drift", 2.28, overhead=0.5, drift=0.45),
-    Profile("cpu-fp32-b", 2.05),
-    Profile("cpu-bf16-avx2", 4.8),
-    Profile("gpu", 1.05),
-    Profile("twin", 6.0),
-]
 
 
 @dataclass(frozen=True)
@@ -154,6 +133,16 @@ class Drafts:
 
 
 DIGITS = Drafts("digits")
+# Fitted by `fit_drafts` to benchmarks/results/digits_acceptance_fp32.json (the digit model served
+# in float32, as on a CPU without native bf16): the profiles of CPUs in float32 accept so.
+DIGITS_FP32 = Drafts(
+    "digits-fp32",
+    first=(0.641, 0.237, 0.222, 0.185, 0.207, 0.213, 0.211, 0.233, 0.239, 0.25, 0.275, 0.286, 0.262, 0.337, 0.361,
+           0.502, 1.0),
+    later=(1.0, 0.958, 0.996, 0.971, 0.929, 0.939, 0.878, 0.892, 0.85, 0.848, 0.803, 0.825, 0.845, 0.861, 0.868,
+           0.958, 1.0),
+    tau=0.529, fresh=0.31, near=((1, 0.689), (15, 0.428), (16, 0.41), (17, 0.836)),
+)
 # The tiny random-weight folders (tests/tiny_emu3.py, tests/tiny_lumina.py) as their servers'
 # controllers measured them: a window's first draft accepted about one time in eight (0.12
 # drafts from windows of 1), and about 0.2 drafts from longer windows (0.23 from 11, 0.21 from
@@ -161,6 +150,63 @@ DIGITS = Drafts("digits")
 # a row's first code at 0.05, give A(11) and A(23) about 0.20 here.
 RANDOM = Drafts("random", first=(0.12,) * ROW, later=(0.05,) + (0.45,) * (ROW - 1), fresh=0.11, tau=0.41, near=(),
                 certain=())
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    ratio: float  # t(33) / t(1) at batch 1
+    overhead: float = 0.0  # what a step with drafts costs more, in T1 (the SJD++ step proper)
+    drift: float = 0.0  # how much dearer a pass is at its requests' images' ends than at their starts
+    drafts: Drafts = DIGITS  # the acceptance of the dtype it serves
+    # Drafted passes' cost against positions, measured at one request, ((n, t(n) / t(1)), ...):
+    # in place of `ratio` and `overhead`; linear past the last two points, as a pass without
+    # drafts from t(1) (the module's docstring).
+    measured: tuple = ()
+
+    @property
+    def beta(self) -> float:
+        return (self.ratio - 1.0) / 32.0
+
+    def cost(self, positions, full_step=False, progress=0.0) -> np.ndarray:
+        """Seconds of a pass of `positions`, with drafts or not, its requests `progress` (mean
+        fraction of their images generated) through their images."""
+        n = np.asarray(positions, dtype=float)
+        if self.measured:
+            xs, ys = np.array(self.measured, dtype=float).T
+            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+            drafted = np.where(n > xs[-1], ys[-1] + slope * (n - xs[-1]), np.interp(n, xs, ys))
+            forward = np.where(full_step, drafted, 1.0 + slope * (n - 1.0))
+            return T1 * forward * (1.0 + self.drift * np.asarray(progress))
+        forward = 1.0 + self.beta * (n - 1.0)
+        return T1 * (forward * (1.0 + self.drift * np.asarray(progress)) + self.overhead * np.asarray(full_step))
+
+
+PROFILES = [
+    Profile("cpu-fp32", 1.85),
+    # This CPU in float32, timed by the controller at batch 1 and 10 (issue 30): a step with
+    # drafts 1.5x one without at 2 positions, 0.09 ms per position more, 2.25 ms at 1; at 10
+    # requests a pass without drafts 2.5 ms at the images' first tokens, 3.6 ms at their last.
+    Profile("cpu-fp32-drift", 2.28, overhead=0.5, drift=0.45),
+    Profile("cpu-fp32-b", 2.05),
+    Profile("cpu-bf16-avx2", 4.8),
+    Profile("gpu", 1.05),
+    Profile("twin", 6.0),
+]
+
+
+def measured_profile(name: str, path: Path) -> Profile:
+    """A profile of the drafted passes' cost relative to a plain one's, at one request, from
+    benchmarks/pass_cost.py's JSON, served in float32 (its acceptance `DIGITS_FP32`)."""
+    modes = json.loads(path.read_text())["modes"]
+    plain = np.mean(modes["0"]["step_seconds"])
+    points = tuple((1 + int(k), float(np.mean(v["step_seconds"]) / plain)) for k, v in sorted(modes.items(), key=lambda kv: int(kv[0])) if k != "0")
+    return Profile(name, points[-1][1], drafts=DIGITS_FP32, measured=points)
+
+
+RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
+# Measured at one request only: a batch's passes hold more than the 33 positions measured.
+ONE_REQUEST_PROFILES = [measured_profile("cpu-fp32-avx2", RESULTS / "pass_cost_fp32_avx2.json")]
 
 
 @dataclass
@@ -254,12 +300,12 @@ class SimEngine:
 
 def run(profile: Profile, batch: int, steps: int, seed: int, controller=None, cap: int | None = None,
         paired: bool = False, companions_counted: bool = False, first_shape_slow: float = 1.0,
-        drafts: Drafts = DIGITS) -> Trace:
+        drafts: Drafts | None = None) -> Trace:
     """Drive `controller` (a GoodputController on a `Clock`) or a fixed `cap` for `steps`
     steps, in the runtime's order: choose the next windows, pay for the pass, report it.
     `first_shape_slow`: the first pass of each number of positions costs that many times more
-    (a compile, a shape's first run)."""
-    engine = SimEngine(range(batch), seed, paired, drafts=drafts)
+    (a compile, a shape's first run).  `drafts`: the acceptance (default: the profile's)."""
+    engine = SimEngine(range(batch), seed, paired, drafts=drafts or profile.drafts)
     copies = 2 if paired else 1
     factors = jitter(seed, steps)
     trace = Trace()
@@ -299,12 +345,21 @@ def run(profile: Profile, batch: int, steps: int, seed: int, controller=None, ca
     return trace
 
 
-def fixed_goodputs(batch: int, steps: int, seed: int, start: int, paired: bool = False) -> dict[str, np.ndarray]:
+def fixed_goodputs(batch: int, steps: int, seed: int, start: int, paired: bool = False,
+                   profiles: list[Profile] = PROFILES) -> dict[str, np.ndarray]:
     """Goodput over steps start .. steps - 1 with each fixed cap 0 .. WINDOW, per profile, on
-    `run`'s streams: one engine holds the batch once per cap (the windows and tokens do not
-    depend on the machine, so one run serves every profile)."""
+    `run`'s streams: one engine per acceptance holds the batch once per cap (the windows and
+    tokens do not depend on the machine, so one run serves every profile that accepts alike)."""
+    goodputs = {}
+    for drafts in dict.fromkeys(p.drafts for p in profiles):
+        goodputs.update(_fixed_goodputs(batch, steps, seed, start, paired, [p for p in profiles if p.drafts == drafts]))
+    return {p.name: goodputs[p.name] for p in profiles}
+
+
+def _fixed_goodputs(batch: int, steps: int, seed: int, start: int, paired: bool,
+                    profiles: list[Profile]) -> dict[str, np.ndarray]:
     caps = np.repeat(np.arange(WINDOW + 1), batch)
-    engine = SimEngine(np.tile(np.arange(batch), WINDOW + 1), seed, paired)
+    engine = SimEngine(np.tile(np.arange(batch), WINDOW + 1), seed, paired, drafts=profiles[0].drafts)
     positions, progress = np.zeros((2, steps, WINDOW + 1))
     full_step = np.zeros((steps, WINDOW + 1), dtype=bool)
     tokens = np.zeros(WINDOW + 1)
@@ -319,7 +374,7 @@ def fixed_goodputs(batch: int, steps: int, seed: int, start: int, paired: bool =
     factors = jitter(seed, steps)[start:, None]
     return {
         p.name: tokens / np.sum(p.cost(positions[start:], full_step[start:], progress[start:]) * factors, axis=0)
-        for p in PROFILES
+        for p in profiles
     }
 
 
@@ -399,11 +454,9 @@ def fit_drafts(measured: dict, evaluations: int = 700) -> Drafts:
 
 
 if __name__ == "__main__":
-    import json
     import sys
-    from pathlib import Path
 
-    results = Path(__file__).parent.parent / "benchmarks" / "results" / "digits_acceptance.json"
+    results = RESULTS / "digits_acceptance.json"
     if sys.argv[1:2] != ["--fit"] or len(sys.argv) > 3:
         sys.exit(f"usage: python {Path(__file__).name} --fit [JSON]   (fits DIGITS to JSON; default {results})")
     fit = fit_drafts(json.loads(Path(sys.argv[2] if len(sys.argv) > 2 else results).read_text()))

@@ -30,6 +30,22 @@ upper confidence bounds on the direct means (0.87 to 0.95) and hazards per slot 
 lengths with a factor for the distance from the window's end (0.85 to 0.90).  The simulated
 acceptance is held to the digit model's measured one.
 
+The measured profile, cpu-fp32-avx2 (`ONE_REQUEST_PROFILES`: the README's demo machine, its pass
+costs from benchmarks/pass_cost.py, its acceptance float32's), is a scenario at one request:
+the controller reaches 0.975 of the best fixed cap (13) on the test's seeds and 0.970 on seeds
+12 to 47, within 5%.  It tells controllers apart less than the linear profiles: a step with
+drafts pays the SJD++ step once and little per position, so caps of 12 to 32 all come within 4%
+of the best (0.963, 0.972, 0.973, 0.968 at 12, 16, 24, 32; 0.848 at 8) and a controller holding
+full windows passes too (the linear-acceptance one: 0.976).  Over the demo's own shape (ten
+images one at a time, each after a plain image of 273 windowless steps, one controller
+throughout, every step counted; seeds 0 to 11, a one-off script) the controller reaches 0.923
+of the best fixed cap (15; 0.878 over the first image, 0.89 to 0.955 over the others), where
+this test's window reads 0.975; the demo measured about 0.92 (below).  The linear profiles
+of CPUs in float32 keep `DIGITS`: paired with float32's acceptance (`DIGITS_FP32`), their
+one-request scenarios read 0.937, 0.920, 0.942 (cpu-fp32, -drift, -b; seeds 0 to 11) and 0.952,
+0.959, 0.950 (12 to 47), and with a companion 0.907, 0.883, 0.913 and 0.939, 0.899, 0.940:
+outside the 8% on the test's seeds, where `DIGITS` gives 0.92 or more.
+
 At one request this engine does not predict what a change does in the real one.  A length
 counted as measured only after 32 of its windows (74370f5, reverted) brought the controller
 here 2 to 3 points nearer the best fixed cap on the fp32 profiles (seeds 48 to 95: 0.954, 0.948,
@@ -68,23 +84,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sim_engine import DIGITS, PROFILES, RANDOM, ROW, WINDOW, Clock, Drafts, Profile, acceptance_by_slot, fixed_goodputs, run
+from sim_engine import (DIGITS, DIGITS_FP32, ONE_REQUEST_PROFILES, PROFILES, RANDOM, RESULTS, ROW, WINDOW, Clock, Drafts,
+                        Profile, acceptance_by_slot, fixed_goodputs, run)
 
 from vllm_sjdpp.engine.goodput import REMEASURE_EVERY, TRIAL_MIN_BATCH, Acceptance, GoodputController, batch_bucket
 
 STEPS, START = 273, 137
 SEEDS = {1: 12, 32: 4, 16: 4}  # per number of requests: one request's streams vary most
 TOLERANCE = {1: 0.08, 32: 0.05, 16: 0.05}
-PROFILE = {p.name: p for p in PROFILES}
+PROFILE = {p.name: p for p in PROFILES + ONE_REQUEST_PROFILES}
 SCENARIOS = [(p.name, batch, paired) for batch, paired in ((1, False), (32, False), (16, True), (1, True)) for p in PROFILES]
+SCENARIOS += [(p.name, 1, False) for p in ONE_REQUEST_PROFILES]
 
 
 @functools.lru_cache(maxsize=None)
 def best_fixed(batch: int, paired: bool) -> dict[str, tuple[float, int]]:
     """Per profile: the best fixed cap's goodput (mean over the seeds) and that cap."""
-    total = {p.name: np.zeros(WINDOW + 1) for p in PROFILES}
+    profiles = PROFILES + ONE_REQUEST_PROFILES if (batch, paired) == (1, False) else PROFILES
+    total = {p.name: np.zeros(WINDOW + 1) for p in profiles}
     for seed in range(SEEDS[batch]):
-        for name, goodput in fixed_goodputs(batch, STEPS, seed, START, paired).items():
+        for name, goodput in fixed_goodputs(batch, STEPS, seed, START, paired, profiles).items():
             total[name] += goodput / SEEDS[batch]
     return {name: (float(g.max()), int(g.argmax())) for name, g in total.items()}
 
@@ -142,8 +161,11 @@ def test_a_broken_controller_falls_short(broken, profile, batch, paired):
     assert goodput < (1 - TOLERANCE[batch]) * best, (goodput / best, caps)
 
 
-MEASURED = Path(__file__).parent.parent / "benchmarks" / "results" / "digits_acceptance.json"
-PER_PASS, FIRST_DRAFT, COLUMN = 0.07, 0.03, 0.06  # tolerances, absolute
+MEASURED = {DIGITS: RESULTS / "digits_acceptance.json", DIGITS_FP32: RESULTS / "digits_acceptance_fp32.json"}
+# Tolerances, absolute: drafts accepted per pass, the first draft, a column's later drafts.  The
+# float32 fit misses more (its form is fitted at k = 32: short windows' first drafts, and the
+# columns, are not its own parameters).
+TOLERANCES = {DIGITS: (0.07, 0.03, 0.06), DIGITS_FP32: (0.10, 0.03, 0.08)}
 # About the acceptance model before the refit: a run stopped at a row's first code (accepted
 # 0.069), fitted to drafts per pass alone (0.790, 1.223, 1.880, 2.057: benchmarks/results/e2e.json
 # at 698a729).
@@ -151,12 +173,12 @@ ROW_BARRIER = Drafts("row barrier", first=(0.306,) * ROW, later=(0.069,) + (0.91
                      fresh=0.0, near=(), certain=())
 
 
-def misses(drafts: Drafts) -> tuple[np.ndarray, np.ndarray, float]:
-    """Against benchmarks/results/digits_acceptance.json, full windows of each k measured there
-    (`acceptance_by_slot`, 100 images): per k the drafts accepted per pass and the first drafts'
-    acceptance, simulated minus measured; and at the longest k the largest miss over the image
-    columns of the later drafts' acceptance."""
-    measured = json.loads(MEASURED.read_text())
+def misses(drafts: Drafts, path: Path = MEASURED[DIGITS]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Against the counts at `path` (benchmarks/digits_acceptance.py's), full windows of each k
+    measured there (`acceptance_by_slot`, 100 images): per k the drafts accepted per pass and the
+    first drafts' acceptance, simulated minus measured; and at the longest k the largest miss over
+    the image columns of the later drafts' acceptance."""
+    measured = json.loads(path.read_text())
     tested, accepted = np.array(measured["tested"], dtype=float), np.array(measured["accepted"], dtype=float)
     per_pass, first = [], []
     for i, window in enumerate(measured["windows"]):  # the longest last: its t and a stay
@@ -167,22 +189,25 @@ def misses(drafts: Drafts) -> tuple[np.ndarray, np.ndarray, float]:
     return np.array(per_pass), np.array(first), float(np.abs(a[:, 1:].sum(1) / t[:, 1:].sum(1) - real).max())
 
 
-def test_the_simulated_digit_model_accepts_where_the_real_one_did():
-    """`DIGITS` against the digit model's acceptance, full windows of k = 4, 8, 16, 32: drafts
-    accepted per pass within PER_PASS at every k (the fit: 0.056 at most, at k = 4), the first
-    draft within FIRST_DRAFT (0.020), and at k = 32 every column's later drafts within COLUMN
-    (0.047)."""
-    per_pass, first, column = misses(DIGITS)
-    assert np.abs(per_pass).max() <= PER_PASS and np.abs(first).max() <= FIRST_DRAFT and column <= COLUMN, \
-        (per_pass, first, column)
+@pytest.mark.parametrize("drafts", [DIGITS, DIGITS_FP32], ids=lambda d: d.name)
+def test_the_simulated_digit_model_accepts_where_the_real_one_did(drafts):
+    """`DIGITS` against the digit model's acceptance served in bf16, `DIGITS_FP32` in float32,
+    full windows of k = 4, 8, 16, 32, within `TOLERANCES`: drafts accepted per pass at every k
+    (the fits miss by 0.056 and 0.094 at most, both at k = 4, too few), the first draft (0.020 and
+    0.026), and at k = 32 every column's later drafts (0.047 and 0.077)."""
+    per_pass_tolerance, first_tolerance, column_tolerance = TOLERANCES[drafts]
+    per_pass, first, column = misses(drafts, MEASURED[drafts])
+    assert np.abs(per_pass).max() <= per_pass_tolerance and np.abs(first).max() <= first_tolerance \
+        and column <= column_tolerance, (per_pass, first, column)
 
 
 def test_the_row_barrier_fails_the_measurement():
     """The model before the refit, held to the same tolerances: 0.11 too many drafts per pass at
     k = 8, 0.17 too few at k = 32, and a row's first code accepted 0.07 where the digit model's
     later drafts are accepted 0.97 (measured; a miss of 0.90)."""
+    per_pass_tolerance, _, column_tolerance = TOLERANCES[DIGITS]
     per_pass, _, column = misses(ROW_BARRIER)
-    assert np.abs(per_pass).max() > PER_PASS and column > COLUMN, (per_pass, column)
+    assert np.abs(per_pass).max() > per_pass_tolerance and column > column_tolerance, (per_pass, column)
 
 
 def test_a_slow_start_is_re_timed():
