@@ -53,17 +53,19 @@ def request_key(seed: int) -> np.uint64:
     return np.uint64(int(seed) % 2**64)
 
 
-def row_keys(keys: np.ndarray, positions: np.ndarray, salt: int = SALT_RACE) -> tuple[np.ndarray, np.ndarray]:
+def row_keys(keys: np.ndarray, positions: np.ndarray, salt: int | np.ndarray = SALT_RACE) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the two 32-bit words (a, b) that key its noise, from its request's key
-    (uint64 [R]) and its absolute position (int [R]).  Host side.  Returns two uint32 [R]."""
+    (uint64 [R]), its absolute position (int [R]) and its use's salt (one, or uint32 [R]: a
+    step keys its race rows and its fresh slots in one call).  Host side.  Returns two uint32 [R]."""
     k = np.asarray(keys, dtype=np.uint64)
+    salt = np.asarray(salt, dtype=np.uint32)
     lo = (k & np.uint64(M32)).astype(np.uint32)
     hi = (k >> np.uint64(32)).astype(np.uint32)
     with np.errstate(over="ignore"):
-        key = _mix_numpy(_mix_numpy(lo ^ np.uint32(salt)) ^ hi)
+        key = _mix_numpy(_mix_numpy(lo ^ salt) ^ hi)
         pos = _mix_numpy(np.asarray(positions, dtype=np.int64).astype(np.uint32) ^ np.uint32(_C1))
         a = _mix_numpy(key ^ pos)
-        b = _mix_numpy(a ^ key ^ np.uint32(salt))
+        b = _mix_numpy(a ^ key ^ salt)
     return a, b
 
 

@@ -69,7 +69,7 @@ import torch
 
 from .fresh import FreshTokens, fill_fresh_tokens
 from .host import INDUCTOR_MIN_ELEMENTS, fetch, host_array, send, upload
-from .noise import SALT_FRESH, keyed_exponentials, keyed_uniforms, request_key, row_keys
+from .noise import SALT_FRESH, SALT_RACE, keyed_exponentials, keyed_uniforms, request_key, row_keys
 
 REUSE_NONE, REUSE_COUPLED, REUSE_CONFIDENCE = 0, 1, 2
 REUSE_CODES = {"none": REUSE_NONE, "coupled": REUSE_COUPLED, "confidence": REUSE_CONFIDENCE}
@@ -166,12 +166,17 @@ class StepNoise:
             race = _exponentials(race)
         if keys:
             requests = sorted(keys)
-            row_key = np.concatenate([np.full(rows_per_request[i], request_key(keys[i][0])) for i in requests])
-            position = np.concatenate([keys[i][1] + np.arange(rows_per_request[i]) for i in requests])
-            keyed = keyed_exponentials(*row_keys(row_key, position), vocab_size, device)
-            slot_key = np.concatenate([np.full(slots_per_request[i], request_key(keys[i][0])) for i in requests])
-            slot_position = np.concatenate([keys[i][1] + np.arange(slots_per_request[i]) for i in requests])
-            keyed_fresh = keyed_uniforms(*row_keys(slot_key, slot_position, SALT_FRESH))
+            # The race rows' words and the fresh slots' in one call (each NumPy call on a few
+            # dozen rows costs as much as on one).
+            counts = [rows_per_request[i] for i in requests] + [slots_per_request[i] for i in requests]
+            keyed_rows = sum(counts[: len(requests)])
+            request_keys = np.array([request_key(keys[i][0]) for i in requests], dtype=np.uint64)
+            first = np.array([keys[i][1] for i in requests] * 2, dtype=np.int64)
+            position = np.repeat(first - np.cumsum([0] + counts[:-1]), counts) + np.arange(sum(counts))
+            salt = np.repeat(np.array([SALT_RACE, SALT_FRESH], dtype=np.uint32), [keyed_rows, sum(counts) - keyed_rows])
+            a, b = row_keys(np.tile(request_keys, 2).repeat(counts), position, salt)
+            keyed = keyed_exponentials(a[:keyed_rows], b[:keyed_rows], vocab_size, device)
+            keyed_fresh = keyed_uniforms(a[keyed_rows:], b[keyed_rows:])
             if race is None:
                 race, fresh = keyed, keyed_fresh  # the slot uniforms stay on the host, where the plan reads them
             else:
