@@ -98,6 +98,17 @@ def write_results(out: Path, result: dict, markdown, plot) -> None:
     print(table)
 
 
+def window_lengths(parser: argparse.ArgumentParser, text: str, longest: int) -> list[int]:
+    """--windows "4,8,16,32" as sorted lengths, each 1 to `longest`; else the parser's error."""
+    try:
+        windows = sorted(int(k) for k in text.split(","))
+    except ValueError:
+        windows = []
+    if not windows or windows[0] < 1 or windows[-1] > longest:
+        parser.error(f"--windows: comma-separated lengths from 1 to {longest}, got {text!r}")
+    return windows
+
+
 def runtime_or_none(llm):
     """The in-process engine's SJD++ runtime, None for a plain engine."""
     try:

@@ -147,9 +147,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="the served dtype (vLLM's dtype)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "digits_acceptance")
     args = parser.parse_args()
-    windows = sorted(int(k) for k in args.windows.split(","))
-    if not windows or windows[0] < 1 or windows[-1] > MAX_WINDOW:
-        parser.error(f"--windows: lengths from 1 to {MAX_WINDOW}")
+    windows = bench_e2e.window_lengths(parser, args.windows, MAX_WINDOW)
     result = measure(windows, args.rounds, args.images, dtype=args.dtype)
     bench_e2e.write_results(args.out, result, markdown, plot)
 
