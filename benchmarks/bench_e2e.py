@@ -99,9 +99,9 @@ def write_results(out: Path, result: dict, markdown, plot) -> None:
 
 
 def window_lengths(parser: argparse.ArgumentParser, text: str, longest: int) -> list[int]:
-    """--windows "4,8,16,32" as sorted lengths, each 1 to `longest`; else the parser's error."""
+    """--windows "4,8,16,32" as sorted distinct lengths, each 1 to `longest`; else the parser's error."""
     try:
-        windows = sorted(int(k) for k in text.split(","))
+        windows = sorted({int(k) for k in text.split(",")})
     except ValueError:
         windows = []
     if not windows or windows[0] < 1 or windows[-1] > longest:

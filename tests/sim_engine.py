@@ -21,9 +21,8 @@ Each pass is scaled by a seeded jitter
 A measured profile (`ONE_REQUEST_PROFILES`) reads its drafted passes' cost from
 benchmarks/pass_cost.py's JSON instead, interpolated between the window lengths measured there:
 "cpu-fp32-avx2", the README's demo machine (the digit model in float32 on 2 CPU cores held to
-AVX2, benchmarks/results/pass_cost_fp32_avx2.json): a drafted pass of 2 positions 1.38x a plain
-one, of 9 1.49x, 17 1.68x, 33 1.95x, a cost the linear form cannot take (a step with drafts pays
-the SJD++ step once, then little per position).  Measured at one request, it serves only there.
+AVX2, benchmarks/results/pass_cost_fp32_avx2.json; its numbers: benchmarks/README.md, "A step's
+cost at one request, by window").  Measured at one request, it serves only there.
 
 Acceptance.  Each request decodes streams of IMAGE_TOKENS = 273 tokens (one digit image: 16 rows
 of 16 codes and <eol>, then <eoi>), one image after another.  A window's drafts are verified in
@@ -160,8 +159,8 @@ class Profile:
     drift: float = 0.0  # how much dearer a pass is at its requests' images' ends than at their starts
     drafts: Drafts = DIGITS  # the acceptance of the dtype it serves
     # Drafted passes' cost against positions, measured at one request, ((n, t(n) / t(1)), ...):
-    # in place of `ratio` and `overhead`; linear past the last two points, as a pass without
-    # drafts from t(1) (the module's docstring).
+    # in place of `ratio` and `overhead`, interpolated; only where it was measured (one request:
+    # a pass without drafts has 1 position, one with drafts 2 to the longest measured).
     measured: tuple = ()
 
     @property
@@ -174,9 +173,9 @@ class Profile:
         n = np.asarray(positions, dtype=float)
         if self.measured:
             xs, ys = np.array(self.measured, dtype=float).T
-            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-            drafted = np.where(n > xs[-1], ys[-1] + slope * (n - xs[-1]), np.interp(n, xs, ys))
-            forward = np.where(full_step, drafted, 1.0 + slope * (n - 1.0))
+            if np.any(n > xs[-1]) or np.any((n > 1) & ~np.asarray(full_step)):
+                raise ValueError(f"{self.name}: measured at one request, up to {xs[-1]:.0f} positions")
+            forward = np.where(full_step, np.interp(n, xs, ys), 1.0)
             return T1 * forward * (1.0 + self.drift * np.asarray(progress))
         forward = 1.0 + self.beta * (n - 1.0)
         return T1 * (forward * (1.0 + self.drift * np.asarray(progress)) + self.overhead * np.asarray(full_step))
@@ -197,8 +196,12 @@ PROFILES = [
 
 def measured_profile(name: str, path: Path) -> Profile:
     """A profile of the drafted passes' cost relative to a plain one's, at one request, from
-    benchmarks/pass_cost.py's JSON, served in float32 (its acceptance `DIGITS_FP32`)."""
-    modes = json.loads(path.read_text())["modes"]
+    benchmarks/pass_cost.py's JSON of the digit model served in float32 (its acceptance
+    `DIGITS_FP32`)."""
+    result = json.loads(path.read_text())
+    if result["dtype"] != "float32":
+        raise ValueError(f"{path} was served in {result['dtype']}; the profile pairs float32's acceptance")
+    modes = result["modes"]
     plain = np.mean(modes["0"]["step_seconds"])
     points = tuple((1 + int(k), float(np.mean(v["step_seconds"]) / plain)) for k, v in sorted(modes.items(), key=lambda kv: int(kv[0])) if k != "0")
     return Profile(name, points[-1][1], drafts=DIGITS_FP32, measured=points)

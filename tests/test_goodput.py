@@ -126,7 +126,7 @@ def test_one_window_adds_what_a_batch_of_windows_adds(acceptance_class):
     """At one request `Acceptance.observe` takes its one-window path (`observe_window`); fed the
     same windows through the batch path (here each beside a window of length 0, which is
     skipped), every sum and the curve come out the same to the bit: 3000 windows of 0 to 32
-    drafts accepting runs as the digit model does (none two times in three)."""
+    drafts, none accepted about three times in four, else a geometric run."""
     rng = np.random.default_rng(0)
     one, batch = acceptance_class(32), Acceptance(32)
     for step in range(3000):

@@ -185,18 +185,25 @@ def test_cpu_patches_apply_only_on_the_cpu_platform(tiny_llama_path):
     assert "expand patched: False" in out and "sjdpp config: ok" in out
 
 
-@pytest.mark.parametrize("counts", [[1, 1, 1, 1], [0, 2, 1], [3, 0, 1, 2], [1, 2, 1]])
-def test_cpu_expand_kernel_repeats_each_value_by_its_count(counts):
-    """The CPU expand kernel (vLLM's expand_kernel in PyTorch), with its one-token-per-request
-    shortcut, against repeat_interleave; -1 is replaced by 7."""
+@pytest.mark.parametrize("counts", [[1, 1, 1, 1], [0, 2, 1], [3, 0, 1, 2], [1, 2, 1], []])
+@pytest.mark.parametrize("values, replace, output_dtype", [
+    ([-1.0, 2.0, 3.0, 4.0], (-1, 7), torch.float32),
+    ([0.0, 0.5, 1.25, 0.0], (0, 1), torch.float32),  # temperature: greedy (0) replaced by 1
+    ([0, 11, 274, 3], (0, 0), torch.int32),  # top-k
+], ids=["float", "temperature", "top-k"])
+@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64])
+def test_cpu_expand_kernel_repeats_each_value_by_its_count(counts, values, replace, output_dtype, offsets_dtype):
+    """The CPU expand kernel (vLLM's expand_kernel, in NumPy) against PyTorch's where and
+    repeat_interleave, in the output's dtype: values replaced, repeated by their counts, nothing
+    written past the last (an empty batch writes nothing)."""
     from vllm_sjdpp.patches.cpu_triton_utils import expand_kernel_impl
 
-    values = torch.tensor([-1.0, 2.0, 3.0, 4.0][: len(counts)])
-    cu = torch.tensor(counts).cumsum(0).to(torch.int32)
-    output = torch.full((sum(counts),), 99.0)
-    expand_kernel_impl(output, values, cu, -1, 7)
-    expected = torch.repeat_interleave(torch.where(values == -1, 7.0, values), torch.tensor(counts))
-    assert torch.equal(output, expected)
+    values = torch.tensor(values[: len(counts)], dtype=output_dtype)
+    cu = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(offsets_dtype)
+    output = torch.full((sum(counts) + 2,), 99, dtype=output_dtype)
+    expand_kernel_impl(output, values, cu, *replace)
+    expected = torch.repeat_interleave(torch.where(values == replace[0], replace[1], values), torch.tensor(counts, dtype=torch.int64))
+    assert torch.equal(output[: sum(counts)], expected.to(output_dtype)) and output[sum(counts):].eq(99).all()
 
 
 def _runner_for_spec_metadata():

@@ -309,7 +309,7 @@ class Acceptance:
 
     def observe(self, lengths, accepted) -> None:
         """Steady windows of `lengths` drafts that accepted `accepted` (lengths 0 are skipped)."""
-        if len(lengths) == 1:  # one request: `observe_window`, at a third of the cost
+        if len(lengths) == 1:  # one request: `observe_window`, at a quarter of the cost
             if lengths[0] > 0:
                 self.observe_window(int(lengths[0]), float(accepted[0]))
             return
@@ -333,8 +333,9 @@ class Acceptance:
 
     def observe_window(self, length: int, accepted: float) -> None:
         """`observe` of one window (length > 0), the same sums to the bit: at one request a step
-        has one window, and `observe`'s two dozen NumPy calls on arrays of one took some 40 us
-        of a 3-6 ms step (the digit model on 2 CPU cores)."""
+        has one window, and `observe`'s two dozen NumPy calls on arrays of one took 38 us of a
+        3-6 ms step, this 9 us (a loop of calls on the 2-core EPYC of benchmarks/README.md,
+        2026-12-07; the digit model's steps there in float32 held to AVX2)."""
         started = float(accepted > 0)
         f = self.forget
         self.measuring_steps[0, length] += 1

@@ -12,7 +12,8 @@ def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_t
     """`expand_kernel` of vllm/v1/sample/rejection_sampler.py, writing into `output` in its own
     dtype (arguments arrive positionally, in the Triton kernel's order).  On the host, in NumPy:
     the tensors are the CPU platform's, a few per request, and the same work in PyTorch's
-    operators cost 20 us a call (twice a step: temperature and top-k), in NumPy's 8."""
+    operators cost 20 us a call (twice a step: temperature and top-k), in NumPy's 8 (one request's
+    9 rows, timed in a loop on the 2-core EPYC of benchmarks/README.md, 2026-12-07)."""
     values = input_val.numpy()
     values = np.where(values == replace_from, replace_to, values)
     cu = cu_num_tokens.numpy()
