@@ -14,7 +14,8 @@ controller's timing: it holds the scheduler's and the output's work of the step 
 first step of each image (its prompt) left out; a mode's cost is the mean over its steps with
 exactly 1 + k positions (most of its steps: near an image's end a window is cut short).
 Per mode also the seconds and passes per image, and the speed-up against plain decoding.
-Writes <out>.json, <out>.md and <out>.png.  --dtype is the served dtype (vLLM's `dtype`; "auto":
+Writes <out>.json (per mode every image's seconds and passes, its steps' seconds as statistics),
+<out>.md and <out>.png.  --dtype is the served dtype (vLLM's `dtype`; "auto":
 bf16 where the CPU computes it natively); run under ATEN_CPU_CAPABILITY=avx2
 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 it is the cost of a CPU without AVX-512.
 """
@@ -44,7 +45,7 @@ CAPPED_ISA = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTI
 
 def measure(windows: list[int], rounds: int, model: str = str(DEFAULT_OUT), dtype: str = "auto") -> dict:
     """Per mode (0: plain decoding, k: windows of k): per image its seconds and passes, and the
-    seconds of its steps with 1 + k positions."""
+    statistics of its steps' seconds with 1 + k positions (`step_statistics`)."""
     from vllm import LLM
 
     llm = LLM(model, speculative_config={"method": "sjdpp", "num_speculative_tokens": MAX_WINDOW},
@@ -84,6 +85,8 @@ def measure(windows: list[int], rounds: int, model: str = str(DEFAULT_OUT), dtyp
                 for k in modes if (r + digit) % 2 == 0 else modes[::-1]:
                     one(digit, k)
                     bar.update()
+    for entry in result.values():
+        entry["step_seconds"] = step_statistics(entry["step_seconds"])
     config = llm.llm_engine.vllm_config.model_config
     return {
         "windows": windows, "rounds": rounds, "images": rounds * DIGITS,
@@ -93,15 +96,23 @@ def measure(windows: list[int], rounds: int, model: str = str(DEFAULT_OUT), dtyp
     }
 
 
+def step_statistics(seconds: list[float]) -> dict[str, float]:
+    """A mode's steps' seconds as the JSON keeps them: mean (what the tables and the simulated
+    engine read), median, 10th and 90th percentiles, and how many."""
+    x = np.asarray(seconds)
+    return {"mean": float(x.mean()), "median": float(np.median(x)), "p10": float(np.percentile(x, 10)),
+            "p90": float(np.percentile(x, 90)), "count": int(x.size)}
+
+
 def summary(result: dict) -> dict[int, dict[str, float]]:
     """Per mode: positions, seconds per step (mean) and relative to plain decoding's, seconds and
     passes per image, and the speed-up (plain's seconds per image over the mode's)."""
     modes = {int(k): v for k, v in result["modes"].items()}
-    plain_step = float(np.mean(modes[0]["step_seconds"]))
+    plain_step = modes[0]["step_seconds"]["mean"]
     plain_image = float(np.mean(modes[0]["image_seconds"]))
     return {
-        k: {"positions": 1 + k, "step_ms": 1e3 * float(np.mean(v["step_seconds"])),
-            "relative": float(np.mean(v["step_seconds"])) / plain_step, "steps_timed": len(v["step_seconds"]),
+        k: {"positions": 1 + k, "step_ms": 1e3 * v["step_seconds"]["mean"],
+            "relative": v["step_seconds"]["mean"] / plain_step, "steps_timed": v["step_seconds"]["count"],
             "image_s": float(np.mean(v["image_seconds"])), "passes": float(np.mean(v["passes"])),
             "speedup": plain_image / float(np.mean(v["image_seconds"]))}
         for k, v in sorted(modes.items())

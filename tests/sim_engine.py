@@ -202,8 +202,9 @@ def measured_profile(name: str, path: Path) -> Profile:
     if result["dtype"] != "float32":
         raise ValueError(f"{path} was served in {result['dtype']}; the profile pairs float32's acceptance")
     modes = result["modes"]
-    plain = np.mean(modes["0"]["step_seconds"])
-    points = tuple((1 + int(k), float(np.mean(v["step_seconds"]) / plain)) for k, v in sorted(modes.items(), key=lambda kv: int(kv[0])) if k != "0")
+    plain = modes["0"]["step_seconds"]["mean"]
+    points = tuple((1 + int(k), v["step_seconds"]["mean"] / plain) for k, v in sorted(modes.items(), key=lambda kv: int(kv[0]))
+                   if k != "0")
     return Profile(name, points[-1][1], drafts=DIGITS_FP32, measured=points)
 
 
