@@ -109,6 +109,24 @@ def window_lengths(parser: argparse.ArgumentParser, text: str, longest: int) -> 
     return windows
 
 
+def full_window_engine(model: str, window: int, dtype: str = "auto"):
+    """An in-process SJD++ engine on the digit model whose requests each set their own window
+    (`sjdpp_num_speculative_tokens`, up to `window`): no draft-token budget, the model's defaults
+    otherwise; served in `dtype` (vLLM's)."""
+    from vllm import LLM
+
+    llm = LLM(model, speculative_config={"method": "sjdpp", "num_speculative_tokens": window},
+              enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, max_num_seqs=64,
+              disable_log_stats=False, dtype=dtype)
+    runtime_of(llm).set_draft_token_budget(None)
+    return llm
+
+
+def served_dtype(llm) -> str:
+    """The dtype an in-process engine serves in, as the results name it ("float32", "bfloat16")."""
+    return str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
+
+
 def runtime_or_none(llm):
     """The in-process engine's SJD++ runtime, None for a plain engine."""
     try:

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
 
-from vllm_sjdpp.digits.tokens import GENERATED_LENGTH, ROW_WIDTH  # noqa: E402
+from vllm_sjdpp.digits.tokens import ROW_WIDTH  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
 from vllm_sjdpp.engine.runtime import runtime_of  # noqa: E402
 
@@ -41,13 +41,8 @@ MAX_WINDOW = 32
 def measure(windows: list[int], rounds: int, images: int, model: str = str(DEFAULT_OUT),
             dtype: str = "auto") -> dict:
     """Per window length: drafts tested and accepted, [column, slot], and drafts accepted per pass."""
-    from vllm import LLM
-
-    llm = LLM(model, speculative_config={"method": "sjdpp", "num_speculative_tokens": MAX_WINDOW},
-              enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, max_num_seqs=64,
-              disable_log_stats=False, dtype=dtype)
+    llm = bench_e2e.full_window_engine(model, MAX_WINDOW, dtype)
     runtime = runtime_of(llm)
-    runtime.set_draft_token_budget(None)
     shape = (len(windows), ROW_WIDTH, MAX_WINDOW + 1)
     tested, accepted = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
     tokens, passes = np.zeros(len(windows)), np.zeros(len(windows))
@@ -75,7 +70,7 @@ def measure(windows: list[int], rounds: int, images: int, model: str = str(DEFAU
             passes[i] += generated - taken
     return {
         "windows": windows, "images": rounds * images, "columns": ROW_WIDTH,
-        "dtype": str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch."),
+        "dtype": bench_e2e.served_dtype(llm),
         "tested": tested.tolist(), "accepted": accepted.tolist(),
         "drafts_per_pass": (tokens / passes - 1).tolist(),
     }

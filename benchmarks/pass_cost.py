@@ -34,9 +34,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402  (sets the in-process engine environment first)
 
-from vllm_sjdpp.digits.tokens import GENERATED_LENGTH  # noqa: E402
 from vllm_sjdpp.digits.train import DEFAULT_OUT  # noqa: E402
-from vllm_sjdpp.engine.runtime import runtime_of  # noqa: E402
 
 MAX_WINDOW = 32
 DIGITS = 10
@@ -46,12 +44,7 @@ CAPPED_ISA = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTI
 def measure(windows: list[int], rounds: int, model: str = str(DEFAULT_OUT), dtype: str = "auto") -> dict:
     """Per mode (0: plain decoding, k: windows of k): per image its seconds and passes, and the
     statistics of its steps' seconds with 1 + k positions (`step_statistics`)."""
-    from vllm import LLM
-
-    llm = LLM(model, speculative_config={"method": "sjdpp", "num_speculative_tokens": MAX_WINDOW},
-              enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, max_num_seqs=64,
-              disable_log_stats=False, dtype=dtype)
-    runtime_of(llm).set_draft_token_budget(None)
+    llm = bench_e2e.full_window_engine(model, MAX_WINDOW, dtype)
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     ends: list[tuple[float, int]] = []  # (the step's end, its positions)
     sample_tokens = runner.sample_tokens
@@ -87,10 +80,9 @@ def measure(windows: list[int], rounds: int, model: str = str(DEFAULT_OUT), dtyp
                     bar.update()
     for entry in result.values():
         entry["step_seconds"] = step_statistics(entry["step_seconds"])
-    config = llm.llm_engine.vllm_config.model_config
     return {
         "windows": windows, "rounds": rounds, "images": rounds * DIGITS,
-        "dtype": str(config.dtype).removeprefix("torch."),
+        "dtype": bench_e2e.served_dtype(llm),
         "isa_capped": {key: os.environ[key] for key in CAPPED_ISA if key in os.environ},
         "modes": {str(k): v for k, v in result.items()},
     }

@@ -133,7 +133,8 @@ class Drafts:
 
 DIGITS = Drafts("digits")
 # Fitted by `fit_drafts` to benchmarks/results/digits_acceptance_fp32.json (the digit model served
-# in float32, as on a CPU without native bf16): the profiles of CPUs in float32 accept so.
+# in float32, as on a CPU without native bf16): the measured float32 profile accepts so (the
+# linear ones keep `DIGITS`: test_goodput_sim.py says why).
 DIGITS_FP32 = Drafts(
     "digits-fp32",
     first=(0.641, 0.237, 0.222, 0.185, 0.207, 0.213, 0.211, 0.233, 0.239, 0.25, 0.275, 0.286, 0.262, 0.337, 0.361,

@@ -31,21 +31,21 @@ lengths with a factor for the distance from the window's end (0.85 to 0.90).  Th
 acceptance is held to the digit model's measured one.
 
 The measured profile, cpu-fp32-avx2 (`ONE_REQUEST_PROFILES`: the README's demo machine, its pass
-costs from benchmarks/pass_cost.py, its acceptance float32's), is a scenario at one request:
-the controller reaches 0.975 of the best fixed cap (13) on the test's seeds and 0.970 on seeds
-12 to 47 (a `/tmp` script, 2026-12-07; held, like every scenario at one request, to 8%).  It tells controllers apart less
-than the linear profiles: a step with drafts pays the SJD++ step once and little per position,
-so caps of 12 to 32 all come within 4% of the best (0.963, 0.972, 0.973, 0.968 at 12, 16, 24,
-32) and a controller holding full windows passes too (the linear-acceptance one: 0.976); it
-fails one that settles on short windows or none (0.848 at 8, 0.715 at 4, 0.578 without drafts).  Over the demo's own shape (ten
-images one at a time, each after a plain image of 273 windowless steps, one controller
-throughout, every step counted; seeds 0 to 11, a one-off script) the controller reaches 0.923
-of the best fixed cap (15; 0.878 over the first image, 0.89 to 0.955 over the others), where
-this test's window reads 0.975; the demo measured about 0.92 (below).  The linear profiles
-of CPUs in float32 keep `DIGITS`: paired with float32's acceptance (`DIGITS_FP32`), their
-one-request scenarios read 0.937, 0.920, 0.942 (cpu-fp32, -drift, -b; seeds 0 to 11) and 0.952,
-0.959, 0.950 (12 to 47), and with a companion 0.907, 0.883, 0.913 and 0.939, 0.899, 0.940:
-outside the 8% on the test's seeds, where `DIGITS` gives 0.92 or more.
+costs from benchmarks/pass_cost.py, its acceptance float32's), is a scenario at one request: the
+controller reaches 0.975 of the best fixed cap (13) on the test's seeds and 0.970 on seeds 12 to
+47 (a `/tmp` script, 2026-12-07; held, like every scenario at one request, to 8%).  It tells
+controllers apart less than the linear profiles: a step with drafts pays the SJD++ step once and
+little per position, so caps of 12 to 32 all come within 4% of the best (0.963, 0.972, 0.973,
+0.968 at 12, 16, 24, 32) and a controller holding full windows passes too (the linear-acceptance
+one: 0.976); it fails one that settles on short windows or none (0.848 at 8, 0.715 at 4, 0.578
+without drafts).  Over the demo's own shape (ten images one at a time, each after a plain image
+of 273 windowless steps, one controller throughout, every step counted; seeds 0 to 11, a one-off
+script) the controller reaches 0.923 of the best fixed cap (15; 0.878 over the first image, 0.89
+to 0.955 over the others), where this test's window reads 0.975; the demo measured about 0.92
+(below).  The linear profiles of CPUs in float32 keep `DIGITS`: paired with float32's acceptance
+(`DIGITS_FP32`), their one-request scenarios read 0.937, 0.920, 0.942 (cpu-fp32, -drift, -b;
+seeds 0 to 11) and 0.952, 0.959, 0.950 (12 to 47), and with a companion 0.907, 0.883, 0.913 and
+0.939, 0.899, 0.940: outside the 8% on the test's seeds, where `DIGITS` gives 0.92 or more.
 
 At one request this engine does not predict what a change does in the real one.  A length
 counted as measured only after 32 of its windows (74370f5, reverted) brought the controller
