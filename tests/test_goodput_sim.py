@@ -88,7 +88,8 @@ import pytest
 from sim_engine import (DIGITS, DIGITS_FP32, ONE_REQUEST_PROFILES, PROFILES, RANDOM, RESULTS, ROW, WINDOW, Clock, Drafts,
                         Profile, acceptance_by_slot, fixed_goodputs, run)
 
-from vllm_sjdpp.engine.goodput import REMEASURE_EVERY, TRIAL_MIN_BATCH, Acceptance, GoodputController, batch_bucket
+from vllm_sjdpp.engine.goodput import (PROBE_GAP, REMEASURE_EVERY, TRIAL_MIN_BATCH, Acceptance, GoodputController, Verdict,
+                                      batch_bucket)
 
 STEPS, START = 273, 137
 SEEDS = {1: 12, 32: 4, 16: 4}  # per number of requests: one request's streams vary most
@@ -367,3 +368,40 @@ def test_the_shortcut_while_no_drafts_stand_changes_no_decision(broken):
     else:
         assert not parted, parted
         assert taken >= 8_000, taken
+
+
+class LookingEveryStep(GoodputController):
+    """Broken re-timing look: while the choice's acceptance is unmeasured, due again at every step."""
+
+    def _reprobe(self, batch, wanted, pinned, copies, pinned_copies):
+        due = self._next_probe
+        cap = super()._reprobe(batch, wanted, pinned, copies, pinned_copies)
+        if cap is None and self.best and not self.acceptance.measured(min(self.best, int(wanted.max()))):
+            self._next_probe = due
+        return cap
+
+
+@pytest.mark.parametrize("make", [GoodputController, LookingEveryStep], ids=["controller", "looking-every-step"])
+def test_windowless_steps_take_the_shortcut_while_the_trials_hold_no_drafts(make):
+    """Where the trials hold no drafts, the model's choice does not run and its acceptance is
+    never measured, and re-timing waits for that measurement: the look for a probe must still
+    come only every PROBE_GAP steps, so that the steps between take `_holding_none`'s shortcut
+    (in a demo's ten images in flight, 647 of 1469 windowless steps went through `_cap` instead,
+    62 against 21 us each).  Set up after 600 steps at 10 requests on the bf16 profile, where no
+    drafts pay: the trials' limit of none standing, and the choice full windows, never run.
+    Broken variant: the look due again at every step (the shortcut is never taken)."""
+    controller = make(WINDOW, clock=Clock())
+    run(PROFILE["cpu-bf16-avx2"], 10, 600, 0, controller=controller)
+    controller._verdicts[batch_bucket(10)] = Verdict(limit=0, until=10**9, hold=256, held=0)
+    controller.best = WINDOW
+    assert not controller.acceptance.measured(WINDOW)
+    taken = []
+    own = controller._holding_none
+    controller._holding_none = lambda batch: taken.append(own(batch)) or taken[-1]
+    steps = 20 * PROBE_GAP
+    trace = run(PROFILE["cpu-bf16-avx2"], 10, steps, 1, controller=controller)
+    assert not any(trace.caps)
+    if make is GoodputController:
+        assert sum(taken) >= steps - steps // PROBE_GAP - 2, sum(taken)
+    else:
+        assert sum(taken) < steps // 2, sum(taken)
