@@ -20,7 +20,7 @@ def runs(full_pass_cost: float, full_passes: float = 91.0, auto_passes: float = 
     plain = gens(273, 0.9)  # 3.3 ms per pass
     second = "a" if same else "b"
     one = Run(1, plain, gens(auto_passes, 0.9 * auto_passes / 273 * 1.2, second), 9.0, 6.0)
-    many = Run(10, gens(273, 1.5), gens(260, 1.45), 4.5, 4.4)
+    many = Run(10, gens(273, 1.5), gens(260, 1.45), 4.5, 4.4, [(2.0, 2.2), (2.5, 2.2)])
     full = Run(1, plain, gens(full_passes, 0.9 / 273 * full_pass_cost * full_passes), 9.0, 9.0)
     return [one, many], full
 
@@ -36,6 +36,7 @@ def test_figures_come_from_the_runs():
     assert "cost 1.85x a plain one, so full windows would give 1.62x lower latency" in text
     assert "1.82x fewer forward passes" in text and "drafted 7.2 tokens per pass" in text
     assert "drafted 0.5 tokens per request-pass" in text
+    assert "Round by round: 0.91x, 1.14x" in text
     assert "cannot pay" not in text
     assert "every image here; the server's seed probe found a position's logits bit-identical" in text
 
@@ -46,6 +47,12 @@ def test_says_when_drafting_cannot_pay(cost):
     text = "\n".join(report([one, many], full, 32, MACHINE, {1: 0.0, 10: 0.0}, False))
     assert f"Drafting cannot pay on this machine: a drafted pass costs {cost:.2f}x a plain one and commits 3.00" in text
     assert "logits that depend on the shape of the pass" in text
+
+
+def test_one_round_gives_no_round_by_round_line():
+    (one, many), full = runs(full_pass_cost=1.85)
+    many.round_walls = [(4.5, 4.4)]
+    assert "Round by round" not in "\n".join(report([one, many], full, 32, MACHINE, {}, True))
 
 
 def test_different_images_are_reported():

@@ -16,8 +16,9 @@ once more, one at a time: their step compression, which does not depend on the m
 full pass costs here against a plain one. A seed names one image, so the decodings give the same
 PNGs; the picture puts them one above the other (plain on top, SJD++ below). Prints the CPU and the
 dtype the server ran in, forward passes per image (from the responses), latency, throughput and each
-ratio to plain decoding, the drafts per pass the controller chose (vLLM's /metrics) and the seed
-probe's verdict, all measured in this run, and says so where drafting cannot pay on this machine.
+ratio to plain decoding (at ten in flight also round by round: a 2-core machine's speed moves
+within a run), the drafts per pass the controller chose (vLLM's /metrics) and the seed probe's
+verdict, all measured in this run, and says so where drafting cannot pay on this machine.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import io
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,8 @@ class Run:
     sjdpp: list[Generation]
     plain_wall: float
     sjdpp_wall: float
+    # Per round, (plain, SJD++) wall seconds: how far single rounds' ratios scatter.
+    round_walls: list[tuple[float, float]] = field(default_factory=list)
 
     def passes(self, gens: list[Generation]) -> float:
         return sum(g.forward_passes for g in gens) / len(gens)
@@ -107,6 +110,10 @@ class Run:
 
     def throughput(self, gens: list[Generation], wall: float) -> float:
         return len(gens) / wall
+
+    def round_speeds(self) -> list[float]:
+        """Each round's SJD++ throughput against plain's in the same round (the same images)."""
+        return [plain / sjdpp for plain, sjdpp in self.round_walls]
 
 
 @dataclass
@@ -158,6 +165,9 @@ def report(runs: list[Run], full: Run, window: int, machine: Machine, drafts_per
         f"throughput of plain decoding; the controller drafted {drafts_per_pass.get(many.concurrency, 0.0):.1f} "
         f"tokens per request-pass.",
     ]
+    if len(many.round_walls) > 1:
+        lines.append(f"  Round by round: {', '.join(f'{r:.2f}x' for r in many.round_speeds())} (each round's SJD++ "
+                     f"images against the same images plain, run beside them).")
     if cost >= compression:
         lines.append(f"  Drafting cannot pay on this machine: a drafted pass costs {cost:.2f}x a plain one and commits "
                      f"{compression:.2f} tokens, so the controller keeps windows short or drafts nothing.")
@@ -207,21 +217,24 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
     for plain in (True, False):
         generate_digits(client, str(model), plain, args.seed, 1, args.guidance_scale, images=1)
     for concurrency, rounds, count in loads:
-        gens, walls, drafted, passes = {True: [], False: []}, {True: 0.0, False: 0.0}, 0.0, 0
+        gens, walls, drafted, passes, rounds_walls = {True: [], False: []}, {True: 0.0, False: 0.0}, 0.0, 0, []
         with tqdm(total=2 * count * rounds, unit="image", desc=f"plain and SJD++, {concurrency:>2} in flight") as bar:
             for r in range(rounds):
+                this_round = {}
                 for plain in abba(r, True, False):
                     before = None if plain else spec_draft_tokens(base)
                     made, wall = generate_digits(client, str(model), plain, args.seed, concurrency, args.guidance_scale,
                                                  progress=bar, images=count, first=r * count)
                     gens[plain] += made
                     walls[plain] += wall
+                    this_round[plain] = wall
                     if not plain:
                         drafted += spec_draft_tokens(base) - before
                         passes += sum(g.forward_passes for g in made)
                         identical = made[0].seed_identical
+                rounds_walls.append((this_round[True], this_round[False]))
         drafts[concurrency] = drafted / max(passes, 1)
-        runs.append(Run(concurrency, gens[True], gens[False], walls[True], walls[False]))
+        runs.append(Run(concurrency, gens[True], gens[False], walls[True], walls[False], rounds_walls))
     client.close()
     return runs, drafts, identical
 
