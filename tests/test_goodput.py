@@ -121,6 +121,12 @@ class TruncatedThroughItsOwnLength(Acceptance):
         self.cut[:, length] = self.cut[:, length] * self.forget + (1.0, float(accepted > 0), float(accepted))
 
 
+def same_sums(a: Acceptance, b: Acceptance) -> bool:
+    """Every sum an `Acceptance` keeps, and its curve, equal to the bit."""
+    sums = ("direct", "cut", "first", "measuring_steps")
+    return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in sums) and np.array_equal(a.expected(), b.expected())
+
+
 @pytest.mark.parametrize("acceptance_class", [Acceptance, TruncatedThroughItsOwnLength], ids=["one-window path", "broken"])
 def test_one_window_adds_what_a_batch_of_windows_adds(acceptance_class):
     """At one request `Acceptance.observe` takes its one-window path (`observe_window`); fed the
@@ -135,14 +141,10 @@ def test_one_window_adds_what_a_batch_of_windows_adds(acceptance_class):
         one.observe([length], [accepted])
         if length:
             batch._observe_mixed(np.array([length]), np.array([float(accepted)]), np.array([accepted > 0]))
-        if step % 100 == 99:
-            sums = ("direct", "cut", "first", "measuring_steps")
-            same = all(np.array_equal(getattr(one, k), getattr(batch, k)) for k in sums)
-            same = same and np.array_equal(one.expected(), batch.expected())
-            if acceptance_class is not Acceptance:
-                assert not same
-                return
-            assert same, step
+        if step % 100 == 99 and not same_sums(one, batch):
+            assert acceptance_class is not Acceptance, step
+            return
+    assert acceptance_class is Acceptance, "the broken variant went unnoticed"
 
 
 class ForgottenByPythonsPower(Acceptance):
@@ -183,14 +185,10 @@ def test_windows_of_one_length_add_what_windows_of_mixed_lengths_add(acceptance_
         accepted = np.where(rng.random(n) < 0.33, np.minimum(rng.geometric(0.3, size=n) - 1, length), 0).astype(float)
         one.observe([length] * n, accepted)
         mixed._observe_mixed(np.full(n, length), accepted, accepted > 0)
-        if step % 100 == 99:
-            sums = ("direct", "cut", "first", "measuring_steps")
-            same = all(np.array_equal(getattr(one, k), getattr(mixed, k)) for k in sums)
-            same = same and np.array_equal(one.expected(), mixed.expected())
-            if acceptance_class is not Acceptance:
-                assert not same
-                return
-            assert same, step
+        if step % 100 == 99 and not same_sums(one, mixed):
+            assert acceptance_class is not Acceptance, step
+            return
+    assert acceptance_class is Acceptance, "the broken variant went unnoticed"
 
 
 def test_beyond_the_longest_window_measured_a_flat_fit_is_not_extended_flat():
