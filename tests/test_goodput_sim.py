@@ -348,7 +348,7 @@ def test_the_shortcut_while_no_drafts_stand_changes_no_decision(broken):
     """`_holding_none` hands out, step for step, the caps `_cap` does and leaves the controller in
     the same state (every field but its clock and measurements, compared after every step): on
     every simulated machine profile, with the batch changing size, pinned windows and guidance
-    companions in turn (`SCHEDULE`, 2610 steps a profile), and it is taken (in 11,277 of the
+    companions in turn (`SCHEDULE`, 2610 steps a profile), and it is taken (in 11,273 of the
     15,660 steps; at least 8,000 asked).  Broken variants must part from `_cap` somewhere: the
     visit not counted (at once, in the visit counts), or the model's choice of none taken to
     stand at another batch size (back at 10 requests after 3 or after 32)."""
@@ -386,7 +386,7 @@ def test_windowless_steps_take_the_shortcut_while_the_trials_hold_no_drafts(make
     """Where the trials hold no drafts, the model's choice does not run and its acceptance is
     never measured, and re-timing waits for that measurement: the look for a probe must still
     come only every PROBE_GAP steps, so that the steps between take `_holding_none`'s shortcut
-    (in a demo's ten images in flight, 647 of 1469 windowless steps went through `_cap` instead,
+    (in a demo's ten images in flight, 647 of the 1469 windowless steps went through `_cap` instead,
     62 against 21 us each).  Set up after 600 steps at 10 requests on the bf16 profile, where no
     drafts pay: the trials' limit of none standing, and the choice full windows, never run.
     Broken variant: the look due again at every step (the shortcut is never taken)."""

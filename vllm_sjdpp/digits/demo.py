@@ -167,7 +167,7 @@ def report(runs: list[Run], full: Run, window: int, machine: Machine, drafts_per
     ]
     if len(many.round_walls) > 1:
         lines.append(f"  Round by round: {', '.join(f'{r:.2f}x' for r in many.round_speeds())} (each round's SJD++ "
-                     f"images against the same images plain, run beside them).")
+                     f"images against the same images plain, run just before or after them).")
     if cost >= compression:
         lines.append(f"  Drafting cannot pay on this machine: a drafted pass costs {cost:.2f}x a plain one and commits "
                      f"{compression:.2f} tokens, so the controller keeps windows short or drafts nothing.")
@@ -217,7 +217,7 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
     for plain in (True, False):
         generate_digits(client, str(model), plain, args.seed, 1, args.guidance_scale, images=1)
     for concurrency, rounds, count in loads:
-        gens, walls, drafted, passes, rounds_walls = {True: [], False: []}, {True: 0.0, False: 0.0}, 0.0, 0, []
+        gens, walls, drafted, passes, round_walls = {True: [], False: []}, {True: 0.0, False: 0.0}, 0.0, 0, []
         with tqdm(total=2 * count * rounds, unit="image", desc=f"plain and SJD++, {concurrency:>2} in flight") as bar:
             for r in range(rounds):
                 this_round = {}
@@ -232,9 +232,9 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
                         drafted += spec_draft_tokens(base) - before
                         passes += sum(g.forward_passes for g in made)
                         identical = made[0].seed_identical
-                rounds_walls.append((this_round[True], this_round[False]))
+                round_walls.append((this_round[True], this_round[False]))
         drafts[concurrency] = drafted / max(passes, 1)
-        runs.append(Run(concurrency, gens[True], gens[False], walls[True], walls[False], rounds_walls))
+        runs.append(Run(concurrency, gens[True], gens[False], walls[True], walls[False], round_walls))
     client.close()
     return runs, drafts, identical
 

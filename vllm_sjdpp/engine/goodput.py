@@ -345,9 +345,11 @@ class Acceptance:
         of 4 drafts: 42 us a call through `_observe_mixed`'s masks over every length, 21 us here
         (a loop of calls on the 2-core EPYC of benchmarks/README.md, 2026-12-07)."""
         n = len(accepted)
-        # Forgotten as `observe` forgets: `first` by Python's power, the per-length sums by
-        # NumPy's, which differ in the last bit for some n where NumPy has its own SIMD power.
-        f = self.forget**np.int64(n)
+        # Forgotten as `_observe_mixed` forgets: `first` by Python's power, the per-length sums by
+        # NumPy's over an array, which differs from Python's (and from NumPy's scalar power) in
+        # the last bit for some n where NumPy has its own SIMD power (n = 7, 23, 26, 28, ... on
+        # the 2-core EPYC of benchmarks/README.md).
+        f = float((self.forget ** np.array([n]))[0])
         num, starts = float(n), float(np.count_nonzero(started))
         self.measuring_steps[0, length] += 1
         self.measuring_steps[1, 1:length] += 1
@@ -884,7 +886,8 @@ class GoodputController:
             # steps, not at every step: where the trials hold no drafts, the choice does not run
             # and is never measured, and a look due at every step kept each windowless step off
             # `_holding_none` (62 against 21 us a step at 10 digit images in a server on 2 CPU
-            # cores, float32 held to AVX2; in 647 of 1469 steps of one demo's ten in flight).
+            # cores, float32 held to AVX2: 647 of the 1469 windowless steps of one demo's ten in
+            # flight).
             return None
         positions = self._positions(wanted, pinned, copies, pinned_copies)[1]
         top = len(positions) - 1
