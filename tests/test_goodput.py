@@ -148,23 +148,11 @@ def test_one_window_adds_what_the_mixed_path_adds(acceptance_class):
 
 
 class ForgottenByPythonsPower(Acceptance):
-    """Broken: windows of one length forget the per-length sums by Python's power, which differs
-    from NumPy's in the last bit for some batch sizes (7, 23, 26, 28, ... on the 2-core EPYC of
-    benchmarks/README.md, where NumPy has its own SIMD power)."""
+    """Broken: the per-length sums forgotten by Python's power, which differs from NumPy's over an
+    array in the last bit for some batch sizes (`Acceptance._forgetting`)."""
 
-    def _observe_windows_of(self, length, accepted, started):
-        n, f = len(accepted), self.forget ** len(accepted)
-        starts = float(np.count_nonzero(started))
-        self.measuring_steps[0, length] += 1
-        self.measuring_steps[1, 1:length] += 1
-        self.first = f * self.first + (float(n), starts)
-        self.direct[:, length] = self.direct[:, length] * f + (float(n), starts, accepted.sum())
-        cut = self.cut[:, 1:length]
-        cut *= f
-        cut[0] += n
-        cut[1] += starts
-        cut[2] += np.minimum(accepted[:, None], self._sizes[1:length]).sum(0)
-        self._expected = None
+    def _forgetting(self, counts):
+        return np.array([self.forget ** int(c) for c in np.asarray(counts).ravel()])
 
 
 @pytest.mark.parametrize("acceptance_class", [Acceptance, ForgottenByPythonsPower], ids=["one-length path", "broken"])

@@ -336,6 +336,13 @@ def lockstep(controllers, profile: Profile, schedule, seed: int = 0):
     return None, None
 
 
+def shortcuts_taken(controller) -> list[bool]:
+    """From now on, whether each call of the controller's `_holding_none` took the shortcut."""
+    taken, own = [], controller._holding_none
+    controller._holding_none = lambda batch: taken.append(own(batch)) or taken[-1]
+    return taken
+
+
 # Requests at 10, a drop to 3 (below the trials' batch sizes) and back, pinned windows for a
 # while, guidance companions, 32 requests: the shortcut's conditions met and unmet in turn.
 SCHEDULE = [(10, 700, 0, False), (3, 150, 0, False), (10, 400, 0, False), (10, 60, 1, False),
@@ -356,9 +363,7 @@ def test_the_shortcut_while_no_drafts_stand_changes_no_decision(broken):
     for profile in PROFILES:
         shortcut = (broken or GoodputController)(WINDOW, clock=Clock())
         full = WithoutShortcut(WINDOW, clock=shortcut.clock)
-        hits = []
-        own = shortcut._holding_none
-        shortcut._holding_none = lambda batch, own=own, hits=hits: hits.append(own(batch)) or hits[-1]
+        hits = shortcuts_taken(shortcut)
         step, _ = lockstep([shortcut, full], profile, SCHEDULE)
         taken += sum(hits)
         if step is not None:
@@ -386,8 +391,8 @@ def test_windowless_steps_take_the_shortcut_while_the_trials_hold_no_drafts(make
     """Where the trials hold no drafts, the model's choice does not run and its acceptance is
     never measured, and re-timing waits for that measurement: the look for a probe must still
     come only every PROBE_GAP steps, so that the steps between take `_holding_none`'s shortcut
-    (in a demo's ten images in flight, 647 of the 1469 windowless steps went through `_cap` instead,
-    62 against 21 us each).  Set up after 600 steps at 10 requests on the bf16 profile, where no
+    (in a demo's ten images in flight, 647 of the 1469 windowless steps went through `_cap`
+    instead, 62 against 21 us each).  Set up after 600 steps at 10 requests on the bf16 profile, where no
     drafts pay: the trials' limit of none standing, and the choice full windows, never run.
     Broken variant: the look due again at every step (the shortcut is never taken)."""
     controller = make(WINDOW, clock=Clock())
@@ -395,9 +400,7 @@ def test_windowless_steps_take_the_shortcut_while_the_trials_hold_no_drafts(make
     controller._verdicts[batch_bucket(10)] = Verdict(limit=0, until=10**9, hold=256, held=0)
     controller.best = WINDOW
     assert not controller.acceptance.measured(WINDOW)
-    taken = []
-    own = controller._holding_none
-    controller._holding_none = lambda batch: taken.append(own(batch)) or taken[-1]
+    taken = shortcuts_taken(controller)
     steps = 20 * PROBE_GAP
     trace = run(PROFILE["cpu-bf16-avx2"], 10, steps, 1, controller=controller)
     assert not any(trace.caps)

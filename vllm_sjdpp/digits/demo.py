@@ -217,7 +217,7 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
     for plain in (True, False):
         generate_digits(client, str(model), plain, args.seed, 1, args.guidance_scale, images=1)
     for concurrency, rounds, count in loads:
-        gens, walls, drafted, passes, round_walls = {True: [], False: []}, {True: 0.0, False: 0.0}, 0.0, 0, []
+        gens, drafted, passes, round_walls = {True: [], False: []}, 0.0, 0, []
         with tqdm(total=2 * count * rounds, unit="image", desc=f"plain and SJD++, {concurrency:>2} in flight") as bar:
             for r in range(rounds):
                 this_round = {}
@@ -226,7 +226,6 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
                     made, wall = generate_digits(client, str(model), plain, args.seed, concurrency, args.guidance_scale,
                                                  progress=bar, images=count, first=r * count)
                     gens[plain] += made
-                    walls[plain] += wall
                     this_round[plain] = wall
                     if not plain:
                         drafted += spec_draft_tokens(base) - before
@@ -234,7 +233,8 @@ def measure(base: str, model: Path, args, loads) -> tuple[list[Run], dict[int, f
                         identical = made[0].seed_identical
                 round_walls.append((this_round[True], this_round[False]))
         drafts[concurrency] = drafted / max(passes, 1)
-        runs.append(Run(concurrency, gens[True], gens[False], walls[True], walls[False], round_walls))
+        plain_wall, sjdpp_wall = (sum(walls) for walls in zip(*round_walls))
+        runs.append(Run(concurrency, gens[True], gens[False], plain_wall, sjdpp_wall, round_walls))
     client.close()
     return runs, drafts, identical
 

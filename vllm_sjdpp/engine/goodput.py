@@ -334,9 +334,17 @@ class Acceptance:
         cut = np.minimum(accepted[:, None], size)
         for sums, mask, x in ((self.direct, own, accepted[:, None]), (self.cut, shorter, cut)):
             counts = mask.sum(0)
-            sums *= self.forget**counts
+            sums *= self._forgetting(counts)
             sums += (counts, (mask & started[:, None]).sum(0), np.where(mask, x, 0.0).sum(0))
         self._expected = None
+
+    def _forgetting(self, counts: np.ndarray) -> np.ndarray:
+        """What the per-length sums are multiplied by after `counts` more windows of each length:
+        NumPy's power over an array, in both paths (it differs from Python's, and from NumPy's
+        scalar power, in the last bit for some counts where NumPy has its own SIMD power: 7, 23,
+        26, 28, ... on the 2-core EPYC of benchmarks/README.md; `first` is forgotten by Python's
+        power in both)."""
+        return self.forget ** np.asarray(counts)
 
     def _observe_windows_of(self, length: int, accepted: np.ndarray, started: np.ndarray) -> None:
         """`observe` of windows that all have `length` drafts (> 0; at a steady batch every
@@ -345,11 +353,7 @@ class Acceptance:
         of 4 drafts: 42 us a call through `_observe_mixed`'s masks over every length, 21 us here
         (a loop of calls on the 2-core EPYC of benchmarks/README.md, 2026-12-07)."""
         n = len(accepted)
-        # Forgotten as `_observe_mixed` forgets: `first` by Python's power, the per-length sums by
-        # NumPy's over an array, which differs from Python's (and from NumPy's scalar power) in
-        # the last bit for some n where NumPy has its own SIMD power (n = 7, 23, 26, 28, ... on
-        # the 2-core EPYC of benchmarks/README.md).
-        f = float((self.forget ** np.array([n]))[0])
+        f = float(self._forgetting(np.array([n]))[0])
         num, starts = float(n), float(np.count_nonzero(started))
         self.measuring_steps[0, length] += 1
         self.measuring_steps[1, 1:length] += 1
