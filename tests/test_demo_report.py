@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from vllm_sjdpp.bench import in_flight
-from vllm_sjdpp.digits.demo import Generation, Machine, Run, report
+from sim_engine import PROFILES, WINDOW, Clock, run
+
+from vllm_sjdpp.digits.demo import BatchCosts, Generation, Machine, Run, controller_costs, report
+from vllm_sjdpp.engine.goodput import GoodputController
 
 
 def gens(passes: float, seconds: float, png: str = "a") -> list[Generation]:
@@ -58,6 +61,50 @@ def test_one_round_gives_no_round_by_round_line():
 def test_different_images_are_reported():
     (one, many), full = runs(full_pass_cost=1.5, same=False)
     assert "NOT every image here" in "\n".join(report([one, many], full, 32, MACHINE, {}, None))
+
+
+COSTS = BatchCosts(10, {9: 0.011, 10: 0.012}, {20: 0.018, 30: 0.02}, {1: 0.29, 14: 2.4})
+
+
+def test_says_what_the_controller_measured_where_it_drafted_little():
+    (one, many), full = runs(full_pass_cost=1.85)
+    text = "\n".join(report([one, many], full, 32, MACHINE, {1: 14.2, 10: 0.1}, True, COSTS))
+    assert ("The controller drafted little at 10 in flight: it measured a pass of 10 requests at 0.012 s without "
+            "drafts and 0.018 s with 1 draft a request (1.50x), and windows of 1 draft accepted 0.29; so SJD++ ran "
+            "nearly as plain decoding does.") in text
+    unmeasured = BatchCosts(10, {10: 0.012}, {40: 0.024}, {1: 0.29})  # 3 drafts a request, windows of 3 unmeasured
+    text = "\n".join(report([one, many], full, 32, MACHINE, {1: 14.2, 10: 0.1}, True, unmeasured))
+    assert "and 0.024 s with 3 drafts a request (2.00x); so SJD++" in text
+    text = "\n".join(report([one, many], full, 32, MACHINE, {1: 14.2, 10: 0.1}, True, None))
+    assert "The controller drafted little at 10 in flight; so SJD++ ran nearly as plain decoding does." in text
+    assert "drafted little" not in "\n".join(report([one, many], full, 32, MACHINE, {1: 14.2, 10: 2.0}, True, COSTS))
+
+
+def test_reads_the_controllers_log_line(tmp_path):
+    """`controller_costs` reads what `GoodputController.summary` writes (the runtime's periodic
+    log line), at the batch size asked for: a controller run for 300 steps at 10 requests of the
+    simulated engine (cpu-fp32 profile), its summary in a log between lines of other batch sizes
+    and one at 10 requests before any drafted pass was timed."""
+    controller = GoodputController(WINDOW, clock=Clock())
+    run(PROFILES[0], 10, 300, 0, controller=controller)
+    prefix = "(Worker pid=1) INFO 12-07 18:14:52 [runtime.py:74] SJD++: 2718 request-steps, ...; state: 1 requests; "
+    log = tmp_path / "vllm-serve-0.log"
+    log.write_text("\n".join([
+        prefix + "pass s by positions at 1 requests, no drafts: 1: 0.0064; with drafts: 2: 0.011, 33: 0.017; "
+                 "drafts accepted by window length: 11: 1.4, 32: 1.9; cap 17",
+        prefix + controller.summary(),
+        prefix + "pass s by positions at 10 requests, no drafts: 10: 0.01; with drafts: not measured yet; drafts "
+                 "accepted by window length: not measured yet; cap 0",
+    ]) + "\n")
+    costs = controller_costs(log, 10)
+    for measured, drafted in ((costs.plain, False), (costs.drafted, True)):
+        xs, ys = controller.cost.curve(10, drafted).points()
+        assert set(measured) <= set(np.round(xs).astype(int).tolist())
+        assert [float(f"{y:.2g}") for x, y in zip(xs, ys) if round(x) in measured] == list(measured.values())
+    lengths, means = controller.acceptance.means()
+    assert costs.accepted and all(float(f"{m:.2g}") == costs.accepted[L] for L, m in zip(lengths.tolist(), means)
+                                  if L in costs.accepted)
+    assert controller_costs(log, 3) is None
 
 
 def rounds_of(request, count: int, concurrency: int) -> list:

@@ -129,12 +129,56 @@ class Machine:
         return f"{self.cpu} ({bf16}), the model in {self.dtype}"
 
 
+@dataclass
+class BatchCosts:
+    """What the goodput controller measured at one batch size, from its last periodic log line
+    there (`GoodputController.summary`): pass seconds by positions without and with drafts, and
+    drafts accepted by window length."""
+
+    requests: int
+    plain: dict[int, float]
+    drafted: dict[int, float]
+    accepted: dict[int, float]
+
+    def plain_seconds(self) -> float:
+        """A pass without drafts: at one position a request (or the most positions measured)."""
+        return self.plain.get(self.requests, self.plain[max(self.plain)])
+
+    def cheapest_drafted(self) -> tuple[float, float, float, float | None]:
+        """The drafted pass of fewest positions: its drafts a request, its seconds, its cost
+        against a pass without drafts, and what windows of that many drafts accepted (None: not
+        measured)."""
+        positions = min(self.drafted)
+        drafts = (positions - self.requests) / self.requests
+        seconds = self.drafted[positions]
+        return drafts, seconds, seconds / self.plain_seconds(), self.accepted.get(round(drafts))
+
+
+def controller_costs(log_path: Path, requests: int) -> BatchCosts | None:
+    """`BatchCosts` at `requests` requests from the server's log: its last summary there that
+    measured passes both without and with drafts; None where none did."""
+    import re
+
+    pairs = lambda text: {int(k): float(v) for k, v in (item.split(": ") for item in text.split(", "))}  # noqa: E731
+    found = re.findall(rf"pass s by positions at {requests} requests, no drafts: ([^;]*); with drafts: ([^;]*); "
+                       r"drafts accepted by window length: ([^;]*); cap", log_path.read_text(errors="replace"))
+    for plain, drafted, accepted in reversed(found):
+        if "not measured" not in plain + drafted:
+            return BatchCosts(requests, pairs(plain), pairs(drafted), {} if "not measured" in accepted else pairs(accepted))
+    return None
+
+
+LITTLE_DRAFTING = 1.0  # drafts per request-pass below which the report says what the controller measured at that load
+
+
 def report(runs: list[Run], full: Run, window: int, machine: Machine, drafts_per_pass: dict[int, float],
-           seed_identical: bool | None) -> list[str]:
+           seed_identical: bool | None, costs: BatchCosts | None = None) -> list[str]:
     """What the demo prints, every figure measured in this run: passes, latency at one image in
     flight and throughput at ten against plain decoding under "auto"; the step compression of full
     windows (a property of the model and the method, not of the machine) and what such a pass
-    cost here against a plain one; the drafts the controller chose; whether drafting can pay."""
+    cost here against a plain one; the drafts the controller chose; whether drafting can pay; and
+    where the controller drafted little at ten in flight, what it measured there (`costs`, from
+    the server's log), so that a ratio near 1 reads as what it is."""
     lines = [f"measured on {machine.describe()}",
              f"{'load':<20} {'mode':<12} {'passes/image':>12} {'s/image':>8} {'images/s':>8}  same PNG as plain"]
     for run, label in ((runs[0], "SJD++ auto"), (runs[1], "SJD++ auto"), (full, f"SJD++ k={window}")):
@@ -168,6 +212,17 @@ def report(runs: list[Run], full: Run, window: int, machine: Machine, drafts_per
     if len(many.round_walls) > 1:
         lines.append(f"  Round by round: {', '.join(f'{r:.2f}x' for r in many.round_speeds())} (each round's SJD++ "
                      f"images against the same images plain, run just before or after them).")
+    if drafts_per_pass.get(many.concurrency, 0.0) < LITTLE_DRAFTING:
+        measured = ""
+        if costs is not None:
+            drafts, seconds, dearer, accepted = costs.cheapest_drafted()
+            plural = lambda n: f"{n:.2g} draft{'' if n == 1 else 's'}"  # noqa: E731
+            measured = (f": it measured a pass of {costs.requests} requests at {costs.plain_seconds():.2g} s without "
+                        f"drafts and {seconds:.2g} s with {plural(drafts)} a request ({dearer:.2f}x)")
+            if accepted is not None:
+                measured += f", and windows of {plural(round(drafts))} accepted {accepted:.2f}"
+        lines.append(f"  The controller drafted little at {many.concurrency} in flight{measured}; so SJD++ ran nearly "
+                     f"as plain decoding does.")
     if cost >= compression:
         lines.append(f"  Drafting cannot pay on this machine: a drafted pass costs {cost:.2f}x a plain one and commits "
                      f"{compression:.2f} tokens, so the controller keeps windows short or drafts nothing.")
@@ -288,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
           f"SJD++ (bottom row), guidance scale {scale}")
     window = args.spec_config.get("num_speculative_tokens", SJDPPConfig().num_speculative_tokens)
     measured_on = Machine(machine.cpu_name(), machine.native_bf16(), served_dtype(log_dir / "vllm-serve-0.log"))
-    print("\n".join(report(runs, full[0], window, measured_on, drafts, identical)))
+    costs = controller_costs(log_dir / "vllm-serve-0.log", runs[1].concurrency)
+    print("\n".join(report(runs, full[0], window, measured_on, drafts, identical, costs)))
 
 
 if __name__ == "__main__":
