@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bench import abba, in_flight
-from ..config import SJDPPConfig
+from ..config import AUTO, SJDPPConfig
 from ..serving.server import vllm_server
 from .tokens import GENERATED_LENGTH, to_png
 from .train import DEFAULT_OUT
@@ -131,44 +131,64 @@ class Machine:
 
 @dataclass
 class BatchCosts:
-    """What the goodput controller measured at one batch size, from its last periodic log line
-    there (`GoodputController.summary`): pass seconds by positions without and with drafts, and
-    drafts accepted by window length."""
+    """What the goodput controller measured, from its last periodic log line at one batch size
+    (`GoodputController.summary`): pass seconds by positions at that batch size without and with
+    drafts, and drafts accepted by window length (over every load)."""
 
     requests: int
     plain: dict[int, float]
     drafted: dict[int, float]
     accepted: dict[int, float]
 
-    def plain_seconds(self) -> float:
-        """A pass without drafts: at one position a request (or the most positions measured)."""
-        return self.plain.get(self.requests, self.plain[max(self.plain)])
-
-    def cheapest_drafted(self) -> tuple[float, float, float, float | None]:
-        """The drafted pass of fewest positions: its drafts a request, its seconds, its cost
-        against a pass without drafts, and what windows of that many drafts accepted (None: not
-        measured)."""
+    def sentence(self) -> str:
+        """The pass without drafts (at one position a request, or the most measured) against the
+        drafted pass of fewest positions, and what the shortest windows measured accepted."""
+        plain = self.plain.get(self.requests, self.plain[max(self.plain)])
         positions = min(self.drafted)
-        drafts = (positions - self.requests) / self.requests
-        seconds = self.drafted[positions]
-        return drafts, seconds, seconds / self.plain_seconds(), self.accepted.get(round(drafts))
+        out = (f"it measured a pass of its {self.requests} requests at {plain:.2g} s without drafts and a drafted one "
+               f"of {positions} positions at {self.drafted[positions]:.2g} s ({self.drafted[positions] / plain:.1f}x)")
+        if self.accepted:
+            length = min(self.accepted)
+            out += (f", and windows of {length} draft{'' if length == 1 else 's'} accepted "
+                    f"{self.accepted[length]:.2g} drafts on average")
+        return out
+
+
+def _pairs(text: str) -> dict[int, float]:
+    """The pairs of a summary's curve, "9: 0.011, 10: 0.012" as {9: 0.011, 10: 0.012}; ValueError
+    where the text is not such pairs ("not measured yet", a line cut short)."""
+    pairs = {int(k): float(v) for k, v in (item.split(": ") for item in text.split(", "))}
+    if not pairs:
+        raise ValueError(text)
+    return pairs
 
 
 def controller_costs(log_path: Path, requests: int) -> BatchCosts | None:
     """`BatchCosts` at `requests` requests from the server's log: its last summary there that
-    measured passes both without and with drafts; None where none did."""
+    measured passes both without and with drafts; None where none did (or none reads as such)."""
     import re
 
-    pairs = lambda text: {int(k): float(v) for k, v in (item.split(": ") for item in text.split(", "))}  # noqa: E731
     found = re.findall(rf"pass s by positions at {requests} requests, no drafts: ([^;]*); with drafts: ([^;]*); "
                        r"drafts accepted by window length: ([^;]*); cap", log_path.read_text(errors="replace"))
     for plain, drafted, accepted in reversed(found):
-        if "not measured" not in plain + drafted:
-            return BatchCosts(requests, pairs(plain), pairs(drafted), {} if "not measured" in accepted else pairs(accepted))
+        try:
+            return BatchCosts(requests, _pairs(plain), _pairs(drafted), {} if "not measured" in accepted else _pairs(accepted))
+        except ValueError:  # "not measured yet", or a line cut short: an earlier one may serve
+            continue
     return None
 
 
 LITTLE_DRAFTING = 1.0  # drafts per request-pass below which the report says what the controller measured at that load
+
+
+def little_drafting(concurrency: int, drafted: float | None, costs: BatchCosts | None) -> list[str]:
+    """Where the controller (`costs`: read only where "auto" ran) drafted less than
+    LITTLE_DRAFTING a request-pass at `concurrency`, what it measured there: so that a ratio near
+    1 reads as SJD++ running as plain decoding does, not as a loss or a gain of the method."""
+    if costs is None or drafted is None or drafted >= LITTLE_DRAFTING:
+        return []
+    return [f"  The controller drafted little at {concurrency} in flight: {costs.sentence()}; so SJD++ ran nearly as "
+            f"plain decoding does."]
 
 
 def report(runs: list[Run], full: Run, window: int, machine: Machine, drafts_per_pass: dict[int, float],
@@ -212,17 +232,7 @@ def report(runs: list[Run], full: Run, window: int, machine: Machine, drafts_per
     if len(many.round_walls) > 1:
         lines.append(f"  Round by round: {', '.join(f'{r:.2f}x' for r in many.round_speeds())} (each round's SJD++ "
                      f"images against the same images plain, run just before or after them).")
-    if drafts_per_pass.get(many.concurrency, 0.0) < LITTLE_DRAFTING:
-        measured = ""
-        if costs is not None:
-            drafts, seconds, dearer, accepted = costs.cheapest_drafted()
-            plural = lambda n: f"{n:.2g} draft{'' if n == 1 else 's'}"  # noqa: E731
-            measured = (f": it measured a pass of {costs.requests} requests at {costs.plain_seconds():.2g} s without "
-                        f"drafts and {seconds:.2g} s with {plural(drafts)} a request ({dearer:.2f}x)")
-            if accepted is not None:
-                measured += f", and windows of {plural(round(drafts))} accepted {accepted:.2f}"
-        lines.append(f"  The controller drafted little at {many.concurrency} in flight{measured}; so SJD++ ran nearly "
-                     f"as plain decoding does.")
+    lines += little_drafting(many.concurrency, drafts_per_pass.get(many.concurrency), costs)
     if cost >= compression:
         lines.append(f"  Drafting cannot pay on this machine: a drafted pass costs {cost:.2f}x a plain one and commits "
                      f"{compression:.2f} tokens, so the controller keeps windows short or drafts nothing.")
@@ -343,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
           f"SJD++ (bottom row), guidance scale {scale}")
     window = args.spec_config.get("num_speculative_tokens", SJDPPConfig().num_speculative_tokens)
     measured_on = Machine(machine.cpu_name(), machine.native_bf16(), served_dtype(log_dir / "vllm-serve-0.log"))
-    costs = controller_costs(log_dir / "vllm-serve-0.log", runs[1].concurrency)
+    auto = args.spec_config.get("draft_token_budget", AUTO) == AUTO
+    costs = controller_costs(log_dir / "vllm-serve-0.log", runs[1].concurrency) if auto else None
     print("\n".join(report(runs, full[0], window, measured_on, drafts, identical, costs)))
 
 
