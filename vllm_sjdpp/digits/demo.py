@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bench import abba, in_flight
-from ..config import AUTO, SJDPPConfig
+from ..config import SJDPPConfig
 from ..serving.server import vllm_server
 from .tokens import GENERATED_LENGTH, to_png
 from .train import DEFAULT_OUT
@@ -145,8 +145,9 @@ class BatchCosts:
         drafted pass of fewest positions, and what the shortest windows measured accepted."""
         plain = self.plain.get(self.requests, self.plain[max(self.plain)])
         positions = min(self.drafted)
+        seconds = self.drafted[positions]
         out = (f"it measured a pass of its {self.requests} requests at {plain:.2g} s without drafts and a drafted one "
-               f"of {positions} positions at {self.drafted[positions]:.2g} s ({self.drafted[positions] / plain:.1f}x)")
+               f"of {positions} positions at {seconds:.2g} s ({seconds / plain:.1f}x)")
         if self.accepted:
             length = min(self.accepted)
             out += (f", and windows of {length} draft{'' if length == 1 else 's'} accepted "
@@ -182,9 +183,10 @@ LITTLE_DRAFTING = 1.0  # drafts per request-pass below which the report says wha
 
 
 def little_drafting(concurrency: int, drafted: float | None, costs: BatchCosts | None) -> list[str]:
-    """Where the controller (`costs`: read only where "auto" ran) drafted less than
-    LITTLE_DRAFTING a request-pass at `concurrency`, what it measured there: so that a ratio near
-    1 reads as SJD++ running as plain decoding does, not as a loss or a gain of the method."""
+    """Where the controller drafted less than LITTLE_DRAFTING a request-pass at `concurrency`,
+    what it measured there (`costs`: from its log line, which the runtime writes only under
+    "auto", so a server of another budget gives None and no line): so that a ratio near 1 reads
+    as SJD++ running as plain decoding does, not as a loss or a gain of the method."""
     if costs is None or drafted is None or drafted >= LITTLE_DRAFTING:
         return []
     return [f"  The controller drafted little at {concurrency} in flight: {costs.sentence()}; so SJD++ ran nearly as "
@@ -353,8 +355,7 @@ def main(argv: list[str] | None = None) -> None:
           f"SJD++ (bottom row), guidance scale {scale}")
     window = args.spec_config.get("num_speculative_tokens", SJDPPConfig().num_speculative_tokens)
     measured_on = Machine(machine.cpu_name(), machine.native_bf16(), served_dtype(log_dir / "vllm-serve-0.log"))
-    auto = args.spec_config.get("draft_token_budget", AUTO) == AUTO
-    costs = controller_costs(log_dir / "vllm-serve-0.log", runs[1].concurrency) if auto else None
+    costs = controller_costs(log_dir / "vllm-serve-0.log", runs[1].concurrency)
     print("\n".join(report(runs, full[0], window, measured_on, drafts, identical, costs)))
 
 
