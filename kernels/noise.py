@@ -69,13 +69,19 @@ def row_keys(keys: np.ndarray, positions: np.ndarray, salt: int | np.ndarray = S
     return a, b
 
 
-def keyed_exponentials_numpy(a: np.ndarray, b: np.ndarray, vocab_size: int) -> np.ndarray:
-    """The reference: [R, V] float32 Exp(1) for rows keyed (a, b)."""
-    v = np.arange(vocab_size, dtype=np.uint32)
+def exponentials_at(a: np.ndarray, b: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """The reference, element by element: float32 Exp(1) E(v) of the rows keyed (a, b) at tokens
+    v (uint32 a, b and integer tokens of one broadcast shape)."""
     with np.errstate(over="ignore"):
-        h = _mix_numpy(_mix_numpy(v[None, :] + a[:, None].astype(np.uint32)) ^ b[:, None].astype(np.uint32))
+        h = _mix_numpy(_mix_numpy(np.asarray(tokens).astype(np.uint32) + np.asarray(a, dtype=np.uint32))
+                       ^ np.asarray(b, dtype=np.uint32))
     u = ((h >> np.uint32(8)).astype(np.float64) + 0.5) * _SCALE
     return (-np.log(u)).astype(np.float32)
+
+
+def keyed_exponentials_numpy(a: np.ndarray, b: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The reference: [R, V] float32 Exp(1) for rows keyed (a, b)."""
+    return exponentials_at(np.asarray(a)[:, None], np.asarray(b)[:, None], np.arange(vocab_size, dtype=np.uint32)[None, :])
 
 
 def keyed_uniforms(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -52,7 +52,9 @@ Gumbel-coupled step reads the device once, for the winners and argmaxes, and wri
 vocabulary rows (residual, race, q write), is the row pass with implementations that must agree
 exactly: `row_pass_torch` (CPU: eager PyTorch for small steps, the same code fused by
 TorchInductor for large ones) and `row_pass_triton` (CUDA: one fused kernel, each probability
-row read once and each q row written once). `backend=` or the environment variable
+row read once and each q row written once).  On CPU a batch keyed throughout (Gumbel coupling,
+the default) is raced on the host where a token can win instead (`keyed_race`: the same winners,
+its noise never computed densely). `backend=` or the environment variable
 SJDPP_STEP_BACKEND picks one: torch | inductor | triton.
 """
 
@@ -69,7 +71,8 @@ import torch
 
 from .fresh import FreshTokens, fill_fresh_tokens
 from .host import INDUCTOR_MIN_ELEMENTS, fetch, host_array, send, upload
-from .noise import SALT_FRESH, SALT_RACE, keyed_exponentials, keyed_uniforms, request_key, row_keys
+from .keyed_race import KeyedRows
+from .noise import SALT_FRESH, SALT_RACE, keyed_uniforms, request_key, row_keys
 
 REUSE_NONE, REUSE_COUPLED, REUSE_CONFIDENCE = 0, 1, 2
 REUSE_CODES = {"none": REUSE_NONE, "coupled": REUSE_COUPLED, "confidence": REUSE_CONFIDENCE}
@@ -104,11 +107,41 @@ class StepBatch:
 
 @dataclass
 class StepNoise:
-    """The step's randomness, supplied by the caller so that backends and seeds are comparable."""
+    """The step's randomness, supplied by the caller so that backends and seeds are comparable.
+
+    Where every row is keyed by position (`keyed`), `exponentials` may be None: on CPU the step
+    races keyed rows only where a token can win (`KeyedRows.race`), and `race_noise()` computes
+    the dense rows for a reader that needs them."""
 
     uniforms: torch.Tensor  # [T + B] float32 in [0, 1): one per target row
-    exponentials: torch.Tensor  # [T + B, V] float32 Exp(1), > 0: one race per target row
+    exponentials: torch.Tensor | None  # [T + B, V] float32 Exp(1), > 0: one race per target row
     fresh_uniforms: torch.Tensor | np.ndarray  # [T'] float32 in [0, 1): one per next-window slot
+    keyed: KeyedRows | None = None  # every row's key, where every row is keyed
+
+    def __post_init__(self):
+        if self.exponentials is None and self.keyed is None:
+            raise ValueError("StepNoise needs its exponentials or the keys that give them")
+
+    def race_noise(self) -> torch.Tensor:
+        """The [T + B, V] exponentials, computed from the keys on first call where not given."""
+        if self.exponentials is None:
+            self.exponentials = self.keyed.exponentials()
+        return self.exponentials
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, vocabulary) of the race noise, without computing it."""
+        if self.exponentials is None:
+            return (self.keyed.a.size, self.keyed.vocab_size)
+        return tuple(self.exponentials.shape)
+
+    def to(self, device: torch.device | str) -> "StepNoise":
+        """The same noise with its tensors on `device` (keyed rows not computed yet are computed
+        there when read)."""
+        device = torch.device(device)
+        move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        keyed = None if self.keyed is None else dataclasses.replace(self.keyed, device=device)
+        return StepNoise(move(self.uniforms), move(self.exponentials), move(self.fresh_uniforms), keyed)
 
     @classmethod
     def sample(
@@ -140,6 +173,7 @@ class StepNoise:
           uniforms, in that order, in place (its draws do not depend on the rest of the batch);
         - otherwise the global generator."""
         keys = keys or {}
+        device = torch.device(device)
         f32 = dict(dtype=torch.float32, device=device)
         num_rows, num_slots = sum(rows_per_request), sum(slots_per_request)
         row_end = list(itertools.accumulate(rows_per_request))
@@ -175,17 +209,18 @@ class StepNoise:
             position = np.repeat(first - np.cumsum([0] + counts[:-1]), counts) + np.arange(sum(counts))
             salt = np.repeat(np.array([SALT_RACE, SALT_FRESH], dtype=np.uint32), [keyed_rows, sum(counts) - keyed_rows])
             a, b = row_keys(np.tile(request_keys, 2).repeat(counts), position, salt)
-            keyed = keyed_exponentials(a[:keyed_rows], b[:keyed_rows], vocab_size, device)
+            keyed = KeyedRows(a[:keyed_rows], b[:keyed_rows], vocab_size, device)
             keyed_fresh = keyed_uniforms(a[keyed_rows:], b[keyed_rows:])
             if race is None:
-                race, fresh = keyed, keyed_fresh  # the slot uniforms stay on the host, where the plan reads them
-            else:
-                row_index = np.concatenate([np.arange(num_rows)[rows_of(i)] for i in requests])
-                slot_index = np.concatenate([np.arange(num_slots)[slots_of(i)] for i in requests])
-                row_index_t, slot_index_t = upload(row_index, slot_index, device=race.device)
-                race[row_index_t] = keyed
-                uniforms[row_index_t] = 0.5  # Gumbel verification reads none
-                fresh[slot_index_t] = torch.from_numpy(keyed_fresh).to(fresh.device, non_blocking=True)
+                # The slot uniforms stay on the host, where the plan reads them; on CPU the race
+                # noise is computed where the step needs it (`KeyedRows.race`), on CUDA now.
+                return cls(uniforms, None if device.type == "cpu" else keyed.exponentials(), keyed_fresh, keyed)
+            row_index = np.concatenate([np.arange(num_rows)[rows_of(i)] for i in requests])
+            slot_index = np.concatenate([np.arange(num_slots)[slots_of(i)] for i in requests])
+            row_index_t, slot_index_t = upload(row_index, slot_index, device=race.device)
+            race[row_index_t] = keyed.exponentials()
+            uniforms[row_index_t] = 0.5  # Gumbel verification reads none
+            fresh[slot_index_t] = torch.from_numpy(keyed_fresh).to(fresh.device, non_blocking=True)
         return cls(uniforms, race, fresh)
 
 
@@ -309,7 +344,7 @@ def sjdpp_step(
             f"target_probs has {num_rows} rows; expected drafts + requests = "
             f"{num_drafts_total} + {num_reqs}"
         )
-    if noise.exponentials.shape != p.shape or noise.uniforms.numel() != num_rows:
+    if noise.shape != tuple(p.shape) or noise.uniforms.numel() != num_rows:
         raise ValueError("noise does not match target_probs")
     arange_rows = np.arange(num_rows)
 
@@ -355,11 +390,14 @@ def sjdpp_step(
     reads: dict[str, torch.Tensor] = {}
     if greedy.any():
         reads["argmax"] = p.argmax(-1)
-    if race_rows.size:
+    keyed_winners = None
+    if race_all and noise.keyed is not None and (backend or default_backend(device, p.numel())) != "triton":
+        keyed_winners = noise.keyed.race(p)  # on the host, where a token can win; None: not here
+    if race_rows.size and keyed_winners is None:
         rows_t = torch.arange(num_rows, device=device) if race_all else next(uploaded)
         none = torch.full_like(rows_t, -1)
         reads["winner"] = _row_pass(backend, device, p.numel())(
-            target_probs=p, draft_probs=None, exponentials=noise.exponentials, rows=rows_t,
+            target_probs=p, draft_probs=None, exponentials=noise.race_noise(), rows=rows_t,
             subtract_draft_row=none, subtract_onehot=none, draw=torch.ones_like(rows_t, dtype=torch.bool),
             q_dest=none, next_probs=p[:0],
         )
@@ -381,7 +419,7 @@ def sjdpp_step(
 
     argmax = fetched.get("argmax", np.zeros(num_rows, dtype=np.int64))
     winner = np.zeros(num_rows, dtype=np.int64)
-    winner[race_rows] = fetched.get("winner", winner[race_rows])
+    winner[race_rows] = keyed_winners if keyed_winners is not None else fetched.get("winner", winner[race_rows])
     p_d = fetched.get("p_d", np.zeros(num_rows, dtype=np.float32))
     q_d = np.where(onehot, 1.0, fetched["q_d"]) if "q_d" in fetched else np.ones(num_rows, dtype=np.float32)
     ratio_pass = ratio & (fetched["uniforms"] * q_d < p_d) if ratio.any() else np.zeros(num_rows, dtype=bool)
@@ -424,7 +462,7 @@ def sjdpp_step(
             draw[rows], np.where(write_q, q_dest, -1)[rows], device=device,
         )
         raced = _row_pass(backend, device, p.numel())(
-            target_probs=p, draft_probs=batch.draft_probs, exponentials=noise.exponentials, rows=rows_t,
+            target_probs=p, draft_probs=batch.draft_probs, exponentials=noise.race_noise(), rows=rows_t,
             subtract_draft_row=subtract_draft_row, subtract_onehot=subtract_onehot, draw=draw_t, q_dest=q_dest_t,
             next_probs=next_probs,
         )

@@ -89,7 +89,7 @@ def test_a_keyed_steps_fresh_slots_are_keyed_by_their_own_salt():
                           np.concatenate([at(i, n) for i, n in enumerate(rows)]))
     fresh = noise.row_keys(np.concatenate([key_of(i, n) for i, n in enumerate(slots)]),
                            np.concatenate([at(i, n) for i, n in enumerate(slots)]), noise.SALT_FRESH)
-    assert np.array_equal(noise_.exponentials.numpy(), noise.keyed_exponentials_numpy(*race, 50))
+    assert np.array_equal(noise_.race_noise().numpy(), noise.keyed_exponentials_numpy(*race, 50))
     assert np.array_equal(np.asarray(noise_.fresh_uniforms), noise.keyed_uniforms(*fresh))
     both = noise.row_keys(np.concatenate([key_of(0, 4), key_of(2, 4)]), np.arange(8),
                           np.repeat(np.array([noise.SALT_RACE, noise.SALT_FRESH], dtype=np.uint32), 4))

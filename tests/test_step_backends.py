@@ -21,7 +21,9 @@ DEVICE_FIELDS = {"target_probs", "draft_probs", "uniforms", "exponentials", "fre
 
 
 def _to_device(obj):
-    """A step input dataclass with its device tensors moved to DEVICE."""
+    """A step input with its device tensors moved to DEVICE."""
+    if isinstance(obj, StepNoise):
+        return obj.to(DEVICE)
     moved = {
         f.name: getattr(obj, f.name).to(DEVICE)
         for f in dataclasses.fields(obj)
@@ -84,8 +86,8 @@ def _case(num_drafts, vocab, pattern, dtype, seed, gumbel="none"):
     if keys:  # the Gumbel requests' rows race position-keyed noise
         keyed = StepNoise.sample_per_request((nd + 1).tolist(), next_len.tolist(), vocab, {}, keys=keys)
         is_keyed = batch.gumbel[torch.repeat_interleave(torch.arange(b), nd + 1)]
-        noise = dataclasses.replace(
-            noise, exponentials=torch.where(is_keyed[:, None], keyed.exponentials, noise.exponentials)
+        noise = keyed if gumbel == "all" else dataclasses.replace(  # "all": keyed as the engine keys a batch
+            noise, exponentials=torch.where(is_keyed[:, None], keyed.race_noise(), noise.exponentials)
         )
     history = torch.randint(0, vocab, (b, 6), generator=g)
     fresh = FreshTokens.build(
@@ -101,7 +103,7 @@ def _case(num_drafts, vocab, pattern, dtype, seed, gumbel="none"):
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("backend", ["inductor", "torch"])
-@pytest.mark.parametrize("gumbel", ["none", "mixed"])
+@pytest.mark.parametrize("gumbel", ["none", "mixed", "all"])
 def test_backends_equal_triton(backend, name, dtype, seed, gumbel):
     batch, noise, fresh = _case(*CASES[name], dtype, seed, gumbel)
     ref = sjdpp_step(batch, noise, fresh, backend="triton")

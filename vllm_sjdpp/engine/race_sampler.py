@@ -7,8 +7,9 @@ image whether SJD++ drafts for it, is disabled for it (`sjdpp_disable`), or is n
 all.  vLLM's processing (allowed tokens, penalties, temperature, top-k, top-p) runs as it is;
 only the draw of the keyed rows is replaced, through vLLM's own `sample_with_exponential_noise`
 (probabilities divided by the noise, argmax: the float operations of our row pass, so both give
-the same token for the same probabilities).  A step without keyed rows keeps vLLM's draw untouched (its fused Gumbel-max on
-CPU, FlashInfer on CUDA).
+the same token for the same probabilities), or on CPU, where every row is keyed, by the race over
+the tokens a row can draw (`kernels.keyed_race`: the same winners).  A step without keyed rows
+keeps vLLM's draw untouched (its fused Gumbel-max on CPU, FlashInfer on CUDA).
 
 `install` puts it on a runner: every SJD++ runner, and the runners of the guided architectures
 this plugin registers; plain text models served without SJD++ keep vLLM's sampler.  On a guided
@@ -27,7 +28,8 @@ from torch import nn
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p, sample_with_exponential_noise
 
 from ..kernels.host import upload
-from ..kernels.noise import keyed_exponentials, request_key, row_keys
+from ..kernels.keyed_race import KeyedRows
+from ..kernels.noise import request_key, row_keys
 
 
 class KeyedRaceTopKTopP(nn.Module):
@@ -72,19 +74,22 @@ class KeyedRaceTopKTopP(nn.Module):
             else None
         )
         probs = logits.softmax(dim=-1, dtype=torch.float32)
+        rows = sorted(keyed)
+        keys = np.array([request_key(keyed[i][0]) for i in rows], dtype=np.uint64)
+        positions = np.array([keyed[i][1] for i in rows], dtype=np.int64)
+        keyed_rows = KeyedRows(*row_keys(keys, positions), probs.shape[1], probs.device)
+        if len(keyed) == probs.shape[0]:  # every row keyed: on CPU, raced where a token can win
+            winners = keyed_rows.race(probs)
+            if winners is not None:
+                return torch.from_numpy(winners), processed
         noise = torch.empty_like(probs)
         if len(keyed) < probs.shape[0]:
             noise.exponential_()
             for i, generator in generators.items():
                 if i not in keyed:
                     noise[i].exponential_(generator=generator)
-        rows = sorted(keyed)
-        keys = np.array([request_key(keyed[i][0]) for i in rows], dtype=np.uint64)
-        positions = np.array([keyed[i][1] for i in rows], dtype=np.int64)
         (rows_t,) = upload(np.array(rows, dtype=np.int64), device=probs.device)
-        noise[rows_t] = keyed_exponentials(
-            *row_keys(keys, positions), probs.shape[1], probs.device
-        )
+        noise[rows_t] = keyed_rows.exponentials()
         return sample_with_exponential_noise(probs, noise), processed
 
 
