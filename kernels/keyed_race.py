@@ -13,9 +13,11 @@ the host, with the dense race's float32 division, so it returns the dense race's
 them (the ratio test, Triton).  Timed against the dense noise and row pass as a CPU step runs them
 (one thread, as vLLM's CPU worker runs; the 2-core EPYC with AVX2 only, 2026-12-07, a one-off
 script): the digit model's 33 rows of a full window 0.13 against 0.56 ms, 80 rows 0.27 against
-0.74 ms; Emu3's 16 rows under top-k 2048 16 against 52 ms, 128 rows 94 against 514 ms; with
-half of a row positive the dense race is faster (65536 tokens: 20 against 33 ms), hence
-MAX_SUPPORT.
+0.74 ms; Emu3's 16 rows under top-k 2048 16 against 52 ms, 128 rows 94 against 514 ms.  With
+half of each row positive the dense race is the faster (16 rows of 65536 tokens: dense 20 ms,
+here 33 ms), hence MAX_SUPPORT.  E is the NumPy reference's (`noise.exponentials_at`), as small
+blocks' dense noise on CPU is; TorchInductor's, which large blocks' used, agrees with it except
+where a value sits within 2^-52 of a float32 rounding midpoint (`noise.py`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ import torch
 from .noise import exponentials_at, keyed_exponentials
 
 
-# Beyond this fraction of the rows' elements, the dense race: NumPy's element-by-element passes
-# over the support cost more than TorchInductor's one fused pass over the rows, and hold some 40
-# bytes per element of the support (indices, hashes, float64 uniforms) where the dense noise holds
-# 4 (the step's memory reserve, engine/step_memory.py, counts the dense noise).
-MAX_SUPPORT = 1 / 8
+# Beyond this fraction of the rows' elements, the dense race.  The passes here hold some 60 bytes
+# per element of the support at once (indices, hashes, float64 uniforms; tracemalloc at Emu3's
+# vocabulary), so at a sixteenth of the rows they hold what the dense noise would (4.25 bytes per
+# row element against 4): the step's memory reserve (engine/step_memory.py) counts the dense noise.
+MAX_SUPPORT = 1 / 16
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,14 @@ class KeyedRows:
 
     def race(self, probs: torch.Tensor) -> np.ndarray | None:
         """int64 [R]: each row's race winner over probs ([R, V] float32 on the CPU), the noise
-        computed only where probs > 0.  None where the rows are not on the CPU or a row has no
-        positive probability (a row of NaN): the caller races densely, as before."""
+        computed only where probs > 0.  None where the rows are not on the CPU, hold a NaN (the
+        dense race picks it) or have no positive probability, or where more than MAX_SUPPORT of
+        them is positive: the caller races densely."""
         if probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.shape != (self.a.size, self.vocab_size):
             return None
-        p = probs.numpy()
+        p = probs.detach().numpy()
         support = p > 0
-        if np.count_nonzero(support) > support.size * MAX_SUPPORT:
+        if np.count_nonzero(support) > support.size * MAX_SUPPORT or np.isnan(p).any():
             return None
         rows, tokens = np.nonzero(support)
         counts = np.bincount(rows, minlength=p.shape[0])
@@ -68,4 +71,4 @@ class KeyedRows:
         best = np.repeat(np.maximum.reduceat(score, starts), counts)
         # The first best token of each row (rows are in order, tokens ascending within a row).
         first = np.minimum.reduceat(np.where(score == best, np.arange(score.size), score.size), starts)
-        return tokens[first].astype(np.int64)
+        return tokens[first].astype(np.int64, copy=False)

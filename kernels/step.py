@@ -123,10 +123,8 @@ class StepNoise:
             raise ValueError("StepNoise needs its exponentials or the keys that give them")
 
     def race_noise(self) -> torch.Tensor:
-        """The [T + B, V] exponentials, computed from the keys on first call where not given."""
-        if self.exponentials is None:
-            self.exponentials = self.keyed.exponentials()
-        return self.exponentials
+        """The [T + B, V] exponentials: as given, or computed from the keys (at each call)."""
+        return self.keyed.exponentials() if self.exponentials is None else self.exponentials
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -391,7 +389,7 @@ def sjdpp_step(
     if greedy.any():
         reads["argmax"] = p.argmax(-1)
     keyed_winners = None
-    if race_all and noise.keyed is not None and (backend or default_backend(device, p.numel())) != "triton":
+    if race_all and noise.exponentials is None and (backend or default_backend(device, p.numel())) != "triton":
         keyed_winners = noise.keyed.race(p)  # on the host, where a token can win; None: not here
     if race_rows.size and keyed_winners is None:
         rows_t = torch.arange(num_rows, device=device) if race_all else next(uploaded)

@@ -23,15 +23,15 @@ def rows_keyed(num_rows: int, seed: int) -> KeyedRows:
 
 
 def cut_rows(num_rows: int, seed: int) -> torch.Tensor:
-    """Softmax rows with zeros as vLLM's processing leaves them: top-k 1, 11 and 30 (-inf outside
+    """Softmax rows with zeros as vLLM's processing leaves them: top-k 1, 11 and 20 (-inf outside
     the k largest), a token range (an allowed-token constraint), and top-p 0.5."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(num_rows, VOCAB, generator=g) * 3
     kind = torch.arange(num_rows) % 5
-    for i, k in ((0, 1), (1, 11), (2, 30)):
+    for i, k in ((0, 1), (1, 11), (2, 20)):
         kth = logits.topk(k, -1).values[:, -1:]
         logits = torch.where((kind == i)[:, None] & (logits < kth), -torch.inf, logits)
-    logits[kind == 3, : VOCAB - VOCAB // 4] = -torch.inf
+    logits[kind == 3, : VOCAB - VOCAB // 8] = -torch.inf
     sorted_p, order = logits.softmax(-1).sort(-1, descending=True)
     outside = sorted_p.cumsum(-1) - sorted_p > 0.5
     top_p = torch.zeros_like(outside).scatter(-1, order, outside)
@@ -105,8 +105,8 @@ def test_the_race_where_a_token_can_win_gives_the_dense_races_winners(seed):
     assert winners is not None and winners.dtype == np.int64
     assert np.array_equal(winners, dense_vllm(probs, keyed))
     assert np.array_equal(winners, dense_row_pass(probs, keyed))
-    # Rows of one, eleven, thirty tokens, a range, top-p: every kind of row is raced here.
-    assert (probs[:5] > 0).sum(-1).tolist()[:3] == [1, 11, 30]
+    # Rows of one, eleven, twenty tokens, a range, top-p: every kind of row is raced here.
+    assert (probs[:5] > 0).sum(-1).tolist()[:3] == [1, 11, 20]
 
 
 def test_ties_go_to_the_lowest_token_as_in_the_dense_race():
@@ -144,9 +144,10 @@ def test_dense_where_the_race_cannot_run_here():
     assert keyed.race(probs[:7]) is None
 
 
-def test_a_keyed_step_on_cpu_races_without_the_dense_noise():
+def test_a_keyed_step_on_cpu_races_without_the_dense_noise(monkeypatch):
     """`StepNoise.sample_per_request` keys every row of an all-keyed batch without computing its
-    rows on CPU; the step then commits what it commits over the dense noise."""
+    rows on CPU, and the step never computes them; it commits what it commits over the dense
+    noise (request 2 drafts the race's winners: all accepted)."""
     from vllm_sjdpp.kernels import FreshTokens, StepBatch, StepNoise, sjdpp_step
 
     counts = [3, 0, 5]
@@ -155,16 +156,50 @@ def test_a_keyed_step_on_cpu_races_without_the_dense_noise():
     keys = {i: (100 + i, 20) for i in range(3)}
     keyed = StepNoise.sample_per_request([c + 1 for c in counts], [4, 4, 4], VOCAB, {}, keys=keys)
     assert keyed.exponentials is None and keyed.shape == (rows, VOCAB)
-    dense = StepNoise(keyed.uniforms, keyed.race_noise().clone(), keyed.fresh_uniforms)
-    keyed = StepNoise.sample_per_request([c + 1 for c in counts], [4, 4, 4], VOCAB, {}, keys=keys)
-    drafts = np.random.default_rng(0).integers(0, VOCAB, sum(counts))
+    dense = StepNoise(keyed.uniforms, keyed.race_noise(), keyed.fresh_uniforms)
+    winners = (probs / dense.exponentials).argmax(-1).numpy()
+    drafts = np.concatenate([np.random.default_rng(0).integers(0, VOCAB, 3), winners[5:10]])
     batch = StepBatch(
         cu_num_draft_tokens=np.cumsum(counts), target_probs=probs, draft_token_ids=drafts, draft_probs=None,
         draft_is_onehot=np.ones(sum(counts), bool), greedy=np.zeros(3, bool), reuse=np.ones(3, np.int64),
         threshold=np.zeros(3, np.float32), next_window_len=np.full(3, 4), gumbel=np.ones(3, bool),
     )
     fresh = FreshTokens.build(["random"] * 3, [range(VOCAB)] * 3, np.zeros((3, 1), np.int64))
-    out, ref = sjdpp_step(batch, keyed, fresh, backend="torch"), sjdpp_step(batch, dense, fresh, backend="torch")
-    assert keyed.exponentials is None  # never computed
+    ref = sjdpp_step(batch, dense, fresh, backend="torch")
+
+    def computed(self):
+        raise AssertionError("the keyed step computed its dense noise")
+
+    monkeypatch.setattr(KeyedRows, "exponentials", computed)
+    out = sjdpp_step(batch, keyed, fresh, backend="torch")
+    assert out.num_accepted.tolist()[2] == 5
     assert torch.equal(out.output_token_ids, ref.output_token_ids)
     assert torch.equal(out.next_draft_token_ids, ref.next_draft_token_ids)
+
+
+def test_the_race_sampler_draws_the_dense_races_tokens_where_every_row_is_keyed():
+    """vLLM's draw with every row keyed (the race sampler of a windowless step): top-k 11 over the
+    digit model's vocabulary, the race where a token can win against the same call forced dense
+    (MAX_SUPPORT 0: vLLM's `sample_with_exponential_noise` over the dense rows) and against the
+    reference race; the processed logprobs are the same either way."""
+    from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+
+    from vllm_sjdpp.engine.race_sampler import KeyedRaceTopKTopP
+
+    logits = torch.randn(12, VOCAB, generator=torch.Generator().manual_seed(3)) * 3
+    keys = {i: (50 + i, 9 + 3 * i) for i in range(12)}
+    inner = TopKTopPSampler(logprobs_mode="processed_logprobs")
+    sampler = KeyedRaceTopKTopP(inner, lambda n: keys)
+    k = torch.full((12,), 11)
+    tokens, processed = sampler(logits.clone(), {}, k, None)
+    keyed_race.MAX_SUPPORT, kept = 0.0, keyed_race.MAX_SUPPORT
+    try:
+        dense_tokens, dense_processed = sampler(logits.clone(), {}, k, None)
+    finally:
+        keyed_race.MAX_SUPPORT = kept
+    assert torch.equal(tokens, dense_tokens) and tokens.dtype == dense_tokens.dtype == torch.int64
+    assert torch.equal(processed, dense_processed)
+    rows = KeyedRows(*noise.row_keys(np.array([noise.request_key(50 + i) for i in range(12)], dtype=np.uint64),
+                                     9 + 3 * np.arange(12)), VOCAB, torch.device("cpu"))
+    kth = logits.topk(11, -1).values[:, -1:]
+    assert np.array_equal(tokens.numpy(), dense_vllm(logits.masked_fill(logits < kth, -torch.inf).softmax(-1), rows))
