@@ -28,7 +28,8 @@ from vllm_sjdpp.provenance import provenance
 SHAPES = [  # (label, rows, vocabulary, tokens kept per row)
     ("digits, 1 request", 33, 274, 11), ("digits, 10 requests", 80, 274, 11),
     ("Lumina-mGPT, 16 rows", 16, 65536, 2000), ("Emu3, 16 rows", 16, 184622, 2048),
-    ("Emu3 visual tokens, 16 rows", 16, 184622, 32768), ("half positive", 16, 65536, 32768),
+    ("Emu3 visual tokens, 16 rows", 16, 184622, 32768), ("Emu3 visual tokens, 128 rows", 128, 184622, 32768),
+    ("half positive", 16, 65536, 32768),
 ]
 
 

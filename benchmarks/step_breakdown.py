@@ -1,11 +1,12 @@
 """Where an engine step's time goes: plain decoding against SJD++, in milliseconds per step.
 
-    python benchmarks/step_breakdown.py [--concurrency 1] [--budget null] [--seconds 15]
+    python benchmarks/step_breakdown.py [--concurrency 1] [--budget null] [--seconds 15] [--compiled]
                                         [--out benchmarks/results/step_breakdown.json]
 
 Two in-process engines, one after the other (plain, then SJD++ with k = 32 and the given
 draft-token budget: null for full windows, a number, or "auto"), each generating digit images
-`concurrency` at a time for `seconds` after two untimed batches.  Methods of vLLM's model runner
+`concurrency` at a time for `seconds` after two untimed batches; eager, or with --compiled the
+forward compiled as `vllm serve` runs it.  Methods of vLLM's model runner
 and of the SJD++ sampler are wrapped with `perf_counter`; each row is the time spent inside one
 method divided by the engine steps, so nested rows add up within their parent.  Wrappers rather
 than a sampling profiler: py-spy, at 200 Hz on two cores, gave one of these methods 20 times the
@@ -47,6 +48,7 @@ SAMPLER_ROWS = [
     ("sjdpp_step", "`sjdpp_step`"),
     ("_plain_decoding_step", "windowless steps (vLLM's sampler)"),
     ("plan", "the plan (windows chosen)"),
+    ("sample_per_request", "the noise (`StepNoise.sample_per_request`)"),
 ]
 
 
@@ -94,6 +96,8 @@ def measure(llm, concurrency: int, seconds: float) -> dict[str, float]:
             timers.wrap(sampler, name)
         timers.wrap(runtime, "plan")
         timers.wrap(sampler_module, "sjdpp_step")
+        original_noise = sampler_module.StepNoise.__dict__["sample_per_request"]  # the classmethod
+        timers.wrap(sampler_module.StepNoise, "sample_per_request")
     try:
         for _ in range(2):
             bench_auto.timed(llm, concurrency)
@@ -105,6 +109,8 @@ def measure(llm, concurrency: int, seconds: float) -> dict[str, float]:
         wall = time.perf_counter() - start
     finally:
         sampler_module.sjdpp_step = original_step
+        if runtime is not None:
+            sampler_module.StepNoise.sample_per_request = original_noise
     per_step = {key: 1e3 * value / steps["n"] for key, value in timers.seconds.items()}
     per_step["whole step"] = 1e3 * wall / steps["n"]
     per_step["steps"] = steps["n"]
@@ -134,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--budget", default="null", help='null (full windows), a number, or "auto"')
     ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--compiled", action="store_true", help="compile the forward, as vllm serve does")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/step_breakdown.json"))
     args = ap.parse_args(argv)
     started = provenance()
     budget = None if args.budget == "null" else args.budget if args.budget == "auto" else int(args.budget)
 
-    engine = dict(enforce_eager=True, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False,
+    engine = dict(enforce_eager=not args.compiled, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False,
                   max_num_seqs=64)
     results = {}
     for name, spec in (("plain", None), ("sjdpp", {"method": "sjdpp", "num_speculative_tokens": 32,
@@ -149,10 +156,12 @@ def main(argv: list[str] | None = None) -> None:
         del llm
     label = "full windows" if budget is None else f"budget {budget}"
     table = markdown(results["plain"], results["sjdpp"], label)
-    print(f"\n{args.concurrency} concurrent images, k = 32, {args.seconds:.0f} s each\n")
+    print(f"\n{args.concurrency} concurrent images, k = 32, {args.seconds:.0f} s each, "
+          f"{'compiled' if args.compiled else 'eager'}\n")
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"concurrency": args.concurrency, "budget": budget, "window": 32,
+                                    "compiled": args.compiled,
                                     "seconds": args.seconds, "ms_per_step": results, "provenance": started},
                                    indent=1))
     args.out.with_suffix(".md").write_text(table + "\n")

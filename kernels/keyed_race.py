@@ -10,14 +10,15 @@ top-k or an allowed-token constraint most of a row is such tokens (the digit mod
 hashes the whole row.  `KeyedRows.race` evaluates E only on the support of each row, in NumPy on
 the host, with the dense race's float32 division, so it returns the dense race's winners exactly
 (tests/test_keyed_race.py); `KeyedRows.exponentials` gives the dense rows where a caller needs
-them (the ratio test, Triton).  Timed against the dense noise and row pass as a CPU step runs them
-(one thread, as vLLM's CPU worker runs; the 2-core EPYC with AVX2 only, 2026-12-07, a one-off
-script): the digit model's 33 rows of a full window 0.13 against 0.56 ms, 80 rows 0.27 against
-0.74 ms; Emu3's 16 rows under top-k 2048 16 against 52 ms, 128 rows 94 against 514 ms.  With
-half of each row positive the dense race is the faster (16 rows of 65536 tokens: dense 20 ms,
-here 33 ms), hence MAX_SUPPORT.  E is the NumPy reference's (`noise.exponentials_at`), as small
-blocks' dense noise on CPU is; TorchInductor's, which large blocks' used, agrees with it except
-where a value sits within 2^-52 of a float32 rounding midpoint (`noise.py`).
+them (the ratio test, Triton).  `benchmarks/bench_keyed_race.py` times both as a CPU step runs
+them (one thread; results/keyed_race.md, the 2-core EPYC with AVX2 only, 2026-12-07): the digit
+model's 33 rows of a full window 0.20 against 0.56 ms, Lumina-mGPT's 16 rows under top-k 2000
+5.3 against 19 ms, Emu3's under top-k 2048 20 against 62 ms, and over its 32768 visual tokens
+36 against 63 ms.  Where half of a row is positive, the dense race is the faster (16 rows of
+65536 tokens: dense 20 ms, here 33 ms in a one-off run), hence MAX_SUPPORT.  E is the NumPy
+reference's (`noise.exponentials_at`), as small blocks' dense noise on CPU is; TorchInductor's,
+which large blocks' used, agrees with it except where a value sits within 2^-52 of a float32
+rounding midpoint (`noise.py`).
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ import torch
 from .noise import exponentials_at, keyed_exponentials
 
 
-# Beyond this fraction of the rows' elements, the dense race.  The passes here hold some 60 bytes
-# per element of the support at once (indices, hashes, float64 uniforms; tracemalloc at Emu3's
-# vocabulary), so at a sixteenth of the rows they hold what the dense noise would (4.25 bytes per
-# row element against 4): the step's memory reserve (engine/step_memory.py) counts the dense noise.
-MAX_SUPPORT = 1 / 16
+# Beyond this fraction of the rows' elements positive, the dense race: TorchInductor's one fused
+# pass over whole rows costs less than NumPy's passes over the support (about equal at a quarter).
+MAX_SUPPORT = 1 / 4
+# Rows are raced in chunks of at most this many elements: the passes over a chunk's support hold
+# some 60 bytes per supported element at once (indices, hashes, float64 uniforms), at most 16 MB,
+# beside the support's mask (a byte per element): for Emu3's 128 rows 23 MiB in all under top-k
+# 2048, 31 MiB over its 32768 visual tokens (tracemalloc), where their dense noise takes 90 (the
+# step's memory reserve, engine/step_memory.py, counts the dense noise).
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -59,16 +64,30 @@ class KeyedRows:
         if probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.shape != (self.a.size, self.vocab_size):
             return None
         p = probs.detach().numpy()
+        if np.isnan(p).any():
+            return None
         support = p > 0
-        if np.count_nonzero(support) > support.size * MAX_SUPPORT or np.isnan(p).any():
+        if np.count_nonzero(support) > support.size * MAX_SUPPORT:
             return None
-        rows, tokens = np.nonzero(support)
-        counts = np.bincount(rows, minlength=p.shape[0])
-        if not counts.all():
-            return None
-        score = p[rows, tokens] / exponentials_at(self.a[rows], self.b[rows], tokens)
-        starts = np.cumsum(counts) - counts
-        best = np.repeat(np.maximum.reduceat(score, starts), counts)
-        # The first best token of each row (rows are in order, tokens ascending within a row).
-        first = np.minimum.reduceat(np.where(score == best, np.arange(score.size), score.size), starts)
-        return tokens[first].astype(np.int64, copy=False)
+        winners = np.empty(p.shape[0], dtype=np.int64)
+        chunk = max(1, CHUNK_ELEMENTS // self.vocab_size)
+        for start in range(0, p.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            won = _first_winners(p[rows], support[rows], self.a[rows], self.b[rows])
+            if won is None:
+                return None
+            winners[rows] = won
+        return winners
+
+
+def _first_winners(p: np.ndarray, support: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """Each row's race winner over its support (ties: the first), None if a row has none."""
+    rows, tokens = np.nonzero(support)
+    counts = np.bincount(rows, minlength=p.shape[0])
+    if not counts.all():
+        return None
+    score = p[rows, tokens] / exponentials_at(a[rows], b[rows], tokens)
+    starts = np.cumsum(counts) - counts
+    best = np.repeat(np.maximum.reduceat(score, starts), counts)
+    # np.nonzero lists rows in order and tokens ascending within a row: the first best is the lowest.
+    return tokens[np.minimum.reduceat(np.where(score == best, np.arange(score.size), score.size), starts)]

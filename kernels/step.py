@@ -53,8 +53,8 @@ vocabulary rows (residual, race, q write), is the row pass with implementations 
 exactly: `row_pass_torch` (CPU: eager PyTorch for small steps, the same code fused by
 TorchInductor for large ones) and `row_pass_triton` (CUDA: one fused kernel, each probability
 row read once and each q row written once).  On CPU a batch keyed throughout (Gumbel coupling,
-the default) is raced on the host where a token can win instead (`keyed_race`: the same winners,
-its noise never computed densely). `backend=` or the environment variable
+the default) is raced on the host where a token can win instead (`keyed_race`: the same winners;
+its noise is computed densely only where rows are mostly positive). `backend=` or the environment variable
 SJDPP_STEP_BACKEND picks one: torch | inductor | triton.
 """
 

@@ -109,6 +109,15 @@ def test_the_race_where_a_token_can_win_gives_the_dense_races_winners(seed):
     assert (probs[:5] > 0).sum(-1).tolist()[:3] == [1, 11, 20]
 
 
+def test_rows_raced_in_chunks_give_the_same_winners(monkeypatch):
+    """Chunks of 7 rows (the last one short) race as the whole batch does."""
+    keyed, probs = rows_keyed(200, 4), cut_rows(200, 4)
+    whole = keyed.race(probs)
+    monkeypatch.setattr(keyed_race, "CHUNK_ELEMENTS", 7 * VOCAB)
+    assert np.array_equal(keyed.race(probs), whole)
+    assert np.array_equal(whole, dense_vllm(probs, keyed))
+
+
 def test_ties_go_to_the_lowest_token_as_in_the_dense_race():
     keyed = rows_keyed(64, 5)
     probs = tied_rows(keyed)
