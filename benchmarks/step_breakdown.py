@@ -1,12 +1,13 @@
 """Where an engine step's time goes: plain decoding against SJD++, in milliseconds per step.
 
     python benchmarks/step_breakdown.py [--concurrency 1] [--budget null] [--seconds 15] [--compiled]
-                                        [--out benchmarks/results/step_breakdown.json]
+                                        [--dense-race] [--out benchmarks/results/step_breakdown.json]
 
 Two in-process engines, one after the other (plain, then SJD++ with k = 32 and the given
 draft-token budget: null for full windows, a number, or "auto"), each generating digit images
 `concurrency` at a time for `seconds` after two untimed batches; eager, or with --compiled the
-forward compiled as `vllm serve` runs it.  Methods of vLLM's model runner
+forward compiled as `vllm serve` runs it; --dense-race races keyed rows over their whole rows, as
+the step did before `kernels/keyed_race.py` (to compare).  Methods of vLLM's model runner
 and of the SJD++ sampler are wrapped with `perf_counter`; each row is the time spent inside one
 method divided by the engine steps, so nested rows add up within their parent.  Wrappers rather
 than a sampling profiler: py-spy, at 200 Hz on two cores, gave one of these methods 20 times the
@@ -48,7 +49,7 @@ SAMPLER_ROWS = [
     ("sjdpp_step", "`sjdpp_step`"),
     ("_plain_decoding_step", "windowless steps (vLLM's sampler)"),
     ("plan", "the plan (windows chosen)"),
-    ("sample_per_request", "the noise (`StepNoise.sample_per_request`)"),
+    ("sample_per_request", "the noise or its keys (`StepNoise.sample_per_request`)"),
 ]
 
 
@@ -141,9 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", default="null", help='null (full windows), a number, or "auto"')
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--compiled", action="store_true", help="compile the forward, as vllm serve does")
+    ap.add_argument("--dense-race", action="store_true", help="race keyed rows over their whole rows (to compare)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/step_breakdown.json"))
     args = ap.parse_args(argv)
     started = provenance()
+    if args.dense_race:
+        from vllm_sjdpp.kernels import keyed_race
+
+        keyed_race.MAX_SUPPORT = 0.0  # every keyed race falls back to the dense one
     budget = None if args.budget == "null" else args.budget if args.budget == "auto" else int(args.budget)
 
     engine = dict(enforce_eager=not args.compiled, max_model_len=GENERATED_LENGTH + 64, seed=0, disable_log_stats=False,
@@ -157,11 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     label = "full windows" if budget is None else f"budget {budget}"
     table = markdown(results["plain"], results["sjdpp"], label)
     print(f"\n{args.concurrency} concurrent images, k = 32, {args.seconds:.0f} s each, "
-          f"{'compiled' if args.compiled else 'eager'}\n")
+          f"{'compiled' if args.compiled else 'eager'}{', the dense race' if args.dense_race else ''}\n")
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"concurrency": args.concurrency, "budget": budget, "window": 32,
-                                    "compiled": args.compiled,
+                                    "compiled": args.compiled, "dense_race": args.dense_race,
                                     "seconds": args.seconds, "ms_per_step": results, "provenance": started},
                                    indent=1))
     args.out.with_suffix(".md").write_text(table + "\n")

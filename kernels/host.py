@@ -8,8 +8,8 @@ places only, each moving everything it needs in one copy:
 - `fetch`: device tensors to the host (what the plan reads: the race winners, greedy argmaxes,
   and for the ratio test p and q at the drafts and the uniforms);
 - `send`: host arrays to the device (the row pass's settings, the step's outputs).
-A Gumbel-coupled step (the default) makes one fetch and one send (on CPU, keyed throughout and
-with no greedy row, no fetch: `keyed_race` races on the host); a step with ratio-test rows
+A Gumbel-coupled step (the default) makes one fetch and one send (none on CPU where its rows
+are raced by `keyed_race`, on the host, and none is greedy); a step with ratio-test rows
 makes two fetches and three sends (the drafts go up for p and q at them, and the row pass after
 the plan needs its settings and returns its draws).  `TRANSFERS` counts them (tests hold the step
 to this).  On CPU both are views, no copies, and are counted the same.  `host_array` reads an

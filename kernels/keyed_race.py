@@ -35,12 +35,13 @@ from .noise import exponentials_at, keyed_exponentials
 # support won at every fraction timed up to Emu3's visual tokens (18% of its vocabulary: 1.7x)
 # and lost to TorchInductor's one fused pass over whole rows at half (0.6x), so a quarter.
 MAX_SUPPORT = 1 / 4
-# Rows are raced in chunks of at most this many elements: the passes over a chunk's support hold
-# some 60 bytes per supported element at once (indices, hashes, float64 uniforms), at most 16 MB,
-# beside the support's mask (a byte per element): for Emu3's 128 rows 23 MiB in all under top-k
-# 2048, 31 MiB over its 32768 visual tokens (tracemalloc), where their dense noise takes 90 (the
-# step's memory reserve, engine/step_memory.py, counts the dense noise).
-CHUNK_ELEMENTS = 1 << 20
+# Rows are raced in chunks of at most this many supported elements (or one row, where a row has
+# more): the passes over a chunk's support hold some 60 bytes per supported element at once
+# (indices, hashes, float64 uniforms), so some 16 MB, beside the support's mask (a byte per row
+# element): for Emu3's 128 rows 36 MiB in all, under top-k 2048 or over its 32768 visual tokens
+# (tracemalloc), where their dense noise takes 90 (the step's memory reserve,
+# engine/step_memory.py, counts the dense noise).
+CHUNK_SUPPORT = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -68,25 +69,25 @@ class KeyedRows:
         if np.isnan(p).any():
             return None
         support = p > 0
-        if np.count_nonzero(support) > support.size * MAX_SUPPORT:
+        per_row = np.count_nonzero(support, axis=1)
+        if not per_row.all() or per_row.sum() > support.size * MAX_SUPPORT:
             return None
         winners = np.empty(p.shape[0], dtype=np.int64)
-        chunk = max(1, CHUNK_ELEMENTS // self.vocab_size)
-        for start in range(0, p.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            won = _first_winners(p[rows], support[rows], self.a[rows], self.b[rows])
-            if won is None:
-                return None
-            winners[rows] = won
+        through = np.cumsum(per_row)  # supported elements up to and including each row
+        start = 0
+        while start < p.shape[0]:
+            before = through[start - 1] if start else 0
+            stop = max(start + 1, int(np.searchsorted(through, before + CHUNK_SUPPORT, side="right")))
+            rows = slice(start, stop)
+            winners[rows] = _first_winners(p[rows], support[rows], self.a[rows], self.b[rows])
+            start = stop
         return winners
 
 
-def _first_winners(p: np.ndarray, support: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
-    """Each row's race winner over its support (ties: the first), None if a row has none."""
+def _first_winners(p: np.ndarray, support: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Each row's race winner over its support (every row has one; ties: the lowest token)."""
     rows, tokens = np.nonzero(support)
     counts = np.bincount(rows, minlength=p.shape[0])
-    if not counts.all():
-        return None
     score = p[rows, tokens] / exponentials_at(a[rows], b[rows], tokens)
     starts = np.cumsum(counts) - counts
     best = np.repeat(np.maximum.reduceat(score, starts), counts)

@@ -109,11 +109,13 @@ def test_the_race_where_a_token_can_win_gives_the_dense_races_winners(seed):
     assert (probs[:5] > 0).sum(-1).tolist()[:3] == [1, 11, 20]
 
 
-def test_rows_raced_in_chunks_give_the_same_winners(monkeypatch):
-    """Chunks of 7 rows (the last one short) race as the whole batch does."""
+@pytest.mark.parametrize("chunk", [1, 40, 100])
+def test_rows_raced_in_chunks_give_the_same_winners(monkeypatch, chunk):
+    """Chunks of at most 1, 40 or 100 supported elements (a row each where a row holds more)
+    race as the whole batch does."""
     keyed, probs = rows_keyed(200, 4), cut_rows(200, 4)
     whole = keyed.race(probs)
-    monkeypatch.setattr(keyed_race, "CHUNK_ELEMENTS", 7 * VOCAB)
+    monkeypatch.setattr(keyed_race, "CHUNK_SUPPORT", chunk)
     assert np.array_equal(keyed.race(probs), whole)
     assert np.array_equal(whole, dense_vllm(probs, keyed))
 
@@ -140,14 +142,15 @@ def test_broken_races_are_told_apart(broken):
 
 
 def test_dense_where_the_race_cannot_run_here():
-    """None (the caller races densely): a row with no positive probability (a NaN row), rows
-    mostly positive (past MAX_SUPPORT), another dtype, rows of another shape."""
+    """None (the caller races densely): a row of NaN, a row with no positive probability, rows
+    more than MAX_SUPPORT positive, another dtype, rows of another shape."""
     keyed = rows_keyed(8, 0)
     probs = cut_rows(8, 0)
     assert keyed.race(probs) is not None
-    nan_row = probs.clone()
+    nan_row, zero_row = probs.clone(), probs.clone()
     nan_row[3] = torch.nan
-    assert keyed.race(nan_row) is None
+    zero_row[5] = 0.0
+    assert keyed.race(nan_row) is None and keyed.race(zero_row) is None
     assert keyed.race(torch.full((8, VOCAB), 1 / VOCAB)) is None
     assert keyed.race(probs.double()) is None
     assert keyed.race(probs[:7]) is None
@@ -186,7 +189,7 @@ def test_a_keyed_step_on_cpu_races_without_the_dense_noise(monkeypatch):
     assert torch.equal(out.next_draft_token_ids, ref.next_draft_token_ids)
 
 
-def test_the_race_sampler_draws_the_dense_races_tokens_where_every_row_is_keyed():
+def test_the_race_sampler_draws_the_dense_races_tokens_where_every_row_is_keyed(monkeypatch):
     """vLLM's draw with every row keyed (the race sampler of a windowless step): top-k 11 over the
     digit model's vocabulary, the race where a token can win against the same call forced dense
     (MAX_SUPPORT 0: vLLM's `sample_with_exponential_noise` over the dense rows) and against the
@@ -201,11 +204,8 @@ def test_the_race_sampler_draws_the_dense_races_tokens_where_every_row_is_keyed(
     sampler = KeyedRaceTopKTopP(inner, lambda n: keys)
     k = torch.full((12,), 11)
     tokens, processed = sampler(logits.clone(), {}, k, None)
-    keyed_race.MAX_SUPPORT, kept = 0.0, keyed_race.MAX_SUPPORT
-    try:
-        dense_tokens, dense_processed = sampler(logits.clone(), {}, k, None)
-    finally:
-        keyed_race.MAX_SUPPORT = kept
+    monkeypatch.setattr(keyed_race, "MAX_SUPPORT", 0.0)
+    dense_tokens, dense_processed = sampler(logits.clone(), {}, k, None)
     assert torch.equal(tokens, dense_tokens) and tokens.dtype == dense_tokens.dtype == torch.int64
     assert torch.equal(processed, dense_processed)
     rows = KeyedRows(*noise.row_keys(np.array([noise.request_key(50 + i) for i in range(12)], dtype=np.uint64),

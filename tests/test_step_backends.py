@@ -17,7 +17,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # What lives on the device; the step reads the rest (counts, drafts, settings) on the host.
-DEVICE_FIELDS = {"target_probs", "draft_probs", "uniforms", "exponentials", "fresh_uniforms"}
+DEVICE_FIELDS = {"target_probs", "draft_probs"}  # and the noise's tensors (`StepNoise.to`)
 
 
 def _to_device(obj):
