@@ -12,10 +12,10 @@ the host, with the dense race's float32 division, so it returns the dense race's
 (tests/test_keyed_race.py); `KeyedRows.exponentials` gives the dense rows where a caller needs
 them (the ratio test, Triton).  `benchmarks/bench_keyed_race.py` times both as a CPU step runs
 them (one thread; results/keyed_race.md, the 2-core EPYC with AVX2 only, 2026-12-07): the digit
-model's 33 rows of a full window 0.17 against 0.41 ms, Lumina-mGPT's 16 rows under top-k 2000
-5.0 against 19 ms, Emu3's under top-k 2048 13 against 55 ms, and over its 32768 visual tokens
-31 against 54 ms.  Where half of a row is positive, the dense race is the faster (16 rows of
-65536 tokens: dense 20 ms, here 33 ms in a one-off run), hence MAX_SUPPORT.  E is the NumPy
+model's 33 rows of a full window 0.17 against 0.37 ms, Lumina-mGPT's 16 rows under top-k 2000
+4.5 against 18 ms, Emu3's under top-k 2048 14 against 55 ms, and over its 32768 visual tokens
+30 against 53 ms; with half of each row positive the dense race is the faster (27 against 19 ms),
+hence MAX_SUPPORT.  E is the NumPy
 reference's (`noise.exponentials_at`), as small blocks' dense noise on CPU is; TorchInductor's,
 which large blocks' used, agrees with it except where a value sits within 2^-52 of a float32
 rounding midpoint (`noise.py`).
@@ -32,8 +32,8 @@ from .noise import exponentials_at, keyed_exponentials
 
 
 # Beyond this fraction of the rows' elements positive, the dense race: NumPy's passes over the
-# support won at every fraction timed up to Emu3's visual tokens (18% of its vocabulary: 1.7x)
-# and lost to TorchInductor's one fused pass over whole rows at half (0.6x), so a quarter.
+# support won at every fraction timed up to Emu3's visual tokens (18% of its vocabulary: 1.8x)
+# and lost to TorchInductor's one fused pass over whole rows at half (0.7x; bench_keyed_race.py).
 MAX_SUPPORT = 1 / 4
 # Rows are raced in chunks of at most this many supported elements (or one row, where a row has
 # more): the passes over a chunk's support hold some 60 bytes per supported element at once
