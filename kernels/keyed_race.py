@@ -32,16 +32,16 @@ from .noise import exponentials_at, keyed_exponentials
 
 
 # Beyond this fraction of the rows' elements positive, the dense race: NumPy's passes over the
-# support won at every fraction timed up to Emu3's visual tokens (18% of its vocabulary: 1.8x)
-# and lost to TorchInductor's one fused pass over whole rows at half (0.7x; bench_keyed_race.py).
-MAX_SUPPORT = 1 / 4
+# support won at every fraction timed up to half (16 x 65536: 1.7x) and drew level with
+# TorchInductor's one fused pass over whole rows at three quarters (bench_keyed_race.py).
+MAX_SUPPORT = 1 / 2
 # Rows are raced in chunks of at most this many supported elements (or one row, where a row has
-# more): the passes over a chunk's support hold some 60 bytes per supported element at once
-# (indices, hashes, float64 uniforms), so some 16 MB, beside the support's mask (a byte per row
-# element): for Emu3's 128 rows 36 MiB in all, under top-k 2048 or over its 32768 visual tokens
-# (tracemalloc), where their dense noise takes 90 (the step's memory reserve,
-# engine/step_memory.py, counts the dense noise).
-CHUNK_SUPPORT = 1 << 18
+# more), so that a chunk's passes (some 60 bytes per supported element at once: indices, hashes,
+# float64 uniforms; some 4 MB) stay in the allocator's heap and the cache: 2^18 took half again
+# as long over Emu3's visual tokens, 2^12 to 2^15 no less.  Beside them the support's mask, a
+# byte per row element (for Emu3's 128 rows 24 MB, where their dense noise takes 90: the step's
+# memory reserve, engine/step_memory.py, counts the dense noise).
+CHUNK_SUPPORT = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -79,17 +79,21 @@ class KeyedRows:
             before = through[start - 1] if start else 0
             stop = max(start + 1, int(np.searchsorted(through, before + CHUNK_SUPPORT, side="right")))
             rows = slice(start, stop)
-            winners[rows] = _first_winners(p[rows], support[rows], self.a[rows], self.b[rows])
+            winners[rows] = _first_winners(p[rows], support[rows], per_row[rows], self.a[rows], self.b[rows])
             start = stop
         return winners
 
 
-def _first_winners(p: np.ndarray, support: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Each row's race winner over its support (every row has one; ties: the lowest token)."""
-    rows, tokens = np.nonzero(support)
-    counts = np.bincount(rows, minlength=p.shape[0])
-    score = p[rows, tokens] / exponentials_at(a[rows], b[rows], tokens)
-    starts = np.cumsum(counts) - counts
-    best = np.repeat(np.maximum.reduceat(score, starts), counts)
-    # np.nonzero lists rows in order and tokens ascending within a row: the first best is the lowest.
-    return tokens[np.minimum.reduceat(np.where(score == best, np.arange(score.size), score.size), starts)]
+def _first_winners(p: np.ndarray, support: np.ndarray, counts: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Each row's race winner over its support, `counts` elements a row (every row has one;
+    ties: the lowest token)."""
+    width = p.shape[1]
+    flat = np.flatnonzero(support)  # row-major: rows in order, tokens ascending within a row
+    row = np.repeat(np.arange(p.shape[0]), counts)
+    tokens = flat - row * width
+    score = p.reshape(-1)[flat] / exponentials_at(np.repeat(a, counts), np.repeat(b, counts), tokens)
+    best = np.maximum.reduceat(score, np.cumsum(counts) - counts)
+    ties = np.flatnonzero(score == np.repeat(best, counts))  # each row's best, its lowest token first
+    first = np.ones(ties.size, dtype=bool)
+    first[1:] = row[ties[1:]] != row[ties[:-1]]
+    return tokens[ties[first]]

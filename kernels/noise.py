@@ -38,14 +38,18 @@ SALT_RACE, SALT_FRESH = 0x9E3779B9, 0x85EBCA6B  # one stream per use of a reques
 _SCALE = 2.0**-24
 
 
-def _mix_numpy(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint32, copy=True)
+def _mix_numpy_(x: np.ndarray) -> np.ndarray:
+    """lowbias32 of uint32 x, in place; returns x."""
     x ^= x >> np.uint32(16)
     x *= np.uint32(_C1)
     x ^= x >> np.uint32(15)
     x *= np.uint32(_C2)
     x ^= x >> np.uint32(16)
     return x
+
+
+def _mix_numpy(x: np.ndarray) -> np.ndarray:
+    return _mix_numpy_(np.asarray(x).astype(np.uint32, copy=True))
 
 
 def request_key(seed: int) -> np.uint64:
@@ -73,10 +77,14 @@ def exponentials_at(a: np.ndarray, b: np.ndarray, tokens: np.ndarray) -> np.ndar
     """The reference, element by element: float32 Exp(1) E(v) of the rows keyed (a, b) at tokens
     v (uint32 a, b and integer tokens of one broadcast shape)."""
     with np.errstate(over="ignore"):
-        h = _mix_numpy(_mix_numpy(np.asarray(tokens).astype(np.uint32) + np.asarray(a, dtype=np.uint32))
-                       ^ np.asarray(b, dtype=np.uint32))
-    u = ((h >> np.uint32(8)).astype(np.float64) + 0.5) * _SCALE
-    return (-np.log(u)).astype(np.float32)
+        h = np.asarray(tokens).astype(np.uint32) + np.asarray(a, dtype=np.uint32)
+        h = _mix_numpy_(_mix_numpy_(h) ^ np.asarray(b, dtype=np.uint32))
+    h >>= np.uint32(8)
+    u = h.astype(np.float64)  # in place from here: a keyed race's chunk passes 2^16 elements at a time
+    u += 0.5
+    u *= _SCALE
+    np.log(u, out=u)
+    return np.negative(u, out=u).astype(np.float32)
 
 
 def keyed_exponentials_numpy(a: np.ndarray, b: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -54,7 +54,7 @@ exactly: `row_pass_torch` (CPU: eager PyTorch for small steps, the same code fus
 TorchInductor for large ones) and `row_pass_triton` (CUDA: one fused kernel, each probability
 row read once and each q row written once).  On CPU a batch keyed throughout (Gumbel coupling,
 the default) is raced on the host where a token can win instead (`keyed_race`: the same winners;
-the dense race where more than a quarter of the rows is positive). `backend=` or the environment variable
+the dense race where more than half of the rows is positive). `backend=` or the environment variable
 SJDPP_STEP_BACKEND picks one: torch | inductor | triton.
 """
 
