@@ -5,7 +5,7 @@ dense noise and row pass the step ran before, side by side at each shape, in mil
 
 Shapes: the digit model (274 tokens, top-k 11) at one request's full window (33 rows) and ten
 requests' windows (80 rows), Lumina-mGPT (65536, top-k 2000), Emu3 (184622, top-k 2048, and its
-32768 visual tokens without top-k), rows half positive and three quarters positive (past
+32768 visual tokens without top-k), rows half, three quarters and wholly positive (the last two past
 MAX_SUPPORT, where a step keeps the dense race; both races are timed at every shape).  One
 thread, as vLLM's CPU worker runs the step; the fused kernels compiled first, as a server does.
 Each shape checks that both give the same winners.
@@ -31,6 +31,7 @@ SHAPES = [  # (label, rows, vocabulary, tokens kept per row)
     ("Lumina-mGPT, 16 rows", 16, 65536, 2000), ("Emu3, 16 rows", 16, 184622, 2048),
     ("Emu3 visual tokens, 16 rows", 16, 184622, 32768), ("Emu3 visual tokens, 128 rows", 128, 184622, 32768),
     ("half positive", 16, 65536, 32768), ("three quarters positive", 16, 65536, 49152),
+    ("every token positive", 16, 65536, 65536),
 ]
 
 
