@@ -12,10 +12,10 @@ the host, with the dense race's float32 division, so it returns the dense race's
 (tests/test_keyed_race.py); `KeyedRows.exponentials` gives the dense rows where a caller needs
 them (the ratio test, Triton).  `benchmarks/bench_keyed_race.py` times both as a CPU step runs
 them (one thread; results/keyed_race.md, the 2-core EPYC with AVX2 only, 2026-12-08): the digit
-model's 33 rows of a full window 0.16 against 0.40 ms, Lumina-mGPT's 16 rows under top-k 2000
-2.5 against 20 ms, Emu3's under top-k 2048 8.4 against 58 ms, and over its 32768 visual tokens
-21 against 61 ms; with half of each row positive 10 against 19 ms, with every token positive
-the dense race is the faster, hence MAX_SUPPORT.  E is the NumPy
+model's 33 rows of a full window 0.20 against 0.63 ms, Lumina-mGPT's 16 rows under top-k 2000
+2.5 against 20 ms, Emu3's under top-k 2048 6.9 against 58 ms, and over its 32768 visual tokens
+17 against 50 ms; with half of each row positive 15 against 22 ms, with every token positive
+the dense race is the faster (28 against 20 ms), hence MAX_SUPPORT.  E is the NumPy
 reference's (`noise.exponentials_at`), as small blocks' dense noise on CPU is; TorchInductor's,
 which large blocks' used, agrees with it except where a value sits within 2^-52 of a float32
 rounding midpoint (`noise.py`).
@@ -32,8 +32,8 @@ from .noise import exponentials_at, keyed_exponentials
 
 
 # Beyond this fraction of the rows' elements positive, the dense race: NumPy's passes over the
-# support won at half (16 x 65536: 1.8x), by less at three quarters (1.0x to 1.3x in two runs),
-# and lost to TorchInductor's one fused pass over whole rows with every token positive (0.84x).
+# support won at half (16 x 65536: 1.5x), drew level at three quarters and lost to TorchInductor's
+# one fused pass over whole rows with every token positive (0.7x; bench_keyed_race.py).
 MAX_SUPPORT = 1 / 2
 # Rows are raced in chunks of at most this many supported elements (or one row, where a row has
 # more), so that a chunk's passes (some 60 bytes per supported element at once: indices, hashes,
