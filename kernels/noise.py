@@ -80,7 +80,7 @@ def exponentials_at(a: np.ndarray, b: np.ndarray, tokens: np.ndarray) -> np.ndar
         h = np.asarray(tokens).astype(np.uint32) + np.asarray(a, dtype=np.uint32)
         h = _mix_numpy_(_mix_numpy_(h) ^ np.asarray(b, dtype=np.uint32))
     h >>= np.uint32(8)
-    u = h.astype(np.float64)  # in place from here: a keyed race's chunk passes 2^16 elements at a time
+    u = np.array(h, dtype=np.float64)  # in place from here (a keyed race's chunk: 2^16 elements)
     u += 0.5
     u *= _SCALE
     np.log(u, out=u)
