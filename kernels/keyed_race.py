@@ -37,10 +37,11 @@ from .noise import exponentials_at, keyed_exponentials
 MAX_SUPPORT = 1 / 2
 # Rows are raced in chunks of at most this many supported elements (or one row, where a row has
 # more), so that a chunk's passes (some 60 bytes per supported element at once: indices, hashes,
-# float64 uniforms; some 4 MB) stay in the allocator's heap and the cache: 2^18 took half again
-# as long over Emu3's visual tokens, 2^12 to 2^15 no less.  Beside them the support's mask, a
-# byte per row element (for Emu3's 128 rows 24 MB, where their dense noise takes 90: the step's
-# memory reserve, engine/step_memory.py, counts the dense noise).
+# float64 uniforms; some 4 MB) stay in the allocator's heap and the cache: bench_keyed_race.py
+# run with each of 2^12, 2^14, 2^15, 2^16 and 2^18 (2026-12-08, one run each) took 146, 153,
+# 171, 111 and 162 ms over Emu3's 128 rows of visual tokens.  Beside them the support's mask, a
+# byte per row element (for those rows 22.5 MiB, where their dense noise takes 90 MiB: the
+# step's memory reserve, engine/step_memory.py, counts the dense noise).
 CHUNK_SUPPORT = 1 << 16
 
 
