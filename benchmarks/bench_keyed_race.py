@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vllm_sjdpp.kernels import keyed_race, noise
-from vllm_sjdpp.kernels.keyed_race import MAX_SUPPORT, KeyedRows
+from vllm_sjdpp.kernels.keyed_race import KeyedRows
 from vllm_sjdpp.kernels.step import _row_pass, compile_cpu_step
 from vllm_sjdpp.provenance import provenance
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             compile_cpu_step(vocab)
         for label, rows, vocab, kept in SHAPES:
             r = results[label] = compare(rows, vocab, kept)
-            runs = "the race where a token can win" if r["step_runs"] == "keyed" else f"the dense race (over {MAX_SUPPORT} positive)"
+            runs = "the race where a token can win" if r["step_runs"] == "keyed" else f"the dense race (over {keyed_race.MAX_SUPPORT} positive)"
             lines.append(f"| {label} | {rows} x {vocab} ({kept}) | {r['dense_ms']:.3f} | {r['keyed_ms']:.3f} | "
                          f"{r['dense_ms'] / r['keyed_ms']:.1f}x | {runs} |")
             print(lines[-1], flush=True)

@@ -49,7 +49,16 @@ def _mix_numpy_(x: np.ndarray) -> np.ndarray:
 
 
 def _mix_numpy(x: np.ndarray) -> np.ndarray:
-    return _mix_numpy_(np.asarray(x).astype(np.uint32, copy=True))
+    return _mix_numpy_(x.astype(np.uint32, copy=True))
+
+
+def _uniforms64(h: np.ndarray) -> np.ndarray:
+    """u = ((h >> 8) + 1/2) / 2^24 in float64, from uint32 hashes h (shifted in place)."""
+    h >>= np.uint32(8)
+    u = np.array(h, dtype=np.float64)
+    u += 0.5
+    u *= _SCALE
+    return u
 
 
 def request_key(seed: int) -> np.uint64:
@@ -79,10 +88,7 @@ def exponentials_at(a: np.ndarray, b: np.ndarray, tokens: np.ndarray) -> np.ndar
     with np.errstate(over="ignore"):
         h = np.asarray(tokens).astype(np.uint32) + np.asarray(a, dtype=np.uint32)
         h = _mix_numpy_(_mix_numpy_(h) ^ np.asarray(b, dtype=np.uint32))
-    h >>= np.uint32(8)
-    u = np.array(h, dtype=np.float64)  # in place from here (a keyed race's chunk: 2^16 elements)
-    u += 0.5
-    u *= _SCALE
+    u = _uniforms64(h)  # in place from here (a keyed race's chunk: 2^16 elements)
     np.log(u, out=u)
     return np.negative(u, out=u).astype(np.float32)
 
@@ -96,7 +102,7 @@ def keyed_uniforms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """One float32 uniform in (0, 1) per row key: for host-side draws (fresh tokens)."""
     with np.errstate(over="ignore"):
         h = _mix_numpy(_mix_numpy(a) ^ b)
-    return (((h >> np.uint32(8)).astype(np.float64) + 0.5) * _SCALE).astype(np.float32)
+    return _uniforms64(h).astype(np.float32)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
